@@ -1,0 +1,107 @@
+//! Image: a disk image VMs boot from, fetched and cached by each node on first use.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::meta::Condition;
+use crate::resource::Validate;
+use crate::validation::{self, FieldErrors};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageSpec {
+    pub source: ImageSource,
+    #[serde(default)]
+    pub format: ImageFormat,
+    /// Hex SHA-256 of the file at the source; checked after download.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// Exactly one of `url` (http or https) or `path` (a file on every node).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    #[default]
+    Qcow2,
+    Raw,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Per node: whether the image is cached there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<ImageNodeStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageNodeStatus {
+    pub node_name: String,
+    /// `Pending`, `Downloading`, `Ready` or `Failed`.
+    pub phase: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+impl Validate for ImageSpec {
+    fn validate(&self, path: &str, errs: &mut FieldErrors) {
+        let src = format!("{path}.source");
+        match (&self.source.url, &self.source.path) {
+            (Some(url), None) => {
+                let ok = (url.starts_with("http://") || url.starts_with("https://"))
+                    && url.len() <= 4096
+                    && !url.chars().any(|c| c.is_whitespace() || c.is_control());
+                if !ok {
+                    errs.push(
+                        format!("{src}.url"),
+                        format!("{url:?} must be an http:// or https:// URL without spaces"),
+                    );
+                }
+            }
+            (None, Some(p)) => validation::host_path(errs, &format!("{src}.path"), p),
+            (Some(_), Some(_)) => errs.push(src, "set either url or path, not both"),
+            (None, None) => errs.push(src, "set url (http or https) or path (a file on the nodes)"),
+        }
+        if let Some(sum) = &self.sha256 {
+            if sum.len() != 64 || !sum.bytes().all(|b| b.is_ascii_hexdigit()) {
+                errs.push(
+                    format!("{path}.sha256"),
+                    "must be 64 hexadecimal characters",
+                );
+            }
+        }
+    }
+}
+
+impl Validate for ImageStatus {
+    fn validate(&self, _: &str, _: &mut FieldErrors) {}
+}
+
+crate::define_kind! {
+    /// A disk image. VMs name it in `spec.image`; their root disk is a linked clone of it.
+    Image {
+        spec: ImageSpec,
+        status: ImageStatus,
+        plural: "images",
+        singular: "image",
+        short_names: ["img"],
+        namespaced: true,
+        field_selectors: [],
+        columns: ["FORMAT" => "spec.format", "URL" => "spec.source.url", "PATH" => "spec.source.path" (wide)],
+    }
+}

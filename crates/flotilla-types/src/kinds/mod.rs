@@ -1,0 +1,17 @@
+//! The kinds. To add one: a file here with its spec, status and `define_kind!`, then one line in
+//! [`crate::registry::KINDS`].
+
+pub mod image;
+pub mod node;
+pub mod project;
+pub mod vm;
+pub mod vmclass;
+
+pub use image::{Image, ImageFormat, ImageNodeStatus, ImageSource, ImageSpec, ImageStatus};
+pub use node::{Node, NodeInfo, NodeResources, NodeSpec, NodeStatus};
+pub use project::{Project, ProjectSpec, ProjectStatus};
+pub use vm::{
+    KernelBoot, NetworkAttachment, Phase, PowerState, Resources, RootDisk, VirtualMachine,
+    VirtualMachineSpec, VirtualMachineStatus,
+};
+pub use vmclass::{VMClass, VMClassSpec, VMClassStatus};

@@ -1,0 +1,97 @@
+//! Node: a hypervisor host running the Flotilla agent. Cluster-scoped.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::meta::Condition;
+use crate::quantity::Quantity;
+use crate::resource::Validate;
+use crate::validation::FieldErrors;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeSpec {
+    /// Cordoned: no new VMs are placed here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unschedulable: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeResources {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<Quantity>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeInfo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_version: Option<String>,
+    /// `kvm` or `qemu` (TCG).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virt_type: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<NodeResources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocatable: Option<NodeResources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_info: Option<NodeInfo>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub addresses: BTreeMap<String, String>,
+}
+
+impl Validate for NodeSpec {
+    fn validate(&self, _: &str, _: &mut FieldErrors) {}
+}
+
+impl Validate for NodeStatus {
+    fn validate(&self, path: &str, errs: &mut FieldErrors) {
+        if let Some(v) = self.node_info.as_ref().and_then(|i| i.virt_type.as_deref()) {
+            if v != "kvm" && v != "qemu" {
+                errs.push(
+                    format!("{path}.nodeInfo.virtType"),
+                    format!("{v:?} must be kvm or qemu"),
+                );
+            }
+        }
+    }
+}
+
+crate::define_kind! {
+    /// A hypervisor host. Agents register their Node and keep its status current.
+    Node {
+        spec: NodeSpec, spec_default: true,
+        status: NodeStatus,
+        plural: "nodes",
+        singular: "node",
+        short_names: ["no"],
+        namespaced: false,
+        field_selectors: ["spec.unschedulable"],
+        columns: [
+            "CPUS" => "status.capacity.cpus",
+            "MEMORY" => "status.capacity.memory",
+            "VIRT" => "status.nodeInfo.virtType" (wide),
+            "LIBVIRT" => "status.nodeInfo.libvirtVersion" (wide)
+        ],
+    }
+}

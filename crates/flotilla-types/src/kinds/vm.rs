@@ -1,0 +1,279 @@
+//! VirtualMachine: the user's VM, placed on a node and run there by the node's agent.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::kinds::vmclass::{check_cpus, check_memory};
+use crate::meta::Condition;
+use crate::quantity::Quantity;
+use crate::resource::Validate;
+use crate::validation::{self, FieldErrors};
+
+/// Largest `userData` accepted (the NoCloud seed and the store both want it small).
+pub const MAX_USER_DATA: usize = 64 * 1024;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualMachineSpec {
+    /// Running (default) or Stopped.
+    #[serde(default)]
+    pub power_state: PowerState,
+    /// A VMClass name; set this or `resources`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    /// An Image in the same project: the root disk is a linked clone of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Direct kernel boot from files on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<KernelBoot>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_disk: Option<RootDisk>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<NetworkAttachment>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// cloud-init user data (a `#cloud-config` document or a script).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+    /// Pin to a node; otherwise the scheduler picks one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PowerState {
+    #[default]
+    Running,
+    Stopped,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Resources {
+    pub cpus: u32,
+    pub memory: Quantity,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KernelBoot {
+    pub kernel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RootDisk {
+    pub size: Quantity,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkAttachment {
+    /// The Network to attach to.
+    pub network: String,
+    /// A fixed MAC address; generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac_address: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Phase {
+    #[default]
+    Pending,
+    Scheduled,
+    Provisioning,
+    Running,
+    Stopped,
+    Failed,
+    Deleting,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualMachineStatus {
+    #[serde(default)]
+    pub phase: Phase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+fn is_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn is_ssh_key(s: &str) -> bool {
+    const TYPES: [&str; 9] = [
+        "ssh-rsa ",
+        "ssh-ed25519 ",
+        "ssh-dss ",
+        "ecdsa-sha2-nistp256 ",
+        "ecdsa-sha2-nistp384 ",
+        "ecdsa-sha2-nistp521 ",
+        "sk-ssh-ed25519@openssh.com ",
+        "sk-ecdsa-sha2-nistp256@openssh.com ",
+        "ssh-rsa-cert-v01@openssh.com ",
+    ];
+    s.len() <= 16 * 1024
+        && !s.contains(['\n', '\r', '\0'])
+        && TYPES.iter().any(|t| s.starts_with(t))
+}
+
+impl Validate for VirtualMachineSpec {
+    fn validate(&self, path: &str, errs: &mut FieldErrors) {
+        match (&self.class, &self.resources) {
+            (Some(c), None) => validation::dns_label(errs, &format!("{path}.class"), c),
+            (None, Some(r)) => {
+                check_cpus(errs, format!("{path}.resources.cpus"), r.cpus);
+                check_memory(errs, format!("{path}.resources.memory"), &r.memory);
+            }
+            (Some(_), Some(_)) => errs.push(
+                format!("{path}.resources"),
+                "set either class or resources, not both",
+            ),
+            (None, None) => errs.push(
+                format!("{path}.resources"),
+                "is required: set resources {cpus, memory} or name a VMClass in class",
+            ),
+        }
+        if let Some(image) = &self.image {
+            validation::dns_label(errs, &format!("{path}.image"), image);
+        }
+        if let Some(boot) = &self.boot {
+            validation::host_path(errs, &format!("{path}.boot.kernel"), &boot.kernel);
+            if let Some(initrd) = &boot.initrd {
+                validation::host_path(errs, &format!("{path}.boot.initrd"), initrd);
+            }
+            if let Some(cmdline) = &boot.cmdline {
+                if cmdline.len() > 4096 || cmdline.contains(['\0', '\n', '\r']) {
+                    errs.push(
+                        format!("{path}.boot.cmdline"),
+                        "must be one line of at most 4096 characters",
+                    );
+                }
+            }
+        }
+        if self.image.is_none() && self.boot.is_none() {
+            errs.push(
+                format!("{path}.image"),
+                "is required: name an Image, or set boot {kernel, initrd, cmdline}",
+            );
+        }
+        if let Some(disk) = &self.root_disk {
+            if disk.size.value() < 1 << 20 {
+                errs.push(
+                    format!("{path}.rootDisk.size"),
+                    format!("{} is too small: at least 1Mi", disk.size),
+                );
+            } else if disk.size.value() > 64 << 40 {
+                errs.push(
+                    format!("{path}.rootDisk.size"),
+                    format!("{} is more than the 64Ti allowed", disk.size),
+                );
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, n) in self.networks.iter().enumerate() {
+            validation::dns_label(errs, &format!("{path}.networks[{i}].network"), &n.network);
+            if let Some(mac) = &n.mac_address {
+                if !is_mac(mac) {
+                    errs.push(
+                        format!("{path}.networks[{i}].macAddress"),
+                        format!("{mac:?} must look like 52:54:00:12:34:56"),
+                    );
+                } else if u8::from_str_radix(&mac[..2], 16).is_ok_and(|b| b & 1 == 1) {
+                    errs.push(
+                        format!("{path}.networks[{i}].macAddress"),
+                        format!("{mac:?} is a multicast address"),
+                    );
+                } else if !seen.insert(mac.to_ascii_lowercase()) {
+                    errs.push(
+                        format!("{path}.networks[{i}].macAddress"),
+                        format!("{mac:?} is used twice"),
+                    );
+                }
+            }
+        }
+        for (i, key) in self.ssh_authorized_keys.iter().enumerate() {
+            if !is_ssh_key(key) {
+                errs.push(
+                    format!("{path}.sshAuthorizedKeys[{i}]"),
+                    "must be one OpenSSH public key line, such as \"ssh-ed25519 AAAA... user@host\"",
+                );
+            }
+        }
+        if let Some(data) = &self.user_data {
+            if data.len() > MAX_USER_DATA {
+                errs.push(
+                    format!("{path}.userData"),
+                    format!(
+                        "is {} bytes; at most {MAX_USER_DATA} are allowed",
+                        data.len()
+                    ),
+                );
+            }
+        }
+        if let Some(node) = &self.node_name {
+            validation::dns_label(errs, &format!("{path}.nodeName"), node);
+        }
+        validation::labels(errs, &format!("{path}.nodeSelector"), &self.node_selector);
+    }
+}
+
+impl Validate for VirtualMachineStatus {
+    fn validate(&self, path: &str, errs: &mut FieldErrors) {
+        if let Some(node) = &self.node_name {
+            validation::dns_label(errs, &format!("{path}.nodeName"), node);
+        }
+        for (i, ip) in self.ips.iter().enumerate() {
+            if ip.parse::<std::net::IpAddr>().is_err() {
+                errs.push(
+                    format!("{path}.ips[{i}]"),
+                    format!("{ip:?} is not an IP address"),
+                );
+            }
+        }
+    }
+}
+
+crate::define_kind! {
+    /// A virtual machine.
+    VirtualMachine {
+        spec: VirtualMachineSpec,
+        status: VirtualMachineStatus,
+        plural: "virtualmachines",
+        singular: "virtualmachine",
+        short_names: ["vm", "vms"],
+        namespaced: true,
+        field_selectors: ["spec.nodeName", "status.phase", "status.nodeName"],
+        columns: [
+            "PHASE" => "status.phase",
+            "NODE" => "status.nodeName",
+            "POWER" => "spec.powerState" (wide),
+            "CLASS" => "spec.class" (wide),
+            "IMAGE" => "spec.image" (wide),
+            "IPS" => "status.ips" (wide)
+        ],
+    }
+}

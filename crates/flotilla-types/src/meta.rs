@@ -1,0 +1,174 @@
+//! The object envelope: metadata, owner references and conditions, as Kubernetes defines them.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::validation::{self, FieldErrors};
+
+/// RFC 3339 time with second precision, as Kubernetes writes it.
+pub type Time = DateTime<Utc>;
+
+pub fn now() -> Time {
+    Utc::now().trunc_subsecs(0)
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectMeta {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// When `name` is empty, the server appends five random characters to this prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate_name: Option<String>,
+    /// The project of a project-scoped object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// Opaque; pass it back on update to guard against concurrent writes (409 when stale).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
+    /// Increments whenever the spec changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_timestamp: Option<Time>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// While non-empty, a deleted object stays (with `deletionTimestamp`) until its owners clean up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub finalizers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owner_references: Vec<OwnerReference>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OwnerReference {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_owner_deletion: Option<bool>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Condition {
+    /// What the condition is about, e.g. `Ready` or `Scheduled`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: ConditionStatus,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
+}
+
+impl ObjectMeta {
+    pub fn named(name: impl Into<String>) -> Self {
+        ObjectMeta {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Checks what a user may write; server-set fields are overwritten by the server anyway.
+    pub fn validate(&self, errs: &mut FieldErrors) {
+        if self.name.is_empty() {
+            match &self.generate_name {
+                Some(prefix)
+                    if prefix.len() <= 57
+                        && (prefix.is_empty()
+                            || crate::validation::is_dns_label(&format!("{prefix}a"))) => {}
+                Some(prefix) => errs.push(
+                    "metadata.generateName",
+                    format!("{prefix:?} must be a DNS-1123 label prefix of at most 57 characters"),
+                ),
+                None => errs.push(
+                    "metadata.name",
+                    "is required (or set metadata.generateName)",
+                ),
+            }
+        } else {
+            validation::dns_label(errs, "metadata.name", &self.name);
+        }
+        validation::labels(errs, "metadata.labels", &self.labels);
+        for k in self.annotations.keys() {
+            if !validation::is_qualified_name(k) {
+                errs.push(
+                    format!("metadata.annotations[{k:?}]"),
+                    "annotation keys are [prefix/]name like label keys",
+                );
+            }
+        }
+        let size: usize = self
+            .annotations
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        if size > 256 * 1024 {
+            errs.push(
+                "metadata.annotations",
+                "annotations may hold at most 256 KiB in total",
+            );
+        }
+        for (i, f) in self.finalizers.iter().enumerate() {
+            if !validation::is_qualified_name(f) {
+                errs.push(
+                    format!("metadata.finalizers[{i}]"),
+                    format!("{f:?} must be a qualified name such as flotilla.dev/agent"),
+                );
+            }
+        }
+        for (i, o) in self.owner_references.iter().enumerate() {
+            if o.uid.is_empty() || o.name.is_empty() || o.kind.is_empty() {
+                errs.push(
+                    format!("metadata.ownerReferences[{i}]"),
+                    "an owner reference needs kind, name and uid",
+                );
+            }
+        }
+    }
+}
+
+/// Sets (or updates) a condition, moving `lastTransitionTime` only when its status changes.
+pub fn set_condition(conditions: &mut Vec<Condition>, mut c: Condition) {
+    match conditions.iter_mut().find(|x| x.type_ == c.type_) {
+        Some(existing) => {
+            if existing.status == c.status {
+                c.last_transition_time = existing.last_transition_time.or(c.last_transition_time);
+            } else if c.last_transition_time.is_none() {
+                c.last_transition_time = Some(now());
+            }
+            *existing = c;
+        }
+        None => {
+            if c.last_transition_time.is_none() {
+                c.last_transition_time = Some(now());
+            }
+            conditions.push(c);
+        }
+    }
+}

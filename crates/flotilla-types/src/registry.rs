@@ -1,0 +1,114 @@
+//! The table of kinds the API serves, for code that handles objects without knowing their type
+//! (the API server, the CLI's generic verbs, the OpenAPI document).
+
+use serde_json::Value;
+
+use crate::kinds::{Image, Node, Project, VMClass, VirtualMachine};
+use crate::resource::{decode, Column, Resource};
+use crate::validation::FieldErrors;
+
+pub struct KindInfo {
+    pub kind: &'static str,
+    pub plural: &'static str,
+    pub singular: &'static str,
+    pub short_names: &'static [&'static str],
+    pub namespaced: bool,
+    /// Every field usable in a field selector, `metadata.*` included.
+    pub field_selectors: &'static [&'static str],
+    pub columns: &'static [Column],
+    /// Strict decode plus every semantic check; returns the object in canonical form.
+    pub validate: fn(&Value) -> Result<Value, FieldErrors>,
+    pub schema: fn(&mut schemars::gen::SchemaGenerator) -> schemars::schema::Schema,
+}
+
+fn validate<T: Resource>(value: &Value) -> Result<Value, FieldErrors> {
+    let object = decode::<T>(value)?;
+    Ok(serde_json::to_value(object).expect("a decoded object serialises"))
+}
+
+fn schema<T: Resource>(gen: &mut schemars::gen::SchemaGenerator) -> schemars::schema::Schema {
+    gen.subschema_for::<T>()
+}
+
+macro_rules! kind_info {
+    ($t:ty, [$($field:literal),*]) => {
+        KindInfo {
+            kind: <$t>::KIND,
+            plural: <$t>::PLURAL,
+            singular: <$t>::SINGULAR,
+            short_names: <$t>::SHORT_NAMES,
+            namespaced: <$t>::NAMESPACED,
+            field_selectors: &["metadata.name", "metadata.namespace", $($field),*],
+            columns: <$t>::COLUMNS,
+            validate: validate::<$t>,
+            schema: schema::<$t>,
+        }
+    };
+}
+
+/// Every kind served, in the order discovery lists them.
+pub static KINDS: &[KindInfo] = &[
+    kind_info!(Project, []),
+    kind_info!(Node, ["spec.unschedulable"]),
+    kind_info!(
+        VirtualMachine,
+        ["spec.nodeName", "status.phase", "status.nodeName"]
+    ),
+    kind_info!(VMClass, []),
+    kind_info!(Image, []),
+];
+
+/// Finds a kind by plural (`virtualmachines`), singular, kind (`VirtualMachine`) or short name
+/// (`vm`), ignoring case.
+pub fn lookup(name: &str) -> Option<&'static KindInfo> {
+    let n = name.to_ascii_lowercase();
+    KINDS.iter().find(|k| {
+        k.plural == n
+            || k.singular == n
+            || k.kind.to_ascii_lowercase() == n
+            || k.short_names.contains(&n.as_str())
+    })
+}
+
+pub fn by_plural(plural: &str) -> Option<&'static KindInfo> {
+    KINDS.iter().find(|k| k.plural == plural)
+}
+
+pub fn by_kind(kind: &str) -> Option<&'static KindInfo> {
+    KINDS.iter().find(|k| k.kind == kind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_selectors_match_the_kinds_own_list() {
+        // The registry repeats each kind's FIELD_SELECTORS; they must not drift apart.
+        for (info, own) in KINDS.iter().zip([
+            Project::FIELD_SELECTORS,
+            Node::FIELD_SELECTORS,
+            VirtualMachine::FIELD_SELECTORS,
+            VMClass::FIELD_SELECTORS,
+            Image::FIELD_SELECTORS,
+        ]) {
+            assert_eq!(&info.field_selectors[2..], own, "{}", info.kind);
+        }
+    }
+
+    #[test]
+    fn aliases_resolve() {
+        for alias in [
+            "vm",
+            "vms",
+            "VirtualMachine",
+            "virtualmachines",
+            "virtualmachine",
+        ] {
+            assert_eq!(lookup(alias).unwrap().kind, "VirtualMachine", "{alias}");
+        }
+        assert_eq!(lookup("no").unwrap().kind, "Node");
+        assert_eq!(lookup("img").unwrap().kind, "Image");
+        assert!(lookup("pods").is_none());
+    }
+}
