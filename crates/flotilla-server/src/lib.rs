@@ -1,1 +1,250 @@
+//! Flotilla's API server: the Kubernetes-style resource API over the store, served over TLS with
+//! bearer-token authentication, watch, discovery, OpenAPI and metrics.
+//!
+//! [`start`] opens the store, makes sure the CA, server certificate, admin token and `default`
+//! project exist, writes `<data-dir>/admin.yaml` for clients, and serves until shut down.
 
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_store::{SqliteStore, Store, StoreError};
+use flotilla_types::clientconfig::{ClientConfig, Context};
+
+pub mod auth;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod objects;
+pub mod openapi;
+pub mod pki;
+pub mod tls;
+pub mod watch;
+
+pub use error::ApiError;
+pub use objects::{Objects, Stored, Subresource};
+
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7443);
+
+#[derive(Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    /// Loopback by default: exposing the API is a deliberate choice.
+    pub listen: SocketAddr,
+    /// Extra DNS names or IPs for the server certificate.
+    pub tls_names: Vec<String>,
+    pub bookmark_interval: Duration,
+    /// A store to use instead of SQLite in the data directory.
+    pub store: Option<Arc<dyn Store>>,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        ServerConfig {
+            data_dir: data_dir.into(),
+            listen: DEFAULT_LISTEN,
+            tls_names: Vec::new(),
+            bookmark_interval: Duration::from_secs(10),
+            store: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot use {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot initialise the API: {0}")]
+    Api(#[from] ApiError),
+}
+
+/// A server that is serving. Dropping it does not stop it; call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub url: String,
+    pub ca_pem: String,
+    pub admin_token: String,
+    pub objects: Objects,
+    pub admin_config_path: PathBuf,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// A client configuration with admin credentials for this server.
+    pub fn client_config(&self) -> ClientConfig {
+        admin_config(&self.url, &self.ca_pem, &self.admin_token)
+    }
+
+    /// Stops accepting connections.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Waits until the server stops (it only stops through `shutdown`).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+fn admin_config(url: &str, ca_pem: &str, token: &str) -> ClientConfig {
+    ClientConfig {
+        current_context: Some("admin@flotilla".into()),
+        contexts: vec![Context {
+            name: "admin@flotilla".into(),
+            server: Some(url.to_string()),
+            servers: Vec::new(),
+            certificate_authority_data: Some(ca_pem.to_string()),
+            token: Some(token.to_string()),
+            project: Some("default".into()),
+        }],
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
+    move |source| ServerError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<(), ServerError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.write_all(contents.as_bytes()).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+fn certificate_names(listen: &SocketAddr, extra: &[String]) -> Vec<String> {
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    if !listen.ip().is_unspecified() {
+        names.push(listen.ip().to_string());
+    }
+    if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let host = host.trim();
+        if !host.is_empty() && flotilla_types::validation::is_qualified_name(host) {
+            names.push(host.to_string());
+        }
+    }
+    names.extend(extra.iter().cloned());
+    names
+}
+
+/// Starts serving; returns once the listener is bound.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    let dir = &config.data_dir;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))?;
+    let store: Arc<dyn Store> = match &config.store {
+        Some(s) => s.clone(),
+        None => Arc::new(SqliteStore::open(dir.join("store.db")).await?),
+    };
+    let objects = Objects::new(store.clone());
+    objects.ensure_default_project().await?;
+    let pki = pki::load_or_create(
+        &dir.join("pki"),
+        &certificate_names(&config.listen, &config.tls_names),
+    )?;
+    let tls = tls::server_config(&pki.cert_pem, &pki.key_pem)?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let host = match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_string(),
+        ip if ip.is_unspecified() => "[::1]".to_string(),
+        IpAddr::V6(ip) => format!("[{ip}]"),
+        IpAddr::V4(ip) => ip.to_string(),
+    };
+    let url = format!("https://{host}:{}", addr.port());
+
+    // Reuse the admin token from admin.yaml while it is valid; otherwise issue a new one.
+    let auth = Arc::new(auth::Authenticator::new(store.clone()));
+    let admin_path = dir.join("admin.yaml");
+    let existing = std::fs::read_to_string(&admin_path)
+        .ok()
+        .and_then(|s| serde_yaml::from_str::<ClientConfig>(&s).ok())
+        .and_then(|c| c.context(None).and_then(|ctx| ctx.token.clone()));
+    let admin_token = match existing {
+        Some(token)
+            if auth
+                .authenticate(&token)
+                .await
+                .is_ok_and(|p| p.user == "admin") =>
+        {
+            token
+        }
+        _ => {
+            auth.issue(Some("admin"), "admin", &["system:masters"], None)
+                .await?
+        }
+    };
+    let admin_yaml = format!(
+        "# Flotilla client configuration for the admin user. It holds the admin token: keep it secret.\n\
+         # Use it with: export FLOTILLA_CONFIG={}\n{}",
+        admin_path.display(),
+        serde_yaml::to_string(&admin_config(&url, &pki.ca_pem, &admin_token)).expect("config serialises")
+    );
+    write_private(&admin_path, &admin_yaml)?;
+
+    let state = http::AppState {
+        objects: objects.clone(),
+        auth,
+        metrics: Arc::new(metrics::Metrics::default()),
+        bookmark_interval: config.bookmark_interval,
+        openapi: Arc::new(openapi::document()),
+    };
+    let app = http::router(state);
+    let (shutdown, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(tls::serve(listener, tls, app, rx));
+    tracing::info!(%url, data_dir = %dir.display(), "API server listening");
+    Ok(RunningServer {
+        addr,
+        url,
+        ca_pem: pki.ca_pem,
+        admin_token,
+        objects,
+        admin_config_path: admin_path,
+        shutdown,
+        task,
+    })
+}

@@ -1,6 +1,7 @@
 //! Flotilla's resource model: the kinds, their metadata and validation, selectors, and the
 //! `Status` object errors are reported with. Shared by the server, the client and the agents.
 
+pub mod clientconfig;
 pub mod kinds;
 pub mod meta;
 pub mod quantity;

@@ -1,0 +1,136 @@
+//! Bearer-token authentication. Tokens look like `flt.<id>.<secret>`; the store keeps only the
+//! SHA-256 of the secret (under `/flotilla/tokens/<id>`), so a copy of the store leaks no
+//! credential, and every server replica sharing the store accepts the same tokens.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flotilla_store::Store;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+
+const PREFIX: &str = "/flotilla/tokens/";
+/// How long a verified token is trusted without looking at the store again (revocation delay).
+const CACHE_FOR: Duration = Duration::from_secs(5);
+
+/// Who made a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    pub user: String,
+    pub groups: Vec<String>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TokenRecord {
+    sha256: String,
+    user: String,
+    groups: Vec<String>,
+    #[serde(default)]
+    expires: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+pub struct Authenticator {
+    store: Arc<dyn Store>,
+    cache: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut buf);
+    hex::encode(buf)
+}
+
+impl Authenticator {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Authenticator {
+            store,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Issues a token; `id` replaces an existing token of that id (rotation).
+    pub async fn issue(
+        &self,
+        id: Option<&str>,
+        user: &str,
+        groups: &[&str],
+        ttl: Option<Duration>,
+    ) -> Result<String, ApiError> {
+        let id = id.map(str::to_string).unwrap_or_else(|| random_hex(8));
+        let secret = random_hex(32);
+        let record = TokenRecord {
+            sha256: hex::encode(sha256(secret.as_bytes())),
+            user: user.to_string(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            expires: ttl.map(|t| {
+                chrono::Utc::now()
+                    + chrono::Duration::from_std(t).unwrap_or(chrono::Duration::days(3650))
+            }),
+        };
+        self.store
+            .put(
+                &format!("{PREFIX}{id}"),
+                serde_json::to_vec(&record).expect("serialises"),
+            )
+            .await?;
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        Ok(format!("flt.{id}.{secret}"))
+    }
+
+    /// Checks a token (without the `Bearer ` prefix).
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, ApiError> {
+        let digest = sha256(token.as_bytes());
+        if let Some((p, at)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&digest)
+        {
+            if at.elapsed() < CACHE_FOR {
+                return Ok(p.clone());
+            }
+        }
+        let invalid = || {
+            ApiError::unauthorized("the bearer token is not valid (unknown, revoked or expired)")
+        };
+        let mut parts = token.splitn(3, '.');
+        let (Some("flt"), Some(id), Some(secret)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(invalid());
+        };
+        if id.is_empty()
+            || id.len() > 64
+            || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(invalid());
+        }
+        let Some(kv) = self.store.get(&format!("{PREFIX}{id}")).await? else {
+            return Err(invalid());
+        };
+        let record: TokenRecord = serde_json::from_slice(&kv.value).map_err(|_| invalid())?;
+        let expected = hex::decode(&record.sha256).map_err(|_| invalid())?;
+        if !bool::from(expected.ct_eq(&sha256(secret.as_bytes()))) {
+            return Err(invalid());
+        }
+        if record.expires.is_some_and(|e| e < chrono::Utc::now()) {
+            return Err(invalid());
+        }
+        let principal = Principal {
+            user: record.user,
+            groups: record.groups,
+        };
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest, (principal.clone(), Instant::now()));
+        Ok(principal)
+    }
+}

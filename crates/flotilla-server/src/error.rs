@@ -1,0 +1,104 @@
+//! API errors: every one is a Kubernetes `Status` with a code, a reason and an actionable message.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use flotilla_store::StoreError;
+use flotilla_types::{FieldErrors, Status};
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", .0.message)]
+pub struct ApiError(pub Status);
+
+impl ApiError {
+    pub fn new(code: u16, reason: &str, message: impl Into<String>) -> Self {
+        ApiError(Status::failure(code, reason, message))
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "BadRequest", message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(401, "Unauthorized", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(403, "Forbidden", message)
+    }
+
+    pub fn not_found(kind: &str, name: &str) -> Self {
+        Self::new(404, "NotFound", format!("{kind} {name:?} not found"))
+    }
+
+    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+        Self::new(405, "MethodNotAllowed", message)
+    }
+
+    pub fn already_exists(kind: &str, name: &str) -> Self {
+        Self::new(
+            409,
+            "AlreadyExists",
+            format!("{kind} {name:?} already exists"),
+        )
+    }
+
+    pub fn conflict(kind: &str, name: &str) -> Self {
+        Self::new(
+            409,
+            "Conflict",
+            format!(
+                "{kind} {name:?} has been modified since you read it: \
+                 read it again, apply your change to the latest version and retry"
+            ),
+        )
+    }
+
+    pub fn gone(message: impl Into<String>) -> Self {
+        Self::new(410, "Expired", message)
+    }
+
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(413, "RequestEntityTooLarge", message)
+    }
+
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self::new(415, "UnsupportedMediaType", message)
+    }
+
+    pub fn invalid(kind: &str, name: &str, errs: &FieldErrors) -> Self {
+        ApiError(Status::invalid(kind, name, errs))
+    }
+
+    /// A 5xx: always a bug or an unavailable store, logged where it is made.
+    pub fn internal(message: impl Into<String>) -> Self {
+        let message = message.into();
+        tracing::error!(%message, "internal error");
+        Self::new(500, "InternalError", message)
+    }
+
+    pub fn code(&self) -> u16 {
+        self.0.code
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Compacted { requested, compacted } => ApiError::gone(format!(
+                "resourceVersion {} is too old (history before {compacted} has been compacted): list again and watch from the list's resourceVersion",
+                requested.saturating_sub(1)
+            )),
+            StoreError::FutureRevision { requested, current } => ApiError::bad_request(format!(
+                "resourceVersion {requested} is newer than the server's current {current}"
+            )),
+            other => ApiError::internal(format!("store: {other}")),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = StatusCode::from_u16(self.0.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (code, axum::Json(self.0)).into_response()
+    }
+}

@@ -1,0 +1,522 @@
+//! The HTTP API: routes, request parsing and response encoding. Each handler turns a request into
+//! one call on [`Objects`] (or the watch module) and its result into a response.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use flotilla_types::registry::{self, KindInfo};
+use flotilla_types::selector::{FieldSelector, LabelSelector};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+
+use crate::auth::Authenticator;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::objects::{ListOptions, Objects, PatchBody, Stored, Subresource};
+use crate::watch::{self, WatchRequest};
+
+/// Largest request body accepted (Kubernetes' limit too).
+pub const MAX_BODY: usize = 3 * 1024 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub objects: Objects,
+    pub auth: Arc<Authenticator>,
+    pub metrics: Arc<Metrics>,
+    pub bookmark_interval: Duration,
+    pub openapi: Arc<Value>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let base = "/apis/flotilla.dev/v1alpha1";
+    let api = Router::new()
+        .route("/version", get(version))
+        .route("/metrics", get(metrics))
+        .route("/apis", get(api_groups))
+        .route("/apis/flotilla.dev", get(api_group))
+        .route(base, get(api_resources))
+        .route("/openapi/v3", get(openapi))
+        .route(&format!("{base}/{{plural}}"), any(resource))
+        .route(&format!("{base}/{{plural}}/{{name}}"), any(resource))
+        .route(
+            &format!("{base}/{{plural}}/{{name}}/{{sub}}"),
+            any(resource),
+        )
+        .route(
+            &format!("{base}/namespaces/{{ns}}/{{plural}}"),
+            any(resource),
+        )
+        .route(
+            &format!("{base}/namespaces/{{ns}}/{{plural}}/{{name}}"),
+            any(resource),
+        )
+        .route(
+            &format!("{base}/namespaces/{{ns}}/{{plural}}/{{name}}/{{sub}}"),
+            any(resource),
+        )
+        .fallback(not_found)
+        .route_layer(middleware::from_fn_with_state(
+            state.auth.clone(),
+            authenticate,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .merge(api)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.metrics.clone(),
+            crate::metrics::record,
+        ))
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::new(
+        404,
+        "NotFound",
+        format!("no API at {}; discovery starts at /apis", req.uri().path()),
+    )
+}
+
+async fn authenticate(
+    State(auth): State<Arc<Authenticator>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok());
+    let token = match header.and_then(|h| h.strip_prefix("Bearer ")) {
+        Some(t) => t.trim(),
+        None => {
+            return ApiError::unauthorized(
+                "authentication required: send \"Authorization: Bearer <token>\" (the admin token is in the server's admin.yaml)",
+            )
+            .into_response()
+        }
+    };
+    match auth.authenticate(token).await {
+        Ok(principal) => {
+            let mut req = req;
+            req.extensions_mut().insert(principal);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.objects.store().get("/flotilla/readyz").await {
+        Ok(_) => "ok".into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store unavailable: {e}"),
+        )
+            .into_response(),
+    }
+}
+
+async fn version() -> Response {
+    axum::Json(
+        json!({"version": env!("CARGO_PKG_VERSION"), "apiVersion": flotilla_types::API_VERSION}),
+    )
+    .into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn openapi(State(state): State<AppState>) -> Response {
+    axum::Json(state.openapi.as_ref().clone()).into_response()
+}
+
+async fn api_groups() -> Response {
+    let gv =
+        json!({"groupVersion": flotilla_types::API_VERSION, "version": flotilla_types::VERSION});
+    axum::Json(json!({
+        "kind": "APIGroupList", "apiVersion": "v1",
+        "groups": [{"name": flotilla_types::GROUP, "versions": [gv.clone()], "preferredVersion": gv}]
+    }))
+    .into_response()
+}
+
+async fn api_group() -> Response {
+    let gv =
+        json!({"groupVersion": flotilla_types::API_VERSION, "version": flotilla_types::VERSION});
+    axum::Json(json!({
+        "kind": "APIGroup", "apiVersion": "v1", "name": flotilla_types::GROUP,
+        "versions": [gv.clone()], "preferredVersion": gv
+    }))
+    .into_response()
+}
+
+async fn api_resources() -> Response {
+    let mut resources = Vec::new();
+    for k in registry::KINDS {
+        resources.push(json!({
+            "name": k.plural, "singularName": k.singular, "namespaced": k.namespaced, "kind": k.kind,
+            "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+            "shortNames": k.short_names,
+        }));
+        resources.push(json!({
+            "name": format!("{}/status", k.plural), "singularName": "", "namespaced": k.namespaced,
+            "kind": k.kind, "verbs": ["get", "patch", "update"],
+        }));
+    }
+    axum::Json(json!({
+        "kind": "APIResourceList", "apiVersion": "v1",
+        "groupVersion": flotilla_types::API_VERSION, "resources": resources
+    }))
+    .into_response()
+}
+
+fn json_response(code: StatusCode, body: Vec<u8>) -> Response {
+    (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn object_response(code: StatusCode, stored: &Stored) -> Response {
+    json_response(code, stored.to_bytes())
+}
+
+/// Query parameters of resource requests.
+#[derive(Default)]
+struct Query {
+    watch: bool,
+    resource_version: Option<i64>,
+    label_selector: String,
+    field_selector: String,
+    limit: usize,
+    continue_token: Option<String>,
+    bookmarks: bool,
+    timeout: Option<Duration>,
+}
+
+fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
+    let mut q = Query::default();
+    let boolean = |name: &str, v: &str| match v {
+        "true" | "1" => Ok(true),
+        "false" | "0" | "" => Ok(false),
+        _ => Err(ApiError::bad_request(format!(
+            "query parameter {name}={v:?} must be true or false"
+        ))),
+    };
+    for (k, v) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        match k.as_ref() {
+            "watch" => q.watch = boolean("watch", &v)?,
+            "allowWatchBookmarks" => q.bookmarks = boolean("allowWatchBookmarks", &v)?,
+            "labelSelector" => q.label_selector = v.into_owned(),
+            "fieldSelector" => q.field_selector = v.into_owned(),
+            "continue" if !v.is_empty() => q.continue_token = Some(v.into_owned()),
+            "resourceVersion" if !v.is_empty() => {
+                q.resource_version = Some(v.parse().map_err(|_| {
+                    ApiError::bad_request(format!("query parameter resourceVersion={v:?} must be a resourceVersion this server returned"))
+                })?)
+            }
+            "limit" => {
+                q.limit = v
+                    .parse()
+                    .map_err(|_| ApiError::bad_request(format!("query parameter limit={v:?} must be a whole number")))?
+            }
+            "timeoutSeconds" => {
+                let secs: u64 = v.parse().map_err(|_| {
+                    ApiError::bad_request(format!("query parameter timeoutSeconds={v:?} must be a whole number"))
+                })?;
+                q.timeout = Some(Duration::from_secs(secs));
+            }
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::too_large(format!(
+            "the request body is larger than the {} MiB allowed",
+            MAX_BODY >> 20
+        ))
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > MAX_BODY {
+            return Err(too_large());
+        }
+    }
+    match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default()
+}
+
+fn parse_document(headers: &HeaderMap, bytes: &[u8]) -> Result<Value, ApiError> {
+    let ct = content_type(headers);
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("the request body is empty"));
+    }
+    match ct.as_str() {
+        "" | "application/json" => serde_json::from_slice(bytes)
+            .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}"))),
+        "application/yaml" | "application/x-yaml" | "text/yaml" => serde_yaml::from_slice(bytes)
+            .map_err(|e| ApiError::bad_request(format!("the body is not valid YAML: {e}"))),
+        other => Err(ApiError::unsupported_media_type(format!(
+            "content type {other:?} is not accepted; send application/json or application/yaml"
+        ))),
+    }
+}
+
+fn parse_patch(headers: &HeaderMap, bytes: &[u8]) -> Result<PatchBody, ApiError> {
+    let ct = content_type(headers);
+    let json = || -> Result<Value, ApiError> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))
+    };
+    match ct.as_str() {
+        "application/merge-patch+json" | "application/json" | "" => Ok(PatchBody::Merge(json()?)),
+        "application/json-patch+json" => serde_json::from_value(json()?)
+            .map(PatchBody::Json)
+            .map_err(|e| ApiError::bad_request(format!("the JSON patch is malformed: {e}"))),
+        other => Err(ApiError::unsupported_media_type(format!(
+            "patch type {other:?} is not supported; use application/merge-patch+json or application/json-patch+json"
+        ))),
+    }
+}
+
+struct Target {
+    kind: &'static KindInfo,
+    namespace: Option<String>,
+    name: Option<String>,
+    sub: Option<Subresource>,
+}
+
+fn resolve(params: &HashMap<String, String>) -> Result<Target, ApiError> {
+    let plural = params.get("plural").map(String::as_str).unwrap_or_default();
+    let kind = registry::by_plural(plural).ok_or_else(|| {
+        let hint = registry::lookup(plural)
+            .map(|k| format!(" (did you mean {}?)", k.plural))
+            .unwrap_or_default();
+        ApiError::new(
+            404,
+            "NotFound",
+            format!(
+                "the server has no resource {plural:?} in {}{hint}; see /apis/{}",
+                flotilla_types::API_VERSION,
+                flotilla_types::API_VERSION
+            ),
+        )
+    })?;
+    let namespace = params.get("ns").cloned();
+    let name = params.get("name").cloned();
+    match (kind.namespaced, &namespace, &name) {
+        (false, Some(_), _) => {
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                format!(
+                    "{} is cluster-scoped: use /apis/{}/{}",
+                    kind.kind,
+                    flotilla_types::API_VERSION,
+                    kind.plural
+                ),
+            ))
+        }
+        (true, None, Some(_)) => {
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                format!(
+                    "{} belongs to a project: use /apis/{}/namespaces/<project>/{}/<name>",
+                    kind.kind,
+                    flotilla_types::API_VERSION,
+                    kind.plural
+                ),
+            ))
+        }
+        _ => {}
+    }
+    let sub = match params.get("sub").map(String::as_str) {
+        None => None,
+        Some("status") => Some(Subresource::Status),
+        Some(other) => {
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                format!("{} has no subresource {other:?}; only status", kind.kind),
+            ))
+        }
+    };
+    Ok(Target {
+        kind,
+        namespace,
+        name,
+        sub,
+    })
+}
+
+async fn ensure_project(objects: &Objects, namespace: Option<&str>) -> Result<(), ApiError> {
+    if let Some(ns) = namespace {
+        let project = registry::by_kind("Project").expect("registered");
+        objects.get(project, None, ns).await.map_err(|e| {
+            if e.code() == 404 {
+                ApiError::not_found("Project", ns)
+            } else {
+                e
+            }
+        })?;
+    }
+    Ok(())
+}
+
+async fn resource(
+    State(state): State<AppState>,
+    Path(params): Path<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let target = resolve(&params)?;
+    let q = parse_query(query.as_deref())?;
+    let objects = &state.objects;
+    let (kind, ns) = (target.kind, target.namespace.as_deref());
+    match (&target.name, method.clone()) {
+        (None, Method::GET) => {
+            ensure_project(objects, ns).await?;
+            let options = ListOptions {
+                labels: LabelSelector::parse(&q.label_selector)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?,
+                fields: FieldSelector::parse(&q.field_selector, kind.field_selectors)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?,
+                limit: q.limit,
+                continue_token: q.continue_token,
+            };
+            if q.watch {
+                let stream = watch::start(
+                    objects,
+                    WatchRequest {
+                        kind,
+                        namespace: target.namespace.clone(),
+                        options,
+                        resource_version: q.resource_version,
+                        bookmarks: q.bookmarks.then_some(state.bookmark_interval),
+                        timeout: q.timeout,
+                    },
+                )
+                .await?;
+                return Ok(Response::builder()
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .header(header::CACHE_CONTROL, "no-cache")
+                    .body(Body::from_stream(stream))
+                    .expect("valid response"));
+            }
+            let list = objects.list(kind, ns, &options).await?;
+            let mut out = Vec::with_capacity(list.items.iter().map(Vec::len).sum::<usize>() + 256);
+            out.extend_from_slice(
+                format!(
+                    "{{\"apiVersion\":\"{}\",\"kind\":\"{}List\",\"metadata\":{{\"resourceVersion\":\"{}\"",
+                    flotilla_types::API_VERSION,
+                    kind.kind,
+                    list.revision
+                )
+                .as_bytes(),
+            );
+            if let Some(token) = &list.continue_token {
+                out.extend_from_slice(format!(",\"continue\":\"{token}\"").as_bytes());
+            }
+            out.extend_from_slice(b"},\"items\":[");
+            for (i, item) in list.items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(item);
+            }
+            out.extend_from_slice(b"]}");
+            Ok(json_response(StatusCode::OK, out))
+        }
+        (None, Method::POST) => {
+            let doc = parse_document(&headers, &read_body(&headers, body).await?)?;
+            let stored = objects.create(kind, ns, doc).await?;
+            Ok(object_response(StatusCode::CREATED, &stored))
+        }
+        (None, m) => Err(ApiError::method_not_allowed(format!(
+            "{m} is not allowed on a collection; use GET or POST"
+        ))),
+        (Some(name), Method::GET) => match objects.get(kind, ns, name).await {
+            Ok(stored) => Ok(object_response(StatusCode::OK, &stored)),
+            Err(e) if e.code() == 404 => {
+                ensure_project(objects, ns).await?;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        },
+        (Some(name), Method::PUT) => {
+            let doc = parse_document(&headers, &read_body(&headers, body).await?)?;
+            let stored = objects
+                .update(kind, ns, name, doc, target.sub.unwrap_or(Subresource::Main))
+                .await?;
+            Ok(object_response(StatusCode::OK, &stored))
+        }
+        (Some(name), Method::PATCH) => {
+            let patch = parse_patch(&headers, &read_body(&headers, body).await?)?;
+            let stored = objects
+                .patch(
+                    kind,
+                    ns,
+                    name,
+                    patch,
+                    target.sub.unwrap_or(Subresource::Main),
+                )
+                .await?;
+            Ok(object_response(StatusCode::OK, &stored))
+        }
+        (Some(name), Method::DELETE) if target.sub.is_none() => {
+            let (stored, gone) = objects.delete(kind, ns, name).await?;
+            Ok(object_response(
+                if gone {
+                    StatusCode::OK
+                } else {
+                    StatusCode::ACCEPTED
+                },
+                &stored,
+            ))
+        }
+        (Some(_), m) => Err(ApiError::method_not_allowed(format!(
+            "{m} is not allowed here"
+        ))),
+    }
+}

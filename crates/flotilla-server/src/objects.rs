@@ -1,0 +1,896 @@
+//! Object semantics over the raw store: what create, update, patch, delete and the status
+//! subresource mean, independent of HTTP. The HTTP layer, controllers and tests all call this.
+//!
+//! Objects are stored as canonical JSON without `metadata.resourceVersion`; the resource version
+//! is the key's mod revision and is put back on every read.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use flotilla_store::{Compare, KeyValue, Op, OpResult, RangeRequest, Revision, Store, Txn};
+use flotilla_types::meta::now;
+use flotilla_types::registry::{self, KindInfo};
+use flotilla_types::selector::{FieldSelector, LabelSelector};
+use rand::Rng;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+
+const ROOT: &str = "/registry/";
+/// Write conflicts caused only by concurrent writers (not by a stale client) are retried this often.
+const RETRIES: usize = 16;
+
+/// Which part of an object a write may change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subresource {
+    /// Everything but `status` (and server-owned metadata).
+    Main,
+    /// Only `status`.
+    Status,
+}
+
+/// A stored object and the revision it was read or written at.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    /// Canonical JSON without `metadata.resourceVersion`.
+    pub raw: Vec<u8>,
+    pub revision: Revision,
+}
+
+impl Stored {
+    /// The object as clients see it: JSON with `metadata.resourceVersion` set.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        splice_resource_version(&self.raw, self.revision)
+    }
+
+    pub fn to_value(&self) -> Value {
+        serde_json::from_slice(&self.to_bytes()).expect("stored objects are valid JSON")
+    }
+}
+
+/// Inserts `"resourceVersion":"N"` at the start of the object's metadata without re-parsing it.
+/// Stored objects always begin `{"apiVersion":…,"kind":…,"metadata":{"name"…` (canonical order).
+pub fn splice_resource_version(raw: &[u8], revision: Revision) -> Vec<u8> {
+    const NEEDLE: &[u8] = b"\"metadata\":{";
+    let at = raw
+        .windows(NEEDLE.len())
+        .position(|w| w == NEEDLE)
+        .map(|p| p + NEEDLE.len());
+    match at {
+        Some(at) => {
+            let field = format!("\"resourceVersion\":\"{revision}\"");
+            let mut out = Vec::with_capacity(raw.len() + field.len() + 1);
+            out.extend_from_slice(&raw[..at]);
+            out.extend_from_slice(field.as_bytes());
+            if raw.get(at) != Some(&b'}') {
+                out.push(b',');
+            }
+            out.extend_from_slice(&raw[at..]);
+            out
+        }
+        None => {
+            let mut v: Value = serde_json::from_slice(raw).expect("stored objects are valid JSON");
+            v["metadata"]["resourceVersion"] = json!(revision.to_string());
+            serde_json::to_vec(&v).expect("serialises")
+        }
+    }
+}
+
+pub fn object_key(kind: &KindInfo, namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(ns) if kind.namespaced => format!("{ROOT}{}/{ns}/{name}", kind.plural),
+        _ => format!("{ROOT}{}/{name}", kind.plural),
+    }
+}
+
+/// The key prefix of a kind, optionally within one project.
+pub fn list_prefix(kind: &KindInfo, namespace: Option<&str>) -> String {
+    match namespace {
+        Some(ns) if kind.namespaced => format!("{ROOT}{}/{ns}/", kind.plural),
+        _ => format!("{ROOT}{}/", kind.plural),
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ListOptions {
+    pub labels: LabelSelector,
+    pub fields: FieldSelector,
+    /// At most this many items; 0 = all.
+    pub limit: usize,
+    pub continue_token: Option<String>,
+}
+
+impl ListOptions {
+    pub fn has_selectors(&self) -> bool {
+        !self.labels.is_empty() || !self.fields.0.is_empty()
+    }
+
+    /// Whether an object (as a JSON value) passes both selectors.
+    pub fn matches(&self, object: &Value) -> bool {
+        if !self.fields.matches(object) {
+            return false;
+        }
+        if self.labels.is_empty() {
+            return true;
+        }
+        let labels = object["metadata"]["labels"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.labels.matches(&labels)
+    }
+}
+
+pub struct ListResult {
+    /// Items with their resource versions, ready to send.
+    pub items: Vec<Vec<u8>>,
+    pub revision: Revision,
+    pub continue_token: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ContinueToken {
+    rv: Revision,
+    start: String,
+}
+
+fn name_of(v: &Value) -> &str {
+    v["metadata"]["name"].as_str().unwrap_or_default()
+}
+
+fn parse_stored(kv: &KeyValue) -> Result<Value, ApiError> {
+    serde_json::from_slice(&kv.value)
+        .map_err(|e| ApiError::internal(format!("stored object {} is corrupt: {e}", kv.key)))
+}
+
+fn encode(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).expect("JSON values serialise")
+}
+
+/// Checks the envelope of a body against the path it was sent to, and fills what may be omitted.
+fn check_envelope(
+    kind: &KindInfo,
+    namespace: Option<&str>,
+    body: &mut Value,
+) -> Result<(), ApiError> {
+    let Some(obj) = body.as_object_mut() else {
+        return Err(ApiError::bad_request(format!(
+            "the body must be a {} object",
+            kind.kind
+        )));
+    };
+    match obj.get("apiVersion") {
+        None => {}
+        Some(Value::String(v)) if v == flotilla_types::API_VERSION => {}
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "apiVersion {other} is not served here; use {}",
+                flotilla_types::API_VERSION
+            )))
+        }
+    }
+    match obj.get("kind") {
+        None => {}
+        Some(Value::String(k)) if k == kind.kind => {}
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "kind {other} does not match the path, which is for {}",
+                kind.plural
+            )))
+        }
+    }
+    obj.insert("apiVersion".into(), json!(flotilla_types::API_VERSION));
+    obj.insert("kind".into(), json!(kind.kind));
+    let meta = obj.entry("metadata").or_insert_with(|| json!({}));
+    let Some(meta) = meta.as_object_mut() else {
+        return Err(ApiError::invalid(
+            kind.kind,
+            "",
+            &flotilla_types::FieldErrors(vec![flotilla_types::FieldError {
+                field: "metadata".into(),
+                message: "must be an object".into(),
+            }]),
+        ));
+    };
+    match (kind.namespaced, meta.get("namespace"), namespace) {
+        (true, None, Some(ns)) => {
+            meta.insert("namespace".into(), json!(ns));
+        }
+        (true, Some(Value::String(given)), Some(ns)) if given == ns => {}
+        (true, Some(given), Some(ns)) => {
+            return Err(ApiError::bad_request(format!(
+                "metadata.namespace {given} does not match the project {ns:?} in the path"
+            )))
+        }
+        (false, Some(_), _) => {
+            return Err(ApiError::bad_request(format!(
+                "{} is cluster-scoped: remove metadata.namespace",
+                kind.kind
+            )))
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn validate(kind: &KindInfo, v: &Value) -> Result<Value, ApiError> {
+    (kind.validate)(v).map_err(|errs| ApiError::invalid(kind.kind, name_of(v), &errs))
+}
+
+/// Takes `metadata.resourceVersion` out of a body: the client's precondition, if it sent one.
+fn take_precondition(body: &mut Value) -> Result<Option<Revision>, ApiError> {
+    let Some(meta) = body.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return Ok(None);
+    };
+    match meta.remove("resourceVersion") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => s.parse::<Revision>().map(Some).map_err(|_| {
+            ApiError::bad_request(format!(
+                "metadata.resourceVersion {s:?} is not one this server issued"
+            ))
+        }),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "metadata.resourceVersion {other} must be a string"
+        ))),
+    }
+}
+
+/// The object API over a store.
+#[derive(Clone)]
+pub struct Objects {
+    store: Arc<dyn Store>,
+}
+
+impl Objects {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Objects { store }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Creates the `default` project if it does not exist.
+    pub async fn ensure_default_project(&self) -> Result<(), ApiError> {
+        let kind = registry::by_kind("Project").expect("Project is registered");
+        match self.create(kind, None, json!({"metadata": {"name": "default"}, "spec": {"description": "The default project"}})).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.0.reason == "AlreadyExists" => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn get(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Stored, ApiError> {
+        let kv = self.get_kv(kind, namespace, name).await?;
+        Ok(Stored {
+            raw: kv.value,
+            revision: kv.mod_revision,
+        })
+    }
+
+    async fn get_kv(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<KeyValue, ApiError> {
+        self.store
+            .get(&object_key(kind, namespace, name))
+            .await?
+            .ok_or_else(|| ApiError::not_found(kind.kind, name))
+    }
+
+    pub async fn create(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        mut body: Value,
+    ) -> Result<Stored, ApiError> {
+        check_envelope(kind, namespace, &mut body)?;
+        let meta = body["metadata"]
+            .as_object_mut()
+            .expect("checked by check_envelope");
+        for server_owned in [
+            "uid",
+            "resourceVersion",
+            "generation",
+            "creationTimestamp",
+            "deletionTimestamp",
+        ] {
+            meta.remove(server_owned);
+        }
+        meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+        meta.insert("creationTimestamp".into(), json!(now()));
+        meta.insert("generation".into(), json!(1));
+        let generate = meta
+            .get("name")
+            .is_none_or(|n| n.as_str().is_some_and(str::is_empty))
+            && meta.get("generateName").is_some_and(Value::is_string);
+        if let Some(obj) = body.as_object_mut() {
+            obj.remove("status");
+        }
+        let project = match (kind.namespaced, namespace) {
+            (true, Some(ns)) => Some(ns.to_string()),
+            (true, None) => {
+                return Err(ApiError::bad_request(format!(
+                    "{} objects are created inside a project",
+                    kind.kind
+                )))
+            }
+            _ => None,
+        };
+        for _ in 0..RETRIES {
+            if generate {
+                let prefix = body["metadata"]["generateName"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                body["metadata"]["name"] = json!(format!("{prefix}{}", random_suffix()));
+            }
+            let object = validate(kind, &body)?;
+            let name = name_of(&object).to_string();
+            let key = object_key(kind, namespace, &name);
+            let mut txn = Txn::new()
+                .when(Compare::absent(&key))
+                .or_else(Op::get(&key));
+            if let Some(ns) = &project {
+                let project_kind = registry::by_kind("Project").expect("registered");
+                let p = self.store.get(&object_key(project_kind, None, ns)).await?;
+                let p = p.ok_or_else(|| ApiError::not_found("Project", ns))?;
+                if parse_stored(&p)?["metadata"]
+                    .get("deletionTimestamp")
+                    .is_some()
+                {
+                    return Err(ApiError::forbidden(format!(
+                        "project {ns:?} is being deleted; nothing new can be created in it"
+                    )));
+                }
+                // Guard against the project being deleted at the same moment.
+                txn = txn.when(Compare::mod_revision(p.key.clone(), p.mod_revision));
+            }
+            let raw = encode(&object);
+            let resp = self
+                .store
+                .txn(txn.and_then(Op::put(&key, raw.clone())))
+                .await?;
+            if resp.succeeded {
+                return Ok(Stored {
+                    raw,
+                    revision: resp.revision,
+                });
+            }
+            if matches!(resp.results.first(), Some(OpResult::Get { kv: Some(_) })) {
+                if generate {
+                    continue;
+                }
+                return Err(ApiError::already_exists(kind.kind, &name));
+            }
+            // The project changed under us; look again.
+        }
+        Err(ApiError::new(
+            409,
+            "Conflict",
+            "too many concurrent changes; try again",
+        ))
+    }
+
+    pub async fn list(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        opts: &ListOptions,
+    ) -> Result<ListResult, ApiError> {
+        let prefix = list_prefix(kind, namespace);
+        let end = flotilla_store::prefix_end(&prefix);
+        let (mut start, mut revision) = match &opts.continue_token {
+            None => (prefix.clone(), 0),
+            Some(token) => {
+                let t = decode_continue(token)?;
+                if !t.start.starts_with(&prefix) {
+                    return Err(ApiError::bad_request(
+                        "the continue token belongs to a different list",
+                    ));
+                }
+                (t.start, t.rv)
+            }
+        };
+        let want = if opts.limit == 0 {
+            usize::MAX
+        } else {
+            opts.limit
+        };
+        let mut items = Vec::new();
+        let filtering = opts.has_selectors();
+        loop {
+            let chunk = if filtering {
+                want.saturating_sub(items.len()).clamp(64, 2048)
+            } else {
+                want.min(100_000)
+            };
+            let req = RangeRequest {
+                start: start.clone(),
+                end: Some(end.clone()),
+                limit: chunk,
+                revision,
+            };
+            let resp = match self.store.range(req).await {
+                Err(flotilla_store::StoreError::Compacted { .. }) => {
+                    return Err(ApiError::gone(
+                        "the continue token is too old: the list it started has been compacted; start the list again without continue",
+                    ))
+                }
+                other => other?,
+            };
+            revision = resp.revision;
+            let mut last_key = None;
+            for kv in resp.kvs {
+                last_key = Some(kv.key.clone());
+                if filtering && !opts.matches(&parse_stored(&kv)?) {
+                    continue;
+                }
+                items.push(splice_resource_version(&kv.value, kv.mod_revision));
+                if items.len() == want {
+                    break;
+                }
+            }
+            match last_key {
+                Some(k) if items.len() == want => {
+                    let next_start = format!("{k}\0");
+                    let token = if self.has_more(&next_start, &end, revision, opts).await? {
+                        Some(encode_continue(revision, next_start))
+                    } else {
+                        None
+                    };
+                    return Ok(ListResult {
+                        items,
+                        revision,
+                        continue_token: token,
+                    });
+                }
+                Some(k) if resp.more => start = format!("{k}\0"),
+                _ => {
+                    return Ok(ListResult {
+                        items,
+                        revision,
+                        continue_token: None,
+                    })
+                }
+            }
+        }
+    }
+
+    async fn has_more(
+        &self,
+        start: &str,
+        end: &str,
+        revision: Revision,
+        opts: &ListOptions,
+    ) -> Result<bool, ApiError> {
+        let mut start = start.to_string();
+        loop {
+            let req = RangeRequest {
+                start: start.clone(),
+                end: Some(end.to_string()),
+                limit: 256,
+                revision,
+            };
+            let resp = self.store.range(req).await?;
+            if !opts.has_selectors() {
+                return Ok(!resp.kvs.is_empty());
+            }
+            for kv in &resp.kvs {
+                if opts.matches(&parse_stored(kv)?) {
+                    return Ok(true);
+                }
+            }
+            match resp.kvs.last() {
+                Some(kv) if resp.more => start = format!("{}\0", kv.key),
+                _ => return Ok(false),
+            }
+        }
+    }
+
+    /// PUT: replaces spec and user metadata (Main) or status (Status).
+    pub async fn update(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        name: &str,
+        mut body: Value,
+        sub: Subresource,
+    ) -> Result<Stored, ApiError> {
+        check_envelope(kind, namespace, &mut body)?;
+        match body["metadata"].get("name") {
+            None => body["metadata"]["name"] = json!(name),
+            Some(Value::String(n)) if n == name => {}
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "metadata.name {other} does not match the name {name:?} in the path"
+                )))
+            }
+        }
+        let precondition = take_precondition(&mut body)?;
+        self.update_with(kind, namespace, name, precondition, sub, |_| {
+            Ok(body.clone())
+        })
+        .await
+    }
+
+    /// PATCH with a JSON merge patch (RFC 7386) or a JSON patch (RFC 6902).
+    pub async fn patch(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        name: &str,
+        patch: PatchBody,
+        sub: Subresource,
+    ) -> Result<Stored, ApiError> {
+        // A resourceVersion inside a merge patch is a precondition, as in Kubernetes.
+        let precondition = match &patch {
+            PatchBody::Merge(p) => {
+                let mut p = p.clone();
+                take_precondition(&mut p)?
+            }
+            PatchBody::Json(_) => None,
+        };
+        self.update_with(kind, namespace, name, precondition, sub, |current| {
+            let mut doc = current.clone();
+            match &patch {
+                PatchBody::Merge(p) => {
+                    if !p.is_object() {
+                        return Err(ApiError::bad_request("a merge patch must be a JSON object"));
+                    }
+                    json_patch::merge(&mut doc, p);
+                }
+                PatchBody::Json(p) => {
+                    json_patch::patch(&mut doc, p).map_err(|e| {
+                        ApiError::new(
+                            422,
+                            "Invalid",
+                            format!("the JSON patch cannot be applied: {e}"),
+                        )
+                    })?;
+                }
+            }
+            if let Some(meta) = doc.get_mut("metadata").and_then(Value::as_object_mut) {
+                meta.remove("resourceVersion");
+            }
+            if name_of(&doc) != name {
+                return Err(ApiError::bad_request("a patch cannot change metadata.name"));
+            }
+            Ok(doc)
+        })
+        .await
+    }
+
+    /// The read-modify-write loop behind PUT and PATCH. `desired` maps the current object to what
+    /// the client wants; server-owned fields are then restored, and only `sub` may differ.
+    async fn update_with(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        name: &str,
+        precondition: Option<Revision>,
+        sub: Subresource,
+        desired: impl Fn(&Value) -> Result<Value, ApiError>,
+    ) -> Result<Stored, ApiError> {
+        for _ in 0..RETRIES {
+            let kv = self.get_kv(kind, namespace, name).await?;
+            if precondition.is_some_and(|rv| rv != kv.mod_revision) {
+                return Err(ApiError::conflict(kind.kind, name));
+            }
+            let current = parse_stored(&kv)?;
+            let wanted = desired(&current)?;
+            let next = merge_for_write(kind, &current, wanted, sub)?;
+            let next = validate(kind, &next)?;
+            if next == current {
+                return Ok(Stored {
+                    raw: kv.value,
+                    revision: kv.mod_revision,
+                });
+            }
+            match self.write(&kv, &next).await? {
+                Some(stored) => return Ok(stored),
+                None if precondition.is_some() => return Err(ApiError::conflict(kind.kind, name)),
+                None => continue,
+            }
+        }
+        Err(ApiError::conflict(kind.kind, name))
+    }
+
+    /// Writes `next` over `current` if nobody else did first (None when someone did). An object
+    /// being deleted whose last finalizer is gone is deleted instead.
+    async fn write(&self, current: &KeyValue, next: &Value) -> Result<Option<Stored>, ApiError> {
+        let finalized = next["metadata"].get("deletionTimestamp").is_some()
+            && next["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(Vec::is_empty);
+        let raw = encode(next);
+        let op = if finalized {
+            Op::delete(&current.key)
+        } else {
+            Op::put(&current.key, raw.clone())
+        };
+        let resp = self
+            .store
+            .txn(
+                Txn::new()
+                    .when(Compare::mod_revision(&current.key, current.mod_revision))
+                    .and_then(op),
+            )
+            .await?;
+        Ok(resp.succeeded.then_some(Stored {
+            raw,
+            revision: resp.revision,
+        }))
+    }
+
+    /// DELETE: immediate without finalizers, else marks the object with `deletionTimestamp` and
+    /// leaves it until its finalizers are removed. Returns the object and whether it is gone.
+    pub async fn delete(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<(Stored, bool), ApiError> {
+        if kind.kind == "Project" {
+            return self.delete_project(kind, name).await;
+        }
+        for _ in 0..RETRIES {
+            let kv = self.get_kv(kind, namespace, name).await?;
+            let mut current = parse_stored(&kv)?;
+            let has_finalizers = current["metadata"]["finalizers"]
+                .as_array()
+                .is_some_and(|f| !f.is_empty());
+            if !has_finalizers {
+                let resp = self
+                    .store
+                    .txn(
+                        Txn::new()
+                            .when(Compare::mod_revision(&kv.key, kv.mod_revision))
+                            .and_then(Op::delete(&kv.key)),
+                    )
+                    .await?;
+                if resp.succeeded {
+                    return Ok((
+                        Stored {
+                            raw: kv.value,
+                            revision: resp.revision,
+                        },
+                        true,
+                    ));
+                }
+                continue;
+            }
+            if current["metadata"].get("deletionTimestamp").is_some() {
+                return Ok((
+                    Stored {
+                        raw: kv.value,
+                        revision: kv.mod_revision,
+                    },
+                    false,
+                ));
+            }
+            current["metadata"]["deletionTimestamp"] = json!(now());
+            let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+            current["metadata"]["generation"] = json!(generation + 1);
+            if let Some(stored) = self.write(&kv, &current).await? {
+                return Ok((stored, false));
+            }
+        }
+        Err(ApiError::conflict(kind.kind, name))
+    }
+
+    /// A project is deleted only when empty. It is marked first, so that a create racing with the
+    /// deletion fails its guard on the project instead of leaving an orphan behind.
+    async fn delete_project(
+        &self,
+        kind: &KindInfo,
+        name: &str,
+    ) -> Result<(Stored, bool), ApiError> {
+        if name == "default" {
+            return Err(ApiError::forbidden("the default project cannot be deleted"));
+        }
+        let kv = self.get_kv(kind, None, name).await?;
+        let mut marked = parse_stored(&kv)?;
+        marked["metadata"]["deletionTimestamp"] = json!(now());
+        // A plain put: `write` would treat "deleting without finalizers" as "delete now".
+        let raw = encode(&marked);
+        let mark = Txn::new()
+            .when(Compare::mod_revision(&kv.key, kv.mod_revision))
+            .and_then(Op::put(&kv.key, raw.clone()));
+        let resp = self.store.txn(mark).await?;
+        if !resp.succeeded {
+            return Err(ApiError::conflict(kind.kind, name));
+        }
+        let marked_stored = Stored {
+            raw,
+            revision: resp.revision,
+        };
+        let mut contents = Vec::new();
+        for k in registry::KINDS.iter().filter(|k| k.namespaced) {
+            let resp = self
+                .store
+                .range(RangeRequest::prefix(&list_prefix(k, Some(name))).with_limit(1))
+                .await?;
+            if !resp.kvs.is_empty() {
+                contents.push(k.plural);
+            }
+        }
+        let key = object_key(kind, None, name);
+        if contents.is_empty() {
+            let txn = Txn::new()
+                .when(Compare::mod_revision(&key, marked_stored.revision))
+                .and_then(Op::delete(&key));
+            if self.store.txn(txn).await?.succeeded {
+                return Ok((
+                    Stored {
+                        raw: marked_stored.raw,
+                        revision: marked_stored.revision,
+                    },
+                    true,
+                ));
+            }
+            return Err(ApiError::conflict(kind.kind, name));
+        }
+        // Not empty: take the mark back so the project stays usable.
+        let unmark = Txn::new()
+            .when(Compare::mod_revision(&key, marked_stored.revision))
+            .and_then(Op::put(&key, kv.value.clone()));
+        self.store.txn(unmark).await?;
+        Err(ApiError::new(
+            409,
+            "Conflict",
+            format!(
+                "project {name:?} is not empty (it still has {}); delete those first",
+                contents.join(", ")
+            ),
+        ))
+    }
+}
+
+/// Builds the object to store from the current one and what the client sent.
+fn merge_for_write(
+    kind: &KindInfo,
+    current: &Value,
+    mut wanted: Value,
+    sub: Subresource,
+) -> Result<Value, ApiError> {
+    if !wanted.is_object() {
+        return Err(ApiError::bad_request(format!(
+            "the body must be a {} object",
+            kind.kind
+        )));
+    }
+    let mut next = match sub {
+        Subresource::Status => {
+            let mut next = current.clone();
+            match wanted.as_object_mut().and_then(|o| o.remove("status")) {
+                Some(Value::Null) | None => {
+                    next.as_object_mut().expect("object").remove("status");
+                }
+                Some(status) => next["status"] = status,
+            }
+            next
+        }
+        Subresource::Main => {
+            let obj = wanted.as_object_mut().expect("checked above");
+            obj.remove("status");
+            if let Some(status) = current.get("status") {
+                obj.insert("status".into(), status.clone());
+            }
+            if !obj.get("metadata").is_some_and(Value::is_object) {
+                obj.insert("metadata".into(), json!({}));
+            }
+            let meta = obj["metadata"].as_object_mut().expect("object");
+            for owned in [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "generation",
+                "namespace",
+                "generateName",
+            ] {
+                meta.remove(owned);
+                if let Some(v) = current["metadata"].get(owned) {
+                    meta.insert(owned.into(), v.clone());
+                }
+            }
+            if current["metadata"].get("deletionTimestamp").is_some() {
+                let before: Vec<&Value> = current["metadata"]["finalizers"]
+                    .as_array()
+                    .map(|a| a.iter().collect())
+                    .unwrap_or_default();
+                let added = meta
+                    .get("finalizers")
+                    .and_then(Value::as_array)
+                    .is_some_and(|now| now.iter().any(|f| !before.contains(&f)));
+                if added {
+                    return Err(ApiError::new(
+                        422,
+                        "Invalid",
+                        format!(
+                            "{} {:?} is invalid: metadata.finalizers: no finalizer can be added while the object is being deleted",
+                            kind.kind,
+                            name_of(current)
+                        ),
+                    ));
+                }
+            }
+            if wanted.get("spec") != current.get("spec") {
+                let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+                wanted["metadata"]["generation"] = json!(generation + 1);
+            }
+            wanted
+        }
+    };
+    next["apiVersion"] = json!(flotilla_types::API_VERSION);
+    next["kind"] = json!(kind.kind);
+    Ok(next)
+}
+
+/// A PATCH body, by its content type.
+pub enum PatchBody {
+    Merge(Value),
+    Json(json_patch::Patch),
+}
+
+fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::thread_rng();
+    (0..5)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+fn encode_continue(rv: Revision, start: String) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(&ContinueToken { rv, start }).expect("serialises"))
+}
+
+fn decode_continue(token: &str) -> Result<ContinueToken, ApiError> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "the continue token is malformed; pass back the one a list returned",
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_version_is_spliced_into_metadata() {
+        let raw = br#"{"apiVersion":"a","kind":"K","metadata":{"name":"x"},"spec":{}}"#;
+        let out: Value = serde_json::from_slice(&splice_resource_version(raw, 42)).unwrap();
+        assert_eq!(
+            out["metadata"],
+            json!({"name": "x", "resourceVersion": "42"})
+        );
+        let empty = br#"{"metadata":{}}"#;
+        let out: Value = serde_json::from_slice(&splice_resource_version(empty, 7)).unwrap();
+        assert_eq!(out["metadata"]["resourceVersion"], "7");
+    }
+
+    #[test]
+    fn continue_tokens_roundtrip_and_reject_garbage() {
+        let t = decode_continue(&encode_continue(9, "/registry/x/a\0".into())).unwrap();
+        assert_eq!((t.rv, t.start.as_str()), (9, "/registry/x/a\0"));
+        assert_eq!(decode_continue("!!").unwrap_err().code(), 400);
+    }
+}
