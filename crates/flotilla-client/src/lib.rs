@@ -17,7 +17,7 @@ use serde_json::Value;
 pub enum ClientError {
     /// The server answered with an error; the message is the server's.
     #[error("{}", .0.message)]
-    Api(Status),
+    Api(Box<Status>),
     #[error("cannot reach the server at {url}: {message}")]
     Transport { url: String, message: String },
     #[error("the server's answer could not be read: {0}")]
@@ -366,12 +366,12 @@ async fn error_from(resp: reqwest::Response) -> ClientError {
     let code = resp.status().as_u16();
     let bytes = resp.bytes().await.unwrap_or_default();
     match serde_json::from_slice::<Status>(&bytes) {
-        Ok(status) => ClientError::Api(status),
-        Err(_) => ClientError::Api(Status::failure(
+        Ok(status) => ClientError::Api(Box::new(status)),
+        Err(_) => ClientError::Api(Box::new(Status::failure(
             code,
             "Unknown",
             String::from_utf8_lossy(&bytes).trim().to_string(),
-        )),
+        ))),
     }
 }
 

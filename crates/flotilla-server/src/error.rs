@@ -7,11 +7,11 @@ use flotilla_types::{FieldErrors, Status};
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{}", .0.message)]
-pub struct ApiError(pub Status);
+pub struct ApiError(pub Box<Status>);
 
 impl ApiError {
     pub fn new(code: u16, reason: &str, message: impl Into<String>) -> Self {
-        ApiError(Status::failure(code, reason, message))
+        ApiError(Box::new(Status::failure(code, reason, message)))
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -66,7 +66,7 @@ impl ApiError {
     }
 
     pub fn invalid(kind: &str, name: &str, errs: &FieldErrors) -> Self {
-        ApiError(Status::invalid(kind, name, errs))
+        ApiError(Box::new(Status::invalid(kind, name, errs)))
     }
 
     /// A 5xx: always a bug or an unavailable store, logged where it is made.

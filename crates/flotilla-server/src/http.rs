@@ -80,7 +80,11 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn not_found(req: Request) -> ApiError {
+/// Unknown paths need a token too, so nothing can be probed anonymously.
+async fn not_found(State(state): State<AppState>, req: Request) -> ApiError {
+    if let Err(e) = check_token(&state.auth, req.headers()).await {
+        return e;
+    }
     ApiError::new(
         404,
         "NotFound",
@@ -88,27 +92,28 @@ async fn not_found(req: Request) -> ApiError {
     )
 }
 
-async fn authenticate(
-    State(auth): State<Arc<Authenticator>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let header = req
-        .headers()
+async fn check_token(
+    auth: &Authenticator,
+    headers: &HeaderMap,
+) -> Result<crate::auth::Principal, ApiError> {
+    let header = headers
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok());
-    let token = match header.and_then(|h| h.strip_prefix("Bearer ")) {
-        Some(t) => t.trim(),
-        None => {
-            return ApiError::unauthorized(
-                "authentication required: send \"Authorization: Bearer <token>\" (the admin token is in the server's admin.yaml)",
-            )
-            .into_response()
-        }
-    };
-    match auth.authenticate(token).await {
+    match header.and_then(|h| h.strip_prefix("Bearer ")) {
+        Some(token) => auth.authenticate(token.trim()).await,
+        None => Err(ApiError::unauthorized(
+            "authentication required: send \"Authorization: Bearer <token>\" (the admin token is in the server's admin.yaml)",
+        )),
+    }
+}
+
+async fn authenticate(
+    State(auth): State<Arc<Authenticator>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    match check_token(&auth, req.headers()).await {
         Ok(principal) => {
-            let mut req = req;
             req.extensions_mut().insert(principal);
             next.run(req).await
         }

@@ -338,7 +338,7 @@ mod tests {
     fn prefix_end_increments_the_last_byte() {
         assert_eq!(prefix_end("/registry/vms/"), "/registry/vms0");
         assert_eq!(prefix_end("a"), "b");
-        assert!(prefix_end("/x/") > "/x/zzzz".to_string());
+        assert!(prefix_end("/x/").as_str() > "/x/zzzz");
     }
 
     #[test]

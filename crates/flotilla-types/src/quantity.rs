@@ -105,7 +105,7 @@ impl Quantity {
             ("Mi", 20),
             ("Ki", 10),
         ] {
-            if bytes != 0 && bytes % (1u128 << shift) == 0 {
+            if bytes != 0 && bytes.is_multiple_of(1u128 << shift) {
                 text = format!("{}{suffix}", bytes >> shift);
                 break;
             }
