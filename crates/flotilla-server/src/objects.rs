@@ -592,7 +592,12 @@ impl Objects {
             let current = parse_stored(&kv)?;
             let wanted = desired(&current)?;
             let next = merge_for_write(kind, &current, wanted, sub)?;
-            let next = validate(kind, &next)?;
+            let mut next = validate(kind, &next)?;
+            // Compared in canonical form, so that defaults filled in do not count as a change.
+            if next.get("spec") != current.get("spec") {
+                let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+                next["metadata"]["generation"] = json!(generation + 1);
+            }
             if next == current {
                 return Ok(Stored {
                     raw: kv.value,
@@ -826,10 +831,6 @@ fn merge_for_write(
                         ),
                     ));
                 }
-            }
-            if wanted.get("spec") != current.get("spec") {
-                let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
-                wanted["metadata"]["generation"] = json!(generation + 1);
             }
             wanted
         }

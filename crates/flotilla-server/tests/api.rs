@@ -461,3 +461,28 @@ async fn cluster_scoped_kinds() {
     assert_eq!(resp.status(), 404);
     assert!(resp.text().await.unwrap().contains("cluster-scoped"));
 }
+
+#[tokio::test]
+async fn defaults_do_not_count_as_a_spec_change() {
+    let t = start().await;
+    let vms = kind("vm");
+    let created = t
+        .client
+        .create(vms, Some("default"), &vm("web"))
+        .await
+        .unwrap();
+    assert_eq!(created["spec"]["powerState"], "Running");
+    // The same spec without the defaulted field is the same spec: no write, no new generation.
+    let mut again = vm("web");
+    again["metadata"]["resourceVersion"] = created["metadata"]["resourceVersion"].clone();
+    let after = t
+        .client
+        .replace(vms, Some("default"), "web", &again)
+        .await
+        .unwrap();
+    assert_eq!(after["metadata"]["generation"], 1);
+    assert_eq!(
+        after["metadata"]["resourceVersion"],
+        created["metadata"]["resourceVersion"]
+    );
+}

@@ -1,1 +1,100 @@
-fn main() {}
+//! `flotilla`: the server and the command-line client in one binary.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+mod client_cmds;
+mod config;
+mod output;
+mod server_cmd;
+
+#[derive(Parser)]
+#[command(
+    name = "flotilla",
+    version,
+    about = "Declarative VM orchestration for libvirt fleets",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(flatten)]
+    conn: config::ConnectionArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the API server (SQLite in the data directory).
+    Server(server_cmd::ServerArgs),
+    /// Create or update objects from YAML files (multi-document), a directory, or - for stdin.
+    Apply(client_cmds::ApplyArgs),
+    /// List objects, or show one.
+    Get(client_cmds::GetArgs),
+    /// Show one object in detail.
+    Describe(client_cmds::DescribeArgs),
+    /// Delete an object.
+    Delete(client_cmds::DeleteArgs),
+    /// Print the client and server versions.
+    Version,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion { shell: clap_complete::Shell },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("FLOTILLA_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Server(args) => server_cmd::run(args).await,
+            Command::Completion { shell } => {
+                clap_complete::generate(
+                    shell,
+                    &mut Cli::command(),
+                    "flotilla",
+                    &mut std::io::stdout(),
+                );
+                Ok(())
+            }
+            Command::Version => client_cmds::version(&cli.conn).await,
+            Command::Apply(args) => client_cmds::apply(&cli.conn, args).await,
+            Command::Get(args) => client_cmds::get(&cli.conn, args).await,
+            Command::Describe(args) => client_cmds::describe(&cli.conn, args).await,
+            Command::Delete(args) => client_cmds::delete(&cli.conn, args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The default data directory: /var/lib/flotilla for root, else ~/.local/share/flotilla.
+pub fn default_data_dir() -> PathBuf {
+    // The owner of /proc/self is the effective user.
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    if root {
+        return PathBuf::from("/var/lib/flotilla");
+    }
+    match std::env::var_os("XDG_DATA_HOME") {
+        Some(d) => PathBuf::from(d).join("flotilla"),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into()))
+            .join(".local/share/flotilla"),
+    }
+}

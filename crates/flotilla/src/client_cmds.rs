@@ -1,0 +1,413 @@
+//! The client verbs: apply, get, describe, delete, version.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Args, ValueEnum};
+use flotilla_client::{Client, ClientError, ListParams};
+use flotilla_types::clientconfig::Context;
+use flotilla_types::registry::{self, KindInfo};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::config::{self, ConnectionArgs};
+use crate::output::{self, Table};
+
+#[derive(Args)]
+pub struct ApplyArgs {
+    /// A YAML/JSON file (several documents allowed), a directory of them, or - for stdin.
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub files: Vec<String>,
+    /// Project for objects that do not name one.
+    #[arg(short = 'p', long)]
+    pub project: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Wide,
+    Json,
+    Yaml,
+    Name,
+}
+
+#[derive(Args)]
+pub struct GetArgs {
+    /// Kind: vm, vms, virtualmachine, node, image, vmclass, project, ...
+    pub kind: String,
+    pub name: Option<String>,
+    #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    /// Keep watching and print changes.
+    #[arg(short = 'w', long)]
+    pub watch: bool,
+    /// Label selector, e.g. app=web,tier!=db.
+    #[arg(short = 'l', long)]
+    pub selector: Option<String>,
+    /// Field selector, e.g. spec.nodeName=node-1.
+    #[arg(long)]
+    pub field_selector: Option<String>,
+    #[arg(short = 'p', long, conflicts_with = "all_projects")]
+    pub project: Option<String>,
+    /// List across all projects.
+    #[arg(short = 'A', long)]
+    pub all_projects: bool,
+}
+
+#[derive(Args)]
+pub struct DescribeArgs {
+    pub kind: String,
+    pub name: String,
+    #[arg(short = 'p', long)]
+    pub project: Option<String>,
+}
+
+#[derive(Args)]
+pub struct DeleteArgs {
+    pub kind: String,
+    pub name: String,
+    #[arg(short = 'p', long)]
+    pub project: Option<String>,
+    /// Wait until the object is gone (its finalizers have run).
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this long (e.g. 30s, 5m).
+    #[arg(long, default_value = "5m", value_parser = crate::server_cmd::parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+fn kind_of(name: &str) -> anyhow::Result<&'static KindInfo> {
+    registry::lookup(name).ok_or_else(|| {
+        let known: Vec<&str> = registry::KINDS.iter().map(|k| k.singular).collect();
+        anyhow!("unknown kind {name:?}; known kinds: {}", known.join(", "))
+    })
+}
+
+fn project<'a>(flag: &'a Option<String>, ctx: &'a Context) -> &'a str {
+    flag.as_deref()
+        .or(ctx.project.as_deref())
+        .unwrap_or("default")
+}
+
+fn namespace_for<'a>(kind: &KindInfo, project: &'a str) -> Option<&'a str> {
+    kind.namespaced.then_some(project)
+}
+
+pub async fn version(conn: &ConnectionArgs) -> anyhow::Result<()> {
+    println!("Client: {}", env!("CARGO_PKG_VERSION"));
+    match config::client(conn) {
+        Ok((client, _)) => {
+            let v = client
+                .request_json(reqwest::Method::GET, "/version", &[], None)
+                .await?;
+            println!(
+                "Server: {} ({})",
+                output::field(&v, "version"),
+                output::field(&v, "apiVersion")
+            );
+        }
+        Err(e) => println!("Server: not configured ({e})"),
+    }
+    Ok(())
+}
+
+/// Reads documents from files, directories (their *.yaml, *.yml, *.json) or stdin.
+fn read_documents(sources: &[String]) -> anyhow::Result<Vec<(String, Value)>> {
+    let mut files: Vec<(String, String)> = Vec::new();
+    for source in sources {
+        if source == "-" {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("cannot read stdin")?;
+            files.push(("<stdin>".into(), text));
+            continue;
+        }
+        let path = PathBuf::from(source);
+        if path.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(&path)
+                .with_context(|| format!("cannot read directory {source}"))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension()
+                        .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
+                })
+                .collect();
+            entries.sort();
+            for p in entries {
+                files.push((p.display().to_string(), read(&p)?));
+            }
+        } else {
+            files.push((source.clone(), read(&path)?));
+        }
+    }
+    let mut docs = Vec::new();
+    for (name, text) in files {
+        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let value = <Value as serde::Deserialize>::deserialize(doc)
+                .with_context(|| format!("{name}: document {} is not valid YAML", i + 1))?;
+            if !value.is_null() {
+                docs.push((format!("{name} (document {})", i + 1), value));
+            }
+        }
+    }
+    Ok(docs)
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+pub async fn apply(conn: &ConnectionArgs, args: ApplyArgs) -> anyhow::Result<()> {
+    let docs = read_documents(&args.files)?;
+    if docs.is_empty() {
+        bail!("no objects found in {}", args.files.join(", "));
+    }
+    let (client, ctx) = config::client(conn)?;
+    let mut failures = 0;
+    for (origin, doc) in docs {
+        match apply_one(&client, &ctx, &args, &doc).await {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                failures += 1;
+                eprintln!("error: {origin}: {e:#}");
+            }
+        }
+    }
+    if failures > 0 {
+        bail!("{failures} object(s) could not be applied");
+    }
+    Ok(())
+}
+
+async fn apply_one(
+    client: &Client,
+    ctx: &Context,
+    args: &ApplyArgs,
+    doc: &Value,
+) -> anyhow::Result<String> {
+    let kind_name = doc["kind"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the document has no kind"))?;
+    let kind = registry::by_kind(kind_name).ok_or_else(|| anyhow!("unknown kind {kind_name:?}"))?;
+    let name = doc["metadata"]["name"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| anyhow!("metadata.name is required"))?;
+    let proj = doc["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or(project(&args.project, ctx));
+    let ns = namespace_for(kind, proj);
+    let what = format!("{}/{name}", kind.singular);
+    for _ in 0..5 {
+        let current = match client.get(kind, ns, name).await {
+            Ok(v) => v,
+            Err(e) if e.code() == Some(404) => match client.create(kind, ns, doc).await {
+                Ok(_) => return Ok(format!("{what} created")),
+                Err(e) if e.code() == Some(409) => continue,
+                Err(e) => return Err(e.into()),
+            },
+            Err(e) => return Err(e.into()),
+        };
+        // The file states the spec, labels and annotations; the rest stays as the server has it.
+        let mut desired = current.clone();
+        desired["spec"] = doc.get("spec").cloned().unwrap_or(json!({}));
+        for key in ["labels", "annotations"] {
+            match doc["metadata"].get(key) {
+                Some(v) => desired["metadata"][key] = v.clone(),
+                None => {
+                    if let Some(m) = desired["metadata"].as_object_mut() {
+                        m.remove(key);
+                    }
+                }
+            }
+        }
+        match client.replace(kind, ns, name, &desired).await {
+            Ok(after)
+                if after["metadata"]["resourceVersion"]
+                    == current["metadata"]["resourceVersion"] =>
+            {
+                return Ok(format!("{what} unchanged"))
+            }
+            Ok(_) => return Ok(format!("{what} configured")),
+            Err(e) if e.code() == Some(409) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    bail!("{what} kept changing while being applied; try again")
+}
+
+fn print_objects(
+    kind: &KindInfo,
+    items: &[Value],
+    format: OutputFormat,
+    all: bool,
+    headers: bool,
+) -> anyhow::Result<()> {
+    match format {
+        OutputFormat::Table | OutputFormat::Wide => {
+            let wide = format == OutputFormat::Wide;
+            let mut t = Table::for_kind(kind, wide, all);
+            t.rows = items
+                .iter()
+                .map(|o| Table::row(kind, o, wide, all))
+                .collect();
+            print!("{}", t.render(headers));
+        }
+        OutputFormat::Name => {
+            for o in items {
+                println!("{}/{}", kind.singular, output::field(o, "metadata.name"));
+            }
+        }
+        OutputFormat::Json | OutputFormat::Yaml => unreachable!("handled by the caller"),
+    }
+    Ok(())
+}
+
+fn print_document(value: &Value, format: OutputFormat) -> anyhow::Result<()> {
+    match format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        _ => print!("---\n{}", serde_yaml::to_string(value)?),
+    }
+    Ok(())
+}
+
+pub async fn get(conn: &ConnectionArgs, args: GetArgs) -> anyhow::Result<()> {
+    let kind = kind_of(&args.kind)?;
+    let (client, ctx) = config::client(conn)?;
+    let all = args.all_projects && kind.namespaced;
+    let proj = project(&args.project, &ctx).to_string();
+    let ns = if all {
+        None
+    } else {
+        namespace_for(kind, &proj)
+    };
+    let structured = matches!(args.output, OutputFormat::Json | OutputFormat::Yaml);
+    let params = ListParams {
+        label_selector: args.selector.clone(),
+        field_selector: args.field_selector.clone(),
+        ..Default::default()
+    };
+    let mut params = params;
+    if let Some(name) = &args.name {
+        if args.watch {
+            params.field_selector = Some(format!("metadata.name={name}"));
+        } else {
+            let obj = client
+                .get(kind, ns, name)
+                .await
+                .map_err(|e| not_found_hint(e, kind, &proj))?;
+            return if structured {
+                print_document(&obj, args.output)
+            } else {
+                print_objects(kind, &[obj], args.output, all, true)
+            };
+        }
+    }
+    if args.watch {
+        let mut events = Box::pin(client.watch(kind, ns, &params, None).await?);
+        let mut first = true;
+        while let Some(ev) = events.next().await {
+            let ev = ev?;
+            match ev.type_.as_str() {
+                "BOOKMARK" => continue,
+                "ERROR" => bail!("the watch ended: {}", output::field(&ev.object, "message")),
+                _ => {}
+            }
+            if structured {
+                print_document(&json!({"type": ev.type_, "object": ev.object}), args.output)?;
+            } else {
+                print_objects(
+                    kind,
+                    std::slice::from_ref(&ev.object),
+                    args.output,
+                    all,
+                    first,
+                )?;
+            }
+            first = false;
+        }
+        return Ok(());
+    }
+    let list = client.list(kind, ns, &params).await?;
+    let items = list["items"].as_array().cloned().unwrap_or_default();
+    if structured {
+        return print_document(&list, args.output);
+    }
+    if items.is_empty() {
+        let place = if all || !kind.namespaced {
+            String::new()
+        } else {
+            format!(" in project {proj}")
+        };
+        eprintln!("No {} found{place}.", kind.plural);
+        return Ok(());
+    }
+    print_objects(kind, &items, args.output, all, true)
+}
+
+fn not_found_hint(e: ClientError, kind: &KindInfo, proj: &str) -> anyhow::Error {
+    if e.code() == Some(404) && kind.namespaced {
+        anyhow!("{e} (in project {proj}; use -p PROJECT or -A to look elsewhere)")
+    } else {
+        e.into()
+    }
+}
+
+pub async fn describe(conn: &ConnectionArgs, args: DescribeArgs) -> anyhow::Result<()> {
+    let kind = kind_of(&args.kind)?;
+    let (client, ctx) = config::client(conn)?;
+    let proj = project(&args.project, &ctx).to_string();
+    let obj = client
+        .get(kind, namespace_for(kind, &proj), &args.name)
+        .await
+        .map_err(|e| not_found_hint(e, kind, &proj))?;
+    print!("{}", output::describe(kind, &obj));
+    Ok(())
+}
+
+pub async fn delete(conn: &ConnectionArgs, args: DeleteArgs) -> anyhow::Result<()> {
+    let kind = kind_of(&args.kind)?;
+    let (client, ctx) = config::client(conn)?;
+    let proj = project(&args.project, &ctx).to_string();
+    let ns = namespace_for(kind, &proj);
+    let what = format!("{}/{}", kind.singular, args.name);
+    let (obj, gone) = client
+        .delete(kind, ns, &args.name)
+        .await
+        .map_err(|e| not_found_hint(e, kind, &proj))?;
+    if gone {
+        println!("{what} deleted");
+        return Ok(());
+    }
+    if !args.wait {
+        println!(
+            "{what} is being deleted (waiting for finalizers: {})",
+            output::field(&obj, "metadata.finalizers")
+        );
+        return Ok(());
+    }
+    let params = ListParams {
+        field_selector: Some(format!("metadata.name={}", args.name)),
+        ..Default::default()
+    };
+    let rv = obj["metadata"]["resourceVersion"]
+        .as_str()
+        .map(str::to_string);
+    let wait = async {
+        let mut events = Box::pin(client.watch(kind, ns, &params, rv.as_deref()).await?);
+        while let Some(ev) = events.next().await {
+            if ev?.type_ == "DELETED" {
+                return Ok(());
+            }
+        }
+        Err(anyhow!("the watch ended before {what} was deleted"))
+    };
+    tokio::time::timeout(args.timeout, wait)
+        .await
+        .map_err(|_| anyhow!("{what} is still being deleted after {:?}", args.timeout))??;
+    println!("{what} deleted");
+    Ok(())
+}
