@@ -1,0 +1,33 @@
+# Flotilla. `make run` starts it all-in-one; `make test` runs every check CI runs.
+SHELL := /bin/bash
+CARGO ?= cargo
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: run test build lint bench-api openapi
+
+run:
+	scripts/install-deps.sh run
+	$(CARGO) build --release --locked -p flotilla
+	scripts/run.sh
+
+test:
+	scripts/install-deps.sh test
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) nextest run --workspace --locked --profile ci
+
+build:
+	$(CARGO) build --release --locked -p flotilla
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+# API latency and throughput on this machine; prints a JSON summary line.
+bench-api:
+	scripts/install-deps.sh run
+	$(CARGO) bench --locked -p flotilla --bench api
+
+# Rewrites openapi/flotilla.json after an API change (a test fails until it is committed).
+openapi:
+	FLOTILLA_UPDATE_OPENAPI=1 $(CARGO) nextest run -p flotilla-server openapi

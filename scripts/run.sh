@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Starts Flotilla all-in-one in the foreground (Ctrl-C stops it). Used by `make run`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = 0 ]; then
+  data_dir="${FLOTILLA_DATA_DIR:-/var/lib/flotilla}"
+  bin_dir=/usr/local/bin
+else
+  data_dir="${FLOTILLA_DATA_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/flotilla}"
+  bin_dir="$HOME/.local/bin"
+fi
+
+# Put the CLI on the PATH and point it at this server, unless the user already has a config.
+mkdir -p "$bin_dir"
+install -m 0755 target/release/flotilla "$bin_dir/flotilla"
+config_dir="${XDG_CONFIG_HOME:-$HOME/.config}/flotilla"
+if [ ! -e "$config_dir/config.yaml" ]; then
+  mkdir -p "$config_dir"
+  ln -s "$data_dir/admin.yaml" "$config_dir/config.yaml"
+fi
+
+cat <<MSG
+Starting Flotilla (data in $data_dir). In another terminal:
+  flotilla get projects
+  flotilla apply -f examples/vm.yaml
+  flotilla get vms
+MSG
+exec "$bin_dir/flotilla" server --data-dir "$data_dir" ${FLOTILLA_LISTEN:+--listen "$FLOTILLA_LISTEN"}
