@@ -359,3 +359,20 @@ mod admin {
         .unwrap()
     }
 }
+
+#[test]
+fn apply_reads_every_yaml_file_of_a_directory_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_server(&dir.path().join("data"));
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    std::fs::write(manifests.join("10-class.yaml"), "apiVersion: flotilla.dev/v1alpha1\nkind: VMClass\nmetadata: {name: tiny}\nspec: {cpus: 1, memory: 256Mi}\n").unwrap();
+    std::fs::write(
+        manifests.join("20-vm.yml"),
+        "apiVersion: flotilla.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: a}\nspec: {class: tiny, boot: {kernel: /boot/vmlinuz}}\n",
+    )
+    .unwrap();
+    std::fs::write(manifests.join("notes.txt"), "not a manifest").unwrap();
+    let out = ok(cli(&s, &["apply", "-f", manifests.to_str().unwrap()]));
+    assert_eq!(out, "vmclass/tiny created\nvirtualmachine/a created\n");
+}
