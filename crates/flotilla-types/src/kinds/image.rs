@@ -102,6 +102,6 @@ crate::define_kind! {
         short_names: ["img"],
         namespaced: true,
         field_selectors: [],
-        columns: ["FORMAT" => "spec.format", "URL" => "spec.source.url", "PATH" => "spec.source.path" (wide)],
+        columns: ["FORMAT" => "spec.format", "URL" => "spec.source.url", "PATH" => "spec.source.path"],
     }
 }
