@@ -17,7 +17,8 @@ use flotilla_types::selector::{FieldSelector, LabelSelector};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Principal};
+use crate::authz::{self, Verb};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::objects::{ListOptions, Objects, PatchBody, Stored, Subresource};
@@ -33,6 +34,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub bookmark_interval: Duration,
     pub openapi: Arc<Value>,
+    /// PEM of the CA, served at /cacerts for agents that verify it against their join token.
+    pub ca_pem: Arc<String>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -44,6 +47,11 @@ pub fn router(state: AppState) -> Router {
         .route("/apis/flotilla.dev", get(api_group))
         .route(base, get(api_resources))
         .route("/openapi/v3", get(openapi))
+        .route(
+            "/flotilla/v1/join-tokens",
+            axum::routing::post(crate::join::create_join_token),
+        )
+        .route("/flotilla/v1/join", axum::routing::post(crate::join::join))
         .route(&format!("{base}/{{plural}}"), any(resource))
         .route(&format!("{base}/{{plural}}/{{name}}"), any(resource))
         .route(
@@ -71,6 +79,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route(
+            "/cacerts",
+            get(|State(s): State<AppState>| async move { s.ca_pem.as_ref().clone() }),
+        )
         .merge(api)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
@@ -250,7 +262,7 @@ fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
     Ok(q)
 }
 
-async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::too_large(format!(
             "the request body is larger than the {} MiB allowed",
@@ -289,7 +301,7 @@ fn content_type(headers: &HeaderMap) -> String {
         .unwrap_or_default()
 }
 
-fn parse_document(headers: &HeaderMap, bytes: &[u8]) -> Result<Value, ApiError> {
+pub(crate) fn parse_document(headers: &HeaderMap, bytes: &[u8]) -> Result<Value, ApiError> {
     let ct = content_type(headers);
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request("the request body is empty"));
@@ -409,6 +421,7 @@ async fn ensure_project(objects: &Objects, namespace: Option<&str>) -> Result<()
 
 async fn resource(
     State(state): State<AppState>,
+    axum::Extension(principal): axum::Extension<Principal>,
     Path(params): Path<HashMap<String, String>>,
     RawQuery(query): RawQuery,
     method: Method,
@@ -417,8 +430,40 @@ async fn resource(
 ) -> Result<Response, ApiError> {
     let target = resolve(&params)?;
     let q = parse_query(query.as_deref())?;
+    let mut body = Some(body);
     let objects = &state.objects;
     let (kind, ns) = (target.kind, target.namespace.as_deref());
+    let verb = match (&target.name, &method) {
+        (None, &Method::GET) if q.watch => Verb::Watch,
+        (None, &Method::GET) => Verb::List,
+        (None, _) => Verb::Create,
+        (Some(_), &Method::GET) => Verb::Get,
+        (Some(_), &Method::PUT) => Verb::Update,
+        (Some(_), &Method::PATCH) => Verb::Patch,
+        (Some(_), _) => Verb::Delete,
+    };
+    // A create names its object in the body; everything else in the path.
+    let mut create_body = None;
+    let name_for_authz = match verb {
+        Verb::Create if method == Method::POST => {
+            let doc = parse_document(
+                &headers,
+                &read_body(&headers, body.take().unwrap_or_default()).await?,
+            )?;
+            let name = doc["metadata"]["name"].as_str().map(str::to_string);
+            create_body = Some(doc);
+            name
+        }
+        _ => target.name.clone(),
+    };
+    let scope = authz::authorize(
+        &principal,
+        verb,
+        kind,
+        name_for_authz.as_deref(),
+        &q.field_selector,
+    )?;
+    let guard = move |current: &Value, next: Option<&Value>| authz::guard(&scope, current, next);
     match (&target.name, method.clone()) {
         (None, Method::GET) => {
             ensure_project(objects, ns).await?;
@@ -474,14 +519,14 @@ async fn resource(
             Ok(json_response(StatusCode::OK, out))
         }
         (None, Method::POST) => {
-            let doc = parse_document(&headers, &read_body(&headers, body).await?)?;
+            let doc = create_body.expect("parsed for authorization");
             let stored = objects.create(kind, ns, doc).await?;
             Ok(object_response(StatusCode::CREATED, &stored))
         }
         (None, m) => Err(ApiError::method_not_allowed(format!(
             "{m} is not allowed on a collection; use GET or POST"
         ))),
-        (Some(name), Method::GET) => match objects.get(kind, ns, name).await {
+        (Some(name), Method::GET) => match objects.get_guarded(kind, ns, name, &guard).await {
             Ok(stored) => Ok(object_response(StatusCode::OK, &stored)),
             Err(e) if e.code() == 404 => {
                 ensure_project(objects, ns).await?;
@@ -490,21 +535,35 @@ async fn resource(
             Err(e) => Err(e),
         },
         (Some(name), Method::PUT) => {
-            let doc = parse_document(&headers, &read_body(&headers, body).await?)?;
+            let doc = parse_document(
+                &headers,
+                &read_body(&headers, body.take().unwrap_or_default()).await?,
+            )?;
             let stored = objects
-                .update(kind, ns, name, doc, target.sub.unwrap_or(Subresource::Main))
+                .update_guarded(
+                    kind,
+                    ns,
+                    name,
+                    doc,
+                    target.sub.unwrap_or(Subresource::Main),
+                    &guard,
+                )
                 .await?;
             Ok(object_response(StatusCode::OK, &stored))
         }
         (Some(name), Method::PATCH) => {
-            let patch = parse_patch(&headers, &read_body(&headers, body).await?)?;
+            let patch = parse_patch(
+                &headers,
+                &read_body(&headers, body.take().unwrap_or_default()).await?,
+            )?;
             let stored = objects
-                .patch(
+                .patch_guarded(
                     kind,
                     ns,
                     name,
                     patch,
                     target.sub.unwrap_or(Subresource::Main),
+                    &guard,
                 )
                 .await?;
             Ok(object_response(StatusCode::OK, &stored))

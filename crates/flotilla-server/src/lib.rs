@@ -15,8 +15,10 @@ use flotilla_store::{SqliteStore, Store, StoreError};
 use flotilla_types::clientconfig::{ClientConfig, Context};
 
 pub mod auth;
+pub mod authz;
 pub mod error;
 pub mod http;
+pub mod join;
 pub mod metrics;
 pub mod objects;
 pub mod openapi;
@@ -232,6 +234,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         metrics: Arc::new(metrics::Metrics::default()),
         bookmark_interval: config.bookmark_interval,
         openapi: Arc::new(openapi::document()),
+        ca_pem: Arc::new(pki.ca_pem.clone()),
     };
     let app = http::router(state);
     let (shutdown, rx) = tokio::sync::watch::channel(false);

@@ -29,6 +29,13 @@ pub enum Subresource {
     Status,
 }
 
+/// An object-level check run on every read or write: `(current, next)`; `next` is None for reads.
+pub type Guard<'a> = &'a (dyn Fn(&Value, Option<&Value>) -> Result<(), ApiError> + Send + Sync);
+
+fn no_guard(_: &Value, _: Option<&Value>) -> Result<(), ApiError> {
+    Ok(())
+}
+
 /// A stored object and the revision it was read or written at.
 #[derive(Clone, Debug)]
 pub struct Stored {
@@ -271,7 +278,18 @@ impl Objects {
         namespace: Option<&str>,
         name: &str,
     ) -> Result<Stored, ApiError> {
+        self.get_guarded(kind, namespace, name, &no_guard).await
+    }
+
+    pub async fn get_guarded(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        name: &str,
+        guard: Guard<'_>,
+    ) -> Result<Stored, ApiError> {
         let kv = self.get_kv(kind, namespace, name).await?;
+        guard(&parse_stored(&kv)?, None)?;
         Ok(Stored {
             raw: kv.value,
             revision: kv.mod_revision,
@@ -506,8 +524,21 @@ impl Objects {
         kind: &KindInfo,
         namespace: Option<&str>,
         name: &str,
+        body: Value,
+        sub: Subresource,
+    ) -> Result<Stored, ApiError> {
+        self.update_guarded(kind, namespace, name, body, sub, &no_guard)
+            .await
+    }
+
+    pub async fn update_guarded(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        name: &str,
         mut body: Value,
         sub: Subresource,
+        guard: Guard<'_>,
     ) -> Result<Stored, ApiError> {
         check_envelope(kind, namespace, &mut body)?;
         match body["metadata"].get("name") {
@@ -520,7 +551,7 @@ impl Objects {
             }
         }
         let precondition = take_precondition(&mut body)?;
-        self.update_with(kind, namespace, name, precondition, sub, |_| {
+        self.update_with(kind, namespace, name, precondition, sub, guard, |_| {
             Ok(body.clone())
         })
         .await
@@ -535,6 +566,19 @@ impl Objects {
         patch: PatchBody,
         sub: Subresource,
     ) -> Result<Stored, ApiError> {
+        self.patch_guarded(kind, namespace, name, patch, sub, &no_guard)
+            .await
+    }
+
+    pub async fn patch_guarded(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        name: &str,
+        patch: PatchBody,
+        sub: Subresource,
+        guard: Guard<'_>,
+    ) -> Result<Stored, ApiError> {
         // A resourceVersion inside a merge patch is a precondition, as in Kubernetes.
         let precondition = match &patch {
             PatchBody::Merge(p) => {
@@ -543,7 +587,7 @@ impl Objects {
             }
             PatchBody::Json(_) => None,
         };
-        self.update_with(kind, namespace, name, precondition, sub, |current| {
+        self.update_with(kind, namespace, name, precondition, sub, guard, |current| {
             let mut doc = current.clone();
             match &patch {
                 PatchBody::Merge(p) => {
@@ -582,6 +626,7 @@ impl Objects {
         name: &str,
         precondition: Option<Revision>,
         sub: Subresource,
+        guard: Guard<'_>,
         desired: impl Fn(&Value) -> Result<Value, ApiError>,
     ) -> Result<Stored, ApiError> {
         for _ in 0..RETRIES {
@@ -598,6 +643,7 @@ impl Objects {
                 let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
                 next["metadata"]["generation"] = json!(generation + 1);
             }
+            guard(&current, Some(&next))?;
             if next == current {
                 return Ok(Stored {
                     raw: kv.value,

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::kinds::{Image, Node, Project, VMClass, VirtualMachine};
+use crate::kinds::{Image, Lease, Node, Project, VMClass, VirtualMachine};
 use crate::resource::{decode, Column, Resource};
 use crate::validation::FieldErrors;
 
@@ -56,6 +56,7 @@ pub static KINDS: &[KindInfo] = &[
     ),
     kind_info!(VMClass, []),
     kind_info!(Image, []),
+    kind_info!(Lease, []),
 ];
 
 /// Finds a kind by plural (`virtualmachines`), singular, kind (`VirtualMachine`) or short name
@@ -91,6 +92,7 @@ mod tests {
             VirtualMachine::FIELD_SELECTORS,
             VMClass::FIELD_SELECTORS,
             Image::FIELD_SELECTORS,
+            Lease::FIELD_SELECTORS,
         ]) {
             assert_eq!(&info.field_selectors[2..], own, "{}", info.kind);
         }

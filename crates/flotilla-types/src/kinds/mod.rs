@@ -2,12 +2,14 @@
 //! [`crate::registry::KINDS`].
 
 pub mod image;
+pub mod lease;
 pub mod node;
 pub mod project;
 pub mod vm;
 pub mod vmclass;
 
 pub use image::{Image, ImageFormat, ImageNodeStatus, ImageSource, ImageSpec, ImageStatus};
+pub use lease::{Lease, LeaseSpec, LeaseStatus};
 pub use node::{Node, NodeInfo, NodeResources, NodeSpec, NodeStatus};
 pub use project::{Project, ProjectSpec, ProjectStatus};
 pub use vm::{

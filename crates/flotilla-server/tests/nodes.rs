@@ -1,0 +1,287 @@
+//! Joining nodes and what node credentials may do: their own objects and bound VMs, nothing else.
+
+mod common;
+
+use common::{kind, start, vm, TestServer};
+use flotilla_client::{Client, ListParams};
+use serde_json::{json, Value};
+
+async fn post(t: &TestServer, path: &str, token: &str, body: Value) -> (u16, Value) {
+    let resp = t
+        .http()
+        .post(t.url(path))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (
+        resp.status().as_u16(),
+        resp.json().await.unwrap_or(Value::Null),
+    )
+}
+
+/// Joins a node the way the agent does; returns its client.
+async fn join(t: &TestServer, name: &str) -> Client {
+    let (code, resp) = post(
+        t,
+        "/flotilla/v1/join-tokens",
+        t.token(),
+        json!({"ttlSeconds": 600}),
+    )
+    .await;
+    assert_eq!(code, 200, "{resp}");
+    let join_token = resp["token"].as_str().unwrap();
+    let (bearer, ca_hash) = join_token.split_once("::sha256:").unwrap();
+    // The CA fetched without verification must match the hash in the token.
+    let insecure = reqwest::Client::builder()
+        .use_rustls_tls()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let ca = insecure
+        .get(t.url("/cacerts"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(flotilla_server::join::ca_hash(&ca), ca_hash);
+    let (code, resp) = post(t, "/flotilla/v1/join", bearer, json!({"nodeName": name})).await;
+    assert_eq!(code, 200, "{resp}");
+    Client::new(
+        vec![t.server.url.clone()],
+        Some(&ca),
+        Some(resp["token"].as_str().unwrap().to_string()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_joined_node_is_confined_to_its_own_objects() {
+    let t = start().await;
+    let (nodes, vms, leases) = (kind("node"), kind("vm"), kind("lease"));
+    let a = join(&t, "node-a").await;
+    join(&t, "node-b").await;
+    assert!(
+        t.client.get(nodes, None, "node-a").await.is_ok(),
+        "joining registers the Node"
+    );
+
+    // Its own Node: read, status write; not its spec; not other nodes.
+    a.get(nodes, None, "node-a").await.unwrap();
+    a.patch(
+        nodes,
+        None,
+        "node-a",
+        &json!({"status": {"capacity": {"cpus": 8}}}),
+        true,
+    )
+    .await
+    .unwrap();
+    let e = a
+        .patch(
+            nodes,
+            None,
+            "node-a",
+            &json!({"spec": {"unschedulable": true}}),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(403), "{e}");
+    assert_eq!(
+        a.get(nodes, None, "node-b").await.unwrap_err().code(),
+        Some(403)
+    );
+    assert_eq!(
+        a.patch(nodes, None, "node-b", &json!({"status": {}}), true)
+            .await
+            .unwrap_err()
+            .code(),
+        Some(403)
+    );
+    assert_eq!(
+        a.delete(nodes, None, "node-a").await.unwrap_err().code(),
+        Some(403)
+    );
+
+    // Its heartbeat lease, not another's.
+    a.create(leases, None, &json!({"metadata": {"name": "node-a"}, "spec": {"holderIdentity": "node-a", "leaseDurationSeconds": 10}})).await.unwrap();
+    a.patch(
+        leases,
+        None,
+        "node-a",
+        &json!({"spec": {"renewTime": "2026-01-01T00:00:00Z"}}),
+        false,
+    )
+    .await
+    .unwrap();
+    let e = a
+        .create(leases, None, &json!({"metadata": {"name": "node-b"}}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(403));
+
+    // VMs: only those bound to it, only through the node's field selector, only status/finalizers.
+    let mut mine = vm("mine");
+    mine["spec"]["nodeName"] = json!("node-a");
+    let mut theirs = vm("theirs");
+    theirs["spec"]["nodeName"] = json!("node-b");
+    t.client.create(vms, Some("default"), &mine).await.unwrap();
+    t.client
+        .create(vms, Some("default"), &theirs)
+        .await
+        .unwrap();
+    let e = a.list(vms, None, &ListParams::default()).await.unwrap_err();
+    assert_eq!(e.code(), Some(403), "listing every VM is not allowed");
+    let own = ListParams {
+        field_selector: Some("spec.nodeName=node-a".into()),
+        ..Default::default()
+    };
+    let listed = a.list(vms, None, &own).await.unwrap();
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+    let other = ListParams {
+        field_selector: Some("spec.nodeName=node-b".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        a.list(vms, None, &other).await.unwrap_err().code(),
+        Some(403)
+    );
+    a.patch(
+        vms,
+        Some("default"),
+        "mine",
+        &json!({"status": {"phase": "Running"}}),
+        true,
+    )
+    .await
+    .unwrap();
+    a.patch(
+        vms,
+        Some("default"),
+        "mine",
+        &json!({"metadata": {"finalizers": ["flotilla.dev/agent"]}}),
+        false,
+    )
+    .await
+    .unwrap();
+    let e = a
+        .patch(
+            vms,
+            Some("default"),
+            "mine",
+            &json!({"spec": {"powerState": "Stopped"}}),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(403), "{e}");
+    let e = a
+        .patch(
+            vms,
+            Some("default"),
+            "mine",
+            &json!({"metadata": {"labels": {"x": "y"}}}),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(403));
+    assert_eq!(
+        a.get(vms, Some("default"), "theirs")
+            .await
+            .unwrap_err()
+            .code(),
+        Some(403)
+    );
+    assert_eq!(
+        a.patch(
+            vms,
+            Some("default"),
+            "theirs",
+            &json!({"status": {"phase": "Failed"}}),
+            true
+        )
+        .await
+        .unwrap_err()
+        .code(),
+        Some(403)
+    );
+    assert_eq!(
+        a.delete(vms, Some("default"), "mine")
+            .await
+            .unwrap_err()
+            .code(),
+        Some(403)
+    );
+    assert_eq!(
+        a.create(vms, Some("default"), &vm("new"))
+            .await
+            .unwrap_err()
+            .code(),
+        Some(403)
+    );
+    assert_eq!(
+        a.list(kind("project"), None, &ListParams::default())
+            .await
+            .unwrap_err()
+            .code(),
+        Some(403)
+    );
+    let theirs_now = t.client.get(vms, Some("default"), "theirs").await.unwrap();
+    assert!(
+        theirs_now.get("status").is_none(),
+        "nothing of another node's VM changed"
+    );
+}
+
+#[tokio::test]
+async fn join_tokens_only_join_and_only_admins_mint_them() {
+    let t = start().await;
+    let (_, resp) = post(&t, "/flotilla/v1/join-tokens", t.token(), json!({})).await;
+    let bearer = resp["token"]
+        .as_str()
+        .unwrap()
+        .split_once("::sha256:")
+        .unwrap()
+        .0
+        .to_string();
+    let http = t.http();
+    let list = http
+        .get(t.url("/apis/flotilla.dev/v1alpha1/nodes"))
+        .bearer_auth(&bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(list.status(), 403, "a join token reads nothing");
+    let node = join(&t, "node-x").await;
+    let e = node
+        .request_json(
+            reqwest::Method::POST,
+            "/flotilla/v1/join-tokens",
+            &[],
+            Some(("application/json", b"{}".to_vec())),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(403), "nodes cannot mint join tokens");
+    let (code, body) = post(
+        &t,
+        "/flotilla/v1/join",
+        &bearer,
+        json!({"nodeName": "Bad_Name"}),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    let (code, _) = post(
+        &t,
+        "/flotilla/v1/join-tokens",
+        t.token(),
+        json!({"ttlSeconds": 0}),
+    )
+    .await;
+    assert_eq!(code, 400);
+}
