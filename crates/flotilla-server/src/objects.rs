@@ -36,6 +36,14 @@ fn no_guard(_: &Value, _: Option<&Value>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// How a write is checked: the client's resourceVersion, the part it may change, and an
+/// object-level guard.
+struct WriteOptions<'a> {
+    precondition: Option<Revision>,
+    sub: Subresource,
+    guard: Guard<'a>,
+}
+
 /// A stored object and the revision it was read or written at.
 #[derive(Clone, Debug)]
 pub struct Stored {
@@ -551,10 +559,13 @@ impl Objects {
             }
         }
         let precondition = take_precondition(&mut body)?;
-        self.update_with(kind, namespace, name, precondition, sub, guard, |_| {
-            Ok(body.clone())
-        })
-        .await
+        let how = WriteOptions {
+            precondition,
+            sub,
+            guard,
+        };
+        self.update_with(kind, namespace, name, how, |_| Ok(body.clone()))
+            .await
     }
 
     /// PATCH with a JSON merge patch (RFC 7386) or a JSON patch (RFC 6902).
@@ -587,7 +598,12 @@ impl Objects {
             }
             PatchBody::Json(_) => None,
         };
-        self.update_with(kind, namespace, name, precondition, sub, guard, |current| {
+        let how = WriteOptions {
+            precondition,
+            sub,
+            guard,
+        };
+        self.update_with(kind, namespace, name, how, |current| {
             let mut doc = current.clone();
             match &patch {
                 PatchBody::Merge(p) => {
@@ -624,11 +640,14 @@ impl Objects {
         kind: &KindInfo,
         namespace: Option<&str>,
         name: &str,
-        precondition: Option<Revision>,
-        sub: Subresource,
-        guard: Guard<'_>,
+        how: WriteOptions<'_>,
         desired: impl Fn(&Value) -> Result<Value, ApiError>,
     ) -> Result<Stored, ApiError> {
+        let WriteOptions {
+            precondition,
+            sub,
+            guard,
+        } = how;
         for _ in 0..RETRIES {
             let kv = self.get_kv(kind, namespace, name).await?;
             if precondition.is_some_and(|rv| rv != kv.mod_revision) {
