@@ -17,6 +17,7 @@ async fn dependents_follow_their_owner() {
         flotilla_controllers::ControllerConfig {
             compaction_interval: Duration::ZERO,
             gc_resync: Duration::from_secs(30),
+            ..Default::default()
         },
     );
     let client = flotilla_client::Client::new(
