@@ -1,1 +1,11 @@
+//! The Flotilla node agent (the kubelet pattern): it joins the cluster, renews a heartbeat
+//! lease, reports its Node's capacity, watches the VMs bound to its node, and makes libvirt match
+//! them, one actor per VM. It talks only to the API, never to the store, and VMs keep running
+//! when it or the server is down.
 
+pub mod domain;
+pub mod error;
+pub mod libvirt;
+pub mod xml;
+
+pub use error::AgentError;

@@ -1,0 +1,192 @@
+//! The libvirt domain of a VM, as typed values serialised through [`crate::xml`].
+
+use std::path::PathBuf;
+
+use crate::xml::Element;
+
+/// The XML namespace of Flotilla's metadata element in domain XML.
+pub const METADATA_NS: &str = "https://flotilla.dev/xmlns/domain/1";
+
+/// `kvm` (hardware virtualisation) or `qemu` (TCG emulation); `test` for libvirt's test driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VirtType {
+    Kvm,
+    Qemu,
+    Test,
+}
+
+impl VirtType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VirtType::Kvm => "kvm",
+            VirtType::Qemu => "qemu",
+            VirtType::Test => "test",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct KernelBoot {
+    pub kernel: String,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct DomainSpec {
+    pub virt_type: VirtType,
+    /// The libvirt name: `<project>_<vm>` (`_` cannot occur in either, so it is unambiguous).
+    pub name: String,
+    pub uuid: String,
+    pub project: String,
+    pub vm_name: String,
+    pub cpus: u32,
+    pub memory_bytes: u128,
+    pub boot: Option<KernelBoot>,
+    pub root_disk: Option<PathBuf>,
+    pub seed_iso: Option<PathBuf>,
+    pub console_log: PathBuf,
+    pub vnc_password: String,
+}
+
+pub fn domain_name(project: &str, vm: &str) -> String {
+    format!("{project}_{vm}")
+}
+
+impl DomainSpec {
+    pub fn to_xml(&self) -> String {
+        let mut os = Element::new("os").child(
+            Element::leaf("type", "hvm")
+                .attr("arch", "x86_64")
+                .attr("machine", "q35"),
+        );
+        if let Some(boot) = &self.boot {
+            os = os.child(Element::leaf("kernel", &boot.kernel));
+            if let Some(initrd) = &boot.initrd {
+                os = os.child(Element::leaf("initrd", initrd));
+            }
+            if let Some(cmdline) = &boot.cmdline {
+                os = os.child(Element::leaf("cmdline", cmdline));
+            }
+        }
+        os = os.child(Element::new("boot").attr("dev", "hd"));
+
+        let mut devices = Vec::new();
+        if let Some(disk) = &self.root_disk {
+            devices.push(
+                Element::new("disk")
+                    .attr("type", "file")
+                    .attr("device", "disk")
+                    .child(
+                        Element::new("driver")
+                            .attr("name", "qemu")
+                            .attr("type", "qcow2")
+                            .attr("discard", "unmap"),
+                    )
+                    .child(Element::new("source").attr("file", disk.display()))
+                    .child(
+                        Element::new("target")
+                            .attr("dev", "vda")
+                            .attr("bus", "virtio"),
+                    ),
+            );
+        }
+        if let Some(seed) = &self.seed_iso {
+            devices.push(
+                Element::new("disk")
+                    .attr("type", "file")
+                    .attr("device", "cdrom")
+                    .child(
+                        Element::new("driver")
+                            .attr("name", "qemu")
+                            .attr("type", "raw"),
+                    )
+                    .child(Element::new("source").attr("file", seed.display()))
+                    .child(
+                        Element::new("target")
+                            .attr("dev", "sda")
+                            .attr("bus", "sata"),
+                    )
+                    .child(Element::new("readonly")),
+            );
+        }
+        if self.virt_type != VirtType::Test {
+            // A pty for interactive consoles, with everything also written to the log file.
+            devices.push(
+                Element::new("serial")
+                    .attr("type", "pty")
+                    .child(
+                        Element::new("log")
+                            .attr("file", self.console_log.display())
+                            .attr("append", "on"),
+                    )
+                    .child(Element::new("target").attr("port", 0)),
+            );
+            devices.push(
+                Element::new("console").attr("type", "pty").child(
+                    Element::new("target")
+                        .attr("type", "serial")
+                        .attr("port", 0),
+                ),
+            );
+            devices.push(
+                Element::new("graphics")
+                    .attr("type", "vnc")
+                    .attr("autoport", "yes")
+                    .attr("listen", "127.0.0.1")
+                    .attr("passwd", &self.vnc_password)
+                    .child(
+                        Element::new("listen")
+                            .attr("type", "address")
+                            .attr("address", "127.0.0.1"),
+                    ),
+            );
+            devices.push(
+                Element::new("rng")
+                    .attr("model", "virtio")
+                    .child(Element::leaf("backend", "/dev/urandom").attr("model", "random")),
+            );
+            devices.push(Element::new("memballoon").attr("model", "virtio"));
+        }
+
+        let metadata = Element::new("metadata").child(
+            Element::new("flotilla:vm")
+                .attr("xmlns:flotilla", METADATA_NS)
+                .child(Element::leaf("flotilla:uid", &self.uuid))
+                .child(Element::leaf("flotilla:project", &self.project))
+                .child(Element::leaf("flotilla:name", &self.vm_name)),
+        );
+        let mut domain = Element::new("domain")
+            .attr("type", self.virt_type.as_str())
+            .child(Element::leaf("name", &self.name))
+            .child(Element::leaf("uuid", &self.uuid))
+            .child(metadata)
+            .child(Element::leaf("memory", (self.memory_bytes / 1024).max(1)).attr("unit", "KiB"))
+            .child(Element::leaf("vcpu", self.cpus))
+            .child(os)
+            .child(
+                Element::new("features")
+                    .child(Element::new("acpi"))
+                    .child(Element::new("apic")),
+            );
+        if self.virt_type == VirtType::Kvm {
+            domain = domain.child(Element::new("cpu").attr("mode", "host-passthrough"));
+        }
+        domain
+            .child(Element::leaf("on_poweroff", "destroy"))
+            .child(Element::leaf("on_reboot", "restart"))
+            .child(Element::leaf("on_crash", "destroy"))
+            .child(Element::new("devices").children(devices))
+            .render()
+    }
+}
+
+/// The Flotilla uid in a domain's XML, if Flotilla created it.
+pub fn flotilla_uid(xml: &str) -> Option<String> {
+    if !xml.contains(METADATA_NS) {
+        return None;
+    }
+    let start = xml.find("<flotilla:uid>")? + "<flotilla:uid>".len();
+    let end = xml[start..].find("</flotilla:uid>")? + start;
+    Some(xml[start..end].to_string())
+}

@@ -1,0 +1,35 @@
+//! The agent's errors.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("API: {0}")]
+    Api(#[from] flotilla_client::ClientError),
+    #[error("libvirt: {0}")]
+    Libvirt(String),
+    #[error("cannot use {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{command} failed: {message}")]
+    Command { command: String, message: String },
+    #[error("image {image}: {message}")]
+    Image { image: String, message: String },
+    #[error("{0}")]
+    Config(String),
+}
+
+impl From<virt::error::Error> for AgentError {
+    fn from(e: virt::error::Error) -> Self {
+        AgentError::Libvirt(e.to_string())
+    }
+}
+
+pub fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> AgentError + '_ {
+    move |source| AgentError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}

@@ -1,0 +1,225 @@
+//! libvirt through the `virt` crate (libvirt's own bindings), never virsh. Every call blocks, so
+//! each runs on Tokio's blocking pool; the connection is shared (libvirt connections are
+//! thread-safe).
+
+use std::sync::Arc;
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+
+use crate::error::AgentError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DomainState {
+    Running,
+    /// Defined but not running (shut off, crashed, or never started).
+    Stopped,
+    Paused,
+    ShuttingDown,
+}
+
+#[derive(Clone, Debug)]
+pub struct DomainSummary {
+    pub name: String,
+    pub uuid: String,
+    pub state: DomainState,
+    /// Set when Flotilla created the domain.
+    pub flotilla_uid: Option<String>,
+    pub cpus: u32,
+    pub memory_kib: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct HostInfo {
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub libvirt_version: String,
+    pub hypervisor_version: String,
+    pub hostname: String,
+}
+
+#[derive(Clone)]
+pub struct Libvirt {
+    conn: Arc<Connect>,
+    uri: String,
+}
+
+fn version(v: u32) -> String {
+    format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000)
+}
+
+fn state_of(raw: u32) -> DomainState {
+    match raw {
+        virt::sys::VIR_DOMAIN_RUNNING | virt::sys::VIR_DOMAIN_BLOCKED => DomainState::Running,
+        virt::sys::VIR_DOMAIN_PAUSED | virt::sys::VIR_DOMAIN_PMSUSPENDED => DomainState::Paused,
+        virt::sys::VIR_DOMAIN_SHUTDOWN => DomainState::ShuttingDown,
+        _ => DomainState::Stopped,
+    }
+}
+
+impl Libvirt {
+    pub async fn open(uri: &str) -> Result<Self, AgentError> {
+        let owned = uri.to_string();
+        let conn = tokio::task::spawn_blocking(move || Connect::open(Some(&owned)))
+            .await
+            .map_err(|e| AgentError::Libvirt(e.to_string()))?
+            .map_err(|e| AgentError::Libvirt(format!("cannot connect to {uri}: {e}")))?;
+        Ok(Libvirt {
+            conn: Arc::new(conn),
+            uri: uri.to_string(),
+        })
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connect) -> Result<T, AgentError> + Send + 'static,
+    ) -> Result<T, AgentError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || f(&conn))
+            .await
+            .map_err(|e| AgentError::Libvirt(e.to_string()))?
+    }
+
+    pub async fn host_info(&self) -> Result<HostInfo, AgentError> {
+        self.run(|c| {
+            let info = c.get_node_info()?;
+            Ok(HostInfo {
+                cpus: info.cpus,
+                memory_bytes: info.memory * 1024,
+                libvirt_version: version(c.get_lib_version()?),
+                hypervisor_version: version(c.get_hyp_version()?),
+                hostname: c.get_hostname().unwrap_or_default(),
+            })
+        })
+        .await
+    }
+
+    /// Defines (or redefines) a domain from XML; idempotent.
+    pub async fn define(&self, xml: String) -> Result<(), AgentError> {
+        self.run(move |c| {
+            Domain::define_xml(c, &xml)?;
+            Ok(())
+        })
+        .await
+    }
+
+    fn lookup(c: &Connect, uuid: &str) -> Option<Domain> {
+        Domain::lookup_by_uuid_string(c, uuid).ok()
+    }
+
+    pub async fn state(&self, uuid: &str) -> Result<Option<DomainState>, AgentError> {
+        let uuid = uuid.to_string();
+        self.run(move |c| match Self::lookup(c, &uuid) {
+            None => Ok(None),
+            Some(d) => Ok(Some(state_of(d.get_state()?.0))),
+        })
+        .await
+    }
+
+    pub async fn start(&self, uuid: &str) -> Result<(), AgentError> {
+        let uuid = uuid.to_string();
+        self.run(move |c| {
+            let d = Self::lookup(c, &uuid)
+                .ok_or_else(|| AgentError::Libvirt(format!("domain {uuid} is not defined")))?;
+            if !d.is_active()? {
+                d.create()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Asks the guest to shut down (ACPI); returns at once.
+    pub async fn shutdown(&self, uuid: &str) -> Result<(), AgentError> {
+        let uuid = uuid.to_string();
+        self.run(move |c| {
+            if let Some(d) = Self::lookup(c, &uuid) {
+                if d.is_active()? {
+                    d.shutdown()?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Pulls the plug.
+    pub async fn destroy(&self, uuid: &str) -> Result<(), AgentError> {
+        let uuid = uuid.to_string();
+        self.run(move |c| {
+            if let Some(d) = Self::lookup(c, &uuid) {
+                if d.is_active()? {
+                    d.destroy()?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn reboot(&self, uuid: &str) -> Result<(), AgentError> {
+        let uuid = uuid.to_string();
+        self.run(move |c| {
+            if let Some(d) = Self::lookup(c, &uuid) {
+                if d.is_active()? {
+                    d.reset()?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Stops (if running) and undefines; succeeds if the domain does not exist.
+    pub async fn remove(&self, uuid: &str) -> Result<(), AgentError> {
+        let uuid = uuid.to_string();
+        self.run(move |c| {
+            if let Some(d) = Self::lookup(c, &uuid) {
+                if d.is_active()? {
+                    d.destroy()?;
+                }
+                // Also drops managed-save images and snapshot metadata, if any.
+                let flags = virt::sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                    | virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
+                if d.undefine_flags(flags).is_err() {
+                    d.undefine()?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn list(&self) -> Result<Vec<DomainSummary>, AgentError> {
+        self.run(|c| {
+            let mut out = Vec::new();
+            for d in c.list_all_domains(0)? {
+                let info = d.get_info()?;
+                let xml = d.get_xml_desc(0).unwrap_or_default();
+                out.push(DomainSummary {
+                    name: d.get_name()?,
+                    uuid: d.get_uuid_string()?,
+                    state: state_of(info.state),
+                    flotilla_uid: crate::domain::flotilla_uid(&xml),
+                    cpus: info.nr_virt_cpu,
+                    memory_kib: info.max_mem,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn xml(&self, uuid: &str) -> Result<Option<String>, AgentError> {
+        let uuid = uuid.to_string();
+        self.run(move |c| match Self::lookup(c, &uuid) {
+            None => Ok(None),
+            Some(d) => Ok(Some(d.get_xml_desc(0)?)),
+        })
+        .await
+    }
+}

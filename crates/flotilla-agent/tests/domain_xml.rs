@@ -1,0 +1,110 @@
+//! Domain XML: golden files, well-formedness with hostile strings, and libvirt accepting it.
+
+use std::path::PathBuf;
+
+use flotilla_agent::domain::{flotilla_uid, DomainSpec, KernelBoot, VirtType};
+use flotilla_agent::libvirt::Libvirt;
+
+fn spec(virt_type: VirtType, hostile: bool) -> DomainSpec {
+    let evil = "x'\"></name><devices><disk type='file'><source file='/etc/shadow'/></disk>&\u{1}";
+    DomainSpec {
+        virt_type,
+        name: if hostile {
+            format!("default_{evil}")
+        } else {
+            "default_web".into()
+        },
+        uuid: "6f1c2a9e-3b7d-4c1e-9a55-2d0f6b8e4c11".into(),
+        project: "default".into(),
+        vm_name: if hostile { evil.into() } else { "web".into() },
+        cpus: 2,
+        memory_bytes: 2 << 30,
+        boot: Some(KernelBoot {
+            kernel: "/boot/vmlinuz".into(),
+            initrd: Some("/boot/initrd.img".into()),
+            cmdline: Some(if hostile {
+                format!("console=ttyS0 {evil}")
+            } else {
+                "console=ttyS0".into()
+            }),
+        }),
+        root_disk: Some(PathBuf::from("/var/lib/flotilla/vms/6f1c2a9e/root.qcow2")),
+        seed_iso: Some(PathBuf::from("/var/lib/flotilla/vms/6f1c2a9e/seed.iso")),
+        console_log: PathBuf::from("/var/lib/flotilla/vms/6f1c2a9e/console.log"),
+        vnc_password: "s3cr3t&<".into(),
+    }
+}
+
+fn golden(name: &str, actual: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("FLOTILLA_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        expected == actual,
+        "{} differs; FLOTILLA_UPDATE_GOLDEN=1 rewrites it. Got:\n{actual}",
+        path.display()
+    );
+}
+
+#[test]
+fn qemu_domain_matches_the_golden_file() {
+    golden("qemu-domain.xml", &spec(VirtType::Qemu, false).to_xml());
+    golden("kvm-domain.xml", &spec(VirtType::Kvm, false).to_xml());
+}
+
+#[test]
+fn hostile_strings_stay_text() {
+    let xml = spec(VirtType::Qemu, true).to_xml();
+    golden("hostile-domain.xml", &xml);
+    let doc = roxmltree::Document::parse(&xml).expect("well-formed XML");
+    let root = doc.root_element();
+    let devices = root.children().find(|n| n.has_tag_name("devices")).unwrap();
+    let disks: Vec<_> = devices
+        .children()
+        .filter(|n| n.has_tag_name("disk"))
+        .collect();
+    assert_eq!(disks.len(), 2, "no disk was injected");
+    assert!(
+        !xml.contains("/etc/shadow'/>"),
+        "the injected element is text, not markup"
+    );
+    let name = root
+        .children()
+        .find(|n| n.has_tag_name("name"))
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        name.starts_with("default_x'\"></name>"),
+        "the name survives as text: {name}"
+    );
+    assert_eq!(
+        flotilla_uid(&xml).as_deref(),
+        Some("6f1c2a9e-3b7d-4c1e-9a55-2d0f6b8e4c11")
+    );
+}
+
+/// libvirt's own parser accepts the domain and keeps the name and metadata intact.
+#[tokio::test]
+async fn libvirt_accepts_the_domain() {
+    let lv = Libvirt::open("test:///default").await.unwrap();
+    let mut s = spec(VirtType::Test, false);
+    s.name = "default_odd-<&>-name".into();
+    lv.define(s.to_xml()).await.unwrap();
+    let listed = lv.list().await.unwrap();
+    let d = listed.iter().find(|d| d.uuid == s.uuid).expect("defined");
+    assert_eq!(d.name, "default_odd-<&>-name");
+    assert_eq!(d.flotilla_uid.as_deref(), Some(s.uuid.as_str()));
+    assert_eq!((d.cpus, d.memory_kib), (2, 2 << 20));
+    lv.start(&s.uuid).await.unwrap();
+    assert_eq!(
+        lv.state(&s.uuid).await.unwrap(),
+        Some(flotilla_agent::libvirt::DomainState::Running)
+    );
+    lv.remove(&s.uuid).await.unwrap();
+    assert_eq!(lv.state(&s.uuid).await.unwrap(), None);
+}
