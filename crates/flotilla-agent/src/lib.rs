@@ -3,9 +3,16 @@
 //! them, one actor per VM. It talks only to the API, never to the store, and VMs keep running
 //! when it or the server is down.
 
+pub mod agent;
+pub mod cloudinit;
+pub mod disks;
 pub mod domain;
 pub mod error;
+pub mod identity;
 pub mod libvirt;
+mod tools;
+pub mod vm;
 pub mod xml;
 
+pub use agent::{run, run_with, AgentConfig};
 pub use error::AgentError;

@@ -58,6 +58,18 @@ pub struct NodeStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub addresses: BTreeMap<String, String>,
+    /// Domains on this host that Flotilla did not create (`flotilla vm adopt` can take them over).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unmanaged_domains: Vec<UnmanagedDomain>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UnmanagedDomain {
+    pub name: String,
+    pub uuid: String,
+    pub cpus: u32,
+    pub memory: Quantity,
 }
 
 impl Validate for NodeSpec {

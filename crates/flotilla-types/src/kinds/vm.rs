@@ -113,7 +113,13 @@ pub struct VirtualMachineStatus {
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The last restart request (annotation `flotilla.dev/restart-requested-at`) carried out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart_request: Option<String>,
 }
+
+/// Annotation whose new value asks the agent to restart the VM (`flotilla vm restart`).
+pub const RESTART_ANNOTATION: &str = "flotilla.dev/restart-requested-at";
 
 fn is_mac(s: &str) -> bool {
     let parts: Vec<&str> = s.split(':').collect();

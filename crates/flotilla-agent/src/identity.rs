@@ -1,0 +1,146 @@
+//! The agent's identity: join once with a join token, then keep the node credentials in
+//! `<data-dir>/agent.yaml` (mode 0600) and reuse them on every restart.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use flotilla_client::Client;
+use flotilla_types::clientconfig::{ClientConfig, Context};
+use sha2::{Digest, Sha256};
+
+use crate::error::{io, AgentError};
+
+pub const CA_HASH_SEPARATOR: &str = "::sha256:";
+
+/// A client with this node's credentials: stored ones if present, else obtained by joining.
+pub async fn load_or_join(
+    data_dir: &Path,
+    servers: &[String],
+    join_token: Option<&str>,
+    node: &str,
+) -> Result<Client, AgentError> {
+    let path = data_dir.join("agent.yaml");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let config: ClientConfig = serde_yaml::from_str(&text)
+            .map_err(|e| AgentError::Config(format!("{} is damaged: {e}", path.display())))?;
+        let mut ctx = config
+            .context(None)
+            .cloned()
+            .ok_or_else(|| AgentError::Config(format!("{} has no context", path.display())))?;
+        if ctx.name != format!("node-{node}") {
+            return Err(AgentError::Config(format!(
+                "{} holds credentials for {}, not node {node}; remove it to join again",
+                path.display(),
+                ctx.name
+            )));
+        }
+        if !servers.is_empty() {
+            ctx.server = None;
+            ctx.servers = servers.to_vec();
+        }
+        return Ok(Client::from_context(&ctx)?);
+    }
+    let token = join_token.ok_or_else(|| {
+        AgentError::Config(
+            "this node has not joined yet: pass --join-token (from `flotilla node token create`)"
+                .into(),
+        )
+    })?;
+    let (bearer, ca_hash) = token.split_once(CA_HASH_SEPARATOR).ok_or_else(|| {
+        AgentError::Config("the join token is malformed: it should end in ::sha256:<hash>".into())
+    })?;
+    let ca = fetch_verified_ca(servers, ca_hash).await?;
+    let bootstrap = Client::new(servers.to_vec(), Some(&ca), Some(bearer.to_string()))?;
+    let body = serde_json::to_vec(&serde_json::json!({"nodeName": node})).expect("serialises");
+    let resp = bootstrap
+        .request_json(
+            reqwest::Method::POST,
+            "/flotilla/v1/join",
+            &[],
+            Some(("application/json", body)),
+        )
+        .await?;
+    let node_token = resp["token"]
+        .as_str()
+        .ok_or_else(|| AgentError::Config("the server's join answer has no token".into()))?;
+    let ctx = Context {
+        name: format!("node-{node}"),
+        server: None,
+        servers: servers.to_vec(),
+        certificate_authority_data: Some(ca),
+        token: Some(node_token.to_string()),
+        project: None,
+    };
+    let config = ClientConfig {
+        current_context: Some(ctx.name.clone()),
+        contexts: vec![ctx.clone()],
+    };
+    std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(
+        serde_yaml::to_string(&config)
+            .expect("serialises")
+            .as_bytes(),
+    )
+    .map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    tracing::info!(node, "joined the cluster; credentials stored");
+    Ok(Client::from_context(&ctx)?)
+}
+
+/// Fetches /cacerts without trusting the connection, and accepts it only if it matches the hash
+/// carried by the join token.
+async fn fetch_verified_ca(servers: &[String], want: &str) -> Result<String, AgentError> {
+    let insecure = reqwest::Client::builder()
+        .use_rustls_tls()
+        .danger_accept_invalid_certs(true)
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .expect("an HTTP client");
+    let mut last = String::from("no server given");
+    for s in servers {
+        match insecure
+            .get(format!("{}/cacerts", s.trim_end_matches('/')))
+            .send()
+            .await
+        {
+            Ok(resp) => {
+                let pem = resp.text().await.unwrap_or_default();
+                if hex::encode(Sha256::digest(pem.as_bytes())) == want {
+                    return Ok(pem);
+                }
+                return Err(AgentError::Config(format!(
+                    "the CA served by {s} does not match the join token: wrong server, or someone in between"
+                )));
+            }
+            Err(e) => last = format!("{s}: {e}"),
+        }
+    }
+    Err(AgentError::Config(format!("cannot fetch the CA: {last}")))
+}
+
+/// A DNS-1123 label from a host name.
+pub fn node_name_from_hostname(host: &str) -> String {
+    let first = host.split('.').next().unwrap_or(host).to_ascii_lowercase();
+    let cleaned: String = first
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let trimmed = cleaned.trim_matches('-');
+    let mut name: String = trimmed.chars().take(63).collect();
+    name = name.trim_end_matches('-').to_string();
+    if name.is_empty() {
+        "node".into()
+    } else {
+        name
+    }
+}

@@ -1,0 +1,362 @@
+//! One VM's reconcile: make libvirt and the disk match the VM object, then report status.
+//! Idempotent; safe to stop at any point and run again (crash safety rests on that).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_client::Client;
+use flotilla_types::kinds::vm::RESTART_ANNOTATION;
+use flotilla_types::registry::lookup;
+use flotilla_types::{Image, PowerState, VMClass, VirtualMachine};
+use serde_json::{json, Value};
+
+use crate::cloudinit::{self, SeedInput};
+use crate::disks::Disks;
+use crate::domain::{domain_name, DomainSpec, KernelBoot, VirtType};
+use crate::error::{io, AgentError};
+use crate::libvirt::{DomainState, Libvirt};
+
+/// The finalizer that holds a VM object until its domain and files are gone.
+pub const FINALIZER: &str = "flotilla.dev/agent";
+
+pub struct Context {
+    pub client: Arc<Client>,
+    pub libvirt: Libvirt,
+    pub disks: Disks,
+    pub node: String,
+    pub virt_type: VirtType,
+    pub data_dir: PathBuf,
+    pub shutdown_timeout: Duration,
+}
+
+impl Context {
+    pub fn vm_dir(&self, uid: &str) -> PathBuf {
+        self.data_dir.join("vms").join(uid)
+    }
+}
+
+/// What the caller should do next.
+pub enum Outcome {
+    /// Converged; look again at the next change or resync.
+    Done,
+    /// The object is gone (finalizer removed): stop this actor.
+    Gone,
+}
+
+fn get<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> Result<T, AgentError> {
+    serde_json::from_value(v).map_err(|e| AgentError::Config(format!("{what} cannot be read: {e}")))
+}
+
+/// Removes the domain and every file of a VM. Safe to repeat.
+pub async fn remove_everything(ctx: &Context, uid: &str) -> Result<(), AgentError> {
+    ctx.libvirt.remove(uid).await?;
+    let dir = ctx.vm_dir(uid);
+    match tokio::fs::remove_dir_all(&dir).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(AgentError::Io {
+            path: dir,
+            source: e,
+        }),
+    }
+}
+
+pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, AgentError> {
+    let vms = lookup("vm").expect("registered");
+    let meta = &vm.metadata;
+    let uid = meta
+        .uid
+        .clone()
+        .ok_or_else(|| AgentError::Config("the VM has no uid".into()))?;
+    let project = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = meta.name.clone();
+
+    if meta.deletion_timestamp.is_some() {
+        remove_everything(ctx, &uid).await?;
+        if meta.finalizers.iter().any(|f| f == FINALIZER) {
+            let rest: Vec<&String> = meta.finalizers.iter().filter(|f| *f != FINALIZER).collect();
+            let patch =
+                json!({"metadata": {"finalizers": rest, "resourceVersion": meta.resource_version}});
+            match ctx
+                .client
+                .patch(vms, Some(&project), &name, &patch, false)
+                .await
+            {
+                Ok(_) => tracing::info!(vm = %name, "deleted: domain and files removed"),
+                Err(e) if e.code() == Some(404) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        return Ok(Outcome::Gone);
+    }
+    if !meta.finalizers.iter().any(|f| f == FINALIZER) {
+        // Before creating anything, so that a deletion cannot leave it behind.
+        let mut finalizers = meta.finalizers.clone();
+        finalizers.push(FINALIZER.into());
+        let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": meta.resource_version}});
+        ctx.client
+            .patch(vms, Some(&project), &name, &patch, false)
+            .await?;
+        // The watch delivers the updated object; continue from there.
+        return Ok(Outcome::Done);
+    }
+
+    let dir = ctx.vm_dir(&uid);
+    tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
+    let existing = ctx.libvirt.state(&uid).await?;
+    if existing.is_none() {
+        write_status(ctx, vm, "Provisioning", None).await?;
+    }
+
+    let (cpus, memory) = match (&vm.spec.resources, &vm.spec.class) {
+        (Some(r), _) => (r.cpus, r.memory.value()),
+        (None, Some(class)) => {
+            let c: VMClass = get(
+                ctx.client
+                    .get(lookup("vmclass").unwrap(), None, class)
+                    .await?,
+                "the VMClass",
+            )?;
+            (c.spec.cpus, c.spec.memory.value())
+        }
+        (None, None) => {
+            return Err(AgentError::Config(
+                "the VM has neither resources nor class".into(),
+            ))
+        }
+    };
+    let root_disk = dir.join("root.qcow2");
+    let backing = match &vm.spec.image {
+        Some(image) => {
+            let img: Image = get(
+                ctx.client
+                    .get(lookup("image").unwrap(), Some(&project), image)
+                    .await?,
+                "the Image",
+            )?;
+            Some(ctx.disks.cached_image(image, &img.spec).await?)
+        }
+        None => None,
+    };
+    let has_root = backing.is_some() || vm.spec.root_disk.is_some();
+    if has_root {
+        let size = vm.spec.root_disk.as_ref().map(|d| d.size.value());
+        ctx.disks
+            .create_root_disk(backing.as_deref(), &root_disk, size)
+            .await?;
+    }
+    let seed = dir.join("seed.iso");
+    let input = SeedInput {
+        instance_id: &uid,
+        hostname: &name,
+        ssh_authorized_keys: &vm.spec.ssh_authorized_keys,
+        user_data: vm.spec.user_data.as_deref(),
+    };
+    let fingerprint = format!(
+        "{}\n{}\n{}",
+        cloudinit::meta_data(&input),
+        cloudinit::user_data(&input)?,
+        cloudinit::network_config()
+    );
+    let stamp = dir.join("seed.fingerprint");
+    if tokio::fs::read_to_string(&stamp).await.ok().as_deref() != Some(fingerprint.as_str())
+        || !seed.exists()
+    {
+        cloudinit::write_seed(&input, &seed).await?;
+        tokio::fs::write(&stamp, &fingerprint)
+            .await
+            .map_err(io(&stamp))?;
+    }
+    let vnc_password = vnc_password(&dir).await?;
+    let spec = DomainSpec {
+        virt_type: ctx.virt_type,
+        name: domain_name(&project, &name),
+        uuid: uid.clone(),
+        project: project.clone(),
+        vm_name: name.clone(),
+        cpus,
+        memory_bytes: memory,
+        boot: vm.spec.boot.as_ref().map(|b| KernelBoot {
+            kernel: b.kernel.clone(),
+            initrd: b.initrd.clone(),
+            cmdline: b.cmdline.clone(),
+        }),
+        root_disk: has_root.then_some(root_disk),
+        seed_iso: Some(seed),
+        console_log: dir.join("console.log"),
+        vnc_password,
+    };
+    // Redefining is idempotent; on a running domain the new definition applies at next boot.
+    ctx.libvirt.define(spec.to_xml()).await?;
+
+    let restart = meta.annotations.get(RESTART_ANNOTATION).cloned();
+    let status = vm.status.clone().unwrap_or_default();
+    let wants_restart = restart.is_some() && restart != status.last_restart_request;
+    match vm.spec.power_state {
+        PowerState::Running => {
+            if wants_restart && ctx.libvirt.state(&uid).await? == Some(DomainState::Running) {
+                stop(ctx, &uid).await?;
+                tracing::info!(vm = %name, "restarting on request");
+            }
+            if ctx.libvirt.state(&uid).await? != Some(DomainState::Running) {
+                ctx.libvirt.start(&uid).await?;
+                tracing::info!(vm = %name, "started");
+            }
+        }
+        PowerState::Stopped => {
+            if ctx.libvirt.state(&uid).await? != Some(DomainState::Stopped) {
+                stop(ctx, &uid).await?;
+                tracing::info!(vm = %name, "stopped");
+            }
+        }
+    }
+    let phase = match ctx.libvirt.state(&uid).await? {
+        Some(DomainState::Running)
+        | Some(DomainState::ShuttingDown)
+        | Some(DomainState::Paused) => "Running",
+        _ => "Stopped",
+    };
+    write_status(
+        ctx,
+        vm,
+        phase,
+        if wants_restart {
+            restart
+        } else {
+            status.last_restart_request.clone()
+        },
+    )
+    .await?;
+    Ok(Outcome::Done)
+}
+
+/// Graceful shutdown, then destroy after the timeout.
+async fn stop(ctx: &Context, uid: &str) -> Result<(), AgentError> {
+    ctx.libvirt.shutdown(uid).await?;
+    let deadline = tokio::time::Instant::now() + ctx.shutdown_timeout;
+    while tokio::time::Instant::now() < deadline {
+        if matches!(
+            ctx.libvirt.state(uid).await?,
+            Some(DomainState::Stopped) | None
+        ) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tracing::info!(uid, "the guest did not shut down in time; destroying it");
+    ctx.libvirt.destroy(uid).await
+}
+
+async fn vnc_password(dir: &std::path::Path) -> Result<String, AgentError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("vnc-password");
+    if let Ok(p) = tokio::fs::read_to_string(&path).await {
+        return Ok(p.trim().to_string());
+    }
+    // VNC passwords are at most 8 characters.
+    const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let password: String = (0..8)
+        .map(|_| ALPHABET[rand::random::<usize>() % ALPHABET.len()] as char)
+        .collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io(&path))?;
+    std::io::Write::write_all(&mut f, password.as_bytes()).map_err(io(&path))?;
+    Ok(password)
+}
+
+/// Writes status only when it changes, so that resyncs cost no writes.
+pub async fn write_status(
+    ctx: &Context,
+    vm: &VirtualMachine,
+    phase: &str,
+    restart: Option<String>,
+) -> Result<(), AgentError> {
+    let vms = lookup("vm").expect("registered");
+    let current = vm.status.clone().unwrap_or_default();
+    let ready = phase == "Running";
+    let ready_cond = current.conditions.iter().find(|c| c.type_ == "Ready");
+    let ready_same =
+        ready_cond.is_some_and(|c| (c.status == flotilla_types::ConditionStatus::True) == ready);
+    let unchanged = serde_json::to_value(current.phase).ok() == Some(json!(phase))
+        && current.node_name.as_deref() == Some(ctx.node.as_str())
+        && current.observed_generation == vm.metadata.generation
+        && current.last_restart_request == restart
+        && ready_same;
+    if unchanged {
+        return Ok(());
+    }
+    let mut conditions: Vec<Value> = current
+        .conditions
+        .iter()
+        .filter(|c| c.type_ != "Ready")
+        .map(|c| serde_json::to_value(c).expect("serialises"))
+        .collect();
+    let (status, reason, message) = if ready {
+        (
+            "True",
+            "DomainRunning",
+            format!("the domain is running on {}", ctx.node),
+        )
+    } else {
+        (
+            "False",
+            phase,
+            format!("the domain is {} on {}", phase.to_lowercase(), ctx.node),
+        )
+    };
+    conditions.push(json!({"type": "Ready", "status": status, "reason": reason, "message": message, "lastTransitionTime": flotilla_types::meta::now()}));
+    let patch = json!({"status": {
+        "phase": phase, "nodeName": ctx.node, "observedGeneration": vm.metadata.generation,
+        "conditions": conditions, "lastRestartRequest": restart,
+    }});
+    let project = vm.metadata.namespace.as_deref();
+    ctx.client
+        .patch(vms, project, &vm.metadata.name, &patch, true)
+        .await?;
+    Ok(())
+}
+
+/// Reports a failed reconcile on the VM without changing its phase.
+pub async fn report_error(ctx: &Context, vm: &VirtualMachine, error: &AgentError) {
+    let vms = lookup("vm").expect("registered");
+    let current = vm.status.clone().unwrap_or_default();
+    let message = error.to_string();
+    if current
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.message == message)
+    {
+        return;
+    }
+    let mut conditions: Vec<Value> = current
+        .conditions
+        .iter()
+        .filter(|c| c.type_ != "Ready")
+        .map(|c| serde_json::to_value(c).expect("serialises"))
+        .collect();
+    conditions.push(json!({"type": "Ready", "status": "False", "reason": "ReconcileFailed", "message": message, "lastTransitionTime": flotilla_types::meta::now()}));
+    let phase = if vm.status.is_none() {
+        json!("Provisioning")
+    } else {
+        serde_json::to_value(current.phase).unwrap_or(json!("Provisioning"))
+    };
+    let patch = json!({"status": {"phase": phase, "nodeName": ctx.node, "conditions": conditions}});
+    if let Err(e) = ctx
+        .client
+        .patch(
+            vms,
+            vm.metadata.namespace.as_deref(),
+            &vm.metadata.name,
+            &patch,
+            true,
+        )
+        .await
+    {
+        tracing::warn!(vm = %vm.metadata.name, error = %e, "could not report a reconcile error");
+    }
+}

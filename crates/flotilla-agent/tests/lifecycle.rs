@@ -1,0 +1,278 @@
+//! The full VM lifecycle through a real server, its controllers and a real agent on libvirt's
+//! test driver: join, heartbeat, scheduling, provisioning (image cache, linked clone, seed ISO),
+//! power states, deletion leaving nothing behind, and restarts reusing credentials.
+
+use std::path::Path;
+use std::time::Duration;
+
+use flotilla_agent::libvirt::{DomainState, Libvirt};
+use flotilla_agent::AgentConfig;
+use flotilla_client::Client;
+use flotilla_server::ServerConfig;
+use flotilla_types::registry::lookup;
+use serde_json::{json, Value};
+
+async fn eventually<T>(what: &str, secs: u64, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn cond(obj: &Value, ty: &str) -> String {
+    obj["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == ty))
+        .and_then(|c| c["status"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+async fn join_token(server: &flotilla_server::RunningServer, admin: &Client) -> String {
+    let resp = admin
+        .request_json(
+            reqwest::Method::POST,
+            "/flotilla/v1/join-tokens",
+            &[],
+            Some(("application/json", b"{}".to_vec())),
+        )
+        .await
+        .unwrap();
+    let _ = server;
+    resp["token"].as_str().unwrap().to_string()
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_lifecycle_on_the_test_driver() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::new(tmp.path().join("server"));
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let server = flotilla_server::start(config).await.unwrap();
+    flotilla_controllers::spawn_all(
+        server.objects.clone(),
+        flotilla_controllers::ControllerConfig {
+            compaction_interval: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    let admin = Client::new(
+        vec![server.url.clone()],
+        Some(&server.ca_pem),
+        Some(server.admin_token.clone()),
+    )
+    .unwrap();
+    let (vms, nodes, images) = (
+        lookup("vm").unwrap(),
+        lookup("node").unwrap(),
+        lookup("image").unwrap(),
+    );
+
+    // A small qcow2 image on "the node".
+    let image_file = tmp.path().join("base.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image_file)
+        .arg("64M")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    admin
+        .create(
+            images,
+            Some("default"),
+            &json!({"metadata": {"name": "base"}, "spec": {"source": {"path": image_file}}}),
+        )
+        .await
+        .unwrap();
+
+    let agent_dir = tmp.path().join("agent");
+    let mut agent_config = AgentConfig::new(vec![server.url.clone()], "node-1", &agent_dir);
+    agent_config.join_token = Some(join_token(&server, &admin).await);
+    agent_config.libvirt_uri = "test:///default".into();
+    agent_config.heartbeat = Duration::from_millis(500);
+    agent_config.resync = Duration::from_secs(2);
+    agent_config.shutdown_timeout = Duration::from_secs(2);
+    let libvirt = Libvirt::open("test:///default").await.unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let agent = tokio::spawn(flotilla_agent::run_with(
+        agent_config.clone(),
+        libvirt.clone(),
+        stop_rx,
+    ));
+
+    // The node joins, reports itself and becomes Ready.
+    let node = eventually("node-1 is Ready", 20, async || {
+        let n = admin.get(nodes, None, "node-1").await.ok()?;
+        (cond(&n, "Ready") == "True").then_some(n)
+    })
+    .await;
+    assert_eq!(node["status"]["nodeInfo"]["virtType"], "qemu");
+    assert!(node["status"]["capacity"]["cpus"].as_u64().unwrap() > 0);
+    assert!(node["status"]["nodeInfo"]["libvirtVersion"]
+        .as_str()
+        .unwrap()
+        .contains('.'));
+    let unmanaged = node["status"]["unmanagedDomains"].as_array().unwrap();
+    assert!(
+        unmanaged.iter().any(|d| d["name"] == "test"),
+        "the driver's own domain is listed as unmanaged: {unmanaged:?}"
+    );
+
+    // A VM without a node is scheduled here and provisioned.
+    let vm = json!({"metadata": {"name": "web"}, "spec": {
+        "resources": {"cpus": 2, "memory": "1Gi"}, "image": "base", "rootDisk": {"size": "1Gi"},
+        "sshAuthorizedKeys": ["ssh-ed25519 AAAAC3Nza test@flotilla"], "userData": "#cloud-config\nruncmd: [echo hi]\n"}});
+    admin.create(vms, Some("default"), &vm).await.unwrap();
+    let running = eventually("web is Running", 30, async || {
+        let v = admin.get(vms, Some("default"), "web").await.ok()?;
+        (v["status"]["phase"] == "Running").then_some(v)
+    })
+    .await;
+    assert_eq!(running["spec"]["nodeName"], "node-1");
+    assert_eq!(running["status"]["nodeName"], "node-1");
+    assert_eq!(
+        running["status"]["observedGeneration"],
+        running["metadata"]["generation"]
+    );
+    assert_eq!(cond(&running, "Ready"), "True");
+    assert!(running["metadata"]["finalizers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f == "flotilla.dev/agent"));
+    let uid = running["metadata"]["uid"].as_str().unwrap().to_string();
+    assert_eq!(
+        libvirt.state(&uid).await.unwrap(),
+        Some(DomainState::Running),
+        "the domain UUID is the VM uid"
+    );
+    let vm_dir = agent_dir.join("vms").join(&uid);
+    let mut files = files_in(&vm_dir);
+    files.sort();
+    assert!(
+        files.contains(&"root.qcow2".to_string()) && files.contains(&"seed.iso".to_string()),
+        "{files:?}"
+    );
+    // The root disk is a linked clone of the cached image, grown to rootDisk.size.
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(vm_dir.join("root.qcow2"))
+        .output()
+        .unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["virtual-size"], 1u64 << 30);
+    assert!(info["backing-filename"]
+        .as_str()
+        .unwrap()
+        .starts_with(agent_dir.join("images").to_str().unwrap()));
+    let xml = libvirt.xml(&uid).await.unwrap().unwrap();
+    assert!(
+        xml.contains("<name>default_web</name>") && xml.contains("flotilla.dev/xmlns/domain/1"),
+        "{xml}"
+    );
+
+    // Stop, then start again.
+    admin
+        .patch(
+            vms,
+            Some("default"),
+            "web",
+            &json!({"spec": {"powerState": "Stopped"}}),
+            false,
+        )
+        .await
+        .unwrap();
+    eventually("web is Stopped", 20, async || {
+        (admin.get(vms, Some("default"), "web").await.ok()?["status"]["phase"] == "Stopped")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        libvirt.state(&uid).await.unwrap(),
+        Some(DomainState::Stopped)
+    );
+    admin
+        .patch(
+            vms,
+            Some("default"),
+            "web",
+            &json!({"spec": {"powerState": "Running"}}),
+            false,
+        )
+        .await
+        .unwrap();
+    eventually("web runs again", 20, async || {
+        (admin.get(vms, Some("default"), "web").await.ok()?["status"]["phase"] == "Running")
+            .then_some(())
+    })
+    .await;
+
+    // A restart request is carried out once.
+    admin
+        .patch(
+            vms,
+            Some("default"),
+            "web",
+            &json!({"metadata": {"annotations": {"flotilla.dev/restart-requested-at": "t1"}}}),
+            false,
+        )
+        .await
+        .unwrap();
+    eventually("the restart is acknowledged", 20, async || {
+        (admin.get(vms, Some("default"), "web").await.ok()?["status"]["lastRestartRequest"] == "t1")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        libvirt.state(&uid).await.unwrap(),
+        Some(DomainState::Running)
+    );
+
+    // Delete: the object waits for the agent, which leaves nothing behind.
+    admin.delete(vms, Some("default"), "web").await.unwrap();
+    eventually("web is gone", 20, async || {
+        admin
+            .get(vms, Some("default"), "web")
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        libvirt.state(&uid).await.unwrap(),
+        None,
+        "the domain is undefined"
+    );
+    assert!(!vm_dir.exists(), "every file of the VM is removed");
+
+    // A restarted agent reuses its credentials: no join token needed.
+    stop_tx.send(true).unwrap();
+    agent.await.unwrap().unwrap();
+    let mut again = agent_config.clone();
+    again.join_token = None;
+    let (_stop2, rx2) = tokio::sync::watch::channel(false);
+    tokio::spawn(flotilla_agent::run_with(again, libvirt.clone(), rx2));
+    admin.create(vms, Some("default"), &json!({"metadata": {"name": "after"}, "spec": {"resources": {"cpus": 1, "memory": "256Mi"}, "boot": {"kernel": "/boot/vmlinuz"}}})).await.unwrap();
+    eventually("the restarted agent runs new VMs", 20, async || {
+        (admin.get(vms, Some("default"), "after").await.ok()?["status"]["phase"] == "Running")
+            .then_some(())
+    })
+    .await;
+}
