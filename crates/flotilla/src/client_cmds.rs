@@ -411,3 +411,92 @@ pub async fn delete(conn: &ConnectionArgs, args: DeleteArgs) -> anyhow::Result<(
     println!("{what} deleted");
     Ok(())
 }
+
+#[derive(clap::Subcommand)]
+pub enum NodeCommand {
+    /// Join tokens for new nodes.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(clap::Subcommand)]
+pub enum TokenCommand {
+    /// Print a join token for `flotilla agent --join-token`.
+    Create {
+        /// How long the token may be used (e.g. 30m, 24h).
+        #[arg(long, default_value = "24h", value_parser = crate::server_cmd::parse_duration)]
+        ttl: std::time::Duration,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum VmCommand {
+    /// Set powerState to Running.
+    Start(VmTarget),
+    /// Set powerState to Stopped (graceful shutdown, then power off after a timeout).
+    Stop(VmTarget),
+    /// Restart a running VM.
+    Restart(VmTarget),
+}
+
+#[derive(Args)]
+pub struct VmTarget {
+    pub name: String,
+    #[arg(short = 'p', long)]
+    pub project: Option<String>,
+}
+
+pub async fn node(conn: &ConnectionArgs, cmd: NodeCommand) -> anyhow::Result<()> {
+    let (client, _) = config::client(conn)?;
+    match cmd {
+        NodeCommand::Token(TokenCommand::Create { ttl }) => {
+            let body = serde_json::to_vec(&json!({"ttlSeconds": ttl.as_secs()}))?;
+            let resp = client
+                .request_json(
+                    reqwest::Method::POST,
+                    "/flotilla/v1/join-tokens",
+                    &[],
+                    Some(("application/json", body)),
+                )
+                .await?;
+            println!("{}", output::field(&resp, "token"));
+            eprintln!(
+                "Valid until {}. On the new host: flotilla agent --server URL --join-token TOKEN",
+                output::field(&resp, "expires")
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn vm(conn: &ConnectionArgs, cmd: VmCommand) -> anyhow::Result<()> {
+    let (client, ctx) = config::client(conn)?;
+    let vms = registry::by_kind("VirtualMachine").expect("registered");
+    let (target, patch, done) = match cmd {
+        VmCommand::Start(t) => (
+            t,
+            json!({"spec": {"powerState": "Running"}}),
+            "start requested",
+        ),
+        VmCommand::Stop(t) => (
+            t,
+            json!({"spec": {"powerState": "Stopped"}}),
+            "stop requested",
+        ),
+        VmCommand::Restart(t) => {
+            let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            (
+                t,
+                json!({"metadata": {"annotations": {flotilla_types::kinds::vm::RESTART_ANNOTATION: at}}}),
+                "restart requested",
+            )
+        }
+    };
+    let proj = project(&target.project, &ctx).to_string();
+    client
+        .patch(vms, Some(&proj), &target.name, &patch, false)
+        .await
+        .map_err(|e| not_found_hint(e, vms, &proj))?;
+    println!("virtualmachine/{} {done}", target.name);
+    Ok(())
+}

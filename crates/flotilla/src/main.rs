@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+mod agent_cmd;
 mod client_cmds;
 mod config;
 mod output;
@@ -29,6 +30,16 @@ struct Cli {
 enum Command {
     /// Run the API server (SQLite in the data directory).
     Server(server_cmd::ServerArgs),
+    /// Run a node agent: joins the cluster and runs the VMs bound to this host.
+    Agent(agent_cmd::AgentArgs),
+    /// Run everything in one process: server, controllers and a local agent.
+    Up(agent_cmd::UpArgs),
+    /// Node operations.
+    #[command(subcommand)]
+    Node(client_cmds::NodeCommand),
+    /// VM operations: start, stop, restart.
+    #[command(subcommand)]
+    Vm(client_cmds::VmCommand),
     /// Create or update objects from YAML files (multi-document), a directory, or - for stdin.
     Apply(client_cmds::ApplyArgs),
     /// List objects, or show one.
@@ -58,6 +69,10 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Server(args) => server_cmd::run(args).await,
+            Command::Agent(args) => agent_cmd::agent(args).await,
+            Command::Up(args) => agent_cmd::up(args).await,
+            Command::Node(cmd) => client_cmds::node(&cli.conn, cmd).await,
+            Command::Vm(cmd) => client_cmds::vm(&cli.conn, cmd).await,
             Command::Completion { shell } => {
                 clap_complete::generate(
                     shell,

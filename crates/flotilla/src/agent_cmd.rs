@@ -1,0 +1,166 @@
+//! `flotilla agent` (a node agent) and `flotilla up` (server, controllers and a local agent in
+//! one process: the all-in-one).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+use flotilla_agent::domain::VirtType;
+use flotilla_agent::AgentConfig;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum VirtTypeArg {
+    /// Hardware virtualisation (/dev/kvm).
+    Kvm,
+    /// Software emulation (TCG): slower, works without /dev/kvm or under nested virtualisation.
+    Qemu,
+}
+
+impl From<VirtTypeArg> for VirtType {
+    fn from(v: VirtTypeArg) -> Self {
+        match v {
+            VirtTypeArg::Kvm => VirtType::Kvm,
+            VirtTypeArg::Qemu => VirtType::Qemu,
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct NodeArgs {
+    /// This node's name (default: the host name).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    #[arg(long, default_value = "qemu:///system")]
+    pub libvirt_uri: String,
+    /// kvm or qemu. Default: kvm when /dev/kvm exists, else qemu.
+    #[arg(long, value_enum, env = "FLOTILLA_VIRT_TYPE")]
+    pub virt_type: Option<VirtTypeArg>,
+    /// Concurrent disk-heavy operations (image downloads, conversions, disk creation).
+    #[arg(long, default_value_t = 2)]
+    pub disk_concurrency: usize,
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// API server URL; repeat or separate with commas for replicas.
+    #[arg(long, required = true, value_delimiter = ',')]
+    pub server: Vec<String>,
+    /// Join token from `flotilla node token create` (needed only on first start).
+    #[arg(long, env = "FLOTILLA_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// Where credentials, images and VM disks live (default: /var/lib/flotilla/agent as root).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// Where everything lives (default: /var/lib/flotilla as root).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = flotilla_server::DEFAULT_LISTEN)]
+    pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "node".into())
+}
+
+fn agent_config(servers: Vec<String>, data_dir: PathBuf, node: &NodeArgs) -> AgentConfig {
+    let name = node
+        .node_name
+        .clone()
+        .unwrap_or_else(|| flotilla_agent::identity::node_name_from_hostname(&hostname()));
+    let mut config = AgentConfig::new(servers, &name, data_dir);
+    config.libvirt_uri = node.libvirt_uri.clone();
+    config.virt_type = match node.virt_type {
+        Some(v) => v.into(),
+        None if std::path::Path::new("/dev/kvm").exists() => VirtType::Kvm,
+        None => VirtType::Qemu,
+    };
+    config.disk_concurrency = node.disk_concurrency;
+    config
+}
+
+async fn until_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    let data_dir = args
+        .data_dir
+        .unwrap_or_else(|| crate::default_data_dir().join("agent"));
+    let mut config = agent_config(args.server, data_dir, &args.node);
+    config.join_token = args.join_token;
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(flotilla_agent::run(config, rx));
+    tokio::select! {
+        r = run => return r.context("the agent stopped")?.map_err(Into::into),
+        _ = until_signal() => {}
+    }
+    let _ = stop.send(true);
+    Ok(())
+}
+
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let data_dir = args.data_dir.unwrap_or_else(crate::default_data_dir);
+    let mut config = flotilla_server::ServerConfig::new(&data_dir);
+    config.listen = args.listen;
+    let server = flotilla_server::start(config).await?;
+    flotilla_controllers::spawn_all(server.objects.clone(), Default::default());
+    let admin = flotilla_client::Client::new(
+        vec![server.url.clone()],
+        Some(&server.ca_pem),
+        Some(server.admin_token.clone()),
+    )?;
+    let agent_dir = data_dir.join("agent");
+    let mut agent = agent_config(vec![server.url.clone()], agent_dir.clone(), &args.node);
+    if !agent_dir.join("agent.yaml").exists() {
+        let resp = admin
+            .request_json(
+                reqwest::Method::POST,
+                "/flotilla/v1/join-tokens",
+                &[],
+                Some(("application/json", br#"{"ttlSeconds": 600}"#.to_vec())),
+            )
+            .await?;
+        agent.join_token = resp["token"].as_str().map(str::to_string);
+    }
+    let node = agent.node_name.clone();
+    let virt = agent.virt_type.as_str();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(flotilla_agent::run(agent, rx));
+    eprintln!(
+        "Flotilla is up: API at {}, node {node} ({virt}) on {}",
+        server.url, args.node.libvirt_uri
+    );
+    eprintln!(
+        "Client configuration: export FLOTILLA_CONFIG={}",
+        server.admin_config_path.display()
+    );
+    eprintln!(
+        "Next: flotilla get nodes; flotilla apply -f examples/tiny-vm.yaml; flotilla get vms -w"
+    );
+    tokio::select! {
+        r = run => {
+            r.context("the agent stopped")?.context("the local agent failed")?;
+        }
+        _ = until_signal() => {}
+    }
+    let _ = stop.send(true);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.shutdown().await;
+    Ok(())
+}
