@@ -105,9 +105,16 @@ impl DomainSpec {
                     .child(
                         Element::new("target")
                             .attr("dev", "sda")
-                            .attr("bus", "sata"),
+                            .attr("bus", "scsi"),
                     )
                     .child(Element::new("readonly")),
+            );
+            // virtio-scsi rather than SATA: cloud kernels (Debian's included) ship no AHCI driver.
+            devices.push(
+                Element::new("controller")
+                    .attr("type", "scsi")
+                    .attr("index", 0)
+                    .attr("model", "virtio-scsi"),
             );
         }
         if self.virt_type != VirtType::Test {

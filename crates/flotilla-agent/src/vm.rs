@@ -103,7 +103,7 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
     }
 
     let dir = ctx.vm_dir(&uid);
-    tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
+    create_traversable_dir(&dir).await?;
     let existing = ctx.libvirt.state(&uid).await?;
     if existing.is_none() {
         write_status(ctx, vm, "Provisioning", None).await?;
@@ -246,6 +246,22 @@ async fn stop(ctx: &Context, uid: &str) -> Result<(), AgentError> {
     }
     tracing::info!(uid, "the guest did not shut down in time; destroying it");
     ctx.libvirt.destroy(uid).await
+}
+
+/// Creates `dir` and its missing parents as 0711: QEMU (another user under qemu:///system)
+/// must reach the files inside, and nobody needs to list them.
+async fn create_traversable_dir(dir: &std::path::Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let d = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&d)
+    })
+    .await
+    .map_err(|e| AgentError::Config(e.to_string()))?
+    .map_err(io(dir))
 }
 
 async fn vnc_password(dir: &std::path::Path) -> Result<String, AgentError> {

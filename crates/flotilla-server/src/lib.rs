@@ -166,7 +166,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let dir = &config.data_dir;
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        // Traversable but not listable: the agent's VM files below must be reachable by QEMU's
+        // user in the all-in-one; every secret in here is a 0600 file.
+        .mode(0o711)
         .create(dir)
         .map_err(io_err(dir))?;
     let store: Arc<dyn Store> = match &config.store {

@@ -1,0 +1,142 @@
+//! End to end on a real libvirtd with real QEMU guests (TCG): the tiny kernel+initramfs guest
+//! boots through Flotilla, mounts its cidata seed and prints the user data's marker.
+//!
+//! Needs libvirtd and the tiny guest (`scripts/build-tiny-guest.sh`); `make test` provides both.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flotilla_agent::domain::VirtType;
+use flotilla_agent::libvirt::Libvirt;
+use flotilla_agent::AgentConfig;
+use flotilla_client::Client;
+use flotilla_server::ServerConfig;
+use flotilla_types::registry::lookup;
+use serde_json::json;
+
+fn tiny_guest() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/guests/tiny");
+    if !dir.join("initramfs.gz").exists() {
+        let status = std::process::Command::new(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/build-tiny-guest.sh"),
+        )
+        .status()
+        .unwrap();
+        assert!(status.success(), "building the tiny guest failed");
+    }
+    dir.canonicalize().unwrap()
+}
+
+async fn eventually<T>(what: &str, secs: u64, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {secs}s waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_guest_boots_and_reads_its_seed() {
+    let guest = tiny_guest();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
+    let mut config = ServerConfig::new(tmp.path().join("server"));
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let server = flotilla_server::start(config).await.unwrap();
+    flotilla_controllers::spawn_all(
+        server.objects.clone(),
+        flotilla_controllers::ControllerConfig {
+            compaction_interval: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    let admin = Client::new(
+        vec![server.url.clone()],
+        Some(&server.ca_pem),
+        Some(server.admin_token.clone()),
+    )
+    .unwrap();
+    let token = admin
+        .request_json(
+            reqwest::Method::POST,
+            "/flotilla/v1/join-tokens",
+            &[],
+            Some(("application/json", b"{}".to_vec())),
+        )
+        .await
+        .unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let agent_dir = tmp.path().join("agent");
+    let mut agent = AgentConfig::new(vec![server.url.clone()], "e2e-node", &agent_dir);
+    agent.join_token = Some(token);
+    agent.libvirt_uri = "qemu:///system".into();
+    agent.virt_type = VirtType::Qemu;
+    agent.shutdown_timeout = Duration::from_secs(5);
+    let libvirt = Libvirt::open("qemu:///system")
+        .await
+        .expect("libvirtd is running (make test starts it)");
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(flotilla_agent::run_with(agent, libvirt.clone(), rx));
+
+    let vms = lookup("vm").unwrap();
+    let suffix: u32 = rand::random::<u32>() % 100_000;
+    let (name, marker) = (format!("tiny-{suffix}"), format!("hello-{suffix}"));
+    let vm = json!({"metadata": {"name": name}, "spec": {
+        "resources": {"cpus": 1, "memory": "256Mi"},
+        "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0 panic=-1"},
+        "userData": format!("#cloud-config\nflotilla_test_marker: {marker}\n"),
+    }});
+    admin.create(vms, Some("default"), &vm).await.unwrap();
+    let running = eventually("the VM is Running", 60, async || {
+        let v = admin.get(vms, Some("default"), &name).await.ok()?;
+        (v["status"]["phase"] == "Running").then_some(v)
+    })
+    .await;
+    let uid = running["metadata"]["uid"].as_str().unwrap().to_string();
+    let console = agent_dir.join("vms").join(&uid).join("console.log");
+    let log = eventually("the guest prints its marker", 90, async || {
+        let text = std::fs::read_to_string(&console).ok()?;
+        text.contains(&format!("FLOTILLA-MARKER {marker}"))
+            .then_some(text)
+    })
+    .await;
+    assert!(
+        log.contains(&format!("FLOTILLA-HOSTNAME {name}")),
+        "meta-data carries the hostname:\n{log}"
+    );
+    assert!(
+        log.contains("network-config"),
+        "the seed has network-config:\n{log}"
+    );
+
+    admin.delete(vms, Some("default"), &name).await.unwrap();
+    eventually("the VM is gone", 60, async || {
+        admin
+            .get(vms, Some("default"), &name)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        libvirt.state(&uid).await.unwrap(),
+        None,
+        "the domain is undefined"
+    );
+    assert!(
+        !agent_dir.join("vms").join(&uid).exists(),
+        "the VM's files are removed"
+    );
+}

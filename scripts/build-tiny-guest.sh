@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Builds the tiny test guest: the host's Debian cloud kernel and a busybox initramfs whose init
+# loads the CD-ROM drivers, mounts the cloud-init seed (volume label cidata) and prints what the
+# end-to-end tests look for on the serial console:
+#   FLOTILLA-HOSTNAME <local-hostname from meta-data>
+#   FLOTILLA-MARKER <value of the "flotilla_test_marker:" line of user-data>
+# Output: $OUT/vmlinuz and $OUT/initramfs.gz (OUT defaults to target/guests/tiny). Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-$PWD/target/guests/tiny}"
+kernel="$(ls /boot/vmlinuz-*-cloud-amd64 2>/dev/null | sort -V | tail -n1 || true)"
+if [ -z "$kernel" ]; then
+  echo "error: no Debian cloud kernel in /boot (package linux-image-cloud-amd64)" >&2
+  exit 1
+fi
+kver="${kernel#/boot/vmlinuz-}"
+if [ -f "$out/initramfs.gz" ] && [ -f "$out/kernel-version" ] && [ "$(cat "$out/kernel-version")" = "$kver" ]; then
+  exit 0
+fi
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work"/{bin,dev,proc,sys,mnt,lib/modules}
+cp /bin/busybox "$work/bin/busybox"
+for module in virtio_pci virtio_scsi sr_mod isofs; do
+  modprobe -S "$kver" --show-depends "$module" | awk '$1 == "insmod" {print $2}'
+done | awk '!seen[$0]++' > "$work/modules.order"
+while read -r ko; do
+  cp "$ko" "$work/lib/modules/"
+  echo "/lib/modules/$(basename "$ko")" >> "$work/load-order"
+done < "$work/modules.order"
+rm "$work/modules.order"
+cat > "$work/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+echo "FLOTILLA-BOOTED"
+while read -r ko; do insmod "$ko" 2>/dev/null; done < /load-order
+for i in $(seq 1 100); do
+  [ -b /dev/sr0 ] && break
+  sleep 0.1
+done
+if mount -t iso9660 -o ro /dev/sr0 /mnt; then
+  echo "FLOTILLA-HOSTNAME $(sed -n 's/^local-hostname: *//p' /mnt/meta-data)"
+  echo "FLOTILLA-MARKER $(sed -n 's/^.*flotilla_test_marker: *//p' /mnt/user-data | head -n1)"
+  ls /mnt | tr '\n' ' ' | sed 's/^/FLOTILLA-SEED-FILES /'
+  echo
+else
+  echo "FLOTILLA-NO-SEED"
+fi
+while true; do sleep 3600; done
+INIT
+chmod +x "$work/init"
+mkdir -p "$out"
+(cd "$work" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$out/initramfs.gz.tmp"
+mv "$out/initramfs.gz.tmp" "$out/initramfs.gz"
+cp "$kernel" "$out/vmlinuz"
+echo "$kver" > "$out/kernel-version"
+echo "built the tiny guest in $out (kernel $kver)"
