@@ -5,10 +5,12 @@
 set -euo pipefail
 
 purpose="${1:-run}"
-packages=(build-essential pkg-config ca-certificates)
+# Build tools, libvirt and QEMU, and what the agent runs (qemu-img, xorriso).
+packages=(build-essential pkg-config ca-certificates libvirt-daemon-system libvirt-dev qemu-system-x86 qemu-utils xorriso)
 case "$purpose" in
   run) ;;
-  test) ;;
+  # The test guests: the Debian cloud kernel, busybox and cpio for the tiny initramfs.
+  test) packages+=(linux-image-cloud-amd64 busybox-static cpio kmod) ;;
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac
 
@@ -21,11 +23,30 @@ for p in "${packages[@]}"; do
     missing+=("$p")
   fi
 done
+# Some images carry a backported qemu-utils that Breaks Debian 12's qemu-system-x86; QEMU's
+# packages must come from one release, so qemu-utils is pinned to the system's own suite.
+codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")"
+qemu_utils_suite="$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)"
+if [[ "$qemu_utils_suite" == *bpo* ]] && ! dpkg-query -W -f='${Status}' qemu-system-x86 2>/dev/null | grep -q "install ok installed"; then
+  missing+=(qemu-utils)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing Debian packages: ${missing[*]}"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  args=()
+  for p in "${missing[@]}"; do
+    if [ "$p" = qemu-utils ] || [ "$p" = qemu-system-x86 ]; then args+=("$p/$codename"); else args+=("$p"); fi
+  done
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends --allow-downgrades "${args[@]}"
 fi
+
+# No systemd here: start the daemons libvirt needs unless they run.
+if ! pgrep -x virtlogd >/dev/null; then $sudo virtlogd -d; fi
+if ! pgrep -x libvirtd >/dev/null; then $sudo libvirtd -d; fi
+for _ in $(seq 1 50); do
+  [ -S /var/run/libvirt/libvirt-sock ] && break
+  sleep 0.1
+done
 
 # The Rust toolchain comes from rustup (Debian 12's rustc is too old for this workspace).
 if ! command -v cargo >/dev/null && [ -f "$HOME/.cargo/env" ]; then
@@ -47,4 +68,5 @@ if [ "$purpose" = test ]; then
     echo "installing cargo-nextest from crates.io"
     cargo install cargo-nextest --locked
   fi
+  scripts/build-tiny-guest.sh
 fi

@@ -32,6 +32,10 @@ pub struct AgentConfig {
     /// Every VM is reconciled again at least this often.
     pub resync: Duration,
     pub shutdown_timeout: Duration,
+    /// Where the agent serves VM logs to the API server (mutually authenticated HTTPS).
+    pub listen: std::net::SocketAddr,
+    /// The host name or address the API server should use to reach `listen`.
+    pub advertise: Option<String>,
 }
 
 impl AgentConfig {
@@ -47,6 +51,8 @@ impl AgentConfig {
             heartbeat: Duration::from_secs(3),
             resync: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(60),
+            listen: "127.0.0.1:0".parse().expect("a valid address"),
+            advertise: None,
         }
     }
 }
@@ -69,15 +75,21 @@ pub async fn run_with(
     libvirt: Libvirt,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
-    let client = Arc::new(
-        crate::identity::load_or_join(
-            &config.data_dir,
-            &config.servers,
-            config.join_token.as_deref(),
-            &config.node_name,
-        )
-        .await?,
-    );
+    let (client, ca_pem) = crate::identity::load_or_join(
+        &config.data_dir,
+        &config.servers,
+        config.join_token.as_deref(),
+        &config.node_name,
+    )
+    .await?;
+    let client = Arc::new(client);
+    let logs = crate::logserver::start(
+        config.listen,
+        config.advertise.as_deref(),
+        &ca_pem,
+        config.data_dir.clone(),
+    )
+    .await?;
     let virt_type = if config.libvirt_uri.starts_with("test:") {
         VirtType::Test
     } else {
@@ -92,7 +104,8 @@ pub async fn run_with(
         data_dir: config.data_dir.clone(),
         shutdown_timeout: config.shutdown_timeout,
     });
-    report_node(&ctx, &config).await?;
+    let endpoint = (logs.endpoint.clone(), logs.cert_sha256.clone());
+    report_node(&ctx, &config, &endpoint).await?;
     tracing::info!(node = %config.node_name, uri = %config.libvirt_uri, "agent started");
     let heartbeat = tokio::spawn(heartbeat(
         client.clone(),
@@ -152,7 +165,7 @@ pub async fn run_with(
                     }
                     actors.retain(|_, a| !a.desired.is_closed());
                     cleanup_orphans(&ctx, &actors).await;
-                    if let Err(e) = report_node(&ctx, &config).await {
+                    if let Err(e) = report_node(&ctx, &config, &endpoint).await {
                         tracing::warn!(error = %e, "cannot update node status");
                     }
                 }
@@ -305,7 +318,11 @@ fn disk_bytes(path: &std::path::Path) -> Option<u64> {
 }
 
 /// Capacity, versions and unmanaged domains into the Node's status.
-async fn report_node(ctx: &Context, config: &AgentConfig) -> Result<(), AgentError> {
+async fn report_node(
+    ctx: &Context,
+    config: &AgentConfig,
+    endpoint: &(String, String),
+) -> Result<(), AgentError> {
     let host = ctx.libvirt.host_info().await?;
     tokio::fs::create_dir_all(&config.data_dir)
         .await
@@ -330,7 +347,8 @@ async fn report_node(ctx: &Context, config: &AgentConfig) -> Result<(), AgentErr
     let status = json!({"status": {
         "capacity": resources, "allocatable": resources,
         "nodeInfo": {"hostname": host.hostname, "agentVersion": env!("CARGO_PKG_VERSION"), "libvirtVersion": host.libvirt_version,
-                     "qemuVersion": qemu.unwrap_or(host.hypervisor_version), "virtType": if ctx.virt_type == VirtType::Kvm { "kvm" } else { "qemu" }},
+                     "qemuVersion": qemu.unwrap_or(host.hypervisor_version), "virtType": if ctx.virt_type == VirtType::Kvm { "kvm" } else { "qemu" },
+                     "agentEndpoint": endpoint.0, "agentCertSha256": endpoint.1},
         "unmanagedDomains": unmanaged,
     }});
     ctx.client

@@ -14,12 +14,13 @@ use crate::error::{io, AgentError};
 pub const CA_HASH_SEPARATOR: &str = "::sha256:";
 
 /// A client with this node's credentials: stored ones if present, else obtained by joining.
+/// Also returns the CA that the agent trusts (from the join), for its own TLS endpoint.
 pub async fn load_or_join(
     data_dir: &Path,
     servers: &[String],
     join_token: Option<&str>,
     node: &str,
-) -> Result<Client, AgentError> {
+) -> Result<(Client, String), AgentError> {
     let path = data_dir.join("agent.yaml");
     if let Ok(text) = std::fs::read_to_string(&path) {
         let config: ClientConfig = serde_yaml::from_str(&text)
@@ -39,7 +40,8 @@ pub async fn load_or_join(
             ctx.server = None;
             ctx.servers = servers.to_vec();
         }
-        return Ok(Client::from_context(&ctx)?);
+        let ca = ctx.certificate_authority_data.clone().unwrap_or_default();
+        return Ok((Client::from_context(&ctx)?, ca));
     }
     let token = join_token.ok_or_else(|| {
         AgentError::Config(
@@ -94,7 +96,10 @@ pub async fn load_or_join(
     f.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
     tracing::info!(node, "joined the cluster; credentials stored");
-    Ok(Client::from_context(&ctx)?)
+    Ok((
+        Client::from_context(&ctx)?,
+        ctx.certificate_authority_data.clone().unwrap_or_default(),
+    ))
 }
 
 /// Fetches /cacerts without trusting the connection, and accepts it only if it matches the hash

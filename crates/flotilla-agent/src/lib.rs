@@ -10,6 +10,7 @@ pub mod domain;
 pub mod error;
 pub mod identity;
 pub mod libvirt;
+pub mod logserver;
 mod tools;
 pub mod vm;
 pub mod xml;

@@ -105,13 +105,30 @@ async fn tiny_guest_boots_and_reads_its_seed() {
     })
     .await;
     let uid = running["metadata"]["uid"].as_str().unwrap().to_string();
-    let console = agent_dir.join("vms").join(&uid).join("console.log");
+    // Through the log API: the server proxies the agent's copy of the serial console.
     let log = eventually("the guest prints its marker", 90, async || {
-        let text = std::fs::read_to_string(&console).ok()?;
+        let mut stream = Box::pin(admin.vm_log("default", &name, false).await.ok()?);
+        let mut text = Vec::new();
+        while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
+            text.extend_from_slice(&chunk);
+        }
+        let text = String::from_utf8_lossy(&text).into_owned();
         text.contains(&format!("FLOTILLA-MARKER {marker}"))
             .then_some(text)
     })
     .await;
+    // Following streams output as it appears; a node's credentials cannot read logs.
+    let mut follow = Box::pin(admin.vm_log("default", &name, true).await.unwrap());
+    let first = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::StreamExt::next(&mut follow),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .unwrap();
+    assert!(!first.is_empty());
+    drop(follow);
     assert!(
         log.contains(&format!("FLOTILLA-HOSTNAME {name}")),
         "meta-data carries the hostname:\n{log}"

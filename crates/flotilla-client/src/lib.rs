@@ -412,3 +412,21 @@ fn lines(
         },
     )
 }
+
+impl Client {
+    /// A VM's serial console log, proxied by the server from its node; `follow` keeps streaming.
+    pub async fn vm_log(
+        &self,
+        namespace: &str,
+        name: &str,
+        follow: bool,
+    ) -> Result<impl Stream<Item = Result<Bytes, ClientError>>, ClientError> {
+        let kind = flotilla_types::registry::by_kind("VirtualMachine").expect("registered");
+        let p = format!("{}/log", path(kind, Some(namespace), Some(name), false));
+        let query = [("follow", follow.to_string())];
+        let resp = self.send(Method::GET, &p, &query, None).await?;
+        Ok(resp
+            .bytes_stream()
+            .map(|c| c.map_err(|e| ClientError::Decode(format!("log stream broke: {e}")))))
+    }
+}

@@ -36,6 +36,9 @@ pub struct AppState {
     pub openapi: Arc<Value>,
     /// PEM of the CA, served at /cacerts for agents that verify it against their join token.
     pub ca_pem: Arc<String>,
+    /// The server's client certificate and key, presented to node agents.
+    pub client_cert_pem: Arc<String>,
+    pub client_key_pem: Arc<String>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -428,6 +431,18 @@ async fn resource(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    if params.get("sub").map(String::as_str) == Some("log")
+        && params.get("plural").map(String::as_str) == Some("virtualmachines")
+    {
+        let (ns, name) = (
+            params.get("ns").cloned().unwrap_or_default(),
+            params.get("name").cloned().unwrap_or_default(),
+        );
+        if method != Method::GET {
+            return Err(ApiError::method_not_allowed("the log is read with GET"));
+        }
+        return crate::logs::proxy(&state, &principal, &ns, &name, query.as_deref()).await;
+    }
     let target = resolve(&params)?;
     let q = parse_query(query.as_deref())?;
     let mut body = Some(body);

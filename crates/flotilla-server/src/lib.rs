@@ -19,9 +19,11 @@ pub mod authz;
 pub mod error;
 pub mod http;
 pub mod join;
+pub mod logs;
 pub mod metrics;
 pub mod objects;
 pub mod openapi;
+pub mod pinned;
 pub mod pki;
 pub mod tls;
 pub mod watch;
@@ -237,6 +239,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         bookmark_interval: config.bookmark_interval,
         openapi: Arc::new(openapi::document()),
         ca_pem: Arc::new(pki.ca_pem.clone()),
+        client_cert_pem: Arc::new(pki.client_cert_pem.clone()),
+        client_key_pem: Arc::new(pki.client_key_pem.clone()),
     };
     let app = http::router(state);
     let (shutdown, rx) = tokio::sync::watch::channel(false);

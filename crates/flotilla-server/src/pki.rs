@@ -31,6 +31,10 @@ pub struct Pki {
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+    /// A client certificate (issued anew on every start, never written to disk) with which the
+    /// server authenticates to node agents, e.g. to fetch VM logs.
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
 }
 
 #[derive(serde::Serialize, serde::Deserialize, PartialEq)]
@@ -154,10 +158,21 @@ pub fn load_or_create(dir: &Path, names: &[String]) -> Result<Pki, PkiError> {
         )?;
         tracing::info!(names = ?wanted, "issued a server certificate");
     }
+    let issuer = ca_params()?.self_signed(&ca_keypair)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "flotilla-apiserver");
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let client_key = KeyPair::generate()?;
+    let client_cert = params.signed_by(&client_key, &issuer, &ca_keypair)?;
     Ok(Pki {
         ca_pem,
         cert_pem: fs::read_to_string(&crt).map_err(io(&crt))?,
         key_pem: fs::read_to_string(&key).map_err(io(&key))?,
+        client_cert_pem: client_cert.pem(),
+        client_key_pem: client_key.serialize_pem(),
     })
 }
 

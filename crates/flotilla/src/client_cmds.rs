@@ -437,6 +437,14 @@ pub enum VmCommand {
     Stop(VmTarget),
     /// Restart a running VM.
     Restart(VmTarget),
+    /// Print the VM's serial console log.
+    Log {
+        #[command(flatten)]
+        target: VmTarget,
+        /// Keep printing new output.
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
 }
 
 #[derive(Args)]
@@ -472,6 +480,21 @@ pub async fn node(conn: &ConnectionArgs, cmd: NodeCommand) -> anyhow::Result<()>
 pub async fn vm(conn: &ConnectionArgs, cmd: VmCommand) -> anyhow::Result<()> {
     let (client, ctx) = config::client(conn)?;
     let vms = registry::by_kind("VirtualMachine").expect("registered");
+    if let VmCommand::Log { target, follow } = cmd {
+        let proj = project(&target.project, &ctx).to_string();
+        let mut stream = Box::pin(
+            client
+                .vm_log(&proj, &target.name, follow)
+                .await
+                .map_err(|e| not_found_hint(e, vms, &proj))?,
+        );
+        let mut out = std::io::stdout();
+        while let Some(chunk) = stream.next().await {
+            std::io::Write::write_all(&mut out, &chunk?)?;
+            std::io::Write::flush(&mut out)?;
+        }
+        return Ok(());
+    }
     let (target, patch, done) = match cmd {
         VmCommand::Start(t) => (
             t,
@@ -491,6 +514,7 @@ pub async fn vm(conn: &ConnectionArgs, cmd: VmCommand) -> anyhow::Result<()> {
                 "restart requested",
             )
         }
+        VmCommand::Log { .. } => unreachable!("handled above"),
     };
     let proj = project(&target.project, &ctx).to_string();
     client

@@ -140,10 +140,14 @@ fn apply_get_describe_delete() {
     );
 
     let table = ok(cli(&s, &["get", "vms"]));
-    assert!(
-        table.starts_with("NAME   PHASE   NODE   AGE\nweb "),
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["NAME", "PHASE", "NODE", "AGE"],
         "{table}"
     );
+    assert!(lines[1].starts_with("web "), "{table}");
+    assert_eq!(lines.len(), 2, "only the default project's VM: {table}");
     let all = ok(cli(&s, &["get", "vm", "-A", "-o", "wide"]));
     assert!(
         all.contains("PROJECT") && all.contains("team-a") && all.contains("default"),

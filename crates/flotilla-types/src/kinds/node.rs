@@ -43,6 +43,12 @@ pub struct NodeInfo {
     /// `kvm` or `qemu` (TCG).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virt_type: Option<String>,
+    /// Where the agent serves VM logs to the API server (HTTPS, client certificates only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_endpoint: Option<String>,
+    /// SHA-256 of the agent's serving certificate, pinned by the API server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_cert_sha256: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
