@@ -2,6 +2,10 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
+# kvm (hardware) or qemu (TCG emulation). qemu works everywhere, including under nested
+# virtualisation where KVM can hang; use `make run VIRT_TYPE=kvm` on real hardware.
+VIRT_TYPE ?= qemu
+export FLOTILLA_VIRT_TYPE := $(VIRT_TYPE)
 
 .PHONY: run test build lint bench-api openapi
 

@@ -7,10 +7,12 @@ set -euo pipefail
 purpose="${1:-run}"
 # Build tools, libvirt and QEMU, and what the agent runs (qemu-img, xorriso).
 packages=(build-essential pkg-config ca-certificates libvirt-daemon-system libvirt-dev qemu-system-x86 qemu-utils xorriso)
+# The tiny guest (both the example and the tests boot it): the Debian cloud kernel, busybox and
+# cpio for its initramfs.
+packages+=(linux-image-cloud-amd64 busybox-static cpio kmod)
 case "$purpose" in
   run) ;;
-  # The test guests: the Debian cloud kernel, busybox and cpio for the tiny initramfs.
-  test) packages+=(linux-image-cloud-amd64 busybox-static cpio kmod) ;;
+  test) ;;
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac
 

@@ -20,10 +20,15 @@ if [ ! -e "$config_dir/config.yaml" ]; then
   ln -s "$data_dir/admin.yaml" "$config_dir/config.yaml"
 fi
 
+# The tiny example guest (examples/tiny-vm.yaml boots it).
+OUT="$data_dir/guests/tiny" scripts/build-tiny-guest.sh
+
 cat <<MSG
-Starting Flotilla (data in $data_dir). In another terminal:
-  flotilla get projects
-  flotilla apply -f examples/vm.yaml
-  flotilla get vms
+Starting Flotilla all-in-one (server, controllers and a local agent on qemu:///system, virtualisation
+type ${FLOTILLA_VIRT_TYPE}); data in $data_dir. In another terminal:
+  flotilla get nodes
+  flotilla apply -f examples/tiny-vm.yaml
+  flotilla get vms -w              # Ctrl-C once it is Running
+  flotilla vm log tiny
 MSG
-exec "$bin_dir/flotilla" server --data-dir "$data_dir" ${FLOTILLA_LISTEN:+--listen "$FLOTILLA_LISTEN"}
+exec "$bin_dir/flotilla" up --data-dir "$data_dir" --virt-type "${FLOTILLA_VIRT_TYPE}" ${FLOTILLA_LISTEN:+--listen "$FLOTILLA_LISTEN"}

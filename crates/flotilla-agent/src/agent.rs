@@ -343,7 +343,11 @@ async fn report_node(
         .filter(|d| d.flotilla_uid.is_none())
         .map(|d| json!({"name": d.name, "uuid": d.uuid, "cpus": d.cpus, "memory": format!("{}Ki", d.memory_kib)}))
         .collect();
-    let resources = json!({"cpus": host.cpus, "memory": format!("{}", host.memory_bytes), "disk": format!("{disk}")});
+    let resources = json!({
+        "cpus": host.cpus,
+        "memory": flotilla_types::Quantity::from_bytes(host.memory_bytes as u128),
+        "disk": flotilla_types::Quantity::from_bytes(disk as u128),
+    });
     let status = json!({"status": {
         "capacity": resources, "allocatable": resources,
         "nodeInfo": {"hostname": host.hostname, "agentVersion": env!("CARGO_PKG_VERSION"), "libvirtVersion": host.libvirt_version,

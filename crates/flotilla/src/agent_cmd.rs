@@ -151,7 +151,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         server.admin_config_path.display()
     );
     eprintln!(
-        "Next: flotilla get nodes; flotilla apply -f examples/tiny-vm.yaml; flotilla get vms -w"
+        "Next: flotilla get nodes; flotilla apply -f examples/tiny-vm.yaml; flotilla vm log tiny"
     );
     tokio::select! {
         r = run => {

@@ -3,9 +3,22 @@
 use flotilla_types::registry::KindInfo;
 use serde_json::Value;
 
-/// Follows a dotted path; arrays are joined with commas, absent values are empty.
+/// Follows a dotted path; `list[key=value]` picks the element of a list whose `key` is `value`
+/// (e.g. `status.conditions[type=Ready].status`); arrays are joined with commas, absent values
+/// are empty.
 pub fn field(object: &Value, path: &str) -> String {
-    let v = path.split('.').try_fold(object, |v, seg| v.get(seg));
+    let v = path
+        .split('.')
+        .try_fold(object, |v, seg| match seg.split_once('[') {
+            Some((name, filter)) => {
+                let (key, want) = filter.trim_end_matches(']').split_once('=')?;
+                v.get(name)?
+                    .as_array()?
+                    .iter()
+                    .find(|item| item[key].as_str() == Some(want))
+            }
+            None => v.get(seg),
+        });
     match v {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s.clone(),
@@ -231,6 +244,9 @@ mod tests {
     #[test]
     fn ages() {
         assert!(age("2000-01-01T00:00:00Z").ends_with('d'));
+        let node = json!({"status": {"conditions": [{"type": "Other", "status": "False"}, {"type": "Ready", "status": "True"}]}});
+        assert_eq!(field(&node, "status.conditions[type=Ready].status"), "True");
+        assert_eq!(field(&node, "status.conditions[type=Missing].status"), "");
         assert_eq!(age("garbage"), "<unknown>");
     }
 }

@@ -105,7 +105,8 @@ crate::define_kind! {
         short_names: ["no"],
         namespaced: false,
         field_selectors: ["spec.unschedulable"],
-        columns: [
+                columns: [
+            "READY" => "status.conditions[type=Ready].status",
             "CPUS" => "status.capacity.cpus",
             "MEMORY" => "status.capacity.memory",
             "VIRT" => "status.nodeInfo.virtType" (wide),
