@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 VIRT_TYPE ?= qemu
 export FLOTILLA_VIRT_TYPE := $(VIRT_TYPE)
 
-.PHONY: run test build lint bench-api openapi
+.PHONY: run test build lint bench-api bench-boot openapi
 
 run:
 	scripts/install-deps.sh run
@@ -31,6 +31,11 @@ lint:
 bench-api:
 	scripts/install-deps.sh run
 	$(CARGO) bench --locked -p flotilla --bench api
+
+# API-accepted -> domain running for 20 tiny VMs on real QEMU, beside raw libvirt define+start.
+bench-boot:
+	scripts/install-deps.sh test
+	$(CARGO) bench --locked -p flotilla --bench boot
 
 # Rewrites openapi/flotilla.json after an API change (a test fails until it is committed).
 openapi:

@@ -59,6 +59,8 @@ fn state_of(raw: u32) -> DomainState {
 
 impl Libvirt {
     pub async fn open(uri: &str) -> Result<Self, AgentError> {
+        // Errors come back as values; libvirt's default handler would also print each to stderr.
+        virt::error::clear_error_callback();
         let owned = uri.to_string();
         let conn = tokio::task::spawn_blocking(move || Connect::open(Some(&owned)))
             .await

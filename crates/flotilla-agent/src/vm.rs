@@ -63,7 +63,8 @@ pub async fn remove_everything(ctx: &Context, uid: &str) -> Result<(), AgentErro
 }
 
 pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, AgentError> {
-    let vms = lookup("vm").expect("registered");
+    let started = std::time::Instant::now();
+    let step = |what: &str| tracing::debug!(vm = %vm.metadata.name, ms = started.elapsed().as_millis() as u64, "{what}");
     let meta = &vm.metadata;
     let uid = meta
         .uid
@@ -75,29 +76,19 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
     if meta.deletion_timestamp.is_some() {
         remove_everything(ctx, &uid).await?;
         if meta.finalizers.iter().any(|f| f == FINALIZER) {
-            let rest: Vec<&String> = meta.finalizers.iter().filter(|f| *f != FINALIZER).collect();
-            let patch =
-                json!({"metadata": {"finalizers": rest, "resourceVersion": meta.resource_version}});
-            match ctx
-                .client
-                .patch(vms, Some(&project), &name, &patch, false)
-                .await
-            {
-                Ok(_) => tracing::info!(vm = %name, "deleted: domain and files removed"),
-                Err(e) if e.code() == Some(404) => {}
-                Err(e) => return Err(e.into()),
-            }
+            edit_finalizers(ctx, &project, &name, |f| f.retain(|x| x != FINALIZER)).await?;
+            tracing::info!(vm = %name, "deleted: domain and files removed");
         }
         return Ok(Outcome::Gone);
     }
     if !meta.finalizers.iter().any(|f| f == FINALIZER) {
         // Before creating anything, so that a deletion cannot leave it behind.
-        let mut finalizers = meta.finalizers.clone();
-        finalizers.push(FINALIZER.into());
-        let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": meta.resource_version}});
-        ctx.client
-            .patch(vms, Some(&project), &name, &patch, false)
-            .await?;
+        edit_finalizers(ctx, &project, &name, |f| {
+            if !f.iter().any(|x| x == FINALIZER) {
+                f.push(FINALIZER.into())
+            }
+        })
+        .await?;
         // The watch delivers the updated object; continue from there.
         return Ok(Outcome::Done);
     }
@@ -108,6 +99,7 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
     if existing.is_none() {
         write_status(ctx, vm, "Provisioning", None).await?;
     }
+    step("provisioning reported");
 
     let (cpus, memory) = match (&vm.spec.resources, &vm.spec.class) {
         (Some(r), _) => (r.cpus, r.memory.value()),
@@ -168,6 +160,7 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
             .await
             .map_err(io(&stamp))?;
     }
+    step("seed ready");
     let vnc_password = vnc_password(&dir).await?;
     let spec = DomainSpec {
         virt_type: ctx.virt_type,
@@ -189,7 +182,9 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
     };
     // Redefining is idempotent; on a running domain the new definition applies at next boot.
     ctx.libvirt.define(spec.to_xml()).await?;
+    step("defined");
 
+    step("disks and domain ready");
     let restart = meta.annotations.get(RESTART_ANNOTATION).cloned();
     let status = vm.status.clone().unwrap_or_default();
     let wants_restart = restart.is_some() && restart != status.last_restart_request;
@@ -211,6 +206,7 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
             }
         }
     }
+    step("power state applied");
     let phase = match ctx.libvirt.state(&uid).await? {
         Some(DomainState::Running)
         | Some(DomainState::ShuttingDown)
@@ -229,6 +225,46 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
     )
     .await?;
     Ok(Outcome::Done)
+}
+
+/// Changes the finalizer list on the latest version of the VM, guarded by its resourceVersion
+/// so that nobody else's finalizer is lost; a conflict (someone wrote in between) is retried at
+/// once with the newer version. A VM that is already gone needs no change.
+async fn edit_finalizers(
+    ctx: &Context,
+    project: &str,
+    name: &str,
+    edit: impl Fn(&mut Vec<String>),
+) -> Result<(), AgentError> {
+    let vms = lookup("vm").expect("registered");
+    for _ in 0..10 {
+        let current = match ctx.client.get(vms, Some(project), name).await {
+            Ok(v) => v,
+            Err(e) if e.code() == Some(404) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut finalizers: Vec<String> =
+            serde_json::from_value(current["metadata"]["finalizers"].clone()).unwrap_or_default();
+        let before = finalizers.clone();
+        edit(&mut finalizers);
+        if finalizers == before {
+            return Ok(());
+        }
+        let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": current["metadata"]["resourceVersion"]}});
+        match ctx
+            .client
+            .patch(vms, Some(project), name, &patch, false)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if e.code() == Some(409) => continue,
+            Err(e) if e.code() == Some(404) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(AgentError::Config(format!(
+        "the finalizers of {name} kept changing; will retry"
+    )))
 }
 
 /// Graceful shutdown, then destroy after the timeout.

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use flotilla_server::objects::{ListOptions, Objects};
 use flotilla_types::registry::KINDS;
-use futures::StreamExt;
 use serde_json::Value;
 
 /// One sweep: deletes orphans; returns how many.
@@ -63,23 +62,28 @@ pub async fn sweep(objects: &Objects) -> Result<usize, flotilla_server::ApiError
 }
 
 pub async fn run(objects: Objects, resync: Duration) {
+    let mut events = None;
     loop {
+        if events.is_none() {
+            events = objects.store().watch("/registry/", 0).await.ok();
+        }
         if let Err(e) = sweep(&objects).await {
             tracing::warn!(error = %e, "garbage collection sweep failed");
         }
-        // Wait for a deletion (then let a burst settle) or the resync period.
-        let deletion = async {
-            let Ok(mut events) = objects.store().watch("/registry/", 0).await else {
-                tokio::time::sleep(resync).await;
-                return;
-            };
-            while let Some(Ok(ev)) = events.next().await {
-                if ev.kind == flotilla_store::EventKind::Delete {
+        match events.as_mut() {
+            // Only deletions can orphan anything; let a burst of them settle.
+            Some(stream) => {
+                if crate::wait_for_change(stream, resync, |ev| {
+                    ev.kind == flotilla_store::EventKind::Delete
+                })
+                .await
+                {
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    return;
+                } else {
+                    events = None;
                 }
             }
-        };
-        let _ = tokio::time::timeout(resync, deletion).await;
+            None => tokio::time::sleep(resync).await,
+        }
     }
 }

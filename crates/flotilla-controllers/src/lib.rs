@@ -45,3 +45,35 @@ pub fn spawn_all(objects: Objects, config: ControllerConfig) -> Vec<tokio::task:
     }
     tasks
 }
+
+/// Waits for a change to a key `relevant` accepts, or `timeout`; then takes whatever else has
+/// already arrived, so that a burst of changes costs one pass. False when the watch has ended
+/// (the caller starts a new one).
+pub(crate) async fn wait_for_change(
+    events: &mut flotilla_store::WatchStream,
+    timeout: Duration,
+    relevant: impl Fn(&flotilla_store::WatchEvent) -> bool,
+) -> bool {
+    use futures::StreamExt;
+    let first = tokio::time::timeout(timeout, async {
+        loop {
+            match events.next().await {
+                Some(Ok(ev)) if relevant(&ev) => return true,
+                Some(Ok(_)) => continue,
+                _ => return false,
+            }
+        }
+    })
+    .await;
+    match first {
+        Ok(false) => false,
+        _ => {
+            while let Some(Some(item)) = futures::FutureExt::now_or_never(events.next()) {
+                if item.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
+    }
+}

@@ -11,7 +11,6 @@ use flotilla_server::Subresource;
 use flotilla_types::meta::now;
 use flotilla_types::registry;
 use flotilla_types::selector::FieldSelector;
-use futures::StreamExt;
 use serde_json::{json, Value};
 
 fn items(raw: Vec<Vec<u8>>) -> Vec<Value> {
@@ -123,7 +122,7 @@ pub async fn schedule_pending(objects: &Objects) -> Result<usize, flotilla_serve
                         Subresource::Status,
                     )
                     .await;
-                tracing::info!(vm = name, node = %node, "scheduled");
+                tracing::debug!(vm = name, node = %node, "scheduled");
             }
             Err(e) if e.code() == 409 || e.code() == 404 => {}
             Err(e) => tracing::warn!(vm = name, error = %e, "could not bind"),
@@ -133,24 +132,26 @@ pub async fn schedule_pending(objects: &Objects) -> Result<usize, flotilla_serve
 }
 
 pub async fn run(objects: Objects, resync: Duration) {
+    // One watch for the controller's lifetime: a change between two passes is never missed.
+    let mut events = None;
     loop {
+        if events.is_none() {
+            events = objects.store().watch("/registry/", 0).await.ok();
+        }
         if let Err(e) = schedule_pending(&objects).await {
             tracing::warn!(error = %e, "scheduling pass failed");
         }
-        // Wake on any VM or node change, or after `resync`.
-        let change = async {
-            let Ok(mut events) = objects.store().watch("/registry/", 0).await else {
-                return;
-            };
-            while let Some(Ok(ev)) = events.next().await {
-                if ev.kv.key.starts_with("/registry/virtualmachines/")
-                    || ev.kv.key.starts_with("/registry/nodes/")
-                {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    return;
+        let relevant = |ev: &flotilla_store::WatchEvent| {
+            ev.kv.key.starts_with("/registry/virtualmachines/")
+                || ev.kv.key.starts_with("/registry/nodes/")
+        };
+        match events.as_mut() {
+            Some(stream) => {
+                if !crate::wait_for_change(stream, resync, relevant).await {
+                    events = None;
                 }
             }
-        };
-        let _ = tokio::time::timeout(resync, change).await;
+            None => tokio::time::sleep(resync).await,
+        }
     }
 }
