@@ -113,6 +113,8 @@ pub async fn run_with(
         config.heartbeat,
     ));
     let mut actors: HashMap<String, Actor> = HashMap::new();
+    // Domain lifecycle events (start, stop, crash) wake the VM's actor at once.
+    let mut domain_events = libvirt.domain_events();
     let mut resync = tokio::time::interval(config.resync);
     resync.tick().await;
     let vms = lookup("vm").expect("registered");
@@ -158,7 +160,14 @@ pub async fn run_with(
         };
         loop {
             tokio::select! {
-                _ = stop.changed() => break 'relist,
+                                _ = stop.changed() => break 'relist,
+                Some(uuid) = async { match domain_events.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                    for a in actors.values() {
+                        if a.desired.borrow().as_ref().and_then(|vm| vm.metadata.uid.as_deref()) == Some(uuid.as_str()) {
+                            a.kick.notify_one();
+                        }
+                    }
+                }
                 _ = resync.tick() => {
                     for a in actors.values() {
                         a.kick.notify_one();

@@ -8,6 +8,7 @@ pub mod cloudinit;
 pub mod disks;
 pub mod domain;
 pub mod error;
+mod events;
 pub mod identity;
 pub mod libvirt;
 pub mod logserver;

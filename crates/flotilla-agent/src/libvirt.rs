@@ -61,6 +61,7 @@ impl Libvirt {
     pub async fn open(uri: &str) -> Result<Self, AgentError> {
         // Errors come back as values; libvirt's default handler would also print each to stderr.
         virt::error::clear_error_callback();
+        crate::events::ensure_event_loop();
         let owned = uri.to_string();
         let conn = tokio::task::spawn_blocking(move || Connect::open(Some(&owned)))
             .await
@@ -74,6 +75,11 @@ impl Libvirt {
 
     pub fn uri(&self) -> &str {
         &self.uri
+    }
+
+    /// Lifecycle events of every domain, as domain UUIDs (None if libvirt refuses).
+    pub fn domain_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<String>> {
+        crate::events::subscribe(&self.conn)
     }
 
     async fn run<T: Send + 'static>(

@@ -107,7 +107,8 @@ async fn vm_lifecycle_on_the_test_driver() {
     agent_config.join_token = Some(join_token(&server, &admin).await);
     agent_config.libvirt_uri = "test:///default".into();
     agent_config.heartbeat = Duration::from_millis(500);
-    agent_config.resync = Duration::from_secs(2);
+    // Long enough that only libvirt's lifecycle events can explain a quick reaction below.
+    agent_config.resync = Duration::from_secs(600);
     agent_config.shutdown_timeout = Duration::from_secs(2);
     let libvirt = Libvirt::open("test:///default").await.unwrap();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -187,6 +188,14 @@ async fn vm_lifecycle_on_the_test_driver() {
         xml.contains("<name>default_web</name>") && xml.contains("flotilla.dev/xmlns/domain/1"),
         "{xml}"
     );
+
+    // The domain dies behind Flotilla's back: the lifecycle event brings the agent back at once
+    // (powerState Running is the desired state, so it is started again).
+    libvirt.destroy(&uid).await.unwrap();
+    eventually("the destroyed domain is started again", 10, async || {
+        (libvirt.state(&uid).await.ok()? == Some(DomainState::Running)).then_some(())
+    })
+    .await;
 
     // Stop, then start again.
     admin
