@@ -105,7 +105,7 @@ pub async fn run_with(
         shutdown_timeout: config.shutdown_timeout,
     });
     let endpoint = (logs.endpoint.clone(), logs.cert_sha256.clone());
-    report_node(&ctx, &config, &endpoint).await?;
+    report_node(&ctx, &config, &endpoint, &Default::default()).await?;
     tracing::info!(node = %config.node_name, uri = %config.libvirt_uri, "agent started");
     let heartbeat = tokio::spawn(heartbeat(
         client.clone(),
@@ -163,7 +163,10 @@ pub async fn run_with(
                                 _ = stop.changed() => break 'relist,
                 Some(uuid) = async { match domain_events.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
                     for a in actors.values() {
-                        if a.desired.borrow().as_ref().and_then(|vm| vm.metadata.uid.as_deref()) == Some(uuid.as_str()) {
+                                                let desired = a.desired.borrow();
+                        let vm = desired.as_ref();
+                        let domain = vm.and_then(|vm| vm.spec.adopted_domain.as_deref().or(vm.metadata.uid.as_deref()));
+                        if domain == Some(uuid.as_str()) {
                             a.kick.notify_one();
                         }
                     }
@@ -174,7 +177,7 @@ pub async fn run_with(
                     }
                     actors.retain(|_, a| !a.desired.is_closed());
                     cleanup_orphans(&ctx, &actors).await;
-                    if let Err(e) = report_node(&ctx, &config, &endpoint).await {
+                                        if let Err(e) = report_node(&ctx, &config, &endpoint, &adopted_domains(&actors)).await {
                         tracing::warn!(error = %e, "cannot update node status");
                     }
                 }
@@ -327,10 +330,24 @@ fn disk_bytes(path: &std::path::Path) -> Option<u64> {
 }
 
 /// Capacity, versions and unmanaged domains into the Node's status.
+/// Domains that VMs adopted: no longer "unmanaged".
+fn adopted_domains(actors: &HashMap<String, Actor>) -> std::collections::HashSet<String> {
+    actors
+        .values()
+        .filter_map(|a| {
+            a.desired
+                .borrow()
+                .as_ref()
+                .and_then(|vm| vm.spec.adopted_domain.clone())
+        })
+        .collect()
+}
+
 async fn report_node(
     ctx: &Context,
     config: &AgentConfig,
     endpoint: &(String, String),
+    adopted: &std::collections::HashSet<String>,
 ) -> Result<(), AgentError> {
     let host = ctx.libvirt.host_info().await?;
     tokio::fs::create_dir_all(&config.data_dir)
@@ -349,8 +366,12 @@ async fn report_node(
     let domains = ctx.libvirt.list().await?;
     let unmanaged: Vec<Value> = domains
         .iter()
-        .filter(|d| d.flotilla_uid.is_none())
-        .map(|d| json!({"name": d.name, "uuid": d.uuid, "cpus": d.cpus, "memory": format!("{}Ki", d.memory_kib)}))
+        .filter(|d| d.flotilla_uid.is_none() && !adopted.contains(&d.uuid))
+        .map(|d| {
+            json!({"name": d.name, "uuid": d.uuid, "cpus": d.cpus,
+                   "memory": flotilla_types::Quantity::from_bytes(d.memory_kib as u128 * 1024),
+                   "running": d.state == crate::libvirt::DomainState::Running})
+        })
         .collect();
     let resources = json!({
         "cpus": host.cpus,

@@ -73,8 +73,15 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
     let project = meta.namespace.clone().unwrap_or_else(|| "default".into());
     let name = meta.name.clone();
 
+    // An adopted domain keeps its own UUID and definition; Flotilla only drives its power.
+    let adopted = vm.spec.adopted_domain.clone();
+    let domain = adopted.clone().unwrap_or_else(|| uid.clone());
     if meta.deletion_timestamp.is_some() {
-        remove_everything(ctx, &uid).await?;
+        if adopted.is_none() {
+            remove_everything(ctx, &uid).await?;
+        } else {
+            tracing::info!(vm = %name, domain = %domain, "released the adopted domain");
+        }
         if meta.finalizers.iter().any(|f| f == FINALIZER) {
             edit_finalizers(ctx, &project, &name, |f| f.retain(|x| x != FINALIZER)).await?;
             tracing::info!(vm = %name, "deleted: domain and files removed");
@@ -93,6 +100,15 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
         return Ok(Outcome::Done);
     }
 
+    if adopted.is_some() {
+        if ctx.libvirt.state(&domain).await?.is_none() {
+            return Err(AgentError::Libvirt(format!(
+                "the adopted domain {domain} does not exist on {}",
+                ctx.node
+            )));
+        }
+        return apply_power(ctx, vm, &domain).await;
+    }
     let dir = ctx.vm_dir(&uid);
     create_traversable_dir(&dir).await?;
     let existing = ctx.libvirt.state(&uid).await?;
@@ -185,29 +201,37 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
     step("defined");
 
     step("disks and domain ready");
+    apply_power(ctx, vm, &uid).await
+}
+
+/// Drives the domain to `spec.powerState` (and carries out a restart request), then reports.
+async fn apply_power(ctx: &Context, vm: &VirtualMachine, uid: &str) -> Result<Outcome, AgentError> {
+    let (meta, name) = (&vm.metadata, &vm.metadata.name);
+    let started = std::time::Instant::now();
+    let step = |what: &str| tracing::debug!(vm = %name, ms = started.elapsed().as_millis() as u64, "{what}");
     let restart = meta.annotations.get(RESTART_ANNOTATION).cloned();
     let status = vm.status.clone().unwrap_or_default();
     let wants_restart = restart.is_some() && restart != status.last_restart_request;
     match vm.spec.power_state {
         PowerState::Running => {
-            if wants_restart && ctx.libvirt.state(&uid).await? == Some(DomainState::Running) {
-                stop(ctx, &uid).await?;
+            if wants_restart && ctx.libvirt.state(uid).await? == Some(DomainState::Running) {
+                stop(ctx, uid).await?;
                 tracing::info!(vm = %name, "restarting on request");
             }
-            if ctx.libvirt.state(&uid).await? != Some(DomainState::Running) {
-                ctx.libvirt.start(&uid).await?;
+            if ctx.libvirt.state(uid).await? != Some(DomainState::Running) {
+                ctx.libvirt.start(uid).await?;
                 tracing::info!(vm = %name, "started");
             }
         }
         PowerState::Stopped => {
-            if ctx.libvirt.state(&uid).await? != Some(DomainState::Stopped) {
-                stop(ctx, &uid).await?;
+            if ctx.libvirt.state(uid).await? != Some(DomainState::Stopped) {
+                stop(ctx, uid).await?;
                 tracing::info!(vm = %name, "stopped");
             }
         }
     }
     step("power state applied");
-    let phase = match ctx.libvirt.state(&uid).await? {
+    let phase = match ctx.libvirt.state(uid).await? {
         Some(DomainState::Running)
         | Some(DomainState::ShuttingDown)
         | Some(DomainState::Paused) => "Running",

@@ -437,6 +437,18 @@ pub enum VmCommand {
     Stop(VmTarget),
     /// Restart a running VM.
     Restart(VmTarget),
+    /// Take over an existing libvirt domain on a node (listed in the Node's unmanagedDomains)
+    /// without disturbing it. Deleting the VM later releases the domain again.
+    Adopt {
+        node: String,
+        /// The domain's name or UUID.
+        domain: String,
+        /// Name of the VM (default: derived from the domain's name).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(short = 'p', long)]
+        project: Option<String>,
+    },
     /// Print the VM's serial console log.
     Log {
         #[command(flatten)]
@@ -452,6 +464,22 @@ pub struct VmTarget {
     pub name: String,
     #[arg(short = 'p', long)]
     pub project: Option<String>,
+}
+
+/// A DNS-1123 label from a libvirt domain name.
+fn dns_label_from(s: &str) -> String {
+    let cleaned: String = s
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let label: String = cleaned.trim_matches('-').chars().take(63).collect();
+    let label = label.trim_end_matches('-').to_string();
+    if label.is_empty() {
+        "adopted".into()
+    } else {
+        label
+    }
 }
 
 pub async fn node(conn: &ConnectionArgs, cmd: NodeCommand) -> anyhow::Result<()> {
@@ -480,6 +508,32 @@ pub async fn node(conn: &ConnectionArgs, cmd: NodeCommand) -> anyhow::Result<()>
 pub async fn vm(conn: &ConnectionArgs, cmd: VmCommand) -> anyhow::Result<()> {
     let (client, ctx) = config::client(conn)?;
     let vms = registry::by_kind("VirtualMachine").expect("registered");
+    if let VmCommand::Adopt {
+        node,
+        domain,
+        name,
+        project: p,
+    } = cmd
+    {
+        let nodes = registry::by_kind("Node").expect("registered");
+        let n = client.get(nodes, None, &node).await?;
+        let found = n["status"]["unmanagedDomains"]
+            .as_array()
+            .and_then(|ds| ds.iter().find(|d| d["name"] == domain.as_str() || d["uuid"] == domain.as_str()).cloned())
+            .ok_or_else(|| anyhow!("node {node} reports no unmanaged domain {domain:?}; see `flotilla get node {node} -o yaml`"))?;
+        let name = name.unwrap_or_else(|| dns_label_from(output::field(&found, "name").as_str()));
+        let proj = project(&p, &ctx).to_string();
+        let vm = json!({"metadata": {"name": name, "annotations": {"flotilla.dev/adopted-domain-name": found["name"]}},
+            "spec": {"nodeName": node, "adoptedDomain": found["uuid"],
+                     "powerState": if found["running"] == true { "Running" } else { "Stopped" },
+                     "resources": {"cpus": found["cpus"], "memory": found["memory"]}}});
+        client.create(vms, Some(&proj), &vm).await?;
+        println!(
+            "virtualmachine/{name} adopted domain {} on {node}",
+            output::field(&found, "name")
+        );
+        return Ok(());
+    }
     if let VmCommand::Log { target, follow } = cmd {
         let proj = project(&target.project, &ctx).to_string();
         let mut stream = Box::pin(
@@ -514,7 +568,7 @@ pub async fn vm(conn: &ConnectionArgs, cmd: VmCommand) -> anyhow::Result<()> {
                 "restart requested",
             )
         }
-        VmCommand::Log { .. } => unreachable!("handled above"),
+        VmCommand::Log { .. } | VmCommand::Adopt { .. } => unreachable!("handled above"),
     };
     let proj = project(&target.project, &ctx).to_string();
     client

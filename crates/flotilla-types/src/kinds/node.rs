@@ -76,6 +76,8 @@ pub struct UnmanagedDomain {
     pub uuid: String,
     pub cpus: u32,
     pub memory: Quantity,
+    #[serde(default)]
+    pub running: bool,
 }
 
 impl Validate for NodeSpec {

@@ -45,6 +45,11 @@ pub struct VirtualMachineSpec {
     pub node_name: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
+    /// UUID of an existing libvirt domain on `nodeName` that this VM represents (`flotilla vm
+    /// adopt`). Flotilla then manages its power state only: it never redefines the domain or
+    /// touches its disks, and deleting the VM releases the domain instead of destroying it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted_domain: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -180,7 +185,21 @@ impl Validate for VirtualMachineSpec {
                 }
             }
         }
-        if self.image.is_none() && self.boot.is_none() {
+        if let Some(uuid) = &self.adopted_domain {
+            if uuid.len() != 36 || !uuid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+                errs.push(
+                    format!("{path}.adoptedDomain"),
+                    format!("{uuid:?} must be a domain UUID"),
+                );
+            }
+            if self.node_name.is_none() {
+                errs.push(
+                    format!("{path}.nodeName"),
+                    "is required for an adopted domain: the node it runs on",
+                );
+            }
+        }
+        if self.image.is_none() && self.boot.is_none() && self.adopted_domain.is_none() {
             errs.push(
                 format!("{path}.image"),
                 "is required: name an Image, or set boot {kernel, initrd, cmdline}",

@@ -1,0 +1,139 @@
+//! `flotilla up` (server, controllers and local agent in one process) on libvirt's test driver,
+//! driven through the CLI: nodes, join tokens, adopting an existing domain, power operations.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+
+struct Up(Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn cli(config: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("FLOTILLA_CONFIG", config)
+        .env("HOME", "/nonexistent")
+        .output()
+        .unwrap()
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json(config: &Path, args: &[&str]) -> Option<serde_json::Value> {
+    let o = cli(config, args);
+    o.status
+        .success()
+        .then(|| serde_json::from_slice(&o.stdout).ok())
+        .flatten()
+}
+
+fn eventually<T>(what: &str, secs: u64, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn up_runs_everything_and_adopts_an_existing_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: PathBuf = dir.path().join("data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(BIN)
+        .args([
+            "up",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args([
+            "--libvirt-uri",
+            "test:///default",
+            "--node-name",
+            "up-node",
+            "--virt-type",
+            "qemu",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _up = Up(child);
+    let config = data.join("admin.yaml");
+    let node = eventually("the local node is Ready", 30, || {
+        let n = json(&config, &["get", "node", "up-node", "-o", "json"])?;
+        let ready = n["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        ready.then_some(n)
+    });
+    let unmanaged = node["status"]["unmanagedDomains"].as_array().unwrap();
+    assert!(
+        unmanaged
+            .iter()
+            .any(|d| d["name"] == "test" && d["running"] == true),
+        "{unmanaged:?}"
+    );
+    assert!(ok(cli(&config, &["get", "nodes"])).contains("up-node"));
+    let token = ok(cli(&config, &["node", "token", "create", "--ttl", "10m"]));
+    assert!(token.trim().contains("::sha256:"), "{token}");
+
+    assert_eq!(
+        ok(cli(&config, &["vm", "adopt", "up-node", "test"])),
+        "virtualmachine/test adopted domain test on up-node\n"
+    );
+    let vm = eventually("the adopted VM is Running", 30, || {
+        let v = json(&config, &["get", "vm", "test", "-o", "json"])?;
+        (v["status"]["phase"] == "Running").then_some(v)
+    });
+    assert_eq!(vm["spec"]["nodeName"], "up-node");
+    let again = cli(&config, &["vm", "adopt", "up-node", "test"]);
+    assert!(!again.status.success(), "a domain is adopted once");
+
+    ok(cli(&config, &["vm", "stop", "test"]));
+    eventually("the adopted VM is Stopped", 30, || {
+        (json(&config, &["get", "vm", "test", "-o", "json"])?["status"]["phase"] == "Stopped")
+            .then_some(())
+    });
+    ok(cli(&config, &["vm", "start", "test"]));
+    eventually("the adopted VM runs again", 30, || {
+        (json(&config, &["get", "vm", "test", "-o", "json"])?["status"]["phase"] == "Running")
+            .then_some(())
+    });
+    assert_eq!(
+        ok(cli(
+            &config,
+            &["delete", "vm", "test", "--wait", "--timeout", "30s"]
+        )),
+        "virtualmachine/test deleted\n"
+    );
+}
