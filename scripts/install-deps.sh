@@ -12,7 +12,8 @@ packages=(build-essential pkg-config ca-certificates libvirt-daemon-system libvi
 packages+=(linux-image-cloud-amd64 busybox-static cpio kmod)
 case "$purpose" in
   run) ;;
-  test) ;;
+  # The Debian guest of the cloud-init end-to-end test is built with debootstrap.
+  test) packages+=(debootstrap e2fsprogs) ;;
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac
 
@@ -71,4 +72,5 @@ if [ "$purpose" = test ]; then
     cargo install cargo-nextest --locked
   fi
   scripts/build-tiny-guest.sh
+  scripts/build-debian-guest.sh
 fi

@@ -1,0 +1,133 @@
+//! End to end with a real Debian 12 guest and Debian's own cloud-init, booted through Flotilla
+//! from an Image (cached on the node, root disk a linked clone): the hostname, the SSH key and a
+//! runcmd marker must land, observed through the log API. The guest is built by
+//! `scripts/build-debian-guest.sh` (debootstrap, cached between runs). Takes about a minute.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flotilla_agent::domain::VirtType;
+use flotilla_agent::libvirt::Libvirt;
+use flotilla_agent::AgentConfig;
+use flotilla_client::Client;
+use flotilla_server::ServerConfig;
+use flotilla_types::registry::lookup;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debian_cloud_init_applies_hostname_key_and_runcmd() {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap();
+    let status = std::process::Command::new(repo.join("scripts/build-debian-guest.sh"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the Debian guest failed");
+    let guest = repo.join("target/guests/debian");
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
+    let mut config = ServerConfig::new(tmp.path().join("server"));
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let server = flotilla_server::start(config).await.unwrap();
+    flotilla_controllers::spawn_all(
+        server.objects.clone(),
+        flotilla_controllers::ControllerConfig {
+            compaction_interval: Duration::ZERO,
+            ..Default::default()
+        },
+    );
+    let admin = Client::new(
+        vec![server.url.clone()],
+        Some(&server.ca_pem),
+        Some(server.admin_token.clone()),
+    )
+    .unwrap();
+    let body = b"{}".to_vec();
+    let token = admin
+        .request_json(
+            reqwest::Method::POST,
+            "/flotilla/v1/join-tokens",
+            &[],
+            Some(("application/json", body)),
+        )
+        .await
+        .unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut agent = AgentConfig::new(
+        vec![server.url.clone()],
+        "debian-node",
+        tmp.path().join("agent"),
+    );
+    agent.join_token = Some(token);
+    agent.virt_type = VirtType::Qemu;
+    agent.shutdown_timeout = Duration::from_secs(5);
+    let libvirt = Libvirt::open("qemu:///system")
+        .await
+        .expect("libvirtd is running");
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(flotilla_agent::run_with(agent, libvirt.clone(), rx));
+
+    let (vms, images) = (lookup("vm").unwrap(), lookup("image").unwrap());
+    admin.create(images, Some("default"), &json!({"metadata": {"name": "debian-12"}, "spec": {"source": {"path": guest.join("debian.qcow2")}}})).await.unwrap();
+    let n = rand::random::<u32>() % 100_000;
+    let (name, marker) = (format!("deb-{n}"), format!("runcmd-{n}"));
+    let key = format!("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFlotillaTestKey{n} test@flotilla");
+    let user_data = format!(
+        "#cloud-config\nruncmd:\n  - echo FLOTILLA-RUNCMD {marker} > /dev/ttyS0\n  - echo FLOTILLA-HOSTNAME $(hostname) > /dev/ttyS0\n  - \
+         cat /home/*/.ssh/authorized_keys | sed 's/^/FLOTILLA-KEY /' > /dev/ttyS0\n"
+    );
+    let vm = json!({"metadata": {"name": name}, "spec": {
+        "resources": {"cpus": 1, "memory": "1Gi"}, "image": "debian-12", "rootDisk": {"size": "4Gi"},
+        "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initrd.img"), "cmdline": "root=/dev/vda rw console=ttyS0"},
+        "sshAuthorizedKeys": [key], "userData": user_data}});
+    admin.create(vms, Some("default"), &vm).await.unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let log = loop {
+        let mut text = Vec::new();
+        if let Ok(stream) = admin.vm_log("default", &name, false).await {
+            let mut stream = Box::pin(stream);
+            while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
+                text.extend_from_slice(&chunk);
+            }
+        }
+        let text = String::from_utf8_lossy(&text).into_owned();
+        if text.contains(&format!("FLOTILLA-RUNCMD {marker}")) && text.contains("FLOTILLA-KEY ") {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cloud-init did not finish in time; the console so far:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    assert!(
+        log.contains(&format!("FLOTILLA-HOSTNAME {name}")),
+        "cloud-init set the hostname:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("FLOTILLA-KEY {key}")),
+        "cloud-init installed the SSH key:\n{log}"
+    );
+    let uid = admin.get(vms, Some("default"), &name).await.unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    admin.delete(vms, Some("default"), &name).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while admin.get(vms, Some("default"), &name).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the VM was not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(libvirt.state(&uid).await.unwrap(), None);
+}
