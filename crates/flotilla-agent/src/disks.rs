@@ -71,8 +71,15 @@ impl Disks {
         let (input, downloaded) = match (&spec.source.url, &spec.source.path) {
             (Some(url), _) => {
                 let part = self.images.join(format!("{key}.download"));
-                let sum = self.download(name, url, &part).await?;
-                verify(name, spec, &sum)?;
+                // A failed or unverifiable download leaves nothing behind.
+                let checked = match self.download(name, url, &part).await {
+                    Ok(sum) => verify(name, spec, &sum),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = checked {
+                    let _ = tokio::fs::remove_file(&part).await;
+                    return Err(e);
+                }
                 (part, true)
             }
             (None, Some(path)) => {
@@ -105,7 +112,10 @@ impl Disks {
         if downloaded {
             let _ = tokio::fs::remove_file(&input).await;
         }
-        converted.map_err(|e| image_err(name, format!("is not a valid {fmt} image: {e}")))?;
+        if let Err(e) = converted {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(image_err(name, format!("is not a valid {fmt} image: {e}")));
+        }
         tokio::fs::rename(&tmp, &cached)
             .await
             .map_err(io(&cached))?;

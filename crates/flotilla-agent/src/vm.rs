@@ -143,7 +143,9 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
                     .await?,
                 "the Image",
             )?;
-            Some(ctx.disks.cached_image(image, &img.spec).await?)
+            let cached = ctx.disks.cached_image(image, &img.spec).await;
+            report_image(ctx, &project, image, &img, &cached).await;
+            Some(cached?)
         }
         None => None,
     };
@@ -434,5 +436,36 @@ pub async fn report_error(ctx: &Context, vm: &VirtualMachine, error: &AgentError
         .await
     {
         tracing::warn!(vm = %vm.metadata.name, error = %e, "could not report a reconcile error");
+    }
+}
+
+/// This node's entry in the Image's `status.nodes`, written only when it changes.
+async fn report_image(
+    ctx: &Context,
+    project: &str,
+    name: &str,
+    image: &Image,
+    cached: &Result<PathBuf, AgentError>,
+) {
+    let (phase, message, size) = match cached {
+        Ok(path) => (
+            "Ready",
+            String::new(),
+            std::fs::metadata(path).ok().map(|m| m.len()),
+        ),
+        Err(e) => ("Failed", e.to_string(), None),
+    };
+    let current = image.status.as_ref().and_then(|s| s.nodes.get(&ctx.node));
+    if current.is_some_and(|c| c.phase == phase && c.message == message) {
+        return;
+    }
+    let entry = json!({"phase": phase, "message": message, "sizeBytes": size});
+    let patch = json!({"status": {"nodes": {ctx.node.clone(): entry}}});
+    if let Err(e) = ctx
+        .client
+        .patch(lookup("image").unwrap(), Some(project), name, &patch, true)
+        .await
+    {
+        tracing::warn!(image = name, error = %e, "cannot report the image's state on this node");
     }
 }

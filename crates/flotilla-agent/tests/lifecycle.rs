@@ -183,6 +183,11 @@ async fn vm_lifecycle_on_the_test_driver() {
         .as_str()
         .unwrap()
         .starts_with(agent_dir.join("images").to_str().unwrap()));
+    let image = admin.get(images, Some("default"), "base").await.unwrap();
+    assert_eq!(
+        image["status"]["nodes"]["node-1"]["phase"], "Ready",
+        "the node reports the cached image: {image}"
+    );
     let xml = libvirt.xml(&uid).await.unwrap().unwrap();
     assert!(
         xml.contains("<name>default_web</name>") && xml.contains("flotilla.dev/xmlns/domain/1"),

@@ -50,6 +50,8 @@ pub enum Scope {
     BoundTo(String),
     /// Only the named object, and not its `spec` (a node's own Node or Lease).
     OwnObject,
+    /// Only this node's entry in an Image's `status.nodes`.
+    ImageEntry(String),
 }
 
 fn forbidden(p: &Principal, verb: Verb, kind: &KindInfo, what: &str) -> ApiError {
@@ -81,6 +83,7 @@ pub fn authorize(
     };
     match (kind.kind, verb) {
         ("Image" | "VMClass", Verb::Get | Verb::List | Verb::Watch) => Ok(Scope::Unrestricted),
+        ("Image", Verb::Patch | Verb::Update) => Ok(Scope::ImageEntry(node.to_string())),
         ("Node" | "Lease", Verb::Get | Verb::Update | Verb::Patch | Verb::Create)
             if name == Some(node) =>
         {
@@ -120,6 +123,37 @@ pub fn guard(scope: &Scope, current: &Value, next: Option<&Value>) -> Result<(),
                 ))
             }
             _ => Ok(()),
+        },
+        Scope::ImageEntry(node) => match next {
+            None => Ok(()),
+            Some(next) => {
+                let mut a = current.clone();
+                let mut b = next.clone();
+                // `get_mut`, never indexing: `v["x"]` on a missing key would insert it.
+                for v in [&mut a, &mut b] {
+                    let Some(obj) = v.as_object_mut() else {
+                        continue;
+                    };
+                    if let Some(status) = obj.get_mut("status").and_then(Value::as_object_mut) {
+                        if let Some(nodes) = status.get_mut("nodes").and_then(Value::as_object_mut)
+                        {
+                            nodes.remove(node);
+                            if nodes.is_empty() {
+                                status.remove("nodes");
+                            }
+                        }
+                        if status.is_empty() {
+                            obj.remove("status");
+                        }
+                    }
+                }
+                if a != b {
+                    return Err(ApiError::forbidden(format!(
+                        "node {node:?} may change only its own entry in an Image's status.nodes"
+                    )));
+                }
+                Ok(())
+            }
         },
         Scope::BoundTo(node) => {
             if current["spec"]["nodeName"].as_str() != Some(node.as_str()) {

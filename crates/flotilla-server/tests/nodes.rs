@@ -231,6 +231,54 @@ async fn a_joined_node_is_confined_to_its_own_objects() {
             .code(),
         Some(403)
     );
+    // Images: read, and write only its own entry in status.nodes.
+    let images = kind("image");
+    t.client
+        .create(
+            images,
+            Some("default"),
+            &json!({"metadata": {"name": "deb"}, "spec": {"source": {"path": "/x.qcow2"}}}),
+        )
+        .await
+        .unwrap();
+    a.patch(
+        images,
+        Some("default"),
+        "deb",
+        &json!({"status": {"nodes": {"node-a": {"phase": "Ready"}}}}),
+        true,
+    )
+    .await
+    .unwrap();
+    let e = a
+        .patch(
+            images,
+            Some("default"),
+            "deb",
+            &json!({"status": {"nodes": {"node-b": {"phase": "Failed"}}}}),
+            true,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(403), "{e}");
+    let e = a
+        .patch(
+            images,
+            Some("default"),
+            "deb",
+            &json!({"spec": {"format": "raw"}}),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(403));
+    assert_eq!(
+        a.delete(images, Some("default"), "deb")
+            .await
+            .unwrap_err()
+            .code(),
+        Some(403)
+    );
     let theirs_now = t.client.get(vms, Some("default"), "theirs").await.unwrap();
     assert!(
         theirs_now.get("status").is_none(),

@@ -41,16 +41,16 @@ pub enum ImageFormat {
 pub struct ImageStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// Per node: whether the image is cached there.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub nodes: Vec<ImageNodeStatus>,
+    /// Per node (by name): whether the image is cached there. A map, so that each node's agent
+    /// merges in its own entry without touching the others'.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub nodes: std::collections::BTreeMap<String, ImageNodeStatus>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImageNodeStatus {
-    pub node_name: String,
-    /// `Pending`, `Downloading`, `Ready` or `Failed`.
+    /// `Downloading`, `Ready` or `Failed`.
     pub phase: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,

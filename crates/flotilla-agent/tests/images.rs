@@ -1,0 +1,105 @@
+//! Images from URLs: streamed download, SHA-256 verification, raw -> qcow2 conversion, caching.
+
+use std::process::Command;
+
+use flotilla_agent::disks::Disks;
+use flotilla_types::{ImageFormat, ImageSource, ImageSpec};
+use sha2::Digest;
+
+/// Serves `body` at http://127.0.0.1:PORT/image.raw and counts requests.
+async fn serve(body: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    let app = axum::Router::new().route(
+        "/image.raw",
+        axum::routing::get(move || {
+            let body = body.clone();
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { body }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/image.raw"), hits)
+}
+
+fn qemu_format(path: &std::path::Path) -> String {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["format"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn downloads_verify_convert_and_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut raw = vec![0u8; 4 << 20];
+    raw[..11].copy_from_slice(b"flotilla-ok");
+    let sum = hex::encode(sha2::Sha256::digest(&raw));
+    let (url, hits) = serve(raw).await;
+    let disks = Disks::new(dir.path(), 1);
+    let spec = |sha: Option<String>| ImageSpec {
+        source: ImageSource {
+            url: Some(url.clone()),
+            path: None,
+        },
+        format: ImageFormat::Raw,
+        sha256: sha,
+    };
+
+    let wrong = disks
+        .cached_image("bad", &spec(Some("0".repeat(64))))
+        .await
+        .unwrap_err();
+    assert!(wrong.to_string().contains("checksum mismatch"), "{wrong}");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("images"))
+        .unwrap()
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "a failed download leaves nothing behind: {leftovers:?}"
+    );
+
+    let cached = disks
+        .cached_image("good", &spec(Some(sum.clone())))
+        .await
+        .unwrap();
+    assert_eq!(
+        qemu_format(&cached),
+        "qcow2",
+        "raw images are converted to qcow2"
+    );
+    let again = disks.cached_image("good", &spec(Some(sum))).await.unwrap();
+    assert_eq!(cached, again);
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "a cached image is not downloaded again"
+    );
+
+    let overlay = dir.path().join("root.qcow2");
+    disks
+        .create_root_disk(Some(&cached), &overlay, Some(64 << 20))
+        .await
+        .unwrap();
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(
+        info["backing-filename"],
+        cached.display().to_string(),
+        "the root disk is a linked clone"
+    );
+    assert_eq!(info["virtual-size"], 64u64 << 20);
+    assert!(
+        std::fs::metadata(&overlay).unwrap().len() < 1 << 20,
+        "a linked clone is small whatever the image's size"
+    );
+}
