@@ -36,6 +36,9 @@ pub struct AgentConfig {
     pub listen: std::net::SocketAddr,
     /// The host name or address the API server should use to reach `listen`.
     pub advertise: Option<String>,
+    /// Labels set on this node's Node at start (e.g. `topology.flotilla.dev/zone=a`), for
+    /// node selectors and placement rules.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl AgentConfig {
@@ -53,6 +56,7 @@ impl AgentConfig {
             shutdown_timeout: Duration::from_secs(60),
             listen: "127.0.0.1:0".parse().expect("a valid address"),
             advertise: None,
+            labels: Default::default(),
         }
     }
 }
@@ -104,6 +108,18 @@ pub async fn run_with(
         data_dir: config.data_dir.clone(),
         shutdown_timeout: config.shutdown_timeout,
     });
+    if !config.labels.is_empty() {
+        let patch = json!({"metadata": {"labels": config.labels}});
+        client
+            .patch(
+                lookup("node").expect("registered"),
+                None,
+                &config.node_name,
+                &patch,
+                false,
+            )
+            .await?;
+    }
     let endpoint = (logs.endpoint.clone(), logs.cert_sha256.clone());
     report_node(&ctx, &config, &endpoint, &Default::default()).await?;
     tracing::info!(node = %config.node_name, uri = %config.libvirt_uri, "agent started");

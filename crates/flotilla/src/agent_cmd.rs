@@ -39,6 +39,23 @@ pub struct NodeArgs {
     /// Concurrent disk-heavy operations (image downloads, conversions, disk creation).
     #[arg(long, default_value_t = 2)]
     pub disk_concurrency: usize,
+    /// A label for this node, KEY=VALUE (repeatable), e.g. topology.flotilla.dev/zone=a.
+    #[arg(long = "node-label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} must be KEY=VALUE"))?;
+    if !flotilla_types::validation::is_qualified_name(k)
+        || !flotilla_types::validation::is_label_value(v)
+    {
+        return Err(format!(
+            "{s:?} is not a valid label: keys are [prefix/]name, values at most 63 characters"
+        ));
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 #[derive(Args)]
@@ -86,6 +103,7 @@ fn agent_config(servers: Vec<String>, data_dir: PathBuf, node: &NodeArgs) -> Age
         None => VirtType::Qemu,
     };
     config.disk_concurrency = node.disk_concurrency;
+    config.labels = node.labels.iter().cloned().collect();
     config
 }
 

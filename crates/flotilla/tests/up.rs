@@ -82,6 +82,7 @@ fn up_runs_everything_and_adopts_an_existing_domain() {
             "--virt-type",
             "qemu",
         ])
+        .args(["--node-label", "topology.flotilla.dev/zone=z1"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -96,6 +97,10 @@ fn up_runs_everything_and_adopts_an_existing_domain() {
             .any(|c| c["type"] == "Ready" && c["status"] == "True");
         ready.then_some(n)
     });
+    assert_eq!(
+        node["metadata"]["labels"]["topology.flotilla.dev/zone"],
+        "z1"
+    );
     let unmanaged = node["status"]["unmanagedDomains"].as_array().unwrap();
     assert!(
         unmanaged
