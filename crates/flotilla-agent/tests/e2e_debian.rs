@@ -9,8 +9,7 @@ use std::time::Duration;
 use flotilla_agent::domain::VirtType;
 use flotilla_agent::libvirt::Libvirt;
 use flotilla_agent::AgentConfig;
-use flotilla_client::Client;
-use flotilla_server::ServerConfig;
+use flotilla_controllers::testkit::TestCluster;
 use flotilla_types::registry::lookup;
 use serde_json::json;
 
@@ -25,41 +24,9 @@ async fn debian_cloud_init_applies_hostname_key_and_runcmd() {
         .unwrap();
     assert!(status.success(), "building the Debian guest failed");
     let guest = repo.join("target/guests/debian");
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o711),
-    )
-    .unwrap();
-    let mut config = ServerConfig::new(tmp.path().join("server"));
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    let server = flotilla_server::start(config).await.unwrap();
-    flotilla_controllers::spawn_all(
-        server.objects.clone(),
-        flotilla_controllers::ControllerConfig {
-            compaction_interval: Duration::ZERO,
-            ..Default::default()
-        },
-    );
-    let admin = Client::new(
-        vec![server.url.clone()],
-        Some(&server.ca_pem),
-        Some(server.admin_token.clone()),
-    )
-    .unwrap();
-    let body = b"{}".to_vec();
-    let token = admin
-        .request_json(
-            reqwest::Method::POST,
-            "/flotilla/v1/join-tokens",
-            &[],
-            Some(("application/json", body)),
-        )
-        .await
-        .unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let cluster = TestCluster::start().await;
+    let (server, admin, tmp) = (&cluster.server, &cluster.admin, &cluster.dir);
+    let token = cluster.join_token().await;
     let mut agent = AgentConfig::new(
         vec![server.url.clone()],
         "debian-node",

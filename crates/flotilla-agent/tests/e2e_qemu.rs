@@ -9,8 +9,7 @@ use std::time::Duration;
 use flotilla_agent::domain::VirtType;
 use flotilla_agent::libvirt::Libvirt;
 use flotilla_agent::AgentConfig;
-use flotilla_client::Client;
-use flotilla_server::ServerConfig;
+use flotilla_controllers::testkit::{eventually, TestCluster};
 use flotilla_types::registry::lookup;
 use serde_json::json;
 
@@ -27,57 +26,12 @@ fn tiny_guest() -> PathBuf {
     dir.canonicalize().unwrap()
 }
 
-async fn eventually<T>(what: &str, secs: u64, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {secs}s waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_guest_boots_and_reads_its_seed() {
     let guest = tiny_guest();
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o711),
-    )
-    .unwrap();
-    let mut config = ServerConfig::new(tmp.path().join("server"));
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    let server = flotilla_server::start(config).await.unwrap();
-    flotilla_controllers::spawn_all(
-        server.objects.clone(),
-        flotilla_controllers::ControllerConfig {
-            compaction_interval: Duration::ZERO,
-            ..Default::default()
-        },
-    );
-    let admin = Client::new(
-        vec![server.url.clone()],
-        Some(&server.ca_pem),
-        Some(server.admin_token.clone()),
-    )
-    .unwrap();
-    let token = admin
-        .request_json(
-            reqwest::Method::POST,
-            "/flotilla/v1/join-tokens",
-            &[],
-            Some(("application/json", b"{}".to_vec())),
-        )
-        .await
-        .unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let cluster = TestCluster::start().await;
+    let (server, admin, tmp) = (&cluster.server, &cluster.admin, &cluster.dir);
+    let token = cluster.join_token().await;
     let agent_dir = tmp.path().join("agent");
     let mut agent = AgentConfig::new(vec![server.url.clone()], "e2e-node", &agent_dir);
     agent.join_token = Some(token);
@@ -136,6 +90,27 @@ async fn tiny_guest_boots_and_reads_its_seed() {
     assert!(
         log.contains("network-config"),
         "the seed has network-config:\n{log}"
+    );
+
+    // Stopping: ACPI shutdown first; this guest ignores it, so after the timeout it is powered off.
+    admin
+        .patch(
+            vms,
+            Some("default"),
+            &name,
+            &json!({"spec": {"powerState": "Stopped"}}),
+            false,
+        )
+        .await
+        .unwrap();
+    eventually("the VM is Stopped", 60, async || {
+        (admin.get(vms, Some("default"), &name).await.ok()?["status"]["phase"] == "Stopped")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        libvirt.state(&uid).await.unwrap(),
+        Some(flotilla_agent::libvirt::DomainState::Stopped)
     );
 
     admin.delete(vms, Some("default"), &name).await.unwrap();

@@ -103,3 +103,52 @@ async fn downloads_verify_convert_and_cache() {
         "a linked clone is small whatever the image's size"
     );
 }
+
+/// The per-node queue bounds concurrent disk-heavy work: with 1 slot, downloads run one at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disk_queue_bounds_concurrent_work() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (now, max) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (n2, m2) = (now.clone(), max.clone());
+    let app = axum::Router::new().route(
+        "/{name}",
+        axum::routing::get(move || {
+            let (now, max) = (n2.clone(), m2.clone());
+            async move {
+                let running = now.fetch_add(1, Ordering::SeqCst) + 1;
+                max.fetch_max(running, Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                vec![0u8; 1 << 20]
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let dir = tempfile::tempdir().unwrap();
+    let disks = Disks::new(dir.path(), 1);
+    let tasks: Vec<_> = (0..3)
+        .map(|i| {
+            let disks = disks.clone();
+            let spec = ImageSpec {
+                source: ImageSource {
+                    url: Some(format!("http://{addr}/img-{i}")),
+                    path: None,
+                },
+                format: ImageFormat::Raw,
+                sha256: None,
+            };
+            tokio::spawn(async move { disks.cached_image(&format!("img-{i}"), &spec).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        max.load(Ordering::SeqCst),
+        1,
+        "one slot: never two downloads at once"
+    );
+}

@@ -7,24 +7,9 @@ use std::time::Duration;
 
 use flotilla_agent::libvirt::{DomainState, Libvirt};
 use flotilla_agent::AgentConfig;
-use flotilla_client::Client;
-use flotilla_server::ServerConfig;
+use flotilla_controllers::testkit::{eventually, TestCluster};
 use flotilla_types::registry::lookup;
 use serde_json::{json, Value};
-
-async fn eventually<T>(what: &str, secs: u64, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn cond(obj: &Value, ty: &str) -> String {
     obj["status"]["conditions"]
@@ -33,20 +18,6 @@ fn cond(obj: &Value, ty: &str) -> String {
         .and_then(|c| c["status"].as_str())
         .unwrap_or_default()
         .to_string()
-}
-
-async fn join_token(server: &flotilla_server::RunningServer, admin: &Client) -> String {
-    let resp = admin
-        .request_json(
-            reqwest::Method::POST,
-            "/flotilla/v1/join-tokens",
-            &[],
-            Some(("application/json", b"{}".to_vec())),
-        )
-        .await
-        .unwrap();
-    let _ = server;
-    resp["token"].as_str().unwrap().to_string()
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
@@ -61,23 +32,8 @@ fn files_in(dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_lifecycle_on_the_test_driver() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut config = ServerConfig::new(tmp.path().join("server"));
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    let server = flotilla_server::start(config).await.unwrap();
-    flotilla_controllers::spawn_all(
-        server.objects.clone(),
-        flotilla_controllers::ControllerConfig {
-            compaction_interval: Duration::ZERO,
-            ..Default::default()
-        },
-    );
-    let admin = Client::new(
-        vec![server.url.clone()],
-        Some(&server.ca_pem),
-        Some(server.admin_token.clone()),
-    )
-    .unwrap();
+    let cluster = TestCluster::start().await;
+    let (server, admin, tmp) = (&cluster.server, &cluster.admin, &cluster.dir);
     let (vms, nodes, images) = (
         lookup("vm").unwrap(),
         lookup("node").unwrap(),
@@ -104,7 +60,7 @@ async fn vm_lifecycle_on_the_test_driver() {
 
     let agent_dir = tmp.path().join("agent");
     let mut agent_config = AgentConfig::new(vec![server.url.clone()], "node-1", &agent_dir);
-    agent_config.join_token = Some(join_token(&server, &admin).await);
+    agent_config.join_token = Some(cluster.join_token().await);
     agent_config.libvirt_uri = "test:///default".into();
     agent_config.heartbeat = Duration::from_millis(500);
     // Long enough that only libvirt's lifecycle events can explain a quick reaction below.

@@ -5,6 +5,8 @@ pub mod compactor;
 pub mod garbage_collector;
 pub mod node_lifecycle;
 pub mod scheduler;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 use std::time::Duration;
 

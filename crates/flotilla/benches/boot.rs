@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use flotilla_agent::domain::{DomainSpec, KernelBoot, VirtType};
 use flotilla_agent::libvirt::{DomainState, Libvirt};
 use flotilla_agent::AgentConfig;
-use flotilla_client::Client;
+use flotilla_controllers::testkit::TestCluster;
 use flotilla_types::registry::lookup;
 use serde_json::json;
 
@@ -111,29 +111,9 @@ async fn run() {
     }
 
     // Flotilla: server, controllers and agent in this process; one VM at a time.
-    let mut config = flotilla_server::ServerConfig::new(tmp.path().join("server"));
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    let server = flotilla_server::start(config).await.unwrap();
-    flotilla_controllers::spawn_all(server.objects.clone(), Default::default());
-    let admin = Client::new(
-        vec![server.url.clone()],
-        Some(&server.ca_pem),
-        Some(server.admin_token.clone()),
-    )
-    .unwrap();
-    let body = b"{}".to_vec();
-    let token = admin
-        .request_json(
-            reqwest::Method::POST,
-            "/flotilla/v1/join-tokens",
-            &[],
-            Some(("application/json", body)),
-        )
-        .await
-        .unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let cluster = TestCluster::start().await;
+    let (server, admin) = (&cluster.server, &cluster.admin);
+    let token = cluster.join_token().await;
     let mut agent = AgentConfig::new(
         vec![server.url.clone()],
         "bench-node",

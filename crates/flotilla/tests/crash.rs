@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use flotilla_client::Client;
+use flotilla_controllers::testkit::TestCluster;
 use flotilla_types::registry::lookup;
 use serde_json::json;
 
@@ -81,35 +81,9 @@ async fn kill_9_during_create_and_delete_converges_and_leaks_nothing() {
         .unwrap();
     assert!(status.success());
     let guest = repo().join("target/guests/tiny");
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o711),
-    )
-    .unwrap();
-    let mut config = flotilla_server::ServerConfig::new(tmp.path().join("server"));
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    let server = flotilla_server::start(config).await.unwrap();
-    flotilla_controllers::spawn_all(server.objects.clone(), Default::default());
-    let admin = Client::new(
-        vec![server.url.clone()],
-        Some(&server.ca_pem),
-        Some(server.admin_token.clone()),
-    )
-    .unwrap();
-    let body = br#"{"ttlSeconds": 3600}"#.to_vec();
-    let token = admin
-        .request_json(
-            reqwest::Method::POST,
-            "/flotilla/v1/join-tokens",
-            &[],
-            Some(("application/json", body)),
-        )
-        .await
-        .unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let cluster = TestCluster::start().await;
+    let (server, admin, tmp) = (&cluster.server, &cluster.admin, &cluster.dir);
+    let token = cluster.join_token().await;
     let agent_dir = tmp.path().join("agent");
     let vms = lookup("vm").unwrap();
     let run = rand::random::<u32>() % 100_000;

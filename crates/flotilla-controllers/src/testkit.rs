@@ -1,0 +1,86 @@
+//! A control plane for tests and benchmarks (feature `testkit`): a real server on a loopback port
+//! with its controllers, an admin client, join tokens, and `eventually`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use flotilla_client::Client;
+use flotilla_server::{RunningServer, ServerConfig};
+
+use crate::ControllerConfig;
+
+pub struct TestCluster {
+    pub server: RunningServer,
+    pub admin: Client,
+    /// Holds the data directories; 0711 so that QEMU (another user) reaches VM files inside.
+    pub dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// A server on 127.0.0.1 (random port) with every controller but compaction.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .expect("chmod");
+        let mut config = ServerConfig::new(dir.path().join("server"));
+        config.listen = "127.0.0.1:0".parse().expect("an address");
+        let server = flotilla_server::start(config)
+            .await
+            .expect("the server starts");
+        crate::spawn_all(
+            server.objects.clone(),
+            ControllerConfig {
+                compaction_interval: Duration::ZERO,
+                ..Default::default()
+            },
+        );
+        let admin = Client::new(
+            vec![server.url.clone()],
+            Some(&server.ca_pem),
+            Some(server.admin_token.clone()),
+        )
+        .expect("a client");
+        TestCluster { server, admin, dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A join token for agents, valid for an hour.
+    pub async fn join_token(&self) -> String {
+        let body = br#"{"ttlSeconds": 3600}"#.to_vec();
+        let resp = self
+            .admin
+            .request_json(
+                reqwest::Method::POST,
+                "/flotilla/v1/join-tokens",
+                &[],
+                Some(("application/json", body)),
+            )
+            .await
+            .expect("a join token");
+        resp["token"]
+            .as_str()
+            .expect("the answer has a token")
+            .to_string()
+    }
+}
+
+/// Polls `check` every 100 ms until it yields a value; panics naming `what` after `secs`.
+pub async fn eventually<T>(what: &str, secs: u64, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {secs}s waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
