@@ -104,4 +104,42 @@ async fn readiness_and_placement() {
         c.get(vms, Some("default"), "late").await.unwrap()["spec"]["nodeName"] == "node-a"
     })
     .await;
+
+    // A cordoned node takes no new VMs until it is uncordoned.
+    c.patch(
+        nodes,
+        None,
+        "node-a",
+        &json!({"spec": {"unschedulable": true}}),
+        false,
+    )
+    .await
+    .unwrap();
+    c.patch(leases, None, "node-a", &renew(), false)
+        .await
+        .unwrap();
+    c.create(vms, Some("default"), &json!({"metadata": {"name": "cordoned"}, "spec": {"resources": {"cpus": 1, "memory": "1Gi"}, "image": "x"}})).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        c.get(vms, Some("default"), "cordoned").await.unwrap()["spec"]
+            .get("nodeName")
+            .is_none(),
+        "a cordoned node takes no VM"
+    );
+    c.patch(
+        nodes,
+        None,
+        "node-a",
+        &json!({"spec": {"unschedulable": null}}),
+        false,
+    )
+    .await
+    .unwrap();
+    c.patch(leases, None, "node-a", &renew(), false)
+        .await
+        .unwrap();
+    eventually("the VM lands once the node is uncordoned", async || {
+        c.get(vms, Some("default"), "cordoned").await.unwrap()["spec"]["nodeName"] == "node-a"
+    })
+    .await;
 }

@@ -417,6 +417,10 @@ pub enum NodeCommand {
     /// Join tokens for new nodes.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Mark a node unschedulable: no new VMs are placed on it (running ones stay).
+    Cordon { name: String },
+    /// Make a cordoned node schedulable again.
+    Uncordon { name: String },
 }
 
 #[derive(clap::Subcommand)]
@@ -484,6 +488,7 @@ fn dns_label_from(s: &str) -> String {
 
 pub async fn node(conn: &ConnectionArgs, cmd: NodeCommand) -> anyhow::Result<()> {
     let (client, _) = config::client(conn)?;
+
     match cmd {
         NodeCommand::Token(TokenCommand::Create { ttl }) => {
             let body = serde_json::to_vec(&json!({"ttlSeconds": ttl.as_secs()}))?;
@@ -501,7 +506,37 @@ pub async fn node(conn: &ConnectionArgs, cmd: NodeCommand) -> anyhow::Result<()>
                 output::field(&resp, "expires")
             );
         }
+        NodeCommand::Cordon { name } => set_unschedulable(&client, &name, true).await?,
+        NodeCommand::Uncordon { name } => set_unschedulable(&client, &name, false).await?,
     }
+    Ok(())
+}
+
+async fn set_unschedulable(client: &Client, name: &str, unschedulable: bool) -> anyhow::Result<()> {
+    let nodes = registry::by_kind("Node").expect("registered");
+    // `null` removes the field, so an uncordoned node looks like one never cordoned.
+    let value = if unschedulable {
+        json!(true)
+    } else {
+        serde_json::Value::Null
+    };
+    client
+        .patch(
+            nodes,
+            None,
+            name,
+            &json!({"spec": {"unschedulable": value}}),
+            false,
+        )
+        .await?;
+    println!(
+        "node/{name} {}",
+        if unschedulable {
+            "cordoned"
+        } else {
+            "uncordoned"
+        }
+    );
     Ok(())
 }
 

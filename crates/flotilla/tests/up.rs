@@ -109,6 +109,23 @@ fn up_runs_everything_and_adopts_an_existing_domain() {
         "{unmanaged:?}"
     );
     assert!(ok(cli(&config, &["get", "nodes"])).contains("up-node"));
+    assert_eq!(
+        ok(cli(&config, &["node", "cordon", "up-node"])),
+        "node/up-node cordoned\n"
+    );
+    assert_eq!(
+        json(&config, &["get", "node", "up-node", "-o", "json"]).unwrap()["spec"]["unschedulable"],
+        true
+    );
+    assert_eq!(
+        ok(cli(&config, &["node", "uncordon", "up-node"])),
+        "node/up-node uncordoned\n"
+    );
+    assert!(
+        json(&config, &["get", "node", "up-node", "-o", "json"]).unwrap()["spec"]
+            .get("unschedulable")
+            .is_none()
+    );
     let token = ok(cli(&config, &["node", "token", "create", "--ttl", "10m"]));
     assert!(token.trim().contains("::sha256:"), "{token}");
 
