@@ -39,6 +39,8 @@ pub struct AgentConfig {
     /// Labels set on this node's Node at start (e.g. `topology.flotilla.dev/zone=a`), for
     /// node selectors and placement rules.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Reported capacity (CPUs, memory bytes) instead of the host's: for simulated nodes.
+    pub capacity: Option<(u32, u64)>,
 }
 
 impl AgentConfig {
@@ -57,6 +59,7 @@ impl AgentConfig {
             listen: "127.0.0.1:0".parse().expect("a valid address"),
             advertise: None,
             labels: Default::default(),
+            capacity: None,
         }
     }
 }
@@ -365,20 +368,28 @@ async fn report_node(
     endpoint: &(String, String),
     adopted: &std::collections::HashSet<String>,
 ) -> Result<(), AgentError> {
-    let host = ctx.libvirt.host_info().await?;
+    let mut host = ctx.libvirt.host_info().await?;
+    if let Some((cpus, memory)) = config.capacity {
+        (host.cpus, host.memory_bytes) = (cpus, memory);
+    }
     tokio::fs::create_dir_all(&config.data_dir)
         .await
         .map_err(crate::error::io(&config.data_dir))?;
     let disk = disk_bytes(&config.data_dir).unwrap_or(0);
-    let qemu = crate::tools::run("qemu-system-x86_64", &["--version"])
-        .await
-        .ok()
-        .and_then(|v| {
-            v.split_whitespace()
-                .skip_while(|w| *w != "version")
-                .nth(1)
-                .map(str::to_string)
-        });
+    let real_qemu = ctx.virt_type != VirtType::Test;
+    let qemu = if !real_qemu {
+        None
+    } else {
+        crate::tools::run("qemu-system-x86_64", &["--version"])
+            .await
+            .ok()
+    }
+    .and_then(|v| {
+        v.split_whitespace()
+            .skip_while(|w| *w != "version")
+            .nth(1)
+            .map(str::to_string)
+    });
     let domains = ctx.libvirt.list().await?;
     let unmanaged: Vec<Value> = domains
         .iter()

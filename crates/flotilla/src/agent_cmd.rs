@@ -71,6 +71,30 @@ pub struct AgentArgs {
     pub data_dir: Option<PathBuf>,
     #[command(flatten)]
     pub node: NodeArgs,
+    #[command(flatten)]
+    pub simulate: SimulateArgs,
+}
+
+/// A simulated fleet (like Kubernetes' hollow nodes): N copies of the real agent in this process,
+/// each on its own libvirt test:///default connection, an independent in-memory hypervisor.
+/// Only the hypervisor is simulated.
+#[derive(Args)]
+pub struct SimulateArgs {
+    /// Run this many simulated nodes instead of one real one.
+    #[arg(long, default_value_t = 0)]
+    pub simulate: usize,
+    /// Name prefix of simulated nodes (`<prefix>-0000`, ...).
+    #[arg(long, default_value = "sim")]
+    pub simulate_prefix: String,
+    /// CPUs each simulated node reports.
+    #[arg(long, default_value_t = 32)]
+    pub simulate_cpus: u32,
+    /// Memory each simulated node reports (a quantity such as 128Gi).
+    #[arg(long, default_value = "128Gi")]
+    pub simulate_memory: String,
+    /// Spread simulated nodes over this many zones (label topology.flotilla.dev/zone=zone-N).
+    #[arg(long, default_value_t = 0)]
+    pub simulate_zones: usize,
 }
 
 #[derive(Args)]
@@ -120,6 +144,9 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let data_dir = args
         .data_dir
         .unwrap_or_else(|| crate::default_data_dir().join("agent"));
+    if args.simulate.simulate > 0 {
+        return simulate(args.server, args.join_token, data_dir, &args.simulate).await;
+    }
     let mut config = agent_config(args.server, data_dir, &args.node);
     config.join_token = args.join_token;
     let (stop, rx) = tokio::sync::watch::channel(false);
@@ -180,5 +207,46 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let _ = stop.send(true);
     tokio::time::sleep(Duration::from_millis(100)).await;
     server.shutdown().await;
+    Ok(())
+}
+
+async fn simulate(
+    servers: Vec<String>,
+    join_token: Option<String>,
+    data_dir: PathBuf,
+    sim: &SimulateArgs,
+) -> anyhow::Result<()> {
+    let memory = flotilla_types::Quantity::parse(&sim.simulate_memory)
+        .map_err(|e| anyhow::anyhow!("--simulate-memory: {e}"))?;
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..sim.simulate {
+        let name = format!("{}-{i:04}", sim.simulate_prefix);
+        let mut config = AgentConfig::new(servers.clone(), &name, data_dir.join(&name));
+        config.join_token = join_token.clone();
+        config.libvirt_uri = "test:///default".into();
+        config.capacity = Some((sim.simulate_cpus, memory.value() as u64));
+        config.resync = Duration::from_secs(60);
+        if sim.simulate_zones > 0 {
+            config.labels.insert(
+                "topology.flotilla.dev/zone".into(),
+                format!("zone-{}", i % sim.simulate_zones),
+            );
+        }
+        let rx = rx.clone();
+        tasks.spawn(async move { (name, flotilla_agent::run(config, rx).await) });
+    }
+    eprintln!(
+        "running {} simulated nodes ({} CPUs, {} each)",
+        sim.simulate, sim.simulate_cpus, sim.simulate_memory
+    );
+    tokio::select! {
+        Some(done) = tasks.join_next() => {
+            let (name, result) = done.context("a simulated node panicked")?;
+            result.with_context(|| format!("simulated node {name} failed"))?;
+        }
+        _ = until_signal() => {}
+    }
+    let _ = stop.send(true);
     Ok(())
 }
