@@ -41,6 +41,9 @@ pub struct AgentConfig {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Reported capacity (CPUs, memory bytes) instead of the host's: for simulated nodes.
     pub capacity: Option<(u32, u64)>,
+    /// Allocatable = capacity x ratio: vCPUs per host CPU (4.0, Nova's default) and memory (1.0).
+    pub cpu_overcommit: f64,
+    pub memory_overcommit: f64,
 }
 
 impl AgentConfig {
@@ -60,6 +63,8 @@ impl AgentConfig {
             advertise: None,
             labels: Default::default(),
             capacity: None,
+            cpu_overcommit: 4.0,
+            memory_overcommit: 1.0,
         }
     }
 }
@@ -405,8 +410,13 @@ async fn report_node(
         "memory": flotilla_types::Quantity::from_bytes(host.memory_bytes as u128),
         "disk": flotilla_types::Quantity::from_bytes(disk as u128),
     });
+    let allocatable = json!({
+        "cpus": (host.cpus as f64 * config.cpu_overcommit).floor() as u64,
+        "memory": flotilla_types::Quantity::from_bytes((host.memory_bytes as f64 * config.memory_overcommit) as u128 / 1024 * 1024),
+        "disk": flotilla_types::Quantity::from_bytes(disk as u128),
+    });
     let status = json!({"status": {
-        "capacity": resources, "allocatable": resources,
+                "capacity": resources, "allocatable": allocatable,
         "nodeInfo": {"hostname": host.hostname, "agentVersion": env!("CARGO_PKG_VERSION"), "libvirtVersion": host.libvirt_version,
                      "qemuVersion": qemu.unwrap_or(host.hypervisor_version), "virtType": if ctx.virt_type == VirtType::Kvm { "kvm" } else { "qemu" },
                      "agentEndpoint": endpoint.0, "agentCertSha256": endpoint.1},

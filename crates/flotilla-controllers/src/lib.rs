@@ -4,6 +4,7 @@
 pub mod compactor;
 pub mod garbage_collector;
 pub mod node_lifecycle;
+pub mod placement;
 pub mod scheduler;
 #[cfg(feature = "testkit")]
 pub mod testkit;

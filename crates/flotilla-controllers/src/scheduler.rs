@@ -1,7 +1,10 @@
-//! Placement placeholder: a VM without `spec.nodeName` goes to the Ready, schedulable node that
-//! has the fewest VMs. The scheduler issue replaces this file with filters, scores and atomic
-//! capacity claims; the contract stays: bind by writing `spec.nodeName` (guarded by the VM's
-//! resourceVersion) and say why in the `Scheduled` condition.
+//! The scheduling controller: binds VMs without `spec.nodeName` to a node chosen by the
+//! [`crate::placement`] engine (Ready and not cordoned, CPU and memory fit against allocatable,
+//! `nodeSelector`, least allocated first), and otherwise says why in the `Scheduled` condition,
+//! e.g. `0/12 nodes are available: 5 insufficient memory, 7 not ready`. Binding writes
+//! `spec.nodeName` guarded by the VM's resourceVersion. Still to come (issue 4): affinity and
+//! anti-affinity, PlacementPolicy, overcommit ratios, and claims made by compare-and-swap so that
+//! several schedulers cannot over-commit a node between them.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -10,6 +13,9 @@ use flotilla_server::objects::{ListOptions, Objects, PatchBody};
 use flotilla_server::Subresource;
 use flotilla_types::meta::now;
 use flotilla_types::registry;
+use flotilla_types::Quantity;
+
+use crate::placement::{self, Candidate, Request, Used};
 use flotilla_types::selector::FieldSelector;
 use serde_json::{json, Value};
 
@@ -19,54 +25,135 @@ fn items(raw: Vec<Vec<u8>>) -> Vec<Value> {
         .collect()
 }
 
-fn ready(node: &Value) -> bool {
-    let ready = node["status"]["conditions"].as_array().is_some_and(|cs| {
+fn is_ready(node: &Value) -> bool {
+    node["status"]["conditions"].as_array().is_some_and(|cs| {
         cs.iter()
             .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+fn quantity(v: &Value) -> u128 {
+    match v {
+        Value::String(s) => Quantity::parse(s).map(|q| q.value()).unwrap_or(0),
+        Value::Number(n) => n.as_u64().unwrap_or(0) as u128,
+        _ => 0,
+    }
+}
+
+fn candidate(node: &Value) -> Candidate {
+    let alloc = &node["status"]["allocatable"];
+    Candidate {
+        name: node["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        ready: is_ready(node),
+        schedulable: node["spec"]["unschedulable"] != true,
+        labels: serde_json::from_value(node["metadata"]["labels"].clone()).unwrap_or_default(),
+        cpus: alloc["cpus"].as_u64().unwrap_or(0),
+        memory: quantity(&alloc["memory"]),
+    }
+}
+
+/// What a VM asks for, resolving its VMClass; Err names a missing class.
+fn request(vm: &Value, classes: &HashMap<String, Value>) -> Result<Request, String> {
+    let spec = &vm["spec"];
+    let (cpus, memory) = match (spec.get("resources"), spec["class"].as_str()) {
+        (Some(r), _) => (r["cpus"].as_u64().unwrap_or(0), quantity(&r["memory"])),
+        (None, Some(class)) => {
+            let c = classes
+                .get(class)
+                .ok_or_else(|| format!("VMClass {class:?} does not exist"))?;
+            (
+                c["spec"]["cpus"].as_u64().unwrap_or(0),
+                quantity(&c["spec"]["memory"]),
+            )
+        }
+        (None, None) => (0, 0),
+    };
+    let node_selector = serde_json::from_value(spec["nodeSelector"].clone()).unwrap_or_default();
+    Ok(Request {
+        cpus,
+        memory,
+        node_selector,
+    })
+}
+
+/// Marks a VM unschedulable with `message`, unless it already says so.
+async fn unschedulable(objects: &Objects, vm: &Value, message: String) {
+    let vms_kind = registry::by_kind("VirtualMachine").expect("registered");
+    let already = vm["status"]["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["type"] == "Scheduled" && c["message"] == message.as_str())
     });
-    ready && node["spec"]["unschedulable"] != true
+    if already {
+        return;
+    }
+    let (ns, name) = (
+        vm["metadata"]["namespace"].as_str(),
+        vm["metadata"]["name"].as_str().unwrap_or_default(),
+    );
+    let status = json!({"status": {"phase": "Pending", "conditions": [
+        {"type": "Scheduled", "status": "False", "reason": "Unschedulable", "message": message, "lastTransitionTime": now()}]}});
+    let _ = objects
+        .patch(
+            vms_kind,
+            ns,
+            name,
+            PatchBody::Merge(status),
+            Subresource::Status,
+        )
+        .await;
 }
 
 /// One pass: binds every unbound VM it can; returns how many.
 pub async fn schedule_pending(objects: &Objects) -> Result<usize, flotilla_server::ApiError> {
-    let (vms_kind, nodes_kind) = (
-        registry::by_kind("VirtualMachine").unwrap(),
-        registry::by_kind("Node").unwrap(),
-    );
+    let kind = |k: &str| registry::by_kind(k).expect("registered");
+    let (vms_kind, nodes_kind, classes_kind) =
+        (kind("VirtualMachine"), kind("Node"), kind("VMClass"));
     let vms = items(
         objects
             .list(vms_kind, None, &ListOptions::default())
             .await?
             .items,
     );
-    let nodes: Vec<Value> = items(
+    let nodes: Vec<Candidate> = items(
         objects
             .list(nodes_kind, None, &ListOptions::default())
             .await?
             .items,
-    );
-    let mut load: HashMap<String, usize> = nodes
-        .iter()
-        .filter(|n| ready(n))
-        .map(|n| {
-            (
-                n["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-                0,
-            )
-        })
-        .collect();
-    let unbound =
-        FieldSelector::parse("spec.nodeName=", &["spec.nodeName"]).expect("valid selector");
+    )
+    .iter()
+    .map(candidate)
+    .collect();
+    let classes: HashMap<String, Value> = items(
+        objects
+            .list(classes_kind, None, &ListOptions::default())
+            .await?
+            .items,
+    )
+    .into_iter()
+    .map(|c| {
+        (
+            c["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            c,
+        )
+    })
+    .collect();
+    // What is already claimed on each node: every VM bound to it.
+    let mut used: HashMap<String, Used> = HashMap::new();
     for vm in &vms {
-        if let Some(n) = vm["spec"]["nodeName"].as_str() {
-            if let Some(count) = load.get_mut(n) {
-                *count += 1;
-            }
+        if let (Some(node), Ok(r)) = (vm["spec"]["nodeName"].as_str(), request(vm, &classes)) {
+            let u = used.entry(node.to_string()).or_default();
+            u.cpus += r.cpus;
+            u.memory += r.memory;
         }
     }
+    let unbound =
+        FieldSelector::parse("spec.nodeName=", &["spec.nodeName"]).expect("valid selector");
     let mut bound = 0;
     for vm in vms
         .iter()
@@ -76,31 +163,21 @@ pub async fn schedule_pending(objects: &Objects) -> Result<usize, flotilla_serve
             vm["metadata"]["namespace"].as_str(),
             vm["metadata"]["name"].as_str().unwrap_or_default(),
         );
-        let Some((node, _)) = load.iter().min_by_key(|(n, c)| (**c, (*n).clone())) else {
-            let message = format!(
-                "0/{} nodes are available: none is Ready and schedulable",
-                nodes.len()
-            );
-            let already = vm["status"]["conditions"].as_array().is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c["type"] == "Scheduled" && c["message"] == message)
-            });
-            if !already {
-                let status = json!({"status": {"phase": "Pending", "conditions": [
-                    {"type": "Scheduled", "status": "False", "reason": "Unschedulable", "message": message, "lastTransitionTime": now()}]}});
-                let _ = objects
-                    .patch(
-                        vms_kind,
-                        ns,
-                        name,
-                        PatchBody::Merge(status),
-                        Subresource::Status,
-                    )
-                    .await;
+        let req = match request(vm, &classes) {
+            Ok(r) => r,
+            Err(message) => {
+                unschedulable(objects, vm, message).await;
+                continue;
             }
-            continue;
         };
-        let node = node.clone();
+        let node = match placement::place(&req, &nodes, &used) {
+            Ok(node) => node,
+            Err(why) => {
+                unschedulable(objects, vm, why.to_string()).await;
+                continue;
+            }
+        };
+        // Guarded by the VM's resourceVersion: a VM changed meanwhile is looked at again next pass.
         let bind = PatchBody::Merge(
             json!({"metadata": {"resourceVersion": vm["metadata"]["resourceVersion"]}, "spec": {"nodeName": node}}),
         );
@@ -109,7 +186,9 @@ pub async fn schedule_pending(objects: &Objects) -> Result<usize, flotilla_serve
             .await
         {
             Ok(_) => {
-                *load.get_mut(&node).expect("chosen from the map") += 1;
+                let u = used.entry(node.clone()).or_default();
+                u.cpus += req.cpus;
+                u.memory += req.memory;
                 bound += 1;
                 let status = json!({"status": {"phase": "Scheduled", "nodeName": node, "conditions": [
                     {"type": "Scheduled", "status": "True", "reason": "Scheduled", "message": format!("placed on {node}"), "lastTransitionTime": now()}]}});

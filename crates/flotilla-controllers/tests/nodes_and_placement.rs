@@ -69,6 +69,15 @@ async fn readiness_and_placement() {
     c.create(nodes, None, &json!({"metadata": {"name": "node-a"}}))
         .await
         .unwrap();
+    c.patch(
+        nodes,
+        None,
+        "node-a",
+        &json!({"status": {"allocatable": {"cpus": 8, "memory": "16Gi"}}}),
+        true,
+    )
+    .await
+    .unwrap();
     let renew = || json!({"spec": {"holderIdentity": "node-a", "leaseDurationSeconds": 1, "renewTime": chrono::Utc::now()}});
     let mut lease = renew();
     lease["metadata"] = json!({"name": "node-a"});
@@ -140,6 +149,20 @@ async fn readiness_and_placement() {
         .unwrap();
     eventually("the VM lands once the node is uncordoned", async || {
         c.get(vms, Some("default"), "cordoned").await.unwrap()["spec"]["nodeName"] == "node-a"
+    })
+    .await;
+
+    // A VM that fits nowhere says why, per reason.
+    c.patch(leases, None, "node-a", &renew(), false)
+        .await
+        .unwrap();
+    c.create(vms, Some("default"), &json!({"metadata": {"name": "huge"}, "spec": {"resources": {"cpus": 1, "memory": "32Gi"}, "image": "x"}})).await.unwrap();
+    eventually("huge says it does not fit", async || {
+        let (status, message) = condition(
+            &c.get(vms, Some("default"), "huge").await.unwrap(),
+            "Scheduled",
+        );
+        status == "False" && message == "0/1 nodes are available: 1 insufficient memory"
     })
     .await;
 }

@@ -122,6 +122,8 @@ async fn run() {
     agent.join_token = Some(token);
     agent.virt_type = VirtType::Qemu;
     agent.shutdown_timeout = Duration::from_secs(1);
+    // 20 one-CPU guests on a 2-CPU host: allow it, as raw libvirt does.
+    agent.cpu_overcommit = 16.0;
     let (_stop, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(flotilla_agent::run_with(agent, libvirt.clone(), rx));
     let nodes = lookup("node").unwrap();

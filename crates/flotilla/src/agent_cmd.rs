@@ -39,6 +39,12 @@ pub struct NodeArgs {
     /// Concurrent disk-heavy operations (image downloads, conversions, disk creation).
     #[arg(long, default_value_t = 2)]
     pub disk_concurrency: usize,
+    /// vCPUs the scheduler may place per host CPU (allocatable = capacity x ratio).
+    #[arg(long, default_value_t = 4.0)]
+    pub cpu_overcommit: f64,
+    /// Memory overcommit ratio (1.0: none).
+    #[arg(long, default_value_t = 1.0)]
+    pub memory_overcommit: f64,
     /// A label for this node, KEY=VALUE (repeatable), e.g. topology.flotilla.dev/zone=a.
     #[arg(long = "node-label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
@@ -128,6 +134,8 @@ fn agent_config(servers: Vec<String>, data_dir: PathBuf, node: &NodeArgs) -> Age
     };
     config.disk_concurrency = node.disk_concurrency;
     config.labels = node.labels.iter().cloned().collect();
+    config.cpu_overcommit = node.cpu_overcommit;
+    config.memory_overcommit = node.memory_overcommit;
     config
 }
 
