@@ -15,8 +15,9 @@ use flotilla_types::meta::now;
 use flotilla_types::registry;
 use flotilla_types::Quantity;
 
-use crate::placement::{self, Candidate, Request, Used};
+use crate::placement::{self, Candidate, Placed, Request, Rules, Term, Used};
 use flotilla_types::selector::FieldSelector;
+use flotilla_types::selector::LabelSelector;
 use serde_json::{json, Value};
 
 fn items(raw: Vec<Vec<u8>>) -> Vec<Value> {
@@ -55,8 +56,60 @@ fn candidate(node: &Value) -> Candidate {
     }
 }
 
-/// What a VM asks for, resolving its VMClass; Err names a missing class.
-fn request(vm: &Value, classes: &HashMap<String, Value>) -> Result<Request, String> {
+fn terms(rules: &Value, key: &str) -> Vec<Term> {
+    rules[key]
+        .as_array()
+        .map(|ts| {
+            ts.iter()
+                .filter_map(|t| {
+                    let selector = LabelSelector::parse(t["labelSelector"].as_str()?).ok()?;
+                    Some(Term {
+                        selector,
+                        key: t["topologyKey"].as_str()?.to_string(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn weighted(rules: &Value) -> Vec<(u32, Term)> {
+    rules["preferred"]
+        .as_array()
+        .map(|ts| {
+            ts.iter()
+                .filter_map(|t| {
+                    let selector = LabelSelector::parse(t["labelSelector"].as_str()?).ok()?;
+                    Some((
+                        t["weight"].as_u64()? as u32,
+                        Term {
+                            selector,
+                            key: t["topologyKey"].as_str()?.to_string(),
+                        },
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Adds the rules of an `affinity` object (from the VM or its PlacementPolicy).
+fn add_rules(rules: &mut Rules, affinity: &Value) {
+    let (near, apart) = (&affinity["vmAffinity"], &affinity["vmAntiAffinity"]);
+    rules.required_affinity.extend(terms(near, "required"));
+    rules
+        .required_anti_affinity
+        .extend(terms(apart, "required"));
+    rules.preferred_affinity.extend(weighted(near));
+    rules.preferred_anti_affinity.extend(weighted(apart));
+}
+
+/// What a VM asks for, resolving its VMClass and PlacementPolicy; Err says what is missing.
+fn request(
+    vm: &Value,
+    classes: &HashMap<String, Value>,
+    policies: &HashMap<(String, String), Value>,
+) -> Result<Request, String> {
     let spec = &vm["spec"];
     let (cpus, memory) = match (spec.get("resources"), spec["class"].as_str()) {
         (Some(r), _) => (r["cpus"].as_u64().unwrap_or(0), quantity(&r["memory"])),
@@ -72,10 +125,28 @@ fn request(vm: &Value, classes: &HashMap<String, Value>) -> Result<Request, Stri
         (None, None) => (0, 0),
     };
     let node_selector = serde_json::from_value(spec["nodeSelector"].clone()).unwrap_or_default();
+    let project = vm["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut rules = Rules::default();
+    add_rules(&mut rules, &spec["affinity"]);
+    if let Some(policy) = spec["placementPolicy"].as_str() {
+        let p = policies
+            .get(&(project.clone(), policy.to_string()))
+            .ok_or_else(|| {
+                format!("PlacementPolicy {policy:?} does not exist in project {project:?}")
+            })?;
+        add_rules(&mut rules, &p["spec"]["affinity"]);
+    }
+    let labels = serde_json::from_value(vm["metadata"]["labels"].clone()).unwrap_or_default();
     Ok(Request {
         cpus,
         memory,
         node_selector,
+        project,
+        labels,
+        rules,
     })
 }
 
@@ -111,6 +182,27 @@ pub async fn schedule_pending(objects: &Objects) -> Result<usize, flotilla_serve
     let kind = |k: &str| registry::by_kind(k).expect("registered");
     let (vms_kind, nodes_kind, classes_kind) =
         (kind("VirtualMachine"), kind("Node"), kind("VMClass"));
+    let policies: HashMap<(String, String), Value> = items(
+        objects
+            .list(kind("PlacementPolicy"), None, &ListOptions::default())
+            .await?
+            .items,
+    )
+    .into_iter()
+    .map(|p| {
+        let key = (
+            p["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            p["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+        (key, p)
+    })
+    .collect();
     let vms = items(
         objects
             .list(vms_kind, None, &ListOptions::default())
@@ -145,11 +237,20 @@ pub async fn schedule_pending(objects: &Objects) -> Result<usize, flotilla_serve
     .collect();
     // What is already claimed on each node: every VM bound to it.
     let mut used: HashMap<String, Used> = HashMap::new();
+    let mut placed: Vec<Placed> = Vec::new();
     for vm in &vms {
-        if let (Some(node), Ok(r)) = (vm["spec"]["nodeName"].as_str(), request(vm, &classes)) {
+        if let (Some(node), Ok(r)) = (
+            vm["spec"]["nodeName"].as_str(),
+            request(vm, &classes, &policies),
+        ) {
             let u = used.entry(node.to_string()).or_default();
             u.cpus += r.cpus;
             u.memory += r.memory;
+            placed.push(Placed {
+                project: r.project,
+                labels: r.labels,
+                node: node.to_string(),
+            });
         }
     }
     let unbound =
@@ -163,14 +264,14 @@ pub async fn schedule_pending(objects: &Objects) -> Result<usize, flotilla_serve
             vm["metadata"]["namespace"].as_str(),
             vm["metadata"]["name"].as_str().unwrap_or_default(),
         );
-        let req = match request(vm, &classes) {
+        let req = match request(vm, &classes, &policies) {
             Ok(r) => r,
             Err(message) => {
                 unschedulable(objects, vm, message).await;
                 continue;
             }
         };
-        let node = match placement::place(&req, &nodes, &used) {
+        let node = match placement::place(&req, &nodes, &used, &placed) {
             Ok(node) => node,
             Err(why) => {
                 unschedulable(objects, vm, why.to_string()).await;
@@ -189,6 +290,11 @@ pub async fn schedule_pending(objects: &Objects) -> Result<usize, flotilla_serve
                 let u = used.entry(node.clone()).or_default();
                 u.cpus += req.cpus;
                 u.memory += req.memory;
+                placed.push(Placed {
+                    project: req.project.clone(),
+                    labels: req.labels.clone(),
+                    node: node.clone(),
+                });
                 bound += 1;
                 let status = json!({"status": {"phase": "Scheduled", "nodeName": node, "conditions": [
                     {"type": "Scheduled", "status": "True", "reason": "Scheduled", "message": format!("placed on {node}"), "lastTransitionTime": now()}]}});

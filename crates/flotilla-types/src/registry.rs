@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::kinds::{Image, Lease, Node, Project, VMClass, VirtualMachine};
+use crate::kinds::{Image, Lease, Node, PlacementPolicy, Project, VMClass, VirtualMachine};
 use crate::resource::{decode, Column, Resource};
 use crate::validation::FieldErrors;
 
@@ -57,6 +57,7 @@ pub static KINDS: &[KindInfo] = &[
     kind_info!(VMClass, []),
     kind_info!(Image, []),
     kind_info!(Lease, []),
+    kind_info!(PlacementPolicy, []),
 ];
 
 /// Finds a kind by plural (`virtualmachines`), singular, kind (`VirtualMachine`) or short name
@@ -93,6 +94,7 @@ mod tests {
             VMClass::FIELD_SELECTORS,
             Image::FIELD_SELECTORS,
             Lease::FIELD_SELECTORS,
+            PlacementPolicy::FIELD_SELECTORS,
         ]) {
             assert_eq!(&info.field_selectors[2..], own, "{}", info.kind);
         }

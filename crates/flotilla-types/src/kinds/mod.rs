@@ -4,6 +4,7 @@
 pub mod image;
 pub mod lease;
 pub mod node;
+pub mod placement;
 pub mod project;
 pub mod vm;
 pub mod vmclass;
@@ -11,6 +12,10 @@ pub mod vmclass;
 pub use image::{Image, ImageFormat, ImageNodeStatus, ImageSource, ImageSpec, ImageStatus};
 pub use lease::{Lease, LeaseSpec, LeaseStatus};
 pub use node::{Node, NodeInfo, NodeResources, NodeSpec, NodeStatus};
+pub use placement::{
+    Affinity, AffinityRules, AffinityTerm, PlacementPolicy, PlacementPolicySpec,
+    WeightedAffinityTerm,
+};
 pub use project::{Project, ProjectSpec, ProjectStatus};
 pub use vm::{
     KernelBoot, NetworkAttachment, Phase, PowerState, Resources, RootDisk, VirtualMachine,

@@ -50,6 +50,12 @@ pub struct VirtualMachineSpec {
     /// touches its disks, and deleting the VM releases the domain instead of destroying it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adopted_domain: Option<String>,
+    /// Placement rules relative to other VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<crate::kinds::placement::Affinity>,
+    /// A PlacementPolicy in the same project whose rules apply too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement_policy: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -263,6 +269,12 @@ impl Validate for VirtualMachineSpec {
             validation::dns_label(errs, &format!("{path}.nodeName"), node);
         }
         validation::labels(errs, &format!("{path}.nodeSelector"), &self.node_selector);
+        if let Some(a) = &self.affinity {
+            a.validate(&format!("{path}.affinity"), errs);
+        }
+        if let Some(p) = &self.placement_policy {
+            validation::dns_label(errs, &format!("{path}.placementPolicy"), p);
+        }
     }
 }
 

@@ -1,0 +1,137 @@
+//! Placement rules: VM affinity and anti-affinity, inline (`spec.affinity`) or through a reusable
+//! PlacementPolicy named by `spec.placementPolicy`.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::resource::Validate;
+use crate::selector::LabelSelector;
+use crate::validation::{self, FieldErrors};
+
+/// The topology key that means "the node itself" (every node has its own value: its name).
+pub const NODE_TOPOLOGY_KEY: &str = "flotilla.dev/node";
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Affinity {
+    /// Place near VMs matching these terms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_affinity: Option<AffinityRules>,
+    /// Place away from VMs matching these terms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_anti_affinity: Option<AffinityRules>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AffinityRules {
+    /// Hard rules: a node that breaks one is not a candidate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required: Vec<AffinityTerm>,
+    /// Soft rules: honoured when possible, by weight.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preferred: Vec<WeightedAffinityTerm>,
+}
+
+/// VMs of the same project matching `labelSelector`, counted per value of the node label
+/// `topologyKey` (`flotilla.dev/node` for the node itself, or e.g. `topology.flotilla.dev/zone`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AffinityTerm {
+    pub label_selector: String,
+    pub topology_key: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WeightedAffinityTerm {
+    /// 1 to 100.
+    pub weight: u32,
+    pub label_selector: String,
+    pub topology_key: String,
+}
+
+impl WeightedAffinityTerm {
+    pub fn term(&self) -> AffinityTerm {
+        AffinityTerm {
+            label_selector: self.label_selector.clone(),
+            topology_key: self.topology_key.clone(),
+        }
+    }
+}
+
+impl AffinityTerm {
+    fn validate(&self, path: &str, errs: &mut FieldErrors) {
+        if let Err(e) = LabelSelector::parse(&self.label_selector) {
+            errs.push(format!("{path}.labelSelector"), e.to_string());
+        }
+        if !validation::is_qualified_name(&self.topology_key) {
+            errs.push(
+                format!("{path}.topologyKey"),
+                format!(
+                    "{:?} must be a node label key such as {NODE_TOPOLOGY_KEY}",
+                    self.topology_key
+                ),
+            );
+        }
+    }
+}
+
+impl Affinity {
+    pub fn validate(&self, path: &str, errs: &mut FieldErrors) {
+        for (name, rules) in [
+            ("vmAffinity", &self.vm_affinity),
+            ("vmAntiAffinity", &self.vm_anti_affinity),
+        ] {
+            let Some(rules) = rules else { continue };
+            for (i, t) in rules.required.iter().enumerate() {
+                t.validate(&format!("{path}.{name}.required[{i}]"), errs);
+            }
+            for (i, w) in rules.preferred.iter().enumerate() {
+                if !(1..=100).contains(&w.weight) {
+                    errs.push(
+                        format!("{path}.{name}.preferred[{i}].weight"),
+                        format!("{} must be between 1 and 100", w.weight),
+                    );
+                }
+                w.term()
+                    .validate(&format!("{path}.{name}.preferred[{i}]"), errs);
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PlacementPolicySpec {
+    #[serde(default)]
+    pub affinity: Affinity,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PlacementPolicyStatus {}
+
+impl Validate for PlacementPolicySpec {
+    fn validate(&self, path: &str, errs: &mut FieldErrors) {
+        self.affinity.validate(&format!("{path}.affinity"), errs);
+    }
+}
+
+impl Validate for PlacementPolicyStatus {
+    fn validate(&self, _: &str, _: &mut FieldErrors) {}
+}
+
+crate::define_kind! {
+    /// Reusable placement rules; VMs name one in `spec.placementPolicy`.
+    PlacementPolicy {
+        spec: PlacementPolicySpec, spec_default: true,
+        status: PlacementPolicyStatus,
+        plural: "placementpolicies",
+        singular: "placementpolicy",
+        short_names: ["pp"],
+        namespaced: true,
+        field_selectors: [],
+        columns: [],
+    }
+}
