@@ -21,6 +21,8 @@ pub struct ControllerConfig {
     pub gc_resync: Duration,
     /// A node whose heartbeat lease is older than this is no longer Ready.
     pub node_grace: Duration,
+    /// Spread VMs over the fleet (least allocated first) or pack them (most allocated first).
+    pub placement: placement::Strategy,
 }
 
 impl Default for ControllerConfig {
@@ -29,6 +31,7 @@ impl Default for ControllerConfig {
             compaction_interval: Duration::from_secs(300),
             gc_resync: Duration::from_secs(60),
             node_grace: Duration::from_secs(10),
+            placement: placement::Strategy::Spread,
         }
     }
 }
@@ -38,7 +41,11 @@ pub fn spawn_all(objects: Objects, config: ControllerConfig) -> Vec<tokio::task:
     let mut tasks = vec![
         tokio::spawn(garbage_collector::run(objects.clone(), config.gc_resync)),
         tokio::spawn(node_lifecycle::run(objects.clone(), config.node_grace)),
-        tokio::spawn(scheduler::run(objects.clone(), Duration::from_secs(2))),
+        tokio::spawn(scheduler::run(
+            objects.clone(),
+            Duration::from_secs(2),
+            config.placement,
+        )),
     ];
     if !config.compaction_interval.is_zero() {
         tasks.push(tokio::spawn(compactor::run(

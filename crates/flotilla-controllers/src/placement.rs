@@ -38,6 +38,15 @@ pub struct Rules {
     pub preferred_anti_affinity: Vec<(u32, Term)>,
 }
 
+/// How free capacity counts: `Spread` prefers the least allocated node (fewer noisy
+/// neighbours, faster recovery); `Pack` the most allocated (fewer hosts busy, more room for big VMs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Strategy {
+    #[default]
+    Spread,
+    Pack,
+}
+
 /// What a VM asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
@@ -47,6 +56,7 @@ pub struct Request {
     pub project: String,
     pub labels: BTreeMap<String, String>,
     pub rules: Rules,
+    pub strategy: Strategy,
 }
 
 /// A node as the engine sees it.
@@ -253,7 +263,11 @@ pub fn place(
         match filter(req, node, u).or_else(|| affinity_filter(req, node, &prepared)) {
             Some(reason) => *reasons.entry(reason).or_default() += 1,
             None => {
-                let mut s = score(req, node, u) * 100.0;
+                let free = score(req, node, u);
+                let mut s = match req.strategy {
+                    Strategy::Spread => free,
+                    Strategy::Pack => 1.0 - free,
+                } * 100.0;
                 s += prepared
                     .preferred_affinity
                     .iter()
@@ -306,6 +320,7 @@ mod tests {
             project: "p".into(),
             labels: BTreeMap::new(),
             rules: Rules::default(),
+            strategy: super::Strategy::Spread,
         }
     }
 
@@ -325,6 +340,23 @@ mod tests {
             "a",
             "ties go to the first name"
         );
+    }
+
+    #[test]
+    fn packs_onto_the_most_allocated_node_when_asked() {
+        let nodes = vec![node("a", 8, 16), node("b", 8, 16)];
+        let used = HashMap::from([(
+            "b".to_string(),
+            Used {
+                cpus: 4,
+                memory: 8 << 30,
+            },
+        )]);
+        let mut r = req(1, 1);
+        r.strategy = super::Strategy::Pack;
+        assert_eq!(place(&r, &nodes, &used, &[]).unwrap(), "b");
+        r.strategy = super::Strategy::Spread;
+        assert_eq!(place(&r, &nodes, &used, &[]).unwrap(), "a");
     }
 
     #[test]

@@ -147,6 +147,7 @@ fn request(
         project,
         labels,
         rules,
+        strategy: placement::Strategy::default(),
     })
 }
 
@@ -178,7 +179,10 @@ async fn unschedulable(objects: &Objects, vm: &Value, message: String) {
 }
 
 /// One pass: binds every unbound VM it can; returns how many.
-pub async fn schedule_pending(objects: &Objects) -> Result<usize, flotilla_server::ApiError> {
+pub async fn schedule_pending(
+    objects: &Objects,
+    strategy: placement::Strategy,
+) -> Result<usize, flotilla_server::ApiError> {
     let kind = |k: &str| registry::by_kind(k).expect("registered");
     let (vms_kind, nodes_kind, classes_kind) =
         (kind("VirtualMachine"), kind("Node"), kind("VMClass"));
@@ -265,7 +269,7 @@ pub async fn schedule_pending(objects: &Objects) -> Result<usize, flotilla_serve
             vm["metadata"]["name"].as_str().unwrap_or_default(),
         );
         let req = match request(vm, &classes, &policies) {
-            Ok(r) => r,
+            Ok(r) => Request { strategy, ..r },
             Err(message) => {
                 unschedulable(objects, vm, message).await;
                 continue;
@@ -316,14 +320,14 @@ pub async fn schedule_pending(objects: &Objects) -> Result<usize, flotilla_serve
     Ok(bound)
 }
 
-pub async fn run(objects: Objects, resync: Duration) {
+pub async fn run(objects: Objects, resync: Duration, strategy: placement::Strategy) {
     // One watch for the controller's lifetime: a change between two passes is never missed.
     let mut events = None;
     loop {
         if events.is_none() {
             events = objects.store().watch("/registry/", 0).await.ok();
         }
-        if let Err(e) = schedule_pending(&objects).await {
+        if let Err(e) = schedule_pending(&objects, strategy).await {
             tracing::warn!(error = %e, "scheduling pass failed");
         }
         let relevant = |ev: &flotilla_store::WatchEvent| {

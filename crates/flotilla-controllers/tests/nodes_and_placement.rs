@@ -8,7 +8,7 @@ use flotilla_types::registry::lookup;
 use serde_json::{json, Value};
 
 async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..100 {
+    for _ in 0..300 {
         if check().await {
             return;
         }
@@ -38,7 +38,7 @@ async fn readiness_and_placement() {
     let server = flotilla_server::start(config).await.unwrap();
     let controllers = flotilla_controllers::ControllerConfig {
         compaction_interval: Duration::ZERO,
-        node_grace: Duration::from_secs(2),
+        node_grace: Duration::from_secs(3),
         ..Default::default()
     };
     flotilla_controllers::spawn_all(server.objects.clone(), controllers);

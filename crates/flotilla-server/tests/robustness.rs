@@ -30,8 +30,14 @@ async fn a_watcher_behind_compaction_gets_an_error_event() {
     let t = start_with(|c| c.store = Some(store.clone())).await;
     let vms = kind("vm");
     let rv = store.current_revision().await.unwrap().to_string();
-    let resp = t
-        .http()
+    // A client without a total request timeout: the watch body streams for as long as the writes take.
+    let streaming = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(t.server.ca_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let resp = streaming
         .get(t.url(&format!("/apis/flotilla.dev/v1alpha1/namespaces/default/virtualmachines?watch=true&resourceVersion={rv}")))
         .bearer_auth(t.token())
         .send()
@@ -51,7 +57,7 @@ async fn a_watcher_behind_compaction_gets_an_error_event() {
         .unwrap();
     let mut body = resp.bytes_stream();
     let mut buf = Vec::new();
-    let last = tokio::time::timeout(Duration::from_secs(60), async {
+    let last = tokio::time::timeout(Duration::from_secs(120), async {
         while let Some(chunk) = body.next().await {
             buf.extend_from_slice(&chunk.unwrap());
         }

@@ -20,6 +20,15 @@ pub struct ServerArgs {
     /// Keep at least this much store history for watch resumption (e.g. 5m, 1h; 0 = never compact).
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub compaction_interval: Duration,
+    /// Where the scheduler puts VMs: spread (least allocated node first) or pack (most allocated).
+    #[arg(long, value_enum, default_value_t = Placement::Spread)]
+    pub placement: Placement,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Placement {
+    Spread,
+    Pack,
 }
 
 /// `90s`, `5m`, `1h`, or plain seconds.
@@ -43,8 +52,13 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     config.listen = args.listen;
     config.tls_names = args.tls_sans;
     let server = flotilla_server::start(config).await?;
+    let placement = match args.placement {
+        Placement::Spread => flotilla_controllers::placement::Strategy::Spread,
+        Placement::Pack => flotilla_controllers::placement::Strategy::Pack,
+    };
     let controllers = flotilla_controllers::ControllerConfig {
         compaction_interval: args.compaction_interval,
+        placement,
         ..Default::default()
     };
     flotilla_controllers::spawn_all(server.objects.clone(), controllers);
