@@ -1,10 +1,12 @@
 //! The scheduling controller: binds VMs without `spec.nodeName` to a node chosen by the
-//! [`crate::placement`] engine (Ready and not cordoned, CPU and memory fit against allocatable,
-//! `nodeSelector`, least allocated first), and otherwise says why in the `Scheduled` condition,
-//! e.g. `0/12 nodes are available: 5 insufficient memory, 7 not ready`. Binding writes
-//! `spec.nodeName` guarded by the VM's resourceVersion. Still to come (issue 4): affinity and
-//! anti-affinity, PlacementPolicy, overcommit ratios, and claims made by compare-and-swap so that
-//! several schedulers cannot over-commit a node between them.
+//! [`crate::placement`] engine (readiness, cordon, CPU and memory against allocatable,
+//! `nodeSelector`, VM affinity and anti-affinity from `spec.affinity` and the VM's
+//! PlacementPolicy; spread or pack), and otherwise says why in the `Scheduled` condition, e.g.
+//! `0/12 nodes are available: 5 insufficient memory, 7 not ready`. Binding writes
+//! `spec.nodeName` guarded by the VM's resourceVersion. One pass sees a fresh snapshot and
+//! accounts for its own placements, so one scheduler never over-commits. Still to come (issue 4):
+//! claims made by compare-and-swap so that several schedulers cannot over-commit a node between
+//! them, and an incremental cache instead of re-listing everything per pass.
 
 use std::collections::HashMap;
 use std::time::Duration;

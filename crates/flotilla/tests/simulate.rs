@@ -95,7 +95,7 @@ async fn a_simulated_fleet_joins_and_runs_vms() {
     assert_eq!(per_node.len(), 20, "every node runs VMs: {per_node:?}");
     assert!(
         per_node.values().all(|&n| n == 2),
-        "the placeholder spreads evenly: {per_node:?}"
+        "least-allocated placement spreads evenly: {per_node:?}"
     );
     fleet.kill().unwrap();
     fleet.wait().unwrap();
