@@ -66,7 +66,10 @@ async fn debian_cloud_init_applies_hostname_key_and_runcmd() {
             }
         }
         let text = String::from_utf8_lossy(&text).into_owned();
-        if text.contains(&format!("FLOTILLA-RUNCMD {marker}")) && text.contains("FLOTILLA-KEY ") {
+        // The key line is the last thing runcmd prints: wait for all of it.
+        if text.contains(&format!("FLOTILLA-RUNCMD {marker}"))
+            && text.contains(&format!("FLOTILLA-KEY {key}"))
+        {
             break text;
         }
         assert!(

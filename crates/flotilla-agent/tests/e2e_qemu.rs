@@ -67,8 +67,10 @@ async fn tiny_guest_boots_and_reads_its_seed() {
             text.extend_from_slice(&chunk);
         }
         let text = String::from_utf8_lossy(&text).into_owned();
-        text.contains(&format!("FLOTILLA-MARKER {marker}"))
-            .then_some(text)
+        // The seed listing is the last line the guest's init prints: wait for it, not only the marker.
+        (text.contains(&format!("FLOTILLA-MARKER {marker}"))
+            && text.contains("FLOTILLA-SEED-FILES"))
+        .then_some(text)
     })
     .await;
     // Following streams output as it appears; a node's credentials cannot read logs.

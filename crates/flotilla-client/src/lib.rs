@@ -210,6 +210,19 @@ impl Client {
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
+    /// Sends `body` as JSON (with `content_type`) and reads a JSON answer.
+    async fn send_value(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: &Value,
+    ) -> Result<Value, ClientError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.request_json(method, path, &[], Some((content_type, bytes)))
+            .await
+    }
+
     pub async fn get(
         &self,
         kind: &KindInfo,
@@ -243,12 +256,11 @@ impl Client {
         namespace: Option<&str>,
         object: &Value,
     ) -> Result<Value, ClientError> {
-        let body = serde_json::to_vec(object).map_err(|e| ClientError::Decode(e.to_string()))?;
-        self.request_json(
+        self.send_value(
             Method::POST,
             &path(kind, namespace, None, false),
-            &[],
-            Some(("application/json", body)),
+            "application/json",
+            object,
         )
         .await
     }
@@ -260,12 +272,11 @@ impl Client {
         name: &str,
         object: &Value,
     ) -> Result<Value, ClientError> {
-        let body = serde_json::to_vec(object).map_err(|e| ClientError::Decode(e.to_string()))?;
-        self.request_json(
+        self.send_value(
             Method::PUT,
             &path(kind, namespace, Some(name), false),
-            &[],
-            Some(("application/json", body)),
+            "application/json",
+            object,
         )
         .await
     }
@@ -277,12 +288,11 @@ impl Client {
         name: &str,
         object: &Value,
     ) -> Result<Value, ClientError> {
-        let body = serde_json::to_vec(object).map_err(|e| ClientError::Decode(e.to_string()))?;
-        self.request_json(
+        self.send_value(
             Method::PUT,
             &path(kind, namespace, Some(name), true),
-            &[],
-            Some(("application/json", body)),
+            "application/json",
+            object,
         )
         .await
     }
@@ -296,12 +306,11 @@ impl Client {
         patch: &Value,
         status: bool,
     ) -> Result<Value, ClientError> {
-        let body = serde_json::to_vec(patch).map_err(|e| ClientError::Decode(e.to_string()))?;
-        self.request_json(
+        self.send_value(
             Method::PATCH,
             &path(kind, namespace, Some(name), status),
-            &[],
-            Some(("application/merge-patch+json", body)),
+            "application/merge-patch+json",
+            patch,
         )
         .await
     }
