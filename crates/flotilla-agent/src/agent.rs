@@ -381,20 +381,7 @@ async fn report_node(
         .await
         .map_err(crate::error::io(&config.data_dir))?;
     let disk = disk_bytes(&config.data_dir).unwrap_or(0);
-    let real_qemu = ctx.virt_type != VirtType::Test;
-    let qemu = if !real_qemu {
-        None
-    } else {
-        crate::tools::run("qemu-system-x86_64", &["--version"])
-            .await
-            .ok()
-    }
-    .and_then(|v| {
-        v.split_whitespace()
-            .skip_while(|w| *w != "version")
-            .nth(1)
-            .map(str::to_string)
-    });
+
     let domains = ctx.libvirt.list().await?;
     let unmanaged: Vec<Value> = domains
         .iter()
@@ -418,7 +405,7 @@ async fn report_node(
     let status = json!({"status": {
                 "capacity": resources, "allocatable": allocatable,
         "nodeInfo": {"hostname": host.hostname, "agentVersion": env!("CARGO_PKG_VERSION"), "libvirtVersion": host.libvirt_version,
-                     "qemuVersion": qemu.unwrap_or(host.hypervisor_version), "virtType": if ctx.virt_type == VirtType::Kvm { "kvm" } else { "qemu" },
+                     "qemuVersion": host.hypervisor_version, "virtType": if ctx.virt_type == VirtType::Kvm { "kvm" } else { "qemu" },
                      "agentEndpoint": endpoint.0, "agentCertSha256": endpoint.1},
         "unmanagedDomains": unmanaged,
     }});

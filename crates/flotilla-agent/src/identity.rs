@@ -1,8 +1,6 @@
 //! The agent's identity: join once with a join token, then keep the node credentials in
 //! `<data-dir>/agent.yaml` (mode 0600) and reuse them on every restart.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use flotilla_client::Client;
@@ -11,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{io, AgentError};
 
-pub const CA_HASH_SEPARATOR: &str = "::sha256:";
+use flotilla_server::join::CA_HASH_SEPARATOR;
 
 /// A client with this node's credentials: stored ones if present, else obtained by joining.
 /// Also returns the CA that the agent trusts (from the join), for its own TLS endpoint.
@@ -79,22 +77,8 @@ pub async fn load_or_join(
         contexts: vec![ctx.clone()],
     };
     std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(
-        serde_yaml::to_string(&config)
-            .expect("serialises")
-            .as_bytes(),
-    )
-    .map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    let yaml = serde_yaml::to_string(&config).expect("serialises");
+    flotilla_server::fsutil::write_atomic(&path, yaml.as_bytes(), 0o600).map_err(io(&path))?;
     tracing::info!(node, "joined the cluster; credentials stored");
     Ok((
         Client::from_context(&ctx)?,
@@ -133,19 +117,7 @@ async fn fetch_verified_ca(servers: &[String], want: &str) -> Result<String, Age
     Err(AgentError::Config(format!("cannot fetch the CA: {last}")))
 }
 
-/// A DNS-1123 label from a host name.
+/// A DNS-1123 label from a host name (its first component).
 pub fn node_name_from_hostname(host: &str) -> String {
-    let first = host.split('.').next().unwrap_or(host).to_ascii_lowercase();
-    let cleaned: String = first
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
-    let trimmed = cleaned.trim_matches('-');
-    let mut name: String = trimmed.chars().take(63).collect();
-    name = name.trim_end_matches('-').to_string();
-    if name.is_empty() {
-        "node".into()
-    } else {
-        name
-    }
+    flotilla_types::validation::to_dns_label(host.split('.').next().unwrap_or(host), "node")
 }

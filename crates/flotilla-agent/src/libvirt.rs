@@ -41,7 +41,6 @@ pub struct HostInfo {
 #[derive(Clone)]
 pub struct Libvirt {
     conn: Arc<Connect>,
-    uri: String,
 }
 
 fn version(v: u32) -> String {
@@ -69,12 +68,7 @@ impl Libvirt {
             .map_err(|e| AgentError::Libvirt(format!("cannot connect to {uri}: {e}")))?;
         Ok(Libvirt {
             conn: Arc::new(conn),
-            uri: uri.to_string(),
         })
-    }
-
-    pub fn uri(&self) -> &str {
-        &self.uri
     }
 
     /// Lifecycle events of every domain, as domain UUIDs (None if libvirt refuses).
@@ -162,19 +156,6 @@ impl Libvirt {
             if let Some(d) = Self::lookup(c, &uuid) {
                 if d.is_active()? {
                     d.destroy()?;
-                }
-            }
-            Ok(())
-        })
-        .await
-    }
-
-    pub async fn reboot(&self, uuid: &str) -> Result<(), AgentError> {
-        let uuid = uuid.to_string();
-        self.run(move |c| {
-            if let Some(d) = Self::lookup(c, &uuid) {
-                if d.is_active()? {
-                    d.reset()?;
                 }
             }
             Ok(())

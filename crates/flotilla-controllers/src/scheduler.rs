@@ -58,50 +58,34 @@ fn candidate(node: &Value) -> Candidate {
     }
 }
 
-fn terms(rules: &Value, key: &str) -> Vec<Term> {
-    rules[key]
+fn term(t: &Value) -> Option<Term> {
+    let selector = LabelSelector::parse(t["labelSelector"].as_str()?).ok()?;
+    Some(Term {
+        selector,
+        key: t["topologyKey"].as_str()?.to_string(),
+    })
+}
+
+fn terms(rules: &Value) -> Vec<Term> {
+    rules["required"]
         .as_array()
-        .map(|ts| {
-            ts.iter()
-                .filter_map(|t| {
-                    let selector = LabelSelector::parse(t["labelSelector"].as_str()?).ok()?;
-                    Some(Term {
-                        selector,
-                        key: t["topologyKey"].as_str()?.to_string(),
-                    })
-                })
-                .collect()
-        })
+        .map(|ts| ts.iter().filter_map(term).collect())
         .unwrap_or_default()
 }
 
 fn weighted(rules: &Value) -> Vec<(u32, Term)> {
+    let weighted = |t: &Value| Some((t["weight"].as_u64()? as u32, term(t)?));
     rules["preferred"]
         .as_array()
-        .map(|ts| {
-            ts.iter()
-                .filter_map(|t| {
-                    let selector = LabelSelector::parse(t["labelSelector"].as_str()?).ok()?;
-                    Some((
-                        t["weight"].as_u64()? as u32,
-                        Term {
-                            selector,
-                            key: t["topologyKey"].as_str()?.to_string(),
-                        },
-                    ))
-                })
-                .collect()
-        })
+        .map(|ts| ts.iter().filter_map(weighted).collect())
         .unwrap_or_default()
 }
 
 /// Adds the rules of an `affinity` object (from the VM or its PlacementPolicy).
 fn add_rules(rules: &mut Rules, affinity: &Value) {
     let (near, apart) = (&affinity["vmAffinity"], &affinity["vmAntiAffinity"]);
-    rules.required_affinity.extend(terms(near, "required"));
-    rules
-        .required_anti_affinity
-        .extend(terms(apart, "required"));
+    rules.required_affinity.extend(terms(near));
+    rules.required_anti_affinity.extend(terms(apart));
     rules.preferred_affinity.extend(weighted(near));
     rules.preferred_anti_affinity.extend(weighted(apart));
 }

@@ -105,7 +105,11 @@ async fn a_placement_policy_spreads_a_group_over_nodes() {
                     None => refused.push(scheduled(&v).1),
                 }
             }
-            (nodes_used.len() == 3 && refused.len() == 1 && !refused[0].is_empty())
+            // Nodes turn Ready one by one, so earlier messages may also count nodes not ready yet.
+            let settled = refused
+                .first()
+                .is_some_and(|m| m.contains("3 breaking VM anti-affinity"));
+            (nodes_used.len() == 3 && refused.len() == 1 && settled)
                 .then_some((nodes_used, refused))
         },
     )

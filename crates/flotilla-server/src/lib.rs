@@ -4,9 +4,8 @@
 //! [`start`] opens the store, makes sure the CA, server certificate, admin token and `default`
 //! project exist, writes `<data-dir>/admin.yaml` for clients, and serves until shut down.
 
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +16,7 @@ use flotilla_types::clientconfig::{ClientConfig, Context};
 pub mod auth;
 pub mod authz;
 pub mod error;
+pub mod fsutil;
 pub mod http;
 pub mod join;
 pub mod logs;
@@ -131,17 +131,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<(), ServerError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(contents.as_bytes()).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))
+    fsutil::write_atomic(path, contents.as_bytes(), 0o600).map_err(io_err(path))
 }
 
 fn certificate_names(listen: &SocketAddr, extra: &[String]) -> Vec<String> {

@@ -3,8 +3,6 @@
 //! Files live in `<data-dir>/pki/`; private keys are mode 0600.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use chrono::{Datelike, Duration, Utc};
@@ -51,17 +49,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 }
 
 fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), PkiError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if private { 0o600 } else { 0o644 })
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(contents.as_bytes()).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))
+    crate::fsutil::write_atomic(
+        path,
+        contents.as_bytes(),
+        if private { 0o600 } else { 0o644 },
+    )
+    .map_err(io(path))
 }
 
 fn ca_params() -> Result<CertificateParams, PkiError> {

@@ -87,13 +87,6 @@ pub enum ConditionStatus {
 }
 
 impl ObjectMeta {
-    pub fn named(name: impl Into<String>) -> Self {
-        ObjectMeta {
-            name: name.into(),
-            ..Default::default()
-        }
-    }
-
     /// Checks what a user may write; server-set fields are overwritten by the server anyway.
     pub fn validate(&self, errs: &mut FieldErrors) {
         if self.name.is_empty() {
@@ -149,26 +142,6 @@ impl ObjectMeta {
                     "an owner reference needs kind, name and uid",
                 );
             }
-        }
-    }
-}
-
-/// Sets (or updates) a condition, moving `lastTransitionTime` only when its status changes.
-pub fn set_condition(conditions: &mut Vec<Condition>, mut c: Condition) {
-    match conditions.iter_mut().find(|x| x.type_ == c.type_) {
-        Some(existing) => {
-            if existing.status == c.status {
-                c.last_transition_time = existing.last_transition_time.or(c.last_transition_time);
-            } else if c.last_transition_time.is_none() {
-                c.last_transition_time = Some(now());
-            }
-            *existing = c;
-        }
-        None => {
-            if c.last_transition_time.is_none() {
-                c.last_transition_time = Some(now());
-            }
-            conditions.push(c);
         }
     }
 }

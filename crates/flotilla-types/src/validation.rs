@@ -122,6 +122,23 @@ pub fn labels(
     }
 }
 
+/// The closest DNS-1123 label to `s` (lowercased, other characters become '-', at most 63), or
+/// `fallback` when nothing is left.
+pub fn to_dns_label(s: &str, fallback: &str) -> String {
+    let cleaned: String = s
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let label: String = cleaned.trim_matches('-').chars().take(63).collect();
+    let label = label.trim_end_matches('-');
+    if label.is_empty() {
+        fallback.to_string()
+    } else {
+        label.to_string()
+    }
+}
+
 /// A path on the node: absolute, no NUL or newline.
 pub fn host_path(errs: &mut FieldErrors, field: &str, value: &str) {
     if !value.starts_with('/') || value.contains(['\0', '\n', '\r']) || value.len() > 4096 {
@@ -154,6 +171,13 @@ mod tests {
         ] {
             assert!(!is_dns_label(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn dns_labels_from_arbitrary_names() {
+        assert_eq!(to_dns_label("My_Domain.01", "x"), "my-domain-01");
+        assert_eq!(to_dns_label("--", "x"), "x");
+        assert!(is_dns_label(&to_dns_label(&"a-".repeat(50), "x")));
     }
 
     #[test]

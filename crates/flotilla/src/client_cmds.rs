@@ -470,22 +470,6 @@ pub struct VmTarget {
     pub project: Option<String>,
 }
 
-/// A DNS-1123 label from a libvirt domain name.
-fn dns_label_from(s: &str) -> String {
-    let cleaned: String = s
-        .to_ascii_lowercase()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
-    let label: String = cleaned.trim_matches('-').chars().take(63).collect();
-    let label = label.trim_end_matches('-').to_string();
-    if label.is_empty() {
-        "adopted".into()
-    } else {
-        label
-    }
-}
-
 pub async fn node(conn: &ConnectionArgs, cmd: NodeCommand) -> anyhow::Result<()> {
     let (client, _) = config::client(conn)?;
 
@@ -556,7 +540,9 @@ pub async fn vm(conn: &ConnectionArgs, cmd: VmCommand) -> anyhow::Result<()> {
             .as_array()
             .and_then(|ds| ds.iter().find(|d| d["name"] == domain.as_str() || d["uuid"] == domain.as_str()).cloned())
             .ok_or_else(|| anyhow!("node {node} reports no unmanaged domain {domain:?}; see `flotilla get node {node} -o yaml`"))?;
-        let name = name.unwrap_or_else(|| dns_label_from(output::field(&found, "name").as_str()));
+        let name = name.unwrap_or_else(|| {
+            flotilla_types::validation::to_dns_label(&output::field(&found, "name"), "adopted")
+        });
         let proj = project(&p, &ctx).to_string();
         let vm = json!({"metadata": {"name": name, "annotations": {"flotilla.dev/adopted-domain-name": found["name"]}},
             "spec": {"nodeName": node, "adoptedDomain": found["uuid"],
