@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 VIRT_TYPE ?= qemu
 export FLOTILLA_VIRT_TYPE := $(VIRT_TYPE)
 
-.PHONY: run test build lint bench-api bench-boot openapi
+.PHONY: run test build lint bench-api bench-boot bench-scale bench-scheduler openapi
 
 run:
 	scripts/install-deps.sh run
@@ -36,6 +36,11 @@ bench-api:
 bench-boot:
 	scripts/install-deps.sh test
 	$(CARGO) bench --locked -p flotilla --bench boot
+
+# 1,000 simulated nodes, 10,000 VMs with placement rules, until all are Running.
+bench-scale:
+	scripts/install-deps.sh run
+	$(CARGO) bench --locked -p flotilla --bench scale
 
 # Rewrites openapi/flotilla.json after an API change (a test fails until it is committed).
 openapi:

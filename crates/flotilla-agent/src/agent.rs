@@ -80,8 +80,8 @@ pub async fn run(config: AgentConfig, stop: watch::Receiver<bool>) -> Result<(),
     run_with(config, libvirt, stop).await
 }
 
-/// Like [`run`], on a connection the caller opened (tests share one with the agent, since every
-/// `test:///default` connection is its own hypervisor).
+/// Like [`run`], on a connection the caller opened (tests look at the hypervisor through the
+/// agent's own connection).
 pub async fn run_with(
     config: AgentConfig,
     libvirt: Libvirt,

@@ -1,24 +1,37 @@
-//! The placement engine: filter, then score, over a snapshot of the fleet. Pure (no I/O), so the
-//! rules are tested directly and the controller only gathers the snapshot and writes the result.
+//! The placement engine: filter, then score, over the fleet. Pure (no I/O), so the rules are
+//! tested directly; the scheduler keeps the [`Fleet`] and the [`PlacedIndex`] up to date from a
+//! watch and writes the result.
 //!
 //! Filters: the node is Ready and schedulable (not cordoned); the VM's CPUs and memory fit in what
 //! is left of the node's allocatable; the node's labels match the VM's `nodeSelector`.
 //! Required VM affinity / anti-affinity terms filter too: a node is out when it would put the VM
 //! apart from (or next to) VMs of the same project matching a term's selector, per value of the
-//! term's topology key (a node label, or `flotilla.dev/node` for the node itself).
-//! Score: least allocated (spread), 0..100, plus each preferred affinity term's weight when it is
-//! met, minus each preferred anti-affinity term's weight when it is broken.
+//! term's topology key (a node label, or `flotilla.dev/node` for the node itself). A topology
+//! spread term with `maxSkew` filters out domains that would get more than `maxSkew` VMs above
+//! the emptiest one.
+//! Score: free capacity after placing (spread) or used capacity (pack), 0..100; plus each
+//! preferred affinity term's weight when it is met, minus each preferred anti-affinity term's
+//! weight when it is broken; minus up to 100 per spread term, in proportion to how crowded the
+//! node's domain is compared with the emptiest and fullest domains.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use flotilla_types::kinds::placement::NODE_TOPOLOGY_KEY;
-use flotilla_types::selector::LabelSelector;
+use flotilla_types::selector::{LabelSelector, Requirement};
 
 /// A term: VMs matching `selector`, grouped by the node label `key`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Term {
     pub selector: LabelSelector,
     pub key: String,
+}
+
+/// Spread VMs matching a term evenly over the values of its key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Spread {
+    pub term: Term,
+    /// A hard limit on (VMs in the node's domain after placing) - (VMs in the emptiest domain).
+    pub max_skew: Option<u32>,
 }
 
 /// A VM already placed.
@@ -36,6 +49,7 @@ pub struct Rules {
     pub required_anti_affinity: Vec<Term>,
     pub preferred_affinity: Vec<(u32, Term)>,
     pub preferred_anti_affinity: Vec<(u32, Term)>,
+    pub spread: Vec<Spread>,
 }
 
 /// How free capacity counts: `Spread` prefers the least allocated node (fewer noisy
@@ -77,6 +91,192 @@ pub struct Used {
     pub memory: u128,
 }
 
+/// The nodes and what is claimed on each, kept up to date one change at a time.
+#[derive(Clone, Debug, Default)]
+pub struct Fleet {
+    nodes: Vec<(Candidate, Used)>,
+    index: HashMap<String, usize>,
+}
+
+impl Fleet {
+    pub fn new(nodes: impl IntoIterator<Item = Candidate>) -> Self {
+        let mut fleet = Fleet::default();
+        for n in nodes {
+            fleet.upsert(n);
+        }
+        fleet
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Candidate> {
+        self.index.get(name).map(|i| &self.nodes[*i].0)
+    }
+
+    pub fn used(&self, name: &str) -> Used {
+        self.index
+            .get(name)
+            .map(|i| self.nodes[*i].1)
+            .unwrap_or_default()
+    }
+
+    /// Adds a node or replaces what is known of it, keeping what is claimed on it.
+    pub fn upsert(&mut self, node: Candidate) {
+        match self.index.get(&node.name) {
+            Some(i) => self.nodes[*i].0 = node,
+            None => {
+                self.index.insert(node.name.clone(), self.nodes.len());
+                self.nodes.push((node, Used::default()));
+            }
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        if let Some(i) = self.index.remove(name) {
+            self.nodes.swap_remove(i);
+            if let Some((moved, _)) = self.nodes.get(i) {
+                self.index.insert(moved.name.clone(), i);
+            }
+        }
+    }
+
+    /// Adds (`sign` +1) or takes back (-1) a claim on a node. Claims on nodes not (yet) known
+    /// are kept: a VM's binding can be seen before its node.
+    pub fn charge(&mut self, node: &str, cpus: u64, memory: u128, sign: i8) {
+        if !self.index.contains_key(node) {
+            self.upsert(Candidate {
+                name: node.to_string(),
+                ready: false,
+                schedulable: false,
+                labels: BTreeMap::new(),
+                cpus: 0,
+                memory: 0,
+            });
+        }
+        let used = &mut self.nodes[self.index[node]].1;
+        if sign >= 0 {
+            used.cpus += cpus;
+            used.memory += memory;
+        } else {
+            used.cpus = used.cpus.saturating_sub(cpus);
+            used.memory = used.memory.saturating_sub(memory);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(Candidate, Used)> {
+        self.nodes.iter()
+    }
+}
+
+/// Where the VMs matching a selector are: the engine asks, per term.
+pub trait Placements {
+    /// Calls `found` with the node of every placed VM of `project` that `selector` matches.
+    fn nodes_of(&self, project: &str, selector: &LabelSelector, found: &mut dyn FnMut(&str));
+}
+
+/// The naive answer: a scan. Used by tests as the reference for [`PlacedIndex`].
+impl Placements for [Placed] {
+    fn nodes_of(&self, project: &str, selector: &LabelSelector, found: &mut dyn FnMut(&str)) {
+        for p in self {
+            if p.project == project && selector.matches(&p.labels) {
+                found(&p.node);
+            }
+        }
+    }
+}
+
+/// Placed VMs indexed by project and by each label, so a term costs what it matches, not the
+/// size of the fleet.
+#[derive(Debug, Default)]
+pub struct PlacedIndex {
+    vms: HashMap<String, Placed>,
+    by_project: HashMap<String, HashSet<String>>,
+    by_label: HashMap<(String, String, String), HashSet<String>>,
+}
+
+impl PlacedIndex {
+    pub fn len(&self) -> usize {
+        self.vms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.vms.is_empty()
+    }
+
+    /// Records (or moves) the VM with key `key`.
+    pub fn insert(&mut self, key: &str, placed: Placed) {
+        self.remove(key);
+        for (k, v) in &placed.labels {
+            self.by_label
+                .entry((placed.project.clone(), k.clone(), v.clone()))
+                .or_default()
+                .insert(key.to_string());
+        }
+        self.by_project
+            .entry(placed.project.clone())
+            .or_default()
+            .insert(key.to_string());
+        self.vms.insert(key.to_string(), placed);
+    }
+
+    pub fn remove(&mut self, key: &str) {
+        let Some(old) = self.vms.remove(key) else {
+            return;
+        };
+        for (k, v) in &old.labels {
+            let id = (old.project.clone(), k.clone(), v.clone());
+            if let Some(set) = self.by_label.get_mut(&id) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.by_label.remove(&id);
+                }
+            }
+        }
+        if let Some(set) = self.by_project.get_mut(&old.project) {
+            set.remove(key);
+            if set.is_empty() {
+                self.by_project.remove(&old.project);
+            }
+        }
+    }
+}
+
+impl Placements for PlacedIndex {
+    fn nodes_of(&self, project: &str, selector: &LabelSelector, found: &mut dyn FnMut(&str)) {
+        // The VMs carrying one label the selector needs, else every VM of the project.
+        let narrowed: Option<Vec<&HashSet<String>>> = selector.0.iter().find_map(|r| match r {
+            Requirement::Equals(k, v) => Some(
+                self.by_label
+                    .get(&(project.to_string(), k.clone(), v.clone()))
+                    .into_iter()
+                    .collect(),
+            ),
+            Requirement::In(k, vs) => Some(
+                vs.iter()
+                    .filter_map(|v| {
+                        self.by_label
+                            .get(&(project.to_string(), k.clone(), v.clone()))
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        });
+        let sets = narrowed.unwrap_or_else(|| self.by_project.get(project).into_iter().collect());
+        for key in sets.into_iter().flatten() {
+            let p = &self.vms[key];
+            if selector.matches(&p.labels) {
+                found(&p.node);
+            }
+        }
+    }
+}
+
 /// Why a node was filtered out; one reason per node (the first that applies).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reason {
@@ -85,6 +285,7 @@ pub enum Reason {
     NodeSelector,
     Affinity,
     AntiAffinity,
+    TopologySpread,
     InsufficientCpu,
     InsufficientMemory,
 }
@@ -97,6 +298,7 @@ impl Reason {
             Reason::NodeSelector => "not matching the node selector",
             Reason::Affinity => "not matching VM affinity",
             Reason::AntiAffinity => "breaking VM anti-affinity",
+            Reason::TopologySpread => "breaking topology spread",
             Reason::InsufficientCpu => "insufficient CPU",
             Reason::InsufficientMemory => "insufficient memory",
         }
@@ -138,34 +340,51 @@ fn topology<'a>(node: &'a Candidate, key: &str) -> Option<&'a str> {
     }
 }
 
-/// For one term: the topology values that hold a matching VM of the request's project.
+/// For one term: how many matching VMs of the request's project each topology value holds.
 struct Occupied<'a> {
     term: &'a Term,
-    values: HashSet<&'a str>,
+    counts: HashMap<String, usize>,
 }
 
 fn occupied<'a>(
     req: &Request,
     term: &'a Term,
-    nodes: &HashMap<&'a str, &'a Candidate>,
-    placed: &'a [Placed],
+    fleet: &Fleet,
+    placed: &(impl Placements + ?Sized),
 ) -> Occupied<'a> {
-    let values = placed
-        .iter()
-        .filter(|p| p.project == req.project && term.selector.matches(&p.labels))
-        .filter_map(|p| {
-            nodes
-                .get(p.node.as_str())
-                .and_then(|n| topology(n, &term.key))
-        })
-        .collect();
-    Occupied { term, values }
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    placed.nodes_of(&req.project, &term.selector, &mut |node| {
+        let value = match fleet.get(node) {
+            Some(n) => topology(n, &term.key),
+            None if term.key == NODE_TOPOLOGY_KEY => Some(node),
+            None => None,
+        };
+        if let Some(v) = value {
+            *counts.entry(v.to_string()).or_default() += 1;
+        }
+    });
+    Occupied { term, counts }
 }
 
 impl Occupied<'_> {
-    fn hit(&self, node: &Candidate) -> bool {
-        topology(node, &self.term.key).is_some_and(|v| self.values.contains(v))
+    fn count(&self, node: &Candidate) -> usize {
+        topology(node, &self.term.key)
+            .and_then(|v| self.counts.get(v))
+            .copied()
+            .unwrap_or(0)
     }
+
+    fn hit(&self, node: &Candidate) -> bool {
+        self.count(node) > 0
+    }
+}
+
+/// A spread term with the range of counts over the domains of the eligible nodes.
+struct SpreadState<'a> {
+    occupied: Occupied<'a>,
+    max_skew: Option<u32>,
+    min: usize,
+    max: usize,
 }
 
 struct Prepared<'a> {
@@ -173,6 +392,7 @@ struct Prepared<'a> {
     required_anti_affinity: Vec<Occupied<'a>>,
     preferred_affinity: Vec<(u32, Occupied<'a>)>,
     preferred_anti_affinity: Vec<(u32, Occupied<'a>)>,
+    spread: Vec<SpreadState<'a>>,
 }
 
 fn affinity_filter(req: &Request, node: &Candidate, p: &Prepared<'_>) -> Option<Reason> {
@@ -181,13 +401,23 @@ fn affinity_filter(req: &Request, node: &Candidate, p: &Prepared<'_>) -> Option<
     }
     // The first VM of a group that asks to be near its own kind may go anywhere.
     let unmet = p.required_affinity.iter().any(|o| {
-        let first_of_group = o.values.is_empty() && o.term.selector.matches(&req.labels);
+        let first_of_group = o.counts.is_empty() && o.term.selector.matches(&req.labels);
         !first_of_group && !o.hit(node)
     });
-    unmet.then_some(Reason::Affinity)
+    if unmet {
+        return Some(Reason::Affinity);
+    }
+    let skewed = p.spread.iter().any(|s| {
+        s.max_skew.is_some_and(|skew| {
+            topology(node, &s.occupied.term.key).is_none()
+                || s.occupied.count(node) + 1 > s.min + skew as usize
+        })
+    });
+    skewed.then_some(Reason::TopologySpread)
 }
 
-fn filter(req: &Request, node: &Candidate, used: Used) -> Option<Reason> {
+/// The filters that do not depend on other VMs.
+fn node_filter(req: &Request, node: &Candidate) -> Option<Reason> {
     if !node.ready {
         return Some(Reason::NotReady);
     }
@@ -200,6 +430,13 @@ fn filter(req: &Request, node: &Candidate, used: Used) -> Option<Reason> {
         .any(|(k, v)| node.labels.get(k) != Some(v))
     {
         return Some(Reason::NodeSelector);
+    }
+    None
+}
+
+fn filter(req: &Request, node: &Candidate, used: Used) -> Option<Reason> {
+    if let Some(reason) = node_filter(req, node) {
+        return Some(reason);
     }
     if used.cpus + req.cpus > node.cpus {
         return Some(Reason::InsufficientCpu);
@@ -224,74 +461,99 @@ fn score(req: &Request, node: &Candidate, used: Used) -> f64 {
     (cpu + mem) / 2.0
 }
 
-/// Picks a node for `req`, or says why none fits. Ties go to the node whose name sorts first, so
-/// placement is deterministic.
-pub fn place(
-    req: &Request,
-    nodes: &[Candidate],
-    used: &HashMap<String, Used>,
-    placed: &[Placed],
-) -> Result<String, Unschedulable> {
-    let by_name: HashMap<&str, &Candidate> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+fn prepare<'a>(
+    req: &'a Request,
+    fleet: &Fleet,
+    placed: &(impl Placements + ?Sized),
+) -> Prepared<'a> {
     let rules = &req.rules;
-    let prepared = Prepared {
-        required_affinity: rules
-            .required_affinity
-            .iter()
-            .map(|t| occupied(req, t, &by_name, placed))
-            .collect(),
-        required_anti_affinity: rules
-            .required_anti_affinity
-            .iter()
-            .map(|t| occupied(req, t, &by_name, placed))
-            .collect(),
+    let occ = |t: &'a Term| occupied(req, t, fleet, placed);
+    let spread = rules
+        .spread
+        .iter()
+        .map(|s| {
+            let occupied = occ(&s.term);
+            // Domains are the values of the eligible nodes (those the VM could use but for
+            // capacity and other VMs), each counted even when it holds no matching VM yet.
+            let mut domains: HashMap<&str, usize> = HashMap::new();
+            for (n, _) in fleet.iter().filter(|(n, _)| node_filter(req, n).is_none()) {
+                if let Some(v) = topology(n, &s.term.key) {
+                    domains.insert(v, occupied.counts.get(v).copied().unwrap_or(0));
+                }
+            }
+            SpreadState {
+                min: domains.values().copied().min().unwrap_or(0),
+                max: domains.values().copied().max().unwrap_or(0),
+                occupied,
+                max_skew: s.max_skew,
+            }
+        })
+        .collect();
+    Prepared {
+        required_affinity: rules.required_affinity.iter().map(occ).collect(),
+        required_anti_affinity: rules.required_anti_affinity.iter().map(occ).collect(),
         preferred_affinity: rules
             .preferred_affinity
             .iter()
-            .map(|(w, t)| (*w, occupied(req, t, &by_name, placed)))
+            .map(|(w, t)| (*w, occ(t)))
             .collect(),
         preferred_anti_affinity: rules
             .preferred_anti_affinity
             .iter()
-            .map(|(w, t)| (*w, occupied(req, t, &by_name, placed)))
+            .map(|(w, t)| (*w, occ(t)))
             .collect(),
-    };
+        spread,
+    }
+}
+
+/// Picks a node for `req`, or says why none fits. Ties go to the node whose name sorts first, so
+/// placement is deterministic.
+pub fn place(
+    req: &Request,
+    fleet: &Fleet,
+    placed: &(impl Placements + ?Sized),
+) -> Result<String, Unschedulable> {
+    let prepared = prepare(req, fleet, placed);
     let mut reasons: BTreeMap<Reason, usize> = BTreeMap::new();
     let mut best: Option<(f64, &str)> = None;
-    for node in nodes {
-        let u = used.get(&node.name).copied().unwrap_or_default();
-        match filter(req, node, u).or_else(|| affinity_filter(req, node, &prepared)) {
-            Some(reason) => *reasons.entry(reason).or_default() += 1,
-            None => {
-                let free = score(req, node, u);
-                let mut s = match req.strategy {
-                    Strategy::Spread => free,
-                    Strategy::Pack => 1.0 - free,
-                } * 100.0;
-                s += prepared
-                    .preferred_affinity
-                    .iter()
-                    .filter(|(_, o)| o.hit(node))
-                    .map(|(w, _)| *w as f64)
-                    .sum::<f64>();
-                s -= prepared
-                    .preferred_anti_affinity
-                    .iter()
-                    .filter(|(_, o)| o.hit(node))
-                    .map(|(w, _)| *w as f64)
-                    .sum::<f64>();
-                let better = match best {
-                    None => true,
-                    Some((bs, bn)) => s > bs || (s == bs && node.name.as_str() < bn),
-                };
-                if better {
-                    best = Some((s, &node.name));
-                }
+    for (node, u) in fleet.iter() {
+        if let Some(reason) =
+            filter(req, node, *u).or_else(|| affinity_filter(req, node, &prepared))
+        {
+            *reasons.entry(reason).or_default() += 1;
+            continue;
+        }
+        let free = score(req, node, *u);
+        let mut s = match req.strategy {
+            Strategy::Spread => free,
+            Strategy::Pack => 1.0 - free,
+        } * 100.0;
+        for (w, o) in &prepared.preferred_affinity {
+            if o.hit(node) {
+                s += *w as f64;
             }
+        }
+        for (w, o) in &prepared.preferred_anti_affinity {
+            if o.hit(node) {
+                s -= *w as f64;
+            }
+        }
+        for sp in &prepared.spread {
+            if sp.max > sp.min {
+                let above = sp.occupied.count(node).saturating_sub(sp.min);
+                s -= 100.0 * above as f64 / (sp.max - sp.min) as f64;
+            }
+        }
+        let better = match best {
+            None => true,
+            Some((bs, bn)) => s > bs || (s == bs && node.name.as_str() < bn),
+        };
+        if better {
+            best = Some((s, &node.name));
         }
     }
     best.map(|(_, n)| n.to_string()).ok_or(Unschedulable {
-        nodes: nodes.len(),
+        nodes: fleet.len(),
         reasons,
     })
 }
@@ -300,6 +562,20 @@ pub fn place(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Places over plain lists, as the tests describe fleets.
+    fn place_in(
+        req: &Request,
+        nodes: &[Candidate],
+        used: &HashMap<String, Used>,
+        placed: &[Placed],
+    ) -> Result<String, Unschedulable> {
+        let mut fleet = Fleet::new(nodes.iter().cloned());
+        for (n, u) in used {
+            fleet.charge(n, u.cpus, u.memory, 1);
+        }
+        place(req, &fleet, placed)
+    }
 
     fn node(name: &str, cpus: u64, mem_gi: u128) -> Candidate {
         Candidate {
@@ -334,9 +610,9 @@ mod tests {
                 memory: 8 << 30,
             },
         )]);
-        assert_eq!(place(&req(1, 1), &nodes, &used, &[]).unwrap(), "b");
+        assert_eq!(place_in(&req(1, 1), &nodes, &used, &[]).unwrap(), "b");
         assert_eq!(
-            place(&req(1, 1), &nodes, &HashMap::new(), &[]).unwrap(),
+            place_in(&req(1, 1), &nodes, &HashMap::new(), &[]).unwrap(),
             "a",
             "ties go to the first name"
         );
@@ -354,9 +630,9 @@ mod tests {
         )]);
         let mut r = req(1, 1);
         r.strategy = super::Strategy::Pack;
-        assert_eq!(place(&r, &nodes, &used, &[]).unwrap(), "b");
+        assert_eq!(place_in(&r, &nodes, &used, &[]).unwrap(), "b");
         r.strategy = super::Strategy::Spread;
-        assert_eq!(place(&r, &nodes, &used, &[]).unwrap(), "a");
+        assert_eq!(place_in(&r, &nodes, &used, &[]).unwrap(), "a");
     }
 
     #[test]
@@ -376,14 +652,14 @@ mod tests {
         nodes[1].labels.insert("zone".into(), "us".into());
         nodes[0].labels.insert("zone".into(), "us".into());
         let used = HashMap::from([("busy".to_string(), Used { cpus: 7, memory: 0 })]);
-        let err = place(&r, &nodes, &used, &[]).unwrap_err();
+        let err = place_in(&r, &nodes, &used, &[]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "0/5 nodes are available: 1 not ready, 1 cordoned, 1 not matching the node selector, 2 insufficient CPU"
         );
         let mut mem_only = req(1, 64);
         mem_only.node_selector.clear();
-        let err = place(&mem_only, &[node("a", 8, 16)], &HashMap::new(), &[]).unwrap_err();
+        let err = place_in(&mem_only, &[node("a", 8, 16)], &HashMap::new(), &[]).unwrap_err();
         assert_eq!(
             err.to_string(),
             "0/1 nodes are available: 1 insufficient memory"
@@ -414,7 +690,7 @@ mod tests {
         nodes: &[Candidate],
         placed: &mut Vec<Placed>,
     ) -> Result<String, Unschedulable> {
-        let node = place(req, nodes, &HashMap::new(), placed)?;
+        let node = place_in(req, nodes, &HashMap::new(), placed)?;
         placed.push(Placed {
             project: req.project.clone(),
             labels: req.labels.clone(),
@@ -436,7 +712,7 @@ mod tests {
             .collect();
         used_nodes.sort();
         assert_eq!(used_nodes, ["a", "b", "c"]);
-        let err = place(&web, &nodes, &HashMap::new(), &placed).unwrap_err();
+        let err = place_in(&web, &nodes, &HashMap::new(), &placed).unwrap_err();
         assert_eq!(
             err.to_string(),
             "0/3 nodes are available: 3 breaking VM anti-affinity"
@@ -444,7 +720,7 @@ mod tests {
         // Another project's VMs do not count.
         let mut other = web.clone();
         other.project = "other".into();
-        assert!(place(&other, &nodes, &HashMap::new(), &placed).is_ok());
+        assert!(place_in(&other, &nodes, &HashMap::new(), &placed).is_ok());
     }
 
     #[test]
@@ -472,7 +748,7 @@ mod tests {
             .rules
             .required_affinity
             .push(term("app=cache", "zone"));
-        assert!(place(&first, &nodes, &HashMap::new(), &placed).is_ok());
+        assert!(place_in(&first, &nodes, &HashMap::new(), &placed).is_ok());
         // Someone else's group that does not exist yet cannot be joined.
         let mut lonely = labelled(req(1, 1), "api");
         lonely
@@ -480,7 +756,7 @@ mod tests {
             .required_affinity
             .push(term("app=queue", "zone"));
         assert_eq!(
-            place(&lonely, &nodes, &HashMap::new(), &placed)
+            place_in(&lonely, &nodes, &HashMap::new(), &placed)
                 .unwrap_err()
                 .reasons[&Reason::Affinity],
             4
@@ -547,7 +823,7 @@ mod tests {
             for (cpus, mem, zone) in vms {
                 let mut r = req(cpus, mem);
                 if let Some(z) = zone { r.node_selector.insert("zone".into(), format!("z{z}")); }
-                match place(&r, &nodes, &used, &[]) {
+                match place_in(&r, &nodes, &used, &[]) {
                     Ok(name) => {
                         let n = nodes.iter().find(|n| n.name == name).unwrap();
                         prop_assert!(n.ready && n.schedulable);

@@ -15,6 +15,7 @@ use flotilla_types::clientconfig::{ClientConfig, Context};
 
 pub mod auth;
 pub mod authz;
+pub mod binding;
 pub mod error;
 pub mod fsutil;
 pub mod http;
@@ -27,6 +28,7 @@ pub mod pinned;
 pub mod pki;
 pub mod tls;
 pub mod watch;
+pub mod watch_cache;
 
 pub use error::ApiError;
 pub use objects::{Objects, Stored, Subresource};
@@ -169,6 +171,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     };
     let objects = Objects::new(store.clone());
     objects.ensure_default_project().await?;
+    // One shared store watch per kind, ready before the first client watches.
+    for kind in flotilla_types::registry::KINDS {
+        let prefix = objects::list_prefix(kind, None);
+        objects.watch_cache().warm(&prefix, watch::translate).await;
+    }
     let pki = pki::load_or_create(
         &dir.join("pki"),
         &certificate_names(&config.listen, &config.tls_names),

@@ -157,12 +157,12 @@ fn name_of(v: &Value) -> &str {
     v["metadata"]["name"].as_str().unwrap_or_default()
 }
 
-fn parse_stored(kv: &KeyValue) -> Result<Value, ApiError> {
+pub(crate) fn parse_stored(kv: &KeyValue) -> Result<Value, ApiError> {
     serde_json::from_slice(&kv.value)
         .map_err(|e| ApiError::internal(format!("stored object {} is corrupt: {e}", kv.key)))
 }
 
-fn encode(v: &Value) -> Vec<u8> {
+pub(crate) fn encode(v: &Value) -> Vec<u8> {
     serde_json::to_vec(v).expect("JSON values serialise")
 }
 
@@ -232,7 +232,7 @@ fn check_envelope(
     Ok(())
 }
 
-fn validate(kind: &KindInfo, v: &Value) -> Result<Value, ApiError> {
+pub(crate) fn validate(kind: &KindInfo, v: &Value) -> Result<Value, ApiError> {
     (kind.validate)(v).map_err(|errs| ApiError::invalid(kind.kind, name_of(v), &errs))
 }
 
@@ -259,11 +259,20 @@ fn take_precondition(body: &mut Value) -> Result<Option<Revision>, ApiError> {
 #[derive(Clone)]
 pub struct Objects {
     store: Arc<dyn Store>,
+    watch_cache: Arc<crate::watch_cache::WatchCache>,
 }
 
 impl Objects {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Objects { store }
+        Objects {
+            watch_cache: Arc::new(crate::watch_cache::WatchCache::new(store.clone())),
+            store,
+        }
+    }
+
+    /// The shared watches of this server (one store watch per kind).
+    pub fn watch_cache(&self) -> &crate::watch_cache::WatchCache {
+        &self.watch_cache
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -304,7 +313,7 @@ impl Objects {
         })
     }
 
-    async fn get_kv(
+    pub(crate) async fn get_kv(
         &self,
         kind: &KindInfo,
         namespace: Option<&str>,

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use flotilla_store::{EventKind, Revision, WatchEvent};
+use flotilla_store::{EventKind, Revision, StoreError};
 use flotilla_types::registry::KindInfo;
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::objects::{list_prefix, splice_resource_version, ListOptions, Objects};
+use crate::watch_cache::{Change, Parsed};
 
 pub struct WatchRequest {
     pub kind: &'static KindInfo,
@@ -69,10 +70,23 @@ pub async fn start(
             (list.items, list.revision + 1)
         }
     };
-    let mut events = objects.store().watch(&prefix, from).await?;
+    let kind_prefix = list_prefix(req.kind, None);
+    let shared = objects
+        .watch_cache()
+        .subscribe(&kind_prefix, &prefix, &req.options, from, translate)
+        .await;
+    let mut on_shared = shared.is_some();
+    let mut events = match shared {
+        Some(rx) => Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|(rev, line)| (Ok((rev, Some(line))), rx))
+        })),
+        None => from_store(objects, &prefix, from, &req.options).await?,
+    };
+    let objects = objects.clone();
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let kind = req.kind;
-    let options = req.options;
     tokio::spawn(async move {
         for item in initial {
             if tx.send(line("ADDED", &item)).await.is_err() {
@@ -95,14 +109,27 @@ pub async fn start(
                     Some(line("BOOKMARK", &serde_json::to_vec(&object).expect("serialises")))
                 }
                 ev = events.next() => match ev {
+                    // The shared feed dropped this watcher (too slow) or stopped: carry on
+                    // from the store's history, which says 410 Gone if it no longer reaches back.
+                    None if on_shared => {
+                        on_shared = false;
+                        match from_store(&objects, &prefix, last + 1, &req.options).await {
+                            Ok(stream) => events = stream,
+                            Err(e) => {
+                                let _ = tx.send(error_line(&e)).await;
+                                return;
+                            }
+                        }
+                        None
+                    }
                     None => return,
                     Some(Err(e)) => {
                         let _ = tx.send(error_line(&ApiError::from(e))).await;
                         return;
                     }
-                    Some(Ok(ev)) => {
-                        last = ev.kv.mod_revision;
-                        translate(&ev, &options)
+                    Some(Ok((revision, line))) => {
+                        last = revision;
+                        line
                     }
                 }
             };
@@ -118,33 +145,59 @@ pub async fn start(
     }))
 }
 
-/// One store event as a watch line, or None when the selectors hide it.
-fn translate(ev: &WatchEvent, options: &ListOptions) -> Option<Bytes> {
-    let rev = ev.kv.mod_revision;
-    let filtering = options.has_selectors();
-    let parse = |raw: &[u8]| serde_json::from_slice::<Value>(raw).ok();
-    match ev.kind {
-        EventKind::Put => {
-            let now_matches =
-                !filtering || parse(&ev.kv.value).is_some_and(|v| options.matches(&v));
-            let before_matches = match &ev.prev_kv {
-                None => false,
-                Some(prev) => !filtering || parse(&prev.value).is_some_and(|v| options.matches(&v)),
+type Lines = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<(Revision, Option<Bytes>), StoreError>> + Send>,
+>;
+
+/// A watch read from the store itself (history the shared feed no longer holds).
+async fn from_store(
+    objects: &Objects,
+    prefix: &str,
+    from: Revision,
+    options: &ListOptions,
+) -> Result<Lines, ApiError> {
+    let options = options.clone();
+    let stream = objects.store().watch(prefix, from).await?;
+    Ok(Box::pin(stream.map(move |ev| {
+        ev.map(|ev| {
+            let change = Change::from_event(ev);
+            let parsed = if options.has_selectors() {
+                Parsed::new(&change)
+            } else {
+                Parsed::unparsed(&change)
             };
-            let object = splice_resource_version(&ev.kv.value, rev);
-            match (before_matches, now_matches) {
+            (change.revision, translate(&parsed, &options))
+        })
+    })))
+}
+
+/// One change as a watch line, or None when the selectors hide it.
+pub(crate) fn translate(p: &Parsed<'_>, options: &ListOptions) -> Option<Bytes> {
+    let change = p.change;
+    let rev = change.revision;
+    let filtering = options.has_selectors();
+    let matches = |v: &Option<Value>| !filtering || v.as_ref().is_some_and(|v| options.matches(v));
+    match change.kind {
+        EventKind::Put => {
+            let now_matches = matches(&p.object);
+            let before_matches = change.prev.is_some() && matches(&p.prev);
+            let (now, before) = (now_matches, before_matches);
+            if !now && !before {
+                return None;
+            }
+            let object = splice_resource_version(&change.value, rev);
+            match (before, now) {
                 (false, true) => Some(line("ADDED", &object)),
                 (true, true) => Some(line("MODIFIED", &object)),
-                (true, false) => Some(line("DELETED", &object)),
-                (false, false) => None,
+                _ => Some(line("DELETED", &object)),
             }
         }
         EventKind::Delete => {
-            let prev = ev.prev_kv.as_ref()?;
-            if filtering && !parse(&prev.value).is_some_and(|v| options.matches(&v)) {
+            let prev = change.prev.as_ref()?;
+            if !matches(&p.prev) {
                 return None;
             }
-            Some(line("DELETED", &splice_resource_version(&prev.value, rev)))
+            Some(line("DELETED", &splice_resource_version(prev, rev)))
         }
     }
 }

@@ -82,8 +82,10 @@ pub struct AgentArgs {
 }
 
 /// A simulated fleet (like Kubernetes' hollow nodes): N copies of the real agent in this process,
-/// each on its own libvirt test:///default connection, an independent in-memory hypervisor.
-/// Only the hypervisor is simulated.
+/// each on its own libvirt test-driver hypervisor (`test:///<data-dir>/<node>/hypervisor.xml`, an
+/// independent in-memory hypervisor with the configured CPUs and memory; `test:///default` would
+/// not do: libvirt shares that one between all connections of a process). Only the hypervisor
+/// is simulated.
 #[derive(Args)]
 pub struct SimulateArgs {
     /// Run this many simulated nodes instead of one real one.
@@ -218,6 +220,20 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes the test driver's description of one simulated host; returns its connection URI.
+fn simulated_hypervisor(dir: &std::path::Path, cpus: u32, memory: u128) -> anyhow::Result<String> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = std::path::absolute(dir.join("hypervisor.xml"))?;
+    let xml = format!(
+        "<node>\n  <cpu><mhz>2000</mhz><model>x86_64</model><active>{cpus}</active><max>{cpus}</max>\
+         <nodes>1</nodes><sockets>1</sockets><cores>{cpus}</cores><threads>1</threads></cpu>\n  \
+         <memory>{}</memory>\n</node>\n",
+        memory / 1024
+    );
+    std::fs::write(&path, xml).with_context(|| format!("writing {}", path.display()))?;
+    Ok(format!("test://{}", path.display()))
+}
+
 async fn simulate(
     servers: Vec<String>,
     join_token: Option<String>,
@@ -232,8 +248,8 @@ async fn simulate(
         let name = format!("{}-{i:04}", sim.simulate_prefix);
         let mut config = AgentConfig::new(servers.clone(), &name, data_dir.join(&name));
         config.join_token = join_token.clone();
-        config.libvirt_uri = "test:///default".into();
-        config.capacity = Some((sim.simulate_cpus, memory.value() as u64));
+        config.libvirt_uri =
+            simulated_hypervisor(&config.data_dir, sim.simulate_cpus, memory.value())?;
         config.resync = Duration::from_secs(60);
         if sim.simulate_zones > 0 {
             config.labels.insert(

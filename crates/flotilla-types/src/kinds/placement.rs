@@ -20,6 +20,21 @@ pub struct Affinity {
     /// Place away from VMs matching these terms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_anti_affinity: Option<AffinityRules>,
+    /// Spread VMs matching each term evenly over the values of its topology key (e.g. zones).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread: Vec<SpreadTerm>,
+}
+
+/// Counts VMs of the same project matching `labelSelector` per value of `topologyKey` and
+/// prefers the values with the fewest; with `maxSkew`, a value may hold at most that many more
+/// than the emptiest one (a hard rule).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SpreadTerm {
+    pub label_selector: String,
+    pub topology_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_skew: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -79,6 +94,20 @@ impl AffinityTerm {
 
 impl Affinity {
     pub fn validate(&self, path: &str, errs: &mut FieldErrors) {
+        for (i, s) in self.topology_spread.iter().enumerate() {
+            let at = format!("{path}.topologySpread[{i}]");
+            AffinityTerm {
+                label_selector: s.label_selector.clone(),
+                topology_key: s.topology_key.clone(),
+            }
+            .validate(&at, errs);
+            if s.max_skew == Some(0) {
+                errs.push(
+                    format!("{at}.maxSkew"),
+                    "0 must be at least 1 (or leave it out for a soft rule)".to_string(),
+                );
+            }
+        }
         for (name, rules) in [
             ("vmAffinity", &self.vm_affinity),
             ("vmAntiAffinity", &self.vm_anti_affinity),

@@ -1,0 +1,449 @@
+//! The scheduling controller: binds VMs without `spec.nodeName` to a node chosen by the
+//! [`crate::placement`] engine (readiness, cordon, CPU and memory against allocatable,
+//! `nodeSelector`, VM affinity, anti-affinity and topology spread from `spec.affinity` and the
+//! VM's PlacementPolicy; spread or pack), and otherwise says why in the `Scheduled` condition,
+//! e.g. `0/12 nodes are available: 5 insufficient memory, 7 not ready`.
+//!
+//! It works from a [`cache::Cache`] fed by one watch, places the queue in batches in memory
+//! (each placement counted at once), then writes the bindings concurrently, one transaction each
+//! ([`Objects::bind`]): the VM must be unchanged and the node's claim key at the revision this
+//! scheduler last saw, so that two schedulers (an old leader and a new one) never over-commit a
+//! node between them. Bindings to one node are written one after another; a lost claim puts the
+//! VM back in the queue once the cache has caught up with the winner's write. VMs that fit
+//! nowhere are parked and tried again when nodes, VMs, classes or policies change.
+
+pub mod cache;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use flotilla_server::binding::{claim_key, Binding, CLAIMS_PREFIX};
+use flotilla_server::objects::{Objects, PatchBody};
+use flotilla_server::Subresource;
+use flotilla_store::{RangeRequest, Revision, StoreError, WatchStream};
+use flotilla_types::meta::now;
+use flotilla_types::registry::{self, KindInfo};
+use flotilla_types::selector::LabelSelector;
+use futures::{FutureExt, StreamExt};
+use serde_json::{json, Value};
+
+use crate::placement::{self, Request, Rules, Spread, Term};
+use cache::Cache;
+
+/// How many VMs one batch places before writing their bindings.
+const BATCH: usize = 512;
+/// Bindings (to different nodes) written at once.
+const IN_FLIGHT: usize = 32;
+/// Parked VMs are tried again at most this often while the cluster keeps changing.
+const RETRY_PARKED: Duration = Duration::from_millis(500);
+
+fn term(t: &Value) -> Option<Term> {
+    let selector = LabelSelector::parse(t["labelSelector"].as_str()?).ok()?;
+    Some(Term {
+        selector,
+        key: t["topologyKey"].as_str()?.to_string(),
+    })
+}
+
+fn terms(rules: &Value) -> Vec<Term> {
+    rules["required"]
+        .as_array()
+        .map(|ts| ts.iter().filter_map(term).collect())
+        .unwrap_or_default()
+}
+
+fn weighted(rules: &Value) -> Vec<(u32, Term)> {
+    let weighted = |t: &Value| Some((t["weight"].as_u64()? as u32, term(t)?));
+    rules["preferred"]
+        .as_array()
+        .map(|ts| ts.iter().filter_map(weighted).collect())
+        .unwrap_or_default()
+}
+
+/// Adds the rules of an `affinity` object (from the VM or its PlacementPolicy).
+fn add_rules(rules: &mut Rules, affinity: &Value) {
+    let (near, apart) = (&affinity["vmAffinity"], &affinity["vmAntiAffinity"]);
+    rules.required_affinity.extend(terms(near));
+    rules.required_anti_affinity.extend(terms(apart));
+    rules.preferred_affinity.extend(weighted(near));
+    rules.preferred_anti_affinity.extend(weighted(apart));
+    for s in affinity["topologySpread"].as_array().into_iter().flatten() {
+        if let Some(term) = term(s) {
+            let max_skew = s["maxSkew"].as_u64().map(|n| n as u32);
+            rules.spread.push(Spread { term, max_skew });
+        }
+    }
+}
+
+/// What a VM asks for, resolving its VMClass and PlacementPolicy; Err says what is missing.
+fn request(
+    vm: &Value,
+    classes: &HashMap<String, Value>,
+    policies: &HashMap<(String, String), Value>,
+) -> Result<Request, String> {
+    let spec = &vm["spec"];
+    let (cpus, memory) = cache::resources(spec, classes)?;
+    let node_selector = serde_json::from_value(spec["nodeSelector"].clone()).unwrap_or_default();
+    let project = vm["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut rules = Rules::default();
+    add_rules(&mut rules, &spec["affinity"]);
+    if let Some(policy) = spec["placementPolicy"].as_str() {
+        let p = policies
+            .get(&(project.clone(), policy.to_string()))
+            .ok_or_else(|| {
+                format!("PlacementPolicy {policy:?} does not exist in project {project:?}")
+            })?;
+        add_rules(&mut rules, &p["spec"]["affinity"]);
+    }
+    let labels = serde_json::from_value(vm["metadata"]["labels"].clone()).unwrap_or_default();
+    Ok(Request {
+        cpus,
+        memory,
+        node_selector,
+        project,
+        labels,
+        rules,
+        strategy: placement::Strategy::default(),
+    })
+}
+
+/// The outcome of one placement attempt, applied to the cache after the batch's writes.
+enum Outcome {
+    Bound(Revision),
+    Changed,
+    ClaimLost(Revision),
+    Failed,
+}
+
+/// What the writes to one node came to: the node, its claim revision afterwards (None: unknown)
+/// and each VM's outcome.
+type NodeWrites = (String, Option<Revision>, Vec<(String, Outcome)>);
+
+pub struct Scheduler {
+    objects: Objects,
+    strategy: placement::Strategy,
+    pub cache: Cache,
+    /// The claim revision of each node as this scheduler last wrote or saw it.
+    claims: HashMap<String, Revision>,
+    /// Do not place before the cache has seen this revision (a claim was lost to a later write).
+    catch_up_to: Revision,
+    kind: &'static KindInfo,
+}
+
+impl Scheduler {
+    /// Loads the cache from one consistent read of the store; returns it with the revision to
+    /// watch from.
+    pub async fn load(
+        objects: Objects,
+        strategy: placement::Strategy,
+    ) -> Result<(Self, Revision), StoreError> {
+        let store = objects.store().clone();
+        let revision = store.current_revision().await?;
+        let mut cache = Cache::default();
+        // Classes and policies first: VMs are counted with their class's resources.
+        for prefix in [cache::CLASSES, cache::POLICIES, cache::NODES, cache::VMS] {
+            let resp = store
+                .range(RangeRequest::prefix(prefix).at_revision(revision))
+                .await?;
+            for kv in &resp.kvs {
+                cache.apply(kv, false);
+            }
+        }
+        cache.revision = revision;
+        let mut claims = HashMap::new();
+        let resp = store
+            .range(RangeRequest::prefix(CLAIMS_PREFIX).at_revision(revision))
+            .await?;
+        for kv in resp.kvs {
+            let node = kv.key[CLAIMS_PREFIX.len()..].to_string();
+            if cache.fleet.get(&node).is_none() {
+                // The node is gone: so is its claim.
+                let _ = store.delete(&kv.key).await;
+            } else {
+                claims.insert(node, kv.mod_revision);
+            }
+        }
+        let scheduler = Scheduler {
+            objects,
+            strategy,
+            cache,
+            claims,
+            catch_up_to: 0,
+            kind: registry::by_kind("VirtualMachine").expect("registered"),
+        };
+        Ok((scheduler, revision + 1))
+    }
+
+    /// Applies a watch event to the cache; a deleted node's claim key goes too.
+    pub async fn apply(&mut self, ev: &flotilla_store::WatchEvent) {
+        self.cache.apply_event(ev);
+        if ev.kind == flotilla_store::EventKind::Delete && ev.kv.key.starts_with(cache::NODES) {
+            let node = &ev.kv.key[cache::NODES.len()..];
+            self.claims.remove(node);
+            let _ = self.objects.store().delete(&claim_key(node)).await;
+        }
+    }
+
+    /// Whether the queue can be worked on now.
+    pub fn ready_to_place(&self) -> bool {
+        !self.cache.queue.is_empty() && self.cache.revision >= self.catch_up_to
+    }
+
+    /// Places up to [`BATCH`] queued VMs and writes the results; returns how many were bound.
+    pub async fn place_batch(&mut self) -> usize {
+        let keys: Vec<String> = self
+            .cache
+            .queue
+            .iter()
+            .take(BATCH)
+            .map(|(_, k)| k.clone())
+            .collect();
+        self.place(&keys).await
+    }
+
+    /// Places the given VMs (in this order), then writes bindings and conditions.
+    pub async fn place(&mut self, keys: &[String]) -> usize {
+        // 1. Decide, counting each placement at once.
+        let mut per_node: HashMap<String, Vec<(String, Revision)>> = HashMap::new();
+        let mut unschedulable: Vec<(String, String)> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            if i % 64 == 63 {
+                tokio::task::yield_now().await;
+            }
+            let Some(record) = self.cache.vms.get(key) else {
+                continue;
+            };
+            if record.node.is_some() || record.deleting {
+                continue;
+            }
+            let decision = request(&record.object, &self.cache.classes, &self.cache.policies)
+                .and_then(|r| {
+                    let req = Request {
+                        strategy: self.strategy,
+                        ..r
+                    };
+                    placement::place(&req, &self.cache.fleet, &self.cache.placed)
+                        .map_err(|why| why.to_string())
+                });
+            match decision {
+                Ok(node) => {
+                    let revision = record.revision;
+                    self.cache.assume(key, &node);
+                    per_node
+                        .entry(node)
+                        .or_default()
+                        .push((key.clone(), revision));
+                }
+                Err(message) => {
+                    self.cache.park(key);
+                    unschedulable.push((key.clone(), message));
+                }
+            }
+        }
+
+        // 2. Write: one task per node, its bindings in order; nodes in parallel.
+        let mut writes = Vec::new();
+        for (node, vms) in per_node {
+            let claim = self.claims.get(&node).copied();
+            writes.push(self.bind_all(node, claim, vms));
+        }
+        let results: Vec<NodeWrites> = futures::stream::iter(writes)
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        let mut marks = Vec::with_capacity(unschedulable.len());
+        for (key, message) in &unschedulable {
+            marks.push(self.mark_unschedulable(key, message));
+        }
+        futures::stream::iter(marks)
+            .buffer_unordered(IN_FLIGHT)
+            .collect::<Vec<()>>()
+            .await;
+
+        // 3. Learn from the results.
+        let mut bound = 0;
+        for (node, claim, outcomes) in results {
+            if let Some(c) = claim {
+                self.claims.insert(node.clone(), c);
+            }
+            for (key, outcome) in outcomes {
+                match outcome {
+                    Outcome::Bound(revision) => {
+                        self.cache.confirm(&key, revision);
+                        bound += 1;
+                    }
+                    Outcome::Changed => {
+                        self.cache.unassume(&key, false);
+                        self.cache.wait_for_event(&key);
+                    }
+                    Outcome::ClaimLost(revision) => {
+                        tracing::debug!(vm = %key, node = %node, "claim lost; placing again");
+                        self.cache.unassume(&key, true);
+                        self.catch_up_to = self.catch_up_to.max(revision);
+                    }
+                    Outcome::Failed => self.cache.unassume(&key, true),
+                }
+            }
+        }
+        bound
+    }
+
+    /// Writes the bindings of `vms` to `node` one after another; stops at the first lost claim.
+    /// Returns the node's claim revision afterwards (None: unknown) and each VM's outcome.
+    fn bind_all(
+        &self,
+        node: String,
+        claim: Option<Revision>,
+        vms: Vec<(String, Revision)>,
+    ) -> impl std::future::Future<Output = NodeWrites> + 'static {
+        let (objects, kind) = (self.objects.clone(), self.kind);
+        async move {
+            let mut claim = match claim {
+                Some(c) => Some(c),
+                None => match objects.store().get(&claim_key(&node)).await {
+                    Ok(kv) => Some(kv.map_or(0, |kv| kv.mod_revision)),
+                    Err(_) => None,
+                },
+            };
+            let mut outcomes = Vec::with_capacity(vms.len());
+            for (key, revision) in vms {
+                let Some(c) = claim else {
+                    outcomes.push((key, Outcome::Failed));
+                    continue;
+                };
+                let (ns, name) = split_key(&key);
+                let status = json!({"phase": "Scheduled", "nodeName": node, "conditions": [
+                    {"type": "Scheduled", "status": "True", "reason": "Scheduled", "message": format!("placed on {node}"), "lastTransitionTime": now()}]});
+                let outcome = match objects
+                    .bind(kind, ns, name, revision, &node, status, c)
+                    .await
+                {
+                    Ok(Binding::Bound { revision }) => {
+                        claim = Some(revision);
+                        Outcome::Bound(revision)
+                    }
+                    Ok(Binding::Changed) => Outcome::Changed,
+                    Ok(Binding::ClaimLost { claim_revision }) => {
+                        claim = Some(claim_revision);
+                        Outcome::ClaimLost(claim_revision)
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = name, node = %node, error = %e, "could not bind");
+                        claim = None;
+                        Outcome::Failed
+                    }
+                };
+                let lost = matches!(outcome, Outcome::ClaimLost(_));
+                outcomes.push((key, outcome));
+                if lost {
+                    break;
+                }
+            }
+            // VMs after a lost claim were not tried: they go back to the queue.
+            (node, claim, outcomes)
+        }
+    }
+
+    /// Says why a VM fits nowhere, unless its condition already says so; guarded by its
+    /// resourceVersion so that it never overwrites a binding made meanwhile.
+    fn mark_unschedulable(
+        &self,
+        key: &str,
+        message: &str,
+    ) -> impl std::future::Future<Output = ()> + 'static {
+        let record = self.cache.vms.get(key);
+        let current = record.and_then(|r| r.scheduled_message.clone());
+        let revision = record.map_or(0, |r| r.revision);
+        let (objects, kind, key, message) = (
+            self.objects.clone(),
+            self.kind,
+            key.to_string(),
+            message.to_string(),
+        );
+        async move {
+            if current.as_deref() == Some(message.as_str()) || revision == 0 {
+                return;
+            }
+            let (ns, name) = split_key(&key);
+            let status = json!({"metadata": {"resourceVersion": revision.to_string()}, "status": {"phase": "Pending", "conditions": [
+                {"type": "Scheduled", "status": "False", "reason": "Unschedulable", "message": message, "lastTransitionTime": now()}]}});
+            let _ = objects
+                .patch(
+                    kind,
+                    ns,
+                    name,
+                    PatchBody::Merge(status),
+                    Subresource::Status,
+                )
+                .await;
+        }
+    }
+
+    /// Runs until the watch ends (compaction, store failure); the caller loads a fresh cache.
+    async fn serve(&mut self, mut events: WatchStream, resync: Duration) {
+        let mut last_unpark = Instant::now();
+        loop {
+            // Everything that has arrived, in one go.
+            while let Some(item) = events.next().now_or_never() {
+                match item {
+                    Some(Ok(ev)) => self.apply(&ev).await,
+                    _ => return,
+                }
+            }
+            if self.cache.changed && last_unpark.elapsed() >= RETRY_PARKED {
+                self.cache.unpark();
+                last_unpark = Instant::now();
+            }
+            if self.ready_to_place() {
+                self.place_batch().await;
+                continue;
+            }
+            let wait = if self.cache.changed && !self.cache.parked.is_empty() {
+                RETRY_PARKED.saturating_sub(last_unpark.elapsed())
+            } else {
+                resync
+            };
+            match tokio::time::timeout(wait, events.next()).await {
+                Ok(Some(Ok(ev))) => self.apply(&ev).await,
+                Ok(_) => return,
+                Err(_) if wait == resync => {
+                    // Quiet for a while: try the parked ones again anyway.
+                    self.cache.unpark();
+                    last_unpark = Instant::now();
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+fn split_key(key: &str) -> (Option<&str>, &str) {
+    let rest = &key[cache::VMS.len()..];
+    match rest.split_once('/') {
+        Some((ns, name)) => (Some(ns), name),
+        None => (None, rest),
+    }
+}
+
+pub async fn run(objects: Objects, resync: Duration, strategy: placement::Strategy) {
+    loop {
+        let loaded = match Scheduler::load(objects.clone(), strategy).await {
+            Ok((scheduler, from)) => objects
+                .store()
+                .watch("/registry/", from)
+                .await
+                .map(|events| (scheduler, events)),
+            Err(e) => Err(e),
+        };
+        match loaded {
+            Ok((mut scheduler, events)) => scheduler.serve(events, resync).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduler could not load the cluster; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! Binding a VM to a node: the scheduler's one write per placement.
+//!
+//! A binding sets `spec.nodeName` and the VM's `Scheduled` status in one transaction, guarded by
+//! the VM's resourceVersion (it must still be the unbound VM the scheduler looked at) and by the
+//! node's claim key, which the same transaction bumps. The claim key is the node's capacity
+//! generation, as in Nova's placement service: two schedulers that both saw the node with room
+//! for one more VM both compare against the same claim revision, so only one binding lands; the
+//! other learns the claim's new revision and places again once it has seen what changed.
+
+use flotilla_store::{Compare, Op, OpResult, Revision, Txn};
+use flotilla_types::registry::KindInfo;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::objects::{encode, parse_stored, validate, Objects};
+
+/// Where the claim keys of nodes live (outside `/registry/`: they are not API objects).
+pub const CLAIMS_PREFIX: &str = "/flotilla/claims/";
+
+pub fn claim_key(node: &str) -> String {
+    format!("{CLAIMS_PREFIX}{node}")
+}
+
+/// The outcome of [`Objects::bind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binding {
+    /// Bound at this revision, which is now also the claim's revision.
+    Bound { revision: Revision },
+    /// The VM changed since the scheduler saw it (edited, bound, deleted or being deleted).
+    Changed,
+    /// Someone else claimed capacity on the node first; the claim is now at `claim_revision`.
+    ClaimLost { claim_revision: Revision },
+}
+
+impl Objects {
+    /// Binds the unbound object `name` (at `resource_version`) to `node`, merging `status` into its
+    /// status, if the node's claim key is still at `claim_revision` (0: never claimed).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn bind(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        name: &str,
+        resource_version: Revision,
+        node: &str,
+        status: Value,
+        claim_revision: Revision,
+    ) -> Result<Binding, ApiError> {
+        let kv = match self.get_kv(kind, namespace, name).await {
+            Ok(kv) => kv,
+            Err(e) if e.code() == 404 => return Ok(Binding::Changed),
+            Err(e) => return Err(e),
+        };
+        let current = parse_stored(&kv)?;
+        if kv.mod_revision != resource_version
+            || current["spec"]["nodeName"].is_string()
+            || current["metadata"].get("deletionTimestamp").is_some()
+        {
+            return Ok(Binding::Changed);
+        }
+        let mut next = current.clone();
+        next["spec"]["nodeName"] = json!(node);
+        json_patch::merge(&mut next, &json!({ "status": status }));
+        let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+        next["metadata"]["generation"] = json!(generation + 1);
+        let next = validate(kind, &next)?;
+        let claim = claim_key(node);
+        let record = json!({"vm": kv.key, "revision": resource_version});
+        let resp = self
+            .store()
+            .txn(
+                Txn::new()
+                    .when(Compare::mod_revision(&kv.key, kv.mod_revision))
+                    .when(Compare::mod_revision(&claim, claim_revision))
+                    .and_then(Op::put(&kv.key, encode(&next)))
+                    .and_then(Op::put(&claim, encode(&record)))
+                    .or_else(Op::get(&claim)),
+            )
+            .await?;
+        if resp.succeeded {
+            return Ok(Binding::Bound {
+                revision: resp.revision,
+            });
+        }
+        let now = match resp.results.first() {
+            Some(OpResult::Get { kv }) => kv.as_ref().map_or(0, |kv| kv.mod_revision),
+            _ => claim_revision,
+        };
+        Ok(if now != claim_revision {
+            Binding::ClaimLost {
+                claim_revision: now,
+            }
+        } else {
+            Binding::Changed
+        })
+    }
+}
