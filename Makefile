@@ -42,6 +42,10 @@ bench-scale:
 	scripts/install-deps.sh run
 	$(CARGO) bench --locked -p flotilla --bench scale
 
+# The scheduler alone: 5,000 nodes, 10,000 pending VMs with placement rules, real bindings.
+bench-scheduler:
+	$(CARGO) bench --locked -p flotilla-controllers --bench scheduler
+
 # Rewrites openapi/flotilla.json after an API change (a test fails until it is committed).
 openapi:
 	FLOTILLA_UPDATE_OPENAPI=1 $(CARGO) nextest run -p flotilla-server openapi

@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use crate::error::{io, AgentError};
-use crate::tools;
 
 pub struct SeedInput<'a> {
     pub instance_id: &'a str,
@@ -83,36 +82,19 @@ pub fn user_data(input: &SeedInput<'_>) -> Result<String, AgentError> {
 
 /// Writes the seed ISO to `iso` (atomically: a temporary file renamed into place).
 pub async fn write_seed(input: &SeedInput<'_>, iso: &Path) -> Result<(), AgentError> {
-    let dir = iso.with_extension("d");
-    let _ = tokio::fs::remove_dir_all(&dir).await;
-    tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
-    for (name, content) in [
-        ("meta-data", meta_data(input)),
-        ("user-data", user_data(input)?),
-        ("network-config", network_config()),
-    ] {
-        let p = dir.join(name);
-        tokio::fs::write(&p, content).await.map_err(io(&p))?;
-    }
-    let tmp = iso.with_extension("iso.tmp");
-    tools::run(
-        "xorriso",
+    let (meta, user, network) = (meta_data(input), user_data(input)?, network_config());
+    let image = crate::iso9660::image(
+        "cidata",
         &[
-            "-as",
-            "mkisofs",
-            "-quiet",
-            "-output",
-            &tmp.display().to_string(),
-            "-volid",
-            "cidata",
-            "-joliet",
-            "-rock",
-            &dir.display().to_string(),
+            ("meta-data", meta.as_bytes()),
+            ("user-data", user.as_bytes()),
+            ("network-config", network.as_bytes()),
         ],
-    )
-    .await?;
+        chrono::Utc::now(),
+    );
+    let tmp = iso.with_extension("iso.tmp");
+    tokio::fs::write(&tmp, image).await.map_err(io(&tmp))?;
     tokio::fs::rename(&tmp, iso).await.map_err(io(iso))?;
-    let _ = tokio::fs::remove_dir_all(&dir).await;
     Ok(())
 }
 

@@ -10,6 +10,7 @@ pub mod domain;
 pub mod error;
 mod events;
 pub mod identity;
+pub mod iso9660;
 pub mod libvirt;
 pub mod logserver;
 mod tools;

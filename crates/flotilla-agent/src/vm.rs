@@ -18,7 +18,7 @@ use crate::error::{io, AgentError};
 use crate::libvirt::{DomainState, Libvirt};
 
 /// The finalizer that holds a VM object until its domain and files are gone.
-pub const FINALIZER: &str = "flotilla.dev/agent";
+pub use flotilla_types::kinds::vm::AGENT_FINALIZER as FINALIZER;
 
 pub struct Context {
     pub client: Arc<Client>,
@@ -111,8 +111,10 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
     }
     let dir = ctx.vm_dir(&uid);
     create_traversable_dir(&dir).await?;
-    let existing = ctx.libvirt.state(&uid).await?;
-    if existing.is_none() {
+    // Provisioning is worth a status write when disks must be prepared (a download, a copy);
+    // without them the domain is defined and started within the same reconcile.
+    let prepares_disks = vm.spec.image.is_some() || vm.spec.root_disk.is_some();
+    if prepares_disks && ctx.libvirt.state(&uid).await?.is_none() {
         write_status(ctx, vm, "Provisioning", None).await?;
     }
     step("provisioning reported");

@@ -1,13 +1,14 @@
 //! Binding a VM to a node: the scheduler's one write per placement.
 //!
-//! A binding sets `spec.nodeName` and the VM's `Scheduled` status in one transaction, guarded by
-//! the VM's resourceVersion (it must still be the unbound VM the scheduler looked at) and by the
-//! node's claim key, which the same transaction bumps. The claim key is the node's capacity
+//! A binding sets `spec.nodeName`, the agent's finalizer and the VM's `Scheduled` status in one
+//! transaction, guarded by the VM's resourceVersion (it must still be the unbound VM the
+//! scheduler looked at) and by the node's claim key, which the same transaction bumps. The claim key is the node's capacity
 //! generation, as in Nova's placement service: two schedulers that both saw the node with room
 //! for one more VM both compare against the same claim revision, so only one binding lands; the
 //! other learns the claim's new revision and places again once it has seen what changed.
 
 use flotilla_store::{Compare, Op, OpResult, Revision, Txn};
+use flotilla_types::kinds::vm::AGENT_FINALIZER;
 use flotilla_types::registry::KindInfo;
 use serde_json::{json, Value};
 
@@ -60,6 +61,13 @@ impl Objects {
         }
         let mut next = current.clone();
         next["spec"]["nodeName"] = json!(node);
+        // From now on the node holds things to clean up: deletion waits for its agent.
+        let mut finalizers: Vec<String> =
+            serde_json::from_value(current["metadata"]["finalizers"].clone()).unwrap_or_default();
+        if !finalizers.iter().any(|f| f == AGENT_FINALIZER) {
+            finalizers.push(AGENT_FINALIZER.to_string());
+        }
+        next["metadata"]["finalizers"] = json!(finalizers);
         json_patch::merge(&mut next, &json!({ "status": status }));
         let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
         next["metadata"]["generation"] = json!(generation + 1);

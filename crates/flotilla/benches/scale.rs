@@ -316,6 +316,11 @@ async fn run() {
         .map(|(name, at)| at.saturating_duration_since(accepted[name]))
         .collect();
     latencies.sort();
+    let mut to_bound: Vec<Duration> = bound
+        .iter()
+        .map(|(name, at)| at.saturating_duration_since(accepted[name]))
+        .collect();
+    to_bound.sort();
     let first_bound = bound.values().min().copied().unwrap_or(begin);
     let last_bound = bound.values().max().copied().unwrap_or(begin);
     let placing = last_bound.saturating_duration_since(begin.min(first_bound));
@@ -347,6 +352,8 @@ async fn run() {
             "vms_per_s": round(vms_n as f64 / wall.as_secs_f64()),
             "accepted_to_running_p50_ms": round(percentile(&latencies, 0.5)),
             "accepted_to_running_p99_ms": round(percentile(&latencies, 0.99)),
+            "accepted_to_bound_p50_ms": round(percentile(&to_bound, 0.5)),
+            "accepted_to_bound_p99_ms": round(percentile(&to_bound, 0.99)),
             "placements_per_s": round(bound.len() as f64 / placing.as_secs_f64()),
             "server_peak_rss_mib": round(server_peak as f64 / (1 << 20) as f64),
             "fleet_rss_mib": round(fleet_rss as f64 / (1 << 20) as f64),

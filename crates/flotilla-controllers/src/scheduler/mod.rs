@@ -118,19 +118,31 @@ enum Outcome {
     Failed,
 }
 
-/// What the writes to one node came to: the node, its claim revision afterwards (None: unknown)
-/// and each VM's outcome.
-type NodeWrites = (String, Option<Revision>, Vec<(String, Outcome)>);
+/// A node's claim revision, and whether this scheduler's own binding wrote it.
+#[derive(Clone, Copy, Debug)]
+struct Claim {
+    revision: Revision,
+    ours: bool,
+}
+
+/// What the writes to one node came to: the node, its claim afterwards (None: unknown) and
+/// each VM's outcome.
+type NodeWrites = (String, Option<Claim>, Vec<(String, Outcome)>);
 
 pub struct Scheduler {
     objects: Objects,
     strategy: placement::Strategy,
     pub cache: Cache,
-    /// The claim revision of each node as this scheduler last wrote or saw it.
-    claims: HashMap<String, Revision>,
+    /// The claim revision of each node as this scheduler last saw it, and whether this scheduler
+    /// wrote it (then every binding up to it is in the cache, assumed if not yet seen).
+    claims: HashMap<String, Claim>,
     /// Do not place before the cache has seen this revision (a claim was lost to a later write).
     catch_up_to: Revision,
     kind: &'static KindInfo,
+    /// Bindings that lost their node's claim to another writer (a measure of contention).
+    pub claims_lost: usize,
+    /// Time spent deciding placements (not writing them).
+    deciding: Duration,
 }
 
 impl Scheduler {
@@ -163,7 +175,11 @@ impl Scheduler {
                 // The node is gone: so is its claim.
                 let _ = store.delete(&kv.key).await;
             } else {
-                claims.insert(node, kv.mod_revision);
+                let claim = Claim {
+                    revision: kv.mod_revision,
+                    ours: false,
+                };
+                claims.insert(node, claim);
             }
         }
         let scheduler = Scheduler {
@@ -173,6 +189,8 @@ impl Scheduler {
             claims,
             catch_up_to: 0,
             kind: registry::by_kind("VirtualMachine").expect("registered"),
+            claims_lost: 0,
+            deciding: Duration::ZERO,
         };
         Ok((scheduler, revision + 1))
     }
@@ -204,9 +222,24 @@ impl Scheduler {
         self.place(&keys).await
     }
 
+    /// Like [`Scheduler::place_batch`]; also says how long deciding took (without the writes).
+    pub async fn place_batch_timed(&mut self) -> (usize, std::time::Duration) {
+        let keys: Vec<String> = self
+            .cache
+            .queue
+            .iter()
+            .take(BATCH)
+            .map(|(_, k)| k.clone())
+            .collect();
+        let before = self.deciding;
+        let bound = self.place(&keys).await;
+        (bound, self.deciding - before)
+    }
+
     /// Places the given VMs (in this order), then writes bindings and conditions.
     pub async fn place(&mut self, keys: &[String]) -> usize {
         // 1. Decide, counting each placement at once.
+        let deciding = Instant::now();
         let mut per_node: HashMap<String, Vec<(String, Revision)>> = HashMap::new();
         let mut unschedulable: Vec<(String, String)> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
@@ -244,11 +277,14 @@ impl Scheduler {
             }
         }
 
+        self.deciding += deciding.elapsed();
+
         // 2. Write: one task per node, its bindings in order; nodes in parallel.
+        let view = self.cache.revision;
         let mut writes = Vec::new();
         for (node, vms) in per_node {
             let claim = self.claims.get(&node).copied();
-            writes.push(self.bind_all(node, claim, vms));
+            writes.push(self.bind_all(node, claim, view, vms));
         }
         let results: Vec<NodeWrites> = futures::stream::iter(writes)
             .buffer_unordered(IN_FLIGHT)
@@ -281,6 +317,7 @@ impl Scheduler {
                     }
                     Outcome::ClaimLost(revision) => {
                         tracing::debug!(vm = %key, node = %node, "claim lost; placing again");
+                        self.claims_lost += 1;
                         self.cache.unassume(&key, true);
                         self.catch_up_to = self.catch_up_to.max(revision);
                     }
@@ -292,11 +329,16 @@ impl Scheduler {
     }
 
     /// Writes the bindings of `vms` to `node` one after another; stops at the first lost claim.
-    /// Returns the node's claim revision afterwards (None: unknown) and each VM's outcome.
+    ///
+    /// The decisions were made from the cache at revision `view`. A claim revision is safe to
+    /// compare against only if every binding up to it is counted in that view: it is no later
+    /// than `view`, or this scheduler wrote it. Otherwise someone bound VMs to the node that the
+    /// decisions did not count, and the VMs wait until the cache has caught up.
     fn bind_all(
         &self,
         node: String,
-        claim: Option<Revision>,
+        claim: Option<Claim>,
+        view: Revision,
         vms: Vec<(String, Revision)>,
     ) -> impl std::future::Future<Output = NodeWrites> + 'static {
         let (objects, kind) = (self.objects.clone(), self.kind);
@@ -304,13 +346,23 @@ impl Scheduler {
             let mut claim = match claim {
                 Some(c) => Some(c),
                 None => match objects.store().get(&claim_key(&node)).await {
-                    Ok(kv) => Some(kv.map_or(0, |kv| kv.mod_revision)),
+                    Ok(kv) => Some(Claim {
+                        revision: kv.map_or(0, |kv| kv.mod_revision),
+                        ours: false,
+                    }),
                     Err(_) => None,
                 },
             };
+            if let Some(c) = claim.filter(|c| !c.ours && c.revision > view) {
+                let outcomes = vms
+                    .into_iter()
+                    .map(|(key, _)| (key, Outcome::ClaimLost(c.revision)))
+                    .collect();
+                return (node, claim, outcomes);
+            }
             let mut outcomes = Vec::with_capacity(vms.len());
             for (key, revision) in vms {
-                let Some(c) = claim else {
+                let Some(c) = claim.map(|c| c.revision) else {
                     outcomes.push((key, Outcome::Failed));
                     continue;
                 };
@@ -322,12 +374,18 @@ impl Scheduler {
                     .await
                 {
                     Ok(Binding::Bound { revision }) => {
-                        claim = Some(revision);
+                        claim = Some(Claim {
+                            revision,
+                            ours: true,
+                        });
                         Outcome::Bound(revision)
                     }
                     Ok(Binding::Changed) => Outcome::Changed,
                     Ok(Binding::ClaimLost { claim_revision }) => {
-                        claim = Some(claim_revision);
+                        claim = Some(Claim {
+                            revision: claim_revision,
+                            ours: false,
+                        });
                         Outcome::ClaimLost(claim_revision)
                     }
                     Err(e) => {

@@ -129,6 +129,11 @@ pub struct VirtualMachineStatus {
     pub last_restart_request: Option<String>,
 }
 
+/// The finalizer of the node agent: a bound VM keeps it until its node has removed the domain and
+/// every file. The scheduler adds it with the binding; an agent adds it to VMs created already
+/// bound (`spec.nodeName`) before it creates anything.
+pub const AGENT_FINALIZER: &str = "flotilla.dev/agent";
+
 /// Annotation whose new value asks the agent to restart the VM (`flotilla vm restart`).
 pub const RESTART_ANNOTATION: &str = "flotilla.dev/restart-requested-at";
 
