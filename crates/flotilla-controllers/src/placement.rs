@@ -845,4 +845,144 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn topology_spread_evens_out_zones_and_max_skew_is_hard() {
+        let nodes = vec![
+            zoned("a1", "a"),
+            zoned("a2", "a"),
+            zoned("b1", "b"),
+            zoned("c1", "c"),
+        ];
+        let mut web = labelled(req(1, 1), "web");
+        web.rules.spread.push(Spread {
+            term: term("app=web", "zone"),
+            max_skew: None,
+        });
+        let mut placed = Vec::new();
+        let mut per_zone: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..9 {
+            let n = place_and_record(&web, &nodes, &mut placed).unwrap();
+            *per_zone.entry(n[..1].to_string()).or_default() += 1;
+        }
+        assert_eq!(
+            per_zone.values().copied().collect::<Vec<_>>(),
+            vec![3, 3, 3],
+            "{per_zone:?}"
+        );
+        // maxSkew 1: zone b is full, so dbs may pile up in zone a only one ahead of b.
+        let nodes = vec![zoned("a1", "a"), zoned("a2", "a"), zoned("b1", "b")];
+        let mut hard = labelled(req(1, 1), "db");
+        hard.rules.spread.push(Spread {
+            term: term("app=db", "zone"),
+            max_skew: Some(1),
+        });
+        let db = |node: &str| Placed {
+            project: "p".into(),
+            labels: BTreeMap::from([("app".to_string(), "db".to_string())]),
+            node: node.into(),
+        };
+        let full_b = HashMap::from([(
+            "b1".to_string(),
+            Used {
+                cpus: 64,
+                memory: 0,
+            },
+        )]);
+        let mut placed = vec![db("a1"), db("b1")];
+        let third = place_in(&hard, &nodes, &full_b, &placed).unwrap();
+        assert!(
+            third.starts_with('a'),
+            "a: 2 against b: 1 is within maxSkew"
+        );
+        placed.push(db(&third));
+        let err = place_in(&hard, &nodes, &full_b, &placed).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "0/3 nodes are available: 2 breaking topology spread, 1 insufficient CPU"
+        );
+    }
+
+    fn arb_labels() -> impl proptest::strategy::Strategy<Value = BTreeMap<String, String>> {
+        proptest::collection::btree_map(
+            prop_oneof![
+                Just("app".to_string()),
+                Just("tier".to_string()),
+                Just("x".to_string())
+            ],
+            prop_oneof![
+                Just("a".to_string()),
+                Just("b".to_string()),
+                Just("c".to_string())
+            ],
+            0..3,
+        )
+    }
+
+    proptest! {
+        /// The index answers every selector exactly as a scan of the placed VMs does, also after
+        /// VMs move and leave.
+        #[test]
+        fn the_index_agrees_with_a_scan(
+            vms in proptest::collection::vec((0usize..2, arb_labels(), 0usize..4), 0..40),
+            removed in proptest::collection::vec(0usize..40, 0..10),
+            selector in prop_oneof![
+                Just("app=a"), Just("app in (a,b)"), Just("tier"), Just("!x"), Just("app=a,tier!=b"), Just("")],
+        ) {
+            let mut index = PlacedIndex::default();
+            let mut scan: Vec<(String, Placed)> = Vec::new();
+            for (i, (project, labels, node)) in vms.iter().enumerate() {
+                let p = Placed { project: format!("p{project}"), labels: labels.clone(), node: format!("n{node}") };
+                index.insert(&format!("vm{i}"), p.clone());
+                scan.push((format!("vm{i}"), p));
+            }
+            for r in removed {
+                index.remove(&format!("vm{r}"));
+                scan.retain(|(k, _)| *k != format!("vm{r}"));
+            }
+            let sel = LabelSelector::parse(selector).unwrap();
+            let plain: Vec<Placed> = scan.into_iter().map(|(_, p)| p).collect();
+            for project in ["p0", "p1"] {
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                index.nodes_of(project, &sel, &mut |n| a.push(n.to_string()));
+                plain[..].nodes_of(project, &sel, &mut |n| b.push(n.to_string()));
+                a.sort();
+                b.sort();
+                prop_assert_eq!(a, b);
+            }
+        }
+
+        /// A preferred rule of weight 100 always wins over spreading by load: the chosen node
+        /// meets as many preferred terms as any feasible node does.
+        #[test]
+        fn preferred_rules_are_honoured_when_possible(
+            zones in proptest::collection::vec(0usize..3, 2..8),
+            loads in proptest::collection::vec(0u64..6, 8),
+            groups in proptest::collection::vec(0usize..3, 0..12),
+            anti in any::<bool>(),
+        ) {
+            let nodes: Vec<Candidate> = zones.iter().enumerate().map(|(i, z)| {
+                let mut n = node(&format!("n{i}"), 8, 16);
+                n.labels.insert("zone".into(), format!("z{z}"));
+                n
+            }).collect();
+            let used: HashMap<String, Used> = nodes.iter().enumerate()
+                .map(|(i, n)| (n.name.clone(), Used { cpus: loads[i], memory: 0 })).collect();
+            let placed: Vec<Placed> = groups.iter().enumerate().map(|(i, g)| Placed {
+                project: "p".into(),
+                labels: BTreeMap::from([("app".to_string(), format!("g{g}"))]),
+                node: format!("n{}", i % nodes.len()),
+            }).collect();
+            let mut r = labelled(req(1, 1), "g0");
+            let t = term("app=g0", "zone");
+            if anti { r.rules.preferred_anti_affinity.push((100, t.clone())); } else { r.rules.preferred_affinity.push((100, t.clone())); }
+            let chosen = place_in(&r, &nodes, &used, &placed).unwrap();
+            let fleet = Fleet::new(nodes.iter().cloned());
+            let occ = occupied(&r, &t, &fleet, &placed[..]);
+            let met = |n: &Candidate| occ.hit(n) != anti;
+            let best_possible = nodes.iter().any(|n| met(n) && filter(&r, n, used[&n.name]).is_none());
+            let c = nodes.iter().find(|n| n.name == chosen).unwrap();
+            prop_assert!(!best_possible || met(c), "{chosen} breaks the preference although another node meets it");
+        }
+    }
 }

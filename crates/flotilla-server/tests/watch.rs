@@ -313,3 +313,85 @@ async fn a_hundred_watchers_all_see_every_event() {
         }
     }
 }
+
+/// Watchers of one node each (as agents are) share one store watch, routed by spec.nodeName:
+/// each sees exactly the VMs bound to its node, moves in and out included, and a watcher
+/// resuming from an older resourceVersion gets what it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_watchers_see_exactly_their_own_vms() {
+    let t = start().await;
+    let vms = kind("vm");
+    let on = |node: &str| ListParams {
+        field_selector: Some(format!("spec.nodeName={node}")),
+        ..Default::default()
+    };
+    let mut a = Box::pin(
+        t.client
+            .watch(vms, None, &on("node-a"), None)
+            .await
+            .unwrap(),
+    );
+    let mut b = Box::pin(
+        t.client
+            .watch(vms, None, &on("node-b"), None)
+            .await
+            .unwrap(),
+    );
+    let mut unbound = Box::pin(t.client.watch(vms, None, &on(""), None).await.unwrap());
+    let bound_to = |name: &str, node: &str| {
+        let mut v = vm(name);
+        v["spec"]["nodeName"] = json!(node);
+        v
+    };
+    let first = t
+        .client
+        .create(vms, Some("default"), &bound_to("one", "node-a"))
+        .await
+        .unwrap();
+    t.client
+        .create(vms, Some("default"), &bound_to("two", "node-b"))
+        .await
+        .unwrap();
+    t.client
+        .create(vms, Some("default"), &vm("three"))
+        .await
+        .unwrap();
+    let ev = next_non_bookmark(&mut a).await;
+    assert_eq!((ev.type_.as_str(), name(&ev)), ("ADDED", "one"));
+    let ev = next_non_bookmark(&mut b).await;
+    assert_eq!((ev.type_.as_str(), name(&ev)), ("ADDED", "two"));
+    let ev = next_non_bookmark(&mut unbound).await;
+    assert_eq!((ev.type_.as_str(), name(&ev)), ("ADDED", "three"));
+
+    // "one" moves from node-a to node-b: DELETED for a, ADDED for b.
+    let moved = json!({"spec": {"nodeName": "node-b"}});
+    t.client
+        .patch(vms, Some("default"), "one", &moved, false)
+        .await
+        .unwrap();
+    let ev = next_non_bookmark(&mut a).await;
+    assert_eq!((ev.type_.as_str(), name(&ev)), ("DELETED", "one"));
+    let ev = next_non_bookmark(&mut b).await;
+    assert_eq!((ev.type_.as_str(), name(&ev)), ("ADDED", "one"));
+    t.client.delete(vms, Some("default"), "two").await.unwrap();
+    let ev = next_non_bookmark(&mut b).await;
+    assert_eq!((ev.type_.as_str(), name(&ev)), ("DELETED", "two"));
+    // Nothing else reached node-a's watcher.
+    let quiet = tokio::time::timeout(Duration::from_millis(300), a.next()).await;
+    assert!(quiet.is_err() || quiet.unwrap().unwrap().unwrap().type_ == "BOOKMARK");
+
+    // Resuming node-b's watch from the first create replays its history in order.
+    let rv = first["metadata"]["resourceVersion"].as_str().unwrap();
+    let mut again = Box::pin(
+        t.client
+            .watch(vms, None, &on("node-b"), Some(rv))
+            .await
+            .unwrap(),
+    );
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let ev = next_non_bookmark(&mut again).await;
+        seen.push(format!("{} {}", ev.type_, name(&ev)));
+    }
+    assert_eq!(seen, ["ADDED two", "ADDED one", "DELETED two"]);
+}
