@@ -222,18 +222,9 @@ impl Scheduler {
         self.place(&keys).await
     }
 
-    /// Like [`Scheduler::place_batch`]; also says how long deciding took (without the writes).
-    pub async fn place_batch_timed(&mut self) -> (usize, std::time::Duration) {
-        let keys: Vec<String> = self
-            .cache
-            .queue
-            .iter()
-            .take(BATCH)
-            .map(|(_, k)| k.clone())
-            .collect();
-        let before = self.deciding;
-        let bound = self.place(&keys).await;
-        (bound, self.deciding - before)
+    /// Time spent deciding placements so far (not writing them).
+    pub fn deciding(&self) -> Duration {
+        self.deciding
     }
 
     /// Places the given VMs (in this order), then writes bindings and conditions.
