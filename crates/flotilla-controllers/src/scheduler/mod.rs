@@ -143,6 +143,8 @@ pub struct Scheduler {
     pub claims_lost: usize,
     /// Time spent deciding placements (not writing them).
     deciding: Duration,
+    /// Bindings of the last batch that failed for another reason than a conflict.
+    failed_writes: usize,
 }
 
 impl Scheduler {
@@ -191,6 +193,7 @@ impl Scheduler {
             kind: registry::by_kind("VirtualMachine").expect("registered"),
             claims_lost: 0,
             deciding: Duration::ZERO,
+            failed_writes: 0,
         };
         Ok((scheduler, revision + 1))
     }
@@ -292,6 +295,7 @@ impl Scheduler {
 
         // 3. Learn from the results.
         let mut bound = 0;
+        self.failed_writes = 0;
         for (node, claim, outcomes) in results {
             if let Some(c) = claim {
                 self.claims.insert(node.clone(), c);
@@ -312,7 +316,10 @@ impl Scheduler {
                         self.cache.unassume(&key, true);
                         self.catch_up_to = self.catch_up_to.max(revision);
                     }
-                    Outcome::Failed => self.cache.unassume(&key, true),
+                    Outcome::Failed => {
+                        self.failed_writes += 1;
+                        self.cache.unassume(&key, true);
+                    }
                 }
             }
         }
@@ -447,7 +454,11 @@ impl Scheduler {
                 last_unpark = Instant::now();
             }
             if self.ready_to_place() {
-                self.place_batch().await;
+                let bound = self.place_batch().await;
+                if bound == 0 && self.failed_writes > 0 {
+                    // The store refused every write: do not hammer it.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
                 continue;
             }
             let wait = if self.cache.changed && !self.cache.parked.is_empty() {
