@@ -115,6 +115,7 @@ pub async fn run_with(
         virt_type,
         data_dir: config.data_dir.clone(),
         shutdown_timeout: config.shutdown_timeout,
+        defined: Default::default(),
     });
     if !config.labels.is_empty() {
         let patch = json!({"metadata": {"labels": config.labels}});

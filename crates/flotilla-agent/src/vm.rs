@@ -28,6 +28,9 @@ pub struct Context {
     pub virt_type: VirtType,
     pub data_dir: PathBuf,
     pub shutdown_timeout: Duration,
+    /// The XML this agent last defined for each domain (by UUID): an unchanged definition of a
+    /// domain that exists is not parsed by libvirt again on every reconcile.
+    pub defined: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Context {
@@ -51,6 +54,7 @@ fn get<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> Result<T, AgentE
 /// Removes the domain and every file of a VM. Safe to repeat.
 pub async fn remove_everything(ctx: &Context, uid: &str) -> Result<(), AgentError> {
     ctx.libvirt.remove(uid).await?;
+    ctx.defined.lock().expect("defined lock").remove(uid);
     let dir = ctx.vm_dir(uid);
     match tokio::fs::remove_dir_all(&dir).await {
         Ok(()) => Ok(()),
@@ -201,8 +205,16 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
         vnc_password,
     };
     // Redefining is idempotent; on a running domain the new definition applies at next boot.
-    ctx.libvirt.define(spec.to_xml()).await?;
-    step("defined");
+    let xml = spec.to_xml();
+    let same = ctx.defined.lock().expect("defined lock").get(&uid) == Some(&xml);
+    if !same || ctx.libvirt.state(&uid).await?.is_none() {
+        ctx.libvirt.define(xml.clone()).await?;
+        ctx.defined
+            .lock()
+            .expect("defined lock")
+            .insert(uid.clone(), xml);
+        step("defined");
+    }
 
     step("disks and domain ready");
     apply_power(ctx, vm, &uid).await
