@@ -5,15 +5,16 @@
 set -euo pipefail
 
 purpose="${1:-run}"
-# Build tools, libvirt and QEMU, and what the agent runs (qemu-img, xorriso).
-packages=(build-essential pkg-config ca-certificates libvirt-daemon-system libvirt-dev qemu-system-x86 qemu-utils xorriso)
+# Build tools (protoc for the etcd client), libvirt and QEMU, and what the agent runs (qemu-img).
+packages=(build-essential pkg-config ca-certificates protobuf-compiler libvirt-daemon-system libvirt-dev qemu-system-x86 qemu-utils)
 # The tiny guest (both the example and the tests boot it): the Debian cloud kernel, busybox and
 # cpio for its initramfs.
 packages+=(linux-image-cloud-amd64 busybox-static cpio kmod)
 case "$purpose" in
   run) ;;
-  # The Debian guest of the cloud-init end-to-end test is built with debootstrap.
-  test) packages+=(debootstrap e2fsprogs) ;;
+  # The Debian guest of the cloud-init end-to-end test is built with debootstrap; tests read
+  # seed ISOs back with xorriso and run real etcd clusters.
+  test) packages+=(debootstrap e2fsprogs xorriso etcd-server) ;;
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac
 

@@ -35,6 +35,23 @@ pub async fn sqlite() -> TestStore {
     }
 }
 
+/// A fresh three-member etcd cluster on loopback, and the etcd backend on it. The health probe
+/// the cluster writes is deleted first, so the store starts empty.
+pub async fn etcd() -> TestStore {
+    let cluster = crate::etcd_cluster::EtcdCluster::start(3).await;
+    let store = crate::EtcdStore::connect(crate::EtcdOptions {
+        endpoints: cluster.endpoints.clone(),
+        tls: None,
+    })
+    .await
+    .expect("connect to etcd");
+    store.delete("/health-probe").await.expect("clean up");
+    TestStore {
+        store: Arc::new(store),
+        guard: Box::new(cluster),
+    }
+}
+
 /// Generates one `#[tokio::test]` per conformance case for the backend the factory opens.
 #[macro_export]
 macro_rules! conformance_suite {

@@ -3,8 +3,8 @@
 //! Keys are ordered byte strings (ASCII here), every write bumps one global revision, reads can be
 //! taken at a past revision, writes are transactions guarded by compare-and-swap on a key's mod
 //! revision, watches stream every change from a revision on, and leases expire keys attached to
-//! them. [`SqliteStore`] is the embedded backend; the etcd backend must pass the same
-//! [`conformance`] suite.
+//! them. [`SqliteStore`] is the embedded backend, [`EtcdStore`] the one for several servers; both
+//! pass the same `conformance` suite.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -14,8 +14,12 @@ use futures::Stream;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+mod etcd;
+#[cfg(feature = "conformance")]
+pub mod etcd_cluster;
 mod sqlite;
 
+pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// A global store revision. Revision 0 means "none" (a key that does not exist has mod revision 0).

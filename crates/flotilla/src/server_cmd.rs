@@ -23,6 +23,57 @@ pub struct ServerArgs {
     /// Where the scheduler puts VMs: spread (least allocated node first) or pack (most allocated).
     #[arg(long, value_enum, default_value_t = Placement::Spread)]
     pub placement: Placement,
+    /// The store: `sqlite` (a file in the data directory, one server) or
+    /// `etcd://HOST:PORT[,HOST:PORT...]` (an etcd 3.4+ cluster shared by several servers).
+    #[arg(long, default_value = "sqlite")]
+    pub store: String,
+    /// PEM CA of etcd's client certificates; makes the etcd connection TLS.
+    #[arg(long)]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd (with --etcd-key), when etcd requires one.
+    #[arg(long, requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+/// The etcd options for `--store etcd://a:2379,b:2379`, or None for SQLite.
+pub fn etcd_options(args: &ServerArgs) -> anyhow::Result<Option<flotilla_store::EtcdOptions>> {
+    use anyhow::Context as _;
+    if args.store == "sqlite" {
+        return Ok(None);
+    }
+    let Some(hosts) = args.store.strip_prefix("etcd://") else {
+        anyhow::bail!(
+            "--store {:?}: use sqlite or etcd://HOST:PORT[,HOST:PORT...]",
+            args.store
+        );
+    };
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    let tls = match &args.etcd_ca {
+        None => None,
+        Some(ca) => Some(flotilla_store::EtcdTls {
+            ca_pem: read(ca)?,
+            client: match (&args.etcd_cert, &args.etcd_key) {
+                (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                _ => None,
+            },
+        }),
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoints = Vec::new();
+    for host in hosts.split(',').map(str::trim) {
+        let valid = host
+            .rsplit_once(':')
+            .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
+        if !valid {
+            anyhow::bail!("--store: {host:?} is not HOST:PORT (for example 10.0.0.1:2379)");
+        }
+        endpoints.push(format!("{scheme}://{host}"));
+    }
+    Ok(Some(flotilla_store::EtcdOptions { endpoints, tls }))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -47,10 +98,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
-    let data_dir = args.data_dir.unwrap_or_else(crate::default_data_dir);
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(crate::default_data_dir);
     let mut config = flotilla_server::ServerConfig::new(&data_dir);
     config.listen = args.listen;
-    config.tls_names = args.tls_sans;
+    config.tls_names = args.tls_sans.clone();
+    if let Some(etcd) = etcd_options(&args)? {
+        let endpoints = etcd.endpoints.join(",");
+        let store = flotilla_store::EtcdStore::connect(etcd)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach etcd at {endpoints}: {e}"))?;
+        config.store = Some(std::sync::Arc::new(store));
+    }
     let server = flotilla_server::start(config).await?;
     let placement = match args.placement {
         Placement::Spread => flotilla_controllers::placement::Strategy::Spread,

@@ -1,0 +1,192 @@
+//! Several server replicas on one etcd cluster (three real members on loopback): a watch on one
+//! replica sees writes made through another; clients move on when a replica is killed; the
+//! cluster keeps serving with one etcd member down.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla_client::{Client, ListParams};
+use flotilla_store::etcd_cluster::EtcdCluster;
+use flotilla_types::clientconfig::ClientConfig;
+use flotilla_types::registry::lookup;
+use futures::StreamExt;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A server process, killed when dropped (also when the test fails).
+struct Replica(Child);
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn server(dir: &Path, port: u16, etcd: &[String]) -> Replica {
+    let hosts: Vec<&str> = etcd
+        .iter()
+        .map(|e| e.trim_start_matches("http://"))
+        .collect();
+    Command::new(BIN)
+        .args(["server", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--store", &format!("etcd://{}", hosts.join(","))])
+        .env("FLOTILLA_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map(Replica)
+        .unwrap()
+}
+
+async fn wait_until_serving(client: &Client) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = client
+        .list(
+            lookup("vm").unwrap(),
+            Some("default"),
+            &ListParams::default(),
+        )
+        .await
+    {
+        assert!(Instant::now() < deadline, "the server did not come up: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_one_etcd_cluster_and_clients_fail_over() {
+    let mut etcd = EtcdCluster::start(3).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a = server(&dir_a, port_a, &etcd.endpoints);
+    // Replica B shares A's CA and admin credentials (pki/ and admin.yaml copied, as the HA guide
+    // says); every other token lives in etcd.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !dir_a.join("admin.yaml").exists() {
+        assert!(Instant::now() < deadline, "replica A writes admin.yaml");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    copy_dir(&dir_a.join("pki"), &dir_b.join("pki"));
+    std::fs::copy(dir_a.join("admin.yaml"), dir_b.join("admin.yaml")).unwrap();
+    let b = server(&dir_b, port_b, &etcd.endpoints);
+
+    let config: ClientConfig =
+        serde_yaml::from_str(&std::fs::read_to_string(dir_a.join("admin.yaml")).unwrap()).unwrap();
+    let mut context = config.context(None).unwrap().clone();
+    let (url_a, url_b) = (
+        format!("https://127.0.0.1:{port_a}"),
+        format!("https://127.0.0.1:{port_b}"),
+    );
+    context.server = Some(url_a.clone());
+    context.servers = vec![];
+    let only_a = Client::from_context(&context).unwrap();
+    context.server = Some(url_b.clone());
+    let only_b = Client::from_context(&context).unwrap();
+    context.server = Some(url_a.clone());
+    context.servers = vec![url_b.clone()];
+    let both = Client::from_context(&context).unwrap();
+    wait_until_serving(&only_a).await;
+    wait_until_serving(&only_b).await;
+
+    // A watch on A sees a VM created through B.
+    let vms = lookup("vm").unwrap();
+    let list = only_a
+        .list(vms, Some("default"), &ListParams::default())
+        .await
+        .unwrap();
+    let rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut watch = Box::pin(
+        only_a
+            .watch(vms, Some("default"), &ListParams::default(), Some(&rv))
+            .await
+            .unwrap(),
+    );
+    let vm = |name: &str| json!({"metadata": {"name": name}, "spec": {"resources": {"cpus": 1, "memory": "512Mi"}, "boot": {"kernel": "/k"}}});
+    only_b
+        .create(vms, Some("default"), &vm("via-b"))
+        .await
+        .unwrap();
+    let ev = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("the watch stays open")
+            .expect("a well-formed event");
+        if ev.type_ != "BOOKMARK" {
+            break ev;
+        }
+    };
+    assert_eq!(
+        (ev.type_.as_str(), ev.object["metadata"]["name"].as_str()),
+        ("ADDED", Some("via-b"))
+    );
+
+    // kill -9 A: a client that knows both replicas keeps working through B.
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    let killed = Instant::now();
+    let mut unavailable = Duration::ZERO;
+    loop {
+        match both.create(vms, Some("default"), &vm("after-kill")).await {
+            Ok(_) => break,
+            Err(e) => {
+                unavailable = killed.elapsed();
+                assert!(
+                    unavailable < Duration::from_secs(10),
+                    "no replica answered: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    println!(
+        "API unavailable after kill -9 of one replica: {} ms",
+        unavailable.as_millis()
+    );
+    assert!(both.get(vms, Some("default"), "via-b").await.is_ok());
+
+    // One etcd member down: writes and reads still work (quorum 2 of 3).
+    etcd.kill(0);
+    for i in 0..5 {
+        both.create(vms, Some("default"), &vm(&format!("quorum-{i}")))
+            .await
+            .unwrap();
+    }
+    let list = both
+        .list(vms, Some("default"), &ListParams::default())
+        .await
+        .unwrap();
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 7, "{names:?}");
+    drop(b);
+}
