@@ -3,6 +3,7 @@
 
 pub mod compactor;
 pub mod garbage_collector;
+pub mod leader;
 pub mod node_lifecycle;
 pub mod placement;
 pub mod scheduler;

@@ -17,9 +17,11 @@ pub mod conformance;
 mod etcd;
 #[cfg(feature = "conformance")]
 pub mod etcd_cluster;
+mod fence;
 mod sqlite;
 
 pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
+pub use fence::FencedStore;
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// A global store revision. Revision 0 means "none" (a key that does not exist has mod revision 0).
@@ -253,6 +255,8 @@ pub enum StoreError {
     InvalidRequest(String),
     #[error("store backend failed: {0}")]
     Backend(String),
+    #[error("this server no longer holds the leader key; the write was refused")]
+    Fenced,
 }
 
 /// The store interface every backend implements (see the crate docs).

@@ -122,7 +122,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         placement,
         ..Default::default()
     };
-    flotilla_controllers::spawn_all(server.objects.clone(), controllers);
+    if args.store == "sqlite" {
+        // One server, one set of controllers: nothing to elect.
+        flotilla_controllers::spawn_all(server.objects.clone(), controllers);
+    } else {
+        let identity = format!("{}@{}", crate::agent_cmd::hostname(), server.url);
+        tokio::spawn(flotilla_controllers::leader::run_elected(
+            server.objects.clone(),
+            controllers,
+            identity,
+            Duration::from_secs(3),
+        ));
+    }
     eprintln!("Flotilla API server listening on {}", server.url);
     eprintln!(
         "Client configuration (admin): {}",

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_client::{Client, ListParams};
 use flotilla_store::etcd_cluster::EtcdCluster;
+use flotilla_store::Store;
 use flotilla_types::clientconfig::ClientConfig;
 use flotilla_types::registry::lookup;
 use futures::StreamExt;
@@ -90,7 +91,7 @@ async fn replicas_share_one_etcd_cluster_and_clients_fail_over() {
     }
     copy_dir(&dir_a.join("pki"), &dir_b.join("pki"));
     std::fs::copy(dir_a.join("admin.yaml"), dir_b.join("admin.yaml")).unwrap();
-    let b = server(&dir_b, port_b, &etcd.endpoints);
+    let mut b = server(&dir_b, port_b, &etcd.endpoints);
 
     let config: ClientConfig =
         serde_yaml::from_str(&std::fs::read_to_string(dir_a.join("admin.yaml")).unwrap()).unwrap();
@@ -146,9 +147,80 @@ async fn replicas_share_one_etcd_cluster_and_clients_fail_over() {
         ("ADDED", Some("via-b"))
     );
 
-    // kill -9 A: a client that knows both replicas keeps working through B.
-    a.0.kill().unwrap();
-    a.0.wait().unwrap();
+    // A simulated fleet that knows both replicas, and a VM running on it.
+    let token = both
+        .request_json(
+            reqwest::Method::POST,
+            "/flotilla/v1/join-tokens",
+            &[],
+            Some(("application/json", br#"{"ttlSeconds": 600}"#.to_vec())),
+        )
+        .await
+        .unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let _fleet = Replica(
+        Command::new(BIN)
+            .args([
+                "agent",
+                "--server",
+                &format!("{url_a},{url_b}"),
+                "--join-token",
+                &token,
+            ])
+            .arg("--data-dir")
+            .arg(tmp.path().join("fleet"))
+            .args([
+                "--simulate",
+                "3",
+                "--simulate-cpus",
+                "8",
+                "--simulate-memory",
+                "16Gi",
+            ])
+            .env("FLOTILLA_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let running = |name: &'static str| {
+        let both = &both;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Ok(v) = both.get(vms, Some("default"), name).await {
+                    if v["status"]["phase"] == "Running" {
+                        return v;
+                    }
+                }
+                assert!(Instant::now() < deadline, "{name} is Running within 60 s");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let before = running("via-b").await;
+
+    // kill -9 the replica that leads the controllers; the other keeps serving and takes over.
+    let etcd_store = flotilla_store::EtcdStore::connect(flotilla_store::EtcdOptions {
+        endpoints: etcd.endpoints.clone(),
+        tls: None,
+    })
+    .await
+    .unwrap();
+    let leader_key = flotilla_controllers::leader::LEADER_KEY;
+    let holder = |kv: Option<flotilla_store::KeyValue>| {
+        kv.map(|kv| String::from_utf8_lossy(&kv.value).to_string())
+    };
+    let first_leader = holder(etcd_store.get(leader_key).await.unwrap()).expect("a leader");
+    let (leader, survivor_url) = if first_leader.ends_with(&url_a) {
+        (&mut a, url_b.clone())
+    } else {
+        (&mut b, url_a.clone())
+    };
+    leader.0.kill().unwrap();
+    leader.0.wait().unwrap();
     let killed = Instant::now();
     let mut unavailable = Duration::ZERO;
     loop {
@@ -164,11 +236,35 @@ async fn replicas_share_one_etcd_cluster_and_clients_fail_over() {
             }
         }
     }
+    let takeover = loop {
+        if holder(etcd_store.get(leader_key).await.unwrap())
+            .is_some_and(|h| h.ends_with(&survivor_url))
+        {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "the other replica takes over"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let after = running("after-kill").await;
+    let to_running = killed.elapsed();
     println!(
-        "API unavailable after kill -9 of one replica: {} ms",
-        unavailable.as_millis()
+        "kill -9 of the leading replica: API unavailable {} ms, controllers taken over after {} ms, a VM created after the kill Running after {} ms",
+        unavailable.as_millis(),
+        takeover.as_millis(),
+        to_running.as_millis()
     );
-    assert!(both.get(vms, Some("default"), "via-b").await.is_ok());
+    assert!(
+        takeover < Duration::from_secs(5),
+        "takeover within 5 s, took {takeover:?}"
+    );
+    assert!(after["spec"]["nodeName"].is_string());
+    // Nothing lost or doubled: the first VM kept its node and its identity.
+    let again = both.get(vms, Some("default"), "via-b").await.unwrap();
+    assert_eq!(again["metadata"]["uid"], before["metadata"]["uid"]);
+    assert_eq!(again["spec"]["nodeName"], before["spec"]["nodeName"]);
 
     // One etcd member down: writes and reads still work (quorum 2 of 3).
     etcd.kill(0);
@@ -188,5 +284,6 @@ async fn replicas_share_one_etcd_cluster_and_clients_fail_over() {
         .map(|v| v["metadata"]["name"].as_str().unwrap())
         .collect();
     assert_eq!(names.len(), 7, "{names:?}");
-    drop(b);
+    let unique: std::collections::HashSet<&&str> = names.iter().collect();
+    assert_eq!(unique.len(), names.len(), "no VM doubled: {names:?}");
 }
