@@ -294,11 +294,12 @@ impl Store for EtcdStore {
         if start_revision > 0 {
             opts = opts.with_start_revision(start_revision);
         }
-        let mut c = self.client.clone();
-        let (watcher, mut stream) = c
-            .watch(prefix.as_bytes(), Some(opts))
-            .await
-            .map_err(backend)?;
+        let start = || {
+            let (mut c, opts) = (self.client.clone(), opts.clone());
+            let key = prefix.to_string();
+            async move { c.watch(key, Some(opts)).await }
+        };
+        let (watcher, mut stream) = again(not_applied, start).await.map_err(backend)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<WatchEvent, StoreError>>(256);
         tokio::spawn(async move {
             // Dropping the watcher cancels the watch; keep it as long as the stream is read.
@@ -353,12 +354,11 @@ impl Store for EtcdStore {
     }
 
     async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        let mut c = self.client.clone();
-        let resp = c
-            .lease_grant(ttl.as_secs().max(1) as i64, None)
-            .await
-            .map_err(backend)?;
-        Ok(resp.id())
+        let grant = || {
+            let mut c = self.client.clone();
+            async move { c.lease_grant(ttl.as_secs().max(1) as i64, None).await }
+        };
+        Ok(again(not_applied, grant).await.map_err(backend)?.id())
     }
 
     async fn lease_keep_alive(&self, id: LeaseId) -> Result<(), StoreError> {
@@ -369,10 +369,15 @@ impl Store for EtcdStore {
                 backend(e)
             }
         };
-        let mut c = self.client.clone();
-        let (mut keeper, mut stream) = c.lease_keep_alive(id).await.map_err(lease_error)?;
-        keeper.keep_alive().await.map_err(lease_error)?;
-        match stream.message().await.map_err(lease_error)? {
+        let renew = || {
+            let mut c = self.client.clone();
+            async move {
+                let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
+                keeper.keep_alive().await?;
+                stream.message().await
+            }
+        };
+        match again(not_applied, renew).await.map_err(lease_error)? {
             Some(resp) if resp.ttl() > 0 => Ok(()),
             _ => Err(StoreError::LeaseNotFound(id)),
         }
