@@ -291,9 +291,14 @@ impl Store for EtcdStore {
         let mut opts = etcd::WatchOptions::new()
             .with_range(end.as_bytes())
             .with_prev_key();
-        if start_revision > 0 {
-            opts = opts.with_start_revision(start_revision);
-        }
+        // "From now" must mean after every write already acknowledged: a follower would start
+        // at the revision it has applied, which can be older. A (linearizable) read says where.
+        let start = if start_revision > 0 {
+            start_revision
+        } else {
+            self.current_revision().await? + 1
+        };
+        opts = opts.with_start_revision(start);
         let start = || {
             let (mut c, opts) = (self.client.clone(), opts.clone());
             let key = prefix.to_string();
