@@ -221,8 +221,8 @@ impl Cache {
         }
     }
 
-    /// Takes a VM out of every count and queue (it stays known).
-    fn forget(&mut self, key: &str) {
+    /// Takes a VM out of every count and queue; its record stays.
+    fn uncount(&mut self, key: &str) {
         let Some(record) = self.vms.get_mut(key) else {
             return;
         };
@@ -233,22 +233,19 @@ impl Cache {
         self.queue.remove(&id);
         self.parked.remove(&id);
         self.placed.remove(key);
+    }
+
+    /// Forgets a VM (before its newer version is applied, or when it is gone).
+    fn forget(&mut self, key: &str) {
+        self.uncount(key);
         self.vms.remove(key);
     }
 
-    /// Recounts every bound VM (a VMClass changed, so what they use may have too).
+    /// Recounts every VM (a VMClass changed, so what they use may have too).
     fn recharge(&mut self) {
         let keys: Vec<String> = self.vms.keys().cloned().collect();
         for key in keys {
-            if let Some(record) = self.vms.get_mut(&key) {
-                if let Some((node, cpus, memory)) = record.charged.take() {
-                    self.fleet.charge(&node, cpus, memory, -1);
-                }
-            }
-            let id = self.vms[&key].created;
-            self.queue.remove(&(id, key.clone()));
-            self.parked.remove(&(id, key.clone()));
-            self.placed.remove(&key);
+            self.uncount(&key);
             self.settle(&key);
         }
         self.changed = true;
@@ -256,10 +253,8 @@ impl Cache {
 
     /// Counts a placement this scheduler is about to write.
     pub fn assume(&mut self, key: &str, node: &str) {
+        self.uncount(key);
         if let Some(record) = self.vms.get_mut(key) {
-            let id = (record.created, key.to_string());
-            self.queue.remove(&id);
-            self.parked.remove(&id);
             record.node = Some(node.to_string());
         }
         self.settle(key);
@@ -272,17 +267,13 @@ impl Cache {
 
     /// The binding failed: the VM is unbound again (and queued when `requeue`).
     pub fn unassume(&mut self, key: &str, requeue: bool) {
+        self.uncount(key);
         let Some(record) = self.vms.get_mut(key) else {
             return;
         };
-        if let Some((node, cpus, memory)) = record.charged.take() {
-            self.fleet.charge(&node, cpus, memory, -1);
-        }
         record.node = None;
-        let id = (record.created, key.to_string());
-        self.placed.remove(key);
         if requeue {
-            self.queue.insert(id);
+            self.queue.insert((record.created, key.to_string()));
         }
     }
 
