@@ -1,4 +1,5 @@
-//! A real etcd cluster for tests (feature `conformance`): `members` etcd processes on loopback
+//! Test support (feature `conformance`): loopback ports, processes killed on drop, and a real etcd
+//! cluster: `members` etcd processes on loopback
 //! ports in a temporary directory, killed when dropped. Needs the `etcd` binary (Debian's
 //! etcd-server).
 
@@ -12,7 +13,8 @@ pub struct EtcdCluster {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("a free port")
         .local_addr()
@@ -118,5 +120,15 @@ impl Drop for EtcdCluster {
         for i in 0..self.members.len() {
             self.kill(i);
         }
+    }
+}
+
+/// A child process killed (and reaped) when dropped, also when a test panics.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -3,25 +3,9 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use flotilla_store::etcd_cluster::{free_port, KillOnDrop};
 use flotilla_store::{EtcdOptions, EtcdStore, EtcdTls, Store};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_over_tls_with_a_client_certificate() {
@@ -52,7 +36,7 @@ async fn etcd_over_tls_with_a_client_certificate() {
     let cert_file = write("server.pem", &server_cert);
     let key_file = write("server-key.pem", &server_key);
     let (client, peer) = (free_port(), free_port());
-    let _etcd = Killed(
+    let _etcd = KillOnDrop(
         Command::new("etcd")
             .arg("--name=tls")
             .arg(format!("--data-dir={}", dir.path().join("data").display()))

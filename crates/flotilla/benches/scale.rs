@@ -15,11 +15,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_client::{Client, ListParams};
+use flotilla_store::etcd_cluster::{free_port, KillOnDrop};
 use flotilla_types::clientconfig::ClientConfig;
 use flotilla_types::registry::lookup;
 use flotilla_types::Quantity;
@@ -56,23 +57,6 @@ fn memory_of(pid: u32, field: &str) -> u64 {
         .and_then(|kb| kb.parse::<u64>().ok())
         .map(|kb| kb * 1024)
         .unwrap_or(0)
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn quiet(cmd: &mut Command) -> &mut Command {
@@ -174,7 +158,7 @@ async fn run() {
     let url = format!("https://127.0.0.1:{}", free_port());
     println!("flotilla scale benchmark: {nodes_n} simulated nodes in {zones} zones, {vms_n} VMs; server on SQLite with fsync");
 
-    let server = Killed(
+    let server = KillOnDrop(
         quiet(Command::new(BIN).args(["server", "--listen", &url["https://".len()..]]))
             .arg("--data-dir")
             .arg(&server_dir)
@@ -207,7 +191,7 @@ async fn run() {
         .to_string();
 
     let started = Instant::now();
-    let fleet = Killed(
+    let fleet = KillOnDrop(
         quiet(Command::new(BIN).args(["agent", "--server", &url, "--join-token", &token]))
             .arg("--data-dir")
             .arg(dir.path().join("fleet"))

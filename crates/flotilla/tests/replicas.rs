@@ -3,11 +3,11 @@
 //! cluster keeps serving with one etcd member down.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla_client::{Client, ListParams};
-use flotilla_store::etcd_cluster::EtcdCluster;
+use flotilla_store::etcd_cluster::{free_port, EtcdCluster, KillOnDrop};
 use flotilla_store::Store;
 use flotilla_types::clientconfig::ClientConfig;
 use flotilla_types::registry::lookup;
@@ -16,25 +16,7 @@ use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A server process, killed when dropped (also when the test fails).
-struct Replica(Child);
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn server(dir: &Path, port: u16, etcd: &[String]) -> Replica {
+fn server(dir: &Path, port: u16, etcd: &[String]) -> KillOnDrop {
     let hosts: Vec<&str> = etcd
         .iter()
         .map(|e| e.trim_start_matches("http://"))
@@ -48,7 +30,7 @@ fn server(dir: &Path, port: u16, etcd: &[String]) -> Replica {
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .map(Replica)
+        .map(KillOnDrop)
         .unwrap()
 }
 
@@ -160,7 +142,7 @@ async fn replicas_share_one_etcd_cluster_and_clients_fail_over() {
         .as_str()
         .unwrap()
         .to_string();
-    let _fleet = Replica(
+    let _fleet = KillOnDrop(
         Command::new(BIN)
             .args([
                 "agent",
