@@ -9,8 +9,6 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{io, AgentError};
 
-use flotilla_server::join::CA_HASH_SEPARATOR;
-
 /// A client with this node's credentials: stored ones if present, else obtained by joining.
 /// Also returns the CA that the agent trusts (from the join), for its own TLS endpoint.
 pub async fn load_or_join(
@@ -47,7 +45,7 @@ pub async fn load_or_join(
                 .into(),
         )
     })?;
-    let (bearer, ca_hash) = token.split_once(CA_HASH_SEPARATOR).ok_or_else(|| {
+    let (bearer, ca_hash) = flotilla_types::join_token::split(token).ok_or_else(|| {
         AgentError::Config("the join token is malformed: it should end in ::sha256:<hash>".into())
     })?;
     let ca = fetch_verified_ca(servers, ca_hash).await?;
@@ -78,7 +76,7 @@ pub async fn load_or_join(
     };
     std::fs::create_dir_all(data_dir).map_err(io(data_dir))?;
     let yaml = serde_yaml::to_string(&config).expect("serialises");
-    flotilla_server::fsutil::write_atomic(&path, yaml.as_bytes(), 0o600).map_err(io(&path))?;
+    flotilla_files::write_atomic(&path, yaml.as_bytes(), 0o600).map_err(io(&path))?;
     tracing::info!(node, "joined the cluster; credentials stored");
     Ok((
         Client::from_context(&ctx)?,

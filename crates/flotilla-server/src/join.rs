@@ -17,9 +17,6 @@ use crate::authz::{BOOTSTRAPPERS, NODES, NODE_USER_PREFIX};
 use crate::error::ApiError;
 use crate::http::{parse_document, read_body, AppState};
 
-/// Separates the bearer token from the CA hash in a join token.
-pub const CA_HASH_SEPARATOR: &str = "::sha256:";
-
 pub fn ca_hash(ca_pem: &str) -> String {
     hex::encode(Sha256::digest(ca_pem.as_bytes()))
 }
@@ -67,7 +64,7 @@ pub async fn create_join_token(
         .auth
         .issue(None, "system:bootstrap", &[BOOTSTRAPPERS], Some(ttl))
         .await?;
-    let token = format!("{bearer}{CA_HASH_SEPARATOR}{}", ca_hash(&state.ca_pem));
+    let token = flotilla_types::join_token::compose(&bearer, &ca_hash(&state.ca_pem));
     let expires = chrono::Utc::now() + chrono::Duration::seconds(ttl.as_secs() as i64);
     Ok(axum::Json(json!({"token": token, "expires": expires})).into_response())
 }

@@ -17,7 +17,6 @@ pub mod auth;
 pub mod authz;
 pub mod binding;
 pub mod error;
-pub mod fsutil;
 pub mod http;
 pub mod join;
 pub mod logs;
@@ -26,7 +25,6 @@ pub mod objects;
 pub mod openapi;
 pub mod pinned;
 pub mod pki;
-pub mod tls;
 pub mod watch;
 pub mod watch_cache;
 
@@ -76,7 +74,7 @@ pub enum ServerError {
     #[error(transparent)]
     Pki(#[from] pki::PkiError),
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] flotilla_tls::TlsError),
     #[error("cannot initialise the API: {0}")]
     Api(#[from] ApiError),
 }
@@ -133,7 +131,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<(), ServerError> {
-    fsutil::write_atomic(path, contents.as_bytes(), 0o600).map_err(io_err(path))
+    flotilla_files::write_atomic(path, contents.as_bytes(), 0o600).map_err(io_err(path))
 }
 
 fn certificate_names(listen: &SocketAddr, extra: &[String]) -> Vec<String> {
@@ -180,7 +178,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         &dir.join("pki"),
         &certificate_names(&config.listen, &config.tls_names),
     )?;
-    let tls = tls::server_config(&pki.cert_pem, &pki.key_pem)?;
+    let tls = flotilla_tls::server_config(&pki.cert_pem, &pki.key_pem)?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -241,7 +239,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     };
     let app = http::router(state);
     let (shutdown, rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(tls::serve(listener, tls, app, rx));
+    let task = tokio::spawn(flotilla_tls::serve(listener, tls, app, rx));
     tracing::info!(%url, data_dir = %dir.display(), "API server listening");
     Ok(RunningServer {
         addr,

@@ -49,7 +49,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 }
 
 fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), PkiError> {
-    crate::fsutil::write_atomic(
+    flotilla_files::write_atomic(
         path,
         contents.as_bytes(),
         if private { 0o600 } else { 0o644 },

@@ -2,6 +2,7 @@
 //! `Status` object errors are reported with. Shared by the server, the client and the agents.
 
 pub mod clientconfig;
+pub mod join_token;
 pub mod kinds;
 pub mod meta;
 pub mod quantity;

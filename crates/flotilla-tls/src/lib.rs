@@ -1,4 +1,5 @@
-//! Serving the router over TLS (rustls), HTTP/1.1 and HTTP/2.
+//! Flotilla's TLS listeners: the API server and the node agent both serve an axum router over
+//! rustls, HTTP/1.1 and HTTP/2, through [`serve`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
