@@ -2,6 +2,7 @@
 //! can stop at any point and, when it starts again, converges from what the store holds.
 
 pub mod compactor;
+pub mod event_ttl;
 pub mod garbage_collector;
 pub mod leader;
 pub mod node_lifecycle;
@@ -24,6 +25,8 @@ pub struct ControllerConfig {
     pub node_grace: Duration,
     /// Spread VMs over the fleet (least allocated first) or pack them (most allocated first).
     pub placement: placement::Strategy,
+    /// Events last seen longer ago than this are deleted; 0 = kept forever.
+    pub event_ttl: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -33,6 +36,7 @@ impl Default for ControllerConfig {
             gc_resync: Duration::from_secs(60),
             node_grace: Duration::from_secs(10),
             placement: placement::Strategy::Spread,
+            event_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -48,6 +52,13 @@ pub fn spawn_all(objects: Objects, config: ControllerConfig) -> Vec<tokio::task:
             config.placement,
         )),
     ];
+    if !config.event_ttl.is_zero() {
+        tasks.push(tokio::spawn(event_ttl::run(
+            objects.clone(),
+            config.event_ttl,
+            config.event_ttl.min(Duration::from_secs(60)),
+        )));
+    }
     if !config.compaction_interval.is_zero() {
         tasks.push(tokio::spawn(compactor::run(
             objects.store().clone(),

@@ -1,4 +1,4 @@
-//! Deleting an owner deletes its dependents, through a real server and its API.
+//! Garbage: deleting an owner deletes its dependents, and events expire; through a real server.
 
 use std::time::Duration;
 
@@ -64,4 +64,60 @@ async fn dependents_follow_their_owner() {
     }
     assert!(gone, "the dependent is deleted after its owner");
     assert!(client.get(vms, Some("default"), "bystander").await.is_ok());
+}
+
+/// Events last seen longer ago than the TTL are deleted; recent ones (and recent repeats of old
+/// ones) stay.
+#[tokio::test]
+async fn expired_events_are_deleted() {
+    let cluster = flotilla_controllers::testkit::TestCluster::start().await;
+    let events = flotilla_types::registry::lookup("event").unwrap();
+    let now = chrono::Utc::now();
+    let at = |ago_s: i64| {
+        (now - chrono::Duration::seconds(ago_s)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let make = |name: &str, first: String, last: Option<String>| {
+        let mut e = serde_json::json!({
+            "metadata": {"name": name},
+            "regarding": {"kind": "VirtualMachine", "name": "web"},
+            "type": "Normal", "reason": "Test",
+            "reportingController": "test", "reportingInstance": "test",
+            "eventTime": first,
+        });
+        if let Some(last) = last {
+            e["series"] = serde_json::json!({"count": 2, "lastObservedTime": last});
+        }
+        e
+    };
+    for e in [
+        make("old", at(7200), None),
+        make("recent", at(60), None),
+        make("old-but-repeated", at(7200), Some(at(30))),
+    ] {
+        cluster
+            .admin
+            .create(events, Some("default"), &e)
+            .await
+            .unwrap();
+    }
+    // The cluster's own expiry controller may get there first; either way "old" goes.
+    flotilla_controllers::event_ttl::sweep(
+        &cluster.server.objects,
+        std::time::Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    let left = cluster
+        .admin
+        .list(events, Some("default"), &Default::default())
+        .await
+        .unwrap();
+    let mut names: Vec<&str> = left["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["metadata"]["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["old-but-repeated", "recent"]);
 }

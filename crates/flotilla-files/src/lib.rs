@@ -152,7 +152,10 @@ mod tests {
         }
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len(), 64 * 1024);
-        assert!(bytes.iter().all(|b| *b == bytes[0]), "one writer's bytes only");
+        assert!(
+            bytes.iter().all(|b| *b == bytes[0]),
+            "one writer's bytes only"
+        );
     }
 
     #[test]
@@ -181,6 +184,8 @@ mod tests {
         assert_eq!(removed.len(), 2, "{removed:?}");
         assert!(dest.exists(), "finished files stay");
         assert!(dir.path().join("keep.tmp").is_dir(), "directories stay");
-        assert!(sweep_temps(&dir.path().join("missing"), &[]).unwrap().is_empty());
+        assert!(sweep_temps(&dir.path().join("missing"), &[])
+            .unwrap()
+            .is_empty());
     }
 }

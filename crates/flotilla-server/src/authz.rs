@@ -1,7 +1,8 @@
 //! Authorization: who may do what. Admins (group `system:masters`) may do anything. A node agent
 //! (user `system:node:<name>`, group `system:nodes`) may read and write its own Node and Lease,
 //! read images and classes, and see and update only the VMs bound to it (`spec.nodeName`): their
-//! status and finalizers, never their spec. Bootstrap tokens may only join.
+//! status and finalizers, never their spec; it may record Events that name it as their reporting
+//! instance. Bootstrap tokens may only join.
 
 use flotilla_types::registry::KindInfo;
 use serde_json::Value;
@@ -52,6 +53,8 @@ pub enum Scope {
     OwnObject,
     /// Only this node's entry in an Image's `status.nodes`.
     ImageEntry(String),
+    /// Only Events whose `reportingInstance` is this node.
+    ReportedBy(String),
 }
 
 fn forbidden(p: &Principal, verb: Verb, kind: &KindInfo, what: &str) -> ApiError {
@@ -98,6 +101,9 @@ pub fn authorize(
         ("VirtualMachine", Verb::Get | Verb::Update | Verb::Patch) => {
             Ok(Scope::BoundTo(node.to_string()))
         }
+        ("Event", Verb::Create | Verb::Get | Verb::Update | Verb::Patch) => {
+            Ok(Scope::ReportedBy(node.to_string()))
+        }
         _ => Err(forbidden(
             p,
             verb,
@@ -111,10 +117,35 @@ pub fn authorize(
     }
 }
 
+/// The object-level check for a create of `object` under `scope`.
+pub fn guard_create(scope: &Scope, object: &Value) -> Result<(), ApiError> {
+    match scope {
+        Scope::Unrestricted | Scope::OwnObject => Ok(()),
+        Scope::ReportedBy(node) => reported_by(node, object),
+        Scope::BoundTo(_) | Scope::ImageEntry(_) => {
+            Err(ApiError::forbidden("a node may not create these objects"))
+        }
+    }
+}
+
+fn reported_by(node: &str, event: &Value) -> Result<(), ApiError> {
+    if event["reportingInstance"].as_str() == Some(node) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "node {node:?} may write only Events with reportingInstance {node:?}"
+        )))
+    }
+}
+
 /// The object-level check for a write (or, with `next = None`, a read) under `scope`.
 pub fn guard(scope: &Scope, current: &Value, next: Option<&Value>) -> Result<(), ApiError> {
     match scope {
         Scope::Unrestricted => Ok(()),
+        Scope::ReportedBy(node) => {
+            reported_by(node, current)?;
+            next.map_or(Ok(()), |next| reported_by(node, next))
+        }
         // A node renews its Lease through the spec, but cordoning its Node is an admin's call.
         Scope::OwnObject => match next {
             Some(next) if current["kind"] == "Node" && next.get("spec") != current.get("spec") => {

@@ -39,12 +39,17 @@ pub struct AppState {
     /// The server's client certificate and key, presented to node agents.
     pub client_cert_pem: Arc<String>,
     pub client_key_pem: Arc<String>,
+    /// This cluster's identity (see [`Objects::ensure_cluster_id`]).
+    pub cluster_id: Arc<String>,
 }
 
 pub fn router(state: AppState) -> Router {
     let base = "/apis/flotilla.dev/v1alpha1";
     let api = Router::new()
-        .route("/version", get(version))
+        .route(
+            "/version",
+            get(|State(s): State<AppState>| async move { version(&s.cluster_id) }),
+        )
         .route("/metrics", get(metrics))
         .route("/apis", get(api_groups))
         .route("/apis/flotilla.dev", get(api_group))
@@ -147,9 +152,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn version() -> Response {
+fn version(cluster_id: &str) -> Response {
     axum::Json(
-        json!({"version": env!("CARGO_PKG_VERSION"), "apiVersion": flotilla_types::API_VERSION}),
+        json!({"version": env!("CARGO_PKG_VERSION"), "apiVersion": flotilla_types::API_VERSION,
+                      "clusterID": cluster_id}),
     )
     .into_response()
 }
@@ -478,7 +484,7 @@ async fn resource(
         name_for_authz.as_deref(),
         &q.field_selector,
     )?;
-    let guard = move |current: &Value, next: Option<&Value>| authz::guard(&scope, current, next);
+    let guard = |current: &Value, next: Option<&Value>| authz::guard(&scope, current, next);
     match (&target.name, method.clone()) {
         (None, Method::GET) => {
             ensure_project(objects, ns).await?;
@@ -535,6 +541,7 @@ async fn resource(
         }
         (None, Method::POST) => {
             let doc = create_body.expect("parsed for authorization");
+            authz::guard_create(&scope, &doc)?;
             let stored = objects.create(kind, ns, doc).await?;
             Ok(object_response(StatusCode::CREATED, &stored))
         }

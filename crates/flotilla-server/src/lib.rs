@@ -87,6 +87,7 @@ pub struct RunningServer {
     pub admin_token: String,
     pub objects: Objects,
     pub admin_config_path: PathBuf,
+    pub cluster_id: String,
     shutdown: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -169,6 +170,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     };
     let objects = Objects::new(store.clone());
     objects.ensure_default_project().await?;
+    let cluster_id = objects.ensure_cluster_id().await?;
     // One shared store watch per kind, ready before the first client watches.
     for kind in flotilla_types::registry::KINDS {
         let prefix = objects::list_prefix(kind, None);
@@ -236,6 +238,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         ca_pem: Arc::new(pki.ca_pem.clone()),
         client_cert_pem: Arc::new(pki.client_cert_pem.clone()),
         client_key_pem: Arc::new(pki.client_key_pem.clone()),
+        cluster_id: Arc::new(cluster_id.clone()),
     };
     let app = http::router(state);
     let (shutdown, rx) = tokio::sync::watch::channel(false);
@@ -248,6 +251,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         admin_token,
         objects,
         admin_config_path: admin_path,
+        cluster_id,
         shutdown,
         task,
     })

@@ -19,6 +19,8 @@ use crate::error::ApiError;
 const ROOT: &str = "/registry/";
 /// Write conflicts caused only by concurrent writers (not by a stale client) are retried this often.
 const RETRIES: usize = 16;
+/// Where the cluster's identity lives (outside `/registry/`: it is not an API object).
+pub const CLUSTER_ID_KEY: &str = "/flotilla/cluster-id";
 
 /// Which part of an object a write may change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -286,6 +288,32 @@ impl Objects {
             Ok(_) => Ok(()),
             Err(e) if e.0.reason == "AlreadyExists" => Ok(()),
             Err(e) => Err(e),
+        }
+    }
+
+    /// This cluster's identity: a UUID made when the store was first used, shared by every
+    /// replica. Agents write it into the domains they create, so that they never mistake another
+    /// installation's domains on the same libvirt for their own.
+    pub async fn ensure_cluster_id(&self) -> Result<String, ApiError> {
+        let fresh = uuid::Uuid::new_v4().to_string();
+        let resp = self
+            .store
+            .txn(
+                Txn::new()
+                    .when(Compare::absent(CLUSTER_ID_KEY))
+                    .and_then(Op::put(CLUSTER_ID_KEY, fresh.clone().into_bytes()))
+                    .or_else(Op::get(CLUSTER_ID_KEY)),
+            )
+            .await?;
+        if resp.succeeded {
+            return Ok(fresh);
+        }
+        match resp.results.first() {
+            Some(OpResult::Get { kv: Some(kv) }) => String::from_utf8(kv.value.clone())
+                .map_err(|_| ApiError::internal("the stored cluster ID is not text")),
+            _ => Err(ApiError::internal(
+                "the cluster ID vanished while being read",
+            )),
         }
     }
 
@@ -906,12 +934,39 @@ fn merge_for_write(
                     ));
                 }
             }
+            keep_set_once(kind, current, &mut wanted)?;
             wanted
         }
     };
     next["apiVersion"] = json!(flotilla_types::API_VERSION);
     next["kind"] = json!(kind.kind);
     Ok(next)
+}
+
+/// Restores the kind's set-once spec fields that `next` omits, and refuses changes to them.
+fn keep_set_once(kind: &KindInfo, current: &Value, next: &mut Value) -> Result<(), ApiError> {
+    let mut errs = flotilla_types::FieldErrors::default();
+    for field in kind.set_once {
+        let pointer = format!("/{}", field.replace('.', "/"));
+        let Some(was) = current.pointer(&pointer).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        match next.pointer(&pointer).filter(|v| !v.is_null()) {
+            None => {
+                let (parent, leaf) = pointer.rsplit_once('/').expect("a dotted path");
+                if let Some(obj) = next.pointer_mut(parent).and_then(Value::as_object_mut) {
+                    obj.insert(leaf.to_string(), was.clone());
+                }
+            }
+            Some(now) if now == was => {}
+            Some(now) => errs.push(
+                field.to_string(),
+                format!("cannot change once set (it is {was}, not {now}); delete and recreate the object to change it"),
+            ),
+        }
+    }
+    errs.into_result()
+        .map_err(|errs| ApiError::invalid(kind.kind, name_of(current), &errs))
 }
 
 /// A PATCH body, by its content type.

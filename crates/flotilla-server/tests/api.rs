@@ -2,8 +2,8 @@
 
 mod common;
 
-use common::{kind, start, vm};
-use flotilla_client::ListParams;
+use common::{kind, start, vm, TestServer};
+use flotilla_client::{ClientError, ListParams};
 use serde_json::json;
 
 #[tokio::test]
@@ -485,4 +485,102 @@ async fn defaults_do_not_count_as_a_spec_change() {
         after["metadata"]["resourceVersion"],
         created["metadata"]["resourceVersion"]
     );
+}
+
+/// A VM's binding (spec.nodeName) is set once: re-applying a manifest written before the
+/// scheduler placed the VM keeps it on its node, and nobody can move it by editing the spec.
+#[tokio::test]
+async fn a_binding_survives_a_reapply_and_cannot_be_edited() {
+    let t = start().await;
+    let vms = kind("vm");
+    let mut bound = vm("web");
+    bound["spec"]["nodeName"] = json!("node-a");
+    t.client.create(vms, Some("default"), &bound).await.unwrap();
+    // `flotilla apply` of the original file: a PUT whose spec has no nodeName.
+    let mut current = t.client.get(vms, Some("default"), "web").await.unwrap();
+    current["spec"] = vm("web")["spec"].clone();
+    let after = t
+        .client
+        .replace(vms, Some("default"), "web", &current)
+        .await
+        .unwrap();
+    assert_eq!(after["spec"]["nodeName"], "node-a", "the binding stays");
+    assert_eq!(after["metadata"]["generation"], 1, "nothing changed");
+    // A merge patch removing it keeps it too.
+    let patched = t
+        .client
+        .patch(
+            vms,
+            Some("default"),
+            "web",
+            &json!({"spec": {"nodeName": null}}),
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched["spec"]["nodeName"], "node-a");
+    // Moving it is refused, naming the field.
+    let err = t
+        .client
+        .patch(
+            vms,
+            Some("default"),
+            "web",
+            &json!({"spec": {"nodeName": "node-b"}}),
+            false,
+        )
+        .await
+        .unwrap_err();
+    let ClientError::Api(status) = err else {
+        panic!("an API error")
+    };
+    assert_eq!(status.code, 422);
+    let causes = status.details.unwrap().causes;
+    assert_eq!(causes[0].field, "spec.nodeName");
+    assert!(
+        causes[0].message.contains("node-a"),
+        "{}",
+        causes[0].message
+    );
+    // An unbound VM can still be pinned by its owner.
+    t.client
+        .create(vms, Some("default"), &vm("free"))
+        .await
+        .unwrap();
+    let pinned = t
+        .client
+        .patch(
+            vms,
+            Some("default"),
+            "free",
+            &json!({"spec": {"nodeName": "node-b"}}),
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(pinned["spec"]["nodeName"], "node-b");
+}
+
+/// The cluster has one identity, made on first start and kept across restarts; clients read it
+/// from /version.
+#[tokio::test]
+async fn the_cluster_id_is_stable_across_restarts() {
+    let t = start().await;
+    let version = t
+        .client
+        .request_json(reqwest::Method::GET, "/version", &[], None)
+        .await
+        .unwrap();
+    let id = version["clusterID"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    assert_eq!(t.server.cluster_id, id);
+    let data = t.dir.path().join("data");
+    let TestServer { server, dir, .. } = t;
+    server.shutdown().await;
+    let mut config = flotilla_server::ServerConfig::new(&data);
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let again = flotilla_server::start(config).await.unwrap();
+    assert_eq!(again.cluster_id, id);
+    again.shutdown().await;
+    drop(dir);
 }

@@ -333,3 +333,80 @@ async fn join_tokens_only_join_and_only_admins_mint_them() {
     .await;
     assert_eq!(code, 400);
 }
+
+fn event(name: &str, reporter: &str) -> Value {
+    json!({
+        "metadata": {"name": name},
+        "regarding": {"kind": "VirtualMachine", "namespace": "default", "name": "web", "uid": "u-1"},
+        "type": "Warning", "reason": "ReconcileFailing", "note": "it keeps failing",
+        "reportingController": "flotilla.dev/agent", "reportingInstance": reporter,
+        "eventTime": "2026-01-01T00:00:00Z"
+    })
+}
+
+/// A node records Events as itself, and counts them again; it cannot write another's, nor
+/// read or delete events it did not report.
+#[tokio::test]
+async fn nodes_record_events_only_as_themselves() {
+    let t = start().await;
+    let events = kind("event");
+    let a = join(&t, "node-a").await;
+    let b = join(&t, "node-b").await;
+    a.create(events, Some("default"), &event("web-a", "node-a"))
+        .await
+        .unwrap();
+    let forged = a
+        .create(events, Some("default"), &event("web-b", "node-b"))
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), Some(403), "{forged}");
+    let again = json!({"series": {"count": 2, "lastObservedTime": "2026-01-01T00:01:00Z"}});
+    a.patch(events, Some("default"), "web-a", &again, false)
+        .await
+        .unwrap();
+    let taken = json!({"reportingInstance": "node-b"});
+    assert_eq!(
+        a.patch(events, Some("default"), "web-a", &taken, false)
+            .await
+            .unwrap_err()
+            .code(),
+        Some(403),
+        "a node cannot hand its event to another"
+    );
+    assert_eq!(
+        b.patch(events, Some("default"), "web-a", &again, false)
+            .await
+            .unwrap_err()
+            .code(),
+        Some(403),
+        "nor write another node's"
+    );
+    assert_eq!(
+        a.delete(events, Some("default"), "web-a")
+            .await
+            .unwrap_err()
+            .code(),
+        Some(403)
+    );
+    let stored = t
+        .client
+        .get(events, Some("default"), "web-a")
+        .await
+        .unwrap();
+    assert_eq!(stored["series"]["count"], 2);
+    assert_eq!(stored["reportingInstance"], "node-a");
+    // Admins find an object's events by its uid.
+    let list = t
+        .client
+        .list(
+            events,
+            Some("default"),
+            &ListParams {
+                field_selector: Some("regarding.uid=u-1".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+}

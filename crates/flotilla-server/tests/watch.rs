@@ -363,10 +363,15 @@ async fn node_watchers_see_exactly_their_own_vms() {
     let ev = next_non_bookmark(&mut unbound).await;
     assert_eq!((ev.type_.as_str(), name(&ev)), ("ADDED", "three"));
 
-    // "one" moves from node-a to node-b: DELETED for a, ADDED for b.
-    let moved = json!({"spec": {"nodeName": "node-b"}});
-    t.client
-        .patch(vms, Some("default"), "one", &moved, false)
+    // "one" moves from node-a to node-b: DELETED for a, ADDED for b. Clients cannot change a
+    // binding (spec.nodeName is set once); a migration does, by writing the store, as here.
+    let key = flotilla_server::objects::object_key(vms, Some("default"), "one");
+    let store = t.server.objects.store();
+    let mut stored: serde_json::Value =
+        serde_json::from_slice(&store.get(&key).await.unwrap().unwrap().value).unwrap();
+    stored["spec"]["nodeName"] = json!("node-b");
+    store
+        .put(&key, serde_json::to_vec(&stored).unwrap())
         .await
         .unwrap();
     let ev = next_non_bookmark(&mut a).await;

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::kinds::{Image, Lease, Node, PlacementPolicy, Project, VMClass, VirtualMachine};
+use crate::kinds::{Event, Image, Lease, Node, PlacementPolicy, Project, VMClass, VirtualMachine};
 use crate::resource::{decode, Column, Resource};
 use crate::validation::FieldErrors;
 
@@ -16,6 +16,8 @@ pub struct KindInfo {
     /// Every field usable in a field selector, `metadata.*` included.
     pub field_selectors: &'static [&'static str],
     pub columns: &'static [Column],
+    /// See [`Resource::SET_ONCE`].
+    pub set_once: &'static [&'static str],
     /// Strict decode plus every semantic check; returns the object in canonical form.
     pub validate: fn(&Value) -> Result<Value, FieldErrors>,
     pub schema: fn(&mut schemars::gen::SchemaGenerator) -> schemars::schema::Schema,
@@ -40,6 +42,7 @@ macro_rules! kind_info {
             namespaced: <$t>::NAMESPACED,
             field_selectors: &["metadata.name", "metadata.namespace", $($field),*],
             columns: <$t>::COLUMNS,
+            set_once: <$t>::SET_ONCE,
             validate: validate::<$t>,
             schema: schema::<$t>,
         }
@@ -58,6 +61,17 @@ pub static KINDS: &[KindInfo] = &[
     kind_info!(Image, []),
     kind_info!(Lease, []),
     kind_info!(PlacementPolicy, []),
+    kind_info!(
+        Event,
+        [
+            "regarding.kind",
+            "regarding.name",
+            "regarding.uid",
+            "type",
+            "reason",
+            "reportingInstance"
+        ]
+    ),
 ];
 
 /// Finds a kind by plural (`virtualmachines`), singular, kind (`VirtualMachine`) or short name
@@ -95,6 +109,7 @@ mod tests {
             Image::FIELD_SELECTORS,
             Lease::FIELD_SELECTORS,
             PlacementPolicy::FIELD_SELECTORS,
+            Event::FIELD_SELECTORS,
         ]) {
             assert_eq!(&info.field_selectors[2..], own, "{}", info.kind);
         }

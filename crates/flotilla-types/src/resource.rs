@@ -37,6 +37,10 @@ pub trait Resource:
     /// Fields usable in `fieldSelector` besides `metadata.name` and `metadata.namespace`.
     const FIELD_SELECTORS: &'static [&'static str];
     const COLUMNS: &'static [Column];
+    /// Spec fields (dotted paths below `spec`) that, once set, stay: an update that omits one
+    /// keeps the stored value, and one that changes it is refused. `spec.nodeName` is the VM's
+    /// binding: re-applying a manifest written before the scheduler placed it must not unbind it.
+    const SET_ONCE: &'static [&'static str] = &[];
 
     fn metadata(&self) -> &ObjectMeta;
     fn metadata_mut(&mut self) -> &mut ObjectMeta;
@@ -56,7 +60,8 @@ macro_rules! define_kind {
             short_names: [$($short:literal),*],
             namespaced: $namespaced:literal,
             field_selectors: [$($field:literal),*],
-            columns: [$($col:literal => $path:literal $(($wide:ident))?),*] $(,)?
+            columns: [$($col:literal => $path:literal $(($wide:ident))?),*]
+            $(, set_once: [$($once:literal),*])? $(,)?
         }
     ) => {
         $(#[$doc])*
@@ -95,6 +100,7 @@ macro_rules! define_kind {
             const FIELD_SELECTORS: &'static [&'static str] = &[$($field),*];
             const COLUMNS: &'static [$crate::resource::Column] =
                 &[$($crate::resource::Column { name: $col, path: $path, wide: $crate::define_kind!(@wide $($wide)?) }),*];
+            $(const SET_ONCE: &'static [&'static str] = &[$($once),*];)?
 
             fn metadata(&self) -> &$crate::meta::ObjectMeta {
                 &self.metadata

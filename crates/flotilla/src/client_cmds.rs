@@ -365,6 +365,27 @@ pub async fn describe(conn: &ConnectionArgs, args: DescribeArgs) -> anyhow::Resu
         .await
         .map_err(|e| not_found_hint(e, kind, &proj))?;
     print!("{}", output::describe(kind, &obj));
+    if kind.kind != "Event" {
+        let uid = obj["metadata"]["uid"].as_str().unwrap_or_default();
+        let events = registry::by_kind("Event").expect("registered");
+        let params = ListParams {
+            field_selector: Some(format!("regarding.uid={uid}")),
+            ..Default::default()
+        };
+        // Events about cluster-scoped objects (nodes) are kept in the default project.
+        let ns = if kind.namespaced {
+            proj.as_str()
+        } else {
+            "default"
+        };
+        match client.list(events, Some(ns), &params).await {
+            Ok(list) => print!(
+                "{}",
+                output::events_section(list["items"].as_array().map_or(&[][..], Vec::as_slice))
+            ),
+            Err(e) => print!("Events:       cannot be listed: {e}\n"),
+        }
+    }
     Ok(())
 }
 

@@ -183,6 +183,15 @@ pub fn describe(kind: &KindInfo, object: &Value) -> String {
         out.push_str("Spec:\n");
         out.push_str(&indent(&serde_yaml::to_string(spec).unwrap_or_default(), 2));
     }
+    // Kinds without spec and status (Event) keep their fields at the top level.
+    let mut fields = object.as_object().cloned().unwrap_or_default();
+    for envelope in ["apiVersion", "kind", "metadata", "spec", "status"] {
+        fields.remove(envelope);
+    }
+    if !fields.is_empty() {
+        out.push_str(&serde_yaml::to_string(&fields).unwrap_or_default());
+        return out;
+    }
     if let Some(status) = object.get("status") {
         let mut status = status.clone();
         let conditions = status.as_object_mut().and_then(|s| s.remove("conditions"));
@@ -214,6 +223,42 @@ pub fn describe(kind: &KindInfo, object: &Value) -> String {
         out.push_str("Status:       <none yet>\n");
     }
     out
+}
+
+/// The Events section of `describe`: oldest first, as kubectl shows them.
+pub fn events_section(events: &[Value]) -> String {
+    if events.is_empty() {
+        return "Events:       <none>\n".to_string();
+    }
+    let mut sorted: Vec<&Value> = events.iter().collect();
+    sorted.sort_by_key(|e| last_seen(e));
+    let mut t = Table {
+        headers: ["TYPE", "REASON", "LAST SEEN", "COUNT", "FROM", "NOTE"]
+            .map(String::from)
+            .to_vec(),
+        rows: Vec::new(),
+    };
+    for e in sorted {
+        let count = field(e, "series.count");
+        t.rows.push(vec![
+            field(e, "type"),
+            field(e, "reason"),
+            age(&last_seen(e)),
+            if count.is_empty() { "1".into() } else { count },
+            field(e, "reportingInstance"),
+            field(e, "note"),
+        ]);
+    }
+    format!("Events:\n{}", indent(&t.render(true), 2))
+}
+
+fn last_seen(event: &Value) -> String {
+    let series = field(event, "series.lastObservedTime");
+    if series.is_empty() {
+        field(event, "eventTime")
+    } else {
+        series
+    }
 }
 
 #[cfg(test)]

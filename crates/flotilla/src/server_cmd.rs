@@ -20,6 +20,9 @@ pub struct ServerArgs {
     /// Keep at least this much store history for watch resumption (e.g. 5m, 1h; 0 = never compact).
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub compaction_interval: Duration,
+    /// Delete Events last seen longer ago than this (e.g. 30m, 1h, 24h; 0 = keep them).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub event_ttl: Duration,
     /// Where the scheduler puts VMs: spread (least allocated node first) or pack (most allocated).
     #[arg(long, value_enum, default_value_t = Placement::Spread)]
     pub placement: Placement,
@@ -120,6 +123,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let controllers = flotilla_controllers::ControllerConfig {
         compaction_interval: args.compaction_interval,
         placement,
+        event_ttl: args.event_ttl,
         ..Default::default()
     };
     if args.store == "sqlite" {

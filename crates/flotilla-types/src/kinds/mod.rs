@@ -1,6 +1,7 @@
 //! The kinds. To add one: a file here with its spec, status and `define_kind!`, then one line in
 //! [`crate::registry::KINDS`].
 
+pub mod event;
 pub mod image;
 pub mod lease;
 pub mod node;
@@ -9,6 +10,7 @@ pub mod project;
 pub mod vm;
 pub mod vmclass;
 
+pub use event::{Event, EventSeries, EventType, ObjectReference};
 pub use image::{Image, ImageFormat, ImageNodeStatus, ImageSource, ImageSpec, ImageStatus};
 pub use lease::{Lease, LeaseSpec, LeaseStatus};
 pub use node::{Node, NodeInfo, NodeResources, NodeSpec, NodeStatus};

@@ -78,6 +78,9 @@ pub struct UnmanagedDomain {
     pub memory: Quantity,
     #[serde(default)]
     pub running: bool,
+    /// Set when another Flotilla cluster created the domain: that cluster's ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flotilla_cluster: Option<String>,
 }
 
 impl Validate for NodeSpec {

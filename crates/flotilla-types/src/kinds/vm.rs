@@ -317,5 +317,6 @@ crate::define_kind! {
             "IMAGE" => "spec.image" (wide),
             "IPS" => "status.ips" (wide)
         ],
+        set_once: ["spec.nodeName", "spec.adoptedDomain"],
     }
 }
