@@ -1,21 +1,28 @@
 //! The agent's main loop: node status, heartbeat, and one actor per VM bound to this node.
+//!
+//! VMs reach the agent through a list and a watch of the VMs bound to its node. Any broken watch
+//! ends in a full relist, and so does a timer ([`AgentConfig::relist`]), the last line of defence
+//! against a missed event. The main loop owns the actors: it hands each the newest state of its
+//! VM, and an actor that finishes reports back, so that a state delivered while it was finishing
+//! is never dropped (a new actor takes it over).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_client::{Client, ListParams};
+use flotilla_client::{Client, ClientError, ListParams};
 use flotilla_types::registry::lookup;
-use flotilla_types::VirtualMachine;
+use flotilla_types::{EventType, ObjectReference, VirtualMachine};
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
-use crate::disks::Disks;
-use crate::domain::VirtType;
+use crate::disks::{CacheNotice, Disks};
+use crate::domain::{Owner, VirtType};
 use crate::error::AgentError;
 use crate::libvirt::Libvirt;
+use crate::recorder::Recorder;
 use crate::vm::{self, Context, Outcome};
 
 #[derive(Clone, Debug)]
@@ -31,6 +38,8 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     /// Every VM is reconciled again at least this often.
     pub resync: Duration,
+    /// The VMs bound to this node are listed afresh at least this often, watch or not.
+    pub relist: Duration,
     pub shutdown_timeout: Duration,
     /// Where the agent serves VM logs to the API server (mutually authenticated HTTPS).
     pub listen: std::net::SocketAddr,
@@ -58,6 +67,7 @@ impl AgentConfig {
             disk_concurrency: 2,
             heartbeat: Duration::from_secs(3),
             resync: Duration::from_secs(30),
+            relist: Duration::from_secs(300),
             shutdown_timeout: Duration::from_secs(60),
             listen: "127.0.0.1:0".parse().expect("a valid address"),
             advertise: None,
@@ -69,9 +79,17 @@ impl AgentConfig {
     }
 }
 
+type Desired = Option<Arc<VirtualMachine>>;
+
 struct Actor {
-    desired: watch::Sender<Option<Arc<VirtualMachine>>>,
+    desired: watch::Sender<Desired>,
     kick: Arc<Notify>,
+}
+
+/// An actor that has finished, with the state it finished on.
+struct Exit {
+    key: String,
+    last: Desired,
 }
 
 /// Runs until `stop` becomes true (or forever).
@@ -87,6 +105,11 @@ pub async fn run_with(
     libvirt: Libvirt,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
+    let _lock = crate::datadir::prepare(&config.data_dir, &config.libvirt_uri)?;
+    let disks = Disks::new(&config.data_dir, config.disk_concurrency);
+    for leftover in disks.sweep_leftovers()? {
+        tracing::info!(path = %leftover.display(), "removed what an interrupted write left behind");
+    }
     let (client, ca_pem) = crate::identity::load_or_join(
         &config.data_dir,
         &config.servers,
@@ -95,6 +118,10 @@ pub async fn run_with(
     )
     .await?;
     let client = Arc::new(client);
+    let cluster_id = until_answered(&mut stop, "reading the cluster's identity", || {
+        crate::identity::cluster_id(&client, &config.data_dir)
+    })
+    .await?;
     let logs = crate::logserver::start(
         config.listen,
         config.advertise.as_deref(),
@@ -107,11 +134,39 @@ pub async fn run_with(
     } else {
         config.virt_type
     };
+    let recorder = Recorder::new(client.clone(), &config.node_name);
+    let notices = recorder.clone();
+    disks.on_notice(move |notice| {
+        let recorder = notices.clone();
+        tokio::spawn(async move {
+            match notice {
+                CacheNotice::Discarded {
+                    project,
+                    image,
+                    reason,
+                } => {
+                    let regarding = ObjectReference {
+                        kind: "Image".into(),
+                        namespace: Some(project),
+                        name: image,
+                        uid: None,
+                    };
+                    let note =
+                        format!("the cached copy was discarded and is fetched again: {reason}");
+                    recorder
+                        .record(&regarding, EventType::Warning, "ImageCacheCorrupt", &note)
+                        .await;
+                }
+            }
+        });
+    });
     let ctx = Arc::new(Context {
         client: client.clone(),
         libvirt: libvirt.clone(),
-        disks: Disks::new(&config.data_dir, config.disk_concurrency),
+        disks,
         node: config.node_name.clone(),
+        cluster_id,
+        recorder,
         virt_type,
         data_dir: config.data_dir.clone(),
         shutdown_timeout: config.shutdown_timeout,
@@ -119,18 +174,20 @@ pub async fn run_with(
     });
     if !config.labels.is_empty() {
         let patch = json!({"metadata": {"labels": config.labels}});
-        client
-            .patch(
-                lookup("node").expect("registered"),
-                None,
-                &config.node_name,
-                &patch,
-                false,
-            )
-            .await?;
+        let node = lookup("node").expect("registered");
+        until_answered(&mut stop, "labelling the node", || async {
+            Ok(client
+                .patch(node, None, &config.node_name, &patch, false)
+                .await?)
+        })
+        .await?;
     }
     let endpoint = (logs.endpoint.clone(), logs.cert_sha256.clone());
-    report_node(&ctx, &config, &endpoint, &Default::default()).await?;
+    let none_adopted = HashSet::new();
+    until_answered(&mut stop, "reporting the node", || {
+        report_node(&ctx, &config, &endpoint, &none_adopted)
+    })
+    .await?;
     tracing::info!(node = %config.node_name, uri = %config.libvirt_uri, "agent started");
     let heartbeat = tokio::spawn(heartbeat(
         client.clone(),
@@ -138,6 +195,7 @@ pub async fn run_with(
         config.heartbeat,
     ));
     let mut actors: HashMap<String, Actor> = HashMap::new();
+    let (exits_tx, mut exits) = mpsc::unbounded_channel::<Exit>();
     // Domain lifecycle events (start, stop, crash) wake the VM's actor at once.
     let mut domain_events = libvirt.domain_events();
     let mut resync = tokio::time::interval(config.resync);
@@ -153,28 +211,28 @@ pub async fn run_with(
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list VMs; retrying");
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => continue 'relist,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'relist,
                     _ = stop.changed() => break 'relist,
                 }
             }
         };
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         for item in list["items"].as_array().cloned().unwrap_or_default() {
             seen.insert(key(&item));
-            deliver(&ctx, &mut actors, item);
+            deliver(&ctx, &mut actors, &exits_tx, item);
         }
         // VMs that vanished while we were not watching.
         for (k, a) in actors.iter() {
             if !seen.contains(k) {
-                let _ = a.desired.send(None);
+                a.desired.send_replace(None);
             }
         }
-        actors.retain(|_, a| !a.desired.is_closed());
         cleanup_orphans(&ctx, &actors).await;
         let mut rv = list["metadata"]["resourceVersion"]
             .as_str()
             .unwrap_or_default()
             .to_string();
+        tracing::debug!(rv, vms = seen.len(), "listed the VMs bound to this node");
         let mut events = match client.watch(vms, None, &params, Some(&rv)).await {
             Ok(s) => Box::pin(s),
             Err(e) => {
@@ -183,12 +241,19 @@ pub async fn run_with(
                 continue 'relist;
             }
         };
+        let relist_at = tokio::time::sleep(config.relist);
+        tokio::pin!(relist_at);
         loop {
             tokio::select! {
-                                _ = stop.changed() => break 'relist,
+                _ = stop.changed() => break 'relist,
+                _ = &mut relist_at => {
+                    tracing::debug!("periodic relist");
+                    continue 'relist;
+                }
+                Some(exit) = exits.recv() => finished(&ctx, &mut actors, &exits_tx, exit),
                 Some(uuid) = async { match domain_events.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
                     for a in actors.values() {
-                                                let desired = a.desired.borrow();
+                        let desired = a.desired.borrow();
                         let vm = desired.as_ref();
                         let domain = vm.and_then(|vm| vm.spec.adopted_domain.as_deref().or(vm.metadata.uid.as_deref()));
                         if domain == Some(uuid.as_str()) {
@@ -200,9 +265,8 @@ pub async fn run_with(
                     for a in actors.values() {
                         a.kick.notify_one();
                     }
-                    actors.retain(|_, a| !a.desired.is_closed());
                     cleanup_orphans(&ctx, &actors).await;
-                                        if let Err(e) = report_node(&ctx, &config, &endpoint, &adopted_domains(&actors)).await {
+                    if let Err(e) = report_node(&ctx, &config, &endpoint, &adopted_domains(&actors)).await {
                         tracing::warn!(error = %e, "cannot update node status");
                     }
                 }
@@ -210,11 +274,11 @@ pub async fn run_with(
                     Some(Ok(ev)) => match ev.type_.as_str() {
                         "ADDED" | "MODIFIED" => {
                             rv = ev.object["metadata"]["resourceVersion"].as_str().unwrap_or(&rv).to_string();
-                            deliver(&ctx, &mut actors, ev.object);
+                            deliver(&ctx, &mut actors, &exits_tx, ev.object);
                         }
                         "DELETED" => {
                             if let Some(a) = actors.get(&key(&ev.object)) {
-                                let _ = a.desired.send(None);
+                                a.desired.send_replace(None);
                             }
                         }
                         "BOOKMARK" => rv = ev.object["metadata"]["resourceVersion"].as_str().unwrap_or(&rv).to_string(),
@@ -227,13 +291,52 @@ pub async fn run_with(
                         tracing::info!(error = %e, "watch broke; relisting");
                         continue 'relist;
                     }
-                    None => continue 'relist,
+                    None => {
+                        tracing::debug!(rv, "watch ended; relisting");
+                        continue 'relist;
+                    }
                 }
             }
         }
     }
     heartbeat.abort();
     Ok(())
+}
+
+/// Runs `call` until the server answers it (transport errors and 5xx are retried with backoff,
+/// logged now and then); other errors are returned.
+async fn until_answered<T, F, Fut>(
+    stop: &mut watch::Receiver<bool>,
+    what: &str,
+    mut call: F,
+) -> Result<T, AgentError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, AgentError>>,
+{
+    let mut wait = Duration::from_millis(250);
+    let mut attempts = 0u32;
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(AgentError::Api(e)) if retryable(&e) => {
+                attempts += 1;
+                if attempts == 1 || attempts.is_multiple_of(20) {
+                    tracing::warn!(error = %e, attempts, "{what}: the API server does not answer yet; retrying");
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return Err(AgentError::Config("stopped while waiting for the API server".into())),
+        }
+        wait = (wait * 2).min(Duration::from_secs(3));
+    }
+}
+
+fn retryable(e: &ClientError) -> bool {
+    matches!(e, ClientError::Transport { .. }) || e.code().is_some_and(|c| c >= 500)
 }
 
 fn key(object: &Value) -> String {
@@ -245,7 +348,12 @@ fn key(object: &Value) -> String {
 }
 
 /// Hands the latest version of a VM to its actor, starting one if needed.
-fn deliver(ctx: &Arc<Context>, actors: &mut HashMap<String, Actor>, object: Value) {
+fn deliver(
+    ctx: &Arc<Context>,
+    actors: &mut HashMap<String, Actor>,
+    exits: &mpsc::UnboundedSender<Exit>,
+    object: Value,
+) {
     let vm: VirtualMachine = match serde_json::from_value(object.clone()) {
         Ok(vm) => vm,
         Err(e) => {
@@ -254,27 +362,102 @@ fn deliver(ctx: &Arc<Context>, actors: &mut HashMap<String, Actor>, object: Valu
         }
     };
     let k = key(&object);
-    if let Some(a) = actors.get(&k) {
-        if !a.desired.is_closed() {
-            let _ = a.desired.send(Some(Arc::new(vm)));
-            return;
+    match actors.get(&k) {
+        // Stored even if the actor is just finishing: its exit report then starts a new one.
+        Some(a) => {
+            a.desired.send_replace(Some(Arc::new(vm)));
         }
+        None => spawn_actor(ctx, actors, exits, k, Some(Arc::new(vm))),
     }
-    let (tx, rx) = watch::channel(Some(Arc::new(vm)));
+}
+
+fn spawn_actor(
+    ctx: &Arc<Context>,
+    actors: &mut HashMap<String, Actor>,
+    exits: &mpsc::UnboundedSender<Exit>,
+    key: String,
+    desired: Desired,
+) {
+    let (tx, rx) = watch::channel(desired);
     let kick = Arc::new(Notify::new());
-    tokio::spawn(actor(ctx.clone(), rx, kick.clone()));
-    actors.insert(k, Actor { desired: tx, kick });
+    let (ctx2, kick2, exits2, key2) = (ctx.clone(), kick.clone(), exits.clone(), key.clone());
+    tokio::spawn(async move {
+        let last = actor(ctx2, rx, kick2).await;
+        let _ = exits2.send(Exit { key: key2, last });
+    });
+    actors.insert(key, Actor { desired: tx, kick });
+}
+
+/// An actor finished. If its VM's newest state is not the one it finished on, a new actor
+/// takes it over; otherwise the actor is forgotten.
+fn finished(
+    ctx: &Arc<Context>,
+    actors: &mut HashMap<String, Actor>,
+    exits: &mpsc::UnboundedSender<Exit>,
+    exit: Exit,
+) {
+    let Some(a) = actors.get(&exit.key) else {
+        return;
+    };
+    let newest = a.desired.borrow().clone();
+    let same = match (&newest, &exit.last) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    };
+    actors.remove(&exit.key);
+    if !same && newest.is_some() {
+        tracing::debug!(vm = %exit.key, "a newer state arrived as its actor finished; starting another");
+        spawn_actor(ctx, actors, exits, exit.key, newest);
+    }
+}
+
+/// How many failures in a row with the same error make a VM "stuck": its Warning event is
+/// recorded then, once.
+const STUCK_AFTER: u32 = 5;
+/// A stuck VM's failure is logged at most this often.
+const STUCK_LOG_EVERY: Duration = Duration::from_secs(600);
+
+/// Consecutive failures of one VM's reconcile with the same error.
+#[derive(Default)]
+struct Failures {
+    message: String,
+    count: u32,
+    logged: Option<tokio::time::Instant>,
+}
+
+impl Failures {
+    /// Counts `message`; returns whether to log it now (the first, the one that makes the VM
+    /// stuck, and then once per [`STUCK_LOG_EVERY`]).
+    fn count(&mut self, message: &str) -> bool {
+        if self.message != message {
+            *self = Failures {
+                message: message.to_string(),
+                ..Default::default()
+            };
+        }
+        self.count += 1;
+        let due = match self.logged {
+            None => true,
+            Some(at) => self.count == STUCK_AFTER || at.elapsed() >= STUCK_LOG_EVERY,
+        };
+        if due {
+            self.logged = Some(tokio::time::Instant::now());
+        }
+        due
+    }
 }
 
 /// One VM's actor: reconciles the latest desired state whenever it changes, on resync, and after
-/// failures with exponential backoff.
+/// failures with exponential backoff. Returns the state it finished on.
 async fn actor(
     ctx: Arc<Context>,
-    mut desired: watch::Receiver<Option<Arc<VirtualMachine>>>,
+    mut desired: watch::Receiver<Desired>,
     kick: Arc<Notify>,
-) {
+) -> Desired {
     let mut backoff = Duration::from_millis(500);
     let mut last_uid: Option<String> = None;
+    let mut failures = Failures::default();
     loop {
         let current = desired.borrow_and_update().clone();
         let Some(vm) = current else {
@@ -284,34 +467,69 @@ async fn actor(
                     tracing::warn!(uid, error = %e, "cleanup after deletion failed; the orphan sweep will retry");
                 }
             }
-            return;
+            return None;
         };
+        if last_uid.is_some() && last_uid != vm.metadata.uid {
+            failures = Failures::default();
+        }
         last_uid = vm.metadata.uid.clone();
         let retry_in = match vm::reconcile(&ctx, &vm).await {
-            Ok(Outcome::Gone) => return,
+            Ok(Outcome::Gone) => return Some(vm),
             Ok(Outcome::Done) => {
+                if failures.count > 0 {
+                    tracing::info!(vm = %vm.metadata.name, failures = failures.count, "reconciled after failures");
+                }
+                failures = Failures::default();
                 backoff = Duration::from_millis(500);
                 None
             }
             Err(e) => {
-                tracing::warn!(vm = %vm.metadata.name, error = %e, "reconcile failed; will retry");
+                let message = e.to_string();
+                if failures.count(&message) {
+                    tracing::warn!(vm = %vm.metadata.name, error = %message, failures = failures.count, "reconcile failed; will retry");
+                } else {
+                    tracing::debug!(vm = %vm.metadata.name, error = %message, failures = failures.count, "reconcile failed again");
+                }
                 vm::report_error(&ctx, &vm, &e).await;
+                if failures.count == STUCK_AFTER {
+                    let note = format!(
+                        "{message} (failed {STUCK_AFTER} times in a row; still retrying, at most every minute)"
+                    );
+                    ctx.recorder
+                        .record(
+                            &vm::reference(&vm),
+                            EventType::Warning,
+                            "ReconcileFailing",
+                            &note,
+                        )
+                        .await;
+                }
                 let wait = backoff;
                 backoff = (backoff * 2).min(Duration::from_secs(60));
                 Some(wait)
             }
         };
         tokio::select! {
-            changed = desired.changed() => if changed.is_err() { return },
+            changed = desired.changed() => if changed.is_err() { return desired.borrow().clone() },
             _ = kick.notified() => {}
             _ = async { match retry_in { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {}
         }
     }
 }
 
-/// Domains Flotilla created whose VM no longer exists here are removed with their files.
+/// Whether a Flotilla domain was made by this agent: its cluster and node say so, or (domains
+/// made before Flotilla recorded them) its files live in this agent's data directory.
+fn is_ours(ctx: &Context, owner: &Owner) -> bool {
+    match (&owner.cluster, &owner.node) {
+        (Some(cluster), Some(node)) => *cluster == ctx.cluster_id && *node == ctx.node,
+        _ => ctx.vm_dir(&owner.uid).is_dir(),
+    }
+}
+
+/// Domains this agent created whose VM no longer exists here are removed with their files.
+/// Domains of other clusters or nodes are never touched (they are reported as unmanaged).
 async fn cleanup_orphans(ctx: &Context, actors: &HashMap<String, Actor>) {
-    let known: std::collections::HashSet<String> = actors
+    let known: HashSet<String> = actors
         .values()
         .filter_map(|a| {
             a.desired
@@ -323,21 +541,26 @@ async fn cleanup_orphans(ctx: &Context, actors: &HashMap<String, Actor>) {
     let Ok(domains) = ctx.libvirt.list().await else {
         return;
     };
+    let mut foreign = HashSet::new();
     for d in domains {
-        if let Some(uid) = d.flotilla_uid {
-            if !known.contains(&uid) {
-                tracing::info!(domain = %d.name, "removing a domain whose VM is gone");
-                if let Err(e) = vm::remove_everything(ctx, &uid).await {
-                    tracing::warn!(domain = %d.name, error = %e, "cannot remove an orphaned domain");
-                }
-            }
+        let Some(owner) = d.owner else { continue };
+        if known.contains(&owner.uid) {
+            continue;
+        }
+        if !is_ours(ctx, &owner) {
+            foreign.insert(owner.uid);
+            continue;
+        }
+        tracing::info!(domain = %d.name, "removing a domain whose VM is gone");
+        if let Err(e) = vm::remove_everything(ctx, &owner.uid).await {
+            tracing::warn!(domain = %d.name, error = %e, "cannot remove an orphaned domain");
         }
     }
     // Files of VMs without a domain (a crash between creating files and defining).
     if let Ok(mut dir) = tokio::fs::read_dir(ctx.data_dir.join("vms")).await {
         while let Ok(Some(entry)) = dir.next_entry().await {
             let uid = entry.file_name().to_string_lossy().into_owned();
-            if !known.contains(&uid) {
+            if !known.contains(&uid) && !foreign.contains(&uid) {
                 let _ = vm::remove_everything(ctx, &uid).await;
             }
         }
@@ -354,9 +577,8 @@ fn disk_bytes(path: &std::path::Path) -> Option<u64> {
     Some(s.f_blocks as u64 * s.f_frsize as u64)
 }
 
-/// Capacity, versions and unmanaged domains into the Node's status.
 /// Domains that VMs adopted: no longer "unmanaged".
-fn adopted_domains(actors: &HashMap<String, Actor>) -> std::collections::HashSet<String> {
+fn adopted_domains(actors: &HashMap<String, Actor>) -> HashSet<String> {
     actors
         .values()
         .filter_map(|a| {
@@ -368,29 +590,32 @@ fn adopted_domains(actors: &HashMap<String, Actor>) -> std::collections::HashSet
         .collect()
 }
 
+/// Capacity, versions and unmanaged domains into the Node's status.
 async fn report_node(
     ctx: &Context,
     config: &AgentConfig,
     endpoint: &(String, String),
-    adopted: &std::collections::HashSet<String>,
+    adopted: &HashSet<String>,
 ) -> Result<(), AgentError> {
     let mut host = ctx.libvirt.host_info().await?;
     if let Some((cpus, memory)) = config.capacity {
         (host.cpus, host.memory_bytes) = (cpus, memory);
     }
-    tokio::fs::create_dir_all(&config.data_dir)
-        .await
-        .map_err(crate::error::io(&config.data_dir))?;
     let disk = disk_bytes(&config.data_dir).unwrap_or(0);
 
     let domains = ctx.libvirt.list().await?;
     let unmanaged: Vec<Value> = domains
         .iter()
-        .filter(|d| d.flotilla_uid.is_none() && !adopted.contains(&d.uuid))
+        .filter(|d| !adopted.contains(&d.uuid))
+        .filter(|d| d.owner.as_ref().is_none_or(|o| !is_ours(ctx, o)))
         .map(|d| {
-            json!({"name": d.name, "uuid": d.uuid, "cpus": d.cpus,
+            let mut entry = json!({"name": d.name, "uuid": d.uuid, "cpus": d.cpus,
                    "memory": flotilla_types::Quantity::from_bytes(d.memory_kib as u128 * 1024),
-                   "running": d.state == crate::libvirt::DomainState::Running})
+                   "running": d.state == crate::libvirt::DomainState::Running});
+            if let Some(cluster) = d.owner.as_ref().and_then(|o| o.cluster.clone()) {
+                entry["flotillaCluster"] = json!(cluster);
+            }
+            entry
         })
         .collect();
     let resources = json!({
@@ -404,7 +629,7 @@ async fn report_node(
         "disk": flotilla_types::Quantity::from_bytes(disk as u128),
     });
     let status = json!({"status": {
-                "capacity": resources, "allocatable": allocatable,
+        "capacity": resources, "allocatable": allocatable,
         "nodeInfo": {"hostname": host.hostname, "agentVersion": env!("CARGO_PKG_VERSION"), "libvirtVersion": host.libvirt_version,
                      "qemuVersion": host.hypervisor_version, "virtType": if ctx.virt_type == VirtType::Kvm { "kvm" } else { "qemu" },
                      "agentEndpoint": endpoint.0, "agentCertSha256": endpoint.1},
@@ -412,7 +637,7 @@ async fn report_node(
     }});
     ctx.client
         .patch(
-            lookup("node").unwrap(),
+            lookup("node").expect("registered"),
             None,
             &config.node_name,
             &status,

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::error::{io, AgentError};
+use crate::error::AgentError;
 
 pub struct SeedInput<'a> {
     pub instance_id: &'a str,
@@ -80,7 +80,7 @@ pub fn user_data(input: &SeedInput<'_>) -> Result<String, AgentError> {
     ))
 }
 
-/// Writes the seed ISO to `iso` (atomically: a temporary file renamed into place).
+/// Writes the seed ISO to `iso` (atomically and durably).
 pub async fn write_seed(input: &SeedInput<'_>, iso: &Path) -> Result<(), AgentError> {
     let (meta, user, network) = (meta_data(input), user_data(input)?, network_config());
     let image = crate::iso9660::image(
@@ -92,10 +92,7 @@ pub async fn write_seed(input: &SeedInput<'_>, iso: &Path) -> Result<(), AgentEr
         ],
         chrono::Utc::now(),
     );
-    let tmp = iso.with_extension("iso.tmp");
-    tokio::fs::write(&tmp, image).await.map_err(io(&tmp))?;
-    tokio::fs::rename(&tmp, iso).await.map_err(io(iso))?;
-    Ok(())
+    crate::vm::write_file(iso, image, 0o644).await
 }
 
 #[cfg(test)]

@@ -1,12 +1,28 @@
 //! Disks: images cached per node (downloaded or copied once, checksum-verified, stored as
 //! qcow2), root disks as qcow2 overlays on the cached image (a linked clone: O(1) in the image's
 //! size), and a bounded queue so that disk-heavy work cannot swamp a slow host.
+//!
+//! The image cache is safe under bursts and crashes:
+//! - **One preparation per image.** Concurrent requests for the same image (keyed by its
+//!   content: source, format and checksum) wait on a single in-flight preparation and share its
+//!   result or its error; distinct images proceed in parallel within the disk queue.
+//! - **Nothing half-written is ever used.** Downloads and conversions go to unique temporary
+//!   files that are synced and renamed into place ([`flotilla_files`]); leftovers of a crash are
+//!   swept at start ([`Disks::sweep_leftovers`]).
+//! - **Verified before first use.** Each entry has a manifest (`<key>.json`: format, sizes and
+//!   SHA-256 of the cached file) written before the file is renamed into place. The first time
+//!   a process uses an entry, `qemu-img info` must agree with the manifest (and the file's hash
+//!   too when the Image declares a checksum); an entry that does not is discarded, reported, and
+//!   fetched again, so VMs waiting on it proceed without anyone's help.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use flotilla_types::{ImageFormat, ImageSpec};
+use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
@@ -14,11 +30,44 @@ use tokio::sync::Semaphore;
 use crate::error::{io, AgentError};
 use crate::tools;
 
+/// Something about the cache worth telling a person (the agent records it as an Event).
+#[derive(Clone, Debug)]
+pub enum CacheNotice {
+    /// A cached entry failed verification and was removed; it is being fetched again.
+    Discarded {
+        project: String,
+        image: String,
+        reason: String,
+    },
+}
+
+type Notify = Arc<dyn Fn(CacheNotice) + Send + Sync>;
+type Preparation = Shared<BoxFuture<'static, Result<PathBuf, Arc<String>>>>;
+
 #[derive(Clone)]
 pub struct Disks {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     images: PathBuf,
-    queue: Arc<Semaphore>,
+    queue: Semaphore,
     http: reqwest::Client,
+    /// Preparations under way, by content key.
+    inflight: Mutex<HashMap<String, Preparation>>,
+    /// Keys whose cached file this process has verified.
+    verified: Mutex<HashSet<String>>,
+    notify: Mutex<Option<Notify>>,
+}
+
+/// What is recorded about a cached file when it is made, and checked before it is first used.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Manifest {
+    format: String,
+    virtual_size: u64,
+    bytes: u64,
+    sha256: String,
 }
 
 fn image_err(image: &str, message: impl Into<String>) -> AgentError {
@@ -28,52 +77,194 @@ fn image_err(image: &str, message: impl Into<String>) -> AgentError {
     }
 }
 
+/// The cache key of an image: its content, as far as the spec determines it.
+fn content_key(spec: &ImageSpec) -> String {
+    let source = spec
+        .source
+        .url
+        .as_deref()
+        .or(spec.source.path.as_deref())
+        .unwrap_or_default();
+    hex::encode(Sha256::digest(format!(
+        "{source}\n{:?}\n{:?}",
+        spec.format, spec.sha256
+    )))
+}
+
 impl Disks {
-    /// `concurrency` bounds simultaneous downloads, conversions and disk creations.
+    /// `concurrency` bounds simultaneous downloads, conversions, verifications and disk creations.
     pub fn new(data_dir: &Path, concurrency: usize) -> Self {
         Disks {
-            images: data_dir.join("images"),
-            queue: Arc::new(Semaphore::new(concurrency.max(1))),
-            http: reqwest::Client::builder()
-                .use_rustls_tls()
-                .build()
-                .expect("an HTTP client"),
+            inner: Arc::new(Inner {
+                images: data_dir.join("images"),
+                queue: Semaphore::new(concurrency.max(1)),
+                http: reqwest::Client::builder()
+                    .use_rustls_tls()
+                    .build()
+                    .expect("an HTTP client"),
+                inflight: Mutex::new(HashMap::new()),
+                verified: Mutex::new(HashSet::new()),
+                notify: Mutex::new(None),
+            }),
         }
     }
 
-    /// The cached qcow2 of an image, fetching and converting it on first use.
-    pub async fn cached_image(&self, name: &str, spec: &ImageSpec) -> Result<PathBuf, AgentError> {
-        let source = spec
-            .source
-            .url
-            .as_deref()
-            .or(spec.source.path.as_deref())
-            .unwrap_or_default();
-        let key = hex::encode(Sha256::digest(format!(
-            "{source}\n{:?}\n{:?}",
-            spec.format, spec.sha256
-        )));
-        let cached = self.images.join(format!("{key}.qcow2"));
-        if tokio::fs::try_exists(&cached).await.unwrap_or(false) {
+    /// Calls `f` for every [`CacheNotice`].
+    pub fn on_notice(&self, f: impl Fn(CacheNotice) + Send + Sync + 'static) {
+        *self.inner.notify.lock().expect("notify lock") = Some(Arc::new(f));
+    }
+
+    /// Where the cached images live.
+    pub fn images_dir(&self) -> &Path {
+        &self.inner.images
+    }
+
+    /// Removes what interrupted downloads and conversions left in the cache. Call it at start,
+    /// before any preparation runs.
+    pub fn sweep_leftovers(&self) -> Result<Vec<PathBuf>, AgentError> {
+        flotilla_files::sweep_temps(&self.inner.images, &[".download"])
+            .map_err(io(&self.inner.images))
+    }
+
+    /// The cached qcow2 of the Image `project/name`, fetching and converting it on first use,
+    /// and verifying it the first time this process uses it.
+    pub async fn cached_image(
+        &self,
+        project: &str,
+        name: &str,
+        spec: &ImageSpec,
+    ) -> Result<PathBuf, AgentError> {
+        let key = content_key(spec);
+        let cached = self.inner.images.join(format!("{key}.qcow2"));
+        if self
+            .inner
+            .verified
+            .lock()
+            .expect("verified lock")
+            .contains(&key)
+            && tokio::fs::try_exists(&cached).await.unwrap_or(false)
+        {
             return Ok(cached);
         }
-        let _permit = self
-            .queue
-            .acquire()
-            .await
-            .expect("the queue is never closed");
+        let preparation = {
+            let mut inflight = self.inner.inflight.lock().expect("inflight lock");
+            match inflight.get(&key) {
+                Some(p) => p.clone(),
+                None => {
+                    let inner = self.inner.clone();
+                    let image = (project.to_string(), name.to_string());
+                    let (key2, spec) = (key.clone(), spec.clone());
+                    // A task of its own: a requester that gives up (its VM was deleted) does not
+                    // abandon the preparation the others wait on.
+                    let task = tokio::spawn(async move {
+                        let result = inner.prepare(&key2, &image, &spec).await;
+                        inner.inflight.lock().expect("inflight lock").remove(&key2);
+                        result.map_err(|e| Arc::new(e.to_string()))
+                    });
+                    let p: Preparation = async move {
+                        task.await
+                            .unwrap_or_else(|e| Err(Arc::new(format!("preparation failed: {e}"))))
+                    }
+                    .boxed()
+                    .shared();
+                    inflight.insert(key.clone(), p.clone());
+                    p
+                }
+            }
+        };
+        preparation.await.map_err(|message| AgentError::Image {
+            image: name.to_string(),
+            message: message.to_string(),
+        })
+    }
+
+    /// Creates `dest` (once): an overlay on `backing` if given, else a blank disk. `size` grows
+    /// the virtual disk (a size below the image's is an error from qemu-img, reported as such).
+    pub async fn create_root_disk(
+        &self,
+        backing: Option<&Path>,
+        dest: &Path,
+        size: Option<u128>,
+    ) -> Result<(), AgentError> {
+        if tokio::fs::try_exists(dest).await.unwrap_or(false) {
+            return Ok(());
+        }
+        let _permit = self.inner.queue.acquire().await.expect("never closed");
+        let tmp = flotilla_files::temp_path(dest);
+        let mut args = vec![
+            "create".to_string(),
+            "-q".into(),
+            "-f".into(),
+            "qcow2".into(),
+        ];
+        if let Some(b) = backing {
+            args.extend([
+                "-F".into(),
+                "qcow2".into(),
+                "-b".into(),
+                b.display().to_string(),
+            ]);
+        }
+        args.push(tmp.display().to_string());
+        match (backing, size) {
+            (_, Some(s)) => args.push(s.to_string()),
+            (None, None) => args.push((10u128 << 30).to_string()),
+            (Some(_), None) => {}
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        if let Err(e) = tools::run("qemu-img", &refs).await {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+        commit(tmp, dest.to_path_buf()).await
+    }
+}
+
+impl Inner {
+    /// Verifies the cached entry (or discards it) and fetches it when there is none.
+    async fn prepare(
+        &self,
+        key: &str,
+        (project, name): &(String, String),
+        spec: &ImageSpec,
+    ) -> Result<PathBuf, AgentError> {
+        let name = name.as_str();
+        let cached = self.images.join(format!("{key}.qcow2"));
+        let manifest_path = self.images.join(format!("{key}.json"));
+        let _permit = self.queue.acquire().await.expect("never closed");
         if tokio::fs::try_exists(&cached).await.unwrap_or(false) {
-            return Ok(cached);
+            match self.verify(&cached, &manifest_path, spec).await {
+                Ok(()) => {
+                    self.verified
+                        .lock()
+                        .expect("verified lock")
+                        .insert(key.to_string());
+                    return Ok(cached);
+                }
+                Err(reason) => {
+                    tracing::warn!(image = name, path = %cached.display(), %reason, "discarding a bad image cache entry; fetching it again");
+                    remove_blocking(&cached).await?;
+                    remove_blocking(&manifest_path).await?;
+                    let notify = self.notify.lock().expect("notify lock").clone();
+                    if let Some(notify) = notify {
+                        notify(CacheNotice::Discarded {
+                            project: project.clone(),
+                            image: name.to_string(),
+                            reason,
+                        });
+                    }
+                }
+            }
         }
         tokio::fs::create_dir_all(&self.images)
             .await
             .map_err(io(&self.images))?;
         let (input, downloaded) = match (&spec.source.url, &spec.source.path) {
             (Some(url), _) => {
-                let part = self.images.join(format!("{key}.download"));
+                let part = flotilla_files::temp_path(&self.images.join(format!("{key}.download")));
                 // A failed or unverifiable download leaves nothing behind.
                 let checked = match self.download(name, url, &part).await {
-                    Ok(sum) => verify(name, spec, &sum),
+                    Ok(sum) => verify_checksum(name, spec, &sum),
                     Err(e) => Err(e),
                 };
                 if let Err(e) = checked {
@@ -85,7 +276,7 @@ impl Disks {
             (None, Some(path)) => {
                 let path = PathBuf::from(path);
                 if spec.sha256.is_some() {
-                    verify(name, spec, &hash_file(&path).await?)?;
+                    verify_checksum(name, spec, &hash_file(&path).await?)?;
                 }
                 (path, false)
             }
@@ -95,7 +286,7 @@ impl Disks {
             ImageFormat::Qcow2 => "qcow2",
             ImageFormat::Raw => "raw",
         };
-        let tmp = self.images.join(format!("{key}.tmp"));
+        let tmp = flotilla_files::temp_path(&cached);
         let converted = tools::run(
             "qemu-img",
             &[
@@ -112,15 +303,86 @@ impl Disks {
         if downloaded {
             let _ = tokio::fs::remove_file(&input).await;
         }
-        if let Err(e) = converted {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(image_err(name, format!("is not a valid {fmt} image: {e}")));
-        }
-        tokio::fs::rename(&tmp, &cached)
-            .await
-            .map_err(io(&cached))?;
-        tracing::info!(image = name, path = %cached.display(), "image cached");
+        let made = match converted {
+            Ok(_) => describe(&tmp).await,
+            Err(e) => Err(image_err(name, format!("is not a valid {fmt} image: {e}"))),
+        };
+        let manifest = match made {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
+            }
+        };
+        // The manifest first: a crash before the rename leaves a manifest that no file matches,
+        // which verification rejects; never a file without the manifest that vouches for it.
+        let json = serde_json::to_vec(&manifest).expect("serialises");
+        let mp = manifest_path.clone();
+        blocking(move || flotilla_files::write_atomic(&mp, &json, 0o644).map_err(io(&mp))).await?;
+        commit(tmp, cached.clone()).await?;
+        self.verified
+            .lock()
+            .expect("verified lock")
+            .insert(key.to_string());
+        tracing::info!(image = name, path = %cached.display(), bytes = manifest.bytes, "image cached");
         Ok(cached)
+    }
+
+    /// Why the entry at `cached` cannot be used, if it cannot.
+    async fn verify(
+        &self,
+        cached: &Path,
+        manifest_path: &Path,
+        spec: &ImageSpec,
+    ) -> Result<(), String> {
+        let info = qemu_info(cached).await.map_err(|e| e.to_string())?;
+        if info.format != "qcow2" {
+            return Err(format!("it is {} data, not qcow2", info.format));
+        }
+        if info.corrupt {
+            return Err("qemu-img marks it corrupt".into());
+        }
+        let recorded: Option<Manifest> = tokio::fs::read(manifest_path)
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let Some(recorded) = recorded else {
+            // Entries cached before manifests existed: adopted if qemu-img finds them sound.
+            tools::run(
+                "qemu-img",
+                &["check", "-U", "-q", &cached.display().to_string()],
+            )
+            .await
+            .map_err(|e| format!("it has no manifest and fails qemu-img check: {e}"))?;
+            let manifest = describe(cached).await.map_err(|e| e.to_string())?;
+            let json = serde_json::to_vec(&manifest).expect("serialises");
+            let mp = manifest_path.to_path_buf();
+            return blocking(move || {
+                flotilla_files::write_atomic(&mp, &json, 0o644).map_err(io(&mp))
+            })
+            .await
+            .map_err(|e| e.to_string());
+        };
+        let bytes = tokio::fs::metadata(cached)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if bytes != recorded.bytes || info.virtual_size != recorded.virtual_size {
+            return Err(format!(
+                "it holds {bytes} bytes for a {} byte disk; its manifest says {} bytes for {}",
+                info.virtual_size, recorded.bytes, recorded.virtual_size
+            ));
+        }
+        if spec.sha256.is_some() {
+            let actual = hash_file(cached).await.map_err(|e| e.to_string())?;
+            if actual != recorded.sha256 {
+                return Err(format!(
+                    "its SHA-256 is {actual}, not the {} recorded when it was cached",
+                    recorded.sha256
+                ));
+            }
+        }
+        Ok(())
     }
 
     async fn download(&self, name: &str, url: &str, dest: &Path) -> Result<String, AgentError> {
@@ -136,7 +398,12 @@ impl Disks {
                 format!("download failed: {url} answered {}", resp.status()),
             ));
         }
-        let mut file = tokio::fs::File::create(dest).await.map_err(io(dest))?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dest)
+            .await
+            .map_err(io(dest))?;
         let mut hasher = Sha256::new();
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
@@ -147,52 +414,45 @@ impl Disks {
         file.sync_all().await.map_err(io(dest))?;
         Ok(hex::encode(hasher.finalize()))
     }
-
-    /// Creates `dest` (once): an overlay on `backing` if given, else a blank disk. `size` grows
-    /// the virtual disk (a size below the image's is an error from qemu-img, reported as such).
-    pub async fn create_root_disk(
-        &self,
-        backing: Option<&Path>,
-        dest: &Path,
-        size: Option<u128>,
-    ) -> Result<(), AgentError> {
-        if tokio::fs::try_exists(dest).await.unwrap_or(false) {
-            return Ok(());
-        }
-        let _permit = self
-            .queue
-            .acquire()
-            .await
-            .expect("the queue is never closed");
-        let tmp = dest.with_extension("qcow2.tmp");
-        let tmp_s = tmp.display().to_string();
-        let mut args = vec![
-            "create".to_string(),
-            "-q".into(),
-            "-f".into(),
-            "qcow2".into(),
-        ];
-        if let Some(b) = backing {
-            args.extend([
-                "-F".into(),
-                "qcow2".into(),
-                "-b".into(),
-                b.display().to_string(),
-            ]);
-        }
-        args.push(tmp_s);
-        match (backing, size) {
-            (_, Some(s)) => args.push(s.to_string()),
-            (None, None) => args.push((10u128 << 30).to_string()),
-            (Some(_), None) => {}
-        }
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        tools::run("qemu-img", &refs).await?;
-        tokio::fs::rename(&tmp, dest).await.map_err(io(dest))
-    }
 }
 
-fn verify(name: &str, spec: &ImageSpec, actual: &str) -> Result<(), AgentError> {
+struct QemuInfo {
+    format: String,
+    virtual_size: u64,
+    corrupt: bool,
+}
+
+/// `qemu-img info` of a file; `-U` because a running QEMU may hold the image as a backing file.
+async fn qemu_info(path: &Path) -> Result<QemuInfo, AgentError> {
+    let out = tools::run(
+        "qemu-img",
+        &["info", "-U", "--output=json", &path.display().to_string()],
+    )
+    .await?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| AgentError::Command {
+        command: "qemu-img info".into(),
+        message: format!("unreadable answer: {e}"),
+    })?;
+    Ok(QemuInfo {
+        format: v["format"].as_str().unwrap_or_default().to_string(),
+        virtual_size: v["virtual-size"].as_u64().unwrap_or(0),
+        corrupt: v["format-specific"]["data"]["corrupt"].as_bool() == Some(true),
+    })
+}
+
+/// The manifest of a finished qcow2 file.
+async fn describe(path: &Path) -> Result<Manifest, AgentError> {
+    let info = qemu_info(path).await?;
+    let bytes = tokio::fs::metadata(path).await.map_err(io(path))?.len();
+    Ok(Manifest {
+        format: info.format,
+        virtual_size: info.virtual_size,
+        bytes,
+        sha256: hash_file(path).await?,
+    })
+}
+
+fn verify_checksum(name: &str, spec: &ImageSpec, actual: &str) -> Result<(), AgentError> {
     match &spec.sha256 {
         Some(want) if !want.eq_ignore_ascii_case(actual) => Err(image_err(
             name,
@@ -202,14 +462,60 @@ fn verify(name: &str, spec: &ImageSpec, actual: &str) -> Result<(), AgentError> 
     }
 }
 
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::Config(e.to_string()))?
+}
+
+/// Syncs a finished temporary file and renames it over `dest`, durably.
+async fn commit(tmp: PathBuf, dest: PathBuf) -> Result<(), AgentError> {
+    blocking(move || flotilla_files::commit(&tmp, &dest).map_err(io(&dest))).await
+}
+
+async fn remove_blocking(path: &Path) -> Result<(), AgentError> {
+    let p = path.to_path_buf();
+    blocking(move || flotilla_files::remove(&p).map_err(io(&p))).await
+}
+
 async fn hash_file(path: &Path) -> Result<String, AgentError> {
     let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || {
+    blocking(move || {
         let mut f = std::fs::File::open(&path).map_err(io(&path))?;
         let mut h = Sha256::new();
         std::io::copy(&mut f, &mut h).map_err(io(&path))?;
         Ok(hex::encode(h.finalize()))
     })
     .await
-    .map_err(|e| AgentError::Config(e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_content_not_the_name() {
+        let spec = |url: &str, sha: Option<&str>| ImageSpec {
+            source: flotilla_types::ImageSource {
+                url: Some(url.into()),
+                path: None,
+            },
+            format: ImageFormat::Qcow2,
+            sha256: sha.map(str::to_string),
+        };
+        assert_eq!(
+            content_key(&spec("http://a/x", None)),
+            content_key(&spec("http://a/x", None))
+        );
+        assert_ne!(
+            content_key(&spec("http://a/x", None)),
+            content_key(&spec("http://a/y", None))
+        );
+        assert_ne!(
+            content_key(&spec("http://a/x", None)),
+            content_key(&spec("http://a/x", Some("ab")))
+        );
+    }
 }

@@ -40,6 +40,10 @@ pub struct DomainSpec {
     pub uuid: String,
     pub project: String,
     pub vm_name: String,
+    /// The cluster and node that own the domain, recorded in its metadata: an agent removes only
+    /// domains of its own cluster and node.
+    pub cluster_id: String,
+    pub node: String,
     pub cpus: u32,
     pub memory_bytes: u128,
     pub boot: Option<KernelBoot>,
@@ -161,7 +165,9 @@ impl DomainSpec {
                 .attr("xmlns:flotilla", METADATA_NS)
                 .child(Element::leaf("flotilla:uid", &self.uuid))
                 .child(Element::leaf("flotilla:project", &self.project))
-                .child(Element::leaf("flotilla:name", &self.vm_name)),
+                .child(Element::leaf("flotilla:name", &self.vm_name))
+                .child(Element::leaf("flotilla:cluster", &self.cluster_id))
+                .child(Element::leaf("flotilla:node", &self.node)),
         );
         let mut domain = Element::new("domain")
             .attr("type", self.virt_type.as_str())
@@ -188,12 +194,40 @@ impl DomainSpec {
     }
 }
 
-/// The Flotilla uid in a domain's XML, if Flotilla created it.
-pub fn flotilla_uid(xml: &str) -> Option<String> {
+/// Who made a domain, from the Flotilla metadata in its XML.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// The VM's uid.
+    pub uid: String,
+    /// The cluster and node that created it; None on domains made before Flotilla recorded them.
+    pub cluster: Option<String>,
+    pub node: Option<String>,
+}
+
+/// The Flotilla metadata of a domain's XML, if Flotilla created it.
+pub fn owner(xml: &str) -> Option<Owner> {
     if !xml.contains(METADATA_NS) {
         return None;
     }
-    let start = xml.find("<flotilla:uid>")? + "<flotilla:uid>".len();
-    let end = xml[start..].find("</flotilla:uid>")? + start;
-    Some(xml[start..end].to_string())
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let vm = doc
+        .descendants()
+        .find(|n| n.tag_name().namespace() == Some(METADATA_NS) && n.tag_name().name() == "vm")?;
+    let text = |name: &str| {
+        vm.children()
+            .find(|n| n.tag_name().namespace() == Some(METADATA_NS) && n.tag_name().name() == name)
+            .and_then(|n| n.text())
+            .map(str::to_string)
+            .filter(|t| !t.is_empty())
+    };
+    Some(Owner {
+        uid: text("uid")?,
+        cluster: text("cluster"),
+        node: text("node"),
+    })
+}
+
+/// The Flotilla uid in a domain's XML, if Flotilla created it.
+pub fn flotilla_uid(xml: &str) -> Option<String> {
+    owner(xml).map(|o| o.uid)
 }

@@ -119,3 +119,30 @@ async fn fetch_verified_ca(servers: &[String], want: &str) -> Result<String, Age
 pub fn node_name_from_hostname(host: &str) -> String {
     flotilla_types::validation::to_dns_label(host.split('.').next().unwrap_or(host), "node")
 }
+
+/// The cluster's identity, from the server; recorded in `<data-dir>/cluster-id` on first start
+/// and checked on every later one, so that a data directory never serves two clusters.
+pub async fn cluster_id(client: &Client, data_dir: &Path) -> Result<String, AgentError> {
+    let version = client
+        .request_json(reqwest::Method::GET, "/version", &[], None)
+        .await?;
+    let id = version["clusterID"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| AgentError::Config("the server did not say which cluster it is".into()))?
+        .to_string();
+    let path = data_dir.join("cluster-id");
+    match std::fs::read_to_string(&path) {
+        Ok(recorded) if recorded.trim() == id => Ok(id),
+        Ok(recorded) => Err(AgentError::Config(format!(
+            "{} belongs to cluster {}, but the server is cluster {id}; give this agent another --data-dir (or remove the old one) to join this cluster",
+            data_dir.display(),
+            recorded.trim()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            flotilla_files::write_atomic(&path, id.as_bytes(), 0o644).map_err(io(&path))?;
+            Ok(id)
+        }
+        Err(e) => Err(AgentError::Io { path, source: e }),
+    }
+}

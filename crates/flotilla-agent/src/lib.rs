@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod cloudinit;
+pub mod datadir;
 pub mod disks;
 pub mod domain;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod identity;
 pub mod iso9660;
 pub mod libvirt;
 pub mod logserver;
+pub mod recorder;
 mod tools;
 pub mod vm;
 pub mod xml;

@@ -24,7 +24,7 @@ pub struct DomainSummary {
     pub uuid: String,
     pub state: DomainState,
     /// Set when Flotilla created the domain.
-    pub flotilla_uid: Option<String>,
+    pub owner: Option<crate::domain::Owner>,
     pub cpus: u32,
     pub memory_kib: u64,
 }
@@ -193,7 +193,7 @@ impl Libvirt {
                     name: d.get_name()?,
                     uuid: d.get_uuid_string()?,
                     state: state_of(info.state),
-                    flotilla_uid: crate::domain::flotilla_uid(&xml),
+                    owner: crate::domain::owner(&xml),
                     cpus: info.nr_virt_cpu,
                     memory_kib: info.max_mem,
                 });

@@ -133,12 +133,7 @@ pub async fn start(
         .route("/v1/vms/{uid}/log", get(log))
         .with_state(Arc::new(data_dir.join("vms")));
     let (stop, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(flotilla_tls::serve(
-        listener,
-        Arc::new(config),
-        app,
-        rx,
-    ));
+    tokio::spawn(flotilla_tls::serve(listener, Arc::new(config), app, rx));
     let host = if host.contains(':') {
         format!("[{host}]")
     } else {

@@ -25,6 +25,10 @@ pub struct Context {
     pub libvirt: Libvirt,
     pub disks: Disks,
     pub node: String,
+    /// The cluster's identity, written into every domain this agent defines.
+    pub cluster_id: String,
+    /// Records Events in the API.
+    pub recorder: crate::recorder::Recorder,
     pub virt_type: VirtType,
     pub data_dir: PathBuf,
     pub shutdown_timeout: Duration,
@@ -149,7 +153,7 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
                     .await?,
                 "the Image",
             )?;
-            let cached = ctx.disks.cached_image(image, &img.spec).await;
+            let cached = ctx.disks.cached_image(&project, image, &img.spec).await;
             report_image(ctx, &project, image, &img, &cached).await;
             Some(cached?)
         }
@@ -180,9 +184,8 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
         || !seed.exists()
     {
         cloudinit::write_seed(&input, &seed).await?;
-        tokio::fs::write(&stamp, &fingerprint)
-            .await
-            .map_err(io(&stamp))?;
+        // After the seed: a crash in between leaves an old stamp, and the seed is written again.
+        write_file(&stamp, fingerprint.into_bytes(), 0o644).await?;
     }
     step("seed ready");
     let vnc_password = vnc_password(&dir).await?;
@@ -192,6 +195,8 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
         uuid: uid.clone(),
         project: project.clone(),
         vm_name: name.clone(),
+        cluster_id: ctx.cluster_id.clone(),
+        node: ctx.node.clone(),
         cpus,
         memory_bytes: memory,
         boot: vm.spec.boot.as_ref().map(|b| KernelBoot {
@@ -340,25 +345,44 @@ async fn create_traversable_dir(dir: &std::path::Path) -> Result<(), AgentError>
     .map_err(io(dir))
 }
 
+/// Writes a file atomically and durably (see [`flotilla_files::write_atomic`]).
+pub(crate) async fn write_file(
+    path: &std::path::Path,
+    contents: Vec<u8>,
+    mode: u32,
+) -> Result<(), AgentError> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || flotilla_files::write_atomic(&p, &contents, mode))
+        .await
+        .map_err(|e| AgentError::Config(e.to_string()))?
+        .map_err(io(path))
+}
+
+/// The VM's VNC password (made once, kept in a 0600 file).
 async fn vnc_password(dir: &std::path::Path) -> Result<String, AgentError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("vnc-password");
     if let Ok(p) = tokio::fs::read_to_string(&path).await {
-        return Ok(p.trim().to_string());
+        if !p.trim().is_empty() {
+            return Ok(p.trim().to_string());
+        }
     }
     // VNC passwords are at most 8 characters.
     const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
     let password: String = (0..8)
         .map(|_| ALPHABET[rand::random::<usize>() % ALPHABET.len()] as char)
         .collect();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io(&path))?;
-    std::io::Write::write_all(&mut f, password.as_bytes()).map_err(io(&path))?;
+    write_file(&path, password.clone().into_bytes(), 0o600).await?;
     Ok(password)
+}
+
+/// A reference to the VM, for the Events about it.
+pub fn reference(vm: &VirtualMachine) -> flotilla_types::ObjectReference {
+    flotilla_types::ObjectReference {
+        kind: "VirtualMachine".into(),
+        namespace: vm.metadata.namespace.clone(),
+        name: vm.metadata.name.clone(),
+        uid: vm.metadata.uid.clone(),
+    }
 }
 
 /// Writes status only when it changes, so that resyncs cost no writes.

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use flotilla_agent::domain::{flotilla_uid, DomainSpec, KernelBoot, VirtType};
+use flotilla_agent::domain::{flotilla_uid, owner, DomainSpec, KernelBoot, Owner, VirtType};
 use flotilla_agent::libvirt::Libvirt;
 
 fn spec(virt_type: VirtType, hostile: bool) -> DomainSpec {
@@ -17,6 +17,8 @@ fn spec(virt_type: VirtType, hostile: bool) -> DomainSpec {
         uuid: "6f1c2a9e-3b7d-4c1e-9a55-2d0f6b8e4c11".into(),
         project: "default".into(),
         vm_name: if hostile { evil.into() } else { "web".into() },
+        cluster_id: "0c1a55e5-9d7b-4f3e-8a21-5b6c7d8e9f00".into(),
+        node: "node-1".into(),
         cpus: 2,
         memory_bytes: 2 << 30,
         boot: Some(KernelBoot {
@@ -88,6 +90,38 @@ fn hostile_strings_stay_text() {
     );
 }
 
+/// The metadata names the cluster and node that own the domain; domains written before it did
+/// name only the VM.
+#[test]
+fn ownership_is_read_back_from_the_metadata() {
+    let xml = spec(VirtType::Qemu, false).to_xml();
+    assert_eq!(
+        owner(&xml),
+        Some(Owner {
+            uid: "6f1c2a9e-3b7d-4c1e-9a55-2d0f6b8e4c11".into(),
+            cluster: Some("0c1a55e5-9d7b-4f3e-8a21-5b6c7d8e9f00".into()),
+            node: Some("node-1".into()),
+        })
+    );
+    let legacy =
+        "<domain><metadata><flotilla:vm xmlns:flotilla=\"https://flotilla.dev/xmlns/domain/1\">\
+                  <flotilla:uid>u-1</flotilla:uid></flotilla:vm></metadata></domain>";
+    assert_eq!(
+        owner(legacy),
+        Some(Owner {
+            uid: "u-1".into(),
+            cluster: None,
+            node: None
+        })
+    );
+    // Another prefix for the same namespace is the same metadata.
+    let other_prefix = legacy
+        .replace("flotilla:", "f:")
+        .replace("xmlns:flotilla", "xmlns:f");
+    assert_eq!(owner(&other_prefix).map(|o| o.uid).as_deref(), Some("u-1"));
+    assert_eq!(owner("<domain><name>x</name></domain>"), None);
+}
+
 /// libvirt's own parser accepts the domain and keeps the name and metadata intact.
 #[tokio::test]
 async fn libvirt_accepts_the_domain() {
@@ -98,7 +132,10 @@ async fn libvirt_accepts_the_domain() {
     let listed = lv.list().await.unwrap();
     let d = listed.iter().find(|d| d.uuid == s.uuid).expect("defined");
     assert_eq!(d.name, "default_odd-<&>-name");
-    assert_eq!(d.flotilla_uid.as_deref(), Some(s.uuid.as_str()));
+    let owner = d.owner.as_ref().expect("libvirt keeps Flotilla's metadata");
+    assert_eq!(owner.uid, s.uuid);
+    assert_eq!(owner.cluster.as_deref(), Some(s.cluster_id.as_str()));
+    assert_eq!(owner.node.as_deref(), Some("node-1"));
     assert_eq!((d.cpus, d.memory_kib), (2, 2 << 20));
     lv.start(&s.uuid).await.unwrap();
     assert_eq!(

@@ -52,7 +52,7 @@ async fn downloads_verify_convert_and_cache() {
     };
 
     let wrong = disks
-        .cached_image("bad", &spec(Some("0".repeat(64))))
+        .cached_image("default", "bad", &spec(Some("0".repeat(64))))
         .await
         .unwrap_err();
     assert!(wrong.to_string().contains("checksum mismatch"), "{wrong}");
@@ -65,7 +65,7 @@ async fn downloads_verify_convert_and_cache() {
     );
 
     let cached = disks
-        .cached_image("good", &spec(Some(sum.clone())))
+        .cached_image("default", "good", &spec(Some(sum.clone())))
         .await
         .unwrap();
     assert_eq!(
@@ -73,7 +73,10 @@ async fn downloads_verify_convert_and_cache() {
         "qcow2",
         "raw images are converted to qcow2"
     );
-    let again = disks.cached_image("good", &spec(Some(sum))).await.unwrap();
+    let again = disks
+        .cached_image("default", "good", &spec(Some(sum)))
+        .await
+        .unwrap();
     assert_eq!(cached, again);
     assert_eq!(
         hits.load(std::sync::atomic::Ordering::SeqCst),
@@ -140,7 +143,11 @@ async fn the_disk_queue_bounds_concurrent_work() {
                 format: ImageFormat::Raw,
                 sha256: None,
             };
-            tokio::spawn(async move { disks.cached_image(&format!("img-{i}"), &spec).await })
+            tokio::spawn(async move {
+                disks
+                    .cached_image("default", &format!("img-{i}"), &spec)
+                    .await
+            })
         })
         .collect();
     for t in tasks {

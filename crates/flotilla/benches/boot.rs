@@ -87,6 +87,9 @@ async fn run() {
             uuid: uuid.clone(),
             project: "bench".into(),
             vm_name: format!("raw-{i}"),
+            // Not the cluster's: the agent beside it must leave these domains alone.
+            cluster_id: "bench-raw".into(),
+            node: "raw".into(),
             cpus: 1,
             memory_bytes: 128 << 20,
             boot: Some(KernelBoot {

@@ -1,0 +1,121 @@
+//! The agent's data directory: one agent at a time (a lock), leftovers of interrupted writes
+//! removed before anything runs, and a check that QEMU (another user under `qemu:///system`) can
+//! reach the files the agent puts there.
+
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::error::{io, AgentError};
+
+/// Held while the agent runs; the lock goes with the process, however it ends.
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Creates the data directory (0711), takes its lock, removes leftovers of interrupted writes
+/// (not those of the image cache, which [`crate::disks::Disks::sweep_leftovers`] handles) and
+/// warns when QEMU could not reach it.
+pub fn prepare(data_dir: &Path, libvirt_uri: &str) -> Result<DirLock, AgentError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(data_dir)
+        .map_err(io(data_dir))?;
+    let path = data_dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    // SAFETY: flock on a file descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(AgentError::Config(format!(
+            "another agent is running with data directory {}; stop it first (or give this one its own --data-dir)",
+            data_dir.display()
+        )));
+    }
+    for dir in std::iter::once(data_dir.to_path_buf()).chain(vm_dirs(data_dir)) {
+        for leftover in flotilla_files::sweep_temps(&dir, &[]).map_err(io(&dir))? {
+            tracing::info!(path = %leftover.display(), "removed what an interrupted write left behind");
+        }
+    }
+    if libvirt_uri.starts_with("qemu:///system") {
+        if let Some(problem) = unreachable_by_others(data_dir) {
+            tracing::warn!("{problem}");
+        }
+    }
+    Ok(DirLock { _file: file })
+}
+
+fn vm_dirs(data_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(data_dir.join("vms"))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The first directory from `/` down to `dir` that other users cannot traverse, as a sentence
+/// saying what to fix. QEMU runs as `libvirt-qemu` under `qemu:///system` and opens disks and
+/// seeds below the data directory itself.
+pub fn unreachable_by_others(dir: &Path) -> Option<String> {
+    let dir = std::path::absolute(dir).ok()?;
+    for ancestor in dir.ancestors().collect::<Vec<_>>().into_iter().rev() {
+        let mode = std::fs::metadata(ancestor).ok()?.mode();
+        if mode & 0o001 == 0 {
+            return Some(format!(
+                "QEMU (user libvirt-qemu) cannot reach VM files under {}: {} is mode {:o}; \
+                 run `chmod o+x {}` or choose another --data-dir",
+                dir.display(),
+                ancestor.display(),
+                mode & 0o777,
+                ancestor.display()
+            ));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn one_agent_per_directory_and_leftovers_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("agent");
+        std::fs::create_dir_all(data.join("vms/u1")).unwrap();
+        std::fs::write(data.join("vms/u1/seed.iso.tmp"), b"half").unwrap();
+        std::fs::write(data.join("vms/u1/root.qcow2"), b"kept").unwrap();
+        std::fs::write(data.join("agent.yaml.123-0-ab.tmp"), b"half").unwrap();
+        let lock = prepare(&data, "test:///default").unwrap();
+        assert!(!data.join("vms/u1/seed.iso.tmp").exists());
+        assert!(!data.join("agent.yaml.123-0-ab.tmp").exists());
+        assert!(data.join("vms/u1/root.qcow2").exists());
+        let second = prepare(&data, "test:///default").err().unwrap();
+        assert!(second.to_string().contains("another agent"), "{second}");
+        drop(lock);
+        prepare(&data, "test:///default").unwrap();
+    }
+
+    #[test]
+    fn a_private_parent_is_named_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let problem = unreachable_by_others(&dir.path().join("agent")).unwrap();
+        assert!(
+            problem.contains(&format!("chmod o+x {}", dir.path().display())),
+            "{problem}"
+        );
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        // Parents of a temporary directory (/tmp) are traversable.
+        assert_eq!(unreachable_by_others(&dir.path().join("agent")), None);
+    }
+}
