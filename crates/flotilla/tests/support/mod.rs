@@ -1,0 +1,236 @@
+//! Real processes for end-to-end tests: the `flotilla` server and agent binaries, started,
+//! killed with SIGKILL and restarted on the same port and data directory, with their logs kept
+//! for failure messages; and the libvirt domains a test made, removed however it ends.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla_client::Client;
+use flotilla_types::clientconfig::ClientConfig;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// The tiny guest's kernel and initramfs (built once by the script; `make test` runs it too).
+pub fn tiny_guest() -> PathBuf {
+    let status = Command::new(repo().join("scripts/build-tiny-guest.sh"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "the tiny guest builds");
+    repo().join("target/guests/tiny")
+}
+
+/// A temporary directory QEMU (another user) can traverse.
+pub fn traversable_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
+    dir
+}
+
+/// One `flotilla` process that can be killed and started again with the same arguments.
+pub struct Process {
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Process {
+    pub fn new(args: Vec<String>, log: PathBuf) -> Self {
+        let mut p = Process {
+            args,
+            log,
+            child: None,
+        };
+        p.start();
+        p
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(&self.args)
+            .env("FLOTILLA_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no chance to clean up, as in a crash or an OOM kill.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The last `n` lines of its log.
+    pub fn tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A `flotilla server` on a fixed loopback port and data directory.
+pub struct Server {
+    pub process: Process,
+    pub port: u16,
+    pub data_dir: PathBuf,
+}
+
+impl Server {
+    pub fn start(dir: &Path) -> Self {
+        let port = flotilla_store::etcd_cluster::free_port();
+        let data_dir = dir.join("server");
+        let args = vec![
+            "server".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+        ];
+        Server {
+            process: Process::new(args, dir.join("server.log")),
+            port,
+            data_dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// An admin client, once the server has written its credentials and answers.
+    pub async fn admin(&self) -> Client {
+        let path = self.data_dir.join("admin.yaml");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                let config: ClientConfig = serde_yaml::from_str(&text).unwrap();
+                let client = Client::from_context(config.context(None).unwrap()).unwrap();
+                if client
+                    .request_json(reqwest::Method::GET, "/version", &[], None)
+                    .await
+                    .is_ok()
+                {
+                    return client;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server did not come up:\n{}",
+                self.process.tail(20)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the (restarted) server answers.
+    pub async fn wait_serving(&self) {
+        self.admin().await;
+    }
+}
+
+/// A join token from the server.
+pub async fn join_token(admin: &Client) -> String {
+    let resp = admin
+        .request_json(
+            reqwest::Method::POST,
+            "/flotilla/v1/join-tokens",
+            &[],
+            Some(("application/json", br#"{"ttlSeconds": 3600}"#.to_vec())),
+        )
+        .await
+        .unwrap();
+    resp["token"].as_str().unwrap().to_string()
+}
+
+/// A `flotilla agent` on `qemu:///system` (TCG) for `node`, with its data directory in `dir`.
+/// Its CPUs are overcommitted 32 times: tests place more small VMs than this host has CPUs.
+pub fn agent(server: &Server, token: &str, node: &str, dir: &Path) -> Process {
+    let args = vec![
+        "agent".into(),
+        "--server".into(),
+        server.url(),
+        "--join-token".into(),
+        token.into(),
+        "--node-name".into(),
+        node.into(),
+        "--libvirt-uri".into(),
+        "qemu:///system".into(),
+        "--virt-type".into(),
+        "qemu".into(),
+        "--cpu-overcommit".into(),
+        "32".into(),
+        "--data-dir".into(),
+        dir.join(format!("agent-{node}")).display().to_string(),
+    ];
+    Process::new(args, dir.join(format!("agent-{node}.log")))
+}
+
+/// The UUIDs of every domain on qemu:///system.
+pub fn domain_uuids() -> Vec<String> {
+    let out = Command::new("virsh")
+        .args(["-c", "qemu:///system", "list", "--all", "--uuid"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// Removes, when dropped, every domain on qemu:///system whose name contains `tag`: a failed
+/// test leaves no guests running for the next one.
+pub struct DomainSweeper(pub String);
+
+impl Drop for DomainSweeper {
+    fn drop(&mut self) {
+        let out = Command::new("virsh")
+            .args(["-c", "qemu:///system", "list", "--all", "--name"])
+            .output();
+        let Ok(out) = out else { return };
+        for name in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = name.trim();
+            if !name.is_empty() && name.contains(&self.0) {
+                for verb in ["destroy", "undefine"] {
+                    let _ = Command::new("virsh")
+                        .args(["-c", "qemu:///system", verb, name])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+        }
+    }
+}
