@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 VIRT_TYPE ?= qemu
 export FLOTILLA_VIRT_TYPE := $(VIRT_TYPE)
 
-.PHONY: run test build lint bench-api bench-boot bench-scale bench-scheduler openapi
+.PHONY: run test build lint chaos bench-api bench-boot bench-scale bench-scheduler openapi
 
 run:
 	scripts/install-deps.sh run
@@ -26,6 +26,14 @@ build:
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+# The chaos suite at length: rounds of bursts with kill -9 of the server and the agent on real
+# libvirt, invariants after each (CHAOS_ROUNDS, default 200; CHAOS_SEED repeats a run; about 8 s
+# a round). `make test` runs 3 rounds.
+CHAOS_ROUNDS ?= 200
+chaos:
+	scripts/install-deps.sh test
+	CHAOS_ROUNDS=$(CHAOS_ROUNDS) $(CARGO) test --locked -p flotilla --test chaos -- --nocapture
 
 # API latency and throughput on this machine; prints a JSON summary line.
 bench-api:

@@ -667,3 +667,23 @@ async fn heartbeat(client: Arc<Client>, node: String, every: Duration) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_repeating_failure_is_logged_first_when_stuck_then_rarely() {
+        let mut f = Failures::default();
+        let logged: Vec<bool> = (0..8).map(|_| f.count("disk full")).collect();
+        assert_eq!(
+            logged,
+            [true, false, false, false, true, false, false, false]
+        );
+        tokio::time::advance(STUCK_LOG_EVERY).await;
+        assert!(f.count("disk full"), "again after the interval");
+        assert!(!f.count("disk full"));
+        assert!(f.count("another error"), "a new error is logged at once");
+        assert_eq!(f.count, 1);
+    }
+}

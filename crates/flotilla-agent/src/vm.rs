@@ -473,7 +473,7 @@ pub async fn report_error(ctx: &Context, vm: &VirtualMachine, error: &AgentError
         )
         .await
     {
-        tracing::warn!(vm = %vm.metadata.name, error = %e, "could not report a reconcile error");
+        tracing::debug!(vm = %vm.metadata.name, error = %e, "could not report a reconcile error");
     }
 }
 

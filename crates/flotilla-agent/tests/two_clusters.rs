@@ -52,11 +52,12 @@ fn domain(name: &str, uuid: &str, cluster: &str, node: &str) -> String {
     .to_xml()
 }
 
-struct Undefine(Libvirt, Vec<String>);
+/// Undefines the test's domains however the test ends.
+struct Undefine(Vec<String>);
 
 impl Drop for Undefine {
     fn drop(&mut self) {
-        for uuid in &self.1 {
+        for uuid in &self.0 {
             let _ = std::process::Command::new("virsh")
                 .args(["-c", "qemu:///system", "undefine", uuid])
                 .output();
@@ -85,10 +86,7 @@ async fn each_agent_removes_only_its_own_domains() {
     // (no cluster recorded) whose files are nowhere.
     let orphan = uuid::Uuid::new_v4().to_string();
     let legacy = uuid::Uuid::new_v4().to_string();
-    let _cleanup = Undefine(
-        libvirt.clone(),
-        vec![a_uid.clone(), orphan.clone(), legacy.clone()],
-    );
+    let _cleanup = Undefine(vec![a_uid.clone(), orphan.clone(), legacy.clone()]);
     libvirt
         .define(domain(
             &format!("orphan-{tag}"),

@@ -48,6 +48,9 @@ pub struct NodeArgs {
     /// A label for this node, KEY=VALUE (repeatable), e.g. topology.flotilla.dev/zone=a.
     #[arg(long = "node-label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// How long a guest asked to shut down (ACPI) gets before it is powered off (e.g. 30s, 2m).
+    #[arg(long, default_value = "60s", value_parser = crate::server_cmd::parse_duration)]
+    pub shutdown_timeout: Duration,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -138,6 +141,7 @@ fn agent_config(servers: Vec<String>, data_dir: PathBuf, node: &NodeArgs) -> Age
     config.labels = node.labels.iter().cloned().collect();
     config.cpu_overcommit = node.cpu_overcommit;
     config.memory_overcommit = node.memory_overcommit;
+    config.shutdown_timeout = node.shutdown_timeout;
     config
 }
 
@@ -230,7 +234,8 @@ fn simulated_hypervisor(dir: &std::path::Path, cpus: u32, memory: u128) -> anyho
          <memory>{}</memory>\n</node>\n",
         memory / 1024
     );
-    std::fs::write(&path, xml).with_context(|| format!("writing {}", path.display()))?;
+    flotilla_files::write_atomic(&path, xml.as_bytes(), 0o644)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(format!("test://{}", path.display()))
 }
 

@@ -383,7 +383,7 @@ pub async fn describe(conn: &ConnectionArgs, args: DescribeArgs) -> anyhow::Resu
                 "{}",
                 output::events_section(list["items"].as_array().map_or(&[][..], Vec::as_slice))
             ),
-            Err(e) => print!("Events:       cannot be listed: {e}\n"),
+            Err(e) => println!("Events:       cannot be listed: {e}"),
         }
     }
     Ok(())

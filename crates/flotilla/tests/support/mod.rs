@@ -177,7 +177,12 @@ pub async fn join_token(admin: &Client) -> String {
 /// A `flotilla agent` on `qemu:///system` (TCG) for `node`, with its data directory in `dir`.
 /// Its CPUs are overcommitted 32 times: tests place more small VMs than this host has CPUs.
 pub fn agent(server: &Server, token: &str, node: &str, dir: &Path) -> Process {
-    let args = vec![
+    agent_with(server, token, node, dir, &[])
+}
+
+/// [`agent`] with more arguments.
+pub fn agent_with(server: &Server, token: &str, node: &str, dir: &Path, extra: &[&str]) -> Process {
+    let mut args: Vec<String> = vec![
         "agent".into(),
         "--server".into(),
         server.url(),
@@ -192,9 +197,15 @@ pub fn agent(server: &Server, token: &str, node: &str, dir: &Path) -> Process {
         "--cpu-overcommit".into(),
         "32".into(),
         "--data-dir".into(),
-        dir.join(format!("agent-{node}")).display().to_string(),
+        agent_dir(dir, node).display().to_string(),
     ];
+    args.extend(extra.iter().map(|a| a.to_string()));
     Process::new(args, dir.join(format!("agent-{node}.log")))
+}
+
+/// Where [`agent`] keeps the data of `node`.
+pub fn agent_dir(dir: &Path, node: &str) -> PathBuf {
+    dir.join(format!("agent-{node}"))
 }
 
 /// The UUIDs of every domain on qemu:///system.

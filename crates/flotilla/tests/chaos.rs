@@ -1,0 +1,468 @@
+//! The chaos suite: rounds of bursts against a real server and a real agent on the real
+//! libvirtd, with `kill -9` of the server or the agent at random moments, and invariants checked
+//! after every round.
+//!
+//! A round: an Image nobody has cached, N tiny VMs from it created at once (random power
+//! states), some power states flipped, every VM deleted; meanwhile one or two kills of the
+//! server or the agent (which, when, and for how long drawn from the round's seed) and restarts.
+//! After each round:
+//! - every VM reached what its spec asks (phase = powerState, observedGeneration current) within
+//!   [`CONVERGE`] of the last restart, and every acknowledged create and power change is there;
+//! - after deletion every VM is gone within [`CONVERGE`], and so is every domain, disk, seed
+//!   and VM directory;
+//! - the image cache holds only complete, verified images (a manifest each, `qemu-img check`
+//!   clean) and no temporary file.
+//!
+//! `CHAOS_ROUNDS` (3 in `make test`, hundreds in `make chaos`), `CHAOS_SEED` (random unless
+//! given; printed, so a failing run can be repeated) and `CHAOS_VMS` (4) shape the run;
+//! `CHAOS_KEEP=1` keeps its logs and data. Each round prints a JSON line; the run ends with a
+//! summary line.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flotilla_client::{ClientError, ListParams};
+use flotilla_types::registry::lookup;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use support::{
+    agent_dir, agent_with, join_token, tiny_guest, traversable_tempdir, DomainSweeper, Process,
+    Server,
+};
+
+/// How long after the last restart every VM must have converged (and, after deletion, be gone).
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Serves one small qcow2 under any path, counting requests per path.
+async fn image_server(dir: &std::path::Path) -> (String, Arc<Mutex<BTreeMap<String, usize>>>) {
+    let file = dir.join("served.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&file)
+        .arg("64M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let body = std::fs::read(&file).unwrap();
+    let hits: Arc<Mutex<BTreeMap<String, usize>>> = Default::default();
+    let counter = hits.clone();
+    let app = axum::Router::new().route(
+        "/{name}",
+        axum::routing::get(
+            move |axum::extract::Path(name): axum::extract::Path<String>| {
+                *counter.lock().unwrap().entry(name).or_default() += 1;
+                let body = body.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    body
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), hits)
+}
+
+/// A client call, repeated while the server is down (it may be killed at any moment).
+async fn persist<T, F, Fut>(what: &str, mut call: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        match call().await {
+            Err(ClientError::Transport { .. } | ClientError::Decode(_))
+                if Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) if e.code().is_some_and(|c| c >= 500) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => {
+                return other.map_err(|e| {
+                    eprintln!("{what}: {e}");
+                    e
+                })
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    Server,
+    Agent,
+}
+
+/// One kill: `at` after the round starts, `target` down for `down`.
+#[derive(Clone, Copy, Debug)]
+struct Kill {
+    at: Duration,
+    target: Target,
+    down: Duration,
+}
+
+struct Fleet {
+    server: Server,
+    agent: Process,
+}
+
+impl Fleet {
+    fn process(&mut self, target: Target) -> &mut Process {
+        match target {
+            Target::Server => &mut self.server.process,
+            Target::Agent => &mut self.agent,
+        }
+    }
+}
+
+/// Carries out a round's kills, then makes sure both processes run.
+async fn monkey(fleet: Arc<Mutex<Fleet>>, kills: Vec<Kill>) {
+    let start = Instant::now();
+    for k in kills {
+        tokio::time::sleep(k.at.saturating_sub(start.elapsed())).await;
+        fleet.lock().unwrap().process(k.target).kill9();
+        tokio::time::sleep(k.down).await;
+        fleet.lock().unwrap().process(k.target).start();
+    }
+}
+
+fn phase_wanted(vm: &Value) -> &str {
+    vm["spec"]["powerState"].as_str().unwrap_or("Running")
+}
+
+fn converged(vm: &Value) -> bool {
+    vm["status"]["phase"] == phase_wanted(vm)
+        && vm["status"]["observedGeneration"] == vm["metadata"]["generation"]
+}
+
+/// Files of the image cache that should not be there, and entries that fail verification.
+fn cache_problems(images: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(images) else {
+        return Vec::new();
+    };
+    let mut problems = Vec::new();
+    for e in entries.map(Result::unwrap) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".json") {
+            continue;
+        }
+        if !name.ends_with(".qcow2") {
+            problems.push(format!("unexpected file {name}"));
+            continue;
+        }
+        if !images.join(name.replace(".qcow2", ".json")).exists() {
+            problems.push(format!("{name} has no manifest"));
+        }
+        let ok = std::process::Command::new("qemu-img")
+            .args(["check", "-U", "-q"])
+            .arg(e.path())
+            .status()
+            .unwrap()
+            .success();
+        if !ok {
+            problems.push(format!("{name} fails qemu-img check"));
+        }
+    }
+    problems
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos() {
+    let rounds = env_or("CHAOS_ROUNDS", 3);
+    let per_round = env_or("CHAOS_VMS", 4) as usize;
+    let seed = env_or("CHAOS_SEED", rand::random::<u32>() as u64);
+    println!(
+        "chaos: seed {seed} ({rounds} rounds of {per_round} VMs); repeat with CHAOS_SEED={seed}"
+    );
+    let guest = tiny_guest();
+    let tempdir = traversable_tempdir();
+    // CHAOS_KEEP=1 keeps the logs and data directories for a look afterwards.
+    let (dir, _remove_on_drop) = if std::env::var_os("CHAOS_KEEP").is_some() {
+        let kept = tempdir.keep();
+        println!("chaos: keeping {}", kept.display());
+        (kept, None)
+    } else {
+        (tempdir.path().to_path_buf(), Some(tempdir))
+    };
+    let tag = format!("x{:04x}", seed % 0xffff);
+    let _sweeper = DomainSweeper(format!("_{tag}-"));
+    let server = Server::start(dir.as_path());
+    let admin = server.admin().await;
+    let token = join_token(&admin).await;
+    let node = format!("chaos-{tag}");
+    let agent = agent_with(
+        &server,
+        &token,
+        &node,
+        dir.as_path(),
+        &["--shutdown-timeout", "2s"],
+    );
+    let data = agent_dir(dir.as_path(), &node);
+    let fleet = Arc::new(Mutex::new(Fleet { server, agent }));
+    let (url, hits) = image_server(dir.as_path()).await;
+    let (vms, images) = (lookup("vm").unwrap(), lookup("image").unwrap());
+    let (mut server_kills, mut agent_kills, mut slowest) = (0usize, 0usize, Duration::ZERO);
+    let started = Instant::now();
+
+    for round in 0..rounds {
+        let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(round));
+        let kills: Vec<Kill> = (0..rng.gen_range(1..=2))
+            .map(|_| {
+                // Half of them in the burst itself, the rest while the VMs are being made.
+                let window = if rng.gen_bool(0.5) { 400 } else { 4000 };
+                Kill {
+                    at: Duration::from_millis(rng.gen_range(0..window)),
+                    target: if rng.gen_bool(0.5) {
+                        Target::Server
+                    } else {
+                        Target::Agent
+                    },
+                    down: Duration::from_millis(rng.gen_range(100..1500)),
+                }
+            })
+            .collect();
+        let mut kills = kills;
+        kills.sort_by_key(|k| k.at);
+        let powers: Vec<&str> = (0..per_round)
+            .map(|_| {
+                if rng.gen_bool(0.5) {
+                    "Running"
+                } else {
+                    "Stopped"
+                }
+            })
+            .collect();
+        let flips: Vec<usize> = (0..per_round).filter(|_| rng.gen_bool(0.5)).collect();
+        let flip_after = Duration::from_millis(rng.gen_range(0..2000));
+        let delete_kill = rng.gen_bool(0.3).then(|| Kill {
+            at: Duration::from_millis(rng.gen_range(0..500)),
+            target: if rng.gen_bool(0.5) {
+                Target::Server
+            } else {
+                Target::Agent
+            },
+            down: Duration::from_millis(rng.gen_range(100..1000)),
+        });
+        for k in kills.iter().chain(delete_kill.iter()) {
+            match k.target {
+                Target::Server => server_kills += 1,
+                Target::Agent => agent_kills += 1,
+            }
+        }
+        let round_start = Instant::now();
+        let chaos = tokio::spawn(monkey(fleet.clone(), kills.clone()));
+
+        // An image nobody has cached yet, and the burst of VMs from it.
+        let image = format!("r{round}");
+        let image_object = json!({"metadata": {"name": image}, "spec": {"source": {"url": format!("{url}/{tag}-{round}.qcow2")}}});
+        persist("create image", || {
+            admin.create(images, Some("default"), &image_object)
+        })
+        .await
+        .or_else(|e| {
+            if e.code() == Some(409) {
+                Ok(Value::Null)
+            } else {
+                Err(e)
+            }
+        })
+        .unwrap();
+        let names: Vec<String> = (0..per_round)
+            .map(|i| format!("{tag}-{round}-{i}"))
+            .collect();
+        let creates = names.iter().zip(&powers).map(|(name, power)| {
+            let vm = json!({"metadata": {"name": name}, "spec": {
+                "image": image, "powerState": power, "resources": {"cpus": 1, "memory": "96Mi"},
+                "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0"}}});
+            let admin = &admin;
+            async move {
+                // A create whose answer was lost in a kill is found on the retry (409).
+                persist("create vm", || admin.create(vms, Some("default"), &vm))
+                    .await
+                    .or_else(|e| if e.code() == Some(409) { Ok(Value::Null) } else { Err(e) })
+                    .unwrap();
+            }
+        });
+        futures::future::join_all(creates).await;
+        let acked = names.clone();
+
+        // Some power states change while the VMs are being made.
+        tokio::time::sleep(flip_after).await;
+        let mut wanted: BTreeMap<String, &str> =
+            names.iter().cloned().zip(powers.iter().copied()).collect();
+        for &i in &flips {
+            let to = if powers[i] == "Running" {
+                "Stopped"
+            } else {
+                "Running"
+            };
+            let patch = json!({"spec": {"powerState": to}});
+            persist("flip", || {
+                admin.patch(vms, Some("default"), &names[i], &patch, false)
+            })
+            .await
+            .unwrap();
+            wanted.insert(names[i].clone(), to);
+        }
+        chaos.await.unwrap();
+        let last_restart = Instant::now();
+
+        // Invariant: every acknowledged VM is there, with the last acknowledged power state,
+        // and reaches it.
+        loop {
+            let mut behind = Vec::new();
+            for name in &acked {
+                let vm = persist("get", || admin.get(vms, Some("default"), name))
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("round {round}: acknowledged VM {name} is lost: {e}")
+                    });
+                assert_eq!(
+                    phase_wanted(&vm),
+                    wanted[name],
+                    "round {round}: {name} lost an acknowledged power change"
+                );
+                if !converged(&vm) {
+                    behind.push((name.clone(), vm["status"].clone()));
+                }
+            }
+            if behind.is_empty() {
+                break;
+            }
+            let fleet = fleet.lock().unwrap();
+            assert!(
+                last_restart.elapsed() < CONVERGE,
+                "round {round} (seed {seed}): {} VMs did not converge within {CONVERGE:?} of the last restart (kills {kills:?}): {behind:?}\nserver log:\n{}\nagent log:\n{}",
+                behind.len(),
+                fleet.server.process.tail(20),
+                fleet.agent.tail(40)
+            );
+            drop(fleet);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let converged_in = last_restart.elapsed();
+        slowest = slowest.max(converged_in);
+        let uids: Vec<String> = futures::future::join_all(acked.iter().map(|n| {
+            let admin = &admin;
+            async move {
+                persist("get", || admin.get(vms, Some("default"), n))
+                    .await
+                    .unwrap()["metadata"]["uid"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            }
+        }))
+        .await;
+
+        // Delete everything (perhaps with one more kill), then nothing may be left.
+        let chaos = tokio::spawn(monkey(fleet.clone(), delete_kill.into_iter().collect()));
+        for name in &acked {
+            persist("delete", || admin.delete(vms, Some("default"), name))
+                .await
+                .map(|_| ())
+                .or_else(|e| {
+                    if e.code() == Some(404) {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .unwrap();
+        }
+        persist("delete image", || {
+            admin.delete(images, Some("default"), &image)
+        })
+        .await
+        .map(|_| ())
+        .or_else(|e| {
+            if e.code() == Some(404) {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+        .unwrap();
+        chaos.await.unwrap();
+        let deleted_at = Instant::now();
+        let all = ListParams::default();
+        loop {
+            let list = persist("list", || admin.list(vms, Some("default"), &all))
+                .await
+                .unwrap();
+            if list["items"].as_array().unwrap().is_empty() {
+                break;
+            }
+            let fleet = fleet.lock().unwrap();
+            assert!(
+                deleted_at.elapsed() < CONVERGE,
+                "round {round} (seed {seed}): VMs not deleted within {CONVERGE:?}: {}\nagent log:\n{}",
+                list["items"],
+                fleet.agent.tail(40)
+            );
+            drop(fleet);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let domains = support::domain_uuids();
+        let left: Vec<&String> = uids.iter().filter(|u| domains.contains(u)).collect();
+        assert!(
+            left.is_empty(),
+            "round {round} (seed {seed}): domains of deleted VMs remain: {left:?}"
+        );
+        let files: Vec<String> = std::fs::read_dir(data.join("vms"))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            files.is_empty(),
+            "round {round} (seed {seed}): VM files remain: {files:?}"
+        );
+        let problems = cache_problems(&data.join("images"));
+        assert!(
+            problems.is_empty(),
+            "round {round} (seed {seed}): the image cache is unsound: {problems:?}"
+        );
+        let fetches = hits
+            .lock()
+            .unwrap()
+            .get(&format!("{tag}-{round}.qcow2"))
+            .copied()
+            .unwrap_or(0);
+        println!(
+            "{{\"round\":{round},\"kills\":\"{}\",\"vms\":{per_round},\"image_fetches\":{fetches},\"converged_ms\":{},\"round_ms\":{}}}",
+            kills
+                .iter()
+                .chain(delete_kill.iter())
+                .map(|k| format!("{:?}@{}ms/{}ms", k.target, k.at.as_millis(), k.down.as_millis()))
+                .collect::<Vec<_>>()
+                .join(" "),
+            converged_in.as_millis(),
+            round_start.elapsed().as_millis()
+        );
+    }
+    let total = hits.lock().unwrap().values().sum::<usize>();
+    println!(
+        "{{\"chaos_summary\":true,\"seed\":{seed},\"rounds\":{rounds},\"vms\":{},\"server_kills\":{server_kills},\"agent_kills\":{agent_kills},\"image_fetches\":{total},\"slowest_convergence_ms\":{},\"wall_s\":{},\"violations\":0}}",
+        rounds as usize * per_round,
+        slowest.as_millis(),
+        started.elapsed().as_secs()
+    );
+}
