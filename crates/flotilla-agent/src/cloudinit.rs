@@ -92,7 +92,7 @@ pub async fn write_seed(input: &SeedInput<'_>, iso: &Path) -> Result<(), AgentEr
         ],
         chrono::Utc::now(),
     );
-    crate::vm::write_file(iso, image, 0o644).await
+    crate::datadir::write_file(iso, image, 0o644).await
 }
 
 #[cfg(test)]

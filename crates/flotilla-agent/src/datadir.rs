@@ -49,6 +49,16 @@ pub fn prepare(data_dir: &Path, libvirt_uri: &str) -> Result<DirLock, AgentError
     Ok(DirLock { _file: file })
 }
 
+/// Writes a file atomically and durably (see [`flotilla_files::write_atomic`]), off the async
+/// workers. Every file the agent writes goes through here or [`flotilla_files`].
+pub async fn write_file(path: &Path, contents: Vec<u8>, mode: u32) -> Result<(), AgentError> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || flotilla_files::write_atomic(&p, &contents, mode))
+        .await
+        .map_err(|e| AgentError::Config(e.to_string()))?
+        .map_err(io(path))
+}
+
 fn vm_dirs(data_dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(data_dir.join("vms"))
         .map(|entries| {

@@ -316,9 +316,7 @@ impl Inner {
         };
         // The manifest first: a crash before the rename leaves a manifest that no file matches,
         // which verification rejects; never a file without the manifest that vouches for it.
-        let json = serde_json::to_vec(&manifest).expect("serialises");
-        let mp = manifest_path.clone();
-        blocking(move || flotilla_files::write_atomic(&mp, &json, 0o644).map_err(io(&mp))).await?;
+        write_manifest(&manifest_path, &manifest).await?;
         commit(tmp, cached.clone()).await?;
         self.verified
             .lock()
@@ -355,13 +353,9 @@ impl Inner {
             .await
             .map_err(|e| format!("it has no manifest and fails qemu-img check: {e}"))?;
             let manifest = describe(cached).await.map_err(|e| e.to_string())?;
-            let json = serde_json::to_vec(&manifest).expect("serialises");
-            let mp = manifest_path.to_path_buf();
-            return blocking(move || {
-                flotilla_files::write_atomic(&mp, &json, 0o644).map_err(io(&mp))
-            })
-            .await
-            .map_err(|e| e.to_string());
+            return write_manifest(manifest_path, &manifest)
+                .await
+                .map_err(|e| e.to_string());
         };
         let bytes = tokio::fs::metadata(cached)
             .await
@@ -450,6 +444,11 @@ async fn describe(path: &Path) -> Result<Manifest, AgentError> {
         bytes,
         sha256: hash_file(path).await?,
     })
+}
+
+async fn write_manifest(path: &Path, manifest: &Manifest) -> Result<(), AgentError> {
+    let json = serde_json::to_vec(manifest).expect("serialises");
+    crate::datadir::write_file(path, json, 0o644).await
 }
 
 fn verify_checksum(name: &str, spec: &ImageSpec, actual: &str) -> Result<(), AgentError> {

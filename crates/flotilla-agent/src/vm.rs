@@ -185,7 +185,7 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
     {
         cloudinit::write_seed(&input, &seed).await?;
         // After the seed: a crash in between leaves an old stamp, and the seed is written again.
-        write_file(&stamp, fingerprint.into_bytes(), 0o644).await?;
+        crate::datadir::write_file(&stamp, fingerprint.into_bytes(), 0o644).await?;
     }
     step("seed ready");
     let vnc_password = vnc_password(&dir).await?;
@@ -345,19 +345,6 @@ async fn create_traversable_dir(dir: &std::path::Path) -> Result<(), AgentError>
     .map_err(io(dir))
 }
 
-/// Writes a file atomically and durably (see [`flotilla_files::write_atomic`]).
-pub(crate) async fn write_file(
-    path: &std::path::Path,
-    contents: Vec<u8>,
-    mode: u32,
-) -> Result<(), AgentError> {
-    let p = path.to_path_buf();
-    tokio::task::spawn_blocking(move || flotilla_files::write_atomic(&p, &contents, mode))
-        .await
-        .map_err(|e| AgentError::Config(e.to_string()))?
-        .map_err(io(path))
-}
-
 /// The VM's VNC password (made once, kept in a 0600 file).
 async fn vnc_password(dir: &std::path::Path) -> Result<String, AgentError> {
     let path = dir.join("vnc-password");
@@ -371,7 +358,7 @@ async fn vnc_password(dir: &std::path::Path) -> Result<String, AgentError> {
     let password: String = (0..8)
         .map(|_| ALPHABET[rand::random::<usize>() % ALPHABET.len()] as char)
         .collect();
-    write_file(&path, password.clone().into_bytes(), 0o600).await?;
+    crate::datadir::write_file(&path, password.clone().into_bytes(), 0o600).await?;
     Ok(password)
 }
 

@@ -103,6 +103,16 @@ where
     }
 }
 
+/// Ok also when the server answers `code`: 409 to a create, 404 to a delete whose first
+/// answer a kill lost.
+fn done_before<T>(code: u16, result: Result<T, ClientError>) -> Result<(), ClientError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some(code) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Target {
     Server,
@@ -207,7 +217,7 @@ async fn chaos() {
     let token = join_token(&admin).await;
     let node = format!("chaos-{tag}");
     let agent = agent_with(
-        &server,
+        &server.url(),
         &token,
         &node,
         dir.as_path(),
@@ -271,18 +281,11 @@ async fn chaos() {
         // An image nobody has cached yet, and the burst of VMs from it.
         let image = format!("r{round}");
         let image_object = json!({"metadata": {"name": image}, "spec": {"source": {"url": format!("{url}/{tag}-{round}.qcow2")}}});
-        persist("create image", || {
+        let created = persist("create image", || {
             admin.create(images, Some("default"), &image_object)
         })
-        .await
-        .or_else(|e| {
-            if e.code() == Some(409) {
-                Ok(Value::Null)
-            } else {
-                Err(e)
-            }
-        })
-        .unwrap();
+        .await;
+        done_before(409, created).unwrap();
         let names: Vec<String> = (0..per_round)
             .map(|i| format!("{tag}-{round}-{i}"))
             .collect();
@@ -292,11 +295,8 @@ async fn chaos() {
                 "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0"}}});
             let admin = &admin;
             async move {
-                // A create whose answer was lost in a kill is found on the retry (409).
-                persist("create vm", || admin.create(vms, Some("default"), &vm))
-                    .await
-                    .or_else(|e| if e.code() == Some(409) { Ok(Value::Null) } else { Err(e) })
-                    .unwrap();
+                let created = persist("create vm", || admin.create(vms, Some("default"), &vm)).await;
+                done_before(409, created).unwrap();
             }
         });
         futures::future::join_all(creates).await;
@@ -374,31 +374,14 @@ async fn chaos() {
         // Delete everything (perhaps with one more kill), then nothing may be left.
         let chaos = tokio::spawn(monkey(fleet.clone(), delete_kill.into_iter().collect()));
         for name in &acked {
-            persist("delete", || admin.delete(vms, Some("default"), name))
-                .await
-                .map(|_| ())
-                .or_else(|e| {
-                    if e.code() == Some(404) {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                })
-                .unwrap();
+            let deleted = persist("delete", || admin.delete(vms, Some("default"), name)).await;
+            done_before(404, deleted).unwrap();
         }
-        persist("delete image", || {
+        let deleted = persist("delete image", || {
             admin.delete(images, Some("default"), &image)
         })
-        .await
-        .map(|_| ())
-        .or_else(|e| {
-            if e.code() == Some(404) {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })
-        .unwrap();
+        .await;
+        done_before(404, deleted).unwrap();
         chaos.await.unwrap();
         let deleted_at = Instant::now();
         let all = ListParams::default();

@@ -4,53 +4,14 @@
 //!
 //! Needs libvirtd and the tiny guest; `make test` provides both.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
 use std::time::Duration;
 
 use flotilla_controllers::testkit::TestCluster;
 use flotilla_types::registry::lookup;
 use serde_json::json;
-
-const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn spawn_agent(url: &str, token: &str, data_dir: &Path) -> Child {
-    Command::new(BIN)
-        .args([
-            "agent",
-            "--server",
-            url,
-            "--join-token",
-            token,
-            "--node-name",
-            "crash-node",
-        ])
-        .args([
-            "--libvirt-uri",
-            "qemu:///system",
-            "--virt-type",
-            "qemu",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .env("FLOTILLA_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn kill9(child: &mut Child) {
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-}
+use support::{agent_dir, domain_uuids, tiny_guest};
 
 async fn eventually(what: &str, secs: u64, mut check: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
@@ -64,42 +25,31 @@ async fn eventually(what: &str, secs: u64, mut check: impl AsyncFnMut() -> bool)
 }
 
 fn domains_with_uuid(uuid: &str) -> usize {
-    let out = Command::new("virsh")
-        .args(["-c", "qemu:///system", "list", "--all", "--uuid"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.trim() == uuid)
-        .count()
+    domain_uuids().iter().filter(|u| *u == uuid).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_create_and_delete_converges_and_leaks_nothing() {
-    let status = Command::new(repo().join("scripts/build-tiny-guest.sh"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let guest = repo().join("target/guests/tiny");
+    let guest = tiny_guest();
     let cluster = TestCluster::start().await;
     let (server, admin, tmp) = (&cluster.server, &cluster.admin, &cluster.dir);
     let token = cluster.join_token().await;
-    let agent_dir = tmp.path().join("agent");
+    let agent_dir = agent_dir(tmp.path(), "crash-node");
     let vms = lookup("vm").unwrap();
     let run = rand::random::<u32>() % 100_000;
 
     for (i, delay_ms) in [0u64, 150, 400, 900].into_iter().enumerate() {
         let name = format!("crash-{run}-{i}");
-        let mut agent = spawn_agent(&server.url, &token, &agent_dir);
+        let mut agent = support::agent(&server.url, &token, "crash-node", tmp.path());
         let vm = json!({"metadata": {"name": name}, "spec": {
             "nodeName": "crash-node", "resources": {"cpus": 1, "memory": "128Mi"}, "rootDisk": {"size": "64Mi"},
             "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0"}}});
         let created = admin.create(vms, Some("default"), &vm).await.unwrap();
         let uid = created["metadata"]["uid"].as_str().unwrap().to_string();
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-        kill9(&mut agent);
+        agent.kill9();
 
-        let mut agent = spawn_agent(&server.url, &token, &agent_dir);
+        agent.start();
         eventually(
             &format!("{name} runs after the agent restarted"),
             90,
@@ -115,8 +65,8 @@ async fn kill_9_during_create_and_delete_converges_and_leaks_nothing() {
 
         admin.delete(vms, Some("default"), &name).await.unwrap();
         tokio::time::sleep(Duration::from_millis(delay_ms / 2)).await;
-        kill9(&mut agent);
-        let mut agent = spawn_agent(&server.url, &token, &agent_dir);
+        agent.kill9();
+        agent.start();
         eventually(
             &format!("{name} is deleted after the agent restarted"),
             90,
@@ -133,7 +83,7 @@ async fn kill_9_during_create_and_delete_converges_and_leaks_nothing() {
             !agent_dir.join("vms").join(&uid).exists(),
             "{name}: its files are gone"
         );
-        kill9(&mut agent);
+        agent.kill9();
     }
     let leftovers: Vec<_> = std::fs::read_dir(agent_dir.join("vms"))
         .map(|d| d.filter_map(|e| e.ok()).collect())

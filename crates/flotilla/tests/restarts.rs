@@ -55,7 +55,7 @@ async fn kill_9_of_the_server_during_a_burst_misses_no_binding() {
     let admin = server.admin().await;
     let token = join_token(&admin).await;
     let node = format!("restart-{tag}");
-    let agent = agent(&server, &token, &node, dir.path());
+    let agent = agent(&server.url(), &token, &node, dir.path());
     let nodes = lookup("node").unwrap();
     flotilla_controllers::testkit::eventually("the node is Ready", 60, async || {
         let n = admin.get(nodes, None, &node).await.ok()?;

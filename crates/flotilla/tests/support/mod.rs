@@ -176,16 +176,22 @@ pub async fn join_token(admin: &Client) -> String {
 
 /// A `flotilla agent` on `qemu:///system` (TCG) for `node`, with its data directory in `dir`.
 /// Its CPUs are overcommitted 32 times: tests place more small VMs than this host has CPUs.
-pub fn agent(server: &Server, token: &str, node: &str, dir: &Path) -> Process {
-    agent_with(server, token, node, dir, &[])
+pub fn agent(server_url: &str, token: &str, node: &str, dir: &Path) -> Process {
+    agent_with(server_url, token, node, dir, &[])
 }
 
 /// [`agent`] with more arguments.
-pub fn agent_with(server: &Server, token: &str, node: &str, dir: &Path, extra: &[&str]) -> Process {
+pub fn agent_with(
+    server_url: &str,
+    token: &str,
+    node: &str,
+    dir: &Path,
+    extra: &[&str],
+) -> Process {
     let mut args: Vec<String> = vec![
         "agent".into(),
         "--server".into(),
-        server.url(),
+        server_url.into(),
         "--join-token".into(),
         token.into(),
         "--node-name".into(),
