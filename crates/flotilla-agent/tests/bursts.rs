@@ -183,6 +183,14 @@ async fn a_burst_from_a_new_image_fetches_it_once_and_a_corrupt_entry_heals() {
     stop.send(true).unwrap();
     task.await.unwrap();
     std::fs::write(&cached, b"").unwrap();
+    // What a download and a conversion interrupted by a crash leave behind.
+    let leftovers = [
+        agent_dir.join("images/0123.download"),
+        agent_dir.join("images/0123.qcow2.99-0-cafe.tmp"),
+    ];
+    for f in &leftovers {
+        std::fs::write(f, b"half").unwrap();
+    }
     let (_stop, _task) = agent(&cluster, &node, "qemu:///system", &agent_dir).await;
     admin
         .create(vms, Some("default"), &stopped_vm(&name(20), "fresh", &node))
@@ -195,6 +203,9 @@ async fn a_burst_from_a_new_image_fetches_it_once_and_a_corrupt_entry_heals() {
     )
     .await;
     assert_eq!(hits.load(Ordering::SeqCst), 2, "fetched again once");
+    for f in &leftovers {
+        assert!(!f.exists(), "{} is removed at start", f.display());
+    }
     let info = std::process::Command::new("qemu-img")
         .args(["info", "-U", "--output=json"])
         .arg(&cached)

@@ -107,6 +107,7 @@ pub async fn version(conn: &ConnectionArgs) -> anyhow::Result<()> {
                 output::field(&v, "version"),
                 output::field(&v, "apiVersion")
             );
+            println!("Cluster: {}", output::field(&v, "clusterID"));
         }
         Err(e) => println!("Server: not configured ({e})"),
     }
