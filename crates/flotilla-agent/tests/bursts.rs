@@ -136,6 +136,7 @@ async fn a_burst_from_a_new_image_fetches_it_once_and_a_corrupt_entry_heals() {
         let vm = stopped_vm(&name(i), "fresh", &node);
         async move { admin.create(vms, Some("default"), &vm).await.unwrap() }
     });
+    let burst = std::time::Instant::now();
     let created = futures::future::join_all(creates).await;
     let uids: Vec<String> = created
         .iter()
