@@ -3,46 +3,13 @@
 //! and bound again faster than its actor can finish. Real server, real agent, real qemu-img;
 //! libvirt is the real libvirtd (`qemu:///system`, VMs left stopped) or the test driver.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_agent::libvirt::{DomainState, Libvirt};
 use flotilla_agent::AgentConfig;
-use flotilla_controllers::testkit::{eventually, TestCluster};
+use flotilla_controllers::testkit::{eventually, ImageServer, TestCluster};
 use flotilla_types::registry::lookup;
 use serde_json::{json, Value};
-
-/// Serves a small qcow2 image at `http://.../<anything>`, slowly (so that requests overlap),
-/// counting requests.
-async fn image_server(dir: &std::path::Path) -> (String, Arc<AtomicUsize>) {
-    let file = dir.join("served.qcow2");
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&file)
-        .arg("64M")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let body = std::fs::read(&file).unwrap();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let counter = hits.clone();
-    let app = axum::Router::new().route(
-        "/{name}",
-        axum::routing::get(move || {
-            let body = body.clone();
-            counter.fetch_add(1, Ordering::SeqCst);
-            async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                body
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (format!("http://{addr}"), hits)
-}
 
 /// Starts an agent for `node` in this process; returns its stop switch.
 async fn agent(
@@ -116,12 +83,12 @@ async fn a_burst_from_a_new_image_fetches_it_once_and_a_corrupt_entry_heals() {
         lookup("image").unwrap(),
         lookup("event").unwrap(),
     );
-    let (url, hits) = image_server(cluster.path()).await;
+    let server = ImageServer::start(cluster.path(), Duration::from_millis(300)).await;
     admin
         .create(
             images,
             Some("default"),
-            &json!({"metadata": {"name": "fresh"}, "spec": {"source": {"url": format!("{url}/fresh.qcow2")}}}),
+            &json!({"metadata": {"name": "fresh"}, "spec": {"source": {"url": format!("{}/fresh.qcow2", server.url)}}}),
         )
         .await
         .unwrap();
@@ -151,11 +118,12 @@ async fn a_burst_from_a_new_image_fetches_it_once_and_a_corrupt_entry_heals() {
         (items.len() == 20 && items.iter().all(converged)).then_some(())
     })
     .await;
-    assert_eq!(
-        hits.load(Ordering::SeqCst),
-        1,
-        "the image is downloaded once"
+    println!(
+        "{{\"vms\":20,\"all_stopped_ms\":{},\"image_downloads\":{}}}",
+        burst.elapsed().as_millis(),
+        server.total()
     );
+    assert_eq!(server.total(), 1, "the image is downloaded once");
     assert_eq!(domains_of(&uids), 20, "every VM has its domain");
     let mut cache: Vec<String> = std::fs::read_dir(agent_dir.join("images"))
         .unwrap()
@@ -203,7 +171,7 @@ async fn a_burst_from_a_new_image_fetches_it_once_and_a_corrupt_entry_heals() {
         async || converged(&admin.get(vms, Some("default"), &name(20)).await.ok()?).then_some(()),
     )
     .await;
-    assert_eq!(hits.load(Ordering::SeqCst), 2, "fetched again once");
+    assert_eq!(server.total(), 2, "fetched again once");
     for f in &leftovers {
         assert!(!f.exists(), "{} is removed at start", f.display());
     }

@@ -42,13 +42,7 @@ async fn vm_lifecycle_on_the_test_driver() {
 
     // A small qcow2 image on "the node".
     let image_file = tmp.path().join("base.qcow2");
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image_file)
-        .arg("64M")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    flotilla_controllers::testkit::blank_qcow2(&image_file, "64M");
     admin
         .create(
             images,

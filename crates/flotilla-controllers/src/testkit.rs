@@ -1,5 +1,6 @@
 //! A control plane for tests and benchmarks (feature `testkit`): a real server on a loopback port
-//! with its controllers, an admin client, join tokens, and `eventually`.
+//! with its controllers, an admin client, join tokens, `eventually`, and an HTTP server of
+//! images.
 
 use std::path::Path;
 use std::time::Duration;
@@ -82,5 +83,71 @@ pub async fn eventually<T>(what: &str, secs: u64, mut check: impl AsyncFnMut() -
             "timed out after {secs}s waiting until {what}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Makes a blank qcow2 image of `size` (e.g. `64M`) at `path` with qemu-img.
+pub fn blank_qcow2(path: &Path, size: &str) {
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size)
+        .status()
+        .expect("qemu-img runs");
+    assert!(made.success(), "qemu-img made {}", path.display());
+}
+
+/// Serves one small qcow2 image at every path (`{url}/<anything>`), each answer `delay` late so
+/// that concurrent requests overlap, and counts the requests per path.
+pub struct ImageServer {
+    pub url: String,
+    hits: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, usize>>>,
+}
+
+impl ImageServer {
+    pub async fn start(dir: &Path, delay: Duration) -> Self {
+        let file = dir.join("served.qcow2");
+        blank_qcow2(&file, "64M");
+        let body = std::fs::read(&file).expect("the image just made");
+        let hits: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, usize>>> =
+            Default::default();
+        let counter = hits.clone();
+        let app = axum::Router::new().route(
+            "/{name}",
+            axum::routing::get(
+                move |axum::extract::Path(name): axum::extract::Path<String>| {
+                    *counter.lock().expect("hits").entry(name).or_default() += 1;
+                    let body = body.clone();
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        body
+                    }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let addr = listener.local_addr().expect("an address");
+        tokio::spawn(async move { axum::serve(listener, app).await.expect("serving") });
+        ImageServer {
+            url: format!("http://{addr}"),
+            hits,
+        }
+    }
+
+    /// Requests for `path` (without the leading slash) so far.
+    pub fn hits(&self, path: &str) -> usize {
+        self.hits
+            .lock()
+            .expect("hits")
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Requests for any path so far.
+    pub fn total(&self) -> usize {
+        self.hits.lock().expect("hits").values().sum()
     }
 }

@@ -22,6 +22,8 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+
+use flotilla_controllers::testkit::ImageServer;
 use std::time::{Duration, Instant};
 
 use flotilla_client::{ClientError, ListParams};
@@ -42,38 +44,6 @@ fn env_or(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// Serves one small qcow2 under any path, counting requests per path.
-async fn image_server(dir: &std::path::Path) -> (String, Arc<Mutex<BTreeMap<String, usize>>>) {
-    let file = dir.join("served.qcow2");
-    let made = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&file)
-        .arg("64M")
-        .status()
-        .unwrap();
-    assert!(made.success());
-    let body = std::fs::read(&file).unwrap();
-    let hits: Arc<Mutex<BTreeMap<String, usize>>> = Default::default();
-    let counter = hits.clone();
-    let app = axum::Router::new().route(
-        "/{name}",
-        axum::routing::get(
-            move |axum::extract::Path(name): axum::extract::Path<String>| {
-                *counter.lock().unwrap().entry(name).or_default() += 1;
-                let body = body.clone();
-                async move {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    body
-                }
-            },
-        ),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (format!("http://{addr}"), hits)
 }
 
 /// A client call, repeated while the server is down (it may be killed at any moment).
@@ -225,7 +195,8 @@ async fn chaos() {
     );
     let data = agent_dir(dir.as_path(), &node);
     let fleet = Arc::new(Mutex::new(Fleet { server, agent }));
-    let (url, hits) = image_server(dir.as_path()).await;
+    let images_served = ImageServer::start(dir.as_path(), Duration::from_millis(100)).await;
+    let url = &images_served.url;
     let (vms, images) = (lookup("vm").unwrap(), lookup("image").unwrap());
     let (mut server_kills, mut agent_kills, mut slowest) = (0usize, 0usize, Duration::ZERO);
     let started = Instant::now();
@@ -423,12 +394,7 @@ async fn chaos() {
             problems.is_empty(),
             "round {round} (seed {seed}): the image cache is unsound: {problems:?}"
         );
-        let fetches = hits
-            .lock()
-            .unwrap()
-            .get(&format!("{tag}-{round}.qcow2"))
-            .copied()
-            .unwrap_or(0);
+        let fetches = images_served.hits(&format!("{tag}-{round}.qcow2"));
         println!(
             "{{\"round\":{round},\"kills\":\"{}\",\"vms\":{per_round},\"image_fetches\":{fetches},\"converged_ms\":{},\"round_ms\":{}}}",
             kills
@@ -441,7 +407,7 @@ async fn chaos() {
             round_start.elapsed().as_millis()
         );
     }
-    let total = hits.lock().unwrap().values().sum::<usize>();
+    let total = images_served.total();
     println!(
         "{{\"chaos_summary\":true,\"seed\":{seed},\"rounds\":{rounds},\"vms\":{},\"server_kills\":{server_kills},\"agent_kills\":{agent_kills},\"image_fetches\":{total},\"slowest_convergence_ms\":{},\"wall_s\":{},\"violations\":0}}",
         rounds as usize * per_round,

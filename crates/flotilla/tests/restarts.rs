@@ -70,13 +70,7 @@ async fn kill_9_of_the_server_during_a_burst_misses_no_binding() {
 
     // The image is cached first (the finding was made with a cached image).
     let image = dir.path().join("base.qcow2");
-    let made = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&image)
-        .arg("64M")
-        .status()
-        .unwrap();
-    assert!(made.success());
+    flotilla_controllers::testkit::blank_qcow2(&image, "64M");
     let (images, vms) = (lookup("image").unwrap(), lookup("vm").unwrap());
     admin
         .create(
