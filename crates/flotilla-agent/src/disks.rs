@@ -233,15 +233,15 @@ impl Inner {
         let manifest_path = self.images.join(format!("{key}.json"));
         let _permit = self.queue.acquire().await.expect("never closed");
         if tokio::fs::try_exists(&cached).await.unwrap_or(false) {
-            match self.verify(&cached, &manifest_path, spec).await {
-                Ok(()) => {
+            match self.verify(&cached, &manifest_path, spec).await? {
+                Checked::Sound => {
                     self.verified
                         .lock()
                         .expect("verified lock")
                         .insert(key.to_string());
                     return Ok(cached);
                 }
-                Err(reason) => {
+                Checked::Bad(reason) => {
                     tracing::warn!(image = name, path = %cached.display(), %reason, "discarding a bad image cache entry; fetching it again");
                     remove_blocking(&cached).await?;
                     remove_blocking(&manifest_path).await?;
@@ -326,57 +326,71 @@ impl Inner {
         Ok(cached)
     }
 
-    /// Why the entry at `cached` cannot be used, if it cannot.
+    /// Whether the entry at `cached` may be used. Only what the file itself shows makes it Bad
+    /// (an unreadable image, another format, sizes or a hash that differ from its manifest);
+    /// failing to check at all (qemu-img missing, an I/O error) is an error, and the entry stays.
     async fn verify(
         &self,
         cached: &Path,
         manifest_path: &Path,
         spec: &ImageSpec,
-    ) -> Result<(), String> {
-        let info = qemu_info(cached).await.map_err(|e| e.to_string())?;
+    ) -> Result<Checked, AgentError> {
+        let info = match qemu_info(cached).await {
+            Ok(info) => info,
+            Err(AgentError::Command { message, .. }) => {
+                return Ok(Checked::Bad(format!("qemu-img cannot read it: {message}")))
+            }
+            Err(e) => return Err(e),
+        };
         if info.format != "qcow2" {
-            return Err(format!("it is {} data, not qcow2", info.format));
+            return Ok(Checked::Bad(format!(
+                "it is {} data, not qcow2",
+                info.format
+            )));
         }
         if info.corrupt {
-            return Err("qemu-img marks it corrupt".into());
+            return Ok(Checked::Bad("qemu-img marks it corrupt".into()));
         }
-        let recorded: Option<Manifest> = tokio::fs::read(manifest_path)
-            .await
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let recorded: Option<Manifest> = match tokio::fs::read(manifest_path).await {
+            Ok(bytes) => serde_json::from_slice(&bytes).ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io(manifest_path)(e)),
+        };
         let Some(recorded) = recorded else {
             // Entries cached before manifests existed: adopted if qemu-img finds them sound.
-            tools::run(
+            let checked = tools::run(
                 "qemu-img",
                 &["check", "-U", "-q", &cached.display().to_string()],
             )
-            .await
-            .map_err(|e| format!("it has no manifest and fails qemu-img check: {e}"))?;
-            let manifest = describe(cached).await.map_err(|e| e.to_string())?;
-            return write_manifest(manifest_path, &manifest)
-                .await
-                .map_err(|e| e.to_string());
+            .await;
+            return match checked {
+                Ok(_) => {
+                    write_manifest(manifest_path, &describe(cached).await?).await?;
+                    Ok(Checked::Sound)
+                }
+                Err(AgentError::Command { message, .. }) => Ok(Checked::Bad(format!(
+                    "it has no manifest and fails qemu-img check: {message}"
+                ))),
+                Err(e) => Err(e),
+            };
         };
-        let bytes = tokio::fs::metadata(cached)
-            .await
-            .map(|m| m.len())
-            .unwrap_or(0);
+        let bytes = tokio::fs::metadata(cached).await.map_err(io(cached))?.len();
         if bytes != recorded.bytes || info.virtual_size != recorded.virtual_size {
-            return Err(format!(
+            return Ok(Checked::Bad(format!(
                 "it holds {bytes} bytes for a {} byte disk; its manifest says {} bytes for {}",
                 info.virtual_size, recorded.bytes, recorded.virtual_size
-            ));
+            )));
         }
         if spec.sha256.is_some() {
-            let actual = hash_file(cached).await.map_err(|e| e.to_string())?;
+            let actual = hash_file(cached).await?;
             if actual != recorded.sha256 {
-                return Err(format!(
+                return Ok(Checked::Bad(format!(
                     "its SHA-256 is {actual}, not the {} recorded when it was cached",
                     recorded.sha256
-                ));
+                )));
             }
         }
-        Ok(())
+        Ok(Checked::Sound)
     }
 
     async fn download(&self, name: &str, url: &str, dest: &Path) -> Result<String, AgentError> {
@@ -408,6 +422,12 @@ impl Inner {
         file.sync_all().await.map_err(io(dest))?;
         Ok(hex::encode(hasher.finalize()))
     }
+}
+
+/// What verification found.
+enum Checked {
+    Sound,
+    Bad(String),
 }
 
 struct QemuInfo {

@@ -13,8 +13,15 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The tool ran and failed.
     #[error("{command} failed: {message}")]
     Command { command: String, message: String },
+    /// The tool could not be run at all.
+    #[error("cannot run {program}: {source} (is it installed?)")]
+    Tool {
+        program: String,
+        source: std::io::Error,
+    },
     #[error("image {image}: {message}")]
     Image { image: String, message: String },
     #[error("{0}")]

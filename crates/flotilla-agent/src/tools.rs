@@ -10,9 +10,9 @@ pub async fn run(program: &str, args: &[&str]) -> Result<String, AgentError> {
         .kill_on_drop(true)
         .output()
         .await
-        .map_err(|e| AgentError::Command {
-            command: program.to_string(),
-            message: format!("cannot run it: {e} (is it installed?)"),
+        .map_err(|source| AgentError::Tool {
+            program: program.to_string(),
+            source,
         })?;
     if !out.status.success() {
         return Err(AgentError::Command {

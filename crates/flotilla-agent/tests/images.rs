@@ -159,3 +159,88 @@ async fn the_disk_queue_bounds_concurrent_work() {
         "one slot: never two downloads at once"
     );
 }
+
+/// Damaged cache entries are found by the next process that uses them (a new `Disks`), reported,
+/// and made again: a truncated file by its size, a flipped byte by its hash when the Image has
+/// one. An entry cached before manifests existed is adopted when qemu-img finds it sound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_entries_are_noticed_and_made_again() {
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.qcow2");
+    flotilla_controllers::testkit::blank_qcow2(&source, "64M");
+    // Some data in it, so that a flipped byte lands in something that matters.
+    let status = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 1M"])
+        .arg(&source)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
+    let sum = hex::encode(sha2::Sha256::digest(std::fs::read(&source).unwrap()));
+    let spec = ImageSpec {
+        source: ImageSource {
+            url: None,
+            path: Some(source.display().to_string()),
+        },
+        format: ImageFormat::Qcow2,
+        sha256: Some(sum),
+    };
+    let fresh = |notices: &Arc<Mutex<Vec<String>>>| {
+        let disks = Disks::new(dir.path(), 1);
+        let seen = notices.clone();
+        disks.on_notice(move |n| match n {
+            flotilla_agent::disks::CacheNotice::Discarded { reason, .. } => {
+                seen.lock().unwrap().push(reason)
+            }
+        });
+        disks
+    };
+    let notices: Arc<Mutex<Vec<String>>> = Default::default();
+    let cached = fresh(&notices)
+        .cached_image("default", "img", &spec)
+        .await
+        .unwrap();
+    let good = std::fs::read(&cached).unwrap();
+    assert!(notices.lock().unwrap().is_empty());
+
+    // Truncated (a copy cut short, a full disk).
+    std::fs::write(&cached, &good[..good.len() / 2]).unwrap();
+    let again = fresh(&notices)
+        .cached_image("default", "img", &spec)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&again).unwrap(), good, "made again, whole");
+    assert_eq!(
+        notices.lock().unwrap().len(),
+        1,
+        "{:?}",
+        notices.lock().unwrap()
+    );
+
+    // One byte flipped in the data (bit rot): only the hash can tell.
+    let mut rotten = good.clone();
+    let at = rotten.len() - 4096;
+    rotten[at] ^= 0xff;
+    std::fs::write(&cached, &rotten).unwrap();
+    fresh(&notices)
+        .cached_image("default", "img", &spec)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&cached).unwrap(), good);
+    let reasons = notices.lock().unwrap().clone();
+    assert_eq!(reasons.len(), 2);
+    assert!(reasons[1].contains("SHA-256"), "{reasons:?}");
+
+    // No manifest (cached by an older agent): adopted, not fetched again, manifest written.
+    let manifest = cached.with_extension("json");
+    std::fs::remove_file(&manifest).unwrap();
+    fresh(&notices)
+        .cached_image("default", "img", &spec)
+        .await
+        .unwrap();
+    assert_eq!(notices.lock().unwrap().len(), 2, "nothing discarded");
+    assert!(
+        manifest.exists(),
+        "the manifest is written for the adopted entry"
+    );
+}
