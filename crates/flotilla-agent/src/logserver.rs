@@ -133,7 +133,16 @@ pub async fn start(
         .route("/v1/vms/{uid}/log", get(log))
         .with_state(Arc::new(data_dir.join("vms")));
     let (stop, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(flotilla_tls::serve(listener, Arc::new(config), app, rx));
+    // Only the API server (or its replicas) connects here.
+    let mut limits = flotilla_tls::Limits::for_this_process();
+    limits.max_connections = limits.max_connections.min(256);
+    tokio::spawn(flotilla_tls::serve(
+        listener,
+        Arc::new(config),
+        app,
+        limits,
+        rx,
+    ));
     let host = if host.contains(':') {
         format!("[{host}]")
     } else {

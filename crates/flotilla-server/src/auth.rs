@@ -36,7 +36,19 @@ struct TokenRecord {
 pub struct Authenticator {
     store: Arc<dyn Store>,
     cache: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
+    failures: Mutex<HashMap<std::net::IpAddr, Failures>>,
 }
+
+/// Failed authentications of one client address in the current window.
+struct Failures {
+    count: u32,
+    since: Instant,
+}
+
+/// A client address may fail authentication this many times per [`FAILURE_WINDOW`]; after
+/// that its requests are answered 429 without looking at their tokens until the window ends.
+pub const MAX_FAILURES: u32 = 50;
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(10);
 
 fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
@@ -53,6 +65,7 @@ impl Authenticator {
         Authenticator {
             store,
             cache: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
         }
     }
 
@@ -83,6 +96,61 @@ impl Authenticator {
             .await?;
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
         Ok(format!("flt.{id}.{secret}"))
+    }
+
+    /// Checks the token of a request from `peer` (None when unknown), limiting the failures
+    /// each client address may have.
+    pub async fn authenticate_from(
+        &self,
+        peer: Option<std::net::IpAddr>,
+        token: Option<&str>,
+    ) -> Result<Principal, ApiError> {
+        if let Some(ip) = peer {
+            let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(f) = failures.get(&ip) {
+                let left = FAILURE_WINDOW.saturating_sub(f.since.elapsed());
+                if f.count >= MAX_FAILURES && !left.is_zero() {
+                    return Err(ApiError::too_many_requests(
+                        format!(
+                            "too many failed authentications from {ip}; try again in {} s",
+                            left.as_secs() + 1
+                        ),
+                        left.as_secs() as u32 + 1,
+                    ));
+                }
+            }
+        }
+        let result = match token {
+            Some(t) => self.authenticate(t).await,
+            None => Err(ApiError::unauthorized(
+                "authentication required: send \"Authorization: Bearer <token>\" (the admin token is in the server's admin.yaml)",
+            )),
+        };
+        if let (Err(e), Some(ip)) = (&result, peer) {
+            if e.code() == 401 {
+                self.count_failure(ip);
+            }
+        }
+        result
+    }
+
+    fn count_failure(&self, ip: std::net::IpAddr) {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget finished windows now and then, so that many addresses cannot grow the map.
+        if failures.len() > 10_000 {
+            failures.retain(|_, f| f.since.elapsed() < FAILURE_WINDOW);
+        }
+        let f = failures.entry(ip).or_insert(Failures {
+            count: 0,
+            since: Instant::now(),
+        });
+        if f.since.elapsed() >= FAILURE_WINDOW {
+            *f = Failures {
+                count: 0,
+                since: Instant::now(),
+            };
+        }
+        f.count += 1;
     }
 
     /// Checks a token (without the `Bearer ` prefix).

@@ -53,6 +53,16 @@ impl ApiError {
         )
     }
 
+    /// 429, with `Retry-After`.
+    pub fn too_many_requests(message: impl Into<String>, retry_after_seconds: u32) -> Self {
+        let mut status = Status::failure(429, "TooManyRequests", message);
+        status.details = Some(flotilla_types::status::StatusDetails {
+            retry_after_seconds: Some(retry_after_seconds),
+            ..Default::default()
+        });
+        ApiError(Box::new(status))
+    }
+
     pub fn gone(message: impl Into<String>) -> Self {
         Self::new(410, "Expired", message)
     }
@@ -99,6 +109,13 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = StatusCode::from_u16(self.0.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (code, axum::Json(self.0)).into_response()
+        let retry_after = self.0.details.as_ref().and_then(|d| d.retry_after_seconds);
+        let mut response = (code, axum::Json(self.0)).into_response();
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }

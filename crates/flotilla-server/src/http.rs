@@ -102,7 +102,7 @@ pub fn router(state: AppState) -> Router {
 
 /// Unknown paths need a token too, so nothing can be probed anonymously.
 async fn not_found(State(state): State<AppState>, req: Request) -> ApiError {
-    if let Err(e) = check_token(&state.auth, req.headers()).await {
+    if let Err(e) = check_token(&state.auth, credentials(&req)).await {
         return e;
     }
     ApiError::new(
@@ -112,19 +112,26 @@ async fn not_found(State(state): State<AppState>, req: Request) -> ApiError {
     )
 }
 
+/// The bearer token and the client address of a request.
+fn credentials(req: &Request) -> (Option<String>, Option<std::net::IpAddr>) {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string());
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    (token, peer)
+}
+
 async fn check_token(
     auth: &Authenticator,
-    headers: &HeaderMap,
+    (token, peer): (Option<String>, Option<std::net::IpAddr>),
 ) -> Result<crate::auth::Principal, ApiError> {
-    let header = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok());
-    match header.and_then(|h| h.strip_prefix("Bearer ")) {
-        Some(token) => auth.authenticate(token.trim()).await,
-        None => Err(ApiError::unauthorized(
-            "authentication required: send \"Authorization: Bearer <token>\" (the admin token is in the server's admin.yaml)",
-        )),
-    }
+    auth.authenticate_from(peer, token.as_deref()).await
 }
 
 async fn authenticate(
@@ -132,7 +139,7 @@ async fn authenticate(
     mut req: Request,
     next: Next,
 ) -> Response {
-    match check_token(&auth, req.headers()).await {
+    match check_token(&auth, credentials(&req)).await {
         Ok(principal) => {
             req.extensions_mut().insert(principal);
             next.run(req).await

@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub bookmark_interval: Duration,
     /// A store to use instead of SQLite in the data directory.
     pub store: Option<Arc<dyn Store>>,
+    /// Client connections held at once (default: what the open-file limit allows).
+    pub max_connections: Option<usize>,
 }
 
 impl ServerConfig {
@@ -53,6 +55,7 @@ impl ServerConfig {
             tls_names: Vec::new(),
             bookmark_interval: Duration::from_secs(10),
             store: None,
+            max_connections: None,
         }
     }
 }
@@ -242,7 +245,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     };
     let app = http::router(state);
     let (shutdown, rx) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(flotilla_tls::serve(listener, tls, app, rx));
+    let mut limits = flotilla_tls::Limits::for_this_process();
+    if let Some(n) = config.max_connections {
+        limits.max_connections = n;
+    }
+    tracing::debug!(?limits, "connection limits");
+    let task = tokio::spawn(flotilla_tls::serve(listener, tls, app, limits, rx));
     tracing::info!(%url, data_dir = %dir.display(), "API server listening");
     Ok(RunningServer {
         addr,

@@ -107,3 +107,45 @@ async fn the_default_listen_address_is_loopback() {
     assert!(flotilla_server::DEFAULT_LISTEN.ip().is_loopback());
     assert_eq!(flotilla_server::DEFAULT_LISTEN.port(), 7443);
 }
+
+/// A client address that keeps failing authentication is answered 429 (with Retry-After)
+/// without its tokens being looked at, until its window ends; health checks stay open.
+#[tokio::test]
+async fn failed_authentication_is_rate_limited_per_client() {
+    let t = start().await;
+    let http = t.http();
+    let vms = t.url("/apis/flotilla.dev/v1alpha1/namespaces/default/virtualmachines");
+    let max = flotilla_server::auth::MAX_FAILURES;
+    for i in 0..max {
+        let resp = http
+            .get(&vms)
+            .bearer_auth(format!("flt.guess{i}.wrong"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401, "attempt {i}");
+    }
+    let resp = http
+        .get(&vms)
+        .bearer_auth("flt.one.more")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=flotilla_server::auth::FAILURE_WINDOW.as_secs()).contains(&retry));
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["reason"], "TooManyRequests");
+    assert!(
+        body["message"].as_str().unwrap().contains("127.0.0.1"),
+        "{body}"
+    );
+    assert_eq!(
+        http.get(t.url("/healthz")).send().await.unwrap().status(),
+        200
+    );
+}

@@ -28,6 +28,9 @@ pub struct StatusDetails {
     pub kind: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub causes: Vec<StatusCause>,
+    /// With 429 (and some 5xx): when to try again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +79,7 @@ impl Status {
                     message: e.message.clone(),
                 })
                 .collect(),
+            retry_after_seconds: None,
         });
         s
     }

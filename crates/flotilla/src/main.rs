@@ -62,6 +62,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if matches!(
+        cli.command,
+        Command::Server(_) | Command::Agent(_) | Command::Up(_)
+    ) {
+        // Daemons hold many connections; the soft limit of 1024 is meant for shells.
+        let limit = flotilla_tls::raise_open_file_limit();
+        tracing::debug!(open_files = limit, "open-file limit");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -30,6 +30,10 @@ pub struct ServerArgs {
     /// `etcd://HOST:PORT[,HOST:PORT...]` (an etcd 3.4+ cluster shared by several servers).
     #[arg(long, default_value = "sqlite")]
     pub store: String,
+    /// Client connections held at once; at the limit the longest-idle one is closed to make room
+    /// (default: the open-file limit, raised to its maximum at start, less 128).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
     /// PEM CA of etcd's client certificates; makes the etcd connection TLS.
     #[arg(long)]
     pub etcd_ca: Option<PathBuf>,
@@ -108,6 +112,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let mut config = flotilla_server::ServerConfig::new(&data_dir);
     config.listen = args.listen;
     config.tls_names = args.tls_sans.clone();
+    config.max_connections = args.max_connections;
     if let Some(etcd) = etcd_options(&args)? {
         let endpoints = etcd.endpoints.join(",");
         let store = flotilla_store::EtcdStore::connect(etcd)

@@ -44,17 +44,35 @@ pub struct Process {
     args: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
+    /// A hard open-file limit to run it under.
+    open_files: Option<u64>,
 }
 
 impl Process {
     pub fn new(args: Vec<String>, log: PathBuf) -> Self {
+        Self::with_open_files(args, log, None)
+    }
+
+    /// Like [`Process::new`], with the open-file limit (soft and hard) set to `open_files`.
+    pub fn with_open_files(args: Vec<String>, log: PathBuf, open_files: Option<u64>) -> Self {
         let mut p = Process {
             args,
             log,
             child: None,
+            open_files,
         };
         p.start();
         p
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log_lines(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
     }
 
     pub fn start(&mut self) {
@@ -64,7 +82,24 @@ impl Process {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        if let Some(n) = self.open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit, which is async-signal-safe, runs in the child.
+            unsafe {
+                command.pre_exec(move || {
+                    let l = libc::rlimit {
+                        rlim_cur: n as libc::rlim_t,
+                        rlim_max: n as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .args(&self.args)
             .env("FLOTILLA_LOG", "info")
             .stdout(Stdio::null())
@@ -109,6 +144,11 @@ pub struct Server {
 
 impl Server {
     pub fn start(dir: &Path) -> Self {
+        Self::start_with_open_files(dir, None)
+    }
+
+    /// A server whose process may hold at most `open_files` descriptors (hard limit).
+    pub fn start_with_open_files(dir: &Path, open_files: Option<u64>) -> Self {
         let port = flotilla_store::etcd_cluster::free_port();
         let data_dir = dir.join("server");
         let args = vec![
@@ -119,7 +159,7 @@ impl Server {
             format!("127.0.0.1:{port}"),
         ];
         Server {
-            process: Process::new(args, dir.join("server.log")),
+            process: Process::with_open_files(args, dir.join("server.log"), open_files),
             port,
             data_dir,
         }
