@@ -238,6 +238,8 @@ struct Query {
     continue_token: Option<String>,
     bookmarks: bool,
     timeout: Option<Duration>,
+    /// `dryRun=All`: run the write in full, store nothing.
+    dry_run: bool,
 }
 
 fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
@@ -265,6 +267,17 @@ fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
                 q.limit = v
                     .parse()
                     .map_err(|_| ApiError::bad_request(format!("query parameter limit={v:?} must be a whole number")))?
+            }
+            "dryRun" => {
+                q.dry_run = match v.as_ref() {
+                    "All" => true,
+                    "" => false,
+                    other => {
+                        return Err(ApiError::bad_request(format!(
+                            "query parameter dryRun={other:?} is not supported: the only value is All"
+                        )))
+                    }
+                }
             }
             "timeoutSeconds" => {
                 let secs: u64 = v.parse().map_err(|_| {
@@ -459,7 +472,8 @@ async fn resource(
     let target = resolve(&params)?;
     let q = parse_query(query.as_deref())?;
     let mut body = Some(body);
-    let objects = &state.objects;
+    let dry_run = q.dry_run.then(|| state.objects.dry_run());
+    let objects = dry_run.as_ref().unwrap_or(&state.objects);
     let (kind, ns) = (target.kind, target.namespace.as_deref());
     let verb = match (&target.name, &method) {
         (None, &Method::GET) if q.watch => Verb::Watch,

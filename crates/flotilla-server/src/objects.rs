@@ -262,6 +262,7 @@ fn take_precondition(body: &mut Value) -> Result<Option<Revision>, ApiError> {
 pub struct Objects {
     store: Arc<dyn Store>,
     watch_cache: Arc<crate::watch_cache::WatchCache>,
+    dry_run: bool,
 }
 
 impl Objects {
@@ -269,6 +270,18 @@ impl Objects {
         Objects {
             watch_cache: Arc::new(crate::watch_cache::WatchCache::new(store.clone())),
             store,
+            dry_run: false,
+        }
+    }
+
+    /// The same objects for a dry run (`?dryRun=All`): every write runs in full (decoding,
+    /// defaults, validation, guards, conflict checks against the real store) and answers what it
+    /// would have stored, but nothing is stored and no watcher sees anything.
+    pub fn dry_run(&self) -> Objects {
+        Objects {
+            store: Arc::new(flotilla_store::DryRunStore::new(self.store.clone())),
+            watch_cache: self.watch_cache.clone(),
+            dry_run: true,
         }
     }
 
@@ -811,6 +824,20 @@ impl Objects {
         let kv = self.get_kv(kind, None, name).await?;
         let mut marked = parse_stored(&kv)?;
         marked["metadata"]["deletionTimestamp"] = json!(now());
+        if self.dry_run {
+            // Nothing to mark: say whether the deletion would go through.
+            let contents = self.project_contents(name).await?;
+            if !contents.is_empty() {
+                return Err(project_not_empty(name, &contents));
+            }
+            return Ok((
+                Stored {
+                    raw: encode(&marked),
+                    revision: kv.mod_revision,
+                },
+                true,
+            ));
+        }
         // A plain put: `write` would treat "deleting without finalizers" as "delete now".
         let raw = encode(&marked);
         let mark = Txn::new()
@@ -824,16 +851,7 @@ impl Objects {
             raw,
             revision: resp.revision,
         };
-        let mut contents = Vec::new();
-        for k in registry::KINDS.iter().filter(|k| k.namespaced) {
-            let resp = self
-                .store
-                .range(RangeRequest::prefix(&list_prefix(k, Some(name))).with_limit(1))
-                .await?;
-            if !resp.kvs.is_empty() {
-                contents.push(k.plural);
-            }
-        }
+        let contents = self.project_contents(name).await?;
         let key = object_key(kind, None, name);
         if contents.is_empty() {
             let txn = Txn::new()
@@ -855,15 +873,34 @@ impl Objects {
             .when(Compare::mod_revision(&key, marked_stored.revision))
             .and_then(Op::put(&key, kv.value.clone()));
         self.store.txn(unmark).await?;
-        Err(ApiError::new(
-            409,
-            "Conflict",
-            format!(
-                "project {name:?} is not empty (it still has {}); delete those first",
-                contents.join(", ")
-            ),
-        ))
+        Err(project_not_empty(name, &contents))
     }
+
+    /// The kinds (plural) that have objects in project `name`.
+    async fn project_contents(&self, name: &str) -> Result<Vec<&'static str>, ApiError> {
+        let mut contents = Vec::new();
+        for k in registry::KINDS.iter().filter(|k| k.namespaced) {
+            let resp = self
+                .store
+                .range(RangeRequest::prefix(&list_prefix(k, Some(name))).with_limit(1))
+                .await?;
+            if !resp.kvs.is_empty() {
+                contents.push(k.plural);
+            }
+        }
+        Ok(contents)
+    }
+}
+
+fn project_not_empty(name: &str, contents: &[&str]) -> ApiError {
+    ApiError::new(
+        409,
+        "Conflict",
+        format!(
+            "project {name:?} is not empty (it still has {}); delete those first",
+            contents.join(", ")
+        ),
+    )
 }
 
 /// Builds the object to store from the current one and what the client sent.

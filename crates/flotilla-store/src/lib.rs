@@ -14,12 +14,14 @@ use futures::Stream;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+mod dry_run;
 mod etcd;
 #[cfg(feature = "conformance")]
 pub mod etcd_cluster;
 mod fence;
 mod sqlite;
 
+pub use dry_run::DryRunStore;
 pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
 pub use fence::FencedStore;
 pub use sqlite::{SqliteOptions, SqliteStore};
