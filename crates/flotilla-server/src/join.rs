@@ -15,7 +15,8 @@ use sha2::{Digest, Sha256};
 use crate::auth::Principal;
 use crate::authz::{BOOTSTRAPPERS, NODES, NODE_USER_PREFIX};
 use crate::error::ApiError;
-use crate::http::{parse_document, read_body, AppState};
+use crate::http::AppState;
+use crate::request::{parse_document, read_body};
 
 pub fn ca_hash(ca_pem: &str) -> String {
     hex::encode(Sha256::digest(ca_pem.as_bytes()))

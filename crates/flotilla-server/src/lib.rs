@@ -25,6 +25,8 @@ pub mod objects;
 pub mod openapi;
 pub mod pinned;
 pub mod pki;
+mod request;
+mod resource;
 pub mod watch;
 pub mod watch_cache;
 

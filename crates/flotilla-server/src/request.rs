@@ -1,0 +1,222 @@
+//! Reading resource requests as Kubernetes clients send them: the target (kind, project, name,
+//! subresource) from the path, the query parameters, and bodies by content type.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap};
+use flotilla_types::registry::{self, KindInfo};
+use http_body_util::BodyExt;
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::http::MAX_BODY;
+use crate::objects::{PatchBody, Subresource};
+
+/// Query parameters of resource requests.
+#[derive(Default)]
+pub(crate) struct Query {
+    pub(crate) watch: bool,
+    pub(crate) resource_version: Option<i64>,
+    pub(crate) label_selector: String,
+    pub(crate) field_selector: String,
+    pub(crate) limit: usize,
+    pub(crate) continue_token: Option<String>,
+    pub(crate) bookmarks: bool,
+    pub(crate) timeout: Option<Duration>,
+    /// `dryRun=All`: run the write in full, store nothing.
+    pub(crate) dry_run: bool,
+}
+
+pub(crate) fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
+    let mut q = Query::default();
+    let boolean = |name: &str, v: &str| match v {
+        "true" | "1" => Ok(true),
+        "false" | "0" | "" => Ok(false),
+        _ => Err(ApiError::bad_request(format!(
+            "query parameter {name}={v:?} must be true or false"
+        ))),
+    };
+    for (k, v) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        match k.as_ref() {
+            "watch" => q.watch = boolean("watch", &v)?,
+            "allowWatchBookmarks" => q.bookmarks = boolean("allowWatchBookmarks", &v)?,
+            "labelSelector" => q.label_selector = v.into_owned(),
+            "fieldSelector" => q.field_selector = v.into_owned(),
+            "continue" if !v.is_empty() => q.continue_token = Some(v.into_owned()),
+            "resourceVersion" if !v.is_empty() => {
+                q.resource_version = Some(v.parse().map_err(|_| {
+                    ApiError::bad_request(format!("query parameter resourceVersion={v:?} must be a resourceVersion this server returned"))
+                })?)
+            }
+            "limit" => {
+                q.limit = v
+                    .parse()
+                    .map_err(|_| ApiError::bad_request(format!("query parameter limit={v:?} must be a whole number")))?
+            }
+            "dryRun" => {
+                q.dry_run = match v.as_ref() {
+                    "All" => true,
+                    "" => false,
+                    other => {
+                        return Err(ApiError::bad_request(format!(
+                            "query parameter dryRun={other:?} is not supported: the only value is All"
+                        )))
+                    }
+                }
+            }
+            "timeoutSeconds" => {
+                let secs: u64 = v.parse().map_err(|_| {
+                    ApiError::bad_request(format!("query parameter timeoutSeconds={v:?} must be a whole number"))
+                })?;
+                q.timeout = Some(Duration::from_secs(secs));
+            }
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+pub(crate) async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::too_large(format!(
+            "the request body is larger than the {} MiB allowed",
+            MAX_BODY >> 20
+        ))
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > MAX_BODY {
+            return Err(too_large());
+        }
+    }
+    match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default()
+}
+
+pub(crate) fn parse_document(headers: &HeaderMap, bytes: &[u8]) -> Result<Value, ApiError> {
+    let ct = content_type(headers);
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("the request body is empty"));
+    }
+    match ct.as_str() {
+        "" | "application/json" => serde_json::from_slice(bytes)
+            .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}"))),
+        "application/yaml" | "application/x-yaml" | "text/yaml" => serde_yaml::from_slice(bytes)
+            .map_err(|e| ApiError::bad_request(format!("the body is not valid YAML: {e}"))),
+        other => Err(ApiError::unsupported_media_type(format!(
+            "content type {other:?} is not accepted; send application/json or application/yaml"
+        ))),
+    }
+}
+
+pub(crate) fn parse_patch(headers: &HeaderMap, bytes: &[u8]) -> Result<PatchBody, ApiError> {
+    let ct = content_type(headers);
+    let json = || -> Result<Value, ApiError> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))
+    };
+    match ct.as_str() {
+        "application/merge-patch+json" | "application/json" | "" => Ok(PatchBody::Merge(json()?)),
+        "application/json-patch+json" => serde_json::from_value(json()?)
+            .map(PatchBody::Json)
+            .map_err(|e| ApiError::bad_request(format!("the JSON patch is malformed: {e}"))),
+        other => Err(ApiError::unsupported_media_type(format!(
+            "patch type {other:?} is not supported; use application/merge-patch+json or application/json-patch+json"
+        ))),
+    }
+}
+
+pub(crate) struct Target {
+    pub(crate) kind: &'static KindInfo,
+    pub(crate) namespace: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) sub: Option<Subresource>,
+}
+
+pub(crate) fn resolve(params: &HashMap<String, String>) -> Result<Target, ApiError> {
+    let plural = params.get("plural").map(String::as_str).unwrap_or_default();
+    let kind = registry::by_plural(plural).ok_or_else(|| {
+        let hint = registry::lookup(plural)
+            .map(|k| format!(" (did you mean {}?)", k.plural))
+            .unwrap_or_default();
+        ApiError::new(
+            404,
+            "NotFound",
+            format!(
+                "the server has no resource {plural:?} in {}{hint}; see /apis/{}",
+                flotilla_types::API_VERSION,
+                flotilla_types::API_VERSION
+            ),
+        )
+    })?;
+    let namespace = params.get("ns").cloned();
+    let name = params.get("name").cloned();
+    match (kind.namespaced, &namespace, &name) {
+        (false, Some(_), _) => {
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                format!(
+                    "{} is cluster-scoped: use /apis/{}/{}",
+                    kind.kind,
+                    flotilla_types::API_VERSION,
+                    kind.plural
+                ),
+            ))
+        }
+        (true, None, Some(_)) => {
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                format!(
+                    "{} belongs to a project: use /apis/{}/namespaces/<project>/{}/<name>",
+                    kind.kind,
+                    flotilla_types::API_VERSION,
+                    kind.plural
+                ),
+            ))
+        }
+        _ => {}
+    }
+    let sub = match params.get("sub").map(String::as_str) {
+        None => None,
+        Some("status") => Some(Subresource::Status),
+        Some(other) => {
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                format!("{} has no subresource {other:?}; only status", kind.kind),
+            ))
+        }
+    };
+    Ok(Target {
+        kind,
+        namespace,
+        name,
+        sub,
+    })
+}
