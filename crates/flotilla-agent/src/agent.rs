@@ -473,7 +473,27 @@ async fn actor(
             failures = Failures::default();
         }
         last_uid = vm.metadata.uid.clone();
-        let retry_in = match vm::reconcile(&ctx, &vm).await {
+        // A deletion that arrives while a reconcile waits (a guest taking its time to shut
+        // down, a slow download), or a deletion made more urgent (a shorter grace period), does
+        // not wait behind it: the reconcile is dropped, which is safe at any point (as a crash
+        // is), and the newest state is taken up at once.
+        // A clone of the receiver: looking at states here must not mark them seen for the
+        // `changed()` below, or a state delivered during the reconcile would be skipped.
+        let mut overtaker = desired.clone();
+        let reconciled = tokio::select! {
+            r = vm::reconcile(&ctx, &vm) => Some(r),
+            r = overtaker.wait_for(|newest| more_urgent(newest, &vm)) => {
+                if r.is_err() {
+                    return Some(vm);
+                }
+                None
+            }
+        };
+        let Some(reconciled) = reconciled else {
+            tracing::info!(vm = %vm.metadata.name, "a deletion overtook the work under way");
+            continue;
+        };
+        let retry_in = match reconciled {
             Ok(Outcome::Gone) => return Some(vm),
             Ok(Outcome::Done) => {
                 if failures.count > 0 {
@@ -514,6 +534,24 @@ async fn actor(
             _ = kick.notified() => {}
             _ = async { match retry_in { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => {}
         }
+    }
+}
+
+/// Whether `newest` asks for a deletion that should not wait for work on `current`: the VM is
+/// gone, or being deleted when `current` was not, or with a shorter grace period.
+fn more_urgent(newest: &Desired, current: &VirtualMachine) -> bool {
+    let grace = |vm: &VirtualMachine| {
+        vm.metadata
+            .deletion_timestamp
+            .map(|_| vm.metadata.deletion_grace_period_seconds.unwrap_or(0))
+    };
+    match newest {
+        None => true,
+        Some(newest) => match (grace(newest), grace(current)) {
+            (Some(_), None) => true,
+            (Some(new), Some(old)) => new < old,
+            _ => false,
+        },
     }
 }
 

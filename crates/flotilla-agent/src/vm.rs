@@ -84,8 +84,18 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
     // An adopted domain keeps its own UUID and definition; Flotilla only drives its power.
     let adopted = vm.spec.adopted_domain.clone();
     let domain = adopted.clone().unwrap_or_else(|| uid.clone());
-    if meta.deletion_timestamp.is_some() {
+    if let Some(deleted_at) = meta.deletion_timestamp {
         if adopted.is_none() {
+            // The disks die with the VM: no clean shutdown unless the deletion asked for a grace
+            // period (`gracePeriodSeconds`), counted from the deletion, not from now.
+            let grace = meta.deletion_grace_period_seconds.unwrap_or(0).max(0);
+            let left = (deleted_at + chrono::Duration::seconds(grace)) - chrono::Utc::now();
+            if let Ok(left) = left.to_std() {
+                if ctx.libvirt.state(&uid).await? == Some(DomainState::Running) {
+                    tracing::info!(vm = %name, seconds = left.as_secs(), "shutting the guest down before deleting it");
+                    stop_within(ctx, &uid, left).await?;
+                }
+            }
             remove_everything(ctx, &uid).await?;
         } else {
             tracing::info!(vm = %name, domain = %domain, "released the adopted domain");
@@ -312,10 +322,15 @@ async fn edit_finalizers(
     )))
 }
 
-/// Graceful shutdown, then destroy after the timeout.
+/// Graceful shutdown, then destroy after the node's shutdown timeout.
 async fn stop(ctx: &Context, uid: &str) -> Result<(), AgentError> {
+    stop_within(ctx, uid, ctx.shutdown_timeout).await
+}
+
+/// Graceful shutdown, then destroy after `timeout`.
+async fn stop_within(ctx: &Context, uid: &str, timeout: Duration) -> Result<(), AgentError> {
     ctx.libvirt.shutdown(uid).await?;
-    let deadline = tokio::time::Instant::now() + ctx.shutdown_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
         if matches!(
             ctx.libvirt.state(uid).await?,

@@ -28,6 +28,9 @@ async fn agent(
     config.libvirt_uri = uri.into();
     config.heartbeat = Duration::from_millis(500);
     config.shutdown_timeout = Duration::from_secs(2);
+    // Neither a resync nor a relist may hide a state the agent failed to act on.
+    config.resync = Duration::from_secs(3600);
+    config.relist = Duration::from_secs(3600);
     let (stop, rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
         flotilla_agent::run(config, rx)
@@ -109,7 +112,7 @@ async fn a_burst_from_a_new_image_fetches_it_once_and_a_corrupt_entry_heals() {
         .iter()
         .map(|v| v["metadata"]["uid"].as_str().unwrap().to_string())
         .collect();
-    eventually("all 20 VMs are Stopped", 90, async || {
+    eventually("all 20 VMs are Stopped", 30, async || {
         let list = admin
             .list(vms, Some("default"), &Default::default())
             .await

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use flotilla_server::ServerConfig;
 use flotilla_types::registry::lookup;
-use serde_json::json;
+use serde_json::{json, Value};
 
 #[tokio::test]
 async fn dependents_follow_their_owner() {
@@ -120,4 +120,90 @@ async fn expired_events_are_deleted() {
         .collect();
     names.sort();
     assert_eq!(names, ["old-but-repeated", "recent"]);
+}
+
+/// Foreground: the owner waits (being deleted) until its dependents are gone. Orphan: the
+/// dependents stay, released from the owner, and the owner goes.
+#[tokio::test]
+async fn foreground_and_orphan_deletions_propagate() {
+    let cluster = flotilla_controllers::testkit::TestCluster::start().await;
+    let admin = &cluster.admin;
+    let (classes, vms) = (lookup("vmclass").unwrap(), lookup("vm").unwrap());
+    let http = reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(cluster.server.ca_pem.as_bytes()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    for policy in ["Foreground", "Orphan"] {
+        let owner_name = format!("owner-{}", policy.to_lowercase());
+        let owner = admin
+            .create(
+                classes,
+                None,
+                &json!({"metadata": {"name": owner_name}, "spec": {"cpus": 1, "memory": "1Gi"}}),
+            )
+            .await
+            .unwrap();
+        let reference = json!([{"apiVersion": "flotilla.dev/v1alpha1", "kind": "VMClass",
+            "name": owner_name, "uid": owner["metadata"]["uid"]}]);
+        for i in 0..2 {
+            let vm = json!({"metadata": {"name": format!("{owner_name}-{i}"), "ownerReferences": reference},
+                "spec": {"resources": {"cpus": 1, "memory": "64Mi"}, "image": "x"}});
+            admin.create(vms, Some("default"), &vm).await.unwrap();
+        }
+        let resp = http
+            .delete(format!(
+                "{}/apis/flotilla.dev/v1alpha1/vmclasses/{owner_name}?propagationPolicy={policy}",
+                cluster.server.url
+            ))
+            .bearer_auth(&cluster.server.admin_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            202,
+            "{policy}: the owner waits for the garbage collector"
+        );
+        flotilla_controllers::testkit::eventually(
+            &format!("{policy}: the owner is gone"),
+            20,
+            async || {
+                admin
+                    .get(classes, None, &owner_name)
+                    .await
+                    .is_err()
+                    .then_some(())
+            },
+        )
+        .await;
+        let left: Vec<Value> = admin
+            .list(vms, Some("default"), &Default::default())
+            .await
+            .unwrap()["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| {
+                v["metadata"]["name"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&owner_name)
+            })
+            .cloned()
+            .collect();
+        match policy {
+            "Foreground" => assert!(left.is_empty(), "the dependents went first: {left:?}"),
+            _ => {
+                assert_eq!(left.len(), 2, "the dependents stay");
+                assert!(
+                    left.iter()
+                        .all(|v| v["metadata"].get("ownerReferences").is_none()),
+                    "{left:?}"
+                );
+            }
+        }
+    }
 }

@@ -24,6 +24,7 @@ pub enum Verb {
     Update,
     Patch,
     Delete,
+    DeleteCollection,
 }
 
 impl Principal {

@@ -7,11 +7,11 @@ use flotilla_types::{FieldErrors, Status};
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{}", .0.message)]
-pub struct ApiError(pub Box<Status>);
+pub struct ApiError(pub Box<Status>, Option<&'static str>);
 
 impl ApiError {
     pub fn new(code: u16, reason: &str, message: impl Into<String>) -> Self {
-        ApiError(Box::new(Status::failure(code, reason, message)))
+        ApiError(Box::new(Status::failure(code, reason, message)), None)
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -30,8 +30,12 @@ impl ApiError {
         Self::new(404, "NotFound", format!("{kind} {name:?} not found"))
     }
 
-    pub fn method_not_allowed(message: impl Into<String>) -> Self {
-        Self::new(405, "MethodNotAllowed", message)
+    /// 405, with `Allow` naming the methods that are (e.g. "GET, POST").
+    pub fn method_not_allowed(message: impl Into<String>, allow: &'static str) -> Self {
+        ApiError(
+            Box::new(Status::failure(405, "MethodNotAllowed", message)),
+            Some(allow),
+        )
     }
 
     pub fn already_exists(kind: &str, name: &str) -> Self {
@@ -60,7 +64,26 @@ impl ApiError {
             retry_after_seconds: Some(retry_after_seconds),
             ..Default::default()
         });
-        ApiError(Box::new(status))
+        ApiError(Box::new(status), None)
+    }
+
+    /// 504 for a resourceVersion the store has not reached, as Kubernetes answers it.
+    pub fn resource_version_too_large(requested: i64, current: i64) -> Self {
+        let mut status = Status::failure(
+            504,
+            "Timeout",
+            format!("Timeout: Too large resource version: {requested}, current: {current}"),
+        );
+        status.details = Some(flotilla_types::status::StatusDetails {
+            causes: vec![flotilla_types::status::StatusCause {
+                reason: Some("ResourceVersionTooLarge".into()),
+                field: String::new(),
+                message: "Too large resource version".into(),
+            }],
+            retry_after_seconds: Some(1),
+            ..Default::default()
+        });
+        ApiError(Box::new(status), None)
     }
 
     pub fn gone(message: impl Into<String>) -> Self {
@@ -76,7 +99,7 @@ impl ApiError {
     }
 
     pub fn invalid(kind: &str, name: &str, errs: &FieldErrors) -> Self {
-        ApiError(Box::new(Status::invalid(kind, name, errs)))
+        ApiError(Box::new(Status::invalid(kind, name, errs)), None)
     }
 
     /// A 5xx: always a bug or an unavailable store, logged where it is made.
@@ -115,6 +138,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        if let Some(allow) = self.1 {
+            response.headers_mut().insert(
+                axum::http::header::ALLOW,
+                axum::http::HeaderValue::from_static(allow),
+            );
         }
         response
     }

@@ -19,6 +19,40 @@ use crate::error::ApiError;
 const ROOT: &str = "/registry/";
 /// Write conflicts caused only by concurrent writers (not by a stale client) are retried this often.
 const RETRIES: usize = 16;
+/// A read-modify-write that keeps losing races to other writers gives up after this long.
+const CONTENTION_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Retries of a read-modify-write that lost a race: at once a few times, then after a short
+/// random pause (so that many writers of one object take turns instead of colliding again),
+/// until the write lands or [`CONTENTION_LIMIT`] has passed. Kubernetes retries such writes
+/// until they land too: a patch without a resourceVersion is not a conflict.
+struct Contention {
+    attempts: u32,
+    since: std::time::Instant,
+}
+
+impl Contention {
+    fn new() -> Self {
+        Contention {
+            attempts: 0,
+            since: std::time::Instant::now(),
+        }
+    }
+
+    /// Whether to try again (after pausing if needed).
+    async fn again(&mut self) -> bool {
+        self.attempts += 1;
+        if self.since.elapsed() > CONTENTION_LIMIT {
+            return false;
+        }
+        if self.attempts > 3 {
+            let most = 5 * u64::from(self.attempts.min(40));
+            let pause = rand::thread_rng().gen_range(0..=most);
+            tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+        }
+        true
+    }
+}
 /// Where the cluster's identity lives (outside `/registry/`: it is not an API object).
 pub const CLUSTER_ID_KEY: &str = "/flotilla/cluster-id";
 
@@ -376,12 +410,21 @@ impl Objects {
         let meta = body["metadata"]
             .as_object_mut()
             .expect("checked by check_envelope");
+        if meta
+            .get("resourceVersion")
+            .is_some_and(|v| v.as_str() != Some(""))
+        {
+            return Err(ApiError::bad_request(
+                "metadata.resourceVersion should not be set on objects to be created",
+            ));
+        }
         for server_owned in [
             "uid",
             "resourceVersion",
             "generation",
             "creationTimestamp",
             "deletionTimestamp",
+            "deletionGracePeriodSeconds",
         ] {
             meta.remove(server_owned);
         }
@@ -698,7 +741,8 @@ impl Objects {
             sub,
             guard,
         } = how;
-        for _ in 0..RETRIES {
+        let mut contention = Contention::new();
+        while contention.again().await {
             let kv = self.get_kv(kind, namespace, name).await?;
             if precondition.is_some_and(|rv| rv != kv.mod_revision) {
                 return Err(ApiError::conflict(kind.kind, name));
@@ -763,16 +807,38 @@ impl Objects {
         namespace: Option<&str>,
         name: &str,
     ) -> Result<(Stored, bool), ApiError> {
+        self.delete_with(kind, namespace, name, &DeleteOptions::default())
+            .await
+    }
+
+    /// DELETE with Kubernetes' options: preconditions (uid, resourceVersion: 409 when they no
+    /// longer hold), propagation (Foreground and Orphan add the finalizer the garbage collector
+    /// acts on) and a grace period (kept in `metadata.deletionGracePeriodSeconds`).
+    pub async fn delete_with(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        name: &str,
+        options: &DeleteOptions,
+    ) -> Result<(Stored, bool), ApiError> {
         if kind.kind == "Project" {
             return self.delete_project(kind, name).await;
         }
-        for _ in 0..RETRIES {
+        let mut contention = Contention::new();
+        while contention.again().await {
             let kv = self.get_kv(kind, namespace, name).await?;
             let mut current = parse_stored(&kv)?;
-            let has_finalizers = current["metadata"]["finalizers"]
+            options.check_preconditions(kind, name, &current, kv.mod_revision)?;
+            let propagation_finalizer = match options.propagation {
+                Some(Propagation::Foreground) => Some(FOREGROUND_FINALIZER),
+                Some(Propagation::Orphan) => Some(ORPHAN_FINALIZER),
+                _ => None,
+            };
+            let mut finalizers: Vec<Value> = current["metadata"]["finalizers"]
                 .as_array()
-                .is_some_and(|f| !f.is_empty());
-            if !has_finalizers {
+                .cloned()
+                .unwrap_or_default();
+            if finalizers.is_empty() && propagation_finalizer.is_none() {
                 let resp = self
                     .store
                     .txn(
@@ -792,7 +858,29 @@ impl Objects {
                 }
                 continue;
             }
-            if current["metadata"].get("deletionTimestamp").is_some() {
+            let marked = current["metadata"].get("deletionTimestamp").is_some();
+            let mut changed = false;
+            if let Some(f) = propagation_finalizer {
+                if !finalizers.iter().any(|x| x == f) {
+                    finalizers.push(json!(f));
+                    changed = true;
+                }
+            }
+            if !marked {
+                current["metadata"]["deletionTimestamp"] = json!(now());
+                let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+                current["metadata"]["generation"] = json!(generation + 1);
+                changed = true;
+            }
+            if let Some(grace) = options.grace_period_seconds {
+                // A later deletion may shorten the grace period, never lengthen it.
+                let now = current["metadata"]["deletionGracePeriodSeconds"].as_i64();
+                if now.is_none_or(|n| grace < n) {
+                    current["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+                    changed = true;
+                }
+            }
+            if !changed {
                 return Ok((
                     Stored {
                         raw: kv.value,
@@ -801,9 +889,7 @@ impl Objects {
                     false,
                 ));
             }
-            current["metadata"]["deletionTimestamp"] = json!(now());
-            let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
-            current["metadata"]["generation"] = json!(generation + 1);
+            current["metadata"]["finalizers"] = json!(finalizers);
             if let Some(stored) = self.write(&kv, &current).await? {
                 return Ok((stored, false));
             }
@@ -903,6 +989,69 @@ fn project_not_empty(name: &str, contents: &[&str]) -> ApiError {
     )
 }
 
+/// The finalizers of Kubernetes' propagation policies: the garbage collector deletes (or, for
+/// `orphan`, releases) the object's dependents, then removes them.
+pub const FOREGROUND_FINALIZER: &str = "foregroundDeletion";
+pub const ORPHAN_FINALIZER: &str = "orphan";
+
+/// What happens to the dependents (objects naming it in `ownerReferences`) of a deleted object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Propagation {
+    /// The object goes at once; the garbage collector deletes its dependents afterwards.
+    Background,
+    /// The object stays (being deleted) until its dependents are gone.
+    Foreground,
+    /// The object goes; its dependents stay, without the owner reference.
+    Orphan,
+}
+
+/// Kubernetes' DeleteOptions (but dryRun, which chooses [`Objects::dry_run`]).
+#[derive(Clone, Debug, Default)]
+pub struct DeleteOptions {
+    pub propagation: Option<Propagation>,
+    pub grace_period_seconds: Option<i64>,
+    /// Delete only if the object still has this uid / resourceVersion.
+    pub uid: Option<String>,
+    pub resource_version: Option<Revision>,
+}
+
+impl DeleteOptions {
+    fn check_preconditions(
+        &self,
+        kind: &KindInfo,
+        name: &str,
+        current: &Value,
+        revision: Revision,
+    ) -> Result<(), ApiError> {
+        let uid = current["metadata"]["uid"].as_str().unwrap_or_default();
+        if let Some(want) = &self.uid {
+            if want != uid {
+                return Err(ApiError::new(
+                    409,
+                    "Conflict",
+                    format!(
+                        "{} {name:?} was not deleted: precondition failed: UID in precondition: {want}, UID in object meta: {uid}",
+                        kind.kind
+                    ),
+                ));
+            }
+        }
+        if let Some(want) = self.resource_version {
+            if want != revision {
+                return Err(ApiError::new(
+                    409,
+                    "Conflict",
+                    format!(
+                        "{} {name:?} was not deleted: precondition failed: ResourceVersion in precondition: {want}, ResourceVersion in object meta: {revision}",
+                        kind.kind
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Builds the object to store from the current one and what the client sent.
 fn merge_for_write(
     kind: &KindInfo,
@@ -941,6 +1090,7 @@ fn merge_for_write(
                 "uid",
                 "creationTimestamp",
                 "deletionTimestamp",
+                "deletionGracePeriodSeconds",
                 "generation",
                 "namespace",
                 "generateName",

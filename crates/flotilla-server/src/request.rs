@@ -12,9 +12,9 @@ use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::http::MAX_BODY;
-use crate::objects::{PatchBody, Subresource};
+use crate::objects::{DeleteOptions, PatchBody, Propagation, Subresource};
 
-/// Query parameters of resource requests.
+/// Query parameters of resource requests, as Kubernetes names and parses them.
 #[derive(Default)]
 pub(crate) struct Query {
     pub(crate) watch: bool,
@@ -27,21 +27,59 @@ pub(crate) struct Query {
     pub(crate) timeout: Option<Duration>,
     /// `dryRun=All`: run the write in full, store nothing.
     pub(crate) dry_run: bool,
+    /// DELETE: `Background` (default), `Foreground` or `Orphan`.
+    pub(crate) propagation_policy: Option<Propagation>,
+    pub(crate) grace_period_seconds: Option<i64>,
+}
+
+fn parse_propagation(v: &str) -> Result<Propagation, ApiError> {
+    {
+        match v {
+            "Background" => Ok(Propagation::Background),
+            "Foreground" => Ok(Propagation::Foreground),
+            "Orphan" => Ok(Propagation::Orphan),
+            other => Err(ApiError::bad_request(format!(
+                "propagationPolicy {other:?} is not one of Background, Foreground, Orphan"
+            ))),
+        }
+    }
+}
+
+/// A boolean as Go's strconv.ParseBool (and so Kubernetes) reads it.
+pub(crate) fn parse_bool(name: &str, v: &str) -> Result<bool, ApiError> {
+    match v {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" | "" => Ok(false),
+        _ => Err(ApiError::bad_request(format!(
+            "query parameter {name}={v:?} must be true or false"
+        ))),
+    }
+}
+
+fn parse_dry_run(v: &str) -> Result<bool, ApiError> {
+    match v {
+        "All" => Ok(true),
+        "" => Ok(false),
+        other => Err(ApiError::bad_request(format!(
+            "dryRun={other:?} is not supported: the only value is All"
+        ))),
+    }
+}
+
+fn whole<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, ApiError> {
+    v.parse().map_err(|_| {
+        ApiError::bad_request(format!(
+            "query parameter {name}={v:?} must be a whole number"
+        ))
+    })
 }
 
 pub(crate) fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
     let mut q = Query::default();
-    let boolean = |name: &str, v: &str| match v {
-        "true" | "1" => Ok(true),
-        "false" | "0" | "" => Ok(false),
-        _ => Err(ApiError::bad_request(format!(
-            "query parameter {name}={v:?} must be true or false"
-        ))),
-    };
     for (k, v) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
         match k.as_ref() {
-            "watch" => q.watch = boolean("watch", &v)?,
-            "allowWatchBookmarks" => q.bookmarks = boolean("allowWatchBookmarks", &v)?,
+            "watch" => q.watch = parse_bool("watch", &v)?,
+            "allowWatchBookmarks" => q.bookmarks = parse_bool("allowWatchBookmarks", &v)?,
             "labelSelector" => q.label_selector = v.into_owned(),
             "fieldSelector" => q.field_selector = v.into_owned(),
             "continue" if !v.is_empty() => q.continue_token = Some(v.into_owned()),
@@ -50,32 +88,91 @@ pub(crate) fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
                     ApiError::bad_request(format!("query parameter resourceVersion={v:?} must be a resourceVersion this server returned"))
                 })?)
             }
-            "limit" => {
-                q.limit = v
-                    .parse()
-                    .map_err(|_| ApiError::bad_request(format!("query parameter limit={v:?} must be a whole number")))?
+            "limit" => q.limit = whole("limit", &v)?,
+            "dryRun" => q.dry_run = parse_dry_run(&v)?,
+            "timeoutSeconds" => q.timeout = Some(Duration::from_secs(whole("timeoutSeconds", &v)?)),
+            "propagationPolicy" => q.propagation_policy = Some(parse_propagation(&v)?),
+            "orphanDependents" if parse_bool("orphanDependents", &v)? => {
+                q.propagation_policy = Some(Propagation::Orphan)
             }
-            "dryRun" => {
-                q.dry_run = match v.as_ref() {
-                    "All" => true,
-                    "" => false,
-                    other => {
-                        return Err(ApiError::bad_request(format!(
-                            "query parameter dryRun={other:?} is not supported: the only value is All"
-                        )))
-                    }
-                }
-            }
-            "timeoutSeconds" => {
-                let secs: u64 = v.parse().map_err(|_| {
-                    ApiError::bad_request(format!("query parameter timeoutSeconds={v:?} must be a whole number"))
-                })?;
-                q.timeout = Some(Duration::from_secs(secs));
-            }
+            "gracePeriodSeconds" => q.grace_period_seconds = Some(whole("gracePeriodSeconds", &v)?),
             _ => {}
         }
     }
     Ok(q)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeleteOptionsBody {
+    #[serde(default)]
+    dry_run: Vec<String>,
+    #[serde(default)]
+    propagation_policy: Option<String>,
+    #[serde(default)]
+    orphan_dependents: Option<bool>,
+    #[serde(default)]
+    grace_period_seconds: Option<i64>,
+    #[serde(default)]
+    preconditions: Option<Preconditions>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Preconditions {
+    #[serde(default)]
+    uid: Option<String>,
+    #[serde(default)]
+    resource_version: Option<String>,
+}
+
+/// The DeleteOptions of a DELETE, from its body (if any) and its query (which wins), and
+/// whether it is a dry run.
+pub(crate) fn delete_options(
+    q: &Query,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(DeleteOptions, bool), ApiError> {
+    let mut o = DeleteOptions::default();
+    let mut dry_run = q.dry_run;
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let doc = parse_document(headers, body)?;
+        let b: DeleteOptionsBody = serde_json::from_value(doc).map_err(|e| {
+            ApiError::bad_request(format!("the body is not valid DeleteOptions: {e}"))
+        })?;
+        for v in &b.dry_run {
+            dry_run |= parse_dry_run(v)?;
+        }
+        if let Some(p) = &b.propagation_policy {
+            o.propagation = Some(parse_propagation(p)?);
+        } else if b.orphan_dependents == Some(true) {
+            o.propagation = Some(Propagation::Orphan);
+        }
+        o.grace_period_seconds = b.grace_period_seconds;
+        if let Some(p) = b.preconditions {
+            o.uid = p.uid;
+            o.resource_version = match p.resource_version {
+                Some(rv) => Some(rv.parse().map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "preconditions.resourceVersion {rv:?} is not a resourceVersion this server returned"
+                    ))
+                })?),
+                None => None,
+            };
+        }
+    }
+    if q.propagation_policy.is_some() {
+        o.propagation = q.propagation_policy;
+    }
+    if q.grace_period_seconds.is_some() {
+        o.grace_period_seconds = q.grace_period_seconds;
+    }
+    if o.grace_period_seconds.is_some_and(|g| g < 0) {
+        return Err(ApiError::bad_request(
+            "gracePeriodSeconds must be 0 or more",
+        ));
+    }
+    Ok((o, dry_run))
 }
 
 pub(crate) async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {

@@ -1,13 +1,16 @@
 //! The resource handler: one request on a kind (list, watch, get, create, replace, patch,
-//! delete) becomes one call on [`Objects`] (or the watch module) after authorization.
+//! delete, deletecollection) becomes one call on [`Objects`] (or the watch module) after
+//! authorization, answered as Kubernetes answers.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::Response;
-use flotilla_types::registry;
+use flotilla_store::Revision;
+use flotilla_types::registry::KindInfo;
 use flotilla_types::selector::{FieldSelector, LabelSelector};
 use serde_json::Value;
 
@@ -15,23 +18,19 @@ use crate::auth::Principal;
 use crate::authz::{self, Verb};
 use crate::error::ApiError;
 use crate::http::{json_response, object_response, AppState};
-use crate::objects::{ListOptions, Objects, Subresource};
-use crate::request::{parse_document, parse_patch, parse_query, read_body, resolve};
+use crate::objects::{ListOptions, ListResult, Objects, Subresource};
+use crate::request::{
+    delete_options, parse_document, parse_patch, parse_query, read_body, resolve, Query, Target,
+};
 use crate::watch::{self, WatchRequest};
 
-async fn ensure_project(objects: &Objects, namespace: Option<&str>) -> Result<(), ApiError> {
-    if let Some(ns) = namespace {
-        let project = registry::by_kind("Project").expect("registered");
-        objects.get(project, None, ns).await.map_err(|e| {
-            if e.code() == 404 {
-                ApiError::not_found("Project", ns)
-            } else {
-                e
-            }
-        })?;
-    }
-    Ok(())
-}
+/// How long a request naming a resourceVersion the store has not reached yet waits for it
+/// before the answer is 504 (Kubernetes waits 3 s too).
+const FUTURE_REVISION_WAIT: Duration = Duration::from_secs(3);
+
+const COLLECTION_METHODS: &str = "GET, POST, DELETE";
+const OBJECT_METHODS: &str = "GET, PUT, PATCH, DELETE";
+const STATUS_METHODS: &str = "GET, PUT, PATCH";
 
 pub(crate) async fn resource(
     State(state): State<AppState>,
@@ -50,154 +49,116 @@ pub(crate) async fn resource(
             params.get("name").cloned().unwrap_or_default(),
         );
         if method != Method::GET {
-            return Err(ApiError::method_not_allowed("the log is read with GET"));
+            return Err(ApiError::method_not_allowed(
+                "the log is read with GET",
+                "GET",
+            ));
         }
         return crate::logs::proxy(&state, &principal, &ns, &name, query.as_deref()).await;
     }
     let target = resolve(&params)?;
     let q = parse_query(query.as_deref())?;
-    let mut body = Some(body);
-    let dry_run = q.dry_run.then(|| state.objects.dry_run());
-    let objects = dry_run.as_ref().unwrap_or(&state.objects);
-    let (kind, ns) = (target.kind, target.namespace.as_deref());
-    let verb = match (&target.name, &method) {
-        (None, &Method::GET) if q.watch => Verb::Watch,
-        (None, &Method::GET) => Verb::List,
-        (None, _) => Verb::Create,
-        (Some(_), &Method::GET) => Verb::Get,
-        (Some(_), &Method::PUT) => Verb::Update,
-        (Some(_), &Method::PATCH) => Verb::Patch,
-        (Some(_), _) => Verb::Delete,
-    };
+    let verb = verb_of(&target, &method, &q)?;
     // A create names its object in the body; everything else in the path.
-    let mut create_body = None;
-    let name_for_authz = match verb {
-        Verb::Create if method == Method::POST => {
-            let doc = parse_document(
-                &headers,
-                &read_body(&headers, body.take().unwrap_or_default()).await?,
-            )?;
-            let name = doc["metadata"]["name"].as_str().map(str::to_string);
-            create_body = Some(doc);
-            name
-        }
-        _ => target.name.clone(),
+    let body = match verb {
+        Verb::Watch | Verb::List | Verb::Get => Default::default(),
+        _ => read_body(&headers, body).await?,
+    };
+    let create_body = match verb {
+        Verb::Create => Some(parse_document(&headers, &body)?),
+        _ => None,
+    };
+    let name_for_authz = match &create_body {
+        Some(doc) => doc["metadata"]["name"].as_str().map(str::to_string),
+        None => target.name.clone(),
     };
     let scope = authz::authorize(
         &principal,
         verb,
-        kind,
+        target.kind,
         name_for_authz.as_deref(),
         &q.field_selector,
     )?;
     let guard = |current: &Value, next: Option<&Value>| authz::guard(&scope, current, next);
-    match (&target.name, method.clone()) {
-        (None, Method::GET) => {
-            ensure_project(objects, ns).await?;
-            let options = ListOptions {
-                labels: LabelSelector::parse(&q.label_selector)
-                    .map_err(|e| ApiError::bad_request(e.to_string()))?,
-                fields: FieldSelector::parse(&q.field_selector, kind.field_selectors)
-                    .map_err(|e| ApiError::bad_request(e.to_string()))?,
-                limit: q.limit,
-                continue_token: q.continue_token,
-            };
-            if q.watch {
-                let stream = watch::start(
-                    objects,
-                    WatchRequest {
-                        kind,
-                        namespace: target.namespace.clone(),
-                        options,
-                        resource_version: q.resource_version,
-                        bookmarks: q.bookmarks.then_some(state.bookmark_interval),
-                        timeout: q.timeout,
-                    },
-                )
-                .await?;
-                return Ok(Response::builder()
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .header(header::CACHE_CONTROL, "no-cache")
-                    .body(Body::from_stream(stream))
-                    .expect("valid response"));
-            }
-            let list = objects.list(kind, ns, &options).await?;
-            let mut out = Vec::with_capacity(list.items.iter().map(Vec::len).sum::<usize>() + 256);
-            out.extend_from_slice(
-                format!(
-                    "{{\"apiVersion\":\"{}\",\"kind\":\"{}List\",\"metadata\":{{\"resourceVersion\":\"{}\"",
-                    flotilla_types::API_VERSION,
-                    kind.kind,
-                    list.revision
-                )
-                .as_bytes(),
-            );
-            if let Some(token) = &list.continue_token {
-                out.extend_from_slice(format!(",\"continue\":\"{token}\"").as_bytes());
-            }
-            out.extend_from_slice(b"},\"items\":[");
-            for (i, item) in list.items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                out.extend_from_slice(item);
-            }
-            out.extend_from_slice(b"]}");
-            Ok(json_response(StatusCode::OK, out))
+    let (kind, ns) = (target.kind, target.namespace.as_deref());
+    let sub = target.sub.unwrap_or(Subresource::Main);
+    let (delete, dry_run) = match verb {
+        Verb::Delete | Verb::DeleteCollection => {
+            let (options, dry) = delete_options(&q, &headers, &body)?;
+            (options, dry)
         }
-        (None, Method::POST) => {
-            let doc = create_body.expect("parsed for authorization");
+        _ => (Default::default(), q.dry_run),
+    };
+    let dry = dry_run.then(|| state.objects.dry_run());
+    let objects = dry.as_ref().unwrap_or(&state.objects);
+    match verb {
+        Verb::Watch => {
+            let rv = q.resource_version.filter(|rv| *rv > 0);
+            if let Some(rv) = rv {
+                wait_for_revision(objects, rv).await?;
+            }
+            let stream = watch::start(
+                objects,
+                WatchRequest {
+                    kind,
+                    namespace: target.namespace.clone(),
+                    options: list_options(kind, &q)?,
+                    resource_version: q.resource_version,
+                    bookmarks: q.bookmarks.then_some(state.bookmark_interval),
+                    timeout: q.timeout,
+                },
+            )
+            .await?;
+            Ok(Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::CACHE_CONTROL, "no-cache")
+                .body(Body::from_stream(stream))
+                .expect("valid response"))
+        }
+        Verb::List => {
+            if let Some(rv) = q.resource_version.filter(|rv| *rv > 0) {
+                wait_for_revision(objects, rv).await?;
+            }
+            // A project that does not exist simply has nothing in it, as in Kubernetes.
+            let list = objects.list(kind, ns, &list_options(kind, &q)?).await?;
+            Ok(list_response(kind, &list))
+        }
+        Verb::Create => {
+            let doc = create_body.expect("parsed above");
             authz::guard_create(&scope, &doc)?;
             let stored = objects.create(kind, ns, doc).await?;
             Ok(object_response(StatusCode::CREATED, &stored))
         }
-        (None, m) => Err(ApiError::method_not_allowed(format!(
-            "{m} is not allowed on a collection; use GET or POST"
-        ))),
-        (Some(name), Method::GET) => match objects.get_guarded(kind, ns, name, &guard).await {
-            Ok(stored) => Ok(object_response(StatusCode::OK, &stored)),
-            Err(e) if e.code() == 404 => {
-                ensure_project(objects, ns).await?;
-                Err(e)
+        Verb::Get => {
+            let name = target.name.as_deref().expect("a named target");
+            match objects.get_guarded(kind, ns, name, &guard).await {
+                Ok(stored) => Ok(object_response(StatusCode::OK, &stored)),
+                Err(e) if e.code() == 404 => {
+                    ensure_project(objects, ns).await?;
+                    Err(e)
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => Err(e),
-        },
-        (Some(name), Method::PUT) => {
-            let doc = parse_document(
-                &headers,
-                &read_body(&headers, body.take().unwrap_or_default()).await?,
-            )?;
+        }
+        Verb::Update => {
+            let name = target.name.as_deref().expect("a named target");
+            let doc = parse_document(&headers, &body)?;
             let stored = objects
-                .update_guarded(
-                    kind,
-                    ns,
-                    name,
-                    doc,
-                    target.sub.unwrap_or(Subresource::Main),
-                    &guard,
-                )
+                .update_guarded(kind, ns, name, doc, sub, &guard)
                 .await?;
             Ok(object_response(StatusCode::OK, &stored))
         }
-        (Some(name), Method::PATCH) => {
-            let patch = parse_patch(
-                &headers,
-                &read_body(&headers, body.take().unwrap_or_default()).await?,
-            )?;
+        Verb::Patch => {
+            let name = target.name.as_deref().expect("a named target");
+            let patch = parse_patch(&headers, &body)?;
             let stored = objects
-                .patch_guarded(
-                    kind,
-                    ns,
-                    name,
-                    patch,
-                    target.sub.unwrap_or(Subresource::Main),
-                    &guard,
-                )
+                .patch_guarded(kind, ns, name, patch, sub, &guard)
                 .await?;
             Ok(object_response(StatusCode::OK, &stored))
         }
-        (Some(name), Method::DELETE) if target.sub.is_none() => {
-            let (stored, gone) = objects.delete(kind, ns, name).await?;
+        Verb::Delete => {
+            let name = target.name.as_deref().expect("a named target");
+            let (stored, gone) = objects.delete_with(kind, ns, name, &delete).await?;
             Ok(object_response(
                 if gone {
                     StatusCode::OK
@@ -207,8 +168,121 @@ pub(crate) async fn resource(
                 &stored,
             ))
         }
-        (Some(_), m) => Err(ApiError::method_not_allowed(format!(
-            "{m} is not allowed here"
-        ))),
+        Verb::DeleteCollection => {
+            let list = objects.list(kind, ns, &list_options(kind, &q)?).await?;
+            let mut after = Vec::with_capacity(list.items.len());
+            for raw in &list.items {
+                let v: Value = serde_json::from_slice(raw)
+                    .map_err(|e| ApiError::internal(format!("a stored object is corrupt: {e}")))?;
+                let name = v["metadata"]["name"].as_str().unwrap_or_default();
+                let item_ns = v["metadata"]["namespace"].as_str();
+                match objects.delete_with(kind, item_ns, name, &delete).await {
+                    Ok((stored, _)) => after.push(stored.to_bytes()),
+                    // Deleted by someone else meanwhile: what was asked for is done.
+                    Err(e) if e.code() == 404 => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let revision = objects.store().current_revision().await?;
+            Ok(list_response(
+                kind,
+                &ListResult {
+                    items: after,
+                    revision,
+                    continue_token: None,
+                },
+            ))
+        }
     }
+}
+
+/// What a request asks, or 405 (with `Allow`) when the method makes no sense on its target.
+fn verb_of(target: &Target, method: &Method, q: &Query) -> Result<Verb, ApiError> {
+    let not_allowed = |allow: &'static str| {
+        Err(ApiError::method_not_allowed(
+            format!("{method} is not allowed here; use {allow}"),
+            allow,
+        ))
+    };
+    match (&target.name, target.sub, method) {
+        (None, _, &Method::GET) if q.watch => Ok(Verb::Watch),
+        (None, _, &Method::GET) => Ok(Verb::List),
+        (None, _, &Method::POST) => Ok(Verb::Create),
+        (None, _, &Method::DELETE) => Ok(Verb::DeleteCollection),
+        (None, _, _) => not_allowed(COLLECTION_METHODS),
+        (Some(_), _, &Method::GET) => Ok(Verb::Get),
+        (Some(_), _, &Method::PUT) => Ok(Verb::Update),
+        (Some(_), _, &Method::PATCH) => Ok(Verb::Patch),
+        (Some(_), None, &Method::DELETE) => Ok(Verb::Delete),
+        (Some(_), None, _) => not_allowed(OBJECT_METHODS),
+        (Some(_), Some(_), _) => not_allowed(STATUS_METHODS),
+    }
+}
+
+fn list_options(kind: &KindInfo, q: &Query) -> Result<ListOptions, ApiError> {
+    Ok(ListOptions {
+        labels: LabelSelector::parse(&q.label_selector)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        fields: FieldSelector::parse(&q.field_selector, kind.field_selectors)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        limit: q.limit,
+        continue_token: q.continue_token.clone(),
+    })
+}
+
+/// A list answer built from the stored bytes, without parsing the objects again.
+fn list_response(kind: &KindInfo, list: &ListResult) -> Response {
+    let mut out = Vec::with_capacity(list.items.iter().map(Vec::len).sum::<usize>() + 256);
+    out.extend_from_slice(
+        format!(
+            "{{\"apiVersion\":\"{}\",\"kind\":\"{}List\",\"metadata\":{{\"resourceVersion\":\"{}\"",
+            flotilla_types::API_VERSION,
+            kind.kind,
+            list.revision
+        )
+        .as_bytes(),
+    );
+    if let Some(token) = &list.continue_token {
+        out.extend_from_slice(format!(",\"continue\":\"{token}\"").as_bytes());
+    }
+    out.extend_from_slice(b"},\"items\":[");
+    for (i, item) in list.items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(item);
+    }
+    out.extend_from_slice(b"]}");
+    json_response(StatusCode::OK, out)
+}
+
+/// Waits (briefly) until the store has reached `revision`; Kubernetes answers a resourceVersion
+/// from the future with 504 "Too large resource version" after the same wait, and clients
+/// retry.
+async fn wait_for_revision(objects: &Objects, revision: Revision) -> Result<(), ApiError> {
+    let deadline = tokio::time::Instant::now() + FUTURE_REVISION_WAIT;
+    loop {
+        let current = objects.store().current_revision().await?;
+        if current >= revision {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::resource_version_too_large(revision, current));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn ensure_project(objects: &Objects, namespace: Option<&str>) -> Result<(), ApiError> {
+    if let Some(ns) = namespace {
+        let project = flotilla_types::registry::by_kind("Project").expect("registered");
+        objects.get(project, None, ns).await.map_err(|e| {
+            if e.code() == 404 {
+                ApiError::not_found("Project", ns)
+            } else {
+                e
+            }
+        })?;
+    }
+    Ok(())
 }

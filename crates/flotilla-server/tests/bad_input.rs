@@ -295,7 +295,8 @@ async fn bad_updates_leave_the_object_as_it_was() {
     )
     .await;
     assert_eq!(code, 400);
-    let (code, _) = send(&t, reqwest::Method::DELETE, VMS, "application/json", "").await;
+    // (DELETE on the collection is deletecollection, as in Kubernetes: not a bad request.)
+    let (code, _) = send(&t, reqwest::Method::PUT, VMS, "application/json", "{}").await;
     assert_eq!(code, 405);
     let (code, s) = send(
         &t,

@@ -38,6 +38,10 @@ pub struct ObjectMeta {
     pub creation_timestamp: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_timestamp: Option<Time>,
+    /// Set with `deletionTimestamp` when the deletion asked for a grace period (for a VM: how
+    /// long its guest may take to shut down; 0 or absent: the domain is destroyed at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_grace_period_seconds: Option<i64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -81,6 +81,11 @@ impl LabelSelector {
                             "expected a parenthesised list after the operator in {part:?}"
                         ))
                     })?;
+                if inner.trim().is_empty() {
+                    return Err(err(format!(
+                        "the set of values in {part:?} is empty: 'in' and 'notin' need at least one"
+                    )));
+                }
                 inner.split(',').map(check_value).collect()
             };
             let req = if let Some(k) = part.strip_prefix('!') {
@@ -176,6 +181,14 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn empty_sets_are_refused() {
+        for s in ["a in ()", "a notin ( )"] {
+            let e = LabelSelector::parse(s).unwrap_err();
+            assert!(e.problem.contains("empty"), "{s}: {e}");
+        }
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub struct StatusDetails {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusCause {
+    /// A machine-readable word, e.g. `FieldValueInvalid`, `ResourceVersionTooLarge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub field: String,
     pub message: String,
 }
@@ -75,6 +79,7 @@ impl Status {
                 .0
                 .iter()
                 .map(|e| StatusCause {
+                    reason: Some("FieldValueInvalid".into()),
                     field: e.field.clone(),
                     message: e.message.clone(),
                 })

@@ -194,6 +194,23 @@ impl Server {
         }
     }
 
+    /// The admin token the server wrote into admin.yaml.
+    pub fn admin_token(&self) -> String {
+        let text = std::fs::read_to_string(self.data_dir.join("admin.yaml")).unwrap();
+        let config: ClientConfig = serde_yaml::from_str(&text).unwrap();
+        config.context(None).unwrap().token.clone().unwrap()
+    }
+
+    /// A raw HTTP client trusting the server's CA, for requests the typed client does not make.
+    pub fn http(&self) -> reqwest::Client {
+        let ca = std::fs::read(self.data_dir.join("pki/ca.crt")).unwrap();
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .build()
+            .unwrap()
+    }
+
     /// Waits until the (restarted) server answers.
     pub async fn wait_serving(&self) {
         self.admin().await;
