@@ -55,10 +55,28 @@ async fn idle_and_slow_connections_cannot_take_the_server_down() {
             "resources": {"cpus": 1, "memory": "64Mi"}, "image": "none"}});
         admin.create(vms, Some("default"), &vm).await.unwrap();
     }
-    let before = admin
-        .list(vms, Some("default"), &Default::default())
-        .await
-        .unwrap();
+    // What must survive: every object, its identity and its spec (the scheduler may still be
+    // writing status meanwhile).
+    let identity = |list: &serde_json::Value| -> Vec<(String, String, serde_json::Value)> {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["metadata"]["name"].as_str().unwrap().to_string(),
+                    v["metadata"]["uid"].as_str().unwrap().to_string(),
+                    v["spec"].clone(),
+                )
+            })
+            .collect()
+    };
+    let before = identity(
+        &admin
+            .list(vms, Some("default"), &Default::default())
+            .await
+            .unwrap(),
+    );
     let ca = std::fs::read_to_string(server.data_dir.join("pki/ca.crt")).unwrap();
     let addr = format!("127.0.0.1:{}", server.port);
     let log_before = server.process.log_lines();
