@@ -202,14 +202,19 @@ async fn apply_one(
         .unwrap_or(project(&args.project, ctx));
     let ns = namespace_for(kind, proj);
     let what = format!("{}/{name}", kind.singular);
-    for _ in 0..5 {
+    // Objects that their controllers and agents write often (a VM's status) may change between
+    // the read and the write: read again and retry, for a while.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
         let current = match client.get(kind, ns, name).await {
             Ok(v) => v,
-            Err(e) if e.code() == Some(404) => match client.create(kind, ns, doc).await {
-                Ok(_) => return Ok(format!("{what} created")),
-                Err(e) if e.code() == Some(409) => continue,
-                Err(e) => return Err(e.into()),
-            },
+            Err(e) if e.code() == Some(404) => {
+                match client.create(kind, ns, &for_create(doc)).await {
+                    Ok(_) => return Ok(format!("{what} created")),
+                    Err(e) if e.code() == Some(409) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
             Err(e) => return Err(e.into()),
         };
         // The file states the spec, labels and annotations; the rest stays as the server has it.
@@ -238,6 +243,29 @@ async fn apply_one(
         }
     }
     bail!("{what} kept changing while being applied; try again")
+}
+
+/// A document as a create takes it: without what only the server sets (a file saved with
+/// `get -o yaml` carries a resourceVersion, which a create refuses).
+fn for_create(doc: &Value) -> Value {
+    let mut doc = doc.clone();
+    if let Some(meta) = doc.get_mut("metadata").and_then(Value::as_object_mut) {
+        for owned in [
+            "uid",
+            "resourceVersion",
+            "generation",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "managedFields",
+        ] {
+            meta.remove(owned);
+        }
+    }
+    if let Some(obj) = doc.as_object_mut() {
+        obj.remove("status");
+    }
+    doc
 }
 
 fn print_objects(

@@ -27,22 +27,29 @@ fn converged(vm: &Value) -> bool {
         && vm["spec"]["nodeName"].is_string()
 }
 
-/// `flotilla apply`: create, or replace the spec with the file's.
+/// `flotilla apply`: create, or replace the spec with the file's (read again on a conflict: the
+/// agent and the scheduler write the VM meanwhile).
 async fn apply(admin: &Client, name: &str) -> Result<(), flotilla_client::ClientError> {
     let vms = lookup("vm").unwrap();
-    match admin.get(vms, Some("default"), name).await {
-        Ok(mut current) => {
-            current["spec"] = manifest(name)["spec"].clone();
-            admin
-                .replace(vms, Some("default"), name, &current)
+    loop {
+        let result = match admin.get(vms, Some("default"), name).await {
+            Ok(mut current) => {
+                current["spec"] = manifest(name)["spec"].clone();
+                admin
+                    .replace(vms, Some("default"), name, &current)
+                    .await
+                    .map(|_| ())
+            }
+            Err(e) if e.code() == Some(404) => admin
+                .create(vms, Some("default"), &manifest(name))
                 .await
-                .map(|_| ())
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(e) if e.code() == Some(409) => continue,
+            other => return other,
         }
-        Err(e) if e.code() == Some(404) => admin
-            .create(vms, Some("default"), &manifest(name))
-            .await
-            .map(|_| ()),
-        Err(e) => Err(e),
     }
 }
 
