@@ -138,27 +138,41 @@ pub async fn run_with(
     let notices = recorder.clone();
     disks.on_notice(move |notice| {
         let recorder = notices.clone();
-        tokio::spawn(async move {
-            match notice {
-                CacheNotice::Discarded {
-                    project,
-                    image,
-                    reason,
-                } => {
-                    let regarding = ObjectReference {
-                        kind: "Image".into(),
-                        namespace: Some(project),
-                        name: image,
-                        uid: None,
-                    };
-                    let note =
-                        format!("the cached copy was discarded and is fetched again: {reason}");
-                    recorder
-                        .record(&regarding, EventType::Warning, "ImageCacheCorrupt", &note)
-                        .await;
-                }
-            }
-        });
+        let image = |project: &str, name: &str| ObjectReference {
+            kind: "Image".into(),
+            api_version: Some(flotilla_types::API_VERSION.into()),
+            namespace: Some(project.to_string()),
+            name: name.to_string(),
+            ..Default::default()
+        };
+        let (regarding, type_, reason, message) = match notice {
+            CacheNotice::Discarded {
+                project,
+                image: name,
+                reason,
+            } => (
+                image(&project, &name),
+                EventType::Warning,
+                "ImageCacheCorrupt",
+                format!("the cached copy was discarded and is fetched again: {reason}"),
+            ),
+            CacheNotice::Cached {
+                project,
+                image: name,
+                bytes,
+                took,
+            } => (
+                image(&project, &name),
+                EventType::Normal,
+                "ImageCached",
+                format!(
+                    "cached ({} MiB) in {:.1} s",
+                    bytes >> 20,
+                    took.as_secs_f64()
+                ),
+            ),
+        };
+        tokio::spawn(async move { recorder.record(&regarding, type_, reason, &message).await });
     });
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -507,6 +521,11 @@ async fn actor(
                 let message = e.to_string();
                 if failures.count(&message) {
                     tracing::warn!(vm = %vm.metadata.name, error = %message, failures = failures.count, "reconcile failed; will retry");
+                    if failures.count == 1 {
+                        ctx.recorder
+                            .record(&vm::reference(&vm), EventType::Warning, "Failed", &message)
+                            .await;
+                    }
                 } else {
                     tracing::debug!(vm = %vm.metadata.name, error = %message, failures = failures.count, "reconcile failed again");
                 }

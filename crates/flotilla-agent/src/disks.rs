@@ -39,6 +39,13 @@ pub enum CacheNotice {
         image: String,
         reason: String,
     },
+    /// An image was fetched (or copied) and cached.
+    Cached {
+        project: String,
+        image: String,
+        bytes: u64,
+        took: std::time::Duration,
+    },
 }
 
 type Notify = Arc<dyn Fn(CacheNotice) + Send + Sync>;
@@ -221,6 +228,13 @@ impl Disks {
 }
 
 impl Inner {
+    fn notify(&self, notice: CacheNotice) {
+        let notify = self.notify.lock().expect("notify lock").clone();
+        if let Some(notify) = notify {
+            notify(notice);
+        }
+    }
+
     /// Verifies the cached entry (or discards it) and fetches it when there is none.
     async fn prepare(
         &self,
@@ -229,6 +243,7 @@ impl Inner {
         spec: &ImageSpec,
     ) -> Result<PathBuf, AgentError> {
         let name = name.as_str();
+        let started = std::time::Instant::now();
         let cached = self.images.join(format!("{key}.qcow2"));
         let manifest_path = self.images.join(format!("{key}.json"));
         let _permit = self.queue.acquire().await.expect("never closed");
@@ -245,14 +260,11 @@ impl Inner {
                     tracing::warn!(image = name, path = %cached.display(), %reason, "discarding a bad image cache entry; fetching it again");
                     remove_blocking(&cached).await?;
                     remove_blocking(&manifest_path).await?;
-                    let notify = self.notify.lock().expect("notify lock").clone();
-                    if let Some(notify) = notify {
-                        notify(CacheNotice::Discarded {
-                            project: project.clone(),
-                            image: name.to_string(),
-                            reason,
-                        });
-                    }
+                    self.notify(CacheNotice::Discarded {
+                        project: project.clone(),
+                        image: name.to_string(),
+                        reason,
+                    });
                 }
             }
         }
@@ -323,6 +335,12 @@ impl Inner {
             .expect("verified lock")
             .insert(key.to_string());
         tracing::info!(image = name, path = %cached.display(), bytes = manifest.bytes, "image cached");
+        self.notify(CacheNotice::Cached {
+            project: project.clone(),
+            image: name.to_string(),
+            bytes: manifest.bytes,
+            took: started.elapsed(),
+        });
         Ok(cached)
     }
 

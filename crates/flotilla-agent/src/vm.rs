@@ -8,7 +8,7 @@ use std::time::Duration;
 use flotilla_client::Client;
 use flotilla_types::kinds::vm::RESTART_ANNOTATION;
 use flotilla_types::registry::lookup;
-use flotilla_types::{Image, PowerState, VMClass, VirtualMachine};
+use flotilla_types::{EventType, Image, PowerState, VMClass, VirtualMachine};
 use serde_json::{json, Value};
 
 use crate::cloudinit::{self, SeedInput};
@@ -93,7 +93,7 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
             if let Ok(left) = left.to_std() {
                 if ctx.libvirt.state(&uid).await? == Some(DomainState::Running) {
                     tracing::info!(vm = %name, seconds = left.as_secs(), "shutting the guest down before deleting it");
-                    stop_within(ctx, &uid, left).await?;
+                    stop(ctx, vm, &uid, left).await?;
                 }
             }
             remove_everything(ctx, &uid).await?;
@@ -103,6 +103,8 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
         if meta.finalizers.iter().any(|f| f == FINALIZER) {
             edit_finalizers(ctx, &project, &name, |f| f.retain(|x| x != FINALIZER)).await?;
             tracing::info!(vm = %name, "deleted: domain and files removed");
+            let message = format!("the domain and its files are gone from {}", ctx.node);
+            event(ctx, vm, EventType::Normal, "Deleted", &message).await;
         }
         return Ok(Outcome::Gone);
     }
@@ -246,18 +248,36 @@ async fn apply_power(ctx: &Context, vm: &VirtualMachine, uid: &str) -> Result<Ou
     match vm.spec.power_state {
         PowerState::Running => {
             if wants_restart && ctx.libvirt.state(uid).await? == Some(DomainState::Running) {
-                stop(ctx, uid).await?;
+                event(
+                    ctx,
+                    vm,
+                    EventType::Normal,
+                    "Restarting",
+                    "restarting on request",
+                )
+                .await;
+                stop(ctx, vm, uid, ctx.shutdown_timeout).await?;
                 tracing::info!(vm = %name, "restarting on request");
             }
             if ctx.libvirt.state(uid).await? != Some(DomainState::Running) {
                 ctx.libvirt.start(uid).await?;
                 tracing::info!(vm = %name, "started");
+                let message = format!("started the domain on {}", ctx.node);
+                event(ctx, vm, EventType::Normal, "Started", &message).await;
             }
         }
         PowerState::Stopped => {
             if ctx.libvirt.state(uid).await? != Some(DomainState::Stopped) {
-                stop(ctx, uid).await?;
+                stop(ctx, vm, uid, ctx.shutdown_timeout).await?;
                 tracing::info!(vm = %name, "stopped");
+                event(
+                    ctx,
+                    vm,
+                    EventType::Normal,
+                    "Stopped",
+                    "the domain is stopped",
+                )
+                .await;
             }
         }
     }
@@ -322,13 +342,21 @@ async fn edit_finalizers(
     )))
 }
 
-/// Graceful shutdown, then destroy after the node's shutdown timeout.
-async fn stop(ctx: &Context, uid: &str) -> Result<(), AgentError> {
-    stop_within(ctx, uid, ctx.shutdown_timeout).await
+/// Records an event about `vm` (best effort).
+async fn event(ctx: &Context, vm: &VirtualMachine, type_: EventType, reason: &str, message: &str) {
+    ctx.recorder
+        .record(&reference(vm), type_, reason, message)
+        .await;
 }
 
-/// Graceful shutdown, then destroy after `timeout`.
-async fn stop_within(ctx: &Context, uid: &str, timeout: Duration) -> Result<(), AgentError> {
+/// Graceful shutdown, then the domain is destroyed after `timeout` (and a ShutdownTimeout
+/// event says so).
+async fn stop(
+    ctx: &Context,
+    vm: &VirtualMachine,
+    uid: &str,
+    timeout: Duration,
+) -> Result<(), AgentError> {
     ctx.libvirt.shutdown(uid).await?;
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
@@ -341,7 +369,13 @@ async fn stop_within(ctx: &Context, uid: &str, timeout: Duration) -> Result<(), 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tracing::info!(uid, "the guest did not shut down in time; destroying it");
-    ctx.libvirt.destroy(uid).await
+    ctx.libvirt.destroy(uid).await?;
+    let message = format!(
+        "the guest did not shut down within {} s of being asked (ACPI); it was powered off",
+        timeout.as_secs()
+    );
+    event(ctx, vm, EventType::Warning, "ShutdownTimeout", &message).await;
+    Ok(())
 }
 
 /// Creates `dir` and its missing parents as 0711: QEMU (another user under qemu:///system)
@@ -381,9 +415,12 @@ async fn vnc_password(dir: &std::path::Path) -> Result<String, AgentError> {
 pub fn reference(vm: &VirtualMachine) -> flotilla_types::ObjectReference {
     flotilla_types::ObjectReference {
         kind: "VirtualMachine".into(),
+        api_version: Some(flotilla_types::API_VERSION.into()),
         namespace: vm.metadata.namespace.clone(),
         name: vm.metadata.name.clone(),
         uid: vm.metadata.uid.clone(),
+        resource_version: vm.metadata.resource_version.clone(),
+        field_path: None,
     }
 }
 

@@ -191,7 +191,7 @@ async fn a_burst_from_a_new_image_fetches_it_once_and_a_corrupt_entry_heals() {
         .unwrap();
     let corrupt = events_about(&list, "ImageCacheCorrupt");
     assert_eq!(corrupt.len(), 1, "{list}");
-    assert_eq!(corrupt[0]["regarding"]["name"], "fresh");
+    assert_eq!(corrupt[0]["involvedObject"]["name"], "fresh");
     assert_eq!(corrupt[0]["type"], "Warning");
     assert_eq!(corrupt[0]["reportingInstance"], node.as_str());
 
@@ -264,9 +264,12 @@ async fn a_stuck_vm_says_so_once() {
     })
     .await;
     assert_eq!(warning["type"], "Warning");
-    assert_eq!(warning["regarding"]["uid"], created["metadata"]["uid"]);
+    assert_eq!(warning["involvedObject"]["uid"], created["metadata"]["uid"]);
     assert!(
-        warning["note"].as_str().unwrap().contains("no-such-image"),
+        warning["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-image"),
         "{warning}"
     );
     // The sixth and seventh failures (8 and 16 s later) add nothing.

@@ -188,8 +188,8 @@ async fn damaged_entries_are_noticed_and_made_again() {
     let fresh = |notices: &Arc<Mutex<Vec<String>>>| {
         let disks = Disks::new(dir.path(), 1);
         let seen = notices.clone();
-        disks.on_notice(move |n| match n {
-            flotilla_agent::disks::CacheNotice::Discarded { reason, .. } => {
+        disks.on_notice(move |n| {
+            if let flotilla_agent::disks::CacheNotice::Discarded { reason, .. } = n {
                 seen.lock().unwrap().push(reason)
             }
         });

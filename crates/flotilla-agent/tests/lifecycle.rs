@@ -109,6 +109,36 @@ async fn vm_lifecycle_on_the_test_driver() {
         .iter()
         .any(|f| f == "flotilla.dev/agent"));
     let uid = running["metadata"]["uid"].as_str().unwrap().to_string();
+    // What happened is in its events, found as kubectl describe finds them (core v1).
+    let events = lookup("event").unwrap();
+    let reasons = eventually("the VM's events are recorded", 10, async || {
+        let list = admin
+            .list(
+                events,
+                Some("default"),
+                &flotilla_client::ListParams {
+                    field_selector: Some(format!(
+                        "involvedObject.uid={uid},involvedObject.kind=VirtualMachine"
+                    )),
+                    ..Default::default()
+                },
+            )
+            .await
+            .ok()?;
+        let reasons: Vec<String> = list["items"]
+            .as_array()?
+            .iter()
+            .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
+            .collect();
+        (reasons.contains(&"Scheduled".to_string()) && reasons.contains(&"Started".to_string()))
+            .then_some(list)
+    })
+    .await;
+    assert_eq!(reasons["apiVersion"], "v1");
+    for e in reasons["items"].as_array().unwrap() {
+        assert_eq!(e["type"], "Normal", "{e}");
+        assert_eq!(e["count"], 1, "{e}");
+    }
     assert_eq!(
         libvirt.state(&uid).await.unwrap(),
         Some(DomainState::Running),

@@ -83,7 +83,7 @@ pub struct Client {
 /// The path of a collection, an object or its status.
 pub fn path(kind: &KindInfo, namespace: Option<&str>, name: Option<&str>, status: bool) -> String {
     let enc = |s: &str| urlencoding::encode(s).into_owned();
-    let mut p = format!("/apis/{}", flotilla_types::API_VERSION);
+    let mut p = kind.api_root();
     if kind.namespaced {
         p.push_str(&format!(
             "/namespaces/{}",
@@ -367,7 +367,7 @@ impl Client {
 fn list_path(kind: &KindInfo, namespace: Option<&str>) -> String {
     match namespace {
         Some(_) => path(kind, namespace, None, false),
-        None => format!("/apis/{}/{}", flotilla_types::API_VERSION, kind.plural),
+        None => format!("{}/{}", kind.api_root(), kind.plural),
     }
 }
 

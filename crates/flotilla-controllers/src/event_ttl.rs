@@ -32,7 +32,8 @@ pub async fn sweep(objects: &Objects, ttl: Duration) -> Result<usize, flotilla_s
         let Ok(event) = serde_json::from_slice::<Event>(&raw) else {
             continue;
         };
-        if event.last_seen() >= cutoff {
+        let seen = event.last_seen().or(event.metadata.creation_timestamp);
+        if seen.is_none_or(|t| t >= cutoff) {
             continue;
         }
         let ns = event.metadata.namespace.as_deref();

@@ -3,6 +3,7 @@
 
 pub mod compactor;
 pub mod event_ttl;
+pub mod events;
 pub mod garbage_collector;
 pub mod leader;
 pub mod node_lifecycle;

@@ -103,6 +103,19 @@ pub async fn sync(objects: &Objects, grace: Duration) -> Result<usize, flotilla_
             Ok(_) => {
                 changed += 1;
                 tracing::info!(node = name, ready = status, "node readiness changed");
+                let (type_, event) = if status == "True" {
+                    (flotilla_types::EventType::Normal, "NodeReady")
+                } else {
+                    (flotilla_types::EventType::Warning, "NodeNotReady")
+                };
+                crate::events::Recorder::new(objects.clone())
+                    .record(
+                        &crate::events::reference(nodes_kind, &node),
+                        type_,
+                        event,
+                        &message,
+                    )
+                    .await;
             }
             Err(e) => tracing::warn!(node = name, error = %e, "could not update node readiness"),
         }

@@ -79,13 +79,14 @@ async fn expired_events_are_deleted() {
     let make = |name: &str, first: String, last: Option<String>| {
         let mut e = serde_json::json!({
             "metadata": {"name": name},
-            "regarding": {"kind": "VirtualMachine", "name": "web"},
+            "involvedObject": {"kind": "VirtualMachine", "name": "web"},
             "type": "Normal", "reason": "Test",
-            "reportingController": "test", "reportingInstance": "test",
-            "eventTime": first,
+            "reportingComponent": "test", "reportingInstance": "test",
+            "firstTimestamp": first, "lastTimestamp": first,
         });
         if let Some(last) = last {
-            e["series"] = serde_json::json!({"count": 2, "lastObservedTime": last});
+            e["count"] = serde_json::json!(2);
+            e["lastTimestamp"] = serde_json::json!(last);
         }
         e
     };

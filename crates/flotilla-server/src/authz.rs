@@ -130,11 +130,12 @@ pub fn guard_create(scope: &Scope, object: &Value) -> Result<(), ApiError> {
 }
 
 fn reported_by(node: &str, event: &Value) -> Result<(), ApiError> {
-    if event["reportingInstance"].as_str() == Some(node) {
+    let host = event["source"]["host"].as_str();
+    if event["reportingInstance"].as_str() == Some(node) && host.is_none_or(|h| h == node) {
         Ok(())
     } else {
         Err(ApiError::forbidden(format!(
-            "node {node:?} may write only Events with reportingInstance {node:?}"
+            "node {node:?} may write only Events with reportingInstance (and source.host) {node:?}"
         )))
     }
 }

@@ -45,39 +45,19 @@ pub fn router(state: AppState) -> Router {
             get(|State(s): State<AppState>| async move { version(&s.cluster_id) }),
         )
         .route("/metrics", get(metrics))
+        .route("/api", get(core_versions))
+        .route("/api/v1", get(|| api_resources("v1")))
         .route("/apis", get(api_groups))
         .route("/apis/flotilla.dev", get(api_group))
-        .route(base, get(api_resources))
+        .route(base, get(|| api_resources(flotilla_types::API_VERSION)))
         .route("/openapi/v3", get(openapi))
         .route(
             "/flotilla/v1/join-tokens",
             axum::routing::post(crate::join::create_join_token),
         )
-        .route("/flotilla/v1/join", axum::routing::post(crate::join::join))
-        .route(
-            &format!("{base}/{{plural}}"),
-            any(crate::resource::resource),
-        )
-        .route(
-            &format!("{base}/{{plural}}/{{name}}"),
-            any(crate::resource::resource),
-        )
-        .route(
-            &format!("{base}/{{plural}}/{{name}}/{{sub}}"),
-            any(crate::resource::resource),
-        )
-        .route(
-            &format!("{base}/namespaces/{{ns}}/{{plural}}"),
-            any(crate::resource::resource),
-        )
-        .route(
-            &format!("{base}/namespaces/{{ns}}/{{plural}}/{{name}}"),
-            any(crate::resource::resource),
-        )
-        .route(
-            &format!("{base}/namespaces/{{ns}}/{{plural}}/{{name}}/{{sub}}"),
-            any(crate::resource::resource),
-        )
+        .route("/flotilla/v1/join", axum::routing::post(crate::join::join));
+    let api = with_resources(api, base, crate::resource::group_resource);
+    let api = with_resources(api, "/api/v1", crate::resource::core_resource)
         .fallback(not_found)
         .route_layer(middleware::from_fn_with_state(
             state.auth.clone(),
@@ -98,6 +78,26 @@ pub fn router(state: AppState) -> Router {
             crate::metrics::record,
         ))
         .with_state(state)
+}
+
+/// The resource paths under `root`, cluster-scoped and per project, each served by `handler`.
+fn with_resources<H, T>(router: Router<AppState>, root: &str, handler: H) -> Router<AppState>
+where
+    H: axum::handler::Handler<T, AppState> + Clone + Send + Sync + 'static,
+    T: 'static,
+{
+    [
+        "{plural}",
+        "{plural}/{name}",
+        "{plural}/{name}/{sub}",
+        "namespaces/{ns}/{plural}",
+        "namespaces/{ns}/{plural}/{name}",
+        "namespaces/{ns}/{plural}/{name}/{sub}",
+    ]
+    .into_iter()
+    .fold(router, |r, tail| {
+        r.route(&format!("{root}/{tail}"), any(handler.clone()))
+    })
 }
 
 /// Unknown paths need a token too, so nothing can be probed anonymously.
@@ -159,11 +159,21 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+/// The Kubernetes API version whose conventions this server follows; `kubectl version` and
+/// client libraries read `major`, `minor` and `gitVersion`.
+const KUBERNETES_MAJOR: &str = "1";
+const KUBERNETES_MINOR: &str = "31";
+
+/// `/version` in Kubernetes' form, with Flotilla's own version and the cluster's ID beside it.
 fn version(cluster_id: &str) -> Response {
-    axum::Json(
-        json!({"version": env!("CARGO_PKG_VERSION"), "apiVersion": flotilla_types::API_VERSION,
-                      "clusterID": cluster_id}),
-    )
+    let flotilla = env!("CARGO_PKG_VERSION");
+    axum::Json(json!({
+        "major": KUBERNETES_MAJOR, "minor": KUBERNETES_MINOR,
+        "gitVersion": format!("v{KUBERNETES_MAJOR}.{KUBERNETES_MINOR}.0+flotilla-{flotilla}"),
+        "gitCommit": "", "gitTreeState": "", "buildDate": "", "goVersion": "",
+        "compiler": "rustc", "platform": format!("{}/{}", std::env::consts::OS, if cfg!(target_arch = "x86_64") { "amd64" } else { std::env::consts::ARCH }),
+        "flotillaVersion": flotilla, "apiVersion": flotilla_types::API_VERSION, "clusterID": cluster_id,
+    }))
     .into_response()
 }
 
@@ -199,22 +209,33 @@ async fn api_group() -> Response {
     .into_response()
 }
 
-async fn api_resources() -> Response {
+/// Kubernetes' core group: only `v1`, where Flotilla serves Event.
+async fn core_versions() -> Response {
+    axum::Json(json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}))
+        .into_response()
+}
+
+async fn api_resources(group_version: &'static str) -> Response {
     let mut resources = Vec::new();
-    for k in registry::KINDS {
+    for k in registry::KINDS
+        .iter()
+        .filter(|k| k.api_version == group_version)
+    {
         resources.push(json!({
             "name": k.plural, "singularName": k.singular, "namespaced": k.namespaced, "kind": k.kind,
-            "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+            "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
             "shortNames": k.short_names,
         }));
-        resources.push(json!({
-            "name": format!("{}/status", k.plural), "singularName": "", "namespaced": k.namespaced,
-            "kind": k.kind, "verbs": ["get", "patch", "update"],
-        }));
+        if k.has_status {
+            resources.push(json!({
+                "name": format!("{}/status", k.plural), "singularName": "", "namespaced": k.namespaced,
+                "kind": k.kind, "verbs": ["get", "patch", "update"],
+            }));
+        }
     }
     axum::Json(json!({
         "kind": "APIResourceList", "apiVersion": "v1",
-        "groupVersion": flotilla_types::API_VERSION, "resources": resources
+        "groupVersion": group_version, "resources": resources
     }))
     .into_response()
 }

@@ -216,11 +216,11 @@ fn check_envelope(
     };
     match obj.get("apiVersion") {
         None => {}
-        Some(Value::String(v)) if v == flotilla_types::API_VERSION => {}
+        Some(Value::String(v)) if v == kind.api_version => {}
         Some(other) => {
             return Err(ApiError::bad_request(format!(
                 "apiVersion {other} is not served here; use {}",
-                flotilla_types::API_VERSION
+                kind.api_version
             )))
         }
     }
@@ -234,7 +234,7 @@ fn check_envelope(
             )))
         }
     }
-    obj.insert("apiVersion".into(), json!(flotilla_types::API_VERSION));
+    obj.insert("apiVersion".into(), json!(kind.api_version));
     obj.insert("kind".into(), json!(kind.kind));
     let meta = obj.entry("metadata").or_insert_with(|| json!({}));
     let Some(meta) = meta.as_object_mut() else {
@@ -1125,7 +1125,7 @@ fn merge_for_write(
             wanted
         }
     };
-    next["apiVersion"] = json!(flotilla_types::API_VERSION);
+    next["apiVersion"] = json!(kind.api_version);
     next["kind"] = json!(kind.kind);
     Ok(next)
 }

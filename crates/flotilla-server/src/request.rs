@@ -10,6 +10,8 @@ use flotilla_types::registry::{self, KindInfo};
 use http_body_util::BodyExt;
 use serde_json::Value;
 
+use flotilla_types::table::IncludeObject;
+
 use crate::error::ApiError;
 use crate::http::MAX_BODY;
 use crate::objects::{DeleteOptions, PatchBody, Propagation, Subresource};
@@ -30,6 +32,8 @@ pub(crate) struct Query {
     /// DELETE: `Background` (default), `Foreground` or `Orphan`.
     pub(crate) propagation_policy: Option<Propagation>,
     pub(crate) grace_period_seconds: Option<i64>,
+    /// With a Table answer: how much of each object its row carries.
+    pub(crate) include_object: Option<IncludeObject>,
 }
 
 fn parse_propagation(v: &str) -> Result<Propagation, ApiError> {
@@ -96,6 +100,18 @@ pub(crate) fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
                 q.propagation_policy = Some(Propagation::Orphan)
             }
             "gracePeriodSeconds" => q.grace_period_seconds = Some(whole("gracePeriodSeconds", &v)?),
+            "includeObject" => {
+                q.include_object = Some(match v.as_ref() {
+                    "None" => IncludeObject::None,
+                    "Metadata" => IncludeObject::Metadata,
+                    "Object" => IncludeObject::Object,
+                    other => {
+                        return Err(ApiError::bad_request(format!(
+                            "includeObject={other:?} is not one of None, Metadata, Object"
+                        )))
+                    }
+                })
+            }
             _ => {}
         }
     }
@@ -254,22 +270,27 @@ pub(crate) struct Target {
     pub(crate) sub: Option<Subresource>,
 }
 
-pub(crate) fn resolve(params: &HashMap<String, String>) -> Result<Target, ApiError> {
+/// The target of a request to `api_version`'s paths (`/apis/flotilla.dev/v1alpha1/...` or
+/// `/api/v1/...`).
+pub(crate) fn resolve(
+    api_version: &str,
+    params: &HashMap<String, String>,
+) -> Result<Target, ApiError> {
     let plural = params.get("plural").map(String::as_str).unwrap_or_default();
-    let kind = registry::by_plural(plural).ok_or_else(|| {
-        let hint = registry::lookup(plural)
-            .map(|k| format!(" (did you mean {}?)", k.plural))
-            .unwrap_or_default();
-        ApiError::new(
-            404,
-            "NotFound",
-            format!(
-                "the server has no resource {plural:?} in {}{hint}; see /apis/{}",
-                flotilla_types::API_VERSION,
-                flotilla_types::API_VERSION
-            ),
-        )
-    })?;
+    let kind = registry::by_plural(plural)
+        .filter(|k| k.api_version == api_version)
+        .ok_or_else(|| {
+            let hint = registry::lookup(plural)
+                .map(|k| format!(" (did you mean {} in {}?)", k.plural, k.api_root()))
+                .unwrap_or_default();
+            ApiError::new(
+                404,
+                "NotFound",
+                format!(
+                    "the server has no resource {plural:?} in {api_version}{hint}; discovery starts at /apis and /api"
+                ),
+            )
+        })?;
     let namespace = params.get("ns").cloned();
     let name = params.get("name").cloned();
     match (kind.namespaced, &namespace, &name) {
@@ -278,9 +299,9 @@ pub(crate) fn resolve(params: &HashMap<String, String>) -> Result<Target, ApiErr
                 404,
                 "NotFound",
                 format!(
-                    "{} is cluster-scoped: use /apis/{}/{}",
+                    "{} is cluster-scoped: use {}/{}",
                     kind.kind,
-                    flotilla_types::API_VERSION,
+                    kind.api_root(),
                     kind.plural
                 ),
             ))
@@ -290,9 +311,9 @@ pub(crate) fn resolve(params: &HashMap<String, String>) -> Result<Target, ApiErr
                 404,
                 "NotFound",
                 format!(
-                    "{} belongs to a project: use /apis/{}/namespaces/<project>/{}/<name>",
+                    "{} belongs to a project: use {}/namespaces/<project>/{}/<name>",
                     kind.kind,
-                    flotilla_types::API_VERSION,
+                    kind.api_root(),
                     kind.plural
                 ),
             ))
@@ -301,7 +322,7 @@ pub(crate) fn resolve(params: &HashMap<String, String>) -> Result<Target, ApiErr
     }
     let sub = match params.get("sub").map(String::as_str) {
         None => None,
-        Some("status") => Some(Subresource::Status),
+        Some("status") if kind.has_status => Some(Subresource::Status),
         Some(other) => {
             return Err(ApiError::new(
                 404,
@@ -316,4 +337,35 @@ pub(crate) fn resolve(params: &HashMap<String, String>) -> Result<Target, ApiErr
         name,
         sub,
     })
+}
+
+/// Whether the client asks for a `meta.k8s.io` Table (kubectl's server-side printing): the first
+/// media type of `Accept` that names `as=Table` with that group wins over plain JSON only if it
+/// comes first.
+pub(crate) fn wants_table(headers: &HeaderMap) -> bool {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    for media in accept.split(',') {
+        let mut parts = media.split(';').map(str::trim);
+        let essence = parts.next().unwrap_or_default();
+        if essence != "application/json" && essence != "*/*" {
+            continue;
+        }
+        let params: Vec<(&str, &str)> = parts.filter_map(|p| p.split_once('=')).collect();
+        let has = |k: &str, v: &str| {
+            params
+                .iter()
+                .any(|(pk, pv)| pk.trim() == k && pv.trim() == v)
+        };
+        if has("as", "Table") && has("g", "meta.k8s.io") {
+            return true;
+        }
+        if !params.iter().any(|(k, _)| k.trim() == "as") {
+            // Plain JSON comes first: that is what the client prefers.
+            return false;
+        }
+    }
+    false
 }

@@ -12,6 +12,8 @@ use axum::response::Response;
 use flotilla_store::Revision;
 use flotilla_types::registry::KindInfo;
 use flotilla_types::selector::{FieldSelector, LabelSelector};
+use flotilla_types::table::{kubernetes_table, IncludeObject};
+use futures::StreamExt;
 use serde_json::Value;
 
 use crate::auth::Principal;
@@ -20,7 +22,8 @@ use crate::error::ApiError;
 use crate::http::{json_response, object_response, AppState};
 use crate::objects::{ListOptions, ListResult, Objects, Subresource};
 use crate::request::{
-    delete_options, parse_document, parse_patch, parse_query, read_body, resolve, Query, Target,
+    delete_options, parse_document, parse_patch, parse_query, read_body, resolve, wants_table,
+    Query, Target,
 };
 use crate::watch::{self, WatchRequest};
 
@@ -32,7 +35,8 @@ const COLLECTION_METHODS: &str = "GET, POST, DELETE";
 const OBJECT_METHODS: &str = "GET, PUT, PATCH, DELETE";
 const STATUS_METHODS: &str = "GET, PUT, PATCH";
 
-pub(crate) async fn resource(
+/// Resources of Flotilla's group, under `/apis/flotilla.dev/v1alpha1`.
+pub(crate) async fn group_resource(
     State(state): State<AppState>,
     axum::Extension(principal): axum::Extension<Principal>,
     Path(params): Path<HashMap<String, String>>,
@@ -40,6 +44,47 @@ pub(crate) async fn resource(
     method: Method,
     headers: HeaderMap,
     body: Body,
+) -> Result<Response, ApiError> {
+    let request = (method, headers, body);
+    handle(
+        flotilla_types::API_VERSION,
+        state,
+        principal,
+        params,
+        query,
+        request,
+    )
+    .await
+}
+
+/// Resources of Kubernetes' core group that Flotilla serves (Event), under `/api/v1`.
+pub(crate) async fn core_resource(
+    State(state): State<AppState>,
+    axum::Extension(principal): axum::Extension<Principal>,
+    Path(params): Path<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    handle(
+        "v1",
+        state,
+        principal,
+        params,
+        query,
+        (method, headers, body),
+    )
+    .await
+}
+
+async fn handle(
+    api_version: &str,
+    state: AppState,
+    principal: Principal,
+    params: HashMap<String, String>,
+    query: Option<String>,
+    (method, headers, body): (Method, HeaderMap, Body),
 ) -> Result<Response, ApiError> {
     if params.get("sub").map(String::as_str) == Some("log")
         && params.get("plural").map(String::as_str) == Some("virtualmachines")
@@ -56,7 +101,7 @@ pub(crate) async fn resource(
         }
         return crate::logs::proxy(&state, &principal, &ns, &name, query.as_deref()).await;
     }
-    let target = resolve(&params)?;
+    let target = resolve(api_version, &params)?;
     let q = parse_query(query.as_deref())?;
     let verb = verb_of(&target, &method, &q)?;
     // A create names its object in the body; everything else in the path.
@@ -91,6 +136,7 @@ pub(crate) async fn resource(
     };
     let dry = dry_run.then(|| state.objects.dry_run());
     let objects = dry.as_ref().unwrap_or(&state.objects);
+    let table = wants_table(&headers).then(|| q.include_object.unwrap_or(IncludeObject::Metadata));
     match verb {
         Verb::Watch => {
             let rv = q.resource_version.filter(|rv| *rv > 0);
@@ -109,10 +155,16 @@ pub(crate) async fn resource(
                 },
             )
             .await?;
+            let body = match table {
+                None => Body::from_stream(stream),
+                Some(include) => Body::from_stream(
+                    stream.map(move |line| line.map(|l| watch_line_as_table(kind, &l, include))),
+                ),
+            };
             Ok(Response::builder()
                 .header(header::CONTENT_TYPE, "application/json")
                 .header(header::CACHE_CONTROL, "no-cache")
-                .body(Body::from_stream(stream))
+                .body(body)
                 .expect("valid response"))
         }
         Verb::List => {
@@ -121,7 +173,24 @@ pub(crate) async fn resource(
             }
             // A project that does not exist simply has nothing in it, as in Kubernetes.
             let list = objects.list(kind, ns, &list_options(kind, &q)?).await?;
-            Ok(list_response(kind, &list))
+            match table {
+                Some(include) => {
+                    let items: Vec<Value> = list
+                        .items
+                        .iter()
+                        .filter_map(|raw| serde_json::from_slice(raw).ok())
+                        .collect();
+                    let mut t = kubernetes_table(kind, &items, &list.revision.to_string(), include);
+                    if let Some(token) = &list.continue_token {
+                        t["metadata"]["continue"] = Value::String(token.clone());
+                    }
+                    Ok(json_response(
+                        StatusCode::OK,
+                        serde_json::to_vec(&t).expect("serialises"),
+                    ))
+                }
+                None => Ok(list_response(kind, &list)),
+            }
         }
         Verb::Create => {
             let doc = create_body.expect("parsed above");
@@ -132,7 +201,21 @@ pub(crate) async fn resource(
         Verb::Get => {
             let name = target.name.as_deref().expect("a named target");
             match objects.get_guarded(kind, ns, name, &guard).await {
-                Ok(stored) => Ok(object_response(StatusCode::OK, &stored)),
+                Ok(stored) => match table {
+                    Some(include) => {
+                        let t = kubernetes_table(
+                            kind,
+                            &[stored.to_value()],
+                            &stored.revision.to_string(),
+                            include,
+                        );
+                        Ok(json_response(
+                            StatusCode::OK,
+                            serde_json::to_vec(&t).expect("serialises"),
+                        ))
+                    }
+                    None => Ok(object_response(StatusCode::OK, &stored)),
+                },
                 Err(e) if e.code() == 404 => {
                     ensure_project(objects, ns).await?;
                     Err(e)
@@ -196,6 +279,32 @@ pub(crate) async fn resource(
     }
 }
 
+/// A watch line whose object becomes a one-row Table (`kubectl get -w`); bookmarks and errors
+/// pass as they are.
+fn watch_line_as_table(
+    kind: &'static KindInfo,
+    line: &[u8],
+    include: IncludeObject,
+) -> bytes::Bytes {
+    let Ok(mut event) = serde_json::from_slice::<Value>(line) else {
+        return bytes::Bytes::copy_from_slice(line);
+    };
+    if matches!(
+        event["type"].as_str(),
+        Some("ADDED" | "MODIFIED" | "DELETED")
+    ) {
+        let object = event["object"].take();
+        let rv = object["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        event["object"] = kubernetes_table(kind, &[object], &rv, include);
+    }
+    let mut out = serde_json::to_vec(&event).expect("serialises");
+    out.push(b'\n');
+    bytes::Bytes::from(out)
+}
+
 /// What a request asks, or 405 (with `Allow`) when the method makes no sense on its target.
 fn verb_of(target: &Target, method: &Method, q: &Query) -> Result<Verb, ApiError> {
     let not_allowed = |allow: &'static str| {
@@ -236,9 +345,7 @@ fn list_response(kind: &KindInfo, list: &ListResult) -> Response {
     out.extend_from_slice(
         format!(
             "{{\"apiVersion\":\"{}\",\"kind\":\"{}List\",\"metadata\":{{\"resourceVersion\":\"{}\"",
-            flotilla_types::API_VERSION,
-            kind.kind,
-            list.revision
+            kind.api_version, kind.kind, list.revision
         )
         .as_bytes(),
     );

@@ -105,7 +105,7 @@ pub async fn start(
                 _ = tx.closed() => return,
                 _ = &mut deadline => return,
                 _ = bookmark.tick(), if req.bookmarks.is_some() => {
-                    let object = json!({"apiVersion": flotilla_types::API_VERSION, "kind": kind.kind, "metadata": {"resourceVersion": last.to_string()}});
+                    let object = json!({"apiVersion": kind.api_version, "kind": kind.kind, "metadata": {"resourceVersion": last.to_string()}});
                     Some(line("BOOKMARK", &serde_json::to_vec(&object).expect("serialises")))
                 }
                 ev = events.next() => match ev {

@@ -43,6 +43,41 @@ async fn discovery_lists_every_kind_for_kubernetes_tooling() {
     ] {
         assert!(names.contains(&n), "{n} missing from {names:?}");
     }
+    assert!(!names.contains(&"events"), "Event lives in the core group");
+    // Kubernetes' core group, where kubectl and the Python client look for events.
+    let core = get(&t, "/api").await;
+    assert_eq!(
+        (core["kind"].as_str(), core["versions"][0].as_str()),
+        (Some("APIVersions"), Some("v1"))
+    );
+    let v1 = get(&t, "/api/v1").await;
+    let events = &v1["resources"][0];
+    assert_eq!(
+        (events["name"].as_str(), events["kind"].as_str()),
+        (Some("events"), Some("Event"))
+    );
+    assert_eq!(
+        v1["resources"].as_array().unwrap().len(),
+        1,
+        "no events/status: {v1}"
+    );
+    let list = get(&t, "/api/v1/namespaces/default/events").await;
+    assert_eq!(
+        (list["apiVersion"].as_str(), list["kind"].as_str()),
+        (Some("v1"), Some("EventList"))
+    );
+    let wrong = t
+        .http()
+        .get(t.url("/apis/flotilla.dev/v1alpha1/namespaces/default/events"))
+        .bearer_auth(t.token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        wrong.status(),
+        404,
+        "events are not served in Flotilla's group"
+    );
     let vm = resources["resources"]
         .as_array()
         .unwrap()

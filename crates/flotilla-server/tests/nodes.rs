@@ -337,10 +337,11 @@ async fn join_tokens_only_join_and_only_admins_mint_them() {
 fn event(name: &str, reporter: &str) -> Value {
     json!({
         "metadata": {"name": name},
-        "regarding": {"kind": "VirtualMachine", "namespace": "default", "name": "web", "uid": "u-1"},
-        "type": "Warning", "reason": "ReconcileFailing", "note": "it keeps failing",
-        "reportingController": "flotilla.dev/agent", "reportingInstance": reporter,
-        "eventTime": "2026-01-01T00:00:00Z"
+        "involvedObject": {"kind": "VirtualMachine", "namespace": "default", "name": "web", "uid": "u-1"},
+        "type": "Warning", "reason": "ReconcileFailing", "message": "it keeps failing",
+        "source": {"component": "flotilla.dev/agent", "host": reporter},
+        "reportingComponent": "flotilla.dev/agent", "reportingInstance": reporter,
+        "count": 1, "firstTimestamp": "2026-01-01T00:00:00Z", "lastTimestamp": "2026-01-01T00:00:00Z"
     })
 }
 
@@ -360,7 +361,7 @@ async fn nodes_record_events_only_as_themselves() {
         .await
         .unwrap_err();
     assert_eq!(forged.code(), Some(403), "{forged}");
-    let again = json!({"series": {"count": 2, "lastObservedTime": "2026-01-01T00:01:00Z"}});
+    let again = json!({"count": 2, "lastTimestamp": "2026-01-01T00:01:00Z"});
     a.patch(events, Some("default"), "web-a", &again, false)
         .await
         .unwrap();
@@ -393,7 +394,7 @@ async fn nodes_record_events_only_as_themselves() {
         .get(events, Some("default"), "web-a")
         .await
         .unwrap();
-    assert_eq!(stored["series"]["count"], 2);
+    assert_eq!(stored["count"], 2);
     assert_eq!(stored["reportingInstance"], "node-a");
     // Admins find an object's events by its uid.
     let list = t
@@ -402,7 +403,7 @@ async fn nodes_record_events_only_as_themselves() {
             events,
             Some("default"),
             &ListParams {
-                field_selector: Some("regarding.uid=u-1".into()),
+                field_selector: Some("involvedObject.uid=u-1".into()),
                 ..Default::default()
             },
         )

@@ -9,6 +9,10 @@ use crate::validation::FieldErrors;
 
 pub struct KindInfo {
     pub kind: &'static str,
+    /// `flotilla.dev/v1alpha1`, or `v1` for the kinds served in Kubernetes' core group.
+    pub api_version: &'static str,
+    /// Whether it has a `/status` subresource.
+    pub has_status: bool,
     pub plural: &'static str,
     pub singular: &'static str,
     pub short_names: &'static [&'static str],
@@ -36,6 +40,8 @@ macro_rules! kind_info {
     ($t:ty, [$($field:literal),*]) => {
         KindInfo {
             kind: <$t>::KIND,
+            api_version: <$t as Resource>::API_VERSION,
+            has_status: <$t as Resource>::HAS_STATUS,
             plural: <$t>::PLURAL,
             singular: <$t>::SINGULAR,
             short_names: <$t>::SHORT_NAMES,
@@ -64,12 +70,17 @@ pub static KINDS: &[KindInfo] = &[
     kind_info!(
         Event,
         [
-            "regarding.kind",
-            "regarding.name",
-            "regarding.uid",
-            "type",
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
             "reason",
-            "reportingInstance"
+            "type",
+            "source",
+            "reportingComponent"
         ]
     ),
 ];
@@ -88,6 +99,17 @@ pub fn lookup(name: &str) -> Option<&'static KindInfo> {
 
 pub fn by_plural(plural: &str) -> Option<&'static KindInfo> {
     KINDS.iter().find(|k| k.plural == plural)
+}
+
+impl KindInfo {
+    /// The path prefix the kind is served under: `/apis/flotilla.dev/v1alpha1` or `/api/v1`.
+    pub fn api_root(&self) -> String {
+        if self.api_version.contains('/') {
+            format!("/apis/{}", self.api_version)
+        } else {
+            format!("/api/{}", self.api_version)
+        }
+    }
 }
 
 pub fn by_kind(kind: &str) -> Option<&'static KindInfo> {

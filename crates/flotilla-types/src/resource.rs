@@ -18,6 +18,8 @@ pub struct Column {
     pub path: &'static str,
     /// Shown only with `-o wide`.
     pub wide: bool,
+    /// The value is a time, shown as the age since then (`5m`).
+    pub age: bool,
 }
 
 /// Semantic checks beyond what the types enforce. `path` is where the value sits (`spec`).
@@ -34,6 +36,11 @@ pub trait Resource:
     const SHORT_NAMES: &'static [&'static str];
     /// Project-scoped (true) or cluster-scoped (false).
     const NAMESPACED: bool;
+    /// The group/version that serves the kind: Flotilla's own, or `v1` (Kubernetes' core group,
+    /// at `/api/v1`) for the kinds Kubernetes clients look for there (Event).
+    const API_VERSION: &'static str = API_VERSION;
+    /// Whether the kind has a status written through the `/status` subresource.
+    const HAS_STATUS: bool = true;
     /// Fields usable in `fieldSelector` besides `metadata.name` and `metadata.namespace`.
     const FIELD_SELECTORS: &'static [&'static str];
     const COLUMNS: &'static [Column];
@@ -99,7 +106,7 @@ macro_rules! define_kind {
             const NAMESPACED: bool = $namespaced;
             const FIELD_SELECTORS: &'static [&'static str] = &[$($field),*];
             const COLUMNS: &'static [$crate::resource::Column] =
-                &[$($crate::resource::Column { name: $col, path: $path, wide: $crate::define_kind!(@wide $($wide)?) }),*];
+                &[$($crate::resource::Column { name: $col, path: $path, wide: $crate::define_kind!(@wide $($wide)?), age: false }),*];
             $(const SET_ONCE: &'static [&'static str] = &[$($once),*];)?
 
             fn metadata(&self) -> &$crate::meta::ObjectMeta {

@@ -104,7 +104,7 @@ pub async fn version(conn: &ConnectionArgs) -> anyhow::Result<()> {
                 .await?;
             println!(
                 "Server: {} ({})",
-                output::field(&v, "version"),
+                output::field(&v, "flotillaVersion"),
                 output::field(&v, "apiVersion")
             );
             println!("Cluster: {}", output::field(&v, "clusterID"));
@@ -398,7 +398,7 @@ pub async fn describe(conn: &ConnectionArgs, args: DescribeArgs) -> anyhow::Resu
         let uid = obj["metadata"]["uid"].as_str().unwrap_or_default();
         let events = registry::by_kind("Event").expect("registered");
         let params = ListParams {
-            field_selector: Some(format!("regarding.uid={uid}")),
+            field_selector: Some(format!("involvedObject.uid={uid}")),
             ..Default::default()
         };
         // Events about cluster-scoped objects (nodes) are kept in the default project.

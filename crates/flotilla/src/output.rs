@@ -3,49 +3,7 @@
 use flotilla_types::registry::KindInfo;
 use serde_json::Value;
 
-/// Follows a dotted path; `list[key=value]` picks the element of a list whose `key` is `value`
-/// (e.g. `status.conditions[type=Ready].status`); arrays are joined with commas, absent values
-/// are empty.
-pub fn field(object: &Value, path: &str) -> String {
-    let v = path
-        .split('.')
-        .try_fold(object, |v, seg| match seg.split_once('[') {
-            Some((name, filter)) => {
-                let (key, want) = filter.trim_end_matches(']').split_once('=')?;
-                v.get(name)?
-                    .as_array()?
-                    .iter()
-                    .find(|item| item[key].as_str() == Some(want))
-            }
-            None => v.get(seg),
-        });
-    match v {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
-            .collect::<Vec<_>>()
-            .join(","),
-        Some(other) => other.to_string(),
-    }
-}
-
-/// `45s`, `12m`, `3h`, `5d` since an RFC 3339 time.
-pub fn age(timestamp: &str) -> String {
-    let Ok(t) = chrono::DateTime::parse_from_rfc3339(timestamp) else {
-        return "<unknown>".into();
-    };
-    let secs = (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
-        .num_seconds()
-        .max(0);
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 2 * 3600 => format!("{}m", s / 60),
-        s if s < 2 * 86400 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86400),
-    }
-}
+pub use flotilla_types::table::{age, field};
 
 pub struct Table {
     pub headers: Vec<String>,
@@ -59,12 +17,7 @@ impl Table {
             headers.push("PROJECT".to_string());
         }
         headers.push("NAME".to_string());
-        headers.extend(
-            kind.columns
-                .iter()
-                .filter(|c| wide || !c.wide)
-                .map(|c| c.name.to_string()),
-        );
+        headers.extend(flotilla_types::table::columns(kind, wide).map(|c| c.name.to_string()));
         headers.push("AGE".to_string());
         Table {
             headers,
@@ -83,10 +36,8 @@ impl Table {
         }
         row.push(name);
         row.extend(
-            kind.columns
-                .iter()
-                .filter(|c| wide || !c.wide)
-                .map(|c| field(object, c.path)),
+            flotilla_types::table::columns(kind, wide)
+                .map(|c| flotilla_types::table::cell(c, object)),
         );
         row.push(age(&field(object, "metadata.creationTimestamp")));
         row
@@ -233,65 +184,38 @@ pub fn events_section(events: &[Value]) -> String {
     let mut sorted: Vec<&Value> = events.iter().collect();
     sorted.sort_by_key(|e| last_seen(e));
     let mut t = Table {
-        headers: ["TYPE", "REASON", "LAST SEEN", "COUNT", "FROM", "NOTE"]
+        headers: ["TYPE", "REASON", "LAST SEEN", "COUNT", "FROM", "MESSAGE"]
             .map(String::from)
             .to_vec(),
         rows: Vec::new(),
     };
     for e in sorted {
-        let count = field(e, "series.count");
+        let count = field(e, "count");
+        let mut from = field(e, "reportingInstance");
+        if from.is_empty() {
+            from = field(e, "source.host");
+        }
         t.rows.push(vec![
             field(e, "type"),
             field(e, "reason"),
             age(&last_seen(e)),
             if count.is_empty() { "1".into() } else { count },
-            field(e, "reportingInstance"),
-            field(e, "note"),
+            from,
+            field(e, "message"),
         ]);
     }
     format!("Events:\n{}", indent(&t.render(true), 2))
 }
 
 fn last_seen(event: &Value) -> String {
-    let series = field(event, "series.lastObservedTime");
-    if series.is_empty() {
-        field(event, "eventTime")
-    } else {
-        series
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn fields_and_tables() {
-        let vm = json!({"metadata": {"name": "web", "namespace": "default", "creationTimestamp": "2000-01-01T00:00:00Z"},
-                        "status": {"phase": "Running", "ips": ["10.0.0.2", "fd00::2"]}});
-        assert_eq!(field(&vm, "status.ips"), "10.0.0.2,fd00::2");
-        assert_eq!(field(&vm, "status.nodeName"), "");
-        let kind = flotilla_types::registry::lookup("vm").unwrap();
-        let mut t = Table::for_kind(kind, false, true);
-        t.rows.push(Table::row(kind, &vm, false, true));
-        let text = t.render(true);
-        assert!(
-            text.starts_with("PROJECT   NAME   PHASE     NODE   AGE\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("default   web    Running          "),
-            "{text}"
-        );
-    }
-
-    #[test]
-    fn ages() {
-        assert!(age("2000-01-01T00:00:00Z").ends_with('d'));
-        let node = json!({"status": {"conditions": [{"type": "Other", "status": "False"}, {"type": "Ready", "status": "True"}]}});
-        assert_eq!(field(&node, "status.conditions[type=Ready].status"), "True");
-        assert_eq!(field(&node, "status.conditions[type=Missing].status"), "");
-        assert_eq!(age("garbage"), "<unknown>");
-    }
+    [
+        "lastTimestamp",
+        "eventTime",
+        "firstTimestamp",
+        "metadata.creationTimestamp",
+    ]
+    .iter()
+    .map(|p| field(event, p))
+    .find(|v| !v.is_empty())
+    .unwrap_or_default()
 }

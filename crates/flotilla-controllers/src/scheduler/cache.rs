@@ -177,7 +177,7 @@ impl Cache {
                 .and_then(|c| c["message"].as_str().map(str::to_string))
         });
         let record = VmRecord {
-            object: json!({"metadata": {"namespace": meta["namespace"], "name": meta["name"], "labels": meta["labels"]}, "spec": vm["spec"]}),
+            object: json!({"metadata": {"namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"], "labels": meta["labels"]}, "spec": vm["spec"]}),
             revision,
             created,
             node: vm["spec"]["nodeName"].as_str().map(str::to_string),

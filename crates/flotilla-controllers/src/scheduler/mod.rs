@@ -24,6 +24,7 @@ use flotilla_store::{RangeRequest, Revision, StoreError, WatchStream};
 use flotilla_types::meta::now;
 use flotilla_types::registry::{self, KindInfo};
 use flotilla_types::selector::LabelSelector;
+use flotilla_types::{EventType, ObjectReference};
 use futures::{FutureExt, StreamExt};
 use serde_json::{json, Value};
 
@@ -131,6 +132,8 @@ type NodeWrites = (String, Option<Claim>, Vec<(String, Outcome)>);
 
 pub struct Scheduler {
     objects: Objects,
+    /// Records Scheduled and FailedScheduling events.
+    recorder: crate::events::Recorder,
     strategy: placement::Strategy,
     pub cache: Cache,
     /// The claim revision of each node as this scheduler last saw it, and whether this scheduler
@@ -185,6 +188,7 @@ impl Scheduler {
             }
         }
         let scheduler = Scheduler {
+            recorder: crate::events::Recorder::new(objects.clone()),
             objects,
             strategy,
             cache,
@@ -340,6 +344,18 @@ impl Scheduler {
         vms: Vec<(String, Revision)>,
     ) -> impl std::future::Future<Output = NodeWrites> + 'static {
         let (objects, kind) = (self.objects.clone(), self.kind);
+        let uids: HashMap<String, Option<String>> = vms
+            .iter()
+            .map(|(key, _)| {
+                let uid = self
+                    .cache
+                    .vms
+                    .get(key)
+                    .and_then(|r| r.object["metadata"]["uid"].as_str().map(str::to_string));
+                (key.clone(), uid)
+            })
+            .collect();
+        let recorder = self.recorder.clone();
         async move {
             let mut claim = match claim {
                 Some(c) => Some(c),
@@ -375,6 +391,17 @@ impl Scheduler {
                         claim = Some(Claim {
                             revision,
                             ours: true,
+                        });
+                        // Best effort, beside the bindings rather than between them.
+                        let regarding = vm_reference(ns, name, uids.get(&key).cloned().flatten());
+                        let (recorder, message) = (
+                            recorder.clone(),
+                            format!("Successfully assigned {key} to {node}"),
+                        );
+                        tokio::spawn(async move {
+                            recorder
+                                .record(&regarding, EventType::Normal, "Scheduled", &message)
+                                .await
                         });
                         Outcome::Bound(revision)
                     }
@@ -413,6 +440,8 @@ impl Scheduler {
         let record = self.cache.vms.get(key);
         let current = record.and_then(|r| r.scheduled_message.clone());
         let revision = record.map_or(0, |r| r.revision);
+        let uid = record.and_then(|r| r.object["metadata"]["uid"].as_str().map(str::to_string));
+        let recorder = self.recorder.clone();
         let (objects, kind, key, message) = (
             self.objects.clone(),
             self.kind,
@@ -426,7 +455,7 @@ impl Scheduler {
             let (ns, name) = split_key(&key);
             let status = json!({"metadata": {"resourceVersion": revision.to_string()}, "status": {"phase": "Pending", "conditions": [
                 {"type": "Scheduled", "status": "False", "reason": "Unschedulable", "message": message, "lastTransitionTime": now()}]}});
-            let _ = objects
+            let written = objects
                 .patch(
                     kind,
                     ns,
@@ -435,6 +464,16 @@ impl Scheduler {
                     Subresource::Status,
                 )
                 .await;
+            if written.is_ok() {
+                recorder
+                    .record(
+                        &vm_reference(ns, name, uid),
+                        EventType::Warning,
+                        "FailedScheduling",
+                        &message,
+                    )
+                    .await;
+            }
         }
     }
 
@@ -485,6 +524,18 @@ fn split_key(key: &str) -> (Option<&str>, &str) {
     match rest.split_once('/') {
         Some((ns, name)) => (Some(ns), name),
         None => (None, rest),
+    }
+}
+
+/// A reference to a VM, for the events about it.
+fn vm_reference(ns: Option<&str>, name: &str, uid: Option<String>) -> ObjectReference {
+    ObjectReference {
+        kind: "VirtualMachine".into(),
+        api_version: Some(flotilla_types::API_VERSION.into()),
+        namespace: ns.map(str::to_string),
+        name: name.to_string(),
+        uid,
+        ..Default::default()
     }
 }
 

@@ -1,7 +1,9 @@
-//! Event: something that happened to an object, worth a person's attention (an image cache entry
-//! found corrupt, a VM that keeps failing to start). Shaped as Kubernetes' `events.k8s.io/v1`
-//! Event: flat fields rather than spec and status, because an event is a record, not a wish.
-//! Events expire (the server deletes them an hour after they were last seen, by default).
+//! Event: something that happened to an object, worth a person's attention (a VM scheduled,
+//! started, stopped, failing; an image cache entry found corrupt; a node gone NotReady). Served
+//! as Kubernetes' core `v1` Event at `/api/v1/namespaces/{project}/events`, so that `kubectl get
+//! events` and `kubectl describe` show them; flat fields rather than spec and status, because an
+//! event is a record, not a wish. One object per (object, reason, reporter) counts repeats in
+//! `count` and `lastTimestamp`. Events expire (by default an hour after they were last seen).
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -10,36 +12,60 @@ use crate::meta::{ObjectMeta, Time};
 use crate::resource::{Column, Resource};
 use crate::validation::{self, FieldErrors};
 
-/// Longest `note`, as in Kubernetes.
-pub const MAX_NOTE_BYTES: usize = 1024;
+/// Longest `message` kept, as in Kubernetes.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// Events about cluster-scoped objects (nodes) are kept in this project, as Kubernetes keeps
+/// them in `default`.
+pub const CLUSTER_EVENTS_PROJECT: &str = "default";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Event {
-    #[serde(default = "crate::resource::api_version")]
+    /// `v1`.
+    #[serde(default = "core_v1")]
     pub api_version: String,
     #[serde(default)]
     pub kind: String,
     pub metadata: ObjectMeta,
     /// The object this event is about.
-    pub regarding: ObjectReference,
-    /// `Normal` or `Warning`.
-    #[serde(rename = "type")]
-    pub type_: EventType,
-    /// A short CamelCase word saying why, e.g. `ImageCacheCorrupt`.
+    pub involved_object: ObjectReference,
+    /// A short CamelCase word saying why, e.g. `Scheduled`, `FailedScheduling`, `Started`.
     pub reason: String,
     /// What happened, for a person (at most 1 KiB).
     #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub note: String,
-    /// What reported it, e.g. `flotilla.dev/agent`.
-    pub reporting_controller: String,
-    /// Which instance of it, e.g. the node name of an agent.
-    pub reporting_instance: String,
-    /// When it first happened.
-    pub event_time: Time,
-    /// Set when the same event happened again.
+    pub message: String,
+    /// `Normal` or `Warning`.
+    #[serde(rename = "type")]
+    pub type_: EventType,
+    /// Who reported it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub series: Option<EventSeries>,
+    pub source: Option<EventSource>,
+    /// When it first happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_timestamp: Option<Time>,
+    /// When it last happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_timestamp: Option<Time>,
+    /// How many times it happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// The controller that reported it, e.g. `flotilla.dev/agent`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reporting_component: String,
+    /// Which instance of it, e.g. the agent's node.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reporting_instance: String,
+    /// When it first happened, with microseconds (events.k8s.io's field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_time: Option<String>,
+    /// What was done, e.g. `Binding`, `Starting`, `Killing`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub action: String,
+}
+
+fn core_v1() -> String {
+    "v1".to_string()
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -51,6 +77,21 @@ pub struct ObjectReference {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field_path: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EventSource {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub component: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -59,21 +100,89 @@ pub enum EventType {
     Warning,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EventSeries {
-    /// How many times it happened, the first included.
-    pub count: u32,
-    pub last_observed_time: Time,
+impl Event {
+    /// A new event (count 1, first and last seen now) reported by `component` on `host`.
+    pub fn new(
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        message: &str,
+        component: &str,
+        host: &str,
+    ) -> Event {
+        let now = crate::meta::now();
+        Event {
+            api_version: core_v1(),
+            kind: "Event".into(),
+            metadata: ObjectMeta {
+                name: event_name(regarding, reason, host),
+                namespace: Some(
+                    regarding
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| CLUSTER_EVENTS_PROJECT.into()),
+                ),
+                ..Default::default()
+            },
+            involved_object: regarding.clone(),
+            reason: reason.to_string(),
+            message: truncate_message(message),
+            type_,
+            source: Some(EventSource {
+                component: component.to_string(),
+                host: host.to_string(),
+            }),
+            first_timestamp: Some(now),
+            last_timestamp: Some(now),
+            count: Some(1),
+            reporting_component: component.to_string(),
+            reporting_instance: host.to_string(),
+            event_time: Some(
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            ),
+            action: String::new(),
+        }
+    }
+
+    /// When the event was last seen.
+    pub fn last_seen(&self) -> Option<Time> {
+        self.last_timestamp.or(self.first_timestamp).or_else(|| {
+            self.event_time
+                .as_deref()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&chrono::Utc))
+        })
+    }
 }
 
-impl Event {
-    /// When the event was last seen: the series' last observation, else its time.
-    pub fn last_seen(&self) -> Time {
-        self.series
-            .as_ref()
-            .map_or(self.event_time, |s| s.last_observed_time)
-    }
+/// The merge patch that counts `existing` (a stored Event, as JSON) once more, with the latest
+/// message and type; guarded by its resourceVersion.
+pub fn repeat_patch(
+    existing: &serde_json::Value,
+    type_: EventType,
+    message: &str,
+) -> serde_json::Value {
+    let count = existing["count"].as_u64().unwrap_or(1) + 1;
+    serde_json::json!({
+        "metadata": {"resourceVersion": existing["metadata"]["resourceVersion"]},
+        "type": type_, "message": truncate_message(message),
+        "count": count, "lastTimestamp": crate::meta::now(),
+    })
+}
+
+/// The name of the event about `regarding` for `reason` reported from `host`: the object's name
+/// and a hash of what makes the event this event, so that a repeat finds the same object.
+pub fn event_name(regarding: &ObjectReference, reason: &str, host: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!(
+        "{}\n{}\n{}\n{reason}\n{host}",
+        regarding.kind,
+        regarding.uid.as_deref().unwrap_or(&regarding.name),
+        regarding.name
+    ));
+    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    let prefix: String = regarding.name.chars().take(50).collect();
+    format!("{}-{hex}", prefix.trim_end_matches('-'))
 }
 
 impl Resource for Event {
@@ -82,49 +191,69 @@ impl Resource for Event {
     const SINGULAR: &'static str = "event";
     const SHORT_NAMES: &'static [&'static str] = &["ev"];
     const NAMESPACED: bool = true;
+    const API_VERSION: &'static str = "v1";
+    const HAS_STATUS: bool = false;
     const FIELD_SELECTORS: &'static [&'static str] = &[
-        "regarding.kind",
-        "regarding.name",
-        "regarding.uid",
-        "type",
+        "involvedObject.kind",
+        "involvedObject.namespace",
+        "involvedObject.name",
+        "involvedObject.uid",
+        "involvedObject.apiVersion",
+        "involvedObject.resourceVersion",
+        "involvedObject.fieldPath",
         "reason",
-        "reportingInstance",
+        "type",
+        "source",
+        "reportingComponent",
     ];
     const COLUMNS: &'static [Column] = &[
+        Column {
+            name: "LAST SEEN",
+            path: "lastTimestamp",
+            wide: false,
+            age: true,
+        },
         Column {
             name: "TYPE",
             path: "type",
             wide: false,
+            age: false,
         },
         Column {
             name: "REASON",
             path: "reason",
             wide: false,
-        },
-        Column {
-            name: "KIND",
-            path: "regarding.kind",
-            wide: false,
+            age: false,
         },
         Column {
             name: "OBJECT",
-            path: "regarding.name",
+            path: "involvedObject.name",
             wide: false,
+            age: false,
+        },
+        Column {
+            name: "KIND",
+            path: "involvedObject.kind",
+            wide: true,
+            age: false,
         },
         Column {
             name: "COUNT",
-            path: "series.count",
+            path: "count",
             wide: true,
+            age: false,
         },
         Column {
             name: "FROM",
             path: "reportingInstance",
             wide: true,
+            age: false,
         },
         Column {
-            name: "NOTE",
-            path: "note",
+            name: "MESSAGE",
+            path: "message",
             wide: false,
+            age: false,
         },
     ];
 
@@ -137,10 +266,10 @@ impl Resource for Event {
     }
 
     fn validate(&self, errs: &mut FieldErrors) {
-        if self.regarding.kind.is_empty() {
-            errs.push("regarding.kind", "is required");
+        if self.involved_object.kind.is_empty() {
+            errs.push("involvedObject.kind", "is required");
         }
-        validation::dns_label(errs, "regarding.name", &self.regarding.name);
+        validation::dns_label(errs, "involvedObject.name", &self.involved_object.name);
         let reason_ok = !self.reason.is_empty()
             && self.reason.len() <= 128
             && self.reason.bytes().all(|b| b.is_ascii_alphanumeric());
@@ -150,71 +279,93 @@ impl Resource for Event {
                 "must be a CamelCase word of at most 128 letters and digits",
             );
         }
-        if self.note.len() > MAX_NOTE_BYTES {
-            errs.push("note", format!("must be at most {MAX_NOTE_BYTES} bytes"));
+        if self.message.len() > MAX_MESSAGE_BYTES {
+            errs.push(
+                "message",
+                format!("must be at most {MAX_MESSAGE_BYTES} bytes"),
+            );
         }
-        for (field, value) in [
-            ("reportingController", &self.reporting_controller),
-            ("reportingInstance", &self.reporting_instance),
-        ] {
-            if value.is_empty() || value.len() > 128 {
-                errs.push(field, "is required (at most 128 characters)");
-            }
+        if self.count == Some(0) {
+            errs.push("count", "must be at least 1");
         }
-        if let Some(s) = &self.series {
-            if s.count < 2 {
-                errs.push("series.count", "a series counts at least 2 occurrences");
+        if self.reporting_instance.len() > 128 || self.reporting_component.len() > 128 {
+            errs.push("reportingInstance", "at most 128 characters");
+        }
+        if let Some(t) = &self.event_time {
+            if chrono::DateTime::parse_from_rfc3339(t).is_err() {
+                errs.push("eventTime", "must be an RFC 3339 time");
             }
         }
     }
 }
 
-/// Shortens `note` to at most [`MAX_NOTE_BYTES`] on a character boundary, marking the cut.
-pub fn truncate_note(note: &str) -> String {
-    if note.len() <= MAX_NOTE_BYTES {
-        return note.to_string();
+/// Shortens `message` to at most [`MAX_MESSAGE_BYTES`] on a character boundary, marking the cut.
+pub fn truncate_message(message: &str) -> String {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message.to_string();
     }
-    let mut end = MAX_NOTE_BYTES - 3;
-    while !note.is_char_boundary(end) {
+    let mut end = MAX_MESSAGE_BYTES - 3;
+    while !message.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}...", &note[..end])
+    format!("{}...", &message[..end])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn event() -> serde_json::Value {
-        serde_json::json!({
-            "metadata": {"name": "web-1"},
-            "regarding": {"kind": "VirtualMachine", "namespace": "default", "name": "web", "uid": "u"},
-            "type": "Warning", "reason": "ReconcileFailing", "note": "it broke",
-            "reportingController": "flotilla.dev/agent", "reportingInstance": "node-1",
-            "eventTime": "2026-01-01T00:00:00Z"
-        })
+    fn vm() -> ObjectReference {
+        ObjectReference {
+            kind: "VirtualMachine".into(),
+            namespace: Some("default".into()),
+            name: "web".into(),
+            uid: Some("u-1".into()),
+            ..Default::default()
+        }
     }
 
     #[test]
-    fn a_valid_event_decodes_and_bad_fields_are_named() {
-        let e: Event = crate::decode(&event()).unwrap();
-        assert_eq!(e.type_, EventType::Warning);
-        assert_eq!(e.last_seen(), e.event_time);
-        let mut bad = event();
+    fn a_new_event_is_valid_and_bad_fields_are_named() {
+        let e = Event::new(
+            &vm(),
+            EventType::Warning,
+            "Failed",
+            "it broke",
+            "flotilla.dev/agent",
+            "node-1",
+        );
+        let value = serde_json::to_value(&e).unwrap();
+        let decoded: Event = crate::decode(&value).unwrap();
+        assert_eq!(decoded.count, Some(1));
+        assert_eq!(decoded.last_seen(), decoded.first_timestamp);
+        assert_eq!(value["apiVersion"], "v1");
+        assert_eq!(value["involvedObject"]["name"], "web");
+        let mut bad = value.clone();
         bad["reason"] = "not a word".into();
         bad["type"] = "Fatal".into();
         let errs = crate::decode::<Event>(&bad).unwrap_err();
         assert!(errs.0.iter().any(|e| e.field == "type"), "{errs:?}");
-        bad["type"] = "Normal".into();
-        let errs = crate::decode::<Event>(&bad).unwrap_err();
-        assert!(errs.0.iter().any(|e| e.field == "reason"), "{errs:?}");
     }
 
     #[test]
-    fn long_notes_are_cut_on_a_character_boundary() {
-        let long = "é".repeat(MAX_NOTE_BYTES);
-        let cut = truncate_note(&long);
-        assert!(cut.len() <= MAX_NOTE_BYTES && cut.ends_with("..."));
-        assert_eq!(truncate_note("short"), "short");
+    fn names_are_dns_labels_and_tell_reasons_and_reporters_apart() {
+        let long = ObjectReference {
+            name: "a".repeat(63),
+            ..vm()
+        };
+        let a = event_name(&long, "Failed", "node-1");
+        assert!(validation::is_dns_label(&a), "{a}");
+        assert_ne!(a, event_name(&long, "Started", "node-1"));
+        assert_ne!(a, event_name(&long, "Failed", "node-2"));
+        assert_eq!(a, event_name(&long, "Failed", "node-1"));
+    }
+
+    #[test]
+    fn long_messages_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(MAX_MESSAGE_BYTES);
+        let cut = truncate_message(&long);
+        assert!(cut.len() <= MAX_MESSAGE_BYTES && cut.ends_with("..."));
+        assert_eq!(truncate_message("short"), "short");
     }
 }

@@ -10,7 +10,7 @@ pub mod project;
 pub mod vm;
 pub mod vmclass;
 
-pub use event::{Event, EventSeries, EventType, ObjectReference};
+pub use event::{Event, EventSource, EventType, ObjectReference};
 pub use image::{Image, ImageFormat, ImageNodeStatus, ImageSource, ImageSpec, ImageStatus};
 pub use lease::{Lease, LeaseSpec, LeaseStatus};
 pub use node::{Node, NodeInfo, NodeResources, NodeSpec, NodeStatus};
