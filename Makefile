@@ -54,6 +54,6 @@ bench-scale:
 bench-scheduler:
 	$(CARGO) bench --locked -p flotilla-controllers --bench scheduler
 
-# Rewrites openapi/flotilla.json after an API change (a test fails until it is committed).
+# Rewrites the OpenAPI documents under openapi/ after an API change (a test fails until they are committed).
 openapi:
 	FLOTILLA_UPDATE_OPENAPI=1 $(CARGO) nextest run -p flotilla-server openapi

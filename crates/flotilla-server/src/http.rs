@@ -4,14 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::Router;
 use flotilla_types::registry;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::auth::Authenticator;
 use crate::error::ApiError;
@@ -27,7 +27,7 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub metrics: Arc<Metrics>,
     pub bookmark_interval: Duration,
-    pub openapi: Arc<Value>,
+    pub openapi: Arc<crate::openapi::Documents>,
     /// PEM of the CA, served at /cacerts for agents that verify it against their join token.
     pub ca_pem: Arc<String>,
     /// The server's client certificate and key, presented to node agents.
@@ -50,7 +50,36 @@ pub fn router(state: AppState) -> Router {
         .route("/apis", get(api_groups))
         .route("/apis/flotilla.dev", get(api_group))
         .route(base, get(|| api_resources(flotilla_types::API_VERSION)))
-        .route("/openapi/v3", get(openapi))
+        .route(
+            "/openapi/v3",
+            get(|State(s): State<AppState>, h: HeaderMap| async move {
+                serve_document(&s.openapi.index, &h)
+            }),
+        )
+        .route(
+            "/openapi/v3/{*path}",
+            get(
+                |State(s): State<AppState>, Path(path): Path<String>, h: HeaderMap| async move {
+                    match s.openapi.groups.get(path.trim_start_matches('/')) {
+                        Some(doc) => serve_document(doc, &h),
+                        None => ApiError::new(
+                            404,
+                            "NotFound",
+                            format!(
+                                "no OpenAPI document for {path:?}; the index is at /openapi/v3"
+                            ),
+                        )
+                        .into_response(),
+                    }
+                },
+            ),
+        )
+        .route(
+            "/openapi/v2",
+            get(|State(s): State<AppState>, h: HeaderMap| async move {
+                serve_document(&s.openapi.v2, &h)
+            }),
+        )
         .route(
             "/flotilla/v1/join-tokens",
             axum::routing::post(crate::join::create_join_token),
@@ -185,8 +214,25 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn openapi(State(state): State<AppState>) -> Response {
-    axum::Json(state.openapi.as_ref().clone()).into_response()
+/// An OpenAPI document with its ETag; `If-None-Match` with the same tag is answered 304.
+fn serve_document(doc: &crate::openapi::Served, headers: &HeaderMap) -> Response {
+    let etag = format!("\"{}\"", doc.hash);
+    let cached = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    let mut response = if cached {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        json_response(StatusCode::OK, doc.bytes.clone())
+    };
+    let h = response.headers_mut();
+    h.insert(header::ETAG, etag.parse().expect("a valid header"));
+    h.insert(
+        header::CACHE_CONTROL,
+        "no-cache, private".parse().expect("a valid header"),
+    );
+    response
 }
 
 async fn api_groups() -> Response {

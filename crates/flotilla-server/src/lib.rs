@@ -239,7 +239,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         auth,
         metrics: Arc::new(metrics::Metrics::default()),
         bookmark_interval: config.bookmark_interval,
-        openapi: Arc::new(openapi::document()),
+        openapi: Arc::new(openapi::Documents::build()),
         ca_pem: Arc::new(pki.ca_pem.clone()),
         client_cert_pem: Arc::new(pki.client_cert_pem.clone()),
         client_key_pem: Arc::new(pki.client_key_pem.clone()),

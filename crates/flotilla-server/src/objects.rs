@@ -272,6 +272,61 @@ pub(crate) fn validate(kind: &KindInfo, v: &Value) -> Result<Value, ApiError> {
     (kind.validate)(v).map_err(|errs| ApiError::invalid(kind.kind, name_of(v), &errs))
 }
 
+/// Removes the fields `kind` does not have from `v`, one at a time as strict decoding finds
+/// them; returns their paths.
+fn drop_unknown_fields(kind: &KindInfo, v: &mut Value) -> Vec<String> {
+    let mut dropped = Vec::new();
+    while dropped.len() < 256 {
+        let Err(errs) = (kind.validate)(v) else { break };
+        let Some(unknown) = errs
+            .0
+            .iter()
+            .find(|e| e.message.starts_with("unknown field"))
+        else {
+            break;
+        };
+        if !remove_path(v, &unknown.field) {
+            break;
+        }
+        dropped.push(unknown.field.clone());
+    }
+    dropped
+}
+
+/// Removes the value at a path like `spec.networks[0].name`; false if there is none.
+fn remove_path(v: &mut Value, path: &str) -> bool {
+    let mut segments: Vec<String> = Vec::new();
+    for part in path.split('.') {
+        let mut rest = part;
+        if let Some(i) = rest.find('[') {
+            segments.push(rest[..i].to_string());
+            rest = &rest[i..];
+            while let Some(end) = rest.find(']') {
+                segments.push(rest[..=end].to_string());
+                rest = &rest[end + 1..];
+            }
+        } else {
+            segments.push(rest.to_string());
+        }
+    }
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut here = v;
+    for seg in parents.iter().filter(|s| !s.is_empty()) {
+        let next = match seg.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+            Some(i) => i.parse::<usize>().ok().and_then(|i| here.get_mut(i)),
+            None => here.get_mut(seg.as_str()),
+        };
+        match next {
+            Some(n) => here = n,
+            None => return false,
+        }
+    }
+    here.as_object_mut()
+        .is_some_and(|o| o.remove(last.as_str()).is_some())
+}
+
 /// Takes `metadata.resourceVersion` out of a body: the client's precondition, if it sent one.
 fn take_precondition(body: &mut Value) -> Result<Option<Revision>, ApiError> {
     let Some(meta) = body.get_mut("metadata").and_then(Value::as_object_mut) else {
@@ -297,6 +352,21 @@ pub struct Objects {
     store: Arc<dyn Store>,
     watch_cache: Arc<crate::watch_cache::WatchCache>,
     dry_run: bool,
+    unknown_fields: FieldValidation,
+    /// Unknown fields dropped under `FieldValidation::Warn`, for the answer's Warning headers.
+    warnings: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// What a write does with fields the kind does not have (`fieldValidation`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FieldValidation {
+    /// Refuse the write, naming the field (the default, as kubectl asks).
+    #[default]
+    Strict,
+    /// Drop them, and say so in a Warning header.
+    Warn,
+    /// Drop them.
+    Ignore,
 }
 
 impl Objects {
@@ -305,6 +375,8 @@ impl Objects {
             watch_cache: Arc::new(crate::watch_cache::WatchCache::new(store.clone())),
             store,
             dry_run: false,
+            unknown_fields: FieldValidation::Strict,
+            warnings: Default::default(),
         }
     }
 
@@ -314,9 +386,40 @@ impl Objects {
     pub fn dry_run(&self) -> Objects {
         Objects {
             store: Arc::new(flotilla_store::DryRunStore::new(self.store.clone())),
-            watch_cache: self.watch_cache.clone(),
             dry_run: true,
+            ..self.clone()
         }
+    }
+
+    /// The same objects, treating unknown fields in writes as `mode` says.
+    pub fn with_field_validation(&self, mode: FieldValidation) -> Objects {
+        Objects {
+            unknown_fields: mode,
+            warnings: Default::default(),
+            ..self.clone()
+        }
+    }
+
+    /// What writes through these objects had to drop (under `FieldValidation::Warn`).
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.lock().expect("warnings lock").clone()
+    }
+
+    /// Strict decoding and every check, after dropping unknown fields if asked to.
+    fn validate(&self, kind: &KindInfo, v: &Value) -> Result<Value, ApiError> {
+        if self.unknown_fields == FieldValidation::Strict {
+            return validate(kind, v);
+        }
+        let mut v = v.clone();
+        let dropped = drop_unknown_fields(kind, &mut v);
+        if self.unknown_fields == FieldValidation::Warn {
+            self.warnings.lock().expect("warnings lock").extend(
+                dropped
+                    .into_iter()
+                    .map(|f| format!("unknown field \"{f}\"")),
+            );
+        }
+        validate(kind, &v)
     }
 
     /// The shared watches of this server (one store watch per kind).
@@ -456,7 +559,7 @@ impl Objects {
                     .to_string();
                 body["metadata"]["name"] = json!(format!("{prefix}{}", random_suffix()));
             }
-            let object = validate(kind, &body)?;
+            let object = self.validate(kind, &body)?;
             let name = name_of(&object).to_string();
             let key = object_key(kind, namespace, &name);
             let mut txn = Txn::new()
@@ -750,7 +853,7 @@ impl Objects {
             let current = parse_stored(&kv)?;
             let wanted = desired(&current)?;
             let next = merge_for_write(kind, &current, wanted, sub)?;
-            let mut next = validate(kind, &next)?;
+            let mut next = self.validate(kind, &next)?;
             // Compared in canonical form, so that defaults filled in do not count as a change.
             if next.get("spec") != current.get("spec") {
                 let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);

@@ -14,7 +14,7 @@ use flotilla_types::table::IncludeObject;
 
 use crate::error::ApiError;
 use crate::http::MAX_BODY;
-use crate::objects::{DeleteOptions, PatchBody, Propagation, Subresource};
+use crate::objects::{DeleteOptions, FieldValidation, PatchBody, Propagation, Subresource};
 
 /// Query parameters of resource requests, as Kubernetes names and parses them.
 #[derive(Default)]
@@ -34,6 +34,8 @@ pub(crate) struct Query {
     pub(crate) grace_period_seconds: Option<i64>,
     /// With a Table answer: how much of each object its row carries.
     pub(crate) include_object: Option<IncludeObject>,
+    /// What writes do with unknown fields.
+    pub(crate) field_validation: FieldValidation,
 }
 
 fn parse_propagation(v: &str) -> Result<Propagation, ApiError> {
@@ -100,6 +102,18 @@ pub(crate) fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
                 q.propagation_policy = Some(Propagation::Orphan)
             }
             "gracePeriodSeconds" => q.grace_period_seconds = Some(whole("gracePeriodSeconds", &v)?),
+            "fieldValidation" => {
+                q.field_validation = match v.as_ref() {
+                    "Strict" | "" => FieldValidation::Strict,
+                    "Warn" => FieldValidation::Warn,
+                    "Ignore" => FieldValidation::Ignore,
+                    other => {
+                        return Err(ApiError::bad_request(format!(
+                            "fieldValidation={other:?} is not one of Strict, Warn, Ignore"
+                        )))
+                    }
+                }
+            }
             "includeObject" => {
                 q.include_object = Some(match v.as_ref() {
                     "None" => IncludeObject::None,

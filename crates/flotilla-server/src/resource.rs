@@ -124,19 +124,64 @@ async fn handle(
         name_for_authz.as_deref(),
         &q.field_selector,
     )?;
-    let guard = |current: &Value, next: Option<&Value>| authz::guard(&scope, current, next);
-    let (kind, ns) = (target.kind, target.namespace.as_deref());
-    let sub = target.sub.unwrap_or(Subresource::Main);
-    let (delete, dry_run) = match verb {
-        Verb::Delete | Verb::DeleteCollection => {
-            let (options, dry) = delete_options(&q, &headers, &body)?;
-            (options, dry)
-        }
-        _ => (Default::default(), q.dry_run),
+    let dry_run = match verb {
+        Verb::Delete | Verb::DeleteCollection => delete_options(&q, &headers, &body)?.1,
+        _ => q.dry_run,
     };
     let dry = dry_run.then(|| state.objects.dry_run());
-    let objects = dry.as_ref().unwrap_or(&state.objects);
+    let objects = dry
+        .as_ref()
+        .unwrap_or(&state.objects)
+        .with_field_validation(q.field_validation);
+    let objects = &objects;
     let table = wants_table(&headers).then(|| q.include_object.unwrap_or(IncludeObject::Metadata));
+    let bookmarks = q.bookmarks.then_some(state.bookmark_interval);
+    let response = serve(
+        verb,
+        &target,
+        &q,
+        objects,
+        &headers,
+        &body,
+        create_body,
+        &scope,
+        (table, bookmarks),
+    )
+    .await?;
+    Ok(with_warnings(response, objects.warnings()))
+}
+
+/// Warnings (dropped unknown fields) as Kubernetes sends them: `Warning: 299 - "..."`.
+fn with_warnings(mut response: Response, warnings: Vec<String>) -> Response {
+    for w in warnings {
+        let value = format!("299 - {}", serde_json::Value::String(w));
+        if let Ok(v) = value.parse() {
+            response.headers_mut().append(header::WARNING, v);
+        }
+    }
+    response
+}
+
+/// Carries out one authorized request.
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    verb: Verb,
+    target: &Target,
+    q: &Query,
+    objects: &Objects,
+    headers: &HeaderMap,
+    body: &[u8],
+    create_body: Option<Value>,
+    scope: &authz::Scope,
+    (table, bookmarks): (Option<IncludeObject>, Option<Duration>),
+) -> Result<Response, ApiError> {
+    let guard = |current: &Value, next: Option<&Value>| authz::guard(scope, current, next);
+    let (kind, ns) = (target.kind, target.namespace.as_deref());
+    let sub = target.sub.unwrap_or(Subresource::Main);
+    let delete = match verb {
+        Verb::Delete | Verb::DeleteCollection => delete_options(q, headers, body)?.0,
+        _ => Default::default(),
+    };
     match verb {
         Verb::Watch => {
             let rv = q.resource_version.filter(|rv| *rv > 0);
@@ -148,9 +193,9 @@ async fn handle(
                 WatchRequest {
                     kind,
                     namespace: target.namespace.clone(),
-                    options: list_options(kind, &q)?,
+                    options: list_options(kind, q)?,
                     resource_version: q.resource_version,
-                    bookmarks: q.bookmarks.then_some(state.bookmark_interval),
+                    bookmarks,
                     timeout: q.timeout,
                 },
             )
@@ -172,7 +217,7 @@ async fn handle(
                 wait_for_revision(objects, rv).await?;
             }
             // A project that does not exist simply has nothing in it, as in Kubernetes.
-            let list = objects.list(kind, ns, &list_options(kind, &q)?).await?;
+            let list = objects.list(kind, ns, &list_options(kind, q)?).await?;
             match table {
                 Some(include) => {
                     let items: Vec<Value> = list
@@ -194,7 +239,7 @@ async fn handle(
         }
         Verb::Create => {
             let doc = create_body.expect("parsed above");
-            authz::guard_create(&scope, &doc)?;
+            authz::guard_create(scope, &doc)?;
             let stored = objects.create(kind, ns, doc).await?;
             Ok(object_response(StatusCode::CREATED, &stored))
         }
@@ -225,7 +270,7 @@ async fn handle(
         }
         Verb::Update => {
             let name = target.name.as_deref().expect("a named target");
-            let doc = parse_document(&headers, &body)?;
+            let doc = parse_document(headers, body)?;
             let stored = objects
                 .update_guarded(kind, ns, name, doc, sub, &guard)
                 .await?;
@@ -233,7 +278,7 @@ async fn handle(
         }
         Verb::Patch => {
             let name = target.name.as_deref().expect("a named target");
-            let patch = parse_patch(&headers, &body)?;
+            let patch = parse_patch(headers, body)?;
             let stored = objects
                 .patch_guarded(kind, ns, name, patch, sub, &guard)
                 .await?;
@@ -252,7 +297,7 @@ async fn handle(
             ))
         }
         Verb::DeleteCollection => {
-            let list = objects.list(kind, ns, &list_options(kind, &q)?).await?;
+            let list = objects.list(kind, ns, &list_options(kind, q)?).await?;
             let mut after = Vec::with_capacity(list.items.len());
             for raw in &list.items {
                 let v: Value = serde_json::from_slice(raw)

@@ -89,24 +89,74 @@ async fn discovery_lists_every_kind_for_kubernetes_tooling() {
     assert!(vm["verbs"].as_array().unwrap().iter().any(|v| v == "watch"));
 }
 
+/// The OpenAPI documents as Kubernetes serves them: an index whose URLs carry each document's
+/// hash, group-version documents, Swagger 2; each with an ETag that makes a repeat 304. The
+/// served documents match the copies checked in under openapi/.
 #[tokio::test]
-async fn the_served_openapi_document_matches_the_checked_in_copy() {
+async fn the_openapi_documents_are_served_as_kubernetes_serves_them_and_match_the_checked_in_copies(
+) {
     let t = start().await;
-    let served = get(&t, "/openapi/v3").await;
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../openapi/flotilla.json");
-    let rendered = serde_json::to_string_pretty(&served).unwrap() + "\n";
-    if std::env::var_os("FLOTILLA_UPDATE_OPENAPI").is_some() {
-        std::fs::write(path, &rendered).unwrap();
+    let index = get(&t, "/openapi/v3").await;
+    let mut served = vec![("openapi/v2.json".to_string(), get(&t, "/openapi/v2").await)];
+    for gv in ["apis/flotilla.dev/v1alpha1", "api/v1"] {
+        let url = index["paths"][gv]["serverRelativeURL"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(url.starts_with(&format!("/openapi/v3/{gv}?hash=")), "{url}");
+        let doc = get(&t, &url).await;
+        // A client that has it already gets 304.
+        let first = t
+            .http()
+            .get(t.url(&url))
+            .bearer_auth(t.token())
+            .send()
+            .await
+            .unwrap();
+        let etag = first.headers()["etag"].clone();
+        let again = t
+            .http()
+            .get(t.url(&url))
+            .bearer_auth(t.token())
+            .header("if-none-match", etag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 304);
+        served.push((format!("openapi/v3/{gv}.json"), doc));
     }
-    let checked_in = std::fs::read_to_string(path).unwrap_or_default();
-    assert!(
-        checked_in == rendered,
-        "openapi/flotilla.json is out of date: run `FLOTILLA_UPDATE_OPENAPI=1 cargo nextest run -p flotilla-server openapi` and commit it"
-    );
-    assert!(served["paths"]
-        ["/apis/flotilla.dev/v1alpha1/namespaces/{project}/virtualmachines/{name}/status"]
+    for (file, doc) in &served {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(file);
+        let rendered = serde_json::to_string_pretty(doc).unwrap() + "\n";
+        if std::env::var_os("FLOTILLA_UPDATE_OPENAPI").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &rendered).unwrap();
+        }
+        let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            checked_in == rendered,
+            "{file} is out of date: run `make openapi` and commit it"
+        );
+    }
+    let flotilla = &served[1].1;
+    assert!(flotilla["paths"]
+        ["/apis/flotilla.dev/v1alpha1/namespaces/{namespace}/virtualmachines/{name}/status"]
         .is_object());
-    assert!(served["components"]["schemas"]["VirtualMachine"].is_object());
+    assert_eq!(
+        flotilla["components"]["schemas"]["VirtualMachine"]["x-kubernetes-group-version-kind"][0]
+            ["kind"],
+        "VirtualMachine"
+    );
+    assert_eq!(
+        served[2].1["components"]["schemas"]["Event"]["x-kubernetes-group-version-kind"][0]
+            ["version"],
+        "v1"
+    );
+    assert!(
+        served[0].1["definitions"]["VirtualMachine"]["x-kubernetes-group-version-kind"].is_array()
+    );
 }
 
 #[tokio::test]

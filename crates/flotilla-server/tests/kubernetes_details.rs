@@ -255,3 +255,47 @@ async fn a_resource_version_from_the_future_is_answered_not_hung() {
         assert!(started.elapsed() < Duration::from_secs(10));
     }
 }
+
+/// fieldValidation: Strict (the default) refuses unknown fields, Warn drops them with a
+/// Warning header, Ignore drops them silently; unknown modes are 400.
+#[tokio::test]
+async fn unknown_fields_follow_field_validation() {
+    let t = start().await;
+    let mut body = vm("web");
+    body["spec"]["colour"] = json!("red");
+    body["metadata"]["mood"] = json!("calm");
+    let post = |mode: &str, name: &str| {
+        let mut b = body.clone();
+        b["metadata"]["name"] = json!(name);
+        let req = t
+            .http()
+            .post(t.url(&format!("{VMS}?fieldValidation={mode}")))
+            .bearer_auth(t.token())
+            .header("content-type", "application/json")
+            .body(b.to_string());
+        async move { req.send().await.unwrap() }
+    };
+    let strict = post("Strict", "a").await;
+    assert_eq!(strict.status(), 422);
+    let warn = post("Warn", "b").await;
+    assert_eq!(warn.status(), 201);
+    let warnings: Vec<String> = warn
+        .headers()
+        .get_all("warning")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.starts_with("299 - ") && w.contains("spec.colour")),
+        "{warnings:?}"
+    );
+    let stored: Value = warn.json().await.unwrap();
+    assert!(stored["spec"].get("colour").is_none());
+    let ignore = post("Ignore", "c").await;
+    assert_eq!(ignore.status(), 201);
+    assert!(ignore.headers().get("warning").is_none());
+    assert_eq!(post("Sometimes", "d").await.status(), 400);
+}

@@ -18,6 +18,7 @@ pub fn now() -> Time {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ObjectMeta {
+    /// The object's name: a DNS-1123 label (at most 63 lowercase letters, digits and '-'), unique in its project.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
     /// When `name` is empty, the server appends five random characters to this prefix.
@@ -26,6 +27,7 @@ pub struct ObjectMeta {
     /// The project of a project-scoped object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// The object's unique id, set by the server; a recreated object gets a new one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
     /// Opaque; pass it back on update to guard against concurrent writes (409 when stale).
@@ -34,21 +36,26 @@ pub struct ObjectMeta {
     /// Increments whenever the spec changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
+    /// When the object was created (set by the server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<Time>,
+    /// When deletion was asked for, while finalizers hold the object (set by the server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_timestamp: Option<Time>,
     /// Set with `deletionTimestamp` when the deletion asked for a grace period (for a VM: how
     /// long its guest may take to shut down; 0 or absent: the domain is destroyed at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_grace_period_seconds: Option<i64>,
+    /// Identifying key/value pairs that selectors match: keys are [prefix/]name, values at most 63 characters.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Non-identifying metadata: keys are [prefix/]name, at most 256 KiB in all.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
     /// While non-empty, a deleted object stays (with `deletionTimestamp`) until its owners clean up.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub finalizers: Vec<String>,
+    /// Objects this one belongs to: when every owner is gone, the garbage collector deletes it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub owner_references: Vec<OwnerReference>,
 }
@@ -56,12 +63,18 @@ pub struct ObjectMeta {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OwnerReference {
+    /// The owner's apiVersion.
     pub api_version: String,
+    /// The owner's kind.
     pub kind: String,
+    /// The owner's name.
     pub name: String,
+    /// The owner's uid.
     pub uid: String,
+    /// Whether the owner is the managing controller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub controller: Option<bool>,
+    /// With Foreground deletion of the owner: it waits for this object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_owner_deletion: Option<bool>,
 }
@@ -72,13 +85,18 @@ pub struct Condition {
     /// What the condition is about, e.g. `Ready` or `Scheduled`.
     #[serde(rename = "type")]
     pub type_: String,
+    /// True, False or Unknown.
     pub status: ConditionStatus,
+    /// A CamelCase word saying why, e.g. DomainRunning, Unschedulable.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// What the condition means now, for a person.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// When the status last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition_time: Option<Time>,
+    /// The metadata.generation the condition was set for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }

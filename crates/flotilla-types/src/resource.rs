@@ -75,14 +75,19 @@ macro_rules! define_kind {
         #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
         #[serde(rename_all = "camelCase", deny_unknown_fields)]
         pub struct $kind {
+            /// flotilla.dev/v1alpha1
             #[serde(default = "crate::resource::api_version")]
             pub api_version: String,
+            /// The object's kind (the type's name, e.g. VirtualMachine).
             #[serde(default)]
             pub kind: String,
+            /// Name, project, labels, annotations and what the server keeps about the object.
             pub metadata: $crate::meta::ObjectMeta,
             $(#[serde(default)] #[doc = concat!("defaults: ", stringify!($spec_default))])?
+            /// What the object should be: written by its users.
             pub spec: $spec,
             #[serde(default, skip_serializing_if = "Option::is_none")]
+            /// What the object is: written by controllers and agents (the status subresource).
             pub status: Option<$status>,
         }
 

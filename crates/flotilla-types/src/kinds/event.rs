@@ -25,8 +25,10 @@ pub struct Event {
     /// `v1`.
     #[serde(default = "core_v1")]
     pub api_version: String,
+    /// `Event`.
     #[serde(default)]
     pub kind: String,
+    /// The event's metadata (its name identifies the object, reason and reporter).
     pub metadata: ObjectMeta,
     /// The object this event is about.
     pub involved_object: ObjectReference,
@@ -71,16 +73,23 @@ fn core_v1() -> String {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ObjectReference {
+    /// The object's kind.
     pub kind: String,
+    /// The object's project.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// The object's name.
     pub name: String,
+    /// The object's uid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
+    /// The object's apiVersion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_version: Option<String>,
+    /// The object's resourceVersion when the event happened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_version: Option<String>,
+    /// The part of the object the event is about, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field_path: Option<String>,
 }
@@ -88,8 +97,10 @@ pub struct ObjectReference {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EventSource {
+    /// The component that reported the event.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub component: String,
+    /// The host (node) it was reported from.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub host: String,
 }

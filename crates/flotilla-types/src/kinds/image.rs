@@ -10,7 +10,9 @@ use crate::validation::{self, FieldErrors};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImageSpec {
+    /// Where the image comes from: a URL or a path on every node.
     pub source: ImageSource,
+    /// The format of the file at the source: qcow2 (the default) or raw.
     #[serde(default)]
     pub format: ImageFormat,
     /// Hex SHA-256 of the file at the source; checked after download.
@@ -22,8 +24,10 @@ pub struct ImageSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImageSource {
+    /// An http:// or https:// URL to download the image from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// A file on every node (absolute path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
 }
@@ -39,6 +43,7 @@ pub enum ImageFormat {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImageStatus {
+    /// The image's conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Per node (by name): whether the image is cached there. A map, so that each node's agent
@@ -52,8 +57,10 @@ pub struct ImageStatus {
 pub struct ImageNodeStatus {
     /// `Downloading`, `Ready` or `Failed`.
     pub phase: String,
+    /// The size of the cached copy on this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
+    /// Why the image failed on this node, if it did.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
 }

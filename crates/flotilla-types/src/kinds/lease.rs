@@ -10,13 +10,16 @@ use crate::validation::FieldErrors;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LeaseSpec {
+    /// Who holds the lease (a node agent names its node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder_identity: Option<String>,
     /// How long after `renewTime` the holder is presumed gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_duration_seconds: Option<u32>,
+    /// When the holder last renewed the lease.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renew_time: Option<Time>,
+    /// When the holder took the lease.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acquire_time: Option<Time>,
 }

@@ -21,10 +21,13 @@ pub struct NodeSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeResources {
+    /// CPUs (for allocatable: vCPUs the scheduler may place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<u32>,
+    /// Memory (for allocatable: what the scheduler may place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<Quantity>,
+    /// Disk space of the node's data directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<Quantity>,
 }
@@ -32,12 +35,16 @@ pub struct NodeResources {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeInfo {
+    /// The host's name as libvirt reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// The Flotilla agent's version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
+    /// The libvirt library's version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub libvirt_version: Option<String>,
+    /// The hypervisor's (QEMU's) version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu_version: Option<String>,
     /// `kvm` or `qemu` (TCG).
@@ -54,14 +61,19 @@ pub struct NodeInfo {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeStatus {
+    /// What the host has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<NodeResources>,
+    /// What the scheduler may place: capacity times the overcommit ratios.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocatable: Option<NodeResources>,
+    /// Versions and endpoints of the node's agent and hypervisor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_info: Option<NodeInfo>,
+    /// The node's conditions; Ready says whether its agent renews its heartbeat lease.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Addresses the node is reached at.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub addresses: BTreeMap<String, String>,
     /// Domains on this host that Flotilla did not create (`flotilla vm adopt` can take them over).
@@ -72,10 +84,15 @@ pub struct NodeStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UnmanagedDomain {
+    /// The libvirt domain's name.
     pub name: String,
+    /// The libvirt domain's UUID (what flotilla vm adopt takes).
     pub uuid: String,
+    /// Its virtual CPUs.
     pub cpus: u32,
+    /// Its memory.
     pub memory: Quantity,
+    /// Whether it is running.
     #[serde(default)]
     pub running: bool,
     /// Set when another Flotilla cluster created the domain: that cluster's ID.

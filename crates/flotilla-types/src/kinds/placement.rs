@@ -31,8 +31,11 @@ pub struct Affinity {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SpreadTerm {
+    /// Which VMs are spread, as a label selector.
     pub label_selector: String,
+    /// The node label whose values make the domains to spread over (e.g. topology.flotilla.dev/zone).
     pub topology_key: String,
+    /// With it, a hard rule: no domain may have more than this many matching VMs above the emptiest one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_skew: Option<u32>,
 }
@@ -53,7 +56,9 @@ pub struct AffinityRules {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AffinityTerm {
+    /// Which VMs the rule is about, as a label selector (e.g. app=web).
     pub label_selector: String,
+    /// The node label whose values make the domains (flotilla.dev/node: each node; topology.flotilla.dev/zone: each zone).
     pub topology_key: String,
 }
 
@@ -62,7 +67,9 @@ pub struct AffinityTerm {
 pub struct WeightedAffinityTerm {
     /// 1 to 100.
     pub weight: u32,
+    /// Which VMs the rule is about, as a label selector (e.g. app=web).
     pub label_selector: String,
+    /// The node label whose values make the domains (flotilla.dev/node: each node; topology.flotilla.dev/zone: each zone).
     pub topology_key: String,
 }
 
@@ -133,6 +140,7 @@ impl Affinity {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PlacementPolicySpec {
+    /// The placement rules VMs naming this policy follow.
     #[serde(default)]
     pub affinity: Affinity,
 }

@@ -23,6 +23,7 @@ pub struct VirtualMachineSpec {
     /// A VMClass name; set this or `resources`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class: Option<String>,
+    /// CPUs and memory (or name a VMClass in class instead).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
     /// An Image in the same project: the root disk is a linked clone of it.
@@ -31,10 +32,13 @@ pub struct VirtualMachineSpec {
     /// Direct kernel boot from files on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<KernelBoot>,
+    /// The root disk: a linked clone of the image grown to size, or a blank disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_disk: Option<RootDisk>,
+    /// The networks the VM is attached to, one NIC each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<NetworkAttachment>,
+    /// SSH public keys cloud-init installs for the default user.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ssh_authorized_keys: Vec<String>,
     /// cloud-init user data (a `#cloud-config` document or a script).
@@ -43,6 +47,7 @@ pub struct VirtualMachineSpec {
     /// Pin to a node; otherwise the scheduler picks one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
+    /// Labels a node must have to run the VM.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
     /// UUID of an existing libvirt domain on `nodeName` that this VM represents (`flotilla vm
@@ -68,16 +73,21 @@ pub enum PowerState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Resources {
+    /// Virtual CPUs (at least 1).
     pub cpus: u32,
+    /// Memory, as a quantity (e.g. 2Gi; at least 16Mi).
     pub memory: Quantity,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KernelBoot {
+    /// A kernel on the node to boot directly (absolute path).
     pub kernel: String,
+    /// An initramfs on the node to boot with (absolute path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
+    /// The kernel command line (one line, at most 4096 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
 }
@@ -85,6 +95,7 @@ pub struct KernelBoot {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RootDisk {
+    /// The root disk's size, as a quantity (e.g. 20Gi); at least the image's.
     pub size: Quantity,
 }
 
@@ -113,12 +124,16 @@ pub enum Phase {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VirtualMachineStatus {
+    /// Pending, Scheduled, Provisioning, Running, Stopped or Failed.
     #[serde(default)]
     pub phase: Phase,
+    /// The node the VM runs on, as its agent reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
+    /// The VM's conditions: Scheduled, Ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The VM's IP addresses.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ips: Vec<String>,
     /// The spec generation this status describes.

@@ -10,8 +10,11 @@ use crate::validation::FieldErrors;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VMClassSpec {
+    /// Virtual CPUs of VMs of this class (at least 1).
     pub cpus: u32,
+    /// Memory of VMs of this class, as a quantity (e.g. 4Gi).
     pub memory: Quantity,
+    /// What the class is for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
 }
