@@ -13,6 +13,7 @@ use std::time::Duration;
 use flotilla_store::{SqliteStore, Store, StoreError};
 use flotilla_types::clientconfig::{ClientConfig, Context};
 
+pub mod apply;
 pub mod auth;
 pub mod authz;
 pub mod binding;

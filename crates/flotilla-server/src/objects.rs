@@ -272,6 +272,17 @@ pub(crate) fn validate(kind: &KindInfo, v: &Value) -> Result<Value, ApiError> {
     (kind.validate)(v).map_err(|errs| ApiError::invalid(kind.kind, name_of(v), &errs))
 }
 
+/// Puts (or, when null, removes) `metadata.managedFields`.
+fn set_managed_fields(object: &mut Value, managed: Value) {
+    if let Some(meta) = object["metadata"].as_object_mut() {
+        if managed.is_null() {
+            meta.remove("managedFields");
+        } else {
+            meta.insert("managedFields".into(), managed);
+        }
+    }
+}
+
 /// Removes the fields `kind` does not have from `v`, one at a time as strict decoding finds
 /// them; returns their paths.
 fn drop_unknown_fields(kind: &KindInfo, v: &mut Value) -> Vec<String> {
@@ -355,7 +366,13 @@ pub struct Objects {
     unknown_fields: FieldValidation,
     /// Unknown fields dropped under `FieldValidation::Warn`, for the answer's Warning headers.
     warnings: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Who writes (`fieldManager`), and whether an apply takes fields from other managers.
+    manager: Option<String>,
+    force: bool,
 }
+
+/// The manager of writes that name none (controllers inside the server).
+const DEFAULT_MANAGER: &str = "flotilla";
 
 /// What a write does with fields the kind does not have (`fieldValidation`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -377,6 +394,8 @@ impl Objects {
             dry_run: false,
             unknown_fields: FieldValidation::Strict,
             warnings: Default::default(),
+            manager: None,
+            force: false,
         }
     }
 
@@ -398,6 +417,20 @@ impl Objects {
             warnings: Default::default(),
             ..self.clone()
         }
+    }
+
+    /// The same objects, writing as field manager `manager`; `force` lets an apply take
+    /// fields other managers own.
+    pub fn as_manager(&self, manager: Option<String>, force: bool) -> Objects {
+        Objects {
+            manager,
+            force,
+            ..self.clone()
+        }
+    }
+
+    fn manager(&self) -> &str {
+        self.manager.as_deref().unwrap_or(DEFAULT_MANAGER)
     }
 
     /// What writes through these objects had to drop (under `FieldValidation::Warn`).
@@ -507,7 +540,19 @@ impl Objects {
         &self,
         kind: &KindInfo,
         namespace: Option<&str>,
+        body: Value,
+    ) -> Result<Stored, ApiError> {
+        self.create_as(kind, namespace, body, None).await
+    }
+
+    /// A create; `managed` is the managedFields a server-side apply computed (clients cannot
+    /// set them).
+    async fn create_as(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
         mut body: Value,
+        managed: Option<Value>,
     ) -> Result<Stored, ApiError> {
         check_envelope(kind, namespace, &mut body)?;
         let meta = body["metadata"]
@@ -528,6 +573,7 @@ impl Objects {
             "creationTimestamp",
             "deletionTimestamp",
             "deletionGracePeriodSeconds",
+            "managedFields",
         ] {
             meta.remove(server_owned);
         }
@@ -559,7 +605,10 @@ impl Objects {
                     .to_string();
                 body["metadata"]["name"] = json!(format!("{prefix}{}", random_suffix()));
             }
-            let object = self.validate(kind, &body)?;
+            let mut object = self.validate(kind, &body)?;
+            if let Some(m) = &managed {
+                set_managed_fields(&mut object, m.clone());
+            }
             let name = name_of(&object).to_string();
             let key = object_key(kind, namespace, &name);
             let mut txn = Txn::new()
@@ -786,13 +835,16 @@ impl Objects {
         sub: Subresource,
         guard: Guard<'_>,
     ) -> Result<Stored, ApiError> {
+        if let PatchBody::Apply(config) = &patch {
+            return self.apply(kind, namespace, name, config, sub, guard).await;
+        }
         // A resourceVersion inside a merge patch is a precondition, as in Kubernetes.
         let precondition = match &patch {
             PatchBody::Merge(p) => {
                 let mut p = p.clone();
                 take_precondition(&mut p)?
             }
-            PatchBody::Json(_) => None,
+            PatchBody::Json(_) | PatchBody::Apply(_) => None,
         };
         let how = WriteOptions {
             precondition,
@@ -817,6 +869,7 @@ impl Objects {
                         )
                     })?;
                 }
+                PatchBody::Apply(_) => unreachable!("applied above"),
             }
             if let Some(meta) = doc.get_mut("metadata").and_then(Value::as_object_mut) {
                 meta.remove("resourceVersion");
@@ -827,6 +880,117 @@ impl Objects {
             Ok(doc)
         })
         .await
+    }
+
+    /// Server-side apply of `config` by this manager: creates the object if it does not exist,
+    /// else merges the configuration in (409 naming the fields and their managers when it
+    /// would change fields others own, unless forced).
+    async fn apply(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        name: &str,
+        config: &Value,
+        sub: Subresource,
+        guard: Guard<'_>,
+    ) -> Result<Stored, ApiError> {
+        let mut config = config.clone();
+        check_envelope(kind, namespace, &mut config)?;
+        if config.get("apiVersion").is_none() || config.get("kind").is_none() {
+            return Err(ApiError::bad_request(
+                "an applied configuration names its apiVersion and kind",
+            ));
+        }
+        match config["metadata"].get("name") {
+            None => config["metadata"]["name"] = json!(name),
+            Some(Value::String(n)) if n == name => {}
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "metadata.name {other} does not match the name {name:?} in the path"
+                )))
+            }
+        }
+        let precondition = take_precondition(&mut config)?;
+        let status = sub == Subresource::Status;
+        let mut contention = Contention::new();
+        while contention.again().await {
+            let kv = match self.get_kv(kind, namespace, name).await {
+                Ok(kv) => kv,
+                Err(e) if e.code() == 404 && !status => {
+                    // Nothing to apply to: the configuration makes it.
+                    let made = crate::apply::apply(
+                        None,
+                        &config,
+                        self.manager(),
+                        self.force,
+                        false,
+                        kind.api_version,
+                    );
+                    // What may not be created may not be applied into existence either.
+                    guard(&Value::Null, Some(&made.object))?;
+                    let managed = made.object["metadata"]["managedFields"].clone();
+                    match self
+                        .create_as(kind, namespace, made.object, Some(managed))
+                        .await
+                    {
+                        Err(e) if e.0.reason == "AlreadyExists" => continue,
+                        other => return other,
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            if precondition.is_some_and(|rv| rv != kv.mod_revision) {
+                return Err(ApiError::conflict(kind.kind, name));
+            }
+            let current = parse_stored(&kv)?;
+            let applied = crate::apply::apply(
+                Some(&current),
+                &config,
+                self.manager(),
+                self.force,
+                status,
+                kind.api_version,
+            );
+            if !applied.conflicts.is_empty() {
+                let (message, causes) = crate::apply::conflict_message(&applied.conflicts);
+                let mut e = ApiError::new(409, "Conflict", message);
+                e.0.details = Some(flotilla_types::status::StatusDetails {
+                    name: name.to_string(),
+                    kind: kind.kind.to_string(),
+                    causes: causes
+                        .into_iter()
+                        .map(|(field, message)| flotilla_types::status::StatusCause {
+                            reason: Some("FieldManagerConflict".into()),
+                            field,
+                            message,
+                        })
+                        .collect(),
+                    retry_after_seconds: None,
+                });
+                return Err(e);
+            }
+            let managed = applied.object["metadata"]["managedFields"].clone();
+            let next = merge_for_write(kind, &current, applied.object, sub)?;
+            let mut next = self.validate(kind, &next)?;
+            set_managed_fields(&mut next, managed);
+            if next.get("spec") != current.get("spec") {
+                let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+                next["metadata"]["generation"] = json!(generation + 1);
+            }
+            guard(&current, Some(&next))?;
+            if next == current {
+                return Ok(Stored {
+                    raw: kv.value,
+                    revision: kv.mod_revision,
+                });
+            }
+            match self.write(&kv, &next).await? {
+                Some(stored) => return Ok(stored),
+                None if precondition.is_some() => return Err(ApiError::conflict(kind.kind, name)),
+                None => continue,
+            }
+        }
+        Err(ApiError::conflict(kind.kind, name))
     }
 
     /// The read-modify-write loop behind PUT and PATCH. `desired` maps the current object to what
@@ -854,6 +1018,13 @@ impl Objects {
             let wanted = desired(&current)?;
             let next = merge_for_write(kind, &current, wanted, sub)?;
             let mut next = self.validate(kind, &next)?;
+            crate::apply::record_update(
+                &current,
+                &mut next,
+                self.manager(),
+                sub == Subresource::Status,
+                kind.api_version,
+            );
             // Compared in canonical form, so that defaults filled in do not count as a change.
             if next.get("spec") != current.get("spec") {
                 let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
@@ -1194,6 +1365,7 @@ fn merge_for_write(
                 "creationTimestamp",
                 "deletionTimestamp",
                 "deletionGracePeriodSeconds",
+                "managedFields",
                 "generation",
                 "namespace",
                 "generateName",
@@ -1263,6 +1435,8 @@ fn keep_set_once(kind: &KindInfo, current: &Value, next: &mut Value) -> Result<(
 pub enum PatchBody {
     Merge(Value),
     Json(json_patch::Patch),
+    /// Server-side apply of this configuration (`application/apply-patch+yaml`).
+    Apply(Value),
 }
 
 fn random_suffix() -> String {

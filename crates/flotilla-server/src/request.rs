@@ -36,6 +36,10 @@ pub(crate) struct Query {
     pub(crate) include_object: Option<IncludeObject>,
     /// What writes do with unknown fields.
     pub(crate) field_validation: FieldValidation,
+    /// Who writes (server-side apply requires it).
+    pub(crate) field_manager: Option<String>,
+    /// Server-side apply: take fields other managers own.
+    pub(crate) force: bool,
 }
 
 fn parse_propagation(v: &str) -> Result<Propagation, ApiError> {
@@ -114,6 +118,15 @@ pub(crate) fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
                     }
                 }
             }
+            "fieldManager" if !v.is_empty() => {
+                if v.len() > 128 || v.chars().any(|c| c.is_control()) {
+                    return Err(ApiError::bad_request(
+                        "fieldManager must be at most 128 printable characters",
+                    ));
+                }
+                q.field_manager = Some(v.into_owned())
+            }
+            "force" => q.force = parse_bool("force", &v)?,
             "includeObject" => {
                 q.include_object = Some(match v.as_ref() {
                     "None" => IncludeObject::None,
@@ -271,8 +284,18 @@ pub(crate) fn parse_patch(headers: &HeaderMap, bytes: &[u8]) -> Result<PatchBody
         "application/json-patch+json" => serde_json::from_value(json()?)
             .map(PatchBody::Json)
             .map_err(|e| ApiError::bad_request(format!("the JSON patch is malformed: {e}"))),
+        // YAML is a superset of JSON: both arrive here.
+        "application/apply-patch+yaml" | "application/apply-patch+json" => {
+            let config: Value = serde_yaml::from_slice(bytes).map_err(|e| {
+                ApiError::bad_request(format!("the applied configuration is not valid YAML: {e}"))
+            })?;
+            if !config.is_object() {
+                return Err(ApiError::bad_request("the applied configuration must be an object"));
+            }
+            Ok(PatchBody::Apply(config))
+        }
         other => Err(ApiError::unsupported_media_type(format!(
-            "patch type {other:?} is not supported; use application/merge-patch+json or application/json-patch+json"
+            "patch type {other:?} is not supported; use application/merge-patch+json, application/json-patch+json or application/apply-patch+yaml"
         ))),
     }
 }
@@ -382,4 +405,17 @@ pub(crate) fn wants_table(headers: &HeaderMap) -> bool {
         }
     }
     false
+}
+
+/// The field manager of a write: `fieldManager`, else the client's name from `User-Agent`
+/// (`kubectl/v1.32.4 ...` -> `kubectl`), as Kubernetes derives it.
+pub(crate) fn field_manager(q: &Query, headers: &HeaderMap) -> Option<String> {
+    q.field_manager.clone().or_else(|| {
+        headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|ua| ua.split(['/', ' ']).next())
+            .filter(|name| !name.is_empty())
+            .map(|name| name.chars().take(128).collect())
+    })
 }

@@ -20,10 +20,10 @@ use crate::auth::Principal;
 use crate::authz::{self, Verb};
 use crate::error::ApiError;
 use crate::http::{json_response, object_response, AppState};
-use crate::objects::{ListOptions, ListResult, Objects, Subresource};
+use crate::objects::{ListOptions, ListResult, Objects, PatchBody, Subresource};
 use crate::request::{
-    delete_options, parse_document, parse_patch, parse_query, read_body, resolve, wants_table,
-    Query, Target,
+    delete_options, field_manager, parse_document, parse_patch, parse_query, read_body, resolve,
+    wants_table, Query, Target,
 };
 use crate::watch::{self, WatchRequest};
 
@@ -132,7 +132,8 @@ async fn handle(
     let objects = dry
         .as_ref()
         .unwrap_or(&state.objects)
-        .with_field_validation(q.field_validation);
+        .with_field_validation(q.field_validation)
+        .as_manager(field_manager(&q, &headers), q.force);
     let objects = &objects;
     let table = wants_table(&headers).then(|| q.include_object.unwrap_or(IncludeObject::Metadata));
     let bookmarks = q.bookmarks.then_some(state.bookmark_interval);
@@ -279,10 +280,28 @@ async fn serve(
         Verb::Patch => {
             let name = target.name.as_deref().expect("a named target");
             let patch = parse_patch(headers, body)?;
+            let applying = matches!(patch, PatchBody::Apply(_));
+            if applying && q.field_manager.is_none() {
+                return Err(ApiError::bad_request(
+                    "fieldManager is required for apply requests (server-side apply)",
+                ));
+            }
+            if q.force && !applying {
+                return Err(ApiError::bad_request(
+                    "force is only allowed for apply requests",
+                ));
+            }
+            // An apply that made the object answers 201, as a create does.
+            let existed = !applying || objects.get(kind, ns, name).await.is_ok();
             let stored = objects
                 .patch_guarded(kind, ns, name, patch, sub, &guard)
                 .await?;
-            Ok(object_response(StatusCode::OK, &stored))
+            let code = if existed {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            Ok(object_response(code, &stored))
         }
         Verb::Delete => {
             let name = target.name.as_deref().expect("a named target");

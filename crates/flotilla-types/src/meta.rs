@@ -58,6 +58,34 @@ pub struct ObjectMeta {
     /// Objects this one belongs to: when every owner is gone, the garbage collector deletes it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub owner_references: Vec<OwnerReference>,
+    /// Who set which fields (server-side apply), kept by the server.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub managed_fields: Vec<ManagedFieldsEntry>,
+}
+
+/// One writer's fields, as Kubernetes records them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ManagedFieldsEntry {
+    /// The field manager (`fieldManager` of its requests).
+    pub manager: String,
+    /// Apply (server-side apply) or Update (any other write).
+    pub operation: String,
+    /// The apiVersion the fields were written in.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub api_version: String,
+    /// When it last wrote.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub time: String,
+    /// FieldsV1.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub fields_type: String,
+    /// The fields it owns: `f:<field>`, `k:<key>`, `v:<value>` and `.` entries.
+    #[serde(default)]
+    pub fields_v1: serde_json::Value,
+    /// `status` when the writes were to the status subresource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subresource: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
