@@ -45,8 +45,10 @@ struct Failures {
     since: Instant,
 }
 
-/// A client address may fail authentication this many times per [`FAILURE_WINDOW`]; after
-/// that its requests are answered 429 without looking at their tokens until the window ends.
+/// A client address may present this many wrong tokens per [`FAILURE_WINDOW`]; after that its
+/// tokens are answered 429 without being looked up until the window ends — except tokens this
+/// server verified moments ago (so a user behind the same address as a guesser keeps working).
+/// Requests without any token are answered 401 and not counted: they guess nothing.
 pub const MAX_FAILURES: u32 = 50;
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -105,6 +107,14 @@ impl Authenticator {
         peer: Option<std::net::IpAddr>,
         token: Option<&str>,
     ) -> Result<Principal, ApiError> {
+        let Some(token) = token else {
+            return Err(ApiError::unauthorized(
+                "authentication required: send \"Authorization: Bearer <token>\" (the admin token is in the server's admin.yaml)",
+            ));
+        };
+        if let Some(principal) = self.recently_verified(token) {
+            return Ok(principal);
+        }
         if let Some(ip) = peer {
             let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(f) = failures.get(&ip) {
@@ -120,18 +130,20 @@ impl Authenticator {
                 }
             }
         }
-        let result = match token {
-            Some(t) => self.authenticate(t).await,
-            None => Err(ApiError::unauthorized(
-                "authentication required: send \"Authorization: Bearer <token>\" (the admin token is in the server's admin.yaml)",
-            )),
-        };
+        let result = self.authenticate(token).await;
         if let (Err(e), Some(ip)) = (&result, peer) {
             if e.code() == 401 {
                 self.count_failure(ip);
             }
         }
         result
+    }
+
+    /// The principal of `token` if it was verified within [`CACHE_FOR`].
+    fn recently_verified(&self, token: &str) -> Option<Principal> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let (principal, at) = cache.get(&sha256(token.as_bytes()))?;
+        (at.elapsed() < CACHE_FOR).then(|| principal.clone())
     }
 
     fn count_failure(&self, ip: std::net::IpAddr) {
@@ -155,17 +167,10 @@ impl Authenticator {
 
     /// Checks a token (without the `Bearer ` prefix).
     pub async fn authenticate(&self, token: &str) -> Result<Principal, ApiError> {
-        let digest = sha256(token.as_bytes());
-        if let Some((p, at)) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&digest)
-        {
-            if at.elapsed() < CACHE_FOR {
-                return Ok(p.clone());
-            }
+        if let Some(principal) = self.recently_verified(token) {
+            return Ok(principal);
         }
+        let digest = sha256(token.as_bytes());
         let invalid = || {
             ApiError::unauthorized("the bearer token is not valid (unknown, revoked or expired)")
         };
