@@ -10,6 +10,7 @@ pub mod registry;
 pub mod resource;
 pub mod selector;
 pub mod status;
+pub mod strict;
 pub mod table;
 pub mod validation;
 

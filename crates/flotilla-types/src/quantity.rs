@@ -5,6 +5,11 @@ use std::fmt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// The quantities the server promises to read (and the only ones it writes): a suffix or an
+/// exponent (-3 to 18) on at most 17 digits, or a plain number of up to 20 whole and 8
+/// fractional digits (every 64-bit integer). Larger ones may not be representable in thousandths.
+pub const PATTERN: &str = r"^\+?(([0-9]{1,17}|[0-9]{1,9}\.[0-9]{0,8}|\.[0-9]{1,8})(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|[eE](-[1-3]|\+?(0?[0-9]|1[0-8])))|[0-9]{1,20}(\.[0-9]{0,8})?|\.[0-9]{1,8})$";
+
 /// A non-negative quantity as the user wrote it, with its value in thousandths (to hold `500m`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Quantity {
@@ -166,7 +171,7 @@ impl JsonSchema for Quantity {
                 ..Default::default()
             })),
             string: Some(Box::new(schemars::schema::StringValidation {
-                pattern: Some(r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|[eE][-+]?[0-9]+)?$".into()),
+                pattern: Some(PATTERN.into()),
                 ..Default::default()
             })),
             ..Default::default()
@@ -189,6 +194,27 @@ mod tests {
         assert_eq!(Quantity::parse("1e3").unwrap().value(), 1000);
         assert_eq!(Quantity::parse("1073741824").unwrap().value(), 1 << 30);
         assert_eq!(Quantity::parse("0.5").unwrap().milli_value(), 500);
+    }
+
+    mod pattern {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn every_quantity_the_pattern_allows_is_read(text in PATTERN.trim_matches(['^', '$'])) {
+                prop_assert!(Quantity::parse(&text).is_ok(), "{text:?}");
+            }
+
+            #[test]
+            fn every_quantity_the_server_writes_matches_it(n in any::<u64>(), shift in 0u32..64) {
+                let re = regex::Regex::new(PATTERN).unwrap();
+                let bytes = u128::from(n >> shift << shift);
+                let written = Quantity::from_bytes(bytes).to_string();
+                prop_assert!(re.is_match(&written), "{written:?}");
+                prop_assert!(re.is_match(&n.to_string()));
+            }
+        }
     }
 
     #[test]

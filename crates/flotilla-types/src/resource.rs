@@ -138,31 +138,32 @@ pub(crate) fn api_version() -> String {
     API_VERSION.to_string()
 }
 
-/// Decodes an object strictly (unknown fields and wrong types are errors naming their path),
-/// then runs every semantic check.
+/// Decodes an object strictly (unknown fields, wrong types and arrays for objects are errors
+/// naming their path), then runs every semantic check.
 pub fn decode<T: Resource>(value: &serde_json::Value) -> Result<T, FieldErrors> {
-    let object: T = serde_path_to_error::deserialize(value).map_err(|e| {
-        let mut errs = FieldErrors::default();
-        let path = e.path().to_string();
-        let message = e.inner().to_string();
-        let path = if path == "." { String::new() } else { path };
-        // serde names a missing field in its message; make it part of the path.
-        match message
-            .strip_prefix("missing field `")
-            .and_then(|m| m.split('`').next())
-        {
-            Some(field) => {
-                let full = if path.is_empty() {
-                    field.to_string()
-                } else {
-                    format!("{path}.{field}")
-                };
-                errs.push(full, "is required");
+    let object: T =
+        serde_path_to_error::deserialize(crate::strict::Strict(value)).map_err(|e| {
+            let mut errs = FieldErrors::default();
+            let path = e.path().to_string();
+            let message = e.inner().to_string();
+            let path = if path == "." { String::new() } else { path };
+            // serde names a missing field in its message; make it part of the path.
+            match message
+                .strip_prefix("missing field `")
+                .and_then(|m| m.split('`').next())
+            {
+                Some(field) => {
+                    let full = if path.is_empty() {
+                        field.to_string()
+                    } else {
+                        format!("{path}.{field}")
+                    };
+                    errs.push(full, "is required");
+                }
+                None => errs.push(path, message),
             }
-            None => errs.push(path, message),
-        }
-        errs
-    })?;
+            errs
+        })?;
     let mut errs = FieldErrors::default();
     object.metadata().validate(&mut errs);
     object.validate(&mut errs);

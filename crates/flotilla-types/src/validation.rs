@@ -55,6 +55,45 @@ impl fmt::Display for FieldErrors {
 
 impl std::error::Error for FieldErrors {}
 
+// The patterns the OpenAPI document states for what the functions below accept. A test checks
+// each against its function; where a pattern cannot say everything (the 253-character limit of a
+// label key's prefix) it accepts less, never more.
+
+/// [`is_dns_label`] (with a maximum length of 63).
+pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
+/// A name, or nothing (then `generateName` is required).
+pub const NAME_PATTERN: &str = r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)?$";
+/// A `generateName`: a prefix that becomes a DNS-1123 label with five more characters.
+pub const GENERATE_NAME_PATTERN: &str = r"^([a-z0-9][-a-z0-9]{0,56})?$";
+/// [`is_qualified_name`]: label and annotation keys, finalizers, topology keys.
+pub const QUALIFIED_NAME_PATTERN: &str = r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?){0,2}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+/// [`is_label_value`].
+pub const LABEL_VALUE_PATTERN: &str = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$";
+/// [`host_path`] (with a maximum length of [`MAX_PATH_CHARS`]).
+pub const HOST_PATH_PATTERN: &str = r"^/[^\x00\n\r]*$";
+pub const MAX_PATH_CHARS: usize = 4096;
+/// One line: no NUL, CR or LF.
+pub const ONE_LINE_PATTERN: &str = r"^[^\x00\n\r]*$";
+
+/// The schema of a label map: any keys (OpenAPI 3.0 cannot constrain them; the server checks
+/// them as [`labels`] does), values matching [`LABEL_VALUE_PATTERN`].
+pub fn labels_schema(_: &mut schemars::gen::SchemaGenerator) -> schemars::schema::Schema {
+    serde_json::from_value(serde_json::json!({
+        "type": "object",
+        "additionalProperties": {"type": "string", "pattern": LABEL_VALUE_PATTERN, "maxLength": 63},
+    }))
+    .expect("a valid schema")
+}
+
+/// The schema of a list of IP addresses (v4 or v6).
+pub fn ip_list_schema(_: &mut schemars::gen::SchemaGenerator) -> schemars::schema::Schema {
+    serde_json::from_value(serde_json::json!({
+        "type": "array",
+        "items": {"type": "string", "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]},
+    }))
+    .expect("a valid schema")
+}
+
 const DNS_LABEL_HINT: &str =
     "must be a DNS-1123 label: at most 63 lowercase letters, digits or '-', starting and ending with a letter or digit";
 
@@ -141,7 +180,10 @@ pub fn to_dns_label(s: &str, fallback: &str) -> String {
 
 /// A path on the node: absolute, no NUL or newline.
 pub fn host_path(errs: &mut FieldErrors, field: &str, value: &str) {
-    if !value.starts_with('/') || value.contains(['\0', '\n', '\r']) || value.len() > 4096 {
+    if !value.starts_with('/')
+        || value.contains(['\0', '\n', '\r'])
+        || value.chars().count() > MAX_PATH_CHARS
+    {
         errs.push(
             field,
             format!("{value:?} must be an absolute path on the node, without control characters"),
@@ -178,6 +220,62 @@ mod tests {
         assert_eq!(to_dns_label("My_Domain.01", "x"), "my-domain-01");
         assert_eq!(to_dns_label("--", "x"), "x");
         assert!(is_dns_label(&to_dns_label(&"a-".repeat(50), "x")));
+    }
+
+    /// The document's patterns accept what the checks accept: every string drawn from a pattern
+    /// passes its check, and (where the pattern is exact) a string the check accepts matches.
+    mod patterns {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn matches(pattern: &str, s: &str) -> bool {
+            regex::Regex::new(pattern).unwrap().is_match(s)
+        }
+
+        /// Strings near the boundaries: the characters these rules are about, any length to 70,
+        /// and keys with prefixes.
+        fn near() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[-a-zA-Z0-9_./ \\n]{0,70}",
+                "[-a-z0-9]{0,70}",
+                "[-a-z0-9.]{0,30}/[-a-zA-Z0-9_.]{0,70}",
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn drawn_from_the_pattern_passes_the_check(
+                label in DNS_LABEL_PATTERN.trim_matches(['^', '$']),
+                key in QUALIFIED_NAME_PATTERN.trim_matches(['^', '$']),
+                value in LABEL_VALUE_PATTERN.trim_matches(['^', '$']),
+                prefix in GENERATE_NAME_PATTERN.trim_matches(['^', '$']),
+                path in "/[^\\x00\\n\\r]{0,80}",
+            ) {
+                prop_assert!(is_dns_label(&label), "{label:?}");
+                prop_assert!(is_qualified_name(&key), "{key:?}");
+                prop_assert!(is_label_value(&value), "{value:?}");
+                prop_assert!(is_dns_label(&format!("{prefix}abcde")), "{prefix:?}");
+                prop_assert!(matches(HOST_PATH_PATTERN, &path));
+                let mut errs = FieldErrors::default();
+                host_path(&mut errs, "p", &path);
+                prop_assert!(errs.is_empty(), "{path:?}");
+            }
+
+            #[test]
+            fn accepted_by_the_check_matches_the_pattern(s in near()) {
+                prop_assert_eq!(is_dns_label(&s), matches(DNS_LABEL_PATTERN, &s), "{:?}", s);
+                prop_assert_eq!(is_label_value(&s), matches(LABEL_VALUE_PATTERN, &s) && s.len() <= 63, "{:?}", s);
+                prop_assert_eq!(s.is_empty() || is_dns_label(&s), matches(NAME_PATTERN, &s), "{:?}", s);
+                let generates = s.len() <= 57 && (s.is_empty() || is_dns_label(&format!("{s}a")));
+                prop_assert_eq!(generates, matches(GENERATE_NAME_PATTERN, &s), "{:?}", s);
+                let short_prefix = s.split_once('/').is_none_or(|(p, _)| p.split('.').count() <= 3);
+                if short_prefix {
+                    prop_assert_eq!(is_qualified_name(&s), matches(QUALIFIED_NAME_PATTERN, &s), "{:?}", s);
+                } else {
+                    prop_assert!(!matches(QUALIFIED_NAME_PATTERN, &s) || is_qualified_name(&s));
+                }
+            }
+        }
     }
 
     #[test]

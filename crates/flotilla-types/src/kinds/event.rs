@@ -33,8 +33,10 @@ pub struct Event {
     /// The object this event is about.
     pub involved_object: ObjectReference,
     /// A short CamelCase word saying why, e.g. `Scheduled`, `FailedScheduling`, `Started`.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9]{1,128}$"))]
     pub reason: String,
-    /// What happened, for a person (at most 1 KiB).
+    /// What happened, for a person (at most 1024 characters).
+    #[schemars(length(max = 1024))]
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
     /// `Normal` or `Warning`.
@@ -50,15 +52,19 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_timestamp: Option<Time>,
     /// How many times it happened.
+    #[schemars(range(min = 1))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u32>,
     /// The controller that reported it, e.g. `flotilla.dev/agent`.
+    #[schemars(length(max = 128))]
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reporting_component: String,
     /// Which instance of it, e.g. the agent's node.
+    #[schemars(length(max = 128))]
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reporting_instance: String,
     /// When it first happened, with microseconds (events.k8s.io's field).
+    #[schemars(with = "Option<Time>")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_time: Option<String>,
     /// What was done, e.g. `Binding`, `Starting`, `Killing`.
@@ -74,11 +80,13 @@ fn core_v1() -> String {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ObjectReference {
     /// The object's kind.
+    #[schemars(length(min = 1))]
     pub kind: String,
     /// The object's project.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// The object's name.
+    #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
     pub name: String,
     /// The object's uid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -290,16 +298,18 @@ impl Resource for Event {
                 "must be a CamelCase word of at most 128 letters and digits",
             );
         }
-        if self.message.len() > MAX_MESSAGE_BYTES {
+        if self.message.chars().count() > MAX_MESSAGE_BYTES {
             errs.push(
                 "message",
-                format!("must be at most {MAX_MESSAGE_BYTES} bytes"),
+                format!("must be at most {MAX_MESSAGE_BYTES} characters"),
             );
         }
         if self.count == Some(0) {
             errs.push("count", "must be at least 1");
         }
-        if self.reporting_instance.len() > 128 || self.reporting_component.len() > 128 {
+        if self.reporting_instance.chars().count() > 128
+            || self.reporting_component.chars().count() > 128
+        {
             errs.push("reportingInstance", "at most 128 characters");
         }
         if let Some(t) = &self.event_time {

@@ -17,6 +17,7 @@ pub struct ImageSpec {
     pub format: ImageFormat,
     /// Hex SHA-256 of the file at the source; checked after download.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-fA-F]{64}$"))]
     pub sha256: Option<String>,
 }
 
@@ -26,9 +27,14 @@ pub struct ImageSpec {
 pub struct ImageSource {
     /// An http:// or https:// URL to download the image from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^https?://[^\s\x00-\x1f\x7f-\x9f]*$"),
+        length(max = 4096)
+    )]
     pub url: Option<String>,
     /// A file on every node (absolute path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "crate::validation::HOST_PATH_PATTERN", length(max = 4096))]
     pub path: Option<String>,
 }
 
@@ -71,7 +77,7 @@ impl Validate for ImageSpec {
         match (&self.source.url, &self.source.path) {
             (Some(url), None) => {
                 let ok = (url.starts_with("http://") || url.starts_with("https://"))
-                    && url.len() <= 4096
+                    && url.chars().count() <= 4096
                     && !url.chars().any(|c| c.is_whitespace() || c.is_control());
                 if !ok {
                     errs.push(

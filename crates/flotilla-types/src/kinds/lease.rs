@@ -15,6 +15,7 @@ pub struct LeaseSpec {
     pub holder_identity: Option<String>,
     /// How long after `renewTime` the holder is presumed gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub lease_duration_seconds: Option<u32>,
     /// When the holder last renewed the lease.
     #[serde(default, skip_serializing_if = "Option::is_none")]

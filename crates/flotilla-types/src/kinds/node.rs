@@ -49,6 +49,7 @@ pub struct NodeInfo {
     pub qemu_version: Option<String>,
     /// `kvm` or `qemu` (TCG).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(kvm|qemu)$"))]
     pub virt_type: Option<String>,
     /// Where the agent serves VM logs to the API server (HTTPS, client certificates only).
     #[serde(default, skip_serializing_if = "Option::is_none")]

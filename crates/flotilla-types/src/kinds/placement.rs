@@ -34,9 +34,11 @@ pub struct SpreadTerm {
     /// Which VMs are spread, as a label selector.
     pub label_selector: String,
     /// The node label whose values make the domains to spread over (e.g. topology.flotilla.dev/zone).
+    #[schemars(regex = "crate::validation::QUALIFIED_NAME_PATTERN", length(max = 317))]
     pub topology_key: String,
     /// With it, a hard rule: no domain may have more than this many matching VMs above the emptiest one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_skew: Option<u32>,
 }
 
@@ -59,6 +61,7 @@ pub struct AffinityTerm {
     /// Which VMs the rule is about, as a label selector (e.g. app=web).
     pub label_selector: String,
     /// The node label whose values make the domains (flotilla.dev/node: each node; topology.flotilla.dev/zone: each zone).
+    #[schemars(regex = "crate::validation::QUALIFIED_NAME_PATTERN", length(max = 317))]
     pub topology_key: String,
 }
 
@@ -66,10 +69,12 @@ pub struct AffinityTerm {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WeightedAffinityTerm {
     /// 1 to 100.
+    #[schemars(range(min = 1, max = 100))]
     pub weight: u32,
     /// Which VMs the rule is about, as a label selector (e.g. app=web).
     pub label_selector: String,
     /// The node label whose values make the domains (flotilla.dev/node: each node; topology.flotilla.dev/zone: each zone).
+    #[schemars(regex = "crate::validation::QUALIFIED_NAME_PATTERN", length(max = 317))]
     pub topology_key: String,
 }
 

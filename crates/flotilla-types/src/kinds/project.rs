@@ -11,6 +11,7 @@ use crate::validation::FieldErrors;
 pub struct ProjectSpec {
     /// What the project is for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub description: Option<String>,
 }
 
@@ -24,7 +25,11 @@ pub struct ProjectStatus {
 
 impl Validate for ProjectSpec {
     fn validate(&self, path: &str, errs: &mut FieldErrors) {
-        if self.description.as_ref().is_some_and(|d| d.len() > 1024) {
+        if self
+            .description
+            .as_ref()
+            .is_some_and(|d| d.chars().count() > 1024)
+        {
             errs.push(
                 format!("{path}.description"),
                 "must be at most 1024 characters",

@@ -22,12 +22,14 @@ pub struct VirtualMachineSpec {
     pub power_state: PowerState,
     /// A VMClass name; set this or `resources`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
     pub class: Option<String>,
     /// CPUs and memory (or name a VMClass in class instead).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
     /// An Image in the same project: the root disk is a linked clone of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
     pub image: Option<String>,
     /// Direct kernel boot from files on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -40,26 +42,32 @@ pub struct VirtualMachineSpec {
     pub networks: Vec<NetworkAttachment>,
     /// SSH public keys cloud-init installs for the default user.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex = "SSH_KEY_PATTERN", length(max = 16384)))]
     pub ssh_authorized_keys: Vec<String>,
     /// cloud-init user data (a `#cloud-config` document or a script).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
     pub user_data: Option<String>,
     /// Pin to a node; otherwise the scheduler picks one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
     pub node_name: Option<String>,
     /// Labels a node must have to run the VM.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "crate::validation::labels_schema")]
     pub node_selector: BTreeMap<String, String>,
     /// UUID of an existing libvirt domain on `nodeName` that this VM represents (`flotilla vm
     /// adopt`). Flotilla then manages its power state only: it never redefines the domain or
     /// touches its disks, and deleting the VM releases the domain instead of destroying it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-fA-F-]{36}$"))]
     pub adopted_domain: Option<String>,
     /// Placement rules relative to other VMs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<crate::kinds::placement::Affinity>,
     /// A PlacementPolicy in the same project whose rules apply too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
     pub placement_policy: Option<String>,
 }
 
@@ -74,6 +82,7 @@ pub enum PowerState {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Resources {
     /// Virtual CPUs (at least 1).
+    #[schemars(range(min = 1, max = 512))]
     pub cpus: u32,
     /// Memory, as a quantity (e.g. 2Gi; at least 16Mi).
     pub memory: Quantity,
@@ -83,12 +92,15 @@ pub struct Resources {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KernelBoot {
     /// A kernel on the node to boot directly (absolute path).
+    #[schemars(regex = "crate::validation::HOST_PATH_PATTERN", length(max = 4096))]
     pub kernel: String,
     /// An initramfs on the node to boot with (absolute path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "crate::validation::HOST_PATH_PATTERN", length(max = 4096))]
     pub initrd: Option<String>,
     /// The kernel command line (one line, at most 4096 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "crate::validation::ONE_LINE_PATTERN", length(max = 4096))]
     pub cmdline: Option<String>,
 }
 
@@ -103,9 +115,11 @@ pub struct RootDisk {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NetworkAttachment {
     /// The Network to attach to.
+    #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
     pub network: String,
     /// A fixed MAC address; generated when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "UNICAST_MAC_PATTERN")]
     pub mac_address: Option<String>,
 }
 
@@ -129,12 +143,14 @@ pub struct VirtualMachineStatus {
     pub phase: Phase,
     /// The node the VM runs on, as its agent reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
     pub node_name: Option<String>,
     /// The VM's conditions: Scheduled, Ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The VM's IP addresses.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::validation::ip_list_schema")]
     pub ips: Vec<String>,
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -151,6 +167,11 @@ pub const AGENT_FINALIZER: &str = "flotilla.dev/agent";
 
 /// Annotation whose new value asks the agent to restart the VM (`flotilla vm restart`).
 pub const RESTART_ANNOTATION: &str = "flotilla.dev/restart-requested-at";
+
+/// What [`is_ssh_key`] accepts (with a maximum length of 16 KiB).
+const SSH_KEY_PATTERN: &str = r"^(ssh-rsa|ssh-ed25519|ssh-dss|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com|ssh-rsa-cert-v01@openssh\.com) [^\x00\n\r]*$";
+/// What [`is_mac`] accepts and is not multicast (the first octet's lowest bit clear).
+const UNICAST_MAC_PATTERN: &str = r"^[0-9a-fA-F][02468aceACE](:[0-9a-fA-F]{2}){5}$";
 
 fn is_mac(s: &str) -> bool {
     let parts: Vec<&str> = s.split(':').collect();
@@ -172,7 +193,7 @@ fn is_ssh_key(s: &str) -> bool {
         "sk-ecdsa-sha2-nistp256@openssh.com ",
         "ssh-rsa-cert-v01@openssh.com ",
     ];
-    s.len() <= 16 * 1024
+    s.chars().count() <= 16 * 1024
         && !s.contains(['\n', '\r', '\0'])
         && TYPES.iter().any(|t| s.starts_with(t))
 }
@@ -203,7 +224,7 @@ impl Validate for VirtualMachineSpec {
                 validation::host_path(errs, &format!("{path}.boot.initrd"), initrd);
             }
             if let Some(cmdline) = &boot.cmdline {
-                if cmdline.len() > 4096 || cmdline.contains(['\0', '\n', '\r']) {
+                if cmdline.chars().count() > 4096 || cmdline.contains(['\0', '\n', '\r']) {
                     errs.push(
                         format!("{path}.boot.cmdline"),
                         "must be one line of at most 4096 characters",

@@ -11,6 +11,7 @@ use crate::validation::FieldErrors;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VMClassSpec {
     /// Virtual CPUs of VMs of this class (at least 1).
+    #[schemars(range(min = 1, max = 512))]
     pub cpus: u32,
     /// Memory of VMs of this class, as a quantity (e.g. 4Gi).
     pub memory: Quantity,
