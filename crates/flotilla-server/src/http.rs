@@ -115,7 +115,7 @@ where
     H: axum::handler::Handler<T, AppState> + Clone + Send + Sync + 'static,
     T: 'static,
 {
-    [
+    let router = [
         "{plural}",
         "{plural}/{name}",
         "{plural}/{name}/{sub}",
@@ -126,7 +126,28 @@ where
     .into_iter()
     .fold(router, |r, tail| {
         r.route(&format!("{root}/{tail}"), any(handler.clone()))
-    })
+    });
+    // Kubernetes' watch paths: `<root>/watch/<collection>` is the collection with watch=true.
+    let watch = move |State(state): State<AppState>, mut req: Request| {
+        let handler = handler.clone();
+        async move {
+            let query = match req.uri().query() {
+                Some(q) if !q.is_empty() => format!("{q}&watch=true"),
+                _ => "watch=true".to_string(),
+            };
+            let uri = format!("{}?{query}", req.uri().path());
+            match uri.parse() {
+                Ok(uri) => *req.uri_mut() = uri,
+                Err(_) => return ApiError::bad_request("malformed request path").into_response(),
+            }
+            handler.call(req, state).await
+        }
+    };
+    ["watch/{plural}", "watch/namespaces/{ns}/{plural}"]
+        .into_iter()
+        .fold(router, |r, tail| {
+            r.route(&format!("{root}/{tail}"), get(watch.clone()))
+        })
 }
 
 /// Unknown paths need a token too, so nothing can be probed anonymously.

@@ -202,12 +202,13 @@ pub(crate) fn encode(v: &Value) -> Vec<u8> {
     serde_json::to_vec(v).expect("JSON values serialise")
 }
 
-/// Checks the envelope of a body against the path it was sent to, and fills what may be omitted.
+/// Checks the envelope of a body against the path it was sent to, and fills what may be omitted;
+/// answers a warning when it had to drop something.
 fn check_envelope(
     kind: &KindInfo,
     namespace: Option<&str>,
     body: &mut Value,
-) -> Result<(), ApiError> {
+) -> Result<Option<String>, ApiError> {
     let Some(obj) = body.as_object_mut() else {
         return Err(ApiError::bad_request(format!(
             "the body must be a {} object",
@@ -247,25 +248,42 @@ fn check_envelope(
             }]),
         ));
     };
-    match (kind.namespaced, meta.get("namespace"), namespace) {
-        (true, None, Some(ns)) => {
+    // As Kubernetes: an empty namespace is the path's; a cluster-scoped object has none.
+    let given = match meta.get("namespace") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "metadata.namespace {other} must be a string"
+            )))
+        }
+    };
+    if !given.is_empty() && !flotilla_types::validation::is_dns_label(&given) {
+        return Err(ApiError::bad_request(format!(
+            "metadata.namespace {given:?} is not a project name"
+        )));
+    }
+    match (kind.namespaced, namespace) {
+        (true, Some(ns)) if given.is_empty() || given == ns => {
             meta.insert("namespace".into(), json!(ns));
         }
-        (true, Some(Value::String(given)), Some(ns)) if given == ns => {}
-        (true, Some(given), Some(ns)) => {
+        (true, Some(ns)) => {
             return Err(ApiError::bad_request(format!(
-                "metadata.namespace {given} does not match the project {ns:?} in the path"
+                "metadata.namespace {given:?} does not match the project {ns:?} in the path"
             )))
         }
-        (false, Some(_), _) => {
-            return Err(ApiError::bad_request(format!(
-                "{} is cluster-scoped: remove metadata.namespace",
-                kind.kind
-            )))
+        (false, _) => {
+            meta.remove("namespace");
+            if !given.is_empty() {
+                return Ok(Some(format!(
+                    "metadata.namespace {given:?} ignored: {} is cluster-scoped",
+                    kind.kind
+                )));
+            }
         }
-        _ => {}
+        (true, None) => {}
     }
-    Ok(())
+    Ok(None)
 }
 
 pub(crate) fn validate(kind: &KindInfo, v: &Value) -> Result<Value, ApiError> {
@@ -435,7 +453,51 @@ impl Objects {
 
     /// What writes through these objects had to drop (under `FieldValidation::Warn`).
     pub fn warnings(&self) -> Vec<String> {
-        self.warnings.lock().expect("warnings lock").clone()
+        let mut seen = std::collections::HashSet::new();
+        let warnings = self.warnings.lock().expect("warnings lock");
+        // A body is checked more than once (as sent, then as stored): each warning once.
+        warnings
+            .iter()
+            .filter(|w| seen.insert(w.as_str()))
+            .cloned()
+            .collect()
+    }
+
+    /// [`check_envelope`], its warning kept for the answer.
+    fn check_envelope(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        body: &mut Value,
+    ) -> Result<(), ApiError> {
+        if let Some(warning) = check_envelope(kind, namespace, body)? {
+            self.warnings.lock().expect("warnings lock").push(warning);
+        }
+        Ok(())
+    }
+
+    /// The object as the client sent it (or as its patch made it) must be one of the kind as a
+    /// whole, also in what the write then ignores (server-set metadata, status on the object,
+    /// spec on /status), as Kubernetes decodes the whole object before it looks at a part. A
+    /// part left out is taken from the current object.
+    fn check_as_sent(
+        &self,
+        kind: &KindInfo,
+        current: &Value,
+        wanted: &Value,
+    ) -> Result<(), ApiError> {
+        let mut probe = wanted.clone();
+        if let Some(obj) = probe.as_object_mut() {
+            for part in ["spec", "status"] {
+                if obj.get(part).is_none_or(Value::is_null) {
+                    match current.get(part) {
+                        Some(v) => obj.insert(part.into(), v.clone()),
+                        None => obj.remove(part),
+                    };
+                }
+            }
+        }
+        self.validate(kind, &probe).map(|_| ())
     }
 
     /// Strict decoding and every check, after dropping unknown fields if asked to.
@@ -554,7 +616,10 @@ impl Objects {
         mut body: Value,
         managed: Option<Value>,
     ) -> Result<Stored, ApiError> {
-        check_envelope(kind, namespace, &mut body)?;
+        self.check_envelope(kind, namespace, &mut body)?;
+        // What the create then drops or overwrites (status, server-set metadata) must still be
+        // what the document says it is.
+        self.validate(kind, &body)?;
         let meta = body["metadata"]
             .as_object_mut()
             .expect("checked by check_envelope");
@@ -793,7 +858,7 @@ impl Objects {
         sub: Subresource,
         guard: Guard<'_>,
     ) -> Result<Stored, ApiError> {
-        check_envelope(kind, namespace, &mut body)?;
+        self.check_envelope(kind, namespace, &mut body)?;
         match body["metadata"].get("name") {
             None => body["metadata"]["name"] = json!(name),
             Some(Value::String(n)) if n == name => {}
@@ -895,14 +960,18 @@ impl Objects {
         guard: Guard<'_>,
     ) -> Result<Stored, ApiError> {
         let mut config = config.clone();
-        check_envelope(kind, namespace, &mut config)?;
         if config.get("apiVersion").is_none() || config.get("kind").is_none() {
             return Err(ApiError::bad_request(
                 "an applied configuration names its apiVersion and kind",
             ));
         }
+        self.check_envelope(kind, namespace, &mut config)?;
         match config["metadata"].get("name") {
-            None => config["metadata"]["name"] = json!(name),
+            None => {
+                return Err(ApiError::bad_request(
+                    "an applied configuration names its object in metadata.name",
+                ))
+            }
             Some(Value::String(n)) if n == name => {}
             Some(other) => {
                 return Err(ApiError::bad_request(format!(
@@ -926,6 +995,8 @@ impl Objects {
                         false,
                         kind.api_version,
                     );
+                    // The configuration makes the whole object: it must be one, status too.
+                    self.validate(kind, &config)?;
                     // What may not be created may not be applied into existence either.
                     guard(&Value::Null, Some(&made.object))?;
                     let managed = made.object["metadata"]["managedFields"].clone();
@@ -970,6 +1041,13 @@ impl Objects {
                 return Err(e);
             }
             let managed = applied.object["metadata"]["managedFields"].clone();
+            // The applied object, with what this apply ignores as the configuration has it.
+            let mut as_sent = applied.object.clone();
+            let ignored = if status { "spec" } else { "status" };
+            if let Some(part) = config.get(ignored).filter(|v| !v.is_null()) {
+                as_sent[ignored] = part.clone();
+            }
+            self.check_as_sent(kind, &current, &as_sent)?;
             let next = merge_for_write(kind, &current, applied.object, sub)?;
             let mut next = self.validate(kind, &next)?;
             set_managed_fields(&mut next, managed);
@@ -1016,6 +1094,7 @@ impl Objects {
             }
             let current = parse_stored(&kv)?;
             let wanted = desired(&current)?;
+            self.check_as_sent(kind, &current, &wanted)?;
             let next = merge_for_write(kind, &current, wanted, sub)?;
             let mut next = self.validate(kind, &next)?;
             crate::apply::record_update(
@@ -1285,8 +1364,10 @@ pub struct DeleteOptions {
     pub propagation: Option<Propagation>,
     pub grace_period_seconds: Option<i64>,
     /// Delete only if the object still has this uid / resourceVersion.
+    /// Compared as text, as Kubernetes does: any other value (even one this server never issued)
+    /// is a failed precondition, 409.
     pub uid: Option<String>,
-    pub resource_version: Option<Revision>,
+    pub resource_version: Option<String>,
 }
 
 impl DeleteOptions {
@@ -1310,8 +1391,8 @@ impl DeleteOptions {
                 ));
             }
         }
-        if let Some(want) = self.resource_version {
-            if want != revision {
+        if let Some(want) = &self.resource_version {
+            if *want != revision.to_string() {
                 return Err(ApiError::new(
                     409,
                     "Conflict",

@@ -117,7 +117,19 @@ fn schemas(kinds: &[&'static KindInfo], definitions: &str, openapi3: bool) -> Ma
         if let Some(schema) = out.get_mut(kind.kind) {
             schema["x-kubernetes-group-version-kind"] =
                 json!([{"group": group, "version": version, "kind": kind.kind}]);
+            // The server refuses any other value (it may be left out: the path says it).
+            if let Some(props) = schema["properties"].as_object_mut() {
+                for (field, value) in [("apiVersion", kind.api_version), ("kind", kind.kind)] {
+                    if let Some(p) = props.get_mut(field) {
+                        p["enum"] = json!([value]);
+                        p["default"] = json!(value);
+                    }
+                }
+            }
         }
+    }
+    if openapi3 {
+        state_what_the_server_enforces(&mut out);
     }
     out.insert("Status".into(), status_schema(definitions));
     out.insert("WatchEvent".into(), json!({
@@ -127,19 +139,94 @@ fn schemas(kinds: &[&'static KindInfo], definitions: &str, openapi3: bool) -> Ma
             "type": {"type": "string", "enum": ["ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"],
                      "description": "What happened; ERROR carries a Status (e.g. 410 when the resourceVersion was compacted)."},
             "object": {"type": "object", "description": "The object after the change (before it, for DELETED); for BOOKMARK only its resourceVersion."}}}));
-    out.insert("DeleteOptions".into(), json!({
+    let mut delete_options = json!({
         "type": "object", "description": "Options of a DELETE (all optional).",
         "properties": {
             "apiVersion": {"type": "string", "description": "v1 or meta.k8s.io/v1"},
             "kind": {"type": "string", "description": "DeleteOptions"},
-            "dryRun": {"type": "array", "items": {"type": "string", "enum": ["All"]}, "description": "All: run the deletion, change nothing."},
-            "gracePeriodSeconds": {"type": "integer", "minimum": 0, "description": "For a VM: how long its guest may take to shut down (0 or absent: at once)."},
+            "dryRun": {"type": "array", "items": {"type": "string", "enum": ["All", ""]}, "description": "All: run the deletion, change nothing."},
+            "gracePeriodSeconds": {"type": "integer", "minimum": 0, "maximum": i64::MAX, "description": "For a VM: how long its guest may take to shut down (0 or absent: at once)."},
             "propagationPolicy": {"type": "string", "enum": ["Background", "Foreground", "Orphan"], "description": "What happens to dependents: deleted afterwards (Background), first (Foreground), or kept (Orphan)."},
             "orphanDependents": {"type": "boolean", "description": "Deprecated: true means propagationPolicy Orphan."},
             "preconditions": {"type": "object", "description": "Delete only if the object still has this uid and resourceVersion (409 otherwise).",
                 "properties": {"uid": {"type": "string", "description": "The object's uid."},
-                               "resourceVersion": {"type": "string", "description": "The object's resourceVersion."}}}}}));
+                               "resourceVersion": {"type": "string", "description": "The object's resourceVersion."}}}}});
+    if openapi3 {
+        // As everywhere in Kubernetes' API, null is the same as leaving a field out.
+        if let Some(props) = delete_options["properties"].as_object_mut() {
+            if let Some(inner) = props
+                .get_mut("preconditions")
+                .and_then(|p| p.get_mut("properties"))
+                .and_then(Value::as_object_mut)
+            {
+                for p in inner.values_mut() {
+                    p["nullable"] = json!(true);
+                }
+            }
+            for p in props.values_mut() {
+                p["nullable"] = json!(true);
+                // An enum lists null itself when null is allowed (OpenAPI 3.0.3).
+                if let Some(values) = p.get_mut("enum").and_then(Value::as_array_mut) {
+                    values.push(Value::Null);
+                }
+            }
+        }
+    }
+    out.insert("DeleteOptions".into(), delete_options);
     out
+}
+
+/// What the server checks that the types' derived schemas cannot say by themselves (OpenAPI 3
+/// only: Swagger 2 has no anyOf).
+fn state_what_the_server_enforces(schemas: &mut Map<String, Value>) {
+    // A quantity is a string such as 2Gi or a whole number, as Kubernetes' int-or-string. The
+    // string pattern bounds the digits so that every value it allows is one the server can hold.
+    if let Some(q) = schemas.get_mut("Quantity") {
+        let description = q["description"].clone();
+        *q = json!({
+            "description": description,
+            "x-kubernetes-int-or-string": true,
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": u64::MAX},
+                {"type": "string", "pattern": flotilla_types::quantity::PATTERN},
+            ],
+        });
+    }
+    // Integers are bounded by the types the server reads them into.
+    for schema in schemas.values_mut() {
+        bound_integers(schema);
+    }
+    // A name, or a generateName for the server to make one from.
+    if let Some(meta) = schemas.get_mut("ObjectMeta") {
+        meta["anyOf"] = json!([
+            {"required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}}},
+            {"required": ["generateName"], "properties": {"generateName": {"type": "string"}}},
+        ]);
+    }
+}
+
+/// Adds the range of its format (uint32, int64, ...) to every integer that does not state one.
+fn bound_integers(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            let range: Option<(Value, Value)> = match map.get("format").and_then(Value::as_str) {
+                Some("uint32") => Some((json!(0), json!(u32::MAX))),
+                Some("int32") => Some((json!(i32::MIN), json!(i32::MAX))),
+                Some("uint64" | "uint") => Some((json!(0), json!(u64::MAX))),
+                Some("int64") => Some((json!(i64::MIN), json!(i64::MAX))),
+                _ => None,
+            };
+            if let Some((min, max)) = range {
+                map.entry("minimum").or_insert(min);
+                map.entry("maximum").or_insert(max);
+            }
+            for v in map.values_mut() {
+                bound_integers(v);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(bound_integers),
+        _ => {}
+    }
 }
 
 fn status_schema(definitions: &str) -> Value {
@@ -197,29 +284,71 @@ fn param(name: &str, ty: Value, description: &str) -> Value {
 }
 
 fn dry_run() -> Value {
-    param("dryRun", json!({"type": "string", "enum": ["All"]}), "All: run the write in full (validation, conflicts) and answer what would be stored, storing nothing")
+    param("dryRun", json!({"type": "string", "enum": ["All", ""]}), "All: run the write in full (validation, conflicts) and answer what would be stored, storing nothing (empty: a real write)")
 }
 
 fn field_validation() -> Value {
     param(
         "fieldValidation",
-        json!({"type": "string", "enum": ["Strict", "Warn", "Ignore"]}),
-        "Unknown fields in the body: Strict (the default) refuses them, Warn drops them with a Warning header, Ignore drops them",
+        json!({"type": "string", "enum": ["Strict", "Warn", "Ignore", ""]}),
+        "Unknown fields in the body: Strict (the default, also when empty) refuses them, Warn drops them with a Warning header, Ignore drops them",
+    )
+}
+
+/// An RFC 6901 JSON pointer: empty (the whole document) or /-separated tokens, `~` escaped.
+const JSON_POINTER: &str = "^(/([^~]|~[01])*)*$";
+
+/// One RFC 6902 operation: add, replace and test carry a value; move and copy a from.
+fn json_patch_operation() -> Value {
+    let op = |ops: &[&str], extra: &str| {
+        let mut required = vec!["op", "path"];
+        if !extra.is_empty() {
+            required.push(extra);
+        }
+        json!({"type": "object", "required": required, "properties": {
+            "op": {"type": "string", "enum": ops, "description": "What to do"},
+            "path": {"type": "string", "pattern": JSON_POINTER, "description": "A JSON pointer, e.g. /spec/powerState"},
+            "from": {"type": "string", "pattern": JSON_POINTER, "description": "For move and copy: the pointer to take the value from"},
+            "value": {"description": "For add, replace and test: the value"}}})
+    };
+    json!({"description": "One operation", "oneOf": [
+        op(&["add", "replace", "test"], "value"),
+        op(&["remove"], ""),
+        op(&["move", "copy"], "from"),
+    ]})
+}
+
+/// A resourceVersion in a query: one this server issued (or empty).
+fn resource_version_param(description: &str) -> Value {
+    param(
+        "resourceVersion",
+        json!({"type": "string", "pattern": "^[0-9]{0,18}$"}),
+        description,
     )
 }
 
 fn list_params() -> Vec<Value> {
+    vec![
+        param("labelSelector", json!({"type": "string"}), "Only objects whose labels match, e.g. app=web,tier!=db,zone in (a,b)"),
+        param("fieldSelector", json!({"type": "string"}), "Only objects whose fields match, e.g. metadata.name=web or spec.nodeName=node-1"),
+        param("limit", json!({"type": "integer", "minimum": 0, "maximum": u64::MAX}), "At most this many items (0: all); pass metadata.continue back for the next page"),
+        param("continue", json!({"type": "string"}), "The continue token of the previous page (opaque: only the server makes them)"),
+        resource_version_param("Read at least this fresh (a version the store has not reached is answered 504 after 3 s)"),
+        param("timeoutSeconds", json!({"type": "integer", "minimum": 0, "maximum": u64::MAX}), "Accepted for Kubernetes clients; a list answers at once"),
+        param("includeObject", json!({"type": "string", "enum": ["None", "Metadata", "Object"]}), "With a Table answer: what each row carries of its object"),
+    ]
+}
+
+/// The parameters of a watch (the `watch` operation, or a list with watch=true).
+fn watch_params() -> Vec<Value> {
     let boolean = json!({"type": "boolean"});
     vec![
         param("labelSelector", json!({"type": "string"}), "Only objects whose labels match, e.g. app=web,tier!=db,zone in (a,b)"),
         param("fieldSelector", json!({"type": "string"}), "Only objects whose fields match, e.g. metadata.name=web or spec.nodeName=node-1"),
-        param("limit", json!({"type": "integer", "minimum": 0}), "At most this many items; pass metadata.continue back for the next page"),
-        param("continue", json!({"type": "string"}), "The continue token of the previous page"),
-        param("watch", boolean.clone(), "Stream changes as newline-delimited WatchEvents instead of answering a list"),
-        param("resourceVersion", json!({"type": "string"}), "With watch: stream the changes after this version (a version the store has not reached is answered 504 after 3 s)"),
-        param("allowWatchBookmarks", boolean, "With watch: send BOOKMARK events now and then"),
-        param("timeoutSeconds", json!({"type": "integer", "minimum": 0}), "With watch: end the stream after this long"),
-        param("includeObject", json!({"type": "string", "enum": ["None", "Metadata", "Object"]}), "With a Table answer: what each row carries of its object"),
+        resource_version_param("Stream the changes after this version; absent: every object as ADDED first (a version the store has not reached is answered 504 after 3 s; one compacted away, an ERROR event with 410)"),
+        param("allowWatchBookmarks", boolean, "Send BOOKMARK events now and then, so a client can resume from a recent version"),
+        param("timeoutSeconds", json!({"type": "integer", "minimum": 0, "maximum": u64::MAX}), "End the stream after this long"),
+        param("includeObject", json!({"type": "string", "enum": ["None", "Metadata", "Object"]}), "With Table events: what each row carries of its object"),
     ]
 }
 
@@ -242,13 +371,13 @@ fn paths_of(kind: &KindInfo, definitions: &str, paths: &mut Map<String, Value>) 
             format!("{root}/{}/{{name}}", kind.plural),
         )
     };
-    let string = json!({"type": "string"});
+    let name = json!({"type": "string", "pattern": flotilla_types::validation::DNS_LABEL_PATTERN, "maxLength": 63});
     let mut path_params = Vec::new();
     if kind.namespaced {
-        path_params.push(json!({"name": "namespace", "in": "path", "required": true, "description": "The project", "schema": string.clone()}));
+        path_params.push(json!({"name": "namespace", "in": "path", "required": true, "description": "The project", "schema": name.clone()}));
     }
     let mut item_params = path_params.clone();
-    item_params.push(json!({"name": "name", "in": "path", "required": true, "description": "The object's name", "schema": string}));
+    item_params.push(json!({"name": "name", "in": "path", "required": true, "description": "The object's name", "schema": name}));
     let reference = |name: &str| json!({"$ref": format!("{definitions}{name}")});
     let (obj, status) = (reference(kind.kind), reference("Status"));
     let list = json!({"type": "object", "description": format!("A list of {}", kind.plural),
@@ -260,11 +389,14 @@ fn paths_of(kind: &KindInfo, definitions: &str, paths: &mut Map<String, Value>) 
                 "resourceVersion": {"type": "string", "description": "Watch from here to see every later change"},
                 "continue": {"type": "string", "description": "Pass as continue to read the next page"}}},
             "items": {"type": "array", "items": obj.clone(), "description": "The objects"}}});
-    let body = json!({"required": true, "content": {"application/json": {"schema": obj.clone()}, "application/yaml": {"schema": obj.clone()}}});
+    // YAML is read too, but documented is JSON: YAML 1.1 writers and this YAML 1.2 reader
+    // disagree on plain scalars such as 1e+100 (a string to one, a number to the other).
+    let body = json!({"required": true, "content": {"application/json": {"schema": obj.clone()}}});
     let patch = json!({"required": true, "content": {
         "application/merge-patch+json": {"schema": {"type": "object", "description": "An RFC 7386 merge patch"}},
-        "application/json-patch+json": {"schema": {"type": "array", "items": {"type": "object"}, "description": "An RFC 6902 JSON patch"}},
-        "application/apply-patch+yaml": {"schema": {"type": "object", "description": "Server-side apply: the fields this manager owns"}}}});
+        "application/json-patch+json": {"schema": {"type": "array", "description": "An RFC 6902 JSON patch", "items": json_patch_operation()}},
+        "application/apply-patch+yaml": {"schema": {"allOf": [obj.clone()], "required": ["apiVersion", "kind", "metadata"],
+            "description": "Server-side apply: the fields this manager owns, as an object of the kind naming its apiVersion, kind and metadata.name"}}}});
     let delete_body = json!({"required": false, "content": {"application/json": {"schema": reference("DeleteOptions")}}});
     let k = kind.kind;
     let with = |mut m: Map<String, Value>, extra: Value| {
@@ -299,7 +431,7 @@ fn paths_of(kind: &KindInfo, definitions: &str, paths: &mut Map<String, Value>) 
         dry_run(),
         param(
             "gracePeriodSeconds",
-            json!({"type": "integer", "minimum": 0}),
+            json!({"type": "integer", "minimum": 0, "maximum": i64::MAX}),
             "For a VM: how long its guest may take to shut down",
         ),
         param(
@@ -313,8 +445,8 @@ fn paths_of(kind: &KindInfo, definitions: &str, paths: &mut Map<String, Value>) 
         field_validation(),
         param(
             "fieldManager",
-            json!({"type": "string"}),
-            "Who makes the change (server-side apply: required)"
+            json!({"type": "string", "maxLength": 128, "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$"}),
+            "Who makes the change (server-side apply: required), at most 128 printable characters"
         )
     ]);
     let mut patch_params = write_params.as_array().cloned().unwrap_or_default();
@@ -324,18 +456,31 @@ fn paths_of(kind: &KindInfo, definitions: &str, paths: &mut Map<String, Value>) 
         "Server-side apply: take over fields other managers own",
     ));
     paths.insert(collection, json!({
-        "parameters": path_params,
-        "get": {"operationId": format!("list{k}"), "description": format!("List or watch {}", kind.plural),
+        "parameters": path_params.clone(),
+        "get": {"operationId": format!("list{k}"),
+                "description": format!("List {}. With watch=true (and the parameters of the watch operation) this answers as watch{k} does", kind.plural),
                 "parameters": list_params.iter().filter(|p| p["name"] != "dryRun").collect::<Vec<_>>(),
-                "responses": with(read_errors(), json!({"200": {"description": "The list; with watch, a stream of WatchEvents", "content": {
-                    "application/json": {"schema": list},
-                    "application/json;stream=watch": {"schema": reference("WatchEvent")}}}}))},
+                "responses": with(read_errors(), json!({"200": ok("The list", list.clone())}))},
         "post": {"operationId": format!("create{k}"), "description": format!("Create a {k}"), "parameters": write_params, "requestBody": body.clone(),
                  "responses": with(write_errors(), json!({"201": ok("Created", obj.clone()), "405": ok("Not allowed here", status.clone())}))},
         "delete": {"operationId": format!("deletecollection{k}"), "description": format!("Delete every {k} the selectors match"),
                    "parameters": list_params.iter().chain(delete_params.iter()).filter(|p| p["name"] != "watch").cloned().collect::<Vec<_>>(),
                    "requestBody": delete_body.clone(),
-                   "responses": with(write_errors(), json!({"200": ok("What was deleted (or marked for deletion)", list.clone())}))},
+                   "responses": with(write_errors(), json!({"200": ok("What was deleted (or marked for deletion)", list.clone()),
+                                                             "504": ok("A resourceVersion the store has not reached yet", status.clone())}))},
+    }));
+    // The watch as its own operation, at Kubernetes' watch path: a stream, not a list.
+    let watch_path = match kind.namespaced {
+        true => format!("{root}/watch/namespaces/{{namespace}}/{}", kind.plural),
+        false => format!("{root}/watch/{}", kind.plural),
+    };
+    paths.insert(watch_path, json!({
+        "parameters": path_params,
+        "get": {"operationId": format!("watch{k}List"),
+                "description": format!("Watch {}: newline-delimited WatchEvents, one per change, until timeoutSeconds or the client leaves", kind.plural),
+                "parameters": watch_params(),
+                "responses": with(read_errors(), json!({"200": {"description": "A stream of WatchEvents, one JSON object per line", "content": {
+                    "application/json;stream=watch": {"schema": reference("WatchEvent")}}}}))},
     }));
     delete_params.push(json!({"name": "orphanDependents", "in": "query", "required": false, "description": "Deprecated: true means propagationPolicy Orphan", "schema": {"type": "boolean"}}));
     paths.insert(item.clone(), json!({
@@ -367,6 +512,7 @@ fn paths_of(kind: &KindInfo, definitions: &str, paths: &mut Map<String, Value>) 
             if let Some(op) = path.get_mut(method) {
                 let action = match (method, op["operationId"].as_str()) {
                     ("get", Some(id)) if id.starts_with("list") => "list",
+                    ("get", Some(id)) if id.starts_with("watch") => "watchlist",
                     ("delete", Some(id)) if id.starts_with("deletecollection") => {
                         "deletecollection"
                     }

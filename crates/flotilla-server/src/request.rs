@@ -7,7 +7,9 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap};
 use flotilla_types::registry::{self, KindInfo};
+use flotilla_types::validation;
 use http_body_util::BodyExt;
+use serde::Deserialize;
 use serde_json::Value;
 
 use flotilla_types::table::IncludeObject;
@@ -119,7 +121,7 @@ pub(crate) fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
                 }
             }
             "fieldManager" if !v.is_empty() => {
-                if v.len() > 128 || v.chars().any(|c| c.is_control()) {
+                if v.chars().count() > 128 || v.chars().any(|c| c.is_control()) {
                     return Err(ApiError::bad_request(
                         "fieldManager must be at most 128 printable characters",
                     ));
@@ -148,8 +150,15 @@ pub(crate) fn parse_query(raw: Option<&str>) -> Result<Query, ApiError> {
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct DeleteOptionsBody {
+    // Read only to check their type; any value is accepted (Kubernetes' v1 or meta.k8s.io/v1).
     #[serde(default)]
-    dry_run: Vec<String>,
+    #[allow(dead_code)]
+    api_version: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    kind: Option<String>,
+    #[serde(default)]
+    dry_run: Option<Vec<String>>,
     #[serde(default)]
     propagation_policy: Option<String>,
     #[serde(default)]
@@ -180,10 +189,16 @@ pub(crate) fn delete_options(
     let mut dry_run = q.dry_run;
     if !body.iter().all(u8::is_ascii_whitespace) {
         let doc = parse_document(headers, body)?;
-        let b: DeleteOptionsBody = serde_json::from_value(doc).map_err(|e| {
-            ApiError::bad_request(format!("the body is not valid DeleteOptions: {e}"))
-        })?;
-        for v in &b.dry_run {
+        if !doc.is_object() {
+            return Err(ApiError::bad_request(
+                "the body must be a DeleteOptions object",
+            ));
+        }
+        let b =
+            DeleteOptionsBody::deserialize(flotilla_types::strict::Strict(&doc)).map_err(|e| {
+                ApiError::bad_request(format!("the body is not valid DeleteOptions: {e}"))
+            })?;
+        for v in b.dry_run.iter().flatten() {
             dry_run |= parse_dry_run(v)?;
         }
         if let Some(p) = &b.propagation_policy {
@@ -191,17 +206,15 @@ pub(crate) fn delete_options(
         } else if b.orphan_dependents == Some(true) {
             o.propagation = Some(Propagation::Orphan);
         }
+        if b.grace_period_seconds.is_some_and(|g| g < 0) {
+            return Err(ApiError::bad_request(
+                "gracePeriodSeconds must be 0 or more",
+            ));
+        }
         o.grace_period_seconds = b.grace_period_seconds;
         if let Some(p) = b.preconditions {
             o.uid = p.uid;
-            o.resource_version = match p.resource_version {
-                Some(rv) => Some(rv.parse().map_err(|_| {
-                    ApiError::bad_request(format!(
-                        "preconditions.resourceVersion {rv:?} is not a resourceVersion this server returned"
-                    ))
-                })?),
-                None => None,
-            };
+            o.resource_version = p.resource_version;
         }
     }
     if q.propagation_policy.is_some() {
@@ -356,6 +369,15 @@ pub(crate) fn resolve(
             ))
         }
         _ => {}
+    }
+    // No project can have such a name: say so rather than list an empty project.
+    if let Some(ns) = namespace
+        .as_deref()
+        .filter(|ns| !validation::is_dns_label(ns))
+    {
+        return Err(ApiError::bad_request(format!(
+            "the project {ns:?} in the path is not a valid project name: lowercase letters, digits and '-', at most 63, starting and ending with a letter or digit"
+        )));
     }
     let sub = match params.get("sub").map(String::as_str) {
         None => None,

@@ -85,6 +85,69 @@ async fn query_parameters_and_bodies_as_kubernetes_reads_them() {
     )
     .await;
     assert_eq!(code, 404, "{body}");
+    // A name no project can have is an error, not an empty list.
+    let (code, _, body) = call(
+        &t,
+        get.clone(),
+        "/apis/flotilla.dev/v1alpha1/namespaces/null,null/virtualmachines",
+        None,
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("\"null,null\""),
+        "{body}"
+    );
+    // The envelope as Kubernetes fills it: an empty (or null) namespace is the path's; a
+    // cluster-scoped object's namespace is dropped, with a warning.
+    for (name, ns) in [("empty-ns", json!("")), ("null-ns", Value::Null)] {
+        let mut body = vm(name);
+        body["metadata"]["namespace"] = ns;
+        let (code, _, created) = call(&t, reqwest::Method::POST, VMS, Some(body)).await;
+        assert_eq!(
+            (code, created["metadata"]["namespace"].clone()),
+            (201, json!("default")),
+            "{created}"
+        );
+    }
+    let class = json!({"metadata": {"name": "small", "namespace": "default"}, "spec": {"cpus": 1, "memory": "1Gi"}});
+    let (code, headers, created) = call(
+        &t,
+        reqwest::Method::POST,
+        "/apis/flotilla.dev/v1alpha1/vmclasses",
+        Some(class),
+    )
+    .await;
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(created["metadata"].get("namespace"), None, "{created}");
+    let warning = headers["warning"].to_str().unwrap();
+    assert!(warning.contains("cluster-scoped"), "{warning}");
+    // The watch path of a collection is the collection with watch=true.
+    let resp = t
+        .http()
+        .get(t.url(
+            "/apis/flotilla.dev/v1alpha1/watch/namespaces/default/virtualmachines?timeoutSeconds=1&fieldSelector=metadata.name%3Dempty-ns",
+        ))
+        .bearer_auth(t.token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let events: Vec<Value> = resp
+        .text()
+        .await
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        (
+            events[0]["type"].as_str(),
+            events[0]["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("ADDED"), Some("empty-ns"))
+    );
     // Methods that make no sense: 405 with Allow.
     let (code, headers, _) = call(&t, reqwest::Method::PUT, VMS, Some(vm("x"))).await;
     assert_eq!(
@@ -158,6 +221,17 @@ async fn delete_with_preconditions_options_and_collections() {
     )
     .await;
     assert_eq!(code, 409);
+    // Compared as text, as Kubernetes does: a value this server never issued fails the same way.
+    for rv in ["", "not-a-version"] {
+        let (code, _, body) = call(
+            &t,
+            del.clone(),
+            &format!("{VMS}/a"),
+            Some(json!({"preconditions": {"resourceVersion": rv}})),
+        )
+        .await;
+        assert_eq!(code, 409, "{rv:?}: {body}");
+    }
     let resp = t
         .http()
         .delete(t.url(&format!("{VMS}/a")))
