@@ -498,9 +498,25 @@ pub fn apply(
             }
         }
     }
-    if !conflicts.is_empty() && !force {
-        return Applied { object, conflicts };
+    // Moving from client-side to server-side apply (`kubectl apply --server-side` on an object
+    // `kubectl apply` made): fields the last client-side apply set, still as it set them, pass
+    // to this apply without a conflict, as Kubernetes does.
+    let last_applied = (!status)
+        .then(|| live.and_then(last_applied_configuration))
+        .flatten();
+    let (taken, refused): (Vec<Conflict>, Vec<Conflict>) = conflicts.into_iter().partition(|c| {
+        last_applied.as_ref().is_some_and(|last| {
+            let live_value = live.and_then(|l| get(l, &c.path));
+            live_value.is_some() && get(last, &c.path) == live_value
+        })
+    });
+    if !refused.is_empty() && !force {
+        return Applied {
+            object,
+            conflicts: refused,
+        };
     }
+    let conflicts: Vec<Conflict> = taken.into_iter().chain(refused).collect();
     // Merge the configuration in, then drop what this manager stopped setting and nobody else
     // owns.
     let mut part = config.clone();
@@ -540,10 +556,37 @@ pub fn apply(
         api_version: api_version.to_string(),
     });
     write_managed(&mut object, &managed);
+    if last_applied.is_some() {
+        // Kept current, so that a later client-side apply diffs against this configuration.
+        let mut config = part.clone();
+        if let Some(annotations) = config
+            .pointer_mut("/metadata/annotations")
+            .and_then(Value::as_object_mut)
+        {
+            annotations.remove(LAST_APPLIED);
+        }
+        if let Some(annotations) = object
+            .pointer_mut("/metadata/annotations")
+            .and_then(Value::as_object_mut)
+        {
+            annotations.insert(LAST_APPLIED.into(), Value::String(config.to_string()));
+        }
+    }
     Applied {
         object,
         conflicts: Vec::new(),
     }
+}
+
+/// The annotation `kubectl apply` (client-side) keeps its last configuration in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+fn last_applied_configuration(live: &Value) -> Option<Value> {
+    let text = live
+        .pointer("/metadata/annotations")?
+        .get(LAST_APPLIED)?
+        .as_str()?;
+    serde_json::from_str(text).ok()
 }
 
 /// Records a non-apply write (`Update`) by `manager` on an object that has managedFields: it
@@ -744,5 +787,33 @@ mod tests {
         changed["spec"]["resources"]["cpus"] = json!(3);
         record_update(&plain, &mut changed, "x", false, "v");
         assert!(changed["metadata"].get("managedFields").is_none());
+    }
+
+    #[test]
+    fn server_side_apply_takes_over_from_client_side_apply_as_kubernetes_does() {
+        // `kubectl apply` (client-side) made the object with cpus 2 and kept its configuration.
+        let mut live = vm(2, &["a"]);
+        live["metadata"]["annotations"] = json!({LAST_APPLIED: vm(2, &["a"]).to_string()});
+        // Server-side apply of cpus 4: the fields of the last configuration pass without conflict.
+        let applied = apply(Some(&live), &vm(4, &["a"]), "kubectl", false, false, "v");
+        assert!(applied.conflicts.is_empty());
+        let object = applied.object;
+        assert_eq!(object["spec"]["resources"]["cpus"], 4);
+        let kept: Value = serde_json::from_str(
+            object["metadata"]["annotations"][LAST_APPLIED]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            kept["spec"]["resources"]["cpus"], 4,
+            "the last configuration follows"
+        );
+        assert!(kept["metadata"]["annotations"].get(LAST_APPLIED).is_none());
+        // A field someone changed after the last client-side apply still conflicts.
+        live["spec"]["resources"]["cpus"] = json!(3);
+        let refused = apply(Some(&live), &vm(4, &["a"]), "kubectl", false, false, "v");
+        assert_eq!(refused.conflicts.len(), 1);
+        assert_eq!(describe(&refused.conflicts[0].path), ".spec.resources.cpus");
     }
 }

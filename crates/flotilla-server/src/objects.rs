@@ -874,7 +874,7 @@ impl Objects {
             sub,
             guard,
         };
-        self.update_with(kind, namespace, name, how, |_| Ok(body.clone()))
+        self.update_with(kind, namespace, name, how, |_, _| Ok(body.clone()))
             .await
     }
 
@@ -916,8 +916,9 @@ impl Objects {
             sub,
             guard,
         };
-        self.update_with(kind, namespace, name, how, |current| {
+        self.update_with(kind, namespace, name, how, |current, revision| {
             let mut doc = current.clone();
+            let served = revision.to_string();
             match &patch {
                 PatchBody::Merge(p) => {
                     if !p.is_object() {
@@ -926,6 +927,10 @@ impl Objects {
                     json_patch::merge(&mut doc, p);
                 }
                 PatchBody::Json(p) => {
+                    // Patched as the client saw the object, resourceVersion included; a
+                    // resourceVersion the patch leaves different is a precondition that failed
+                    // (kubectl's managed-fields migration tests it this way).
+                    doc["metadata"]["resourceVersion"] = Value::String(served.clone());
                     json_patch::patch(&mut doc, p).map_err(|e| {
                         ApiError::new(
                             422,
@@ -933,6 +938,11 @@ impl Objects {
                             format!("the JSON patch cannot be applied: {e}"),
                         )
                     })?;
+                    match doc["metadata"].get("resourceVersion") {
+                        None | Some(Value::Null) => {}
+                        Some(Value::String(rv)) if *rv == served || rv.is_empty() => {}
+                        Some(_) => return Err(ApiError::conflict(kind.kind, name)),
+                    }
                 }
                 PatchBody::Apply(_) => unreachable!("applied above"),
             }
@@ -1079,7 +1089,7 @@ impl Objects {
         namespace: Option<&str>,
         name: &str,
         how: WriteOptions<'_>,
-        desired: impl Fn(&Value) -> Result<Value, ApiError>,
+        desired: impl Fn(&Value, Revision) -> Result<Value, ApiError>,
     ) -> Result<Stored, ApiError> {
         let WriteOptions {
             precondition,
@@ -1093,7 +1103,7 @@ impl Objects {
                 return Err(ApiError::conflict(kind.kind, name));
             }
             let current = parse_stored(&kv)?;
-            let wanted = desired(&current)?;
+            let wanted = desired(&current, kv.mod_revision)?;
             self.check_as_sent(kind, &current, &wanted)?;
             let next = merge_for_write(kind, &current, wanted, sub)?;
             let mut next = self.validate(kind, &next)?;

@@ -197,6 +197,49 @@ async fn concurrent_patches_without_a_version_all_land() {
     assert_eq!(hot["metadata"]["labels"].as_object().unwrap().len(), 100);
 }
 
+/// A JSON patch sees the object as served, resourceVersion included, and a resourceVersion it
+/// leaves different is a failed precondition: kubectl's migration of managed fields to
+/// server-side apply patches this way.
+#[tokio::test]
+async fn json_patches_see_the_resource_version_as_a_precondition() {
+    let t = start().await;
+    let (_, _, made) = call(&t, reqwest::Method::POST, VMS, Some(vm("jp"))).await;
+    let rv = made["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let patch = |ops: Value| {
+        t.http()
+            .patch(t.url(&format!("{VMS}/jp")))
+            .bearer_auth(t.token())
+            .header("content-type", "application/json-patch+json")
+            .body(ops.to_string())
+            .send()
+    };
+    let ok = patch(json!([
+        {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+        {"op": "replace", "path": "/spec/resources/cpus", "value": 2},
+        {"op": "replace", "path": "/metadata/resourceVersion", "value": rv}
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(ok.status(), 200, "{}", ok.text().await.unwrap());
+    // The object has moved on: the same resourceVersion is now stale.
+    let stale = patch(json!([
+        {"op": "replace", "path": "/spec/resources/cpus", "value": 3},
+        {"op": "replace", "path": "/metadata/resourceVersion", "value": rv}
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(stale.status(), 409);
+    let now = t
+        .client
+        .get(kind("vm"), Some("default"), "jp")
+        .await
+        .unwrap();
+    assert_eq!(now["spec"]["resources"]["cpus"], 2);
+}
+
 #[tokio::test]
 async fn delete_with_preconditions_options_and_collections() {
     let t = start().await;
