@@ -18,7 +18,7 @@ test:
 	scripts/install-deps.sh test
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
-	$(CARGO) nextest run --workspace --locked --profile ci
+	FLOTILLA_REQUIRE_CLIENTS=1 $(CARGO) nextest run --workspace --locked --profile ci
 
 build:
 	$(CARGO) build --release --locked -p flotilla

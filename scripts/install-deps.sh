@@ -13,8 +13,9 @@ packages+=(linux-image-cloud-amd64 busybox-static cpio kmod)
 case "$purpose" in
   run) ;;
   # The Debian guest of the cloud-init end-to-end test is built with debootstrap; tests read
-  # seed ISOs back with xorriso and run real etcd clusters.
-  test) packages+=(debootstrap e2fsprogs xorriso etcd-server) ;;
+  # seed ISOs back with xorriso and run real etcd clusters; the Python clients (the Kubernetes
+  # client, schemathesis) live in a virtual environment.
+  test) packages+=(debootstrap e2fsprogs xorriso etcd-server python3-venv) ;;
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac
 
@@ -74,4 +75,15 @@ if [ "$purpose" = test ]; then
   fi
   scripts/build-tiny-guest.sh
   scripts/build-debian-guest.sh
+  # The Python clients of the real-client suites, pinned in tests/clients/requirements.txt, in a
+  # virtual environment of Debian's Python; reinstalled only when the pins change.
+  venv=target/clients-venv
+  stamp="$(sha256sum tests/clients/requirements.txt | cut -d' ' -f1)"
+  if [ "$(cat "$venv/.requirements" 2>/dev/null)" != "$stamp" ]; then
+    echo "installing the Python clients into $venv"
+    rm -rf "$venv"
+    /usr/bin/python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --require-virtualenv -r tests/clients/requirements.txt
+    echo "$stamp" > "$venv/.requirements"
+  fi
 fi

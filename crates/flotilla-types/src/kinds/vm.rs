@@ -350,6 +350,8 @@ crate::define_kind! {
             "NODE" => "status.nodeName",
             "POWER" => "spec.powerState" (wide),
             "CLASS" => "spec.class" (wide),
+            "CPUS" => "spec.resources.cpus" (wide),
+            "MEMORY" => "spec.resources.memory" (wide),
             "IMAGE" => "spec.image" (wide),
             "IPS" => "status.ips" (wide)
         ],

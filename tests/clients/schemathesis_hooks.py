@@ -1,0 +1,220 @@
+"""Schemathesis hooks for the Flotilla API run (tests/clients/schemathesis.toml).
+
+The OpenAPI document states every rule OpenAPI 3.0 can state: required fields, patterns,
+lengths, ranges, enums. The rules below are the ones it cannot, each named in the field's
+description; a generated request breaking one of them would be rejected (rightly) and reported
+as "valid data rejected". This hook makes generated requests keep them, and nothing else:
+
+- a body's metadata.name is the name in the path, its metadata.namespace the project in the path
+  (cross-field: OpenAPI cannot relate a body to its path);
+- keys of labels, annotations and nodeSelector are [prefix/]name (OpenAPI 3.0 has no
+  propertyNames);
+- memory and disk sizes fall in their ranges (a quantity is a string; OpenAPI cannot bound the
+  number it spells);
+- one of several fields (class or resources; image, boot or adoptedDomain; url or path), a node
+  for an adopted domain, MAC addresses not repeated (cross-field);
+- label and field selectors follow their grammar (not a regular language for labels' sets);
+- continue tokens are the server's own (opaque; a made-up one is rightly 400);
+- numbers fit a 64-bit float (JSON has no limit; the server reads JSON numbers as 64-bit integers
+  or floats, as most JSON readers do), also where a field takes any value (a JSON patch's value).
+
+None of this touches a part schemathesis generated to be invalid (a negative case): fixing it
+could make it valid, and the server would be blamed for accepting it.
+
+And a few about the run itself, not the document:
+- every request targets the `default` project: the only one that exists, so that project-scoped
+  operations reach their validation rather than a 404 for a random project name;
+- every write runs with dryRun=All: through the whole write path (decoding, defaulting,
+  validation, admission, conflicts) but storing nothing, so that a random update never lands on
+  an object an earlier random create made, and the run is the same every time (an invalid dryRun
+  value is kept: the server must reject it and store nothing). Writes that
+  store are covered by the API tests and the real-client suites. For the same reason, patches
+  do not target the `default` project itself.
+- fieldManager is present for server-side apply, force only with it (both rules of one media
+  type, which OpenAPI cannot attach a parameter to);
+- a create carries no resourceVersion (one schema serves reads, where the server sets it).
+"""
+
+import copy
+import re
+from urllib.parse import unquote
+
+import schemathesis
+from schemathesis.core.parameters import ParameterLocation
+
+QUALIFIED_NAME = re.compile(
+    r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?){0,2}/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+# A conservative subset of the selector grammars: the server accepts more.
+LABEL_SELECTOR = re.compile(r"^([a-z0-9]([-a-z0-9]{0,20}[a-z0-9])?(=|!=)[a-z0-9]{0,20})?$")
+FIELD_SELECTOR = re.compile(r"^(metadata\.name=[a-z0-9]{0,20})?$")
+
+SUFFIXES = {
+    "": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}
+
+
+def quantity(value):
+    """The number a quantity spells, or None if it spells none this hook understands."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        return None
+    m = re.match(r"^\+?([0-9]*\.?[0-9]*)(.*)$", value)
+    if not m or m.group(1) in ("", "."):
+        return None
+    number, suffix = float(m.group(1)), m.group(2)
+    if suffix in SUFFIXES:
+        return number * SUFFIXES[suffix]
+    if suffix[:1] in ("e", "E"):
+        try:
+            return number * 10 ** int(suffix[1:])
+        except ValueError:
+            return None
+    return None
+
+
+def in_range(obj, key, low, high, fallback):
+    if isinstance(obj, dict) and key in obj:
+        n = quantity(obj[key])
+        if n is not None and not low <= n <= high:
+            obj[key] = fallback
+
+
+def only_qualified_keys(obj, key):
+    if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+        obj[key] = {k: v for k, v in obj[key].items() if QUALIFIED_NAME.match(k)}
+
+
+def keep_vm_rules(spec):
+    if not isinstance(spec, dict):
+        return
+    if spec.get("class") is not None and spec.get("resources") is not None:
+        spec["class"] = None
+    if spec.get("class") is None and spec.get("resources") is None:
+        spec["resources"] = {"cpus": 1, "memory": "64Mi"}
+    in_range(spec.get("resources"), "memory", 16 * 2**20, 16 * 2**40, "64Mi")
+    in_range(spec.get("rootDisk"), "size", 2**20, 64 * 2**40, "1Gi")
+    if all(spec.get(k) is None for k in ("image", "boot", "adoptedDomain")):
+        spec["image"] = "base"
+    if spec.get("adoptedDomain") is not None and spec.get("nodeName") is None:
+        spec["nodeName"] = "node-1"
+    only_qualified_keys(spec, "nodeSelector")
+    seen = set()
+    networks = spec.get("networks")
+    for net in networks if isinstance(networks, list) else []:
+        mac = net.get("macAddress") if isinstance(net, dict) else None
+        if isinstance(mac, str):
+            if mac.lower() in seen:
+                net["macAddress"] = None
+            seen.add(mac.lower())
+    affinity = spec.get("affinity")
+    if isinstance(affinity, dict):
+        keep_affinity_rules(affinity)
+
+
+def keep_affinity_rules(affinity):
+    spread = affinity.get("topologySpread")
+    terms = list(spread) if isinstance(spread, list) else []
+    for rules in (affinity.get("vmAffinity"), affinity.get("vmAntiAffinity")):
+        if isinstance(rules, dict):
+            for key in ("required", "preferred"):
+                if isinstance(rules.get(key), list):
+                    terms += rules[key]
+    for term in terms:
+        if isinstance(term, dict) and isinstance(term.get("labelSelector"), str):
+            if not LABEL_SELECTOR.match(term["labelSelector"]):
+                term["labelSelector"] = "app=web"
+
+
+def keep_spec_rules(kind_path, spec):
+    if kind_path == "virtualmachines":
+        keep_vm_rules(spec)
+    elif kind_path == "vmclasses" and isinstance(spec, dict):
+        in_range(spec, "memory", 16 * 2**20, 16 * 2**40, "1Gi")
+    elif kind_path == "images" and isinstance(spec, dict):
+        source = spec.get("source")
+        if isinstance(source, dict):
+            if source.get("url") is not None and source.get("path") is not None:
+                source["path"] = None
+            if source.get("url") is None and source.get("path") is None:
+                source["url"] = "https://images.invalid/base.qcow2"
+    elif kind_path == "placementpolicies" and isinstance(spec, dict):
+        if isinstance(spec.get("affinity"), dict):
+            keep_affinity_rules(spec["affinity"])
+
+
+def representable(value):
+    """`value` with numbers no 64-bit float holds replaced by 0."""
+    if isinstance(value, dict):
+        return {k: representable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [representable(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**308:
+        return 0
+    return value
+
+
+def negative_at(case, location):
+    """Whether schemathesis generated the case's `location` to break the document on purpose."""
+    meta = case.meta
+    return meta is not None and meta.is_negative_at(ParameterLocation(location))
+
+
+@schemathesis.hook
+def map_case(context, case):
+    method = case.operation.method.upper()
+    # A part generated to be invalid is left as drawn, or the fix-ups below could make it valid
+    # and the server would be blamed for accepting it; only dryRun is always kept safe.
+    negative_path = negative_at(case, "path")
+    negative_query = negative_at(case, "query")
+    negative_body = negative_at(case, "body")
+    template = case.operation.path
+    # Cases of one operation can share their containers: change copies, never what was drawn.
+    params = dict(case.path_parameters or {})
+    case.path_parameters = params
+    if "namespace" in params and not negative_path:
+        params["namespace"] = "default"
+    parts = [p for p in template.split("/") if p and not p.startswith("{")]
+    plural = parts[-2] if parts[-1] == "status" else parts[-1]
+    if method == "PATCH" and plural == "projects" and params.get("name") == "default":
+        params["name"] = "default-absent"
+    apply = method == "PATCH" and case.media_type == "application/apply-patch+yaml"
+
+    query = dict(case.query or {})
+    if not negative_query:
+        query.pop("continue", None)
+        if "labelSelector" in query and not LABEL_SELECTOR.match(str(query["labelSelector"])):
+            query["labelSelector"] = ""
+        if "fieldSelector" in query and not FIELD_SELECTOR.match(str(query["fieldSelector"])):
+            query["fieldSelector"] = ""
+        if apply and not query.get("fieldManager"):
+            query["fieldManager"] = "schemathesis"
+        if not apply:
+            query.pop("force", None)
+    # An invalid dryRun value is kept (the server must answer 400 and store nothing); a missing
+    # or empty one, which would store, becomes All.
+    if method in ("POST", "PUT", "PATCH", "DELETE") and query.get("dryRun") in (None, "", [], [""]):
+        query["dryRun"] = "All"
+    case.query = query
+
+    # Bodies are only assigned when there is one: schemathesis re-checks an assigned body and
+    # takes an absent one (DELETE without DeleteOptions) for an invalid one.
+    if negative_body or not isinstance(case.body, (dict, list)):
+        return case
+    body = case.body = representable(copy.deepcopy(case.body))
+    if (method in ("POST", "PUT") or apply) and isinstance(body, dict):
+        meta = body.get("metadata")
+        if isinstance(meta, dict):
+            if method != "POST" and "name" in params:
+                meta["name"] = unquote(params["name"])
+            if "namespace" in params:
+                meta["namespace"] = params["namespace"]
+            if method == "POST":
+                meta.pop("resourceVersion", None)
+            only_qualified_keys(meta, "labels")
+            only_qualified_keys(meta, "annotations")
+        keep_spec_rules(plural, body.get("spec"))
+    return case
