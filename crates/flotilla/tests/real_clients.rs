@@ -139,7 +139,7 @@ async fn the_kube_crate_works_unmodified() {
         .await
         .unwrap();
     assert_eq!(listed.items.len(), 1);
-    dry_runs_store_nothing(&client, &group).await;
+    dry_runs_store_nothing(&client, group).await;
     vms.create(
         &PostParams::default(),
         &serde_json::from_value(vm("kr-watched", 1)).unwrap(),
