@@ -15,7 +15,7 @@ pub struct DirLock {
 
 /// Creates the data directory (0711), takes its lock, removes leftovers of interrupted writes
 /// (not those of the image cache, which [`crate::disks::Disks::sweep_leftovers`] handles) and
-/// warns when QEMU could not reach it.
+/// refuses, saying which directory to fix, when QEMU could not reach it.
 pub fn prepare(data_dir: &Path, libvirt_uri: &str) -> Result<DirLock, AgentError> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -41,9 +41,10 @@ pub fn prepare(data_dir: &Path, libvirt_uri: &str) -> Result<DirLock, AgentError
             tracing::info!(path = %leftover.display(), "removed what an interrupted write left behind");
         }
     }
-    if libvirt_uri.starts_with("qemu:///system") {
+    if libvirt_uri.starts_with("qemu:///system") && !qemu_runs_as_root(QEMU_CONF) {
         if let Some(problem) = unreachable_by_others(data_dir) {
-            tracing::warn!("{problem}");
+            // Every VM would fail to start with libvirt's "Permission denied": refuse now.
+            return Err(AgentError::Config(problem));
         }
     }
     Ok(DirLock { _file: file })
@@ -69,6 +70,22 @@ fn vm_dirs(data_dir: &Path) -> Vec<PathBuf> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// libvirt's QEMU driver configuration, where `user = "root"` makes QEMU run as root.
+const QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
+
+/// Whether `qemu.conf` makes QEMU run as root (then every directory is reachable).
+fn qemu_runs_as_root(conf: &str) -> bool {
+    std::fs::read_to_string(conf).is_ok_and(|text| {
+        text.lines().any(|line| {
+            let line = line.trim();
+            line.strip_prefix("user")
+                .map(str::trim_start)
+                .and_then(|rest| rest.strip_prefix('='))
+                .is_some_and(|value| matches!(value.trim(), "\"root\"" | "\"+0\""))
+        })
+    })
 }
 
 /// The first directory from `/` down to `dir` that other users cannot traverse, as a sentence
@@ -127,5 +144,31 @@ mod tests {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         // Parents of a temporary directory (/tmp) are traversable.
         assert_eq!(unreachable_by_others(&dir.path().join("agent")), None);
+    }
+
+    #[test]
+    fn under_the_system_libvirt_an_unreachable_data_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let data = dir.path().join("agent");
+        if !qemu_runs_as_root(QEMU_CONF) {
+            let refused = prepare(&data, "qemu:///system").err().unwrap();
+            assert!(refused.to_string().contains("chmod o+x"), "{refused}");
+        }
+        // Other drivers run no QEMU as another user.
+        drop(prepare(&data, "test:///default").unwrap());
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        drop(prepare(&data, "qemu:///system").unwrap());
+    }
+
+    #[test]
+    fn qemu_as_root_is_read_from_qemu_conf() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("qemu.conf");
+        std::fs::write(&conf, "#user = \"root\"\ngroup = \"root\"\n").unwrap();
+        assert!(!qemu_runs_as_root(conf.to_str().unwrap()));
+        std::fs::write(&conf, "user = \"root\"\n").unwrap();
+        assert!(qemu_runs_as_root(conf.to_str().unwrap()));
+        assert!(!qemu_runs_as_root("/nonexistent/qemu.conf"));
     }
 }
