@@ -11,14 +11,9 @@ else
   bin_dir="$HOME/.local/bin"
 fi
 
-# Put the CLI on the PATH and point it at this server, unless the user already has a config.
+# Put the CLI on the PATH (`flotilla up` points its config at this server unless the user has one).
 mkdir -p "$bin_dir"
 install -m 0755 target/release/flotilla "$bin_dir/flotilla"
-config_dir="${XDG_CONFIG_HOME:-$HOME/.config}/flotilla"
-if [ ! -e "$config_dir/config.yaml" ]; then
-  mkdir -p "$config_dir"
-  ln -s "$data_dir/admin.yaml" "$config_dir/config.yaml"
-fi
 
 # The tiny example guest (examples/tiny-vm.yaml boots it).
 OUT="$data_dir/guests/tiny" scripts/build-tiny-guest.sh

@@ -205,10 +205,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         "Flotilla is up: API at {}, node {node} ({virt}) on {}",
         server.url, args.node.libvirt_uri
     );
-    eprintln!(
-        "Client configuration: export FLOTILLA_CONFIG={}",
-        server.admin_config_path.display()
-    );
+    let admin_config = std::path::absolute(&server.admin_config_path)?;
+    eprintln!("{}", crate::config::link_user_config(&admin_config));
     eprintln!(
         "Next: flotilla get nodes; flotilla apply -f examples/tiny-vm.yaml; flotilla vm log tiny"
     );

@@ -1,7 +1,7 @@
 //! Where the CLI finds its server and credentials: flags, then `FLOTILLA_CONFIG`, then
 //! `~/.config/flotilla/config.yaml` (kubeconfig-style contexts).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 use clap::Args;
@@ -34,11 +34,55 @@ fn config_path(args: &ConnectionArgs) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("FLOTILLA_CONFIG") {
         return Some(PathBuf::from(p));
     }
+    let p = user_config_path()?;
+    p.exists().then_some(p)
+}
+
+/// `$XDG_CONFIG_HOME/flotilla/config.yaml`, else `~/.config/flotilla/config.yaml`.
+fn user_config_path() -> Option<PathBuf> {
     let home = std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
-    let p = home.join("flotilla/config.yaml");
-    p.exists().then_some(p)
+    Some(home.join("flotilla/config.yaml"))
+}
+
+/// Points the user's CLI config at `admin_config` (a symbolic link, so that a renewed admin
+/// config is followed) unless they have one; says what it did, for the start-up message.
+pub fn link_user_config(admin_config: &Path) -> String {
+    let Some(path) = user_config_path() else {
+        return format!(
+            "Client configuration: export FLOTILLA_CONFIG={}",
+            admin_config.display()
+        );
+    };
+    if path.symlink_metadata().is_ok() {
+        let same = std::fs::canonicalize(&path).ok() == std::fs::canonicalize(admin_config).ok();
+        return if same {
+            format!("Client configuration: {} (this server)", path.display())
+        } else {
+            format!(
+                "Client configuration: {} is kept as it is; for this server, export FLOTILLA_CONFIG={}",
+                path.display(),
+                admin_config.display()
+            )
+        };
+    }
+    let linked = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::os::unix::fs::symlink(admin_config, &path));
+    match linked {
+        Ok(()) => format!(
+            "Client configuration: {} -> {} (the flotilla CLI uses it)",
+            path.display(),
+            admin_config.display()
+        ),
+        Err(e) => format!(
+            "Client configuration: could not link {} ({e}); export FLOTILLA_CONFIG={}",
+            path.display(),
+            admin_config.display()
+        ),
+    }
 }
 
 /// The effective context: the config file's, overridden by flags.

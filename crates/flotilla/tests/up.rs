@@ -83,6 +83,7 @@ fn up_runs_everything_and_adopts_an_existing_domain() {
             "qemu",
         ])
         .args(["--node-label", "topology.flotilla.dev/zone=z1"])
+        .env("XDG_CONFIG_HOME", dir.path().join("config"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -108,6 +109,19 @@ fn up_runs_everything_and_adopts_an_existing_domain() {
             .any(|d| d["name"] == "test" && d["running"] == true),
         "{unmanaged:?}"
     );
+    // `up` pointed the user's CLI config at this server: the CLI works without FLOTILLA_CONFIG.
+    let linked = dir.path().join("config/flotilla/config.yaml");
+    assert_eq!(
+        std::fs::read_link(&linked).unwrap(),
+        data.canonicalize().unwrap().join("admin.yaml")
+    );
+    let plain = Command::new(BIN)
+        .args(["get", "nodes"])
+        .env_remove("FLOTILLA_CONFIG")
+        .env("XDG_CONFIG_HOME", dir.path().join("config"))
+        .output()
+        .unwrap();
+    assert!(ok(plain).contains("up-node"));
     assert!(ok(cli(&config, &["get", "nodes"])).contains("up-node"));
     assert_eq!(
         ok(cli(&config, &["node", "cordon", "up-node"])),
