@@ -51,14 +51,41 @@ pub fn age(timestamp: &str) -> String {
     }
 }
 
-/// A column's value in one object.
+/// A column's value in one object. Byte sizes (memory and disk columns) are shown in binary
+/// units with at most one decimal (`13.7Gi`) when written with more than four digits, as
+/// agents write them (`14379212Ki`); sizes people wrote (`512Mi`, `1G`) are shown as written.
 pub fn cell(column: &Column, object: &Value) -> String {
     let value = field(object, column.path);
     if column.age && !value.is_empty() {
         age(&value)
+    } else if column.path.ends_with(".memory") || column.path.ends_with(".disk") {
+        human_bytes(&value).unwrap_or(value)
     } else {
         value
     }
+}
+
+/// `14379212Ki` -> `13.7Gi`; None for quantities short enough to keep as written.
+pub fn human_bytes(text: &str) -> Option<String> {
+    let digits = text.chars().take_while(char::is_ascii_digit).count();
+    if digits <= 4 {
+        return None;
+    }
+    let bytes = crate::quantity::Quantity::parse(text).ok()?.value();
+    let (unit, shift) = [
+        ("Ei", 60),
+        ("Pi", 50),
+        ("Ti", 40),
+        ("Gi", 30),
+        ("Mi", 20),
+        ("Ki", 10),
+    ]
+    .into_iter()
+    .find(|(_, shift)| bytes >> shift > 0)
+    .unwrap_or(("", 0));
+    let scaled = bytes as f64 / (1u128 << shift) as f64;
+    let rounded = format!("{scaled:.1}");
+    Some(format!("{}{unit}", rounded.trim_end_matches(".0")))
 }
 
 /// The kind's columns, the wide ones too if `wide`.
@@ -134,6 +161,19 @@ pub fn kubernetes_table(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn byte_sizes_are_shown_in_binary_units() {
+        use super::human_bytes;
+        assert_eq!(human_bytes("14379212Ki").as_deref(), Some("13.7Gi"));
+        assert_eq!(human_bytes("1073741824").as_deref(), Some("1Gi"));
+        assert_eq!(human_bytes("52428800Ki").as_deref(), Some("50Gi"));
+        assert_eq!(human_bytes("12345").as_deref(), Some("12.1Ki"));
+        // What people wrote stays as they wrote it.
+        for kept in ["512Mi", "1G", "1.5Gi", "1024", ""] {
+            assert_eq!(human_bytes(kept), None, "{kept}");
+        }
+    }
+
     use super::*;
 
     #[test]
