@@ -20,12 +20,12 @@ mod server_cmd;
     propagate_version = true
 )]
 struct Cli {
-    #[command(flatten)]
-    conn: config::ConnectionArgs,
     #[command(subcommand)]
     command: Command,
 }
 
+/// The daemons take their own flags; the client commands take the connection flags
+/// ([`config::ConnectionArgs`]), anywhere after the command's name.
 #[derive(Subcommand)]
 enum Command {
     /// Run the API server (SQLite in the data directory).
@@ -35,21 +35,52 @@ enum Command {
     /// Run everything in one process: server, controllers and a local agent.
     Up(agent_cmd::UpArgs),
     /// Node operations.
-    #[command(subcommand)]
-    Node(client_cmds::NodeCommand),
+    Node {
+        #[command(subcommand)]
+        cmd: client_cmds::NodeCommand,
+        #[command(flatten)]
+        conn: config::ConnectionArgs,
+    },
     /// VM operations: start, stop, restart.
-    #[command(subcommand)]
-    Vm(client_cmds::VmCommand),
+    Vm {
+        #[command(subcommand)]
+        cmd: client_cmds::VmCommand,
+        #[command(flatten)]
+        conn: config::ConnectionArgs,
+    },
     /// Create or update objects from YAML files (multi-document), a directory, or - for stdin.
-    Apply(client_cmds::ApplyArgs),
+    Apply {
+        #[command(flatten)]
+        args: client_cmds::ApplyArgs,
+        #[command(flatten)]
+        conn: config::ConnectionArgs,
+    },
     /// List objects, or show one.
-    Get(client_cmds::GetArgs),
+    Get {
+        #[command(flatten)]
+        args: client_cmds::GetArgs,
+        #[command(flatten)]
+        conn: config::ConnectionArgs,
+    },
     /// Show one object in detail.
-    Describe(client_cmds::DescribeArgs),
+    Describe {
+        #[command(flatten)]
+        args: client_cmds::DescribeArgs,
+        #[command(flatten)]
+        conn: config::ConnectionArgs,
+    },
     /// Delete an object.
-    Delete(client_cmds::DeleteArgs),
+    Delete {
+        #[command(flatten)]
+        args: client_cmds::DeleteArgs,
+        #[command(flatten)]
+        conn: config::ConnectionArgs,
+    },
     /// Print the client and server versions.
-    Version,
+    Version {
+        #[command(flatten)]
+        conn: config::ConnectionArgs,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completion { shell: clap_complete::Shell },
 }
@@ -79,8 +110,8 @@ fn main() -> ExitCode {
             Command::Server(args) => server_cmd::run(args).await,
             Command::Agent(args) => agent_cmd::agent(args).await,
             Command::Up(args) => agent_cmd::up(args).await,
-            Command::Node(cmd) => client_cmds::node(&cli.conn, cmd).await,
-            Command::Vm(cmd) => client_cmds::vm(&cli.conn, cmd).await,
+            Command::Node { cmd, conn } => client_cmds::node(&conn, cmd).await,
+            Command::Vm { cmd, conn } => client_cmds::vm(&conn, cmd).await,
             Command::Completion { shell } => {
                 clap_complete::generate(
                     shell,
@@ -90,11 +121,11 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Command::Version => client_cmds::version(&cli.conn).await,
-            Command::Apply(args) => client_cmds::apply(&cli.conn, args).await,
-            Command::Get(args) => client_cmds::get(&cli.conn, args).await,
-            Command::Describe(args) => client_cmds::describe(&cli.conn, args).await,
-            Command::Delete(args) => client_cmds::delete(&cli.conn, args).await,
+            Command::Version { conn } => client_cmds::version(&conn).await,
+            Command::Apply { args, conn } => client_cmds::apply(&conn, args).await,
+            Command::Get { args, conn } => client_cmds::get(&conn, args).await,
+            Command::Describe { args, conn } => client_cmds::describe(&conn, args).await,
+            Command::Delete { args, conn } => client_cmds::delete(&conn, args).await,
         }
     });
     match result {

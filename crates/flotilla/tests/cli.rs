@@ -380,3 +380,40 @@ fn apply_reads_every_yaml_file_of_a_directory_in_order() {
     let out = ok(cli(&s, &["apply", "-f", manifests.to_str().unwrap()]));
     assert_eq!(out, "vmclass/tiny created\nvirtualmachine/a created\n");
 }
+
+/// The daemons' help lists their own flags; the connection flags belong to the client commands.
+#[test]
+fn daemons_do_not_offer_client_flags() {
+    let help = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).arg("--help").output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for daemon in ["server", "up"] {
+        let text = help(&[daemon]);
+        for flag in [
+            "--token",
+            "--context",
+            "--config",
+            "--certificate-authority",
+        ] {
+            assert!(
+                !text.contains(flag),
+                "flotilla {daemon} --help offers {flag}:\n{text}"
+            );
+        }
+        assert!(text.contains("--data-dir"), "{text}");
+    }
+    for client in [
+        &["get"][..],
+        &["node", "cordon"],
+        &["vm", "start"],
+        &["apply"],
+    ] {
+        let text = help(client);
+        assert!(
+            text.contains("--token") && text.contains("--context"),
+            "{client:?}: {text}"
+        );
+    }
+}
