@@ -8,9 +8,12 @@
 //!   and idle connections (HTTP/2) have timeouts; HTTP/2 connections have a stream limit and
 //!   keep-alive pings;
 //! - every request carries the peer's address (`axum::extract::ConnectInfo`), for per-client
-//!   limits such as the server's on failed authentication.
+//!   limits such as the server's on failed authentication;
+//! - a request body the handler did not read is drained before the answer ([`unread`]), so
+//!   that clients rejected early still get their answer.
 
 pub mod connections;
+pub mod unread;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -265,11 +268,27 @@ async fn serve_connection(
     let conn = conn.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let guard = InFlight::begin(&conn);
-        let mut req = req.map(Body::new);
+        let has_body = !http_body::Body::is_end_stream(req.body());
+        let (mut req, unread) = if has_body {
+            let (parts, body) = req.into_parts();
+            let (body, unread) = unread::share(Body::new(body));
+            (hyper::Request::from_parts(parts, body), Some(unread))
+        } else {
+            (req.map(Body::new), None)
+        };
         req.extensions_mut().insert(ConnectInfo(peer));
+        let http1 = req.version() < hyper::Version::HTTP_2;
         let app = app.clone();
         async move {
-            let response = tower::ServiceExt::oneshot(app, req).await?;
+            let mut response = tower::ServiceExt::oneshot(app, req).await?;
+            if let Some(unread) = unread {
+                if !unread.drain().await && http1 {
+                    response.headers_mut().insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
+                }
+            }
             Ok::<_, Infallible>(response.map(|body| {
                 Body::new(Tracked {
                     inner: body,

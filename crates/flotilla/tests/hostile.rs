@@ -188,3 +188,41 @@ async fn idle_and_slow_connections_cannot_take_the_server_down() {
         .unwrap();
     assert_eq!(identity(&after), before);
 }
+
+/// A request refused before its body is read (no token; a body over the limit) still gets its
+/// answer when the client writes its whole body before reading, as Python's `requests` does:
+/// the server reads the rest first, instead of closing under a client still sending (the
+/// kernel then resets the connection and the answer is lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_before_their_body_still_get_their_answer() {
+    let dir = traversable_tempdir();
+    let server = Server::start(dir.path());
+    server.admin().await;
+    let ca = std::fs::read_to_string(server.data_dir.join("pki/ca.crt")).unwrap();
+    let token = server.admin_token();
+    let connector = tls_client(&ca);
+    let send = |auth: Option<String>, size: usize| {
+        let (connector, addr) = (connector.clone(), format!("127.0.0.1:{}", server.port));
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = connector.connect(name, tcp).await.unwrap();
+            let auth = auth.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+            let head = format!(
+                "POST /apis/flotilla.dev/v1alpha1/namespaces/default/virtualmachines HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+            );
+            tls.write_all(head.as_bytes()).await?;
+            tls.write_all(&vec![b' '; size]).await?;
+            tls.flush().await?;
+            let mut answer = vec![0u8; 64];
+            let n = tokio::io::AsyncReadExt::read(&mut tls, &mut answer).await?;
+            Ok::<_, std::io::Error>(String::from_utf8_lossy(&answer[..n]).into_owned())
+        }
+    };
+    for _ in 0..3 {
+        let answer = send(None, 3 << 20).await.expect("the 401 arrives");
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    }
+    let answer = send(Some(token), 7 << 19).await.expect("the 413 arrives");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+}
