@@ -10,6 +10,16 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// fractional digits (every 64-bit integer). Larger ones may not be representable in thousandths.
 pub const PATTERN: &str = r"^\+?(([0-9]{1,17}|[0-9]{1,9}\.[0-9]{0,8}|\.[0-9]{1,8})(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|[eE](-[1-3]|\+?(0?[0-9]|1[0-8])))|[0-9]{1,20}(\.[0-9]{0,8})?|\.[0-9]{1,8})$";
 
+/// The binary suffixes with their powers of two, largest first.
+pub const BINARY_UNITS: [(&str, u32); 6] = [
+    ("Ei", 60),
+    ("Pi", 50),
+    ("Ti", 40),
+    ("Gi", 30),
+    ("Mi", 20),
+    ("Ki", 10),
+];
+
 /// A non-negative quantity as the user wrote it, with its value in thousandths (to hold `500m`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Quantity {
@@ -102,14 +112,7 @@ impl Quantity {
     /// A quantity of whole bytes, written in the largest binary unit that divides it.
     pub fn from_bytes(bytes: u128) -> Self {
         let mut text = bytes.to_string();
-        for (suffix, shift) in [
-            ("Ei", 60),
-            ("Pi", 50),
-            ("Ti", 40),
-            ("Gi", 30),
-            ("Mi", 20),
-            ("Ki", 10),
-        ] {
+        for (suffix, shift) in BINARY_UNITS {
             if bytes != 0 && bytes.is_multiple_of(1u128 << shift) {
                 text = format!("{}{suffix}", bytes >> shift);
                 break;

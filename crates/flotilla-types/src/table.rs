@@ -72,17 +72,10 @@ pub fn human_bytes(text: &str) -> Option<String> {
         return None;
     }
     let bytes = crate::quantity::Quantity::parse(text).ok()?.value();
-    let (unit, shift) = [
-        ("Ei", 60),
-        ("Pi", 50),
-        ("Ti", 40),
-        ("Gi", 30),
-        ("Mi", 20),
-        ("Ki", 10),
-    ]
-    .into_iter()
-    .find(|(_, shift)| bytes >> shift > 0)
-    .unwrap_or(("", 0));
+    let (unit, shift) = crate::quantity::BINARY_UNITS
+        .into_iter()
+        .find(|(_, shift)| bytes >> shift > 0)
+        .unwrap_or(("", 0));
     let scaled = bytes as f64 / (1u128 << shift) as f64;
     let rounded = format!("{scaled:.1}");
     Some(format!("{}{unit}", rounded.trim_end_matches(".0")))
