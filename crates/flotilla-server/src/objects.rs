@@ -1061,18 +1061,7 @@ impl Objects {
             let next = merge_for_write(kind, &current, applied.object, sub)?;
             let mut next = self.validate(kind, &next)?;
             set_managed_fields(&mut next, managed);
-            if next.get("spec") != current.get("spec") {
-                let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
-                next["metadata"]["generation"] = json!(generation + 1);
-            }
-            guard(&current, Some(&next))?;
-            if next == current {
-                return Ok(Stored {
-                    raw: kv.value,
-                    revision: kv.mod_revision,
-                });
-            }
-            match self.write(&kv, &next).await? {
+            match self.commit_update(kv, &current, next, guard).await? {
                 Some(stored) => return Ok(stored),
                 None if precondition.is_some() => return Err(ApiError::conflict(kind.kind, name)),
                 None => continue,
@@ -1114,25 +1103,38 @@ impl Objects {
                 sub == Subresource::Status,
                 kind.api_version,
             );
-            // Compared in canonical form, so that defaults filled in do not count as a change.
-            if next.get("spec") != current.get("spec") {
-                let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
-                next["metadata"]["generation"] = json!(generation + 1);
-            }
-            guard(&current, Some(&next))?;
-            if next == current {
-                return Ok(Stored {
-                    raw: kv.value,
-                    revision: kv.mod_revision,
-                });
-            }
-            match self.write(&kv, &next).await? {
+            match self.commit_update(kv, &current, next, guard).await? {
                 Some(stored) => return Ok(stored),
                 None if precondition.is_some() => return Err(ApiError::conflict(kind.kind, name)),
                 None => continue,
             }
         }
         Err(ApiError::conflict(kind.kind, name))
+    }
+
+    /// The end of every update of `current` (stored as `kv`) to `next`: the generation moves when
+    /// the spec changed (compared in canonical form, so that defaults filled in do not count),
+    /// the guard is asked, an update that changes nothing answers what is stored, and anything
+    /// else is written if nobody wrote first (None when someone did).
+    async fn commit_update(
+        &self,
+        kv: KeyValue,
+        current: &Value,
+        mut next: Value,
+        guard: Guard<'_>,
+    ) -> Result<Option<Stored>, ApiError> {
+        if next.get("spec") != current.get("spec") {
+            let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+            next["metadata"]["generation"] = json!(generation + 1);
+        }
+        guard(current, Some(&next))?;
+        if next == *current {
+            return Ok(Some(Stored {
+                raw: kv.value,
+                revision: kv.mod_revision,
+            }));
+        }
+        self.write(&kv, &next).await
     }
 
     /// Writes `next` over `current` if nobody else did first (None when someone did). An object

@@ -128,8 +128,11 @@ impl LabelSelector {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FieldSelector(pub Vec<(String, bool, String)>);
 
+/// The fields every kind can be selected by, besides its own.
+pub const METADATA_FIELDS: [&str; 2] = ["metadata.name", "metadata.namespace"];
+
 impl FieldSelector {
-    /// Parses and checks every field against the ones the kind supports.
+    /// Parses and checks every field against [`METADATA_FIELDS`] and the ones the kind supports.
     pub fn parse(selector: &str, supported: &[&str]) -> Result<Self, SelectorError> {
         let err = |problem: String| SelectorError {
             selector: selector.to_string(),
@@ -148,10 +151,11 @@ impl FieldSelector {
                 return Err(err(format!("{part:?} must be field=value or field!=value")));
             };
             let field = field.trim();
-            if !supported.contains(&field) {
+            if !METADATA_FIELDS.contains(&field) && !supported.contains(&field) {
+                let known: Vec<&str> = METADATA_FIELDS.iter().chain(supported).copied().collect();
                 return Err(err(format!(
                     "field {field:?} is not supported; use one of: {}",
-                    supported.join(", ")
+                    known.join(", ")
                 )));
             }
             reqs.push((field.to_string(), equal, value.trim().to_string()));
@@ -217,7 +221,7 @@ mod tests {
     #[test]
     fn field_selector() {
         let vm = serde_json::json!({"spec": {"nodeName": "n1"}, "metadata": {"name": "x"}});
-        let supported = ["spec.nodeName", "metadata.name"];
+        let supported = ["spec.nodeName"];
         assert!(FieldSelector::parse("spec.nodeName=n1", &supported)
             .unwrap()
             .matches(&vm));
@@ -231,5 +235,8 @@ mod tests {
         );
         let e = FieldSelector::parse("spec.cpus=1", &supported).unwrap_err();
         assert!(e.to_string().contains("not supported"));
+        assert!(e
+            .to_string()
+            .contains("metadata.name, metadata.namespace, spec.nodeName"));
     }
 }
