@@ -1,0 +1,542 @@
+//! IP address management for Flotilla networks, without I/O: IPv4 CIDRs and the addresses a
+//! network keeps for itself, the allocation record of a network (its ports: one per VM NIC,
+//! by MAC, with the address it holds), the cluster's VNI record, and stable MAC addresses.
+//!
+//! The server stores each record as one key and changes it by compare-and-swap in the same
+//! transaction as the object it serves (a VM's create takes its addresses, a Network's create
+//! its VNI), so no two writers, on any replica, can hand out one address or VNI twice, and a
+//! crash cannot leave an allocation without its holder.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IpamError {
+    #[error("{0:?} is not an IPv4 CIDR such as 10.0.0.0/24")]
+    BadCidr(String),
+    #[error("{cidr} has host bits set: the network is {network}")]
+    HostBits { cidr: String, network: String },
+    #[error("/{0} is outside /16 to /29: a network holds 6 to 65,534 addresses here")]
+    PrefixLength(u8),
+    #[error("{0:?} is not an IPv4 address")]
+    BadAddress(String),
+    #[error("{ip} is not inside {cidr}")]
+    Outside { ip: Ipv4Addr, cidr: Ipv4Cidr },
+    #[error("{ip} is reserved in {cidr} ({what})")]
+    Reserved {
+        ip: Ipv4Addr,
+        cidr: Ipv4Cidr,
+        what: &'static str,
+    },
+    #[error("{ip} is already held by {holder}")]
+    Taken { ip: Ipv4Addr, holder: String },
+    #[error("MAC address {mac} is already used on this network by {holder}")]
+    MacTaken { mac: String, holder: String },
+    #[error("no address is free in {0}")]
+    Exhausted(Ipv4Cidr),
+    #[error("no VNI is free")]
+    VnisExhausted,
+}
+
+/// An IPv4 network: its first address and prefix length (host bits zero).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ipv4Cidr {
+    network: Ipv4Addr,
+    prefix: u8,
+}
+
+/// Shortest and longest prefixes a Flotilla network may have.
+pub const MIN_PREFIX: u8 = 16;
+pub const MAX_PREFIX: u8 = 29;
+
+impl FromStr for Ipv4Cidr {
+    type Err = IpamError;
+
+    fn from_str(s: &str) -> Result<Self, IpamError> {
+        let bad = || IpamError::BadCidr(s.to_string());
+        let (addr, len) = s.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        if len.is_empty() || len.len() > 2 || !len.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let prefix: u8 = len.parse().map_err(|_| bad())?;
+        if prefix > 32 {
+            return Err(bad());
+        }
+        if !(MIN_PREFIX..=MAX_PREFIX).contains(&prefix) {
+            return Err(IpamError::PrefixLength(prefix));
+        }
+        let cidr = Ipv4Cidr {
+            network: Ipv4Addr::from(u32::from(addr) & mask(prefix)),
+            prefix,
+        };
+        if cidr.network != addr {
+            return Err(IpamError::HostBits {
+                cidr: s.to_string(),
+                network: cidr.to_string(),
+            });
+        }
+        Ok(cidr)
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+fn mask(prefix: u8) -> u32 {
+    if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    }
+}
+
+impl Ipv4Cidr {
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    pub fn network(&self) -> Ipv4Addr {
+        self.network
+    }
+
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) | !mask(self.prefix))
+    }
+
+    /// The netmask, e.g. 255.255.255.0.
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(mask(self.prefix))
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & mask(self.prefix) == u32::from(self.network)
+    }
+
+    /// The `n`-th address after the network address (1: the first host).
+    pub fn host(&self, n: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + n)
+    }
+
+    /// Addresses between the network and broadcast addresses.
+    pub fn host_count(&self) -> u32 {
+        (1u32 << (32 - self.prefix)) - 2
+    }
+}
+
+/// The addresses a network keeps for itself: the gateway (by default the first host) and the
+/// DHCP/DNS server (the first host that is not the gateway); with the network and broadcast
+/// addresses, no VM is given them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subnet {
+    pub cidr: Ipv4Cidr,
+    pub gateway: Ipv4Addr,
+    pub dhcp_server: Ipv4Addr,
+}
+
+impl Subnet {
+    /// The subnet of `cidr` with `gateway` (None: the first host), checked to be a host of it.
+    pub fn new(cidr: Ipv4Cidr, gateway: Option<Ipv4Addr>) -> Result<Self, IpamError> {
+        let gateway = gateway.unwrap_or_else(|| cidr.host(1));
+        check_host(cidr, gateway)?;
+        let dhcp_server = if gateway == cidr.host(1) {
+            cidr.host(2)
+        } else {
+            cidr.host(1)
+        };
+        Ok(Subnet {
+            cidr,
+            gateway,
+            dhcp_server,
+        })
+    }
+
+    /// Why `ip` cannot be given to a VM, if it cannot (not counting who holds what).
+    pub fn check_assignable(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
+        check_host(self.cidr, ip)?;
+        let reserved = |what| IpamError::Reserved {
+            ip,
+            cidr: self.cidr,
+            what,
+        };
+        if ip == self.gateway {
+            return Err(reserved("the gateway"));
+        }
+        if ip == self.dhcp_server {
+            return Err(reserved("the DHCP and DNS server"));
+        }
+        Ok(())
+    }
+
+    /// Addresses a VM may be given.
+    pub fn assignable_count(&self) -> u32 {
+        self.cidr.host_count() - 2
+    }
+}
+
+fn check_host(cidr: Ipv4Cidr, ip: Ipv4Addr) -> Result<(), IpamError> {
+    if !cidr.contains(ip) {
+        return Err(IpamError::Outside { ip, cidr });
+    }
+    if ip == cidr.network() {
+        return Err(IpamError::Reserved {
+            ip,
+            cidr,
+            what: "the network address",
+        });
+    }
+    if ip == cidr.broadcast() {
+        return Err(IpamError::Reserved {
+            ip,
+            cidr,
+            what: "the broadcast address",
+        });
+    }
+    Ok(())
+}
+
+/// One VM NIC on a network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Port {
+    /// The VM's uid: a port whose VM no longer exists is released.
+    pub uid: String,
+    /// The VM's name, for messages ("held by web").
+    pub vm: String,
+    /// The NIC's name on the VM.
+    pub nic: String,
+    /// Its address, when the network has IPAM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// The allocation record of one network: its ports by MAC address.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Allocations {
+    /// The uid of the network the record belongs to (a network made again under the same name
+    /// starts a new record).
+    pub network_uid: String,
+    pub ports: BTreeMap<String, Port>,
+}
+
+impl Allocations {
+    pub fn new(network_uid: &str) -> Self {
+        Allocations {
+            network_uid: network_uid.to_string(),
+            ports: BTreeMap::new(),
+        }
+    }
+
+    /// Who holds `ip`.
+    pub fn holder_of(&self, ip: Ipv4Addr) -> Option<&Port> {
+        self.ports.values().find(|p| p.ip == Some(ip))
+    }
+
+    /// Addresses held.
+    pub fn used(&self) -> usize {
+        self.ports.values().filter(|p| p.ip.is_some()).count()
+    }
+
+    /// The VMs (by name) holding ports, each once.
+    pub fn holders(&self) -> Vec<String> {
+        let names: BTreeSet<&str> = self.ports.values().map(|p| p.vm.as_str()).collect();
+        names.into_iter().map(str::to_string).collect()
+    }
+
+    /// Gives the port `(mac, port)` an address of `subnet` (the one it asks for in `port.ip`,
+    /// or the lowest free one), unless the network has no IPAM (`subnet` None). Returns the
+    /// address.
+    pub fn add(
+        &mut self,
+        subnet: Option<&Subnet>,
+        mac: &str,
+        mut port: Port,
+    ) -> Result<Option<Ipv4Addr>, IpamError> {
+        if let Some(holder) = self.ports.get(mac) {
+            return Err(IpamError::MacTaken {
+                mac: mac.to_string(),
+                holder: holder.vm.clone(),
+            });
+        }
+        port.ip = match (subnet, port.ip) {
+            (None, _) => None,
+            (Some(subnet), Some(ip)) => {
+                subnet.check_assignable(ip)?;
+                if let Some(holder) = self.holder_of(ip) {
+                    return Err(IpamError::Taken {
+                        ip,
+                        holder: holder.vm.clone(),
+                    });
+                }
+                Some(ip)
+            }
+            (Some(subnet), None) => Some(self.lowest_free(subnet)?),
+        };
+        let ip = port.ip;
+        self.ports.insert(mac.to_string(), port);
+        Ok(ip)
+    }
+
+    fn lowest_free(&self, subnet: &Subnet) -> Result<Ipv4Addr, IpamError> {
+        let held: BTreeSet<Ipv4Addr> = self.ports.values().filter_map(|p| p.ip).collect();
+        (1..=subnet.cidr.host_count())
+            .map(|n| subnet.cidr.host(n))
+            .find(|ip| subnet.check_assignable(*ip).is_ok() && !held.contains(ip))
+            .ok_or(IpamError::Exhausted(subnet.cidr))
+    }
+
+    /// Releases every port of the VM with `uid`; whether any was held.
+    pub fn release(&mut self, uid: &str) -> bool {
+        let before = self.ports.len();
+        self.ports.retain(|_, p| p.uid != uid);
+        self.ports.len() != before
+    }
+}
+
+/// VXLAN network identifiers handed to overlay networks: from [`VNI_FIRST`] (lower ones are left
+/// to the site) to the largest 24-bit value.
+pub const VNI_FIRST: u32 = 4096;
+pub const VNI_LAST: u32 = (1 << 24) - 1;
+
+/// The cluster's VNI record: which network (by uid) holds which VNI.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vnis {
+    pub held: BTreeMap<u32, String>,
+}
+
+impl Vnis {
+    /// The lowest free VNI, now held by `network_uid`.
+    pub fn take(&mut self, network_uid: &str) -> Result<u32, IpamError> {
+        let mut vni = VNI_FIRST;
+        for &held in self.held.keys() {
+            if held > vni {
+                break;
+            }
+            if held == vni {
+                vni += 1;
+            }
+        }
+        if vni > VNI_LAST {
+            return Err(IpamError::VnisExhausted);
+        }
+        self.held.insert(vni, network_uid.to_string());
+        Ok(vni)
+    }
+
+    /// Releases the VNI of `network_uid`; whether it held one.
+    pub fn release(&mut self, network_uid: &str) -> bool {
+        let before = self.held.len();
+        self.held.retain(|_, uid| uid != network_uid);
+        self.held.len() != before
+    }
+}
+
+/// The prefix of generated MAC addresses: locally administered, unicast, `02:46:4c` ("FL").
+pub const MAC_PREFIX: [u8; 3] = [0x02, 0x46, 0x4c];
+
+/// A MAC address for the NIC `seed` names (e.g. the VM's uid and the NIC's name) that `taken`
+/// does not hold: the same seed gives the same address unless it is taken.
+pub fn generate_mac(seed: &str, taken: impl Fn(&str) -> bool) -> String {
+    (0u32..)
+        .map(|attempt| {
+            let digest = Sha256::digest(format!("{seed}/{attempt}").as_bytes());
+            format!(
+                "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                MAC_PREFIX[0], MAC_PREFIX[1], MAC_PREFIX[2], digest[0], digest[1], digest[2]
+            )
+        })
+        .find(|mac| !taken(mac))
+        .expect("a free MAC among 2^24")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn subnet(cidr: &str) -> Subnet {
+        Subnet::new(cidr.parse().unwrap(), None).unwrap()
+    }
+
+    fn port(uid: &str, ip: Option<&str>) -> Port {
+        Port {
+            uid: uid.into(),
+            vm: format!("vm-{uid}"),
+            nic: "nic0".into(),
+            ip: ip.map(|i| i.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn cidrs_are_read_strictly() {
+        let c: Ipv4Cidr = "10.1.0.0/24".parse().unwrap();
+        assert_eq!(
+            (c.broadcast(), c.host_count(), c.netmask()),
+            (
+                "10.1.0.255".parse().unwrap(),
+                254,
+                "255.255.255.0".parse().unwrap()
+            )
+        );
+        assert_eq!(
+            "10.1.0.5/24".parse::<Ipv4Cidr>().unwrap_err().to_string(),
+            "10.1.0.5/24 has host bits set: the network is 10.1.0.0/24"
+        );
+        for bad in [
+            "10.1.0.0",
+            "10.1.0.0/",
+            "10.1.0.0/33",
+            "10.1.0/24",
+            "x/24",
+            "10.1.0.0/+4",
+        ] {
+            assert!(
+                matches!(bad.parse::<Ipv4Cidr>(), Err(IpamError::BadCidr(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            "10.0.0.0/8".parse::<Ipv4Cidr>(),
+            Err(IpamError::PrefixLength(8))
+        );
+        assert_eq!(
+            "10.0.0.0/30".parse::<Ipv4Cidr>(),
+            Err(IpamError::PrefixLength(30))
+        );
+    }
+
+    #[test]
+    fn reserved_addresses_are_never_given() {
+        let s = subnet("192.168.7.0/29");
+        assert_eq!(
+            (s.gateway.to_string(), s.dhcp_server.to_string()),
+            ("192.168.7.1".into(), "192.168.7.2".into())
+        );
+        let mut a = Allocations::new("n");
+        let got: Vec<String> = (0..4)
+            .map(|i| {
+                a.add(Some(&s), &format!("m{i}"), port(&format!("u{i}"), None))
+                    .unwrap()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            got,
+            ["192.168.7.3", "192.168.7.4", "192.168.7.5", "192.168.7.6"]
+        );
+        assert_eq!(
+            a.add(Some(&s), "m9", port("u9", None)),
+            Err(IpamError::Exhausted(s.cidr))
+        );
+        for (ip, what) in [
+            ("192.168.7.0", "network address"),
+            ("192.168.7.1", "gateway"),
+            ("192.168.7.2", "DHCP"),
+            ("192.168.7.7", "broadcast"),
+        ] {
+            let e = a.add(Some(&s), "mx", port("ux", Some(ip))).unwrap_err();
+            assert!(e.to_string().contains(what), "{ip}: {e}");
+        }
+        // A gateway elsewhere moves the DHCP server to the first host.
+        let moved = Subnet::new(
+            "10.0.0.0/24".parse().unwrap(),
+            Some("10.0.0.254".parse().unwrap()),
+        )
+        .unwrap();
+        assert_eq!(moved.dhcp_server.to_string(), "10.0.0.1");
+    }
+
+    #[test]
+    fn static_addresses_macs_and_release() {
+        let s = subnet("10.0.0.0/24");
+        let mut a = Allocations::new("n");
+        assert_eq!(
+            a.add(Some(&s), "m1", port("u1", Some("10.0.0.50")))
+                .unwrap(),
+            Some("10.0.0.50".parse().unwrap())
+        );
+        let e = a
+            .add(Some(&s), "m2", port("u2", Some("10.0.0.50")))
+            .unwrap_err();
+        assert_eq!(e.to_string(), "10.0.0.50 is already held by vm-u1");
+        let e = a.add(Some(&s), "m1", port("u2", None)).unwrap_err();
+        assert!(matches!(e, IpamError::MacTaken { .. }), "{e}");
+        let e = a
+            .add(Some(&s), "m3", port("u3", Some("10.0.1.5")))
+            .unwrap_err();
+        assert_eq!(e.to_string(), "10.0.1.5 is not inside 10.0.0.0/24");
+        assert!(a.release("u1"));
+        assert!(!a.release("u1"));
+        assert_eq!(
+            a.add(Some(&s), "m2", port("u2", Some("10.0.0.50")))
+                .unwrap(),
+            Some("10.0.0.50".parse().unwrap())
+        );
+        // Without IPAM a port holds its MAC only.
+        let mut plain = Allocations::new("b");
+        assert_eq!(
+            plain.add(None, "m1", port("u1", Some("10.0.0.9"))).unwrap(),
+            None
+        );
+        assert_eq!(plain.used(), 0);
+    }
+
+    #[test]
+    fn vnis_are_unique_and_reused_after_release() {
+        let mut v = Vnis::default();
+        assert_eq!(v.take("a").unwrap(), VNI_FIRST);
+        assert_eq!(v.take("b").unwrap(), VNI_FIRST + 1);
+        assert_eq!(v.take("c").unwrap(), VNI_FIRST + 2);
+        assert!(v.release("b"));
+        assert_eq!(v.take("d").unwrap(), VNI_FIRST + 1);
+        assert_eq!(v.take("e").unwrap(), VNI_FIRST + 3);
+    }
+
+    #[test]
+    fn macs_are_stable_local_unicast_and_avoid_taken_ones() {
+        let first = generate_mac("uid-1/nic0", |_| false);
+        assert_eq!(first, generate_mac("uid-1/nic0", |_| false));
+        assert!(first.starts_with("02:46:4c:"), "{first}");
+        let other = generate_mac("uid-1/nic0", |m| m == first);
+        assert_ne!(other, first);
+        assert!(other.starts_with("02:46:4c:"));
+    }
+
+    proptest! {
+        /// Whatever sequence of adds and releases, no address is held twice, every address held
+        /// is assignable, and the record survives its JSON form.
+        #[test]
+        fn no_address_is_ever_given_twice(ops in proptest::collection::vec((0u8..40, any::<bool>(), proptest::option::of(0u32..40)), 1..200)) {
+            let s = subnet("10.9.0.0/27");
+            let mut a = Allocations::new("n");
+            for (i, (vm, add, want)) in ops.into_iter().enumerate() {
+                let uid = format!("u{vm}");
+                if add {
+                    let want = want.map(|n| s.cidr.host(n % 32));
+                    let _ = a.add(Some(&s), &format!("m{i}"), Port { uid, vm: format!("vm{vm}"), nic: "nic0".into(), ip: want });
+                } else {
+                    a.release(&uid);
+                }
+                let ips: Vec<Ipv4Addr> = a.ports.values().filter_map(|p| p.ip).collect();
+                let unique: BTreeSet<Ipv4Addr> = ips.iter().copied().collect();
+                prop_assert_eq!(ips.len(), unique.len());
+                for ip in ips {
+                    prop_assert!(s.check_assignable(ip).is_ok());
+                }
+                prop_assert!(a.used() as u32 <= s.assignable_count());
+            }
+            let json = serde_json::to_string(&a).unwrap();
+            prop_assert_eq!(serde_json::from_str::<Allocations>(&json).unwrap(), a);
+        }
+    }
+}
