@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 VIRT_TYPE ?= qemu
 export FLOTILLA_VIRT_TYPE := $(VIRT_TYPE)
 
-.PHONY: run test build lint chaos bench-api bench-boot bench-scale bench-scheduler openapi
+.PHONY: run test build lint chaos bench-api bench-boot bench-scale bench-scheduler bench-ipam openapi
 
 run:
 	scripts/install-deps.sh run
@@ -53,6 +53,10 @@ bench-scale:
 # The scheduler alone: 5,000 nodes, 10,000 pending VMs with placement rules, real bindings.
 bench-scheduler:
 	$(CARGO) bench --locked -p flotilla-controllers --bench scheduler
+
+# VM creates with and without a NIC (an address taken by compare-and-swap); prints a JSON line.
+bench-ipam:
+	$(CARGO) bench --locked -p flotilla-controllers --bench ipam
 
 # Rewrites the OpenAPI documents under openapi/ after an API change (a test fails until they are committed).
 openapi:

@@ -12,7 +12,10 @@ as "valid data rejected". This hook makes generated requests keep them, and noth
 - memory and disk sizes fall in their ranges (a quantity is a string; OpenAPI cannot bound the
   number it spells);
 - one of several fields (class or resources; image, boot or adoptedDomain; url or path), a node
-  for an adopted domain, MAC addresses not repeated (cross-field);
+  for an adopted domain (cross-field);
+- a network's type decides its fields (overlay: a cidr, no bridge or VLAN; bridged: a bridge), a
+  cidr has no host bits, a gateway is a host of the cidr (cross-field); a VM's NICs name
+  Networks that exist (cross-object: generated VMs have none);
 - label and field selectors follow their grammar (not a regular language for labels' sets);
 - continue tokens are the server's own (opaque; a made-up one is rightly 400);
 - numbers fit a 64-bit float (JSON has no limit; the server reads JSON numbers as 64-bit integers
@@ -102,14 +105,9 @@ def keep_vm_rules(spec):
     if spec.get("adoptedDomain") is not None and spec.get("nodeName") is None:
         spec["nodeName"] = "node-1"
     only_qualified_keys(spec, "nodeSelector")
-    seen = set()
-    networks = spec.get("networks")
-    for net in networks if isinstance(networks, list) else []:
-        mac = net.get("macAddress") if isinstance(net, dict) else None
-        if isinstance(mac, str):
-            if mac.lower() in seen:
-                net["macAddress"] = None
-            seen.add(mac.lower())
+    # NICs name Networks, which must exist (cross-object): generated VMs have none.
+    if "networks" in spec:
+        spec["networks"] = []
     affinity = spec.get("affinity")
     if isinstance(affinity, dict):
         keep_affinity_rules(affinity)
@@ -129,6 +127,30 @@ def keep_affinity_rules(affinity):
                 term["labelSelector"] = "app=web"
 
 
+def keep_network_rules(spec):
+    """An overlay network has a cidr and no bridge or VLAN; a bridged one a bridge; a cidr's host
+    bits are zero; a gateway is a host of the cidr."""
+    bridged = spec.get("type") == "bridged"
+    if bridged:
+        if not isinstance(spec.get("bridge"), str):
+            spec["bridge"] = "br0"
+    else:
+        spec["bridge"] = None
+        spec["vlan"] = None
+    cidr = spec.get("cidr")
+    if isinstance(cidr, str) and "/" in cidr:
+        addr, _, length = cidr.partition("/")
+        octets = [int(o) for o in addr.split(".")]
+        value = sum(o << (24 - 8 * i) for i, o in enumerate(octets))
+        bits = int(length)
+        value &= (0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF
+        spec["cidr"] = ".".join(str((value >> (24 - 8 * i)) & 255) for i in range(4)) + "/" + length
+    elif not bridged:
+        spec["cidr"] = "10.0.0.0/24"
+    # Whether a gateway is a host of the cidr is the server's to check (tests/networks.rs).
+    spec["gateway"] = None
+
+
 def keep_spec_rules(kind_path, spec):
     if kind_path == "virtualmachines":
         keep_vm_rules(spec)
@@ -141,6 +163,8 @@ def keep_spec_rules(kind_path, spec):
                 source["path"] = None
             if source.get("url") is None and source.get("path") is None:
                 source["url"] = "https://images.invalid/base.qcow2"
+    elif kind_path == "networks" and isinstance(spec, dict):
+        keep_network_rules(spec)
     elif kind_path == "placementpolicies" and isinstance(spec, dict):
         if isinstance(spec.get("affinity"), dict):
             keep_affinity_rules(spec["affinity"])

@@ -5,6 +5,7 @@ pub mod compactor;
 pub mod event_ttl;
 pub mod events;
 pub mod garbage_collector;
+pub mod ipam_sweeper;
 pub mod leader;
 pub mod node_lifecycle;
 pub mod placement;
@@ -46,6 +47,8 @@ impl Default for ControllerConfig {
 pub fn spawn_all(objects: Objects, config: ControllerConfig) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = vec![
         tokio::spawn(garbage_collector::run(objects.clone(), config.gc_resync)),
+        // Freed addresses are usable again within seconds of their VM's deletion.
+        tokio::spawn(ipam_sweeper::run(objects.clone(), Duration::from_secs(5))),
         tokio::spawn(node_lifecycle::run(objects.clone(), config.node_grace)),
         tokio::spawn(scheduler::run(
             objects.clone(),

@@ -19,6 +19,7 @@ pub mod authz;
 pub mod binding;
 pub mod error;
 pub mod http;
+pub mod ipam;
 pub mod join;
 pub mod logs;
 pub mod metrics;

@@ -18,7 +18,6 @@ use crate::error::ApiError;
 
 const ROOT: &str = "/registry/";
 /// Write conflicts caused only by concurrent writers (not by a stale client) are retried this often.
-const RETRIES: usize = 16;
 /// A read-modify-write that keeps losing races to other writers gives up after this long.
 const CONTENTION_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -662,7 +661,9 @@ impl Objects {
             }
             _ => None,
         };
-        for _ in 0..RETRIES {
+        // Creates that take addresses or VNIs race on one record: retry until they land.
+        let mut contention = Contention::new();
+        while contention.again().await {
             if generate {
                 let prefix = body["metadata"]["generateName"]
                     .as_str()
@@ -674,11 +675,16 @@ impl Objects {
             if let Some(m) = &managed {
                 set_managed_fields(&mut object, m.clone());
             }
+            let admission =
+                crate::ipam::admit(self.store.as_ref(), kind, namespace, &mut object).await?;
             let name = name_of(&object).to_string();
             let key = object_key(kind, namespace, &name);
             let mut txn = Txn::new()
                 .when(Compare::absent(&key))
                 .or_else(Op::get(&key));
+            for compare in admission.compares {
+                txn = txn.when(compare);
+            }
             if let Some(ns) = &project {
                 let project_kind = registry::by_kind("Project").expect("registered");
                 let p = self.store.get(&object_key(project_kind, None, ns)).await?;
@@ -695,10 +701,11 @@ impl Objects {
                 txn = txn.when(Compare::mod_revision(p.key.clone(), p.mod_revision));
             }
             let raw = encode(&object);
-            let resp = self
-                .store
-                .txn(txn.and_then(Op::put(&key, raw.clone())))
-                .await?;
+            let mut txn = txn.and_then(Op::put(&key, raw.clone()));
+            for op in admission.ops {
+                txn = txn.and_then(op);
+            }
+            let resp = self.store.txn(txn).await?;
             if resp.succeeded {
                 return Ok(Stored {
                     raw,
@@ -711,7 +718,7 @@ impl Objects {
                 }
                 return Err(ApiError::already_exists(kind.kind, &name));
             }
-            // The project changed under us; look again.
+            // The project or a network's record changed under us; look again.
         }
         Err(ApiError::new(
             409,
@@ -1189,6 +1196,21 @@ impl Objects {
         if kind.kind == "Project" {
             return self.delete_project(kind, name).await;
         }
+        if kind.kind == "Network" {
+            let project = namespace.unwrap_or_default();
+            let users = crate::ipam::holders(self.store.as_ref(), project, name).await?;
+            if !users.is_empty() {
+                return Err(ApiError::new(
+                    409,
+                    "Conflict",
+                    format!(
+                        "network {name:?} is used by VirtualMachine{} {}: delete them (or detach them) first",
+                        if users.len() == 1 { "" } else { "s" },
+                        users.join(", ")
+                    ),
+                ));
+            }
+        }
         let mut contention = Contention::new();
         while contention.again().await {
             let kv = self.get_kv(kind, namespace, name).await?;
@@ -1490,6 +1512,9 @@ fn merge_for_write(
                 }
             }
             keep_set_once(kind, current, &mut wanted)?;
+            if kind.kind == "VirtualMachine" {
+                keep_nics(current, &wanted)?;
+            }
             wanted
         }
     };
@@ -1522,6 +1547,31 @@ fn keep_set_once(kind: &KindInfo, current: &Value, next: &mut Value) -> Result<(
     }
     errs.into_result()
         .map_err(|errs| ApiError::invalid(kind.kind, name_of(current), &errs))
+}
+
+/// A VM's NICs get their MACs and addresses when it is created (in the create's transaction):
+/// until NICs can be added and removed on a VM, `spec.networks` stays as created.
+fn keep_nics(current: &Value, next: &Value) -> Result<(), ApiError> {
+    // Compared as NICs, not as JSON (absent and null fields are the same NIC).
+    let nics = |v: &Value| {
+        let list = v["spec"]
+            .get("networks")
+            .filter(|l| !l.is_null())
+            .cloned()
+            .unwrap_or(json!([]));
+        serde_json::from_value::<Vec<flotilla_types::kinds::NetworkAttachment>>(list).ok()
+    };
+    match (nics(current), nics(next)) {
+        (Some(was), Some(now)) if was != now => {}
+        // Unchanged, or not NICs at all (validation says why).
+        _ => return Ok(()),
+    }
+    let mut errs = flotilla_types::FieldErrors::default();
+    errs.push(
+        "spec.networks",
+        "cannot change after the VM is created (its NICs got their MACs and addresses then); delete and recreate the VM to change its networks",
+    );
+    Err(ApiError::invalid("VirtualMachine", name_of(current), &errs))
 }
 
 /// A PATCH body, by its content type.

@@ -33,10 +33,21 @@ async fn apply(t: &TestServer, manager: Option<&str>, force: bool, yaml: &str) -
     )
 }
 
-fn config(cpus: u32, labels: &str, networks: &str) -> String {
+/// A VM configuration; `finalizers` (a set: merged by value) stands for the lists that merge
+/// item by item (a VM's networks are fixed at create, so they cannot show merging here).
+fn config(cpus: u32, labels: &str, finalizers: &str) -> String {
     format!(
-        "apiVersion: flotilla.dev/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: web\n  labels: {{{labels}}}\nspec:\n  image: base\n  resources: {{cpus: {cpus}, memory: 1Gi}}\n  networks: [{networks}]\n"
+        "apiVersion: flotilla.dev/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: web\n  labels: {{{labels}}}\n  finalizers: [{finalizers}]\nspec:\n  image: base\n  resources: {{cpus: {cpus}, memory: 1Gi}}\n"
     )
+}
+
+fn finalizers(object: &Value) -> Vec<&str> {
+    object["metadata"]["finalizers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect()
 }
 
 #[tokio::test]
@@ -46,7 +57,7 @@ async fn apply_creates_owns_conflicts_forces_and_prunes() {
         &t,
         Some("alice"),
         false,
-        &config(2, "app: web, tier: front", "{network: a}, {network: b}"),
+        &config(2, "app: web, tier: front", "example.com/a, example.com/b"),
     )
     .await;
     assert_eq!(code, 201, "{made}");
@@ -54,7 +65,7 @@ async fn apply_creates_owns_conflicts_forces_and_prunes() {
     assert_eq!(managed[0]["manager"], "alice");
     assert_eq!(managed[0]["operation"], "Apply");
     assert!(
-        managed[0]["fieldsV1"]["f:spec"]["f:networks"]["k:{\"network\":\"a\"}"]["."].is_object(),
+        managed[0]["fieldsV1"]["f:metadata"]["f:finalizers"]["v:\"example.com/a\""].is_object(),
         "{managed}"
     );
 
@@ -70,31 +81,22 @@ async fn apply_creates_owns_conflicts_forces_and_prunes() {
         "{err}"
     );
     assert_eq!(err["details"]["causes"][0]["field"], ".spec.resources.cpus");
-    // With force he takes it; alice keeps her other fields, and the networks merge by name.
-    let bob = "apiVersion: flotilla.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: web}\nspec:\n  resources: {cpus: 4}\n  networks: [{network: c}]\n";
+    // With force he takes it; alice keeps her other fields, and the finalizers merge by value.
+    let bob = "apiVersion: flotilla.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: web, finalizers: [example.com/c]}\nspec:\n  resources: {cpus: 4}\n";
     let (code, forced) = apply(&t, Some("bob"), true, bob).await;
     assert_eq!(code, 200, "{forced}");
     assert_eq!(forced["spec"]["resources"]["cpus"], 4);
     assert_eq!(forced["spec"]["resources"]["memory"], "1Gi");
-    let names: Vec<&str> = forced["spec"]["networks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["network"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["a", "b", "c"]);
+    assert_eq!(
+        finalizers(&forced),
+        ["example.com/a", "example.com/b", "example.com/c"]
+    );
 
-    // Alice stops applying network b and the tier label: they go; cpus stays bob's 4.
-    let alice = "apiVersion: flotilla.dev/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: web\n  labels: {app: web}\nspec:\n  image: base\n  resources: {memory: 1Gi}\n  networks: [{network: a}]\n";
+    // Alice stops applying finalizer b and the tier label: they go; cpus stays bob's 4.
+    let alice = "apiVersion: flotilla.dev/v1alpha1\nkind: VirtualMachine\nmetadata:\n  name: web\n  labels: {app: web}\n  finalizers: [example.com/a]\nspec:\n  image: base\n  resources: {memory: 1Gi}\n";
     let (code, pruned) = apply(&t, Some("alice"), false, alice).await;
     assert_eq!(code, 200, "{pruned}");
-    let names: Vec<&str> = pruned["spec"]["networks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["network"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["a", "c"]);
+    assert_eq!(finalizers(&pruned), ["example.com/a", "example.com/c"]);
     assert_eq!(pruned["metadata"]["labels"], json!({"app": "web"}));
     assert_eq!(pruned["spec"]["resources"]["cpus"], 4);
 

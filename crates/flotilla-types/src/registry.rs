@@ -3,7 +3,9 @@
 
 use serde_json::Value;
 
-use crate::kinds::{Event, Image, Lease, Node, PlacementPolicy, Project, VMClass, VirtualMachine};
+use crate::kinds::{
+    Event, Image, Lease, Network, Node, PlacementPolicy, Project, VMClass, VirtualMachine,
+};
 use crate::resource::{decode, Column, Resource};
 use crate::validation::FieldErrors;
 
@@ -64,6 +66,7 @@ pub static KINDS: &[KindInfo] = &[
     kind_info!(Image),
     kind_info!(Lease),
     kind_info!(PlacementPolicy),
+    kind_info!(Network),
     kind_info!(Event),
 ];
 

@@ -61,6 +61,9 @@ impl std::error::Error for FieldErrors {}
 
 /// [`is_dns_label`] (with a maximum length of 63).
 pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
+/// What [`is_dns_subdomain`] accepts (with a maximum length of 253).
+pub const DNS_SUBDOMAIN_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$";
 /// A name, or nothing (then `generateName` is required).
 pub const NAME_PATTERN: &str = r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)?$";
 /// A `generateName`: a prefix that becomes a DNS-1123 label with five more characters.
@@ -114,7 +117,7 @@ pub fn is_dns_label(value: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
-fn is_dns_subdomain(value: &str) -> bool {
+pub fn is_dns_subdomain(value: &str) -> bool {
     value.len() <= 253 && value.split('.').all(is_dns_label)
 }
 

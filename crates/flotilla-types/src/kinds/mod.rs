@@ -4,6 +4,7 @@
 pub mod event;
 pub mod image;
 pub mod lease;
+pub mod network;
 pub mod node;
 pub mod placement;
 pub mod project;
@@ -13,6 +14,7 @@ pub mod vmclass;
 pub use event::{Event, EventSource, EventType, ObjectReference};
 pub use image::{Image, ImageFormat, ImageNodeStatus, ImageSource, ImageSpec, ImageStatus};
 pub use lease::{Lease, LeaseSpec, LeaseStatus};
+pub use network::{Network, NetworkDns, NetworkSpec, NetworkStatus, NetworkType};
 pub use node::{Node, NodeInfo, NodeResources, NodeSpec, NodeStatus};
 pub use placement::{
     Affinity, AffinityRules, AffinityTerm, PlacementPolicy, PlacementPolicySpec,
@@ -20,7 +22,7 @@ pub use placement::{
 };
 pub use project::{Project, ProjectSpec, ProjectStatus};
 pub use vm::{
-    KernelBoot, NetworkAttachment, Phase, PowerState, Resources, RootDisk, VirtualMachine,
-    VirtualMachineSpec, VirtualMachineStatus,
+    InterfaceStatus, KernelBoot, NetworkAttachment, Phase, PowerState, Resources, RootDisk,
+    VirtualMachine, VirtualMachineSpec, VirtualMachineStatus,
 };
 pub use vmclass::{VMClass, VMClassSpec, VMClassStatus};

@@ -114,9 +114,18 @@ pub struct RootDisk {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NetworkAttachment {
-    /// The Network to attach to.
+    /// The NIC's name (default: nic0, nic1, ... by position). NICs appear in the guest in
+    /// list order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
+    pub name: Option<String>,
+    /// The Network to attach to (in the VM's project).
     #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
     pub network: String,
+    /// A fixed IPv4 address inside the network's cidr; absent: IPAM gives the lowest free one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "crate::kinds::network::IPV4_PATTERN")]
+    pub ip: Option<String>,
     /// A fixed MAC address; generated when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex = "UNICAST_MAC_PATTERN")]
@@ -148,16 +157,47 @@ pub struct VirtualMachineStatus {
     /// The VM's conditions: Scheduled, Ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// The VM's IP addresses.
+    /// The VM's IP addresses (the first NIC's first).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::validation::ip_list_schema")]
     pub ips: Vec<String>,
+    /// The VM's NICs, in `spec.networks` order: MAC and addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<InterfaceStatus>,
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// The last restart request (annotation `flotilla.dev/restart-requested-at`) carried out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restart_request: Option<String>,
+}
+
+/// One NIC of a VM, as its status reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InterfaceStatus {
+    /// The NIC's name (`spec.networks[].name`, or nic0, nic1, ...).
+    pub name: String,
+    /// The Network it is attached to.
+    pub network: String,
+    /// Its MAC address (the one asked for, or the one Flotilla generated).
+    pub mac_address: String,
+    /// Its addresses, with their prefix length (e.g. 10.0.0.3/24).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
+    /// Where the addresses come from: `ipam` (given by the control plane), `dhcp` (the guest
+    /// took its lease) or `guest-agent` (the guest reports them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+impl NetworkAttachment {
+    /// The NIC's name: its own, or nic<position>.
+    pub fn nic_name(&self, position: usize) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("nic{position}"))
+    }
 }
 
 /// The finalizer of the node agent: a bound VM keeps it until its node has removed the domain and
@@ -266,8 +306,27 @@ impl Validate for VirtualMachineSpec {
             }
         }
         let mut seen = std::collections::HashSet::new();
+        let mut names = std::collections::HashSet::new();
         for (i, n) in self.networks.iter().enumerate() {
             validation::dns_label(errs, &format!("{path}.networks[{i}].network"), &n.network);
+            let name = n.nic_name(i);
+            if n.name.is_some() {
+                validation::dns_label(errs, &format!("{path}.networks[{i}].name"), &name);
+            }
+            if !names.insert(name.clone()) {
+                errs.push(
+                    format!("{path}.networks[{i}].name"),
+                    format!("{name:?} names two NICs"),
+                );
+            }
+            if let Some(ip) = &n.ip {
+                if ip.parse::<std::net::Ipv4Addr>().is_err() {
+                    errs.push(
+                        format!("{path}.networks[{i}].ip"),
+                        format!("{ip:?} is not an IPv4 address such as 10.0.0.5"),
+                    );
+                }
+            }
             if let Some(mac) = &n.mac_address {
                 if !is_mac(mac) {
                     errs.push(

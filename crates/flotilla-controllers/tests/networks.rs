@@ -1,0 +1,345 @@
+//! Networks and IPAM through a real server: VNIs and addresses are handed out once, reserved
+//! addresses never, static addresses checked, errors name the field; addresses and VNIs come
+//! back when their VM or network is gone; a network in use cannot be deleted; many concurrent
+//! creates on one network never share an address.
+
+use std::collections::HashSet;
+
+use flotilla_client::Client;
+use flotilla_server::ServerConfig;
+use flotilla_types::registry::lookup;
+use serde_json::{json, Value};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    server: flotilla_server::RunningServer,
+    client: Client,
+}
+
+async fn start() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::new(dir.path());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let server = flotilla_server::start(config).await.unwrap();
+    let client = Client::new(
+        vec![server.url.clone()],
+        Some(&server.ca_pem),
+        Some(server.admin_token.clone()),
+    )
+    .unwrap();
+    Fixture {
+        _dir: dir,
+        server,
+        client,
+    }
+}
+
+fn network(name: &str, spec: Value) -> Value {
+    json!({"metadata": {"name": name}, "spec": spec})
+}
+
+fn vm(name: &str, nics: Value) -> Value {
+    json!({"metadata": {"name": name}, "spec": {
+        "resources": {"cpus": 1, "memory": "64Mi"}, "image": "x", "networks": nics}})
+}
+
+/// The status and message of a failed call, or a panic if it succeeded.
+fn refused(result: Result<Value, flotilla_client::ClientError>) -> (u16, String, Value) {
+    match result {
+        Err(flotilla_client::ClientError::Api(status)) => (
+            status.code,
+            status.message.clone(),
+            serde_json::to_value(&status.details).unwrap(),
+        ),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn networks_hand_out_vnis_and_addresses_once_and_take_them_back() {
+    let f = start().await;
+    let (nets, vms, projects) = (
+        lookup("network").unwrap(),
+        lookup("vm").unwrap(),
+        lookup("project").unwrap(),
+    );
+    let c = &f.client;
+    // Overlay networks get the lowest free VNIs; a bridged one none.
+    let a = c
+        .create(
+            nets,
+            Some("default"),
+            &network("a", json!({"cidr": "10.0.0.0/24"})),
+        )
+        .await
+        .unwrap();
+    let b = c
+        .create(
+            nets,
+            Some("default"),
+            &network("b", json!({"cidr": "10.0.1.0/29"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (a["status"]["vni"].clone(), b["status"]["vni"].clone()),
+        (json!(4096), json!(4097))
+    );
+    assert_eq!(a["spec"]["type"], "overlay");
+    assert_eq!(a["metadata"]["finalizers"], json!(["flotilla.dev/ipam"]));
+    let lan = c
+        .create(
+            nets,
+            Some("default"),
+            &network(
+                "lan",
+                json!({"type": "bridged", "bridge": "br0", "vlan": 10}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert!(lan["status"].get("vni").is_none(), "{lan}");
+    // Invalid networks name their field.
+    for (spec, field) in [
+        (json!({}), "spec.cidr"),
+        (json!({"cidr": "10.0.0.5/24"}), "spec.cidr"),
+        (json!({"cidr": "10.0.0.0/8"}), "spec.cidr"),
+        (
+            json!({"cidr": "10.0.0.0/24", "gateway": "10.0.1.1"}),
+            "spec.gateway",
+        ),
+        (json!({"cidr": "10.0.0.0/24", "vlan": 5}), "spec.vlan"),
+        (json!({"type": "bridged"}), "spec.bridge"),
+        (
+            json!({"type": "bridged", "bridge": "a-name-far-too-long"}),
+            "spec.bridge",
+        ),
+    ] {
+        let (code, message, _) = refused(
+            c.create(nets, Some("default"), &network("bad", spec.clone()))
+                .await,
+        );
+        assert_eq!(code, 422, "{spec}: {message}");
+        assert!(message.contains(field), "{spec}: {message}");
+    }
+
+    // NICs: stable generated MACs, the lowest free address past the gateway (.1) and the DHCP
+    // server (.2), static addresses checked.
+    let web = c
+        .create(
+            vms,
+            Some("default"),
+            &vm(
+                "web",
+                json!([{"network": "a"}, {"network": "b", "name": "back"}]),
+            ),
+        )
+        .await
+        .unwrap();
+    let nics = &web["status"]["interfaces"];
+    assert_eq!(nics[0]["name"], "nic0");
+    assert_eq!(nics[0]["ips"], json!(["10.0.0.3/24"]));
+    assert_eq!(nics[0]["source"], "ipam");
+    assert_eq!(nics[1]["name"], "back");
+    assert_eq!(nics[1]["ips"], json!(["10.0.1.3/29"]));
+    assert!(
+        nics[0]["macAddress"]
+            .as_str()
+            .unwrap()
+            .starts_with("02:46:4c:"),
+        "{nics}"
+    );
+    assert_eq!(web["status"]["ips"], json!(["10.0.0.3", "10.0.1.3"]));
+    let db = c
+        .create(
+            vms,
+            Some("default"),
+            &vm("db", json!([{"network": "a", "ip": "10.0.0.50"}])),
+        )
+        .await
+        .unwrap();
+    assert_eq!(db["status"]["ips"], json!(["10.0.0.50"]));
+    for (nic, field, says) in [
+        (
+            json!({"network": "a", "ip": "10.0.0.50"}),
+            "spec.networks[0].ip",
+            "held by db",
+        ),
+        (
+            json!({"network": "a", "ip": "10.0.0.1"}),
+            "spec.networks[0].ip",
+            "gateway",
+        ),
+        (
+            json!({"network": "a", "ip": "10.0.9.9"}),
+            "spec.networks[0].ip",
+            "not inside 10.0.0.0/24",
+        ),
+        (
+            json!({"network": "nowhere"}),
+            "spec.networks[0].network",
+            "no network \"nowhere\"",
+        ),
+        (
+            json!({"network": "a", "macAddress": nics[0]["macAddress"]}),
+            "spec.networks[0].macAddress",
+            "already used",
+        ),
+    ] {
+        let (code, message, _) = refused(
+            c.create(vms, Some("default"), &vm("late", json!([nic.clone()])))
+                .await,
+        );
+        assert_eq!(code, 422, "{nic}: {message}");
+        assert!(
+            message.contains(field) && message.contains(says),
+            "{nic}: {message}"
+        );
+    }
+    // The /29 has 4 addresses for VMs (.3 to .6): web holds one, three more fit, then none.
+    for i in 0..3 {
+        c.create(
+            vms,
+            Some("default"),
+            &vm(&format!("small-{i}"), json!([{"network": "b"}])),
+        )
+        .await
+        .unwrap();
+    }
+    let (code, message, _) = refused(
+        c.create(
+            vms,
+            Some("default"),
+            &vm("small-3", json!([{"network": "b"}])),
+        )
+        .await,
+    );
+    assert_eq!(code, 422);
+    assert!(
+        message.contains("no address is free in 10.0.1.0/29"),
+        "{message}"
+    );
+    // NICs stay as created.
+    let mut changed = web.clone();
+    changed["spec"]["networks"] = json!([{"network": "a"}]);
+    let (code, message, _) = refused(c.replace(vms, Some("default"), "web", &changed).await);
+    assert_eq!(code, 422);
+    assert!(message.contains("spec.networks"), "{message}");
+
+    // Another project may use the same CIDR: its own record, its own VNI.
+    c.create(projects, None, &json!({"metadata": {"name": "other"}}))
+        .await
+        .unwrap();
+    let other = c
+        .create(
+            nets,
+            Some("other"),
+            &network("a", json!({"cidr": "10.0.0.0/24"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(other["status"]["vni"], json!(4098));
+    let twin = c
+        .create(vms, Some("other"), &vm("web", json!([{"network": "a"}])))
+        .await
+        .unwrap();
+    assert_eq!(twin["status"]["ips"], json!(["10.0.0.3"]));
+
+    // A network in use cannot go; the refusal names who uses it.
+    let (code, message, _) = refused(c.delete(nets, Some("default"), "a").await.map(|(v, _)| v));
+    assert_eq!(code, 409);
+    assert!(message.contains("db, web"), "{message}");
+
+    // Deleting a VM frees its addresses (the sweeper's next pass): db's static 10.0.0.50 and
+    // web's are free again, and nothing else moved.
+    c.delete(vms, Some("default"), "db").await.unwrap();
+    c.delete(vms, Some("default"), "web").await.unwrap();
+    let released = flotilla_controllers::ipam_sweeper::sweep(&f.server.objects)
+        .await
+        .unwrap();
+    assert_eq!(released.ports, 3);
+    let again = c
+        .create(
+            vms,
+            Some("default"),
+            &vm(
+                "db2",
+                json!([{"network": "a", "ip": "10.0.0.50"}, {"network": "a"}]),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again["status"]["ips"], json!(["10.0.0.50", "10.0.0.3"]));
+    c.delete(vms, Some("default"), "db2").await.unwrap();
+    flotilla_controllers::ipam_sweeper::sweep(&f.server.objects)
+        .await
+        .unwrap();
+
+    // Now unused, network a goes: its VNI is free for the next network.
+    c.delete(nets, Some("default"), "a").await.unwrap();
+    let released = flotilla_controllers::ipam_sweeper::sweep(&f.server.objects)
+        .await
+        .unwrap();
+    assert_eq!(released.networks, 1);
+    assert_eq!(
+        c.get(nets, Some("default"), "a").await.unwrap_err().code(),
+        Some(404)
+    );
+    let next = c
+        .create(
+            nets,
+            Some("default"),
+            &network("c", json!({"cidr": "192.168.0.0/16"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next["status"]["vni"], json!(4096));
+}
+
+/// Many creates at once on one network, none sharing an address, and every address comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_never_share_an_address() {
+    let f = start().await;
+    let (nets, vms) = (lookup("network").unwrap(), lookup("vm").unwrap());
+    f.client
+        .create(
+            nets,
+            Some("default"),
+            &network("hot", json!({"cidr": "10.7.0.0/24"})),
+        )
+        .await
+        .unwrap();
+    const N: usize = 120;
+    let creates = (0..N).map(|i| {
+        let client = &f.client;
+        async move {
+            client
+                .create(
+                    vms,
+                    Some("default"),
+                    &vm(&format!("vm-{i}"), json!([{"network": "hot"}])),
+                )
+                .await
+        }
+    });
+    let made: Vec<Value> = futures::future::join_all(creates)
+        .await
+        .into_iter()
+        .map(|r| r.expect("every create lands"))
+        .collect();
+    let ips: HashSet<String> = made
+        .iter()
+        .map(|v| v["status"]["ips"][0].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ips.len(), N, "an address was handed out twice");
+    for i in 0..N {
+        f.client
+            .delete(vms, Some("default"), &format!("vm-{i}"))
+            .await
+            .unwrap();
+    }
+    let released = flotilla_controllers::ipam_sweeper::sweep(&f.server.objects)
+        .await
+        .unwrap();
+    assert_eq!(released.ports, N);
+}

@@ -1,0 +1,226 @@
+//! Network: an L2 segment VMs attach to (project-scoped). `overlay` networks are isolated
+//! segments carried over VXLAN between the nodes that run their VMs, with addresses from the
+//! control plane's IPAM; `bridged` networks attach NICs to an existing host bridge (the LAN),
+//! with IPAM or without (the LAN's own DHCP serves).
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::meta::Condition;
+use crate::resource::Validate;
+use crate::validation::FieldErrors;
+
+/// A Linux interface name (at most 15 bytes).
+pub const INTERFACE_NAME_PATTERN: &str = r"^[A-Za-z0-9_.-]{1,15}$";
+/// An IPv4 CIDR as the server reads it (prefix /16 to /29; host bits zero is checked too).
+pub const CIDR_PATTERN: &str = r"^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}/(1[6-9]|2[0-9])$";
+/// An IPv4 address in dotted decimal.
+pub const IPV4_PATTERN: &str = r"^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$";
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkType {
+    /// An isolated segment over VXLAN between the nodes that run its VMs.
+    #[default]
+    Overlay,
+    /// NICs on an existing bridge of each node (a provider network: the LAN).
+    Bridged,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// `overlay` (the default) or `bridged`.
+    #[serde(default, rename = "type")]
+    pub network_type: NetworkType,
+    /// The IPv4 addresses of the network, e.g. 10.0.0.0/24 (/16 to /29). Required for overlay
+    /// networks; for a bridged network, the range Flotilla gives static addresses from (absent:
+    /// no IPAM, the LAN's DHCP serves). The gateway and the DHCP/DNS server addresses are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "CIDR_PATTERN")]
+    pub cidr: Option<String>,
+    /// The gateway address inside `cidr` (default: its first host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "IPV4_PATTERN")]
+    pub gateway: Option<String>,
+    /// The MTU of the VMs' NICs (default: the underlay's less 50 for overlay networks, 1500 for
+    /// bridged ones); 576 to 9000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 576, max = 9000))]
+    pub mtu: Option<u32>,
+    /// Whether Flotilla's DHCP server answers on the network (only the addresses IPAM gave).
+    #[serde(default = "yes")]
+    pub dhcp: bool,
+    /// DNS for the network's VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<NetworkDns>,
+    /// For bridged networks: the bridge on each node to attach NICs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "INTERFACE_NAME_PATTERN")]
+    pub bridge: Option<String>,
+    /// For bridged networks: the 802.1Q VLAN of the NICs (1 to 4094).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4094))]
+    pub vlan: Option<u16>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkDns {
+    /// The domain of the VMs' names: `<vm>.<network>.<project>.<domain>` (default: flotilla.internal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "crate::validation::DNS_SUBDOMAIN_PATTERN", length(max = 253))]
+    pub domain: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkStatus {
+    /// The VXLAN network identifier of an overlay network, unique in the cluster (set by the
+    /// server when the network is made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
+    /// The nodes the network spans (those running its VMs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    /// The network's conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// The network's subnet as IPAM reads it, when it has a `cidr`.
+impl NetworkSpec {
+    pub fn subnet(&self) -> Result<Option<flotilla_ipam::Subnet>, flotilla_ipam::IpamError> {
+        let Some(cidr) = &self.cidr else {
+            return Ok(None);
+        };
+        let cidr: flotilla_ipam::Ipv4Cidr = cidr.parse()?;
+        let gateway = match &self.gateway {
+            None => None,
+            Some(g) => Some(
+                g.parse()
+                    .map_err(|_| flotilla_ipam::IpamError::BadAddress(g.clone()))?,
+            ),
+        };
+        flotilla_ipam::Subnet::new(cidr, gateway).map(Some)
+    }
+}
+
+impl Validate for NetworkSpec {
+    fn validate(&self, path: &str, errs: &mut FieldErrors) {
+        match self.network_type {
+            NetworkType::Overlay => {
+                if self.cidr.is_none() {
+                    errs.push(
+                        format!("{path}.cidr"),
+                        "an overlay network needs a cidr, e.g. 10.0.0.0/24",
+                    );
+                }
+                if self.bridge.is_some() {
+                    errs.push(
+                        format!("{path}.bridge"),
+                        "only bridged networks name a host bridge; overlay networks get their own",
+                    );
+                }
+                if self.vlan.is_some() {
+                    errs.push(
+                        format!("{path}.vlan"),
+                        "only bridged networks have a VLAN; overlay networks are told apart by their VNI",
+                    );
+                }
+            }
+            NetworkType::Bridged => match &self.bridge {
+                None => errs.push(
+                    format!("{path}.bridge"),
+                    "a bridged network names the bridge on each node to attach to, e.g. br0",
+                ),
+                Some(b) if !is_interface_name(b) => errs.push(
+                    format!("{path}.bridge"),
+                    format!(
+                        "{b:?} is not an interface name: 1 to 15 letters, digits, '_', '.' or '-'"
+                    ),
+                ),
+                Some(_) => {}
+            },
+        }
+        if self.gateway.is_some() && self.cidr.is_none() {
+            errs.push(
+                format!("{path}.gateway"),
+                "a gateway needs a cidr to be inside of",
+            );
+        }
+        if let Some(cidr) = &self.cidr {
+            match cidr.parse::<flotilla_ipam::Ipv4Cidr>() {
+                Err(e) => errs.push(format!("{path}.cidr"), e.to_string()),
+                Ok(_) => {
+                    if let Err(e) = self.subnet() {
+                        errs.push(format!("{path}.gateway"), e.to_string());
+                    }
+                }
+            }
+        }
+        if let Some(mtu) = self.mtu {
+            if !(576..=9000).contains(&mtu) {
+                errs.push(
+                    format!("{path}.mtu"),
+                    format!("{mtu} must be between 576 and 9000"),
+                );
+            }
+        }
+        if let Some(vlan) = self.vlan {
+            if !(1..=4094).contains(&vlan) {
+                errs.push(
+                    format!("{path}.vlan"),
+                    format!("{vlan} must be between 1 and 4094"),
+                );
+            }
+        }
+        if let Some(domain) = self.dns.as_ref().and_then(|d| d.domain.as_ref()) {
+            if !crate::validation::is_dns_subdomain(domain) {
+                errs.push(
+                    format!("{path}.dns.domain"),
+                    format!("{domain:?} is not a DNS domain: lowercase labels separated by dots"),
+                );
+            }
+        }
+    }
+}
+
+fn is_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+impl Validate for NetworkStatus {
+    fn validate(&self, _: &str, _: &mut FieldErrors) {}
+}
+
+crate::define_kind! {
+    /// A network VMs attach to: an overlay segment across nodes or a host bridge.
+    Network {
+        spec: NetworkSpec,
+        status: NetworkStatus,
+        plural: "networks",
+        singular: "network",
+        short_names: ["net"],
+        namespaced: true,
+        field_selectors: ["spec.type"],
+        columns: [
+            "TYPE" => "spec.type",
+            "CIDR" => "spec.cidr",
+            "VNI" => "status.vni",
+            "BRIDGE" => "spec.bridge" (wide),
+            "MTU" => "spec.mtu" (wide)
+        ],
+        set_once: ["spec.type", "spec.cidr", "spec.gateway", "spec.bridge"],
+    }
+}
