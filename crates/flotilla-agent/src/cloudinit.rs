@@ -7,6 +7,7 @@ use crate::error::AgentError;
 
 pub struct SeedInput<'a> {
     pub instance_id: &'a str,
+    pub nics: &'a [SeedNic],
     pub hostname: &'a str,
     pub ssh_authorized_keys: &'a [String],
     pub user_data: Option<&'a str>,
@@ -19,9 +20,54 @@ pub fn meta_data(input: &SeedInput<'_>) -> String {
     serde_yaml::to_string(&doc).expect("serialises")
 }
 
-/// `network-config` v2: DHCP on every NIC until static addressing lands with networks.
-pub fn network_config() -> String {
-    "version: 2\nethernets:\n  all:\n    match:\n      name: \"e*\"\n    dhcp4: true\n".to_string()
+/// What the guest is told about one NIC.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SeedNic {
+    /// The NIC's name in the VM's spec (the key of its entry).
+    pub name: String,
+    pub mac: String,
+    /// Static addresses with their prefix (10.0.0.3/24); none: DHCP.
+    pub addresses: Vec<String>,
+    pub gateway: Option<String>,
+    pub nameservers: Vec<String>,
+    pub search: Option<String>,
+    pub mtu: u32,
+}
+
+/// `network-config` v2: each NIC matched by its MAC, with its static addresses, MTU and DNS (the
+/// first NIC with a gateway carries the default route), or DHCP where IPAM gave no address.
+/// A VM without NICs gets DHCP on every `e*` interface.
+pub fn network_config(nics: &[SeedNic]) -> String {
+    if nics.is_empty() {
+        return "version: 2\nethernets:\n  all:\n    match:\n      name: \"e*\"\n    dhcp4: true\n"
+            .to_string();
+    }
+    let mut ethernets = serde_json::Map::new();
+    let mut routed = false;
+    for nic in nics {
+        let mut entry = serde_json::json!({"match": {"macaddress": nic.mac}, "mtu": nic.mtu});
+        if nic.addresses.is_empty() {
+            entry["dhcp4"] = true.into();
+        } else {
+            entry["dhcp4"] = false.into();
+            entry["addresses"] = serde_json::json!(nic.addresses);
+            if let Some(gateway) = nic.gateway.as_ref().filter(|_| !routed) {
+                entry["routes"] = serde_json::json!([{"to": "0.0.0.0/0", "via": gateway}]);
+                routed = true;
+            }
+            if !nic.nameservers.is_empty() {
+                let mut dns = serde_json::json!({"addresses": nic.nameservers});
+                if let Some(search) = &nic.search {
+                    dns["search"] = serde_json::json!([search]);
+                }
+                entry["nameservers"] = dns;
+            }
+        }
+        ethernets.insert(nic.name.clone(), entry);
+    }
+    // YAML written by serde: no value can break the document.
+    serde_yaml::to_string(&serde_json::json!({"version": 2, "ethernets": ethernets}))
+        .expect("serialises")
 }
 
 /// The user's data with the VM's SSH keys merged in: into the document itself when it is a
@@ -82,7 +128,11 @@ pub fn user_data(input: &SeedInput<'_>) -> Result<String, AgentError> {
 
 /// Writes the seed ISO to `iso` (atomically and durably).
 pub async fn write_seed(input: &SeedInput<'_>, iso: &Path) -> Result<(), AgentError> {
-    let (meta, user, network) = (meta_data(input), user_data(input)?, network_config());
+    let (meta, user, network) = (
+        meta_data(input),
+        user_data(input)?,
+        network_config(input.nics),
+    );
     let image = crate::iso9660::image(
         "cidata",
         &[
@@ -102,6 +152,7 @@ mod tests {
     fn input<'a>(keys: &'a [String], data: Option<&'a str>) -> SeedInput<'a> {
         SeedInput {
             instance_id: "uid-1",
+            nics: &[],
             hostname: "web",
             ssh_authorized_keys: keys,
             user_data: data,
@@ -137,9 +188,59 @@ mod tests {
     }
 
     #[test]
+    fn network_config_gives_each_nic_its_address_mtu_and_dns() {
+        let nics = [
+            SeedNic {
+                name: "nic0".into(),
+                mac: "02:46:4c:00:00:01".into(),
+                addresses: vec!["10.0.0.3/24".into()],
+                gateway: Some("10.0.0.1".into()),
+                nameservers: vec!["10.0.0.2".into()],
+                search: Some("back.default.flotilla.internal".into()),
+                mtu: 1450,
+            },
+            SeedNic {
+                name: "nic1".into(),
+                mac: "02:46:4c:00:00:02".into(),
+                addresses: vec!["10.1.0.3/24".into()],
+                gateway: Some("10.1.0.1".into()),
+                mtu: 1450,
+                ..Default::default()
+            },
+            SeedNic {
+                name: "lan".into(),
+                mac: "52:54:00:00:00:03".into(),
+                mtu: 1500,
+                ..Default::default()
+            },
+        ];
+        let doc: serde_yaml::Value = serde_yaml::from_str(&network_config(&nics)).unwrap();
+        let doc = serde_json::to_value(doc).unwrap();
+        assert_eq!(doc["version"], 2);
+        let nic0 = &doc["ethernets"]["nic0"];
+        assert_eq!(nic0["match"]["macaddress"], "02:46:4c:00:00:01");
+        assert_eq!(nic0["addresses"], serde_json::json!(["10.0.0.3/24"]));
+        assert_eq!(nic0["mtu"], 1450);
+        assert_eq!(nic0["dhcp4"], false);
+        assert_eq!(nic0["routes"][0]["via"], "10.0.0.1");
+        assert_eq!(nic0["nameservers"]["addresses"][0], "10.0.0.2");
+        assert_eq!(
+            nic0["nameservers"]["search"][0],
+            "back.default.flotilla.internal"
+        );
+        // One default route: the first NIC with a gateway carries it.
+        assert!(doc["ethernets"]["nic1"].get("routes").is_none());
+        // No address from IPAM: DHCP.
+        assert_eq!(doc["ethernets"]["lan"]["dhcp4"], true);
+        // Without NICs, DHCP on every e* interface as before.
+        assert!(network_config(&[]).contains("dhcp4: true"));
+    }
+
+    #[test]
     fn meta_data_quotes_everything() {
         let m = meta_data(&SeedInput {
             instance_id: "a: b",
+            nics: &[],
             hostname: "web",
             ssh_authorized_keys: &[],
             user_data: None,

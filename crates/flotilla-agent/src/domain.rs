@@ -32,6 +32,14 @@ pub struct KernelBoot {
     pub cmdline: Option<String>,
 }
 
+/// A NIC: virtio on a host bridge, in `spec.networks` order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nic {
+    pub mac: String,
+    pub bridge: String,
+    pub mtu: u32,
+}
+
 #[derive(Clone, Debug)]
 pub struct DomainSpec {
     pub virt_type: VirtType,
@@ -49,6 +57,7 @@ pub struct DomainSpec {
     pub boot: Option<KernelBoot>,
     pub root_disk: Option<PathBuf>,
     pub seed_iso: Option<PathBuf>,
+    pub nics: Vec<Nic>,
     pub console_log: PathBuf,
     pub vnc_password: String,
 }
@@ -119,6 +128,17 @@ impl DomainSpec {
                     .attr("type", "scsi")
                     .attr("index", 0)
                     .attr("model", "virtio-scsi"),
+            );
+        }
+        for nic in &self.nics {
+            // No <bandwidth>: tc police is missing on kernels like CI's, and libvirt fails then.
+            devices.push(
+                Element::new("interface")
+                    .attr("type", "bridge")
+                    .child(Element::new("mac").attr("address", &nic.mac))
+                    .child(Element::new("source").attr("bridge", &nic.bridge))
+                    .child(Element::new("model").attr("type", "virtio"))
+                    .child(Element::new("mtu").attr("size", nic.mtu)),
             );
         }
         if self.virt_type != VirtType::Test {

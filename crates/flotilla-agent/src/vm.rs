@@ -8,12 +8,12 @@ use std::time::Duration;
 use flotilla_client::Client;
 use flotilla_types::kinds::vm::RESTART_ANNOTATION;
 use flotilla_types::registry::lookup;
-use flotilla_types::{EventType, Image, PowerState, VMClass, VirtualMachine};
+use flotilla_types::{EventType, Image, Network, PowerState, VMClass, VirtualMachine};
 use serde_json::{json, Value};
 
-use crate::cloudinit::{self, SeedInput};
+use crate::cloudinit::{self, SeedInput, SeedNic};
 use crate::disks::Disks;
-use crate::domain::{domain_name, DomainSpec, KernelBoot, VirtType};
+use crate::domain::{domain_name, DomainSpec, KernelBoot, Nic, VirtType};
 use crate::error::{io, AgentError};
 use crate::libvirt::{DomainState, Libvirt};
 
@@ -178,9 +178,11 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
             .create_root_disk(backing.as_deref(), &root_disk, size)
             .await?;
     }
+    let (nics, seed_nics) = nics(ctx, &project, vm).await?;
     let seed = dir.join("seed.iso");
     let input = SeedInput {
         instance_id: &uid,
+        nics: &seed_nics,
         hostname: &name,
         ssh_authorized_keys: &vm.spec.ssh_authorized_keys,
         user_data: vm.spec.user_data.as_deref(),
@@ -189,7 +191,7 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
         "{}\n{}\n{}",
         cloudinit::meta_data(&input),
         cloudinit::user_data(&input)?,
-        cloudinit::network_config()
+        cloudinit::network_config(&seed_nics)
     );
     let stamp = dir.join("seed.fingerprint");
     if tokio::fs::read_to_string(&stamp).await.ok().as_deref() != Some(fingerprint.as_str())
@@ -218,6 +220,7 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
         }),
         root_disk: has_root.then_some(root_disk),
         seed_iso: Some(seed),
+        nics,
         console_log: dir.join("console.log"),
         vnc_password,
     };
@@ -235,6 +238,69 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
 
     step("disks and domain ready");
     apply_power(ctx, vm, &uid).await
+}
+
+/// The VM's NICs as the control plane gave them (`status.interfaces`, in `spec.networks` order)
+/// on their networks' bridges, and what the guest is told about them.
+async fn nics(
+    ctx: &Context,
+    project: &str,
+    vm: &VirtualMachine,
+) -> Result<(Vec<Nic>, Vec<SeedNic>), AgentError> {
+    let interfaces = vm
+        .status
+        .as_ref()
+        .map(|s| s.interfaces.clone())
+        .unwrap_or_default();
+    if interfaces.len() != vm.spec.networks.len() {
+        return Err(AgentError::Config(format!(
+            "the VM names {} networks but its status has {} NICs (made before networks existed?); recreate it",
+            vm.spec.networks.len(),
+            interfaces.len()
+        )));
+    }
+    let kind = lookup("network").expect("registered");
+    let (mut nics, mut seed) = (Vec::new(), Vec::new());
+    for interface in interfaces {
+        let network: Network = get(
+            ctx.client
+                .get(kind, Some(project), &interface.network)
+                .await?,
+            "the Network",
+        )?;
+        let bridge = network.bridge_name().ok_or_else(|| {
+            AgentError::Config(format!(
+                "network {:?} has no VNI yet, so no bridge",
+                interface.network
+            ))
+        })?;
+        let mtu = network.nic_mtu();
+        let subnet = network.spec.subnet().ok().flatten();
+        let domain = network
+            .spec
+            .dns
+            .as_ref()
+            .and_then(|d| d.domain.clone())
+            .unwrap_or_else(|| flotilla_types::kinds::network::DEFAULT_DOMAIN.to_string());
+        seed.push(SeedNic {
+            name: interface.name.clone(),
+            mac: interface.mac_address.clone(),
+            addresses: interface.ips.clone(),
+            gateway: subnet.map(|s| s.gateway.to_string()),
+            nameservers: subnet
+                .filter(|_| network.spec.dhcp)
+                .map(|s| vec![s.dhcp_server.to_string()])
+                .unwrap_or_default(),
+            search: Some(format!("{}.{project}.{domain}", interface.network)),
+            mtu,
+        });
+        nics.push(Nic {
+            mac: interface.mac_address,
+            bridge,
+            mtu,
+        });
+    }
+    Ok((nics, seed))
 }
 
 /// Drives the domain to `spec.powerState` (and carries out a restart request), then reports.

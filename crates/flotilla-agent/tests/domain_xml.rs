@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use flotilla_agent::domain::{flotilla_uid, owner, DomainSpec, KernelBoot, Owner, VirtType};
+use flotilla_agent::domain::{flotilla_uid, owner, DomainSpec, KernelBoot, Nic, Owner, VirtType};
 use flotilla_agent::libvirt::Libvirt;
 
 fn spec(virt_type: VirtType, hostile: bool) -> DomainSpec {
@@ -32,6 +32,18 @@ fn spec(virt_type: VirtType, hostile: bool) -> DomainSpec {
         }),
         root_disk: Some(PathBuf::from("/var/lib/flotilla/vms/6f1c2a9e/root.qcow2")),
         seed_iso: Some(PathBuf::from("/var/lib/flotilla/vms/6f1c2a9e/seed.iso")),
+        nics: vec![
+            Nic {
+                mac: "02:46:4c:0a:0b:0c".into(),
+                bridge: "fb-4096".into(),
+                mtu: 1450,
+            },
+            Nic {
+                mac: "52:54:00:12:34:56".into(),
+                bridge: "br0".into(),
+                mtu: 1500,
+            },
+        ],
         console_log: PathBuf::from("/var/lib/flotilla/vms/6f1c2a9e/console.log"),
         vnc_password: "s3cr3t&<".into(),
     }

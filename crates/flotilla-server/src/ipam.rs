@@ -4,7 +4,8 @@
 //! replicas never get the same one, and a crash cannot leave one taken without its holder.
 //! Ports of deleted VMs are released by the controllers' IPAM sweeper.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use flotilla_ipam::{Allocations, Port, Vnis};
 use flotilla_store::{Compare, KeyValue, Op, Store};
@@ -30,6 +31,48 @@ pub const NETWORK_FINALIZER: &str = "flotilla.dev/ipam";
 
 /// Prefix of every network's allocation record.
 pub const PORTS_PREFIX: &str = "/flotilla/ipam/ports/";
+
+/// In-process locks of records: creates through one server that take from the same record
+/// queue here instead of colliding in the store and retrying (replicas still meet at the
+/// compare-and-swap, which keeps them correct).
+static RECORD_LOCKS: LazyLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
+    LazyLock::new(Default::default);
+
+/// Held while a create takes from the records it names.
+pub(crate) struct RecordLocks(#[allow(dead_code)] Vec<tokio::sync::OwnedMutexGuard<()>>);
+
+/// Locks (in key order, so that two creates cannot wait on each other) the records a create of
+/// `body` will take from.
+pub(crate) async fn lock_records(
+    kind: &KindInfo,
+    namespace: Option<&str>,
+    body: &Value,
+) -> RecordLocks {
+    let keys: BTreeSet<String> = match kind.kind {
+        "Network" => [VNI_KEY.to_string()].into(),
+        "VirtualMachine" => body["spec"]["networks"]
+            .as_array()
+            .map(|nics| {
+                nics.iter()
+                    .filter_map(|n| n["network"].as_str())
+                    .map(|n| ports_key(namespace.unwrap_or_default(), n))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        _ => BTreeSet::new(),
+    };
+    let mut guards = Vec::new();
+    for key in keys {
+        let lock = RECORD_LOCKS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        guards.push(lock.lock_owned().await);
+    }
+    RecordLocks(guards)
+}
 
 /// What an admission adds to the create's transaction.
 #[derive(Default)]

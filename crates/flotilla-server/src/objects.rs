@@ -661,7 +661,9 @@ impl Objects {
             }
             _ => None,
         };
-        // Creates that take addresses or VNIs race on one record: retry until they land.
+        // Creates that take addresses or VNIs from one record queue in this server, and retry
+        // until they land when another server's create got there first.
+        let _records = crate::ipam::lock_records(kind, namespace, &body).await;
         let mut contention = Contention::new();
         while contention.again().await {
             if generate {

@@ -279,6 +279,31 @@ async fn a_joined_node_is_confined_to_its_own_objects() {
             .code(),
         Some(403)
     );
+    // Networks: read (an agent needs its VMs' bridges and addresses), never written.
+    let nets = kind("network");
+    t.client
+        .create(
+            nets,
+            Some("default"),
+            &json!({"metadata": {"name": "back"}, "spec": {"cidr": "10.0.0.0/24"}}),
+        )
+        .await
+        .unwrap();
+    let back = a.get(nets, Some("default"), "back").await.unwrap();
+    assert_eq!(back["status"]["vni"], 4096);
+    assert_eq!(
+        a.patch(
+            nets,
+            Some("default"),
+            "back",
+            &json!({"spec": {"mtu": 1400}}),
+            false
+        )
+        .await
+        .unwrap_err()
+        .code(),
+        Some(403)
+    );
     let theirs_now = t.client.get(vms, Some("default"), "theirs").await.unwrap();
     assert!(
         theirs_now.get("status").is_none(),

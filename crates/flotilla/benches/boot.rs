@@ -67,6 +67,7 @@ async fn run() {
     let seed = raw_dir.join("seed.iso");
     let input = flotilla_agent::cloudinit::SeedInput {
         instance_id: "raw",
+        nics: &[],
         hostname: "raw",
         ssh_authorized_keys: &[],
         user_data: None,
@@ -98,6 +99,7 @@ async fn run() {
                 cmdline: Some("console=ttyS0".into()),
             }),
             root_disk: None,
+            nics: Vec::new(),
             seed_iso: Some(seed.clone()),
             console_log: raw_dir.join(format!("console-{i}.log")),
             vnc_password: "bench".into(),

@@ -92,6 +92,37 @@ pub struct NetworkStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// The MTU NICs get on overlay networks without `spec.mtu`: a 1500-byte underlay less VXLAN's
+/// 50 bytes of headers.
+pub const OVERLAY_MTU: u32 = 1450;
+/// The MTU NICs get on bridged networks without `spec.mtu`.
+pub const BRIDGED_MTU: u32 = 1500;
+/// The DNS domain of networks without `spec.dns.domain`.
+pub const DEFAULT_DOMAIN: &str = "flotilla.internal";
+
+impl Network {
+    /// The host bridge the network's NICs attach to on a node: its own `fb-<vni>` for an overlay
+    /// network (None until it has a VNI), `spec.bridge` for a bridged one.
+    pub fn bridge_name(&self) -> Option<String> {
+        match self.spec.network_type {
+            NetworkType::Overlay => self
+                .status
+                .as_ref()
+                .and_then(|s| s.vni)
+                .map(|vni| format!("fb-{vni}")),
+            NetworkType::Bridged => self.spec.bridge.clone(),
+        }
+    }
+
+    /// The MTU of the network's NICs.
+    pub fn nic_mtu(&self) -> u32 {
+        self.spec.mtu.unwrap_or(match self.spec.network_type {
+            NetworkType::Overlay => OVERLAY_MTU,
+            NetworkType::Bridged => BRIDGED_MTU,
+        })
+    }
+}
+
 /// The network's subnet as IPAM reads it, when it has a `cidr`.
 impl NetworkSpec {
     pub fn subnet(&self) -> Result<Option<flotilla_ipam::Subnet>, flotilla_ipam::IpamError> {
