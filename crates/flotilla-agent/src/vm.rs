@@ -274,6 +274,24 @@ async fn nics(
                 interface.network
             ))
         })?;
+        // libvirt plugs NICs into bridges of its own network namespace, the agent's: say which
+        // bridge is missing rather than pass on libvirt's "Cannot get interface MTU".
+        if ctx.virt_type != VirtType::Test
+            && !std::path::Path::new("/sys/class/net")
+                .join(&bridge)
+                .exists()
+        {
+            return Err(AgentError::Config(format!(
+                "the bridge {bridge} of network {:?} does not exist on node {}{}",
+                interface.network,
+                ctx.node,
+                if network.spec.network_type == flotilla_types::NetworkType::Overlay {
+                    " (overlay bridges are not made by the agent yet)"
+                } else {
+                    " (a bridged network attaches to a bridge the node already has)"
+                }
+            )));
+        }
         let mtu = network.nic_mtu();
         let subnet = network.spec.subnet().ok().flatten();
         let domain = network

@@ -86,8 +86,17 @@ async fn vm_lifecycle_on_the_test_driver() {
         "the driver's own domain is listed as unmanaged: {unmanaged:?}"
     );
 
-    // A VM without a node is scheduled here and provisioned.
+    // A VM without a node is scheduled here and provisioned, with a NIC on an overlay network.
+    admin
+        .create(
+            lookup("network").unwrap(),
+            Some("default"),
+            &json!({"metadata": {"name": "back"}, "spec": {"cidr": "10.0.0.0/24"}}),
+        )
+        .await
+        .unwrap();
     let vm = json!({"metadata": {"name": "web"}, "spec": {
+        "networks": [{"network": "back"}],
         "resources": {"cpus": 2, "memory": "1Gi"}, "image": "base", "rootDisk": {"size": "1Gi"},
         "sshAuthorizedKeys": ["ssh-ed25519 AAAAC3Nza test@flotilla"], "userData": "#cloud-config\nruncmd: [echo hi]\n"}});
     admin.create(vms, Some("default"), &vm).await.unwrap();
@@ -173,6 +182,19 @@ async fn vm_lifecycle_on_the_test_driver() {
         xml.contains("<name>default_web</name>") && xml.contains("flotilla.dev/xmlns/domain/1"),
         "{xml}"
     );
+    // Its NIC: the MAC IPAM gave it, on the network's bridge, with the overlay's MTU.
+    let mac = running["status"]["interfaces"][0]["macAddress"]
+        .as_str()
+        .unwrap();
+    assert_eq!(running["status"]["ips"], json!(["10.0.0.3"]));
+    for part in [
+        format!("<mac address='{mac}'/>"),
+        "<source bridge='fb-4096'/>".to_string(),
+        "<mtu size='1450'/>".to_string(),
+        "<model type='virtio'/>".to_string(),
+    ] {
+        assert!(xml.contains(&part), "{part} in {xml}");
+    }
 
     // The domain dies behind Flotilla's back: the lifecycle event brings the agent back at once
     // (powerState Running is the desired state, so it is started again).
