@@ -1,20 +1,20 @@
-//! Releases what deleted objects held in the networks' records: the ports (MACs and addresses)
-//! of VMs that no longer exist, and, for a Network being deleted that no VM uses any more, its
-//! VNI and its record, then its finalizer. Level-triggered: every pass compares the records with
-//! what exists, so a crash of the server at any point is mended by the next pass.
+//! Releases what deleted objects held on the networks: the ports (MACs) and addresses of VMs
+//! that no longer exist, and, for a Network being deleted that no VM uses any more, its VNI,
+//! then its finalizer. Level-triggered: every pass compares the records with what exists, so a
+//! crash of the server at any point is mended by the next pass.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use flotilla_ipam::{Allocations, Vnis};
-use flotilla_server::ipam::{ports_key, PORTS_PREFIX, VNI_KEY};
+use flotilla_ipam::{Port, Vnis};
+use flotilla_server::ipam::{addresses_prefix, ports_prefix, PORTS_PREFIX, VNI_KEY};
 use flotilla_server::objects::{ListOptions, Objects, PatchBody, Subresource};
 use flotilla_server::ApiError;
-use flotilla_store::{Compare, KeyValue, Op, RangeRequest, Txn};
+use flotilla_store::{Compare, KeyValue, Op, RangeRequest, Store, Txn};
 use flotilla_types::registry::by_kind;
 use serde_json::{json, Value};
 
-/// The finalizer a Network carries until its VNI and record are released.
+/// The finalizer a Network carries until its VNI and records are released.
 pub const NETWORK_FINALIZER: &str = flotilla_server::ipam::NETWORK_FINALIZER;
 
 /// What one pass released.
@@ -37,20 +37,25 @@ pub async fn run(objects: Objects, every: Duration) {
     }
 }
 
-/// One pass.
-pub async fn sweep(objects: &Objects) -> Result<Released, ApiError> {
-    let store = objects.store();
-    let mut released = Released::default();
-    // Records first, VMs second: a port read before its VM was found missing is garbage (a port
-    // is written in the same transaction as its VM, so a live VM's port is never missed).
-    let records = store
+async fn range(store: &dyn Store, prefix: &str) -> Result<Vec<KeyValue>, ApiError> {
+    Ok(store
         .range(RangeRequest {
-            start: PORTS_PREFIX.to_string(),
-            end: Some(flotilla_store::prefix_end(PORTS_PREFIX)),
+            start: prefix.to_string(),
+            end: Some(flotilla_store::prefix_end(prefix)),
             limit: 0,
             revision: 0,
         })
-        .await?;
+        .await?
+        .kvs)
+}
+
+/// One pass.
+pub async fn sweep(objects: &Objects) -> Result<Released, ApiError> {
+    let store = objects.store().as_ref();
+    let mut released = Released::default();
+    // Ports first, VMs second: a port read before its VM was found missing is garbage (a port is
+    // written in the same transaction as its VM, so a live VM's port is never taken for one).
+    let ports = range(store, PORTS_PREFIX).await?;
     let vm_kind = by_kind("VirtualMachine").expect("registered");
     let live: HashSet<String> = objects
         .list(vm_kind, None, &ListOptions::default())
@@ -60,44 +65,42 @@ pub async fn sweep(objects: &Objects) -> Result<Released, ApiError> {
         .filter_map(|raw| serde_json::from_slice::<Value>(raw).ok())
         .filter_map(|vm| vm["metadata"]["uid"].as_str().map(str::to_string))
         .collect();
-    for kv in records.kvs {
-        let mut record = parse(&kv)?;
-        let gone: Vec<String> = record
-            .ports
-            .values()
-            .filter(|p| !live.contains(&p.uid))
-            .map(|p| p.uid.clone())
-            .collect();
-        if gone.is_empty() {
+    for kv in ports {
+        let port: Port = serde_json::from_slice(&kv.value).map_err(|e| {
+            ApiError::internal(format!("the port record {} is damaged: {e}", kv.key))
+        })?;
+        if live.contains(&port.uid) {
             continue;
         }
-        for uid in &gone {
-            record.release(uid);
-        }
-        let txn = Txn::new()
+        // <project>/<network>/<mac>
+        let mut path = kv.key[PORTS_PREFIX.len()..].splitn(3, '/');
+        let (Some(project), Some(network)) = (path.next(), path.next()) else {
+            continue;
+        };
+        let mut txn = Txn::new()
             .when(Compare::mod_revision(&kv.key, kv.mod_revision))
-            .and_then(Op::put(
-                &kv.key,
-                serde_json::to_vec(&record).expect("serialises"),
-            ));
-        // Lost to a concurrent create: the next pass looks again.
-        if store.txn(txn).await?.succeeded {
-            released.ports += gone.len();
+            .and_then(Op::delete(&kv.key));
+        if let Some(ip) = port.ip {
+            txn = txn.and_then(Op::delete(format!(
+                "{}{ip}",
+                addresses_prefix(project, network)
+            )));
         }
+        if store.txn(txn).await?.succeeded {
+            released.ports += 1;
+        }
+    }
+    if released.ports > 0 {
+        flotilla_server::ipam::forget_all();
     }
     released.networks = finish_deleted_networks(objects).await?;
     Ok(released)
 }
 
-fn parse(kv: &KeyValue) -> Result<Allocations, ApiError> {
-    serde_json::from_slice(&kv.value)
-        .map_err(|e| ApiError::internal(format!("the record {} is damaged: {e}", kv.key)))
-}
-
-/// Networks being deleted whose record holds no port: their VNI and record go, then their
-/// finalizer. Returns how many finished.
+/// Networks being deleted that no port is left on: their VNI goes, then their finalizer.
+/// Returns how many finished.
 async fn finish_deleted_networks(objects: &Objects) -> Result<usize, ApiError> {
-    let store = objects.store();
+    let store = objects.store().as_ref();
     let kind = by_kind("Network").expect("registered");
     let mut finished = 0;
     for raw in objects
@@ -120,23 +123,14 @@ async fn finish_deleted_networks(objects: &Objects) -> Result<usize, ApiError> {
             meta["name"].as_str().unwrap_or_default(),
             meta["uid"].as_str().unwrap_or_default(),
         );
-        let key = ports_key(project, name);
-        let record = store.get(&key).await?;
-        if let Some(kv) = &record {
-            if !parse(kv)?.ports.is_empty() {
-                continue;
-            }
-            let txn = Txn::new()
-                .when(Compare::mod_revision(&key, kv.mod_revision))
-                .and_then(Op::delete(&key));
-            if !store.txn(txn).await?.succeeded {
-                continue;
-            }
+        if !range(store, &ports_prefix(project, name)).await?.is_empty() {
+            continue;
         }
         // The VNI, by compare-and-swap (other networks take and release theirs meanwhile).
         loop {
-            let kv = store.get(VNI_KEY).await?;
-            let Some(kv) = kv else { break };
+            let Some(kv) = store.get(VNI_KEY).await? else {
+                break;
+            };
             let mut vnis: Vnis = serde_json::from_slice(&kv.value)
                 .map_err(|e| ApiError::internal(format!("the VNI record is damaged: {e}")))?;
             if !vnis.release(uid) {

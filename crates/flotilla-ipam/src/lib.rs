@@ -1,11 +1,11 @@
 //! IP address management for Flotilla networks, without I/O: IPv4 CIDRs and the addresses a
-//! network keeps for itself, the allocation record of a network (its ports: one per VM NIC,
-//! by MAC, with the address it holds), the cluster's VNI record, and stable MAC addresses.
+//! network keeps for itself, picking addresses ([`Held`]), the ports of a network (one per VM
+//! NIC, by MAC), the cluster's VNI record, and stable MAC addresses.
 //!
-//! The server stores each record as one key and changes it by compare-and-swap in the same
-//! transaction as the object it serves (a VM's create takes its addresses, a Network's create
-//! its VNI), so no two writers, on any replica, can hand out one address or VNI twice, and a
-//! crash cannot leave an allocation without its holder.
+//! The server keeps one store key per port and per address and creates them, compared absent,
+//! in the same transaction as the VM (and the VNI record by compare-and-swap in a Network's),
+//! so no two writers, on any replica, can hand out one address, MAC or VNI twice, and a crash
+//! cannot leave an allocation without its holder.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -203,7 +203,7 @@ fn check_host(cidr: Ipv4Cidr, ip: Ipv4Addr) -> Result<(), IpamError> {
     Ok(())
 }
 
-/// One VM NIC on a network.
+/// One VM NIC on a network, as its port record keeps it (one record per NIC, keyed by MAC).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Port {
@@ -218,87 +218,37 @@ pub struct Port {
     pub ip: Option<Ipv4Addr>,
 }
 
-/// The allocation record of one network: its ports by MAC address.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Allocations {
-    /// The uid of the network the record belongs to (a network made again under the same name
-    /// starts a new record).
-    pub network_uid: String,
-    pub ports: BTreeMap<String, Port>,
-}
+/// The addresses of a network known to be held, to pick from: the lowest free one, or a wanted
+/// one checked. The store's per-address records decide in the end (a create compares each
+/// address it takes as absent), so a stale view can only cost a retry, never a duplicate.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Held(pub BTreeSet<Ipv4Addr>);
 
-impl Allocations {
-    pub fn new(network_uid: &str) -> Self {
-        Allocations {
-            network_uid: network_uid.to_string(),
-            ports: BTreeMap::new(),
-        }
-    }
-
-    /// Who holds `ip`.
-    pub fn holder_of(&self, ip: Ipv4Addr) -> Option<&Port> {
-        self.ports.values().find(|p| p.ip == Some(ip))
-    }
-
-    /// Addresses held.
-    pub fn used(&self) -> usize {
-        self.ports.values().filter(|p| p.ip.is_some()).count()
-    }
-
-    /// The VMs (by name) holding ports, each once.
-    pub fn holders(&self) -> Vec<String> {
-        let names: BTreeSet<&str> = self.ports.values().map(|p| p.vm.as_str()).collect();
-        names.into_iter().map(str::to_string).collect()
-    }
-
-    /// Gives the port `(mac, port)` an address of `subnet` (the one it asks for in `port.ip`,
-    /// or the lowest free one), unless the network has no IPAM (`subnet` None). Returns the
-    /// address.
-    pub fn add(
-        &mut self,
-        subnet: Option<&Subnet>,
-        mac: &str,
-        mut port: Port,
-    ) -> Result<Option<Ipv4Addr>, IpamError> {
-        if let Some(holder) = self.ports.get(mac) {
-            return Err(IpamError::MacTaken {
-                mac: mac.to_string(),
-                holder: holder.vm.clone(),
-            });
-        }
-        port.ip = match (subnet, port.ip) {
-            (None, _) => None,
-            (Some(subnet), Some(ip)) => {
+impl Held {
+    /// Takes `want` (checked: assignable and not held) or the lowest free address.
+    pub fn take(&mut self, subnet: &Subnet, want: Option<Ipv4Addr>) -> Result<Ipv4Addr, IpamError> {
+        let ip = match want {
+            Some(ip) => {
                 subnet.check_assignable(ip)?;
-                if let Some(holder) = self.holder_of(ip) {
+                if self.0.contains(&ip) {
                     return Err(IpamError::Taken {
                         ip,
-                        holder: holder.vm.clone(),
+                        holder: "another NIC".into(),
                     });
                 }
-                Some(ip)
+                ip
             }
-            (Some(subnet), None) => Some(self.lowest_free(subnet)?),
+            None => (1..=subnet.cidr.host_count())
+                .map(|n| subnet.cidr.host(n))
+                .find(|ip| !self.0.contains(ip) && subnet.check_assignable(*ip).is_ok())
+                .ok_or(IpamError::Exhausted(subnet.cidr))?,
         };
-        let ip = port.ip;
-        self.ports.insert(mac.to_string(), port);
+        self.0.insert(ip);
         Ok(ip)
     }
 
-    fn lowest_free(&self, subnet: &Subnet) -> Result<Ipv4Addr, IpamError> {
-        let held: BTreeSet<Ipv4Addr> = self.ports.values().filter_map(|p| p.ip).collect();
-        (1..=subnet.cidr.host_count())
-            .map(|n| subnet.cidr.host(n))
-            .find(|ip| subnet.check_assignable(*ip).is_ok() && !held.contains(ip))
-            .ok_or(IpamError::Exhausted(subnet.cidr))
-    }
-
-    /// Releases every port of the VM with `uid`; whether any was held.
-    pub fn release(&mut self, uid: &str) -> bool {
-        let before = self.ports.len();
-        self.ports.retain(|_, p| p.uid != uid);
-        self.ports.len() != before
+    pub fn release(&mut self, ip: Ipv4Addr) -> bool {
+        self.0.remove(&ip)
     }
 }
 
@@ -367,53 +317,6 @@ mod tests {
         Subnet::new(cidr.parse().unwrap(), None).unwrap()
     }
 
-    fn port(uid: &str, ip: Option<&str>) -> Port {
-        Port {
-            uid: uid.into(),
-            vm: format!("vm-{uid}"),
-            nic: "nic0".into(),
-            ip: ip.map(|i| i.parse().unwrap()),
-        }
-    }
-
-    #[test]
-    fn cidrs_are_read_strictly() {
-        let c: Ipv4Cidr = "10.1.0.0/24".parse().unwrap();
-        assert_eq!(
-            (c.broadcast(), c.host_count(), c.netmask()),
-            (
-                "10.1.0.255".parse().unwrap(),
-                254,
-                "255.255.255.0".parse().unwrap()
-            )
-        );
-        assert_eq!(
-            "10.1.0.5/24".parse::<Ipv4Cidr>().unwrap_err().to_string(),
-            "10.1.0.5/24 has host bits set: the network is 10.1.0.0/24"
-        );
-        for bad in [
-            "10.1.0.0",
-            "10.1.0.0/",
-            "10.1.0.0/33",
-            "10.1.0/24",
-            "x/24",
-            "10.1.0.0/+4",
-        ] {
-            assert!(
-                matches!(bad.parse::<Ipv4Cidr>(), Err(IpamError::BadCidr(_))),
-                "{bad}"
-            );
-        }
-        assert_eq!(
-            "10.0.0.0/8".parse::<Ipv4Cidr>(),
-            Err(IpamError::PrefixLength(8))
-        );
-        assert_eq!(
-            "10.0.0.0/30".parse::<Ipv4Cidr>(),
-            Err(IpamError::PrefixLength(30))
-        );
-    }
-
     #[test]
     fn reserved_addresses_are_never_given() {
         let s = subnet("192.168.7.0/29");
@@ -421,30 +324,22 @@ mod tests {
             (s.gateway.to_string(), s.dhcp_server.to_string()),
             ("192.168.7.1".into(), "192.168.7.2".into())
         );
-        let mut a = Allocations::new("n");
+        let mut held = Held::default();
         let got: Vec<String> = (0..4)
-            .map(|i| {
-                a.add(Some(&s), &format!("m{i}"), port(&format!("u{i}"), None))
-                    .unwrap()
-                    .unwrap()
-                    .to_string()
-            })
+            .map(|_| held.take(&s, None).unwrap().to_string())
             .collect();
         assert_eq!(
             got,
             ["192.168.7.3", "192.168.7.4", "192.168.7.5", "192.168.7.6"]
         );
-        assert_eq!(
-            a.add(Some(&s), "m9", port("u9", None)),
-            Err(IpamError::Exhausted(s.cidr))
-        );
+        assert_eq!(held.take(&s, None), Err(IpamError::Exhausted(s.cidr)));
         for (ip, what) in [
             ("192.168.7.0", "network address"),
             ("192.168.7.1", "gateway"),
             ("192.168.7.2", "DHCP"),
             ("192.168.7.7", "broadcast"),
         ] {
-            let e = a.add(Some(&s), "mx", port("ux", Some(ip))).unwrap_err();
+            let e = held.take(&s, Some(ip.parse().unwrap())).unwrap_err();
             assert!(e.to_string().contains(what), "{ip}: {e}");
         }
         // A gateway elsewhere moves the DHCP server to the first host.
@@ -457,38 +352,22 @@ mod tests {
     }
 
     #[test]
-    fn static_addresses_macs_and_release() {
+    fn wanted_addresses_are_checked_and_released_ones_come_back() {
         let s = subnet("10.0.0.0/24");
-        let mut a = Allocations::new("n");
-        assert_eq!(
-            a.add(Some(&s), "m1", port("u1", Some("10.0.0.50")))
-                .unwrap(),
-            Some("10.0.0.50".parse().unwrap())
-        );
-        let e = a
-            .add(Some(&s), "m2", port("u2", Some("10.0.0.50")))
-            .unwrap_err();
-        assert_eq!(e.to_string(), "10.0.0.50 is already held by vm-u1");
-        let e = a.add(Some(&s), "m1", port("u2", None)).unwrap_err();
-        assert!(matches!(e, IpamError::MacTaken { .. }), "{e}");
-        let e = a
-            .add(Some(&s), "m3", port("u3", Some("10.0.1.5")))
+        let mut held = Held::default();
+        let fifty: Ipv4Addr = "10.0.0.50".parse().unwrap();
+        assert_eq!(held.take(&s, Some(fifty)).unwrap(), fifty);
+        assert!(matches!(
+            held.take(&s, Some(fifty)),
+            Err(IpamError::Taken { .. })
+        ));
+        let e = held
+            .take(&s, Some("10.0.1.5".parse().unwrap()))
             .unwrap_err();
         assert_eq!(e.to_string(), "10.0.1.5 is not inside 10.0.0.0/24");
-        assert!(a.release("u1"));
-        assert!(!a.release("u1"));
-        assert_eq!(
-            a.add(Some(&s), "m2", port("u2", Some("10.0.0.50")))
-                .unwrap(),
-            Some("10.0.0.50".parse().unwrap())
-        );
-        // Without IPAM a port holds its MAC only.
-        let mut plain = Allocations::new("b");
-        assert_eq!(
-            plain.add(None, "m1", port("u1", Some("10.0.0.9"))).unwrap(),
-            None
-        );
-        assert_eq!(plain.used(), 0);
+        assert_eq!(held.take(&s, None).unwrap().to_string(), "10.0.0.3");
+        assert!(held.release("10.0.0.3".parse().unwrap()));
+        assert_eq!(held.take(&s, None).unwrap().to_string(), "10.0.0.3");
     }
 
     #[test]
@@ -513,30 +392,29 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever sequence of adds and releases, no address is held twice, every address held
-        /// is assignable, and the record survives its JSON form.
+        /// Whatever sequence of takes and releases, no address is held twice and every address
+        /// given is assignable.
         #[test]
-        fn no_address_is_ever_given_twice(ops in proptest::collection::vec((0u8..40, any::<bool>(), proptest::option::of(0u32..40)), 1..200)) {
+        fn no_address_is_ever_given_twice(ops in proptest::collection::vec((any::<bool>(), proptest::option::of(0u32..40)), 1..200)) {
             let s = subnet("10.9.0.0/27");
-            let mut a = Allocations::new("n");
-            for (i, (vm, add, want)) in ops.into_iter().enumerate() {
-                let uid = format!("u{vm}");
-                if add {
-                    let want = want.map(|n| s.cidr.host(n % 32));
-                    let _ = a.add(Some(&s), &format!("m{i}"), Port { uid, vm: format!("vm{vm}"), nic: "nic0".into(), ip: want });
-                } else {
-                    a.release(&uid);
+            let mut held = Held::default();
+            let mut given: Vec<Ipv4Addr> = Vec::new();
+            for (take, n) in ops {
+                if take {
+                    let want = n.map(|n| s.cidr.host(n % 32));
+                    if let Ok(ip) = held.take(&s, want) {
+                        prop_assert!(!given.contains(&ip), "{} given twice", ip);
+                        prop_assert!(s.check_assignable(ip).is_ok());
+                        given.push(ip);
+                    }
+                } else if let Some(n) = n {
+                    if !given.is_empty() {
+                        let ip = given.remove(n as usize % given.len());
+                        prop_assert!(held.release(ip));
+                    }
                 }
-                let ips: Vec<Ipv4Addr> = a.ports.values().filter_map(|p| p.ip).collect();
-                let unique: BTreeSet<Ipv4Addr> = ips.iter().copied().collect();
-                prop_assert_eq!(ips.len(), unique.len());
-                for ip in ips {
-                    prop_assert!(s.check_assignable(ip).is_ok());
-                }
-                prop_assert!(a.used() as u32 <= s.assignable_count());
+                prop_assert!(given.len() as u32 <= s.assignable_count());
             }
-            let json = serde_json::to_string(&a).unwrap();
-            prop_assert_eq!(serde_json::from_str::<Allocations>(&json).unwrap(), a);
         }
     }
 }

@@ -1,14 +1,23 @@
 //! Admission of what networks hand out: an overlay Network's VNI when it is made, and each NIC's
-//! MAC and address when its VM is made. Each is taken from its record (`flotilla_ipam`) by
-//! compare-and-swap in the same transaction as the object that holds it, so two creates on any
-//! replicas never get the same one, and a crash cannot leave one taken without its holder.
-//! Ports of deleted VMs are released by the controllers' IPAM sweeper.
+//! MAC and address when its VM is made. Every port (`/flotilla/ipam/ports/<project>/<network>/<mac>`)
+//! and address (`/flotilla/ipam/addresses/<project>/<network>/<ip>`) is a key of its own, created
+//! compared absent in the same transaction as the VM (the VNI record by compare-and-swap in the
+//! Network's), so two creates on any replicas never get the same one, and a crash cannot leave
+//! one taken without its holder. Ports of deleted VMs are released by the controllers' IPAM
+//! sweeper.
+//!
+//! To pick the lowest free address without reading every address key on every create, a server
+//! keeps what it knows to be held per network ([`flotilla_ipam::Held`]), read again when older than
+//! [`HELD_FOR`], after a create lost a race, and when it seems full; creates of one network queue
+//! in a server ([`lock_records`]) so they do not collide with each other.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
 use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
-use flotilla_ipam::{Allocations, Port, Vnis};
-use flotilla_store::{Compare, KeyValue, Op, Store};
+use flotilla_ipam::{Held, IpamError, Port, Vnis};
+use flotilla_store::{Compare, KeyValue, Op, RangeRequest, Store};
 use flotilla_types::kinds::{NetworkSpec, NetworkType, VirtualMachineSpec};
 use flotilla_types::registry::{self, KindInfo};
 use flotilla_types::validation::FieldErrors;
@@ -19,30 +28,51 @@ use crate::objects::{object_key, parse_stored};
 
 /// The cluster's VNI record.
 pub const VNI_KEY: &str = "/flotilla/ipam/vnis";
+/// Every network's ports, under `<project>/<network>/<mac>`.
+pub const PORTS_PREFIX: &str = "/flotilla/ipam/ports/";
+/// Every network's addresses, under `<project>/<network>/<ip>`.
+pub const ADDRESSES_PREFIX: &str = "/flotilla/ipam/addresses/";
 
-/// The allocation record of a network.
-pub fn ports_key(project: &str, network: &str) -> String {
-    format!("/flotilla/ipam/ports/{project}/{network}")
-}
-
-/// A Network keeps this finalizer until its VNI and record are released (the controllers' IPAM
+/// A Network keeps this finalizer until its VNI and records are released (the controllers' IPAM
 /// sweeper does it once no VM uses the network).
 pub const NETWORK_FINALIZER: &str = "flotilla.dev/ipam";
 
-/// Prefix of every network's allocation record.
-pub const PORTS_PREFIX: &str = "/flotilla/ipam/ports/";
+/// How long a server trusts what it knows of a network's held addresses (addresses freed by
+/// another server are reused after this at the latest).
+pub const HELD_FOR: Duration = Duration::from_secs(2);
 
-/// In-process locks of records: creates through one server that take from the same record
+/// The ports of a network, as a key prefix.
+pub fn ports_prefix(project: &str, network: &str) -> String {
+    format!("{PORTS_PREFIX}{project}/{network}/")
+}
+
+/// The addresses of a network, as a key prefix.
+pub fn addresses_prefix(project: &str, network: &str) -> String {
+    format!("{ADDRESSES_PREFIX}{project}/{network}/")
+}
+
+/// Who holds an address.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AddressHolder {
+    pub uid: String,
+    pub vm: String,
+    pub mac: String,
+}
+
+/// In-process locks per network: creates through one server that take from the same network
 /// queue here instead of colliding in the store and retrying (replicas still meet at the
-/// compare-and-swap, which keeps them correct).
-static RECORD_LOCKS: LazyLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
+/// compares, which keep them correct).
+static LOCKS: LazyLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
     LazyLock::new(Default::default);
 
-/// Held while a create takes from the records it names.
+/// What this server knows to be held, per network (by addresses prefix), and since when.
+static HELD: LazyLock<Mutex<HashMap<String, (Held, Instant)>>> = LazyLock::new(Default::default);
+
+/// Held while a create takes from the networks it names.
 pub(crate) struct RecordLocks(#[allow(dead_code)] Vec<tokio::sync::OwnedMutexGuard<()>>);
 
-/// Locks (in key order, so that two creates cannot wait on each other) the records a create of
-/// `body` will take from.
+/// Locks (in key order, so that two creates cannot wait on each other) what a create of `body`
+/// will take from: its networks, or the VNI record.
 pub(crate) async fn lock_records(
     kind: &KindInfo,
     namespace: Option<&str>,
@@ -55,7 +85,7 @@ pub(crate) async fn lock_records(
             .map(|nics| {
                 nics.iter()
                     .filter_map(|n| n["network"].as_str())
-                    .map(|n| ports_key(namespace.unwrap_or_default(), n))
+                    .map(|n| addresses_prefix(namespace.unwrap_or_default(), n))
                     .collect()
             })
             .unwrap_or_default(),
@@ -63,7 +93,7 @@ pub(crate) async fn lock_records(
     };
     let mut guards = Vec::new();
     for key in keys {
-        let lock = RECORD_LOCKS
+        let lock = LOCKS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(key)
@@ -74,23 +104,66 @@ pub(crate) async fn lock_records(
     RecordLocks(guards)
 }
 
+/// Forgets what this server knew of the networks `admission` took from (its create did not land,
+/// or was a dry run).
+pub(crate) fn forget(admission: &Admission) {
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    for prefix in &admission.networks {
+        held.remove(prefix);
+    }
+}
+
+/// Forgets everything this server knew of held addresses (the sweeper released some).
+pub fn forget_all() {
+    HELD.lock().unwrap_or_else(|p| p.into_inner()).clear();
+}
+
+async fn held(store: &dyn Store, prefix: &str, fresh: bool) -> Result<Held, ApiError> {
+    if !fresh {
+        if let Some((held, at)) = HELD.lock().unwrap_or_else(|p| p.into_inner()).get(prefix) {
+            if at.elapsed() < HELD_FOR {
+                return Ok(held.clone());
+            }
+        }
+    }
+    let kvs = store
+        .range(RangeRequest {
+            start: prefix.to_string(),
+            end: Some(flotilla_store::prefix_end(prefix)),
+            limit: 0,
+            revision: 0,
+        })
+        .await?
+        .kvs;
+    let held = Held(
+        kvs.iter()
+            .filter_map(|kv| kv.key[prefix.len()..].parse::<Ipv4Addr>().ok())
+            .collect(),
+    );
+    HELD.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(prefix.to_string(), (held.clone(), Instant::now()));
+    Ok(held)
+}
+
+fn remember(prefix: &str, held: Held) {
+    HELD.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(prefix.to_string())
+        .and_modify(|(h, _)| *h = held.clone())
+        .or_insert((held, Instant::now()));
+}
+
 /// What an admission adds to the create's transaction.
 #[derive(Default)]
 pub(crate) struct Admission {
     pub compares: Vec<Compare>,
     pub ops: Vec<Op>,
+    /// The networks (addresses prefixes) it took addresses from.
+    pub networks: Vec<String>,
 }
 
-/// Compare-and-swap of a record read as `kv` (None: it did not exist).
-fn swap(admission: &mut Admission, key: &str, kv: Option<&KeyValue>, value: Vec<u8>) {
-    admission.compares.push(match kv {
-        Some(kv) => Compare::mod_revision(key, kv.mod_revision),
-        None => Compare::absent(key),
-    });
-    admission.ops.push(Op::put(key, value));
-}
-
-fn read<T: serde::de::DeserializeOwned + Default>(kv: Option<&KeyValue>) -> Result<T, ApiError> {
+fn record<T: serde::de::DeserializeOwned + Default>(kv: Option<&KeyValue>) -> Result<T, ApiError> {
     match kv {
         None => Ok(T::default()),
         Some(kv) => serde_json::from_slice(&kv.value)
@@ -98,8 +171,12 @@ fn read<T: serde::de::DeserializeOwned + Default>(kv: Option<&KeyValue>) -> Resu
     }
 }
 
-/// Fills in what `object` (about to be created, validated) takes from the networks' records,
-/// and returns the compares and writes that take it.
+fn encode<T: serde::Serialize>(record: &T) -> Vec<u8> {
+    serde_json::to_vec(record).expect("records serialise")
+}
+
+/// Fills in what `object` (about to be created, validated) takes from the networks, and returns
+/// the compares and writes that take it.
 pub(crate) async fn admit(
     store: &dyn Store,
     kind: &KindInfo,
@@ -135,11 +212,15 @@ async fn admit_network(store: &dyn Store, object: &mut Value) -> Result<Admissio
         .unwrap_or_default()
         .to_string();
     let kv = store.get(VNI_KEY).await?;
-    let mut vnis: Vnis = read(kv.as_ref())?;
+    let mut vnis: Vnis = record(kv.as_ref())?;
     let vni = vnis
         .take(&uid)
         .map_err(|e| ApiError::new(409, "Conflict", e.to_string()))?;
-    swap(&mut admission, VNI_KEY, kv.as_ref(), encode(&vnis));
+    admission.compares.push(match &kv {
+        Some(kv) => Compare::mod_revision(VNI_KEY, kv.mod_revision),
+        None => Compare::absent(VNI_KEY),
+    });
+    admission.ops.push(Op::put(VNI_KEY, encode(&vnis)));
     object["status"]["vni"] = json!(vni);
     Ok(admission)
 }
@@ -164,10 +245,9 @@ async fn admit_vm(
         .unwrap_or_default()
         .to_string();
     let network_kind = registry::by_kind("Network").expect("registered");
-    // Records read once each, changed for every NIC on their network.
-    let mut records: BTreeMap<String, (Option<KeyValue>, Allocations)> = BTreeMap::new();
-    let mut interfaces = Vec::new();
-    let mut ips = Vec::new();
+    let mut checked = BTreeSet::new();
+    let mut macs = BTreeSet::new();
+    let (mut interfaces, mut ips) = (Vec::new(), Vec::new());
     let mut errs = FieldErrors::default();
     for (i, nic) in spec.networks.iter().enumerate() {
         let field = format!("spec.networks[{i}]");
@@ -187,72 +267,126 @@ async fn admit_vm(
             );
             continue;
         }
+        if checked.insert(network_key.clone()) {
+            // The network's revision guards against its deletion meanwhile.
+            admission
+                .compares
+                .push(Compare::mod_revision(&network_key, network_kv.mod_revision));
+        }
         let network_spec: NetworkSpec = serde_json::from_value(network["spec"].clone())
             .map_err(|e| ApiError::internal(format!("a stored Network did not decode: {e}")))?;
         let subnet = network_spec
             .subnet()
             .map_err(|e| ApiError::internal(format!("a stored Network's cidr: {e}")))?;
-        let network_uid = network["metadata"]["uid"].as_str().unwrap_or_default();
-        let key = ports_key(project, &nic.network);
-        if !records.contains_key(&key) {
-            // The network's revision guards against its deletion meanwhile.
-            admission
-                .compares
-                .push(Compare::mod_revision(&network_key, network_kv.mod_revision));
-            let kv = store.get(&key).await?;
-            let mut record: Allocations = read(kv.as_ref())?;
-            if record.network_uid != network_uid {
-                // Left by an earlier network of the same name: none of it holds here.
-                record = Allocations::new(network_uid);
-            }
-            records.insert(key.clone(), (kv, record));
-        }
-        let (_, record) = records.get_mut(&key).expect("inserted above");
         let nic_name = nic.nic_name(i);
+        let ports = ports_prefix(project, &nic.network);
+
+        // The MAC: the one asked for, or a stable one; each port is a key of its own.
         let mac = match &nic.mac_address {
-            Some(mac) => mac.to_ascii_lowercase(),
-            None => flotilla_ipam::generate_mac(&format!("{uid}/{nic_name}"), |m| {
-                record.ports.contains_key(m)
-            }),
+            Some(mac) => {
+                let mac = mac.to_ascii_lowercase();
+                if let Some(kv) = store.get(&format!("{ports}{mac}")).await? {
+                    let holder: Port = serde_json::from_slice(&kv.value)
+                        .map_err(|e| ApiError::internal(format!("a port record: {e}")))?;
+                    errs.push(
+                        format!("{field}.macAddress"),
+                        IpamError::MacTaken {
+                            mac,
+                            holder: holder.vm,
+                        }
+                        .to_string(),
+                    );
+                    continue;
+                }
+                mac
+            }
+            None => {
+                let mut attempt = 0;
+                loop {
+                    let seed = format!("{uid}/{nic_name}/{attempt}");
+                    let mac = flotilla_ipam::generate_mac(&seed, |m| macs.contains(m));
+                    if store.get(&format!("{ports}{mac}")).await?.is_none() {
+                        break mac;
+                    }
+                    attempt += 1;
+                }
+            }
         };
-        let wanted = nic.ip.as_ref().and_then(|ip| ip.parse().ok());
+        macs.insert(mac.clone());
+
+        // The address: from what this server knows is held, checked against the store.
+        let mut ip = None;
+        if let Some(subnet) = &subnet {
+            let prefix = addresses_prefix(project, &nic.network);
+            let want: Option<Ipv4Addr> = nic.ip.as_ref().and_then(|ip| ip.parse().ok());
+            let mut known = held(store, &prefix, false).await?;
+            if want.is_some_and(|w| known.0.contains(&w)) {
+                // Perhaps freed since: ask the store.
+                known = held(store, &prefix, true).await?;
+            }
+            let taken = match known.take(subnet, want) {
+                Err(IpamError::Exhausted(_)) => {
+                    known = held(store, &prefix, true).await?;
+                    known.take(subnet, want)
+                }
+                other => other,
+            };
+            match taken {
+                Ok(address) => {
+                    remember(&prefix, known);
+                    admission.networks.push(prefix.clone());
+                    let key = format!("{prefix}{address}");
+                    admission.compares.push(Compare::absent(&key));
+                    let holder = AddressHolder {
+                        uid: uid.clone(),
+                        vm: name.clone(),
+                        mac: mac.clone(),
+                    };
+                    admission.ops.push(Op::put(key, encode(&holder)));
+                    ip = Some(address);
+                }
+                Err(IpamError::Taken { ip, .. }) => {
+                    let holder = store
+                        .get(&format!("{prefix}{ip}"))
+                        .await?
+                        .and_then(|kv| serde_json::from_slice::<AddressHolder>(&kv.value).ok())
+                        .map_or_else(|| "another VM".to_string(), |h| h.vm);
+                    errs.push(
+                        format!("{field}.ip"),
+                        IpamError::Taken { ip, holder }.to_string(),
+                    );
+                    continue;
+                }
+                Err(e @ IpamError::Exhausted(_)) => {
+                    errs.push(format!("{field}.network"), e.to_string());
+                    continue;
+                }
+                Err(e) => {
+                    errs.push(format!("{field}.ip"), e.to_string());
+                    continue;
+                }
+            }
+        }
+        let port_key = format!("{ports}{mac}");
+        admission.compares.push(Compare::absent(&port_key));
         let port = Port {
             uid: uid.clone(),
             vm: name.clone(),
             nic: nic_name.clone(),
-            ip: wanted,
+            ip,
         };
-        match record.add(subnet.as_ref(), &mac, port) {
-            Ok(ip) => {
-                let addresses: Vec<String> = ip
-                    .zip(subnet.as_ref())
-                    .map(|(ip, s)| format!("{ip}/{}", s.cidr.prefix()))
-                    .into_iter()
-                    .collect();
-                ips.extend(ip.map(|ip| ip.to_string()));
-                let mut interface = json!({
-                    "name": nic_name, "network": nic.network, "macAddress": mac,
-                });
-                if !addresses.is_empty() {
-                    interface["ips"] = json!(addresses);
-                    interface["source"] = json!("ipam");
-                }
-                interfaces.push(interface);
-            }
-            Err(e @ flotilla_ipam::IpamError::MacTaken { .. }) => {
-                errs.push(format!("{field}.macAddress"), e.to_string())
-            }
-            Err(e @ flotilla_ipam::IpamError::Exhausted(_)) => {
-                errs.push(format!("{field}.network"), e.to_string())
-            }
-            Err(e) => errs.push(format!("{field}.ip"), e.to_string()),
+        admission.ops.push(Op::put(port_key, encode(&port)));
+        let mut interface = json!({"name": nic_name, "network": nic.network, "macAddress": mac});
+        if let (Some(address), Some(subnet)) = (ip, &subnet) {
+            interface["ips"] = json!([format!("{address}/{}", subnet.cidr.prefix())]);
+            interface["source"] = json!("ipam");
+            ips.push(address.to_string());
         }
+        interfaces.push(interface);
     }
     if !errs.is_empty() {
+        forget(&admission);
         return Err(ApiError::invalid("VirtualMachine", &name, &errs));
-    }
-    for (key, (kv, record)) in &records {
-        swap(&mut admission, key, kv.as_ref(), encode(record));
     }
     object["status"]["interfaces"] = json!(interfaces);
     if !ips.is_empty() {
@@ -261,17 +395,26 @@ async fn admit_vm(
     Ok(admission)
 }
 
-fn encode<T: serde::Serialize>(record: &T) -> Vec<u8> {
-    serde_json::to_vec(record).expect("records serialise")
-}
-
-/// The VMs holding ports on a network, by name (empty when none or no record).
+/// The VMs holding ports on a network, by name (empty when none).
 pub(crate) async fn holders(
     store: &dyn Store,
     project: &str,
     network: &str,
 ) -> Result<Vec<String>, ApiError> {
-    let kv = store.get(&ports_key(project, network)).await?;
-    let record: Allocations = read(kv.as_ref())?;
-    Ok(record.holders())
+    let prefix = ports_prefix(project, network);
+    let kvs = store
+        .range(RangeRequest {
+            start: prefix.clone(),
+            end: Some(flotilla_store::prefix_end(&prefix)),
+            limit: 0,
+            revision: 0,
+        })
+        .await?
+        .kvs;
+    let names: BTreeSet<String> = kvs
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<Port>(&kv.value).ok())
+        .map(|p| p.vm)
+        .collect();
+    Ok(names.into_iter().collect())
 }

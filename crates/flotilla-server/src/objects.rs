@@ -704,10 +704,19 @@ impl Objects {
             }
             let raw = encode(&object);
             let mut txn = txn.and_then(Op::put(&key, raw.clone()));
+            let admission_networks = crate::ipam::Admission {
+                networks: admission.networks,
+                ..Default::default()
+            };
             for op in admission.ops {
                 txn = txn.and_then(op);
             }
-            let resp = self.store.txn(txn).await?;
+            let resp = self.store.txn(txn).await;
+            if self.dry_run || !resp.as_ref().is_ok_and(|r| r.succeeded) {
+                // What it took from the networks was not taken after all.
+                crate::ipam::forget(&admission_networks);
+            }
+            let resp = resp?;
             if resp.succeeded {
                 return Ok(Stored {
                     raw,

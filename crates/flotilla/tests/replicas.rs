@@ -129,6 +129,45 @@ async fn replicas_share_one_etcd_cluster_and_clients_fail_over() {
         ("ADDED", Some("via-b"))
     );
 
+    // IPAM across replicas: creates through A and B at once on one network, each server's own
+    // queue no help against the other's; the store's compares keep every address unique.
+    let nets = lookup("network").unwrap();
+    only_a
+        .create(
+            nets,
+            Some("default"),
+            &json!({"metadata": {"name": "shared"}, "spec": {"cidr": "10.5.0.0/24"}}),
+        )
+        .await
+        .unwrap();
+    let creates = (0..60).map(|i| {
+        let (client, mut vm) = (
+            if i % 2 == 0 { &only_a } else { &only_b },
+            vm(&format!("nic-{i}")),
+        );
+        vm["spec"]["networks"] = json!([{"network": "shared"}]);
+        async move { client.create(vms, Some("default"), &vm).await }
+    });
+    let made: Vec<serde_json::Value> = futures::future::join_all(creates)
+        .await
+        .into_iter()
+        .map(|r| r.expect("every create lands"))
+        .collect();
+    let ips: std::collections::HashSet<&str> = made
+        .iter()
+        .map(|v| v["status"]["ips"][0].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ips.len(),
+        60,
+        "an address was handed out twice across replicas"
+    );
+    for i in 0..60 {
+        both.delete(vms, Some("default"), &format!("nic-{i}"))
+            .await
+            .unwrap();
+    }
+
     // A simulated fleet that knows both replicas, and a VM running on it.
     let token = both
         .request_json(
