@@ -222,15 +222,33 @@ pub struct Port {
 /// one checked. The store's per-address records decide in the end (a create compares each
 /// address it takes as absent), so a stale view can only cost a retry, never a duplicate.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Held(pub BTreeSet<Ipv4Addr>);
+pub struct Held {
+    ips: BTreeSet<Ipv4Addr>,
+    /// Every host number below this is held (or reserved): the search for the lowest free
+    /// address starts here, so taking addresses one after another costs O(1) each.
+    full_below: u32,
+}
+
+impl FromIterator<Ipv4Addr> for Held {
+    fn from_iter<I: IntoIterator<Item = Ipv4Addr>>(ips: I) -> Self {
+        Held {
+            ips: ips.into_iter().collect(),
+            full_below: 1,
+        }
+    }
+}
 
 impl Held {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        self.ips.contains(&ip)
+    }
+
     /// Takes `want` (checked: assignable and not held) or the lowest free address.
     pub fn take(&mut self, subnet: &Subnet, want: Option<Ipv4Addr>) -> Result<Ipv4Addr, IpamError> {
         let ip = match want {
             Some(ip) => {
                 subnet.check_assignable(ip)?;
-                if self.0.contains(&ip) {
+                if self.ips.contains(&ip) {
                     return Err(IpamError::Taken {
                         ip,
                         holder: "another NIC".into(),
@@ -238,17 +256,26 @@ impl Held {
                 }
                 ip
             }
-            None => (1..=subnet.cidr.host_count())
-                .map(|n| subnet.cidr.host(n))
-                .find(|ip| !self.0.contains(ip) && subnet.check_assignable(*ip).is_ok())
-                .ok_or(IpamError::Exhausted(subnet.cidr))?,
+            None => {
+                let start = self.full_below.max(1);
+                let n = (start..=subnet.cidr.host_count())
+                    .find(|n| {
+                        let ip = subnet.cidr.host(*n);
+                        !self.ips.contains(&ip) && subnet.check_assignable(ip).is_ok()
+                    })
+                    .ok_or(IpamError::Exhausted(subnet.cidr))?;
+                self.full_below = n + 1;
+                subnet.cidr.host(n)
+            }
         };
-        self.0.insert(ip);
+        self.ips.insert(ip);
         Ok(ip)
     }
 
-    pub fn release(&mut self, ip: Ipv4Addr) -> bool {
-        self.0.remove(&ip)
+    pub fn release(&mut self, ip: Ipv4Addr, subnet: &Subnet) -> bool {
+        let n = u32::from(ip).wrapping_sub(u32::from(subnet.cidr.network()));
+        self.full_below = self.full_below.min(n);
+        self.ips.remove(&ip)
     }
 }
 
@@ -318,6 +345,44 @@ mod tests {
     }
 
     #[test]
+    fn cidrs_are_read_strictly() {
+        let c: Ipv4Cidr = "10.1.0.0/24".parse().unwrap();
+        assert_eq!(
+            (c.broadcast(), c.host_count(), c.netmask()),
+            (
+                "10.1.0.255".parse().unwrap(),
+                254,
+                "255.255.255.0".parse().unwrap()
+            )
+        );
+        assert_eq!(
+            "10.1.0.5/24".parse::<Ipv4Cidr>().unwrap_err().to_string(),
+            "10.1.0.5/24 has host bits set: the network is 10.1.0.0/24"
+        );
+        for bad in [
+            "10.1.0.0",
+            "10.1.0.0/",
+            "10.1.0.0/33",
+            "10.1.0/24",
+            "x/24",
+            "10.1.0.0/+4",
+        ] {
+            assert!(
+                matches!(bad.parse::<Ipv4Cidr>(), Err(IpamError::BadCidr(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            "10.0.0.0/8".parse::<Ipv4Cidr>(),
+            Err(IpamError::PrefixLength(8))
+        );
+        assert_eq!(
+            "10.0.0.0/30".parse::<Ipv4Cidr>(),
+            Err(IpamError::PrefixLength(30))
+        );
+    }
+
+    #[test]
     fn reserved_addresses_are_never_given() {
         let s = subnet("192.168.7.0/29");
         assert_eq!(
@@ -366,7 +431,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.to_string(), "10.0.1.5 is not inside 10.0.0.0/24");
         assert_eq!(held.take(&s, None).unwrap().to_string(), "10.0.0.3");
-        assert!(held.release("10.0.0.3".parse().unwrap()));
+        assert!(held.release("10.0.0.3".parse().unwrap(), &s));
         assert_eq!(held.take(&s, None).unwrap().to_string(), "10.0.0.3");
     }
 
@@ -392,8 +457,8 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever sequence of takes and releases, no address is held twice and every address
-        /// given is assignable.
+        /// Whatever sequence of takes and releases, no address is held twice, every address given
+        /// is assignable, and an address picked is the lowest free one.
         #[test]
         fn no_address_is_ever_given_twice(ops in proptest::collection::vec((any::<bool>(), proptest::option::of(0u32..40)), 1..200)) {
             let s = subnet("10.9.0.0/27");
@@ -405,12 +470,19 @@ mod tests {
                     if let Ok(ip) = held.take(&s, want) {
                         prop_assert!(!given.contains(&ip), "{} given twice", ip);
                         prop_assert!(s.check_assignable(ip).is_ok());
+                        if want.is_none() {
+                            // The lowest free one: every assignable address below is held.
+                            for n in 1..(u32::from(ip) - u32::from(s.cidr.network())) {
+                                let lower = s.cidr.host(n);
+                                prop_assert!(s.check_assignable(lower).is_err() || given.contains(&lower), "{} was free below {}", lower, ip);
+                            }
+                        }
                         given.push(ip);
                     }
                 } else if let Some(n) = n {
                     if !given.is_empty() {
                         let ip = given.remove(n as usize % given.len());
-                        prop_assert!(held.release(ip));
+                        prop_assert!(held.release(ip, &s));
                     }
                 }
                 prop_assert!(given.len() as u32 <= s.assignable_count());

@@ -135,11 +135,10 @@ async fn held(store: &dyn Store, prefix: &str, fresh: bool) -> Result<Held, ApiE
         })
         .await?
         .kvs;
-    let held = Held(
-        kvs.iter()
-            .filter_map(|kv| kv.key[prefix.len()..].parse::<Ipv4Addr>().ok())
-            .collect(),
-    );
+    let held: Held = kvs
+        .iter()
+        .filter_map(|kv| kv.key[prefix.len()..].parse::<Ipv4Addr>().ok())
+        .collect();
     HELD.lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(prefix.to_string(), (held.clone(), Instant::now()));
@@ -320,7 +319,7 @@ async fn admit_vm(
             let prefix = addresses_prefix(project, &nic.network);
             let want: Option<Ipv4Addr> = nic.ip.as_ref().and_then(|ip| ip.parse().ok());
             let mut known = held(store, &prefix, false).await?;
-            if want.is_some_and(|w| known.0.contains(&w)) {
+            if want.is_some_and(|w| known.contains(w)) {
                 // Perhaps freed since: ask the store.
                 known = held(store, &prefix, true).await?;
             }

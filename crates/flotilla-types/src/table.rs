@@ -8,18 +8,19 @@ use crate::registry::KindInfo;
 use crate::resource::Column;
 
 /// Follows a dotted path; `list[key=value]` picks the element of a list whose `key` is `value`
-/// (e.g. `status.conditions[type=Ready].status`); arrays are joined with commas, absent values
-/// are empty.
+/// (e.g. `status.conditions[type=Ready].status`), `list[n]` its n-th element (e.g.
+/// `status.ips[0]`); arrays are joined with commas, absent values are empty.
 pub fn field(object: &Value, path: &str) -> String {
     let v = path
         .split('.')
         .try_fold(object, |v, seg| match seg.split_once('[') {
             Some((name, filter)) => {
-                let (key, want) = filter.trim_end_matches(']').split_once('=')?;
-                v.get(name)?
-                    .as_array()?
-                    .iter()
-                    .find(|item| item[key].as_str() == Some(want))
+                let filter = filter.trim_end_matches(']');
+                let list = v.get(name)?.as_array()?;
+                match filter.split_once('=') {
+                    Some((key, want)) => list.iter().find(|item| item[key].as_str() == Some(want)),
+                    None => list.get(filter.parse::<usize>().ok()?),
+                }
             }
             None => v.get(seg),
         });
@@ -174,6 +175,8 @@ mod tests {
         let vm = json!({"metadata": {"name": "web"}, "status": {"phase": "Running", "ips": ["10.0.0.2", "fd00::2"],
             "conditions": [{"type": "Other", "status": "False"}, {"type": "Ready", "status": "True"}]}});
         assert_eq!(field(&vm, "status.ips"), "10.0.0.2,fd00::2");
+        assert_eq!(field(&vm, "status.ips[0]"), "10.0.0.2");
+        assert_eq!(field(&vm, "status.ips[5]"), "");
         assert_eq!(field(&vm, "status.nodeName"), "");
         assert_eq!(field(&vm, "status.conditions[type=Ready].status"), "True");
         assert_eq!(field(&vm, "status.conditions[type=Missing].status"), "");

@@ -143,7 +143,7 @@ fn apply_get_describe_delete() {
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(
         lines[0].split_whitespace().collect::<Vec<_>>(),
-        ["NAME", "PHASE", "NODE", "AGE"],
+        ["NAME", "PHASE", "NODE", "IP", "AGE"],
         "{table}"
     );
     assert!(lines[1].starts_with("web "), "{table}");

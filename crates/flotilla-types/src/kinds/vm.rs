@@ -407,6 +407,7 @@ crate::define_kind! {
         columns: [
             "PHASE" => "status.phase",
             "NODE" => "status.nodeName",
+            "IP" => "status.ips[0]",
             "POWER" => "spec.powerState" (wide),
             "CLASS" => "spec.class" (wide),
             "CPUS" => "spec.resources.cpus" (wide),
