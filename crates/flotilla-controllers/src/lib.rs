@@ -7,6 +7,7 @@ pub mod events;
 pub mod garbage_collector;
 pub mod ipam_sweeper;
 pub mod leader;
+pub mod network_status;
 pub mod node_lifecycle;
 pub mod placement;
 pub mod scheduler;
@@ -49,6 +50,7 @@ pub fn spawn_all(objects: Objects, config: ControllerConfig) -> Vec<tokio::task:
         tokio::spawn(garbage_collector::run(objects.clone(), config.gc_resync)),
         // Freed addresses are usable again within seconds of their VM's deletion.
         tokio::spawn(ipam_sweeper::run(objects.clone(), Duration::from_secs(5))),
+        tokio::spawn(network_status::run(objects.clone(), Duration::from_secs(2))),
         tokio::spawn(node_lifecycle::run(objects.clone(), config.node_grace)),
         tokio::spawn(scheduler::run(
             objects.clone(),

@@ -245,6 +245,42 @@ async fn networks_hand_out_vnis_and_addresses_once_and_take_them_back() {
         .unwrap();
     assert_eq!(twin["status"]["ips"], json!(["10.0.0.3"]));
 
+    // Network status: how many addresses are held of how many, and the nodes the network
+    // spans (those its VMs are bound to).
+    let mut bound = vm("bound", json!([{"network": "b"}, {"network": "a"}]));
+    bound["spec"]["nodeName"] = json!("node-7");
+    let (code, message, _) = refused(c.create(vms, Some("default"), &bound).await);
+    assert_eq!(
+        (code, message.contains("no address is free")),
+        (422, true),
+        "{message}"
+    );
+    bound["spec"]["networks"] = json!([{"network": "a"}]);
+    c.create(vms, Some("default"), &bound).await.unwrap();
+    assert!(
+        flotilla_controllers::network_status::sweep(&f.server.objects)
+            .await
+            .unwrap()
+            >= 2
+    );
+    let a_now = c.get(nets, Some("default"), "a").await.unwrap();
+    assert_eq!(
+        a_now["status"]["addresses"],
+        json!({"used": 3, "total": 252})
+    );
+    assert_eq!(a_now["status"]["nodes"], json!(["node-7"]));
+    assert_eq!(a_now["status"]["vni"], json!(4096), "the VNI stays");
+    let b_now = c.get(nets, Some("default"), "b").await.unwrap();
+    assert_eq!(b_now["status"]["addresses"], json!({"used": 4, "total": 4}));
+    assert_eq!(
+        flotilla_controllers::network_status::sweep(&f.server.objects)
+            .await
+            .unwrap(),
+        0,
+        "nothing changed, nothing written"
+    );
+    c.delete(vms, Some("default"), "bound").await.unwrap();
+
     // A network in use cannot go; the refusal names who uses it.
     let (code, message, _) = refused(c.delete(nets, Some("default"), "a").await.map(|(v, _)| v));
     assert_eq!(code, 409);
@@ -257,7 +293,7 @@ async fn networks_hand_out_vnis_and_addresses_once_and_take_them_back() {
     let released = flotilla_controllers::ipam_sweeper::sweep(&f.server.objects)
         .await
         .unwrap();
-    assert_eq!(released.ports, 3);
+    assert_eq!(released.ports, 4, "db's, web's two and bound's");
     let again = c
         .create(
             vms,

@@ -84,9 +84,12 @@ pub struct NetworkStatus {
     /// server when the network is made).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vni: Option<u32>,
-    /// The nodes the network spans (those running its VMs).
+    /// The nodes the network spans (those its VMs are bound to).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
+    /// For networks with a cidr: how many addresses NICs hold, of how many they may.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<AddressUsage>,
     /// The network's conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -121,6 +124,16 @@ impl Network {
             NetworkType::Bridged => BRIDGED_MTU,
         })
     }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AddressUsage {
+    /// Addresses held by NICs.
+    pub used: u32,
+    /// Addresses NICs may hold (the cidr less the network, broadcast, gateway and DHCP-server
+    /// addresses).
+    pub total: u32,
 }
 
 /// The network's subnet as IPAM reads it, when it has a `cidr`.
@@ -249,6 +262,9 @@ crate::define_kind! {
             "TYPE" => "spec.type",
             "CIDR" => "spec.cidr",
             "VNI" => "status.vni",
+            "USED" => "status.addresses.used",
+            "TOTAL" => "status.addresses.total",
+            "NODES" => "status.nodes" (wide),
             "BRIDGE" => "spec.bridge" (wide),
             "MTU" => "spec.mtu" (wide)
         ],
