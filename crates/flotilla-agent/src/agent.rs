@@ -53,6 +53,9 @@ pub struct AgentConfig {
     /// Allocatable = capacity x ratio: vCPUs per host CPU (4.0, Nova's default) and memory (1.0).
     pub cpu_overcommit: f64,
     pub memory_overcommit: f64,
+    /// This node's end of the overlay networks' tunnels; None: the address of the default
+    /// route's interface (found only on real hypervisors, not the test driver).
+    pub tunnel_address: Option<std::net::Ipv4Addr>,
 }
 
 impl AgentConfig {
@@ -75,6 +78,7 @@ impl AgentConfig {
             capacity: None,
             cpu_overcommit: 4.0,
             memory_overcommit: 1.0,
+            tunnel_address: None,
         }
     }
 }
@@ -685,8 +689,12 @@ async fn report_node(
         "memory": flotilla_types::Quantity::from_bytes((host.memory_bytes as f64 * config.memory_overcommit) as u128 / 1024 * 1024),
         "disk": flotilla_types::Quantity::from_bytes(disk as u128),
     });
+    let mut addresses = serde_json::Map::new();
+    if let Some(tunnel) = tunnel_address(config, ctx.virt_type).await {
+        addresses.insert("tunnel".into(), json!(tunnel.to_string()));
+    }
     let status = json!({"status": {
-        "capacity": resources, "allocatable": allocatable,
+        "capacity": resources, "allocatable": allocatable, "addresses": addresses,
         "nodeInfo": {"hostname": host.hostname, "agentVersion": env!("CARGO_PKG_VERSION"), "libvirtVersion": host.libvirt_version,
                      "qemuVersion": host.hypervisor_version, "virtType": if ctx.virt_type == VirtType::Kvm { "kvm" } else { "qemu" },
                      "agentEndpoint": endpoint.0, "agentCertSha256": endpoint.1},
@@ -702,6 +710,22 @@ async fn report_node(
         )
         .await?;
     Ok(())
+}
+
+/// Where this node's overlay tunnels end: as configured, else the address of the default route's
+/// interface (looked up on real hypervisors only: simulated nodes share one host).
+async fn tunnel_address(config: &AgentConfig, virt_type: VirtType) -> Option<std::net::Ipv4Addr> {
+    if config.tunnel_address.is_some() || virt_type == VirtType::Test {
+        return config.tunnel_address;
+    }
+    let netlink = flotilla_dataplane::Netlink::current().ok()?;
+    match netlink.default_route().await {
+        Ok(found) => found.map(|(_, address)| address),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot find the default route for the tunnel address; set --tunnel-address");
+            None
+        }
+    }
 }
 
 async fn heartbeat(client: Arc<Client>, node: String, every: Duration) {

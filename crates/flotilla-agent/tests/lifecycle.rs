@@ -60,6 +60,7 @@ async fn vm_lifecycle_on_the_test_driver() {
     // Long enough that only libvirt's lifecycle events can explain a quick reaction below.
     agent_config.resync = Duration::from_secs(600);
     agent_config.shutdown_timeout = Duration::from_secs(2);
+    agent_config.tunnel_address = Some("192.0.2.9".parse().unwrap());
     let libvirt = Libvirt::open("test:///default").await.unwrap();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agent = tokio::spawn(flotilla_agent::run_with(
@@ -75,6 +76,10 @@ async fn vm_lifecycle_on_the_test_driver() {
     })
     .await;
     assert_eq!(node["status"]["nodeInfo"]["virtType"], "qemu");
+    assert_eq!(
+        node["status"]["addresses"]["tunnel"], "192.0.2.9",
+        "the overlay's tunnels end where --tunnel-address says"
+    );
     assert!(node["status"]["capacity"]["cpus"].as_u64().unwrap() > 0);
     assert!(node["status"]["nodeInfo"]["libvirtVersion"]
         .as_str()

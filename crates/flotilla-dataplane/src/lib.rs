@@ -306,6 +306,61 @@ impl Netlink {
         Ok(())
     }
 
+    /// The interface of the IPv4 default route and its first IPv4 address: where a node's
+    /// tunnel ends by default (`flotilla agent --tunnel-address` overrides it).
+    pub async fn default_route(&self) -> Result<Option<(String, Ipv4Addr)>, DataplaneError> {
+        let query = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let mut routes = self.handle.route().get(query).execute();
+        let mut oif = None;
+        while let Some(route) = routes.try_next().await.map_err(netlink("listing routes"))? {
+            let main =
+                route.header.table == rtnetlink::packet_route::route::RouteHeader::RT_TABLE_MAIN;
+            if main && route.header.destination_prefix_length == 0 {
+                oif = route.attributes.iter().find_map(|a| match a {
+                    rtnetlink::packet_route::route::RouteAttribute::Oif(index) => Some(*index),
+                    _ => None,
+                });
+                if oif.is_some() {
+                    break;
+                }
+            }
+        }
+        let Some(index) = oif else {
+            return Ok(None);
+        };
+        let mut addresses = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut address = None;
+        while let Some(message) = addresses
+            .try_next()
+            .await
+            .map_err(netlink("listing addresses"))?
+        {
+            address = address.or(message.attributes.iter().find_map(|a| match a {
+                rtnetlink::packet_route::address::AddressAttribute::Address(IpAddr::V4(ip)) => {
+                    Some(*ip)
+                }
+                _ => None,
+            }));
+        }
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let name = links
+            .try_next()
+            .await
+            .map_err(netlink("looking up the default route's interface"))?
+            .and_then(|link| {
+                link.attributes.into_iter().find_map(|a| match a {
+                    LinkAttribute::IfName(name) => Some(name),
+                    _ => None,
+                })
+            });
+        Ok(name.zip(address))
+    }
+
     /// Removes the overlay's devices (whatever of them exists).
     pub async fn remove_overlay(&self, vni: u32) -> Result<(), DataplaneError> {
         for name in [vxlan_name(vni), bridge_name(vni)] {

@@ -131,8 +131,25 @@ async fn overlay_networks_connect_their_guests_across_nodes_and_nothing_else() {
         underlay: "ul".into(),
         remotes: BTreeSet::from([remote]),
     };
+    run(&[
+        "ip",
+        "-n",
+        &h1,
+        "route",
+        "add",
+        "default",
+        "via",
+        "198.51.100.2",
+        "dev",
+        "ul",
+    ]);
     let started = std::time::Instant::now();
     let n1 = Netlink::in_namespace(&Namespaces::path(&h1)).unwrap();
+    // The tunnel's default end: the default route's interface and its address.
+    assert_eq!(
+        n1.default_route().await.unwrap(),
+        Some(("ul".to_string(), "198.51.100.1".parse().unwrap()))
+    );
     let n2 = Netlink::in_namespace(&Namespaces::path(&h2)).unwrap();
     for vni in [4096, 4097] {
         n1.ensure_overlay(&overlay(vni, a1, a2)).await.unwrap();

@@ -51,6 +51,10 @@ pub struct NodeArgs {
     /// How long a guest asked to shut down (ACPI) gets before it is powered off (e.g. 30s, 2m).
     #[arg(long, default_value = "60s", value_parser = crate::server_cmd::parse_duration)]
     pub shutdown_timeout: Duration,
+    /// This node's end of the overlay networks' VXLAN tunnels (default: the address of the
+    /// default route's interface).
+    #[arg(long)]
+    pub tunnel_address: Option<std::net::Ipv4Addr>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -142,6 +146,7 @@ fn agent_config(servers: Vec<String>, data_dir: PathBuf, node: &NodeArgs) -> Age
     config.cpu_overcommit = node.cpu_overcommit;
     config.memory_overcommit = node.memory_overcommit;
     config.shutdown_timeout = node.shutdown_timeout;
+    config.tunnel_address = node.tunnel_address;
     config
 }
 
