@@ -178,7 +178,11 @@ pub async fn run_with(
         };
         tokio::spawn(async move { recorder.record(&regarding, type_, reason, &message).await });
     });
+    let overlays = crate::overlays::Overlays::start(config.tunnel_address, virt_type)
+        .await
+        .map(Arc::new);
     let ctx = Arc::new(Context {
+        overlays: overlays.clone(),
         client: client.clone(),
         libvirt: libvirt.clone(),
         disks,
@@ -212,6 +216,23 @@ pub async fn run_with(
         config.node_name.clone(),
         config.heartbeat,
     ));
+    // Overlays no domain uses any more go (also those a crash left behind), every resync.
+    let collector = overlays.map(|overlays| {
+        let (libvirt, every) = (libvirt.clone(), config.resync);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                match overlays.collect(&libvirt).await {
+                    Ok(removed) if !removed.is_empty() => {
+                        tracing::info!(?removed, "overlay networks no VM here uses were removed")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot remove unused overlay networks"),
+                }
+            }
+        })
+    });
     let mut actors: HashMap<String, Actor> = HashMap::new();
     let (exits_tx, mut exits) = mpsc::unbounded_channel::<Exit>();
     // Domain lifecycle events (start, stop, crash) wake the VM's actor at once.
@@ -318,6 +339,9 @@ pub async fn run_with(
         }
     }
     heartbeat.abort();
+    if let Some(collector) = collector {
+        collector.abort();
+    }
     Ok(())
 }
 
@@ -690,7 +714,12 @@ async fn report_node(
         "disk": flotilla_types::Quantity::from_bytes(disk as u128),
     });
     let mut addresses = serde_json::Map::new();
-    if let Some(tunnel) = tunnel_address(config, ctx.virt_type).await {
+    let tunnel = ctx
+        .overlays
+        .as_ref()
+        .map(|o| o.tunnel_address())
+        .or(config.tunnel_address);
+    if let Some(tunnel) = tunnel {
         addresses.insert("tunnel".into(), json!(tunnel.to_string()));
     }
     let status = json!({"status": {
@@ -710,22 +739,6 @@ async fn report_node(
         )
         .await?;
     Ok(())
-}
-
-/// Where this node's overlay tunnels end: as configured, else the address of the default route's
-/// interface (looked up on real hypervisors only: simulated nodes share one host).
-async fn tunnel_address(config: &AgentConfig, virt_type: VirtType) -> Option<std::net::Ipv4Addr> {
-    if config.tunnel_address.is_some() || virt_type == VirtType::Test {
-        return config.tunnel_address;
-    }
-    let netlink = flotilla_dataplane::Netlink::current().ok()?;
-    match netlink.default_route().await {
-        Ok(found) => found.map(|(_, address)| address),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot find the default route for the tunnel address; set --tunnel-address");
-            None
-        }
-    }
 }
 
 async fn heartbeat(client: Arc<Client>, node: String, every: Duration) {

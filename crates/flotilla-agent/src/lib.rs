@@ -14,6 +14,7 @@ pub mod identity;
 pub mod iso9660;
 pub mod libvirt;
 pub mod logserver;
+pub mod overlays;
 pub mod recorder;
 mod tools;
 pub mod vm;

@@ -27,6 +27,19 @@ pub struct DomainSummary {
     pub owner: Option<crate::domain::Owner>,
     pub cpus: u32,
     pub memory_kib: u64,
+    /// The bridges its NICs are plugged into.
+    pub bridges: Vec<String>,
+}
+
+/// The bridge names of a domain's `<source bridge='…'/>` elements (as libvirt writes its XML).
+fn bridges_of(xml: &str) -> Vec<String> {
+    xml.split("<source bridge=")
+        .skip(1)
+        .filter_map(|rest| {
+            let quote = rest.chars().next()?;
+            rest[1..].split(quote).next().map(str::to_string)
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug)]
@@ -196,6 +209,7 @@ impl Libvirt {
                     owner: crate::domain::owner(&xml),
                     cpus: info.nr_virt_cpu,
                     memory_kib: info.max_mem,
+                    bridges: bridges_of(&xml),
                 });
             }
             Ok(out)

@@ -30,6 +30,8 @@ pub struct Context {
     /// Records Events in the API.
     pub recorder: crate::recorder::Recorder,
     pub virt_type: VirtType,
+    /// This node's overlay networks (None on the test driver, or without a tunnel address).
+    pub overlays: Option<Arc<crate::overlays::Overlays>>,
     pub data_dir: PathBuf,
     pub shutdown_timeout: Duration,
     /// The XML this agent last defined for each domain (by UUID): an unchanged definition of a
@@ -274,6 +276,13 @@ async fn nics(
                 interface.network
             ))
         })?;
+        let mut mtu = network.nic_mtu();
+        if network.spec.network_type == flotilla_types::NetworkType::Overlay {
+            if let Some(overlays) = &ctx.overlays {
+                mtu = overlays.mtu_for(&network)?;
+                overlays.ensure(&ctx.node, &network).await?;
+            }
+        }
         // libvirt plugs NICs into bridges of its own network namespace, the agent's: say which
         // bridge is missing rather than pass on libvirt's "Cannot get interface MTU".
         if ctx.virt_type != VirtType::Test
@@ -286,13 +295,12 @@ async fn nics(
                 interface.network,
                 ctx.node,
                 if network.spec.network_type == flotilla_types::NetworkType::Overlay {
-                    " (overlay bridges are not made by the agent yet)"
+                    " (this node has no tunnel address for overlay networks: run the agent with --tunnel-address)"
                 } else {
                     " (a bridged network attaches to a bridge the node already has)"
                 }
             )));
         }
-        let mtu = network.nic_mtu();
         let subnet = network.spec.subnet().ok().flatten();
         let domain = network
             .spec

@@ -38,6 +38,8 @@ async fn tiny_guest_boots_and_reads_its_seed() {
     agent.libvirt_uri = "qemu:///system".into();
     agent.virt_type = VirtType::Qemu;
     agent.shutdown_timeout = Duration::from_secs(5);
+    // Often, so that the unused overlay is seen to go soon after the VM.
+    agent.resync = Duration::from_secs(3);
     let libvirt = Libvirt::open("qemu:///system")
         .await
         .expect("libvirtd is running (make test starts it)");
@@ -45,12 +47,27 @@ async fn tiny_guest_boots_and_reads_its_seed() {
     tokio::spawn(flotilla_agent::run_with(agent, libvirt.clone(), rx));
 
     let vms = lookup("vm").unwrap();
+    // An overlay network: the agent makes its bridge and VXLAN device on this host.
+    let net = admin
+        .create(
+            lookup("network").unwrap(),
+            Some("default"),
+            &json!({"metadata": {"name": "back"}, "spec": {"cidr": "10.0.0.0/24"}}),
+        )
+        .await
+        .unwrap();
+    let vni = net["status"]["vni"].as_u64().unwrap();
+    let (bridge, vxlan) = (
+        std::path::PathBuf::from(format!("/sys/class/net/fb-{vni}")),
+        std::path::PathBuf::from(format!("/sys/class/net/fx-{vni}")),
+    );
     let suffix: u32 = rand::random::<u32>() % 100_000;
     let (name, marker) = (format!("tiny-{suffix}"), format!("hello-{suffix}"));
     let vm = json!({"metadata": {"name": name}, "spec": {
         "resources": {"cpus": 1, "memory": "256Mi"},
         "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0 panic=-1"},
         "userData": format!("#cloud-config\nflotilla_test_marker: {marker}\n"),
+        "networks": [{"network": "back"}],
     }});
     admin.create(vms, Some("default"), &vm).await.unwrap();
     let running = eventually("the VM is Running", 60, async || {
@@ -59,6 +76,31 @@ async fn tiny_guest_boots_and_reads_its_seed() {
     })
     .await;
     let uid = running["metadata"]["uid"].as_str().unwrap().to_string();
+    // Its NIC is plugged into the overlay's bridge, which carries the VXLAN device.
+    let ports: Vec<String> = std::fs::read_dir(bridge.join("brif"))
+        .expect("the overlay's bridge exists")
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(ports.contains(&format!("fx-{vni}")), "{ports:?}");
+    assert!(
+        ports.iter().any(|p| p.starts_with("vnet")),
+        "the guest's tap: {ports:?}"
+    );
+    // One MTU for the guest's NIC, the bridge and the VXLAN device: 1450 over a 1500-byte
+    // underlay, less where the host's uplink is smaller (this machine's is 1400).
+    let mtu = |device: &std::path::Path| {
+        std::fs::read_to_string(device.join("mtu"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let xml = libvirt.xml(&uid).await.unwrap().unwrap();
+    assert!(
+        xml.contains(&format!("<mtu size='{}'/>", mtu(&bridge))),
+        "{xml}"
+    );
+    assert_eq!(mtu(&bridge), mtu(&vxlan));
+    assert!(mtu(&bridge).parse::<u32>().unwrap() <= 1450);
     // Through the log API: the server proxies the agent's copy of the serial console.
     let log = eventually("the guest prints its marker", 90, async || {
         let mut stream = Box::pin(admin.vm_log("default", &name, false).await.ok()?);
@@ -133,4 +175,9 @@ async fn tiny_guest_boots_and_reads_its_seed() {
         !agent_dir.join("vms").join(&uid).exists(),
         "the VM's files are removed"
     );
+    // No VM uses the overlay any more: its devices go.
+    eventually("the unused overlay is removed", 20, async || {
+        (!bridge.exists() && !vxlan.exists()).then_some(())
+    })
+    .await;
 }

@@ -1,5 +1,7 @@
 //! Network status: the nodes each network spans (those its VMs are bound to: the overlay must
-//! reach them) and how many of its addresses NICs hold. Level-triggered, a pass every few
+//! reach them), where its tunnels end on them (their `status.addresses.tunnel`, so that agents,
+//! which may read only their own Node, learn their flood lists), and how many of its addresses
+//! NICs hold. Level-triggered, a pass every few
 //! seconds; a network's status is written only when it changed.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -53,6 +55,24 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
                 .insert(node.clone());
         }
     }
+    // Tunnel addresses of the nodes.
+    let node_kind = by_kind("Node").expect("registered");
+    let mut tunnels: BTreeMap<String, String> = BTreeMap::new();
+    for raw in objects
+        .list(node_kind, None, &ListOptions::default())
+        .await?
+        .items
+    {
+        let Ok(node) = serde_json::from_slice::<serde_json::Value>(&raw) else {
+            continue;
+        };
+        if let (Some(name), Some(address)) = (
+            node["metadata"]["name"].as_str(),
+            node["status"]["addresses"]["tunnel"].as_str(),
+        ) {
+            tunnels.insert(name.to_string(), address.to_string());
+        }
+    }
     // Addresses held per (project, network), from the ports.
     let mut used: BTreeMap<(String, String), u32> = BTreeMap::new();
     let ports = objects
@@ -95,11 +115,23 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
                 total: subnet.assignable_count(),
             }
         });
+        let endpoints: Vec<flotilla_types::kinds::network::TunnelEndpoint> = nodes
+            .iter()
+            .filter_map(|node| {
+                tunnels
+                    .get(node)
+                    .map(|address| flotilla_types::kinds::network::TunnelEndpoint {
+                        node: node.clone(),
+                        address: address.clone(),
+                    })
+            })
+            .collect();
         let status = network.status.clone().unwrap_or_default();
-        if status.nodes == nodes && status.addresses == addresses {
+        if status.nodes == nodes && status.addresses == addresses && status.endpoints == endpoints {
             continue;
         }
-        let patch = json!({"status": {"nodes": nodes, "addresses": addresses}});
+        let patch =
+            json!({"status": {"nodes": nodes, "addresses": addresses, "endpoints": endpoints}});
         match objects
             .patch(
                 net_kind,

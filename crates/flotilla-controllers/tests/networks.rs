@@ -257,6 +257,20 @@ async fn networks_hand_out_vnis_and_addresses_once_and_take_them_back() {
     );
     bound["spec"]["networks"] = json!([{"network": "a"}]);
     c.create(vms, Some("default"), &bound).await.unwrap();
+    // node-7 says where its tunnels end: the network's endpoints follow.
+    let nodes = lookup("node").unwrap();
+    c.create(nodes, None, &json!({"metadata": {"name": "node-7"}}))
+        .await
+        .unwrap();
+    c.patch(
+        nodes,
+        None,
+        "node-7",
+        &json!({"status": {"addresses": {"tunnel": "192.0.2.7"}}}),
+        true,
+    )
+    .await
+    .unwrap();
     assert!(
         flotilla_controllers::network_status::sweep(&f.server.objects)
             .await
@@ -269,6 +283,10 @@ async fn networks_hand_out_vnis_and_addresses_once_and_take_them_back() {
         json!({"used": 3, "total": 252})
     );
     assert_eq!(a_now["status"]["nodes"], json!(["node-7"]));
+    assert_eq!(
+        a_now["status"]["endpoints"],
+        json!([{"node": "node-7", "address": "192.0.2.7"}])
+    );
     assert_eq!(a_now["status"]["vni"], json!(4096), "the VNI stays");
     let b_now = c.get(nets, Some("default"), "b").await.unwrap();
     assert_eq!(b_now["status"]["addresses"], json!({"used": 4, "total": 4}));

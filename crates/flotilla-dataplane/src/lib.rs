@@ -24,6 +24,8 @@ use rtnetlink::{Handle, LinkBridge, LinkVxlan};
 
 /// The UDP port of VXLAN (IANA).
 pub const VXLAN_PORT: u16 = 4789;
+/// What VXLAN adds to each frame over an IPv4 underlay (outer IP, UDP, VXLAN, inner Ethernet).
+pub const VXLAN_OVERHEAD: u32 = 50;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -359,6 +361,42 @@ impl Netlink {
                 })
             });
         Ok(name.zip(address))
+    }
+
+    /// The interface holding `address`, if one does.
+    pub async fn interface_with(
+        &self,
+        address: Ipv4Addr,
+    ) -> Result<Option<String>, DataplaneError> {
+        let mut addresses = self
+            .handle
+            .address()
+            .get()
+            .set_address_filter(IpAddr::V4(address))
+            .execute();
+        let Some(message) = addresses
+            .try_next()
+            .await
+            .map_err(netlink("listing addresses"))?
+        else {
+            return Ok(None);
+        };
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_index(message.header.index)
+            .execute();
+        Ok(links
+            .try_next()
+            .await
+            .map_err(netlink("looking up an interface"))?
+            .and_then(|link| {
+                link.attributes.into_iter().find_map(|a| match a {
+                    LinkAttribute::IfName(name) => Some(name),
+                    _ => None,
+                })
+            }))
     }
 
     /// Removes the overlay's devices (whatever of them exists).

@@ -87,6 +87,10 @@ pub struct NetworkStatus {
     /// The nodes the network spans (those its VMs are bound to).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
+    /// Where the network's tunnels end on the nodes it spans (each node's
+    /// `status.addresses.tunnel`): the flood list of its VXLAN devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<TunnelEndpoint>,
     /// For networks with a cidr: how many addresses NICs hold, of how many they may.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addresses: Option<AddressUsage>,
@@ -124,6 +128,16 @@ impl Network {
             NetworkType::Bridged => BRIDGED_MTU,
         })
     }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TunnelEndpoint {
+    /// The node.
+    pub node: String,
+    /// Its tunnel address.
+    #[schemars(regex = "IPV4_PATTERN")]
+    pub address: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
