@@ -38,15 +38,7 @@ pub async fn run(objects: Objects, every: Duration) {
 }
 
 async fn range(store: &dyn Store, prefix: &str) -> Result<Vec<KeyValue>, ApiError> {
-    Ok(store
-        .range(RangeRequest {
-            start: prefix.to_string(),
-            end: Some(flotilla_store::prefix_end(prefix)),
-            limit: 0,
-            revision: 0,
-        })
-        .await?
-        .kvs)
+    Ok(store.range(RangeRequest::prefix(prefix)).await?.kvs)
 }
 
 /// One pass.

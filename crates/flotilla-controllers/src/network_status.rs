@@ -77,12 +77,7 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
     let mut used: BTreeMap<(String, String), u32> = BTreeMap::new();
     let ports = objects
         .store()
-        .range(RangeRequest {
-            start: PORTS_PREFIX.to_string(),
-            end: Some(flotilla_store::prefix_end(PORTS_PREFIX)),
-            limit: 0,
-            revision: 0,
-        })
+        .range(RangeRequest::prefix(PORTS_PREFIX))
         .await?;
     for kv in ports.kvs {
         let mut path = kv.key[PORTS_PREFIX.len()..].splitn(3, '/');

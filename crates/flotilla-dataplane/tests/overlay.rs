@@ -94,6 +94,15 @@ fn pings(from: &str, to: &str) -> bool {
         .success()
 }
 
+/// `bridge fdb show dev <device>` in `ns`.
+fn fdb(ns: &str, device: &str) -> String {
+    let out = Command::new("bridge")
+        .args(["-n", ns, "fdb", "show", "dev", device])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
 fn links(ns: &str) -> String {
     String::from_utf8(
         Command::new("ip")
@@ -181,25 +190,11 @@ async fn overlay_networks_connect_their_guests_across_nodes_and_nothing_else() {
     let mut two = overlay(4096, a1, a2);
     two.remotes.insert("198.51.100.3".parse().unwrap());
     n1.ensure_overlay(&two).await.unwrap();
-    let fdb = String::from_utf8(
-        Command::new("bridge")
-            .args(["-n", &h1, "fdb", "show", "dev", &vxlan_name(4096)])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    assert_eq!(fdb.matches("00:00:00:00:00:00").count(), 2, "{fdb}");
+    let entries = fdb(&h1, &vxlan_name(4096));
+    assert_eq!(entries.matches("00:00:00:00:00:00").count(), 2, "{entries}");
     n1.ensure_overlay(&overlay(4096, a1, a2)).await.unwrap();
-    let fdb = String::from_utf8(
-        Command::new("bridge")
-            .args(["-n", &h1, "fdb", "show", "dev", &vxlan_name(4096)])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    assert!(!fdb.contains("198.51.100.3"), "{fdb}");
+    let entries = fdb(&h1, &vxlan_name(4096));
+    assert!(!entries.contains("198.51.100.3"), "{entries}");
 
     // Removal leaves none of the overlay's devices.
     let started = std::time::Instant::now();

@@ -126,15 +126,7 @@ async fn held(store: &dyn Store, prefix: &str, fresh: bool) -> Result<Held, ApiE
             }
         }
     }
-    let kvs = store
-        .range(RangeRequest {
-            start: prefix.to_string(),
-            end: Some(flotilla_store::prefix_end(prefix)),
-            limit: 0,
-            revision: 0,
-        })
-        .await?
-        .kvs;
+    let kvs = store.range(RangeRequest::prefix(prefix)).await?.kvs;
     let held: Held = kvs
         .iter()
         .filter_map(|kv| kv.key[prefix.len()..].parse::<Ipv4Addr>().ok())
@@ -401,15 +393,7 @@ pub(crate) async fn holders(
     network: &str,
 ) -> Result<Vec<String>, ApiError> {
     let prefix = ports_prefix(project, network);
-    let kvs = store
-        .range(RangeRequest {
-            start: prefix.clone(),
-            end: Some(flotilla_store::prefix_end(&prefix)),
-            limit: 0,
-            revision: 0,
-        })
-        .await?
-        .kvs;
+    let kvs = store.range(RangeRequest::prefix(&prefix)).await?.kvs;
     let names: BTreeSet<String> = kvs
         .iter()
         .filter_map(|kv| serde_json::from_slice::<Port>(&kv.value).ok())
