@@ -83,7 +83,7 @@ pub async fn sweep(objects: &Objects) -> Result<Released, ApiError> {
         }
     }
     if released.ports > 0 {
-        flotilla_server::ipam::forget_all();
+        objects.forget_held_addresses();
     }
     released.networks = finish_deleted_networks(objects).await?;
     Ok(released)

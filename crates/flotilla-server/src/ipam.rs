@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_ipam::{Held, IpamError, Port, Vnis};
@@ -59,14 +59,36 @@ pub struct AddressHolder {
     pub mac: String,
 }
 
-/// In-process locks per network: creates through one server that take from the same network
-/// queue here instead of colliding in the store and retrying (replicas still meet at the
-/// compares, which keep them correct).
-static LOCKS: LazyLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
-    LazyLock::new(Default::default);
+/// A server's own IPAM state (one per store, never shared between servers in a process):
+/// locks per network, so that creates through this server that take from the same network queue
+/// here instead of colliding in the store and retrying (replicas still meet at the compares,
+/// which keep them correct); and what it knows to be held per network (by addresses prefix), and
+/// since when.
+#[derive(Default)]
+pub struct IpamState {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    held: Mutex<HashMap<String, (Held, Instant)>>,
+}
 
-/// What this server knows to be held, per network (by addresses prefix), and since when.
-static HELD: LazyLock<Mutex<HashMap<String, (Held, Instant)>>> = LazyLock::new(Default::default);
+impl IpamState {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Held, Instant)>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets what this server knew of the networks `admission` took from (its create did
+    /// not land, or was a dry run).
+    pub(crate) fn forget(&self, admission: &Admission) {
+        let mut held = self.held();
+        for prefix in &admission.networks {
+            held.remove(prefix);
+        }
+    }
+
+    /// Forgets everything this server knew of held addresses (the sweeper released some).
+    pub fn forget_all(&self) {
+        self.held().clear();
+    }
+}
 
 /// Held while a create takes from the networks it names.
 pub(crate) struct RecordLocks(#[allow(dead_code)] Vec<tokio::sync::OwnedMutexGuard<()>>);
@@ -74,6 +96,7 @@ pub(crate) struct RecordLocks(#[allow(dead_code)] Vec<tokio::sync::OwnedMutexGua
 /// Locks (in key order, so that two creates cannot wait on each other) what a create of `body`
 /// will take from: its networks, or the VNI record.
 pub(crate) async fn lock_records(
+    state: &IpamState,
     kind: &KindInfo,
     namespace: Option<&str>,
     body: &Value,
@@ -93,7 +116,8 @@ pub(crate) async fn lock_records(
     };
     let mut guards = Vec::new();
     for key in keys {
-        let lock = LOCKS
+        let lock = state
+            .locks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(key)
@@ -104,23 +128,14 @@ pub(crate) async fn lock_records(
     RecordLocks(guards)
 }
 
-/// Forgets what this server knew of the networks `admission` took from (its create did not land,
-/// or was a dry run).
-pub(crate) fn forget(admission: &Admission) {
-    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
-    for prefix in &admission.networks {
-        held.remove(prefix);
-    }
-}
-
-/// Forgets everything this server knew of held addresses (the sweeper released some).
-pub fn forget_all() {
-    HELD.lock().unwrap_or_else(|p| p.into_inner()).clear();
-}
-
-async fn held(store: &dyn Store, prefix: &str, fresh: bool) -> Result<Held, ApiError> {
+async fn held(
+    state: &IpamState,
+    store: &dyn Store,
+    prefix: &str,
+    fresh: bool,
+) -> Result<Held, ApiError> {
     if !fresh {
-        if let Some((held, at)) = HELD.lock().unwrap_or_else(|p| p.into_inner()).get(prefix) {
+        if let Some((held, at)) = state.held().get(prefix) {
             if at.elapsed() < HELD_FOR {
                 return Ok(held.clone());
             }
@@ -131,15 +146,15 @@ async fn held(store: &dyn Store, prefix: &str, fresh: bool) -> Result<Held, ApiE
         .iter()
         .filter_map(|kv| kv.key[prefix.len()..].parse::<Ipv4Addr>().ok())
         .collect();
-    HELD.lock()
-        .unwrap_or_else(|p| p.into_inner())
+    state
+        .held()
         .insert(prefix.to_string(), (held.clone(), Instant::now()));
     Ok(held)
 }
 
-fn remember(prefix: &str, held: Held) {
-    HELD.lock()
-        .unwrap_or_else(|p| p.into_inner())
+fn remember(state: &IpamState, prefix: &str, held: Held) {
+    state
+        .held()
         .entry(prefix.to_string())
         .and_modify(|(h, _)| *h = held.clone())
         .or_insert((held, Instant::now()));
@@ -169,6 +184,7 @@ fn encode<T: serde::Serialize>(record: &T) -> Vec<u8> {
 /// Fills in what `object` (about to be created, validated) takes from the networks, and returns
 /// the compares and writes that take it.
 pub(crate) async fn admit(
+    state: &IpamState,
     store: &dyn Store,
     kind: &KindInfo,
     namespace: Option<&str>,
@@ -176,7 +192,7 @@ pub(crate) async fn admit(
 ) -> Result<Admission, ApiError> {
     match kind.kind {
         "Network" => admit_network(store, object).await,
-        "VirtualMachine" => admit_vm(store, namespace.unwrap_or_default(), object).await,
+        "VirtualMachine" => admit_vm(state, store, namespace.unwrap_or_default(), object).await,
         _ => Ok(Admission::default()),
     }
 }
@@ -217,6 +233,7 @@ async fn admit_network(store: &dyn Store, object: &mut Value) -> Result<Admissio
 }
 
 async fn admit_vm(
+    state: &IpamState,
     store: &dyn Store,
     project: &str,
     object: &mut Value,
@@ -310,21 +327,21 @@ async fn admit_vm(
         if let Some(subnet) = &subnet {
             let prefix = addresses_prefix(project, &nic.network);
             let want: Option<Ipv4Addr> = nic.ip.as_ref().and_then(|ip| ip.parse().ok());
-            let mut known = held(store, &prefix, false).await?;
+            let mut known = held(state, store, &prefix, false).await?;
             if want.is_some_and(|w| known.contains(w)) {
                 // Perhaps freed since: ask the store.
-                known = held(store, &prefix, true).await?;
+                known = held(state, store, &prefix, true).await?;
             }
             let taken = match known.take(subnet, want) {
                 Err(IpamError::Exhausted(_)) => {
-                    known = held(store, &prefix, true).await?;
+                    known = held(state, store, &prefix, true).await?;
                     known.take(subnet, want)
                 }
                 other => other,
             };
             match taken {
                 Ok(address) => {
-                    remember(&prefix, known);
+                    remember(state, &prefix, known);
                     admission.networks.push(prefix.clone());
                     let key = format!("{prefix}{address}");
                     admission.compares.push(Compare::absent(&key));
@@ -376,7 +393,7 @@ async fn admit_vm(
         interfaces.push(interface);
     }
     if !errs.is_empty() {
-        forget(&admission);
+        state.forget(&admission);
         return Err(ApiError::invalid("VirtualMachine", &name, &errs));
     }
     object["status"]["interfaces"] = json!(interfaces);

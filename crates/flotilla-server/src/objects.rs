@@ -386,6 +386,8 @@ pub struct Objects {
     /// Who writes (`fieldManager`), and whether an apply takes fields from other managers.
     manager: Option<String>,
     force: bool,
+    /// This server's IPAM locks and view of held addresses.
+    ipam: Arc<crate::ipam::IpamState>,
 }
 
 /// The manager of writes that name none (controllers inside the server).
@@ -413,7 +415,14 @@ impl Objects {
             warnings: Default::default(),
             manager: None,
             force: false,
+            ipam: Default::default(),
         }
+    }
+
+    /// Forgets what this server knows of held addresses (after the IPAM sweeper released some,
+    /// so that they are given again at once).
+    pub fn forget_held_addresses(&self) {
+        self.ipam.forget_all();
     }
 
     /// The same objects for a dry run (`?dryRun=All`): every write runs in full (decoding,
@@ -630,15 +639,7 @@ impl Objects {
                 "metadata.resourceVersion should not be set on objects to be created",
             ));
         }
-        for server_owned in [
-            "uid",
-            "resourceVersion",
-            "generation",
-            "creationTimestamp",
-            "deletionTimestamp",
-            "deletionGracePeriodSeconds",
-            "managedFields",
-        ] {
+        for server_owned in flotilla_types::meta::SERVER_SET_FIELDS {
             meta.remove(server_owned);
         }
         meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
@@ -663,7 +664,7 @@ impl Objects {
         };
         // Creates that take addresses or VNIs from one record queue in this server, and retry
         // until they land when another server's create got there first.
-        let _records = crate::ipam::lock_records(kind, namespace, &body).await;
+        let _records = crate::ipam::lock_records(&self.ipam, kind, namespace, &body).await;
         let mut contention = Contention::new();
         while contention.again().await {
             if generate {
@@ -677,8 +678,14 @@ impl Objects {
             if let Some(m) = &managed {
                 set_managed_fields(&mut object, m.clone());
             }
-            let admission =
-                crate::ipam::admit(self.store.as_ref(), kind, namespace, &mut object).await?;
+            let admission = crate::ipam::admit(
+                &self.ipam,
+                self.store.as_ref(),
+                kind,
+                namespace,
+                &mut object,
+            )
+            .await?;
             let name = name_of(&object).to_string();
             let key = object_key(kind, namespace, &name);
             let mut txn = Txn::new()
@@ -714,7 +721,7 @@ impl Objects {
             let resp = self.store.txn(txn).await;
             if self.dry_run || !resp.as_ref().is_ok_and(|r| r.succeeded) {
                 // What it took from the networks was not taken after all.
-                crate::ipam::forget(&admission_networks);
+                self.ipam.forget(&admission_networks);
             }
             let resp = resp?;
             if resp.succeeded {
