@@ -244,3 +244,15 @@ impl ObjectMeta {
         }
     }
 }
+
+/// The metadata only the server sets: a create drops them (and a client preparing a create from
+/// a saved object leaves them out).
+pub const SERVER_SET_FIELDS: [&str; 7] = [
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "managedFields",
+];

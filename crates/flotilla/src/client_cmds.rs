@@ -250,15 +250,7 @@ async fn apply_one(
 fn for_create(doc: &Value) -> Value {
     let mut doc = doc.clone();
     if let Some(meta) = doc.get_mut("metadata").and_then(Value::as_object_mut) {
-        for owned in [
-            "uid",
-            "resourceVersion",
-            "generation",
-            "creationTimestamp",
-            "deletionTimestamp",
-            "deletionGracePeriodSeconds",
-            "managedFields",
-        ] {
+        for owned in flotilla_types::meta::SERVER_SET_FIELDS {
             meta.remove(owned);
         }
     }
