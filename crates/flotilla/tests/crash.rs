@@ -37,13 +37,27 @@ async fn kill_9_during_create_and_delete_converges_and_leaks_nothing() {
     let agent_dir = agent_dir(tmp.path(), "crash-node");
     let vms = lookup("vm").unwrap();
     let run = rand::random::<u32>() % 100_000;
+    // Every VM has a NIC on an overlay network: its address, and the node's bridge and VXLAN
+    // device, must survive the kills and go with the VMs.
+    let nets = lookup("network").unwrap();
+    let net = admin
+        .create(
+            nets,
+            Some("default"),
+            &json!({"metadata": {"name": format!("crash-{run}")}, "spec": {"cidr": "10.9.0.0/24"}}),
+        )
+        .await
+        .unwrap();
+    let vni = net["status"]["vni"].as_u64().unwrap();
+    let bridge = std::path::PathBuf::from(format!("/sys/class/net/fb-{vni}"));
 
     for (i, delay_ms) in [0u64, 150, 400, 900].into_iter().enumerate() {
         let name = format!("crash-{run}-{i}");
         let mut agent = support::agent(&server.url, &token, "crash-node", tmp.path());
         let vm = json!({"metadata": {"name": name}, "spec": {
             "nodeName": "crash-node", "resources": {"cpus": 1, "memory": "128Mi"}, "rootDisk": {"size": "64Mi"},
-            "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0"}}});
+            "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0"},
+            "networks": [{"network": format!("crash-{run}")}]}});
         let created = admin.create(vms, Some("default"), &vm).await.unwrap();
         let uid = created["metadata"]["uid"].as_str().unwrap().to_string();
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
@@ -62,6 +76,7 @@ async fn kill_9_during_create_and_delete_converges_and_leaks_nothing() {
         )
         .await;
         assert_eq!(domains_with_uuid(&uid), 1, "{name}: exactly one domain");
+        assert!(bridge.exists(), "{name}: the overlay's bridge is there");
 
         admin.delete(vms, Some("default"), &name).await.unwrap();
         tokio::time::sleep(Duration::from_millis(delay_ms / 2)).await;
@@ -92,4 +107,19 @@ async fn kill_9_during_create_and_delete_converges_and_leaks_nothing() {
         leftovers.is_empty(),
         "no VM directory is left: {leftovers:?}"
     );
+    // The agent starting again removes the overlay no VM uses; the control plane frees every
+    // address (the network's status counts none held).
+    let mut agent = support::agent(&server.url, &token, "crash-node", tmp.path());
+    eventually("the unused overlay is removed", 30, async || {
+        !bridge.exists()
+    })
+    .await;
+    agent.kill9();
+    eventually("every address is free again", 30, async || {
+        admin
+            .get(nets, Some("default"), &format!("crash-{run}"))
+            .await
+            .is_ok_and(|n| n["status"]["addresses"]["used"] == 0)
+    })
+    .await;
 }
