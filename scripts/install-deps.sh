@@ -10,6 +10,9 @@ packages=(build-essential pkg-config ca-certificates protobuf-compiler libvirt-d
 # The tiny guest (both the example and the tests boot it): the Debian cloud kernel, busybox and
 # cpio for its initramfs.
 packages+=(linux-image-cloud-amd64 busybox-static cpio kmod)
+# The agent's network dataplane: dnsmasq serves DHCP and DNS on each overlay network,
+# dhcp_release (dnsmasq-utils) frees a deleted port's lease, nftables for the firewall rules.
+packages+=(dnsmasq-base dnsmasq-utils nftables)
 case "$purpose" in
   run) ;;
   # The Debian guest of the cloud-init end-to-end test is built with debootstrap; tests read

@@ -181,8 +181,20 @@ pub async fn run_with(
     let overlays = crate::overlays::Overlays::start(config.tunnel_address, virt_type)
         .await
         .map(Arc::new);
+    let (dhcp, mut leased) = match &overlays {
+        Some(o) => {
+            let (servers, leased) = crate::dhcp::DhcpServers::new(
+                &config.data_dir,
+                o.netlink().clone(),
+                crate::dhcp::NAMESPACE_PREFIX,
+            );
+            (Some(servers), Some(leased))
+        }
+        None => (None, None),
+    };
     let ctx = Arc::new(Context {
         overlays: overlays.clone(),
+        dhcp: dhcp.clone(),
         client: client.clone(),
         libvirt: libvirt.clone(),
         disks,
@@ -216,8 +228,9 @@ pub async fn run_with(
         config.node_name.clone(),
         config.heartbeat,
     ));
-    // Overlays no domain uses any more go (also those a crash left behind), every resync.
-    let collector = overlays.map(|overlays| {
+    // Overlays no domain uses any more go (also those a crash left behind), every resync, and
+    // with them their DHCP servers.
+    let collector = overlays.zip(dhcp.clone()).map(|(overlays, dhcp)| {
         let (libvirt, every) = (libvirt.clone(), config.resync);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -230,6 +243,28 @@ pub async fn run_with(
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cannot remove unused overlay networks"),
                 }
+                match overlays.present().await {
+                    Ok(present) => {
+                        let removed = dhcp.remove_all_but(&present).await;
+                        if !removed.is_empty() {
+                            tracing::info!(
+                                ?removed,
+                                "DHCP servers of networks gone from this node were removed"
+                            );
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot list overlay networks"),
+                }
+            }
+        })
+    });
+    // The lease files say which guests took their address (their VMs report it).
+    let lease_reader = dhcp.clone().map(|dhcp| {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                dhcp.read_leases().await;
             }
         })
     });
@@ -290,6 +325,13 @@ pub async fn run_with(
                     continue 'relist;
                 }
                 Some(exit) = exits.recv() => finished(&ctx, &mut actors, &exits_tx, exit),
+                Some(uid) = async { match leased.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                    for a in actors.values() {
+                        if a.desired.borrow().as_ref().and_then(|vm| vm.metadata.uid.as_deref()) == Some(uid.as_str()) {
+                            a.kick.notify_one();
+                        }
+                    }
+                }
                 Some(uuid) = async { match domain_events.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
                     for a in actors.values() {
                         let desired = a.desired.borrow();
@@ -339,8 +381,8 @@ pub async fn run_with(
         }
     }
     heartbeat.abort();
-    if let Some(collector) = collector {
-        collector.abort();
+    for task in [collector, lease_reader].into_iter().flatten() {
+        task.abort();
     }
     Ok(())
 }

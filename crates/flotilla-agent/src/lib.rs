@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod cloudinit;
 pub mod datadir;
+pub mod dhcp;
 pub mod disks;
 pub mod domain;
 pub mod error;

@@ -61,6 +61,19 @@ impl Overlays {
         })
     }
 
+    /// Netlink in the agent's namespace.
+    pub fn netlink(&self) -> &Netlink {
+        &self.netlink
+    }
+
+    /// The VNIs of the overlays this node carries.
+    pub async fn present(&self) -> Result<BTreeSet<u32>, AgentError> {
+        self.netlink
+            .overlays()
+            .await
+            .map_err(|e| AgentError::Config(e.to_string()))
+    }
+
     pub fn tunnel_address(&self) -> Ipv4Addr {
         self.tunnel.1
     }

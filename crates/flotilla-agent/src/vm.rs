@@ -32,6 +32,8 @@ pub struct Context {
     pub virt_type: VirtType,
     /// This node's overlay networks (None on the test driver, or without a tunnel address).
     pub overlays: Option<Arc<crate::overlays::Overlays>>,
+    /// The DHCP and DNS servers of this node's overlay networks (with the overlays).
+    pub dhcp: Option<Arc<crate::dhcp::DhcpServers>>,
     pub data_dir: PathBuf,
     pub shutdown_timeout: Duration,
     /// The XML this agent last defined for each domain (by UUID): an unchanged definition of a
@@ -281,6 +283,7 @@ async fn nics(
             if let Some(overlays) = &ctx.overlays {
                 mtu = overlays.mtu_for(&network)?;
                 overlays.ensure(&ctx.node, &network).await?;
+                serve_dhcp(ctx, project, &network, mtu).await?;
             }
         }
         // libvirt plugs NICs into bridges of its own network namespace, the agent's: say which
@@ -327,6 +330,49 @@ async fn nics(
         });
     }
     Ok((nics, seed))
+}
+
+/// Makes this node's DHCP and DNS server of `network` serve every address IPAM gave on it
+/// (before the VM's domain starts, so its guest finds its reservation).
+async fn serve_dhcp(
+    ctx: &Context,
+    project: &str,
+    network: &Network,
+    mtu: u32,
+) -> Result<(), AgentError> {
+    let (Some(dhcp), Some(vni)) = (&ctx.dhcp, network.status.as_ref().and_then(|s| s.vni)) else {
+        return Ok(());
+    };
+    let Some(subnet) = network
+        .spec
+        .subnet()
+        .ok()
+        .flatten()
+        .filter(|_| network.spec.dhcp)
+    else {
+        return Ok(());
+    };
+    let name = &network.metadata.name;
+    let list: flotilla_types::NetworkAddressList = get(
+        ctx.client.network_addresses(project, name).await?,
+        "the network's addresses",
+    )?;
+    let domain = network
+        .spec
+        .dns
+        .as_ref()
+        .and_then(|d| d.domain.clone())
+        .unwrap_or_else(|| flotilla_types::kinds::network::DEFAULT_DOMAIN.to_string());
+    dhcp.ensure(&crate::dhcp::Service {
+        vni,
+        project,
+        network: name,
+        domain: format!("{name}.{project}.{domain}"),
+        subnet,
+        mtu,
+        addresses: &list.items,
+    })
+    .await
 }
 
 /// Drives the domain to `spec.powerState` (and carries out a restart request), then reports.
@@ -517,6 +563,39 @@ pub fn reference(vm: &VirtualMachine) -> flotilla_types::ObjectReference {
 }
 
 /// Writes status only when it changes, so that resyncs cost no writes.
+/// The VM's NICs with where their addresses are confirmed: `dhcp` once the guest holds the
+/// lease of the address IPAM gave (this node's DHCP server says so), else `ipam`.
+fn confirmed_interfaces(
+    ctx: &Context,
+    vm: &VirtualMachine,
+) -> Vec<flotilla_types::kinds::vm::InterfaceStatus> {
+    let project = vm.metadata.namespace.as_deref().unwrap_or_default();
+    let mut interfaces = vm
+        .status
+        .as_ref()
+        .map(|s| s.interfaces.clone())
+        .unwrap_or_default();
+    for interface in &mut interfaces {
+        let Some(ip) = interface.ips.first().and_then(|a| a.split('/').next()) else {
+            continue;
+        };
+        let leased = ctx.dhcp.as_ref().and_then(|d| {
+            d.leased(
+                project,
+                &interface.network,
+                &interface.mac_address.to_ascii_lowercase(),
+            )
+        });
+        let source = if leased.is_some_and(|l| l.to_string() == ip) {
+            "dhcp"
+        } else {
+            "ipam"
+        };
+        interface.source = Some(source.to_string());
+    }
+    interfaces
+}
+
 pub async fn write_status(
     ctx: &Context,
     vm: &VirtualMachine,
@@ -529,7 +608,9 @@ pub async fn write_status(
     let ready_cond = current.conditions.iter().find(|c| c.type_ == "Ready");
     let ready_same =
         ready_cond.is_some_and(|c| (c.status == flotilla_types::ConditionStatus::True) == ready);
+    let interfaces = confirmed_interfaces(ctx, vm);
     let unchanged = serde_json::to_value(current.phase).ok() == Some(json!(phase))
+        && interfaces == current.interfaces
         && current.node_name.as_deref() == Some(ctx.node.as_str())
         && current.observed_generation == vm.metadata.generation
         && current.last_restart_request == restart
@@ -557,10 +638,13 @@ pub async fn write_status(
         )
     };
     conditions.push(json!({"type": "Ready", "status": status, "reason": reason, "message": message, "lastTransitionTime": flotilla_types::meta::now()}));
-    let patch = json!({"status": {
+    let mut patch = json!({"status": {
         "phase": phase, "nodeName": ctx.node, "observedGeneration": vm.metadata.generation,
         "conditions": conditions, "lastRestartRequest": restart,
     }});
+    if interfaces != current.interfaces {
+        patch["status"]["interfaces"] = serde_json::to_value(&interfaces).expect("serialises");
+    }
     let project = vm.metadata.namespace.as_deref();
     ctx.client
         .patch(vms, project, &vm.metadata.name, &patch, true)

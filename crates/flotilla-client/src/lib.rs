@@ -223,6 +223,20 @@ impl Client {
             .await
     }
 
+    /// The addresses NICs hold on a network (`NetworkAddressList`).
+    pub async fn network_addresses(
+        &self,
+        project: &str,
+        network: &str,
+    ) -> Result<Value, ClientError> {
+        let kind = flotilla_types::registry::lookup("network").expect("registered");
+        let path = format!(
+            "{}/addresses",
+            path(kind, Some(project), Some(network), false)
+        );
+        self.request_json(Method::GET, &path, &[], None).await
+    }
+
     pub async fn get(
         &self,
         kind: &KindInfo,

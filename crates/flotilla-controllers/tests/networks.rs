@@ -159,6 +159,51 @@ async fn networks_hand_out_vnis_and_addresses_once_and_take_them_back() {
         .await
         .unwrap();
     assert_eq!(db["status"]["ips"], json!(["10.0.0.50"]));
+    // What the nodes' DHCP servers serve: every address of the network, its VM and MAC, in
+    // address order; a network that does not exist is 404, and only GET is allowed.
+    let served = c.network_addresses("default", "a").await.unwrap();
+    assert_eq!(served["kind"], "NetworkAddressList");
+    let items: Vec<(Value, Value, Value)> = served["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["address"].clone(),
+                i["vm"].clone(),
+                i["macAddress"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        items,
+        vec![
+            (
+                json!("10.0.0.3"),
+                json!("web"),
+                nics[0]["macAddress"].clone()
+            ),
+            (
+                json!("10.0.0.50"),
+                json!("db"),
+                db["status"]["interfaces"][0]["macAddress"].clone()
+            ),
+        ]
+    );
+    assert_eq!(served["items"][1]["uid"], db["metadata"]["uid"]);
+    let (code, message, _) = refused(c.network_addresses("default", "nowhere").await);
+    assert_eq!(code, 404, "{message}");
+    let path = "/apis/flotilla.dev/v1alpha1/namespaces/default/networks/a/addresses";
+    let (code, message, _) = refused(
+        c.request_json(
+            reqwest::Method::POST,
+            path,
+            &[],
+            Some(("application/json", b"{}".to_vec())),
+        )
+        .await,
+    );
+    assert_eq!(code, 405, "{message}");
     for (nic, field, says) in [
         (
             json!({"network": "a", "ip": "10.0.0.50"}),

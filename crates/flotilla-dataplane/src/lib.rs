@@ -22,6 +22,11 @@ use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, N
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkVxlan};
 
+pub mod namespace;
+mod service;
+
+pub use service::{service_mac, service_peer_name, service_port_name, ServicePort};
+
 /// The UDP port of VXLAN (IANA).
 pub const VXLAN_PORT: u16 = 4789;
 /// What VXLAN adds to each frame over an IPv4 underlay (outer IP, UDP, VXLAN, inner Ethernet).
@@ -40,6 +45,8 @@ pub enum DataplaneError {
     },
     #[error("the underlay interface {0:?} does not exist")]
     NoUnderlay(String),
+    #[error("the interface {0:?} does not exist")]
+    NoBridge(String),
 }
 
 fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DataplaneError {
@@ -208,6 +215,9 @@ impl Netlink {
                 .await
                 .map_err(netlink(format!("setting {name} up")))?;
         }
+        // Node-local services (the DHCP server) are isolated ports too: the tunnel never
+        // carries their frames to another node's copy of them.
+        self.isolate(vxlan_index, &vxlan).await?;
         let have = self.flood_list(vxlan_index).await?;
         for remote in overlay.remotes.difference(&have) {
             self.flood_to(vxlan_index, *remote).await?;
@@ -399,9 +409,9 @@ impl Netlink {
             }))
     }
 
-    /// Removes the overlay's devices (whatever of them exists).
+    /// Removes the overlay's devices (whatever of them exists), its service port too.
     pub async fn remove_overlay(&self, vni: u32) -> Result<(), DataplaneError> {
-        for name in [vxlan_name(vni), bridge_name(vni)] {
+        for name in [service_port_name(vni), vxlan_name(vni), bridge_name(vni)] {
             if let Some(link) = self.link(&name).await? {
                 self.handle
                     .link()

@@ -418,3 +418,40 @@ pub(crate) async fn holders(
         .collect();
     Ok(names.into_iter().collect())
 }
+
+/// `GET .../namespaces/<project>/networks/<name>/addresses`: the addresses NICs hold on a
+/// network, with their VMs and MACs, in address order — what each node's DHCP and DNS server
+/// for the network serves. Readable by whoever may read the Network (nodes too).
+pub(crate) async fn network_addresses(
+    objects: &crate::objects::Objects,
+    project: &str,
+    network: &str,
+) -> Result<Value, ApiError> {
+    let kind = registry::by_kind("Network").expect("registered");
+    // 404 for a network that does not exist, as for the object itself.
+    objects.get(kind, Some(project), network).await?;
+    let prefix = addresses_prefix(project, network);
+    let range = objects.store().range(RangeRequest::prefix(&prefix)).await?;
+    let mut items: Vec<(Ipv4Addr, AddressHolder)> = Vec::new();
+    for kv in &range.kvs {
+        let Ok(ip) = kv.key[prefix.len()..].parse::<Ipv4Addr>() else {
+            continue;
+        };
+        items.push((
+            ip,
+            record::<Option<AddressHolder>>(Some(kv))?
+                .ok_or_else(|| ApiError::internal(format!("the record {} is empty", kv.key)))?,
+        ));
+    }
+    items.sort_by_key(|(ip, _)| *ip);
+    let items: Vec<Value> = items
+        .into_iter()
+        .map(|(ip, h)| json!({"address": ip.to_string(), "vm": h.vm, "uid": h.uid, "macAddress": h.mac}))
+        .collect();
+    Ok(json!({
+        "apiVersion": flotilla_types::API_VERSION,
+        "kind": "NetworkAddressList",
+        "metadata": {"resourceVersion": range.revision.to_string()},
+        "items": items,
+    }))
+}

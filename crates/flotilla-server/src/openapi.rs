@@ -534,6 +534,26 @@ fn paths_of(kind: &KindInfo, definitions: &str, paths: &mut Map<String, Value>) 
                       "responses": with(write_errors(), json!({"200": ok("Patched", obj)}))},
         }));
     }
+    if kind.kind == "Network" {
+        let address = json!({"type": "object", "required": ["address", "vm", "uid", "macAddress"], "properties": {
+            "address": {"type": "string", "description": "The IPv4 address."},
+            "vm": {"type": "string", "description": "The VM whose NIC holds it."},
+            "uid": {"type": "string", "description": "The VM's uid."},
+            "macAddress": {"type": "string", "description": "The NIC's MAC address."},
+        }});
+        let list = json!({"type": "object", "required": ["apiVersion", "kind", "metadata", "items"], "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string", "enum": ["NetworkAddressList"]},
+            "metadata": {"type": "object", "properties": {"resourceVersion": {"type": "string"}}},
+            "items": {"type": "array", "items": address, "description": "The addresses, in address order."},
+        }});
+        paths.insert(format!("{item}/addresses"), json!({
+            "parameters": item_params,
+            "get": {"operationId": "readNetworkAddresses",
+                    "description": "The addresses NICs hold on the network, with their VMs and MACs: what each node's DHCP and DNS server serves",
+                    "responses": with(read_errors(), json!({"200": ok("The addresses", list)}))},
+        }));
+    }
     for path in paths.values_mut() {
         mark(path);
     }

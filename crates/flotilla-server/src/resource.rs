@@ -101,6 +101,27 @@ async fn handle(
         }
         return crate::logs::proxy(&state, &principal, &ns, &name, query.as_deref()).await;
     }
+    if params.get("sub").map(String::as_str) == Some("addresses")
+        && params.get("plural").map(String::as_str) == Some("networks")
+    {
+        let (ns, name) = (
+            params.get("ns").cloned().unwrap_or_default(),
+            params.get("name").cloned().unwrap_or_default(),
+        );
+        if method != Method::GET {
+            return Err(ApiError::method_not_allowed(
+                "a network's addresses are read with GET",
+                "GET",
+            ));
+        }
+        let kind = flotilla_types::registry::by_kind("Network").expect("registered");
+        authz::authorize(&principal, Verb::Get, kind, Some(&name), "")?;
+        let list = crate::ipam::network_addresses(&state.objects, &ns, &name).await?;
+        return Ok(json_response(
+            StatusCode::OK,
+            serde_json::to_vec(&list).expect("serialises"),
+        ));
+    }
     let target = resolve(api_version, &params)?;
     let q = parse_query(query.as_deref())?;
     let verb = verb_of(&target, &method, &q)?;

@@ -14,7 +14,10 @@ pub mod vmclass;
 pub use event::{Event, EventSource, EventType, ObjectReference};
 pub use image::{Image, ImageFormat, ImageNodeStatus, ImageSource, ImageSpec, ImageStatus};
 pub use lease::{Lease, LeaseSpec, LeaseStatus};
-pub use network::{Network, NetworkDns, NetworkSpec, NetworkStatus, NetworkType};
+pub use network::{
+    Network, NetworkAddress, NetworkAddressList, NetworkDns, NetworkSpec, NetworkStatus,
+    NetworkType,
+};
 pub use node::{Node, NodeInfo, NodeResources, NodeSpec, NodeStatus};
 pub use placement::{
     Affinity, AffinityRules, AffinityTerm, PlacementPolicy, PlacementPolicySpec,

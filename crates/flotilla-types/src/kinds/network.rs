@@ -150,6 +150,29 @@ pub struct AddressUsage {
     pub total: u32,
 }
 
+/// The addresses NICs hold on a network, as `GET .../networks/<name>/addresses` answers
+/// (kind `NetworkAddressList`): what each node's DHCP and DNS server serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkAddressList {
+    /// The addresses, in address order.
+    pub items: Vec<NetworkAddress>,
+}
+
+/// One address a NIC holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkAddress {
+    /// The IPv4 address.
+    pub address: String,
+    /// The VM whose NIC holds it.
+    pub vm: String,
+    /// The VM's uid.
+    pub uid: String,
+    /// The NIC's MAC address.
+    pub mac_address: String,
+}
+
 /// The network's subnet as IPAM reads it, when it has a `cidr`.
 impl NetworkSpec {
     pub fn subnet(&self) -> Result<Option<flotilla_ipam::Subnet>, flotilla_ipam::IpamError> {
