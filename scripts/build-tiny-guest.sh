@@ -4,6 +4,11 @@
 # end-to-end tests look for on the serial console:
 #   FLOTILLA-HOSTNAME <local-hostname from meta-data>
 #   FLOTILLA-MARKER <value of the "flotilla_test_marker:" line of user-data>
+# and, with a NIC: configures it from the seed's network-config (its first address and MTU), or
+# over DHCP (busybox udhcpc) when the kernel command line has flotilla.dhcp, then prints
+#   FLOTILLA-IP <address/prefix> MTU <mtu> VIA static|dhcp
+# and pings the address of user-data's "flotilla_test_ping:" line until it answers:
+#   FLOTILLA-PING <address> ok
 # Output: $OUT/vmlinuz and $OUT/initramfs.gz (OUT defaults to target/guests/tiny). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,14 +19,16 @@ if [ -z "$kernel" ]; then
   exit 1
 fi
 kver="${kernel#/boot/vmlinuz-}"
-if [ -f "$out/initramfs.gz" ] && [ -f "$out/kernel-version" ] && [ "$(cat "$out/kernel-version")" = "$kver" ]; then
+# Rebuilt when the kernel or this script changes.
+stamp="$kver $(sha256sum "$0" | cut -c1-16)"
+if [ -f "$out/initramfs.gz" ] && [ -f "$out/kernel-version" ] && [ "$(cat "$out/kernel-version")" = "$stamp" ]; then
   exit 0
 fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$work"/{bin,dev,proc,sys,mnt,lib/modules}
+mkdir -p "$work"/{bin,dev,proc,sys,mnt,tmp,lib/modules}
 cp /bin/busybox "$work/bin/busybox"
-for module in virtio_pci virtio_scsi sr_mod isofs; do
+for module in virtio_pci virtio_scsi sr_mod isofs virtio_net; do
   modprobe -S "$kver" --show-depends "$module" | awk '$1 == "insmod" {print $2}'
 done | awk '!seen[$0]++' > "$work/modules.order"
 while read -r ko; do
@@ -50,6 +57,33 @@ if mount -t iso9660 -o ro /dev/sr0 /mnt; then
 else
   echo "FLOTILLA-NO-SEED"
 fi
+if [ -e /sys/class/net/eth0 ]; then
+  ip link set lo up
+  if grep -q flotilla.dhcp /proc/cmdline; then
+    cat > /bin/dhcp-bound <<'SCRIPT'
+#!/bin/sh
+[ "$1" = bound ] || exit 0
+ip link set "$interface" mtu "${mtu:-1500}"
+ip addr add "$ip/$mask" dev "$interface"
+echo "$ip/$mask ${mtu:-none}" > /tmp/lease
+SCRIPT
+    chmod +x /bin/dhcp-bound
+    ip link set eth0 up
+    udhcpc -i eth0 -n -q -t 20 -T 2 -O mtu -s /bin/dhcp-bound >/dev/null 2>&1
+    [ -f /tmp/lease ] && set -- $(cat /tmp/lease) && echo "FLOTILLA-IP $1 MTU $2 VIA dhcp"
+  else
+    address="$(sed -n 's/^ *- \([0-9.]*\/[0-9]*\)$/\1/p' /mnt/network-config | head -n1)"
+    mtu="$(sed -n 's/^ *mtu: *//p' /mnt/network-config | head -n1)"
+    ip link set eth0 mtu "$mtu" up
+    ip addr add "$address" dev eth0
+    echo "FLOTILLA-IP $address MTU $(cat /sys/class/net/eth0/mtu) VIA static"
+  fi
+  peer="$(sed -n 's/^.*flotilla_test_ping: *//p' /mnt/user-data 2>/dev/null | head -n1)"
+  if [ -n "$peer" ]; then
+    until ping -c 1 -W 1 "$peer" >/dev/null 2>&1; do sleep 0.5; done
+    echo "FLOTILLA-PING $peer ok"
+  fi
+fi
 while true; do sleep 3600; done
 INIT
 chmod +x "$work/init"
@@ -57,5 +91,5 @@ mkdir -p "$out"
 (cd "$work" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$out/initramfs.gz.tmp"
 mv "$out/initramfs.gz.tmp" "$out/initramfs.gz"
 cp "$kernel" "$out/vmlinuz"
-echo "$kver" > "$out/kernel-version"
+echo "$stamp" > "$out/kernel-version"
 echo "built the tiny guest in $out (kernel $kver)"

@@ -110,6 +110,9 @@ impl DhcpServers {
     /// released. The overlay's bridge must exist.
     pub async fn ensure(&self, service: &Service<'_>) -> Result<(), AgentError> {
         let vni = service.vni;
+        // One change of the servers at a time: two VMs of a network reconciled together must
+        // not both make its namespace.
+        let mut servers = self.servers.lock().await;
         let dir = self.server_dir(vni);
         tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
         // dnsmasq reads its files again (on SIGHUP) after dropping to an unprivileged user.
@@ -145,7 +148,6 @@ impl DhcpServers {
         self.release_stale_leases(service, &namespace).await;
 
         let args = arguments(service, &dir);
-        let mut servers = self.servers.lock().await;
         let running = servers
             .get(&vni)
             .is_some_and(|s| s.args == args && !s.task.is_finished());
@@ -196,7 +198,8 @@ impl DhcpServers {
     pub async fn remove(&self, vni: u32) -> Result<(), AgentError> {
         let dir = self.server_dir(vni);
         let name = format!("{}{vni}", self.prefix);
-        match self.servers.lock().await.remove(&vni) {
+        let mut servers = self.servers.lock().await;
+        match servers.remove(&vni) {
             Some(server) => stop(server).await,
             None => kill_left_behind(&dir, &namespace_path(&name)).await,
         }

@@ -181,3 +181,151 @@ async fn tiny_guest_boots_and_reads_its_seed() {
     })
     .await;
 }
+
+/// The serial log of `name` through the API, once it contains every one of `wanted`.
+async fn log_with(
+    admin: &flotilla_client::Client,
+    name: &str,
+    wanted: &[String],
+    seconds: u64,
+) -> String {
+    eventually(&format!("{name} prints {wanted:?}"), seconds, async || {
+        let mut stream = Box::pin(admin.vm_log("default", name, false).await.ok()?);
+        let mut text = Vec::new();
+        while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
+            text.extend_from_slice(&chunk);
+        }
+        let text = String::from_utf8_lossy(&text).into_owned();
+        wanted.iter().all(|w| text.contains(w)).then_some(text)
+    })
+    .await
+}
+
+/// Two tiny guests on one overlay network: one takes its address over DHCP from this node's
+/// dnsmasq (and its VM reports the lease), the other from cloud-init's network-config; both get
+/// the network's MTU, and each pings the other. Deleting them leaves no device, namespace or
+/// dnsmasq behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tiny_guests_get_their_addresses_and_reach_each_other() {
+    let guest = tiny_guest();
+    let cluster = TestCluster::start().await;
+    let (server, admin, tmp) = (&cluster.server, &cluster.admin, &cluster.dir);
+    let mut agent = AgentConfig::new(
+        vec![server.url.clone()],
+        "e2e-net",
+        tmp.path().join("agent"),
+    );
+    agent.join_token = Some(cluster.join_token().await);
+    agent.libvirt_uri = "qemu:///system".into();
+    agent.virt_type = VirtType::Qemu;
+    agent.shutdown_timeout = Duration::from_secs(1);
+    agent.resync = Duration::from_secs(3);
+    let libvirt = Libvirt::open("qemu:///system").await.unwrap();
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(flotilla_agent::run_with(agent, libvirt, rx));
+
+    let vms = lookup("vm").unwrap();
+    let net = admin
+        .create(
+            lookup("network").unwrap(),
+            Some("default"),
+            &json!({"metadata": {"name": "lan"}, "spec": {"cidr": "10.7.0.0/24"}}),
+        )
+        .await
+        .unwrap();
+    let vni = net["status"]["vni"].as_u64().unwrap();
+    let suffix: u32 = rand::random::<u32>() % 100_000;
+    let (dhcp, fixed) = (format!("dhcp-{suffix}"), format!("fixed-{suffix}"));
+    let tiny = |name: &str, ip: &str, peer: &str, cmdline: &str| {
+        json!({"metadata": {"name": name}, "spec": {
+            "resources": {"cpus": 1, "memory": "256Mi"},
+            "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": cmdline},
+            "userData": format!("#cloud-config\nflotilla_test_ping: {peer}\n"),
+            "networks": [{"network": "lan", "ip": ip}],
+        }})
+    };
+    let accepted = std::time::Instant::now();
+    admin
+        .create(
+            vms,
+            Some("default"),
+            &tiny(
+                &dhcp,
+                "10.7.0.10",
+                "10.7.0.11",
+                "console=ttyS0 panic=-1 flotilla.dhcp",
+            ),
+        )
+        .await
+        .unwrap();
+    admin
+        .create(
+            vms,
+            Some("default"),
+            &tiny(&fixed, "10.7.0.11", "10.7.0.10", "console=ttyS0 panic=-1"),
+        )
+        .await
+        .unwrap();
+
+    // The DHCP guest's lease is seen by the agent: its NIC's address is confirmed.
+    let confirmed = eventually("the DHCP guest's lease is reported", 120, async || {
+        let v = admin.get(vms, Some("default"), &dhcp).await.ok()?;
+        (v["status"]["interfaces"][0]["source"] == "dhcp").then_some(v)
+    })
+    .await;
+    eprintln!(
+        "API accepted -> tiny guest holds its DHCP lease (reported in status): {:.1} s",
+        accepted.elapsed().as_secs_f64()
+    );
+    assert_eq!(confirmed["status"]["ips"], json!(["10.7.0.10"]));
+    let mtu = std::fs::read_to_string(format!("/sys/class/net/fb-{vni}/mtu"))
+        .unwrap()
+        .trim()
+        .to_string();
+    // The network's MTU reached both guests: over DHCP (option 26) and over network-config.
+    log_with(
+        admin,
+        &dhcp,
+        &[
+            format!("FLOTILLA-IP 10.7.0.10/24 MTU {mtu} VIA dhcp"),
+            "FLOTILLA-PING 10.7.0.11 ok".into(),
+        ],
+        120,
+    )
+    .await;
+    log_with(
+        admin,
+        &fixed,
+        &[
+            format!("FLOTILLA-IP 10.7.0.11/24 MTU {mtu} VIA static"),
+            "FLOTILLA-PING 10.7.0.10 ok".into(),
+        ],
+        120,
+    )
+    .await;
+    let fixed_vm = admin.get(vms, Some("default"), &fixed).await.unwrap();
+    assert_eq!(fixed_vm["status"]["interfaces"][0]["source"], "ipam");
+
+    let namespace = PathBuf::from(format!("/run/netns/flotilla-dhcp-{vni}"));
+    assert!(namespace.exists());
+    for name in [&dhcp, &fixed] {
+        admin.delete(vms, Some("default"), name).await.unwrap();
+    }
+    // Nothing of the network stays on the node once no VM uses it.
+    let dnsmasq_of_network = || {
+        std::fs::read_dir("/proc").unwrap().any(|e| {
+            std::fs::read(e.unwrap().path().join("cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c).contains(&format!("--interface=fdn-{vni}\0"))
+            })
+        })
+    };
+    eventually("the network's dataplane is removed", 30, async || {
+        let gone = !namespace.exists()
+            && !dnsmasq_of_network()
+            && ["fb", "fx", "fd"]
+                .iter()
+                .all(|p| !PathBuf::from(format!("/sys/class/net/{p}-{vni}")).exists());
+        gone.then_some(())
+    })
+    .await;
+}

@@ -87,7 +87,9 @@ pub fn ensure_namespace(name: &str) -> Result<PathBuf, DataplaneError> {
 /// Removes the namespace `name` (its devices go with it once nothing holds it); absent is fine.
 pub fn remove_namespace(name: &str) -> Result<(), DataplaneError> {
     let path = namespace_path(name);
-    if is_namespace(&path) {
+    // Mounted more than once (by two makers racing before this crate serialised them), it
+    // takes as many unmounts.
+    while is_namespace(&path) {
         let target = c_path(&path);
         // SAFETY: a lazy unmount of a NUL-terminated path.
         if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
