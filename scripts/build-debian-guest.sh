@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Builds the Debian 12 test guest with Debian's own cloud-init: a debootstrap root filesystem in a
 # qcow2 image, booted with the host's cloud kernel and initrd (its modules are copied in, so the
-# guest can load the CD-ROM and ISO9660 drivers that NoCloud needs). Cached: rebuilt only when
-# missing or when the host kernel changes. Output: $OUT/debian.qcow2, vmlinuz, initrd.img.
+# guest can load the CD-ROM and ISO9660 drivers that NoCloud needs); cloud-init renders its
+# network-config for systemd-networkd, which is enabled. Cached: rebuilt only when missing or
+# when the host kernel or this script changes. Output: $OUT/debian.qcow2, vmlinuz, initrd.img.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/target/guests/debian}"
 kernel="$(ls /boot/vmlinuz-*-cloud-amd64 2>/dev/null | sort -V | tail -n1 || true)"
 [ -n "$kernel" ] || { echo "error: no Debian cloud kernel in /boot (linux-image-cloud-amd64)" >&2; exit 1; }
 kver="${kernel#/boot/vmlinuz-}"
-if [ -f "$out/debian.qcow2" ] && [ "$(cat "$out/kernel-version" 2>/dev/null)" = "$kver" ]; then
+stamp="$kver $(sha256sum "$0" | cut -c1-16)"
+if [ -f "$out/debian.qcow2" ] && [ "$(cat "$out/kernel-version" 2>/dev/null)" = "$stamp" ]; then
   exit 0
 fi
 # The mirror this machine's apt uses (never a hard-coded host).
@@ -48,6 +50,7 @@ cat > "$root/etc/cloud/cloud.cfg.d/90-flotilla-tests.cfg" <<'CFG'
 datasource_list: [NoCloud, None]
 CFG
 chroot "$root" systemctl mask systemd-networkd-wait-online.service >/dev/null 2>&1 || true
+chroot "$root" systemctl enable systemd-networkd.service >/dev/null 2>&1
 rm -f "$root/etc/hostname" "$root/etc/machine-id" && touch "$root/etc/machine-id"
 apt_cache="$root/var/cache/apt/archives"
 rm -rf "$apt_cache"/*.deb "$root/var/lib/apt/lists"/*
@@ -58,5 +61,5 @@ qemu-img convert -f raw -O qcow2 "$work/root.img" "$out/debian.qcow2.tmp"
 mv "$out/debian.qcow2.tmp" "$out/debian.qcow2"
 cp "$kernel" "$out/vmlinuz"
 cp "/boot/initrd.img-$kver" "$out/initrd.img"
-echo "$kver" > "$out/kernel-version"
+echo "$stamp" > "$out/kernel-version"
 echo "built the Debian guest in $out"

@@ -1,6 +1,7 @@
 //! Crash safety: `kill -9` of the real `flotilla agent` during a create and during a delete, on a
 //! real libvirtd with real QEMU. After a restart the VM converges to Running with exactly one
-//! domain; after deletion no domain, disk, seed or any other file of it is left.
+//! domain; after deletion no domain, disk, seed or any other file of it is left, and once no VM
+//! uses the overlay network, none of its devices, namespace or DHCP server either.
 //!
 //! Needs libvirtd and the tiny guest; `make test` provides both.
 
@@ -22,6 +23,17 @@ async fn eventually(what: &str, secs: u64, mut check: impl AsyncFnMut() -> bool)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The dnsmasq processes serving the network `vni` (a killed agent's may be left running; the
+/// next one replaces it).
+fn dhcp_servers(vni: u64) -> usize {
+    let wanted = format!("--interface=fdn-{vni}\0");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| String::from_utf8_lossy(c).contains(&wanted))
+        .count()
 }
 
 fn domains_with_uuid(uuid: &str) -> usize {
@@ -77,6 +89,12 @@ async fn kill_9_during_create_and_delete_converges_and_leaks_nothing() {
         .await;
         assert_eq!(domains_with_uuid(&uid), 1, "{name}: exactly one domain");
         assert!(bridge.exists(), "{name}: the overlay's bridge is there");
+        eventually(
+            &format!("{name}: one DHCP server for the network"),
+            10,
+            async || dhcp_servers(vni) == 1,
+        )
+        .await;
 
         admin.delete(vms, Some("default"), &name).await.unwrap();
         tokio::time::sleep(Duration::from_millis(delay_ms / 2)).await;
@@ -110,9 +128,12 @@ async fn kill_9_during_create_and_delete_converges_and_leaks_nothing() {
     // The agent starting again removes the overlay no VM uses; the control plane frees every
     // address (the network's status counts none held).
     let mut agent = support::agent(&server.url, &token, "crash-node", tmp.path());
-    eventually("the unused overlay is removed", 30, async || {
-        !bridge.exists()
-    })
+    let namespace = std::path::PathBuf::from(format!("/run/netns/flotilla-dhcp-{vni}"));
+    eventually(
+        "the unused overlay and its DHCP server are removed",
+        30,
+        async || !bridge.exists() && !namespace.exists() && dhcp_servers(vni) == 0,
+    )
     .await;
     agent.kill9();
     eventually("every address is free again", 30, async || {
