@@ -1,6 +1,8 @@
 //! End to end with a real Debian 12 guest and Debian's own cloud-init, booted through Flotilla
 //! from an Image (cached on the node, root disk a linked clone): the hostname, the SSH key and a
-//! runcmd marker must land, observed through the log API. The guest is built by
+//! runcmd marker must land, and its NIC on an overlay network must come up with the static
+//! address and MTU of cloud-init's network-config, observed through the log API. The guest is
+//! built by
 //! `scripts/build-debian-guest.sh` (debootstrap, cached between runs). Takes about a minute.
 
 use std::path::PathBuf;
@@ -14,7 +16,7 @@ use flotilla_types::registry::lookup;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn debian_cloud_init_applies_hostname_key_and_runcmd() {
+async fn debian_cloud_init_applies_hostname_key_runcmd_and_network_config() {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
         .canonicalize()
@@ -35,6 +37,7 @@ async fn debian_cloud_init_applies_hostname_key_and_runcmd() {
     agent.join_token = Some(token);
     agent.virt_type = VirtType::Qemu;
     agent.shutdown_timeout = Duration::from_secs(5);
+    agent.resync = Duration::from_secs(3);
     let libvirt = Libvirt::open("qemu:///system")
         .await
         .expect("libvirtd is running");
@@ -42,18 +45,30 @@ async fn debian_cloud_init_applies_hostname_key_and_runcmd() {
     tokio::spawn(flotilla_agent::run_with(agent, libvirt.clone(), rx));
 
     let (vms, images) = (lookup("vm").unwrap(), lookup("image").unwrap());
+    let net = admin
+        .create(
+            lookup("network").unwrap(),
+            Some("default"),
+            &json!({"metadata": {"name": "lan"}, "spec": {"cidr": "10.8.0.0/24"}}),
+        )
+        .await
+        .unwrap();
+    let vni = net["status"]["vni"].as_u64().unwrap();
     admin.create(images, Some("default"), &json!({"metadata": {"name": "debian-12"}, "spec": {"source": {"path": guest.join("debian.qcow2")}}})).await.unwrap();
     let n = rand::random::<u32>() % 100_000;
     let (name, marker) = (format!("deb-{n}"), format!("runcmd-{n}"));
     let key = format!("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFlotillaTestKey{n} test@flotilla");
     let user_data = format!(
         "#cloud-config\nruncmd:\n  - echo FLOTILLA-RUNCMD {marker} > /dev/ttyS0\n  - echo FLOTILLA-HOSTNAME $(hostname) > /dev/ttyS0\n  - \
+         ip -o -4 addr show scope global | sed 's/^/FLOTILLA-ADDR /' > /dev/ttyS0\n  - \
+         ip -o link show | sed 's/^/FLOTILLA-LINK /' > /dev/ttyS0\n  - \
          cat /home/*/.ssh/authorized_keys | sed 's/^/FLOTILLA-KEY /' > /dev/ttyS0\n"
     );
     let vm = json!({"metadata": {"name": name}, "spec": {
         "resources": {"cpus": 1, "memory": "1Gi"}, "image": "debian-12", "rootDisk": {"size": "4Gi"},
         "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initrd.img"), "cmdline": "root=/dev/vda rw console=ttyS0"},
-        "sshAuthorizedKeys": [key], "userData": user_data}});
+        "sshAuthorizedKeys": [key], "userData": user_data,
+        "networks": [{"network": "lan", "ip": "10.8.0.20"}]}});
     admin.create(vms, Some("default"), &vm).await.unwrap();
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
@@ -86,10 +101,26 @@ async fn debian_cloud_init_applies_hostname_key_and_runcmd() {
         log.contains(&format!("FLOTILLA-KEY {key}")),
         "cloud-init installed the SSH key:\n{log}"
     );
-    let uid = admin.get(vms, Some("default"), &name).await.unwrap()["metadata"]["uid"]
+    // network-config: the static address, on the NIC with the VM's MAC, with the network's MTU.
+    let vm = admin.get(vms, Some("default"), &name).await.unwrap();
+    let mac = vm["status"]["interfaces"][0]["macAddress"]
         .as_str()
-        .unwrap()
-        .to_string();
+        .unwrap();
+    let mtu = std::fs::read_to_string(format!("/sys/class/net/fb-{vni}/mtu")).unwrap();
+    let addr = log
+        .lines()
+        .find(|l| l.contains("FLOTILLA-ADDR") && l.contains("inet 10.8.0.20/24"))
+        .unwrap_or_else(|| panic!("the NIC has its static address:\n{log}"));
+    let nic = addr.split_whitespace().nth(2).unwrap();
+    let link = log
+        .lines()
+        .find(|l| l.contains("FLOTILLA-LINK") && l.contains(&format!(" {nic}:")))
+        .unwrap_or_else(|| panic!("the NIC {nic} is listed:\n{log}"));
+    assert!(
+        link.contains(&format!("mtu {} ", mtu.trim())) && link.contains(mac),
+        "the NIC has the network's MTU and the VM's MAC: {link}"
+    );
+    let uid = vm["metadata"]["uid"].as_str().unwrap().to_string();
     admin.delete(vms, Some("default"), &name).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while admin.get(vms, Some("default"), &name).await.is_ok() {
