@@ -419,6 +419,46 @@ pub(crate) async fn holders(
     Ok(names.into_iter().collect())
 }
 
+/// What deleting the VM `vm` (its last finalizer gone) adds to its delete: the ports and
+/// addresses its NICs hold, each compared unchanged and held by this VM's uid (a status someone
+/// edited cannot release another VM's), so that they are free the moment the VM is gone. What
+/// this misses (a server that died in between) the controllers' sweeper releases.
+pub(crate) async fn release_with(
+    store: &dyn Store,
+    vm: &Value,
+) -> Result<(Vec<Compare>, Vec<Op>), ApiError> {
+    let (mut compares, mut ops) = (Vec::new(), Vec::new());
+    let (Some(project), Some(uid)) = (
+        vm["metadata"]["namespace"].as_str(),
+        vm["metadata"]["uid"].as_str(),
+    ) else {
+        return Ok((compares, ops));
+    };
+    for nic in vm["status"]["interfaces"].as_array().into_iter().flatten() {
+        let (Some(network), Some(mac)) = (nic["network"].as_str(), nic["macAddress"].as_str())
+        else {
+            continue;
+        };
+        let mut keys = vec![format!("{}{mac}", ports_prefix(project, network))];
+        for ip in nic["ips"].as_array().into_iter().flatten() {
+            if let Some(ip) = ip.as_str().and_then(|a| a.split('/').next()) {
+                keys.push(format!("{}{ip}", addresses_prefix(project, network)));
+            }
+        }
+        for key in keys {
+            let Some(kv) = store.get(&key).await? else {
+                continue;
+            };
+            let holder: Option<Value> = serde_json::from_slice(&kv.value).ok();
+            if holder.as_ref().and_then(|h| h["uid"].as_str()) == Some(uid) {
+                compares.push(Compare::mod_revision(&key, kv.mod_revision));
+                ops.push(Op::delete(&key));
+            }
+        }
+    }
+    Ok((compares, ops))
+}
+
 /// `GET .../namespaces/<project>/networks/<name>/addresses`: the addresses NICs hold on a
 /// network, with their VMs and MACs, in address order — what each node's DHCP and DNS server
 /// for the network serves. Readable by whoever may read the Network (nodes too).

@@ -1170,19 +1170,22 @@ impl Objects {
                 .as_array()
                 .is_none_or(Vec::is_empty);
         let raw = encode(next);
-        let op = if finalized {
-            Op::delete(&current.key)
+        let mut txn = Txn::new().when(Compare::mod_revision(&current.key, current.mod_revision));
+        if finalized {
+            txn = txn.and_then(Op::delete(&current.key));
+            if next["kind"] == "VirtualMachine" {
+                let (compares, ops) = crate::ipam::release_with(self.store.as_ref(), next).await?;
+                for c in compares {
+                    txn = txn.when(c);
+                }
+                for op in ops {
+                    txn = txn.and_then(op);
+                }
+            }
         } else {
-            Op::put(&current.key, raw.clone())
-        };
-        let resp = self
-            .store
-            .txn(
-                Txn::new()
-                    .when(Compare::mod_revision(&current.key, current.mod_revision))
-                    .and_then(op),
-            )
-            .await?;
+            txn = txn.and_then(Op::put(&current.key, raw.clone()));
+        }
+        let resp = self.store.txn(txn).await?;
         Ok(resp.succeeded.then_some(Stored {
             raw,
             revision: resp.revision,
@@ -1244,14 +1247,20 @@ impl Objects {
                 .cloned()
                 .unwrap_or_default();
             if finalizers.is_empty() && propagation_finalizer.is_none() {
-                let resp = self
-                    .store
-                    .txn(
-                        Txn::new()
-                            .when(Compare::mod_revision(&kv.key, kv.mod_revision))
-                            .and_then(Op::delete(&kv.key)),
-                    )
-                    .await?;
+                let mut txn = Txn::new()
+                    .when(Compare::mod_revision(&kv.key, kv.mod_revision))
+                    .and_then(Op::delete(&kv.key));
+                if kind.kind == "VirtualMachine" {
+                    let (compares, ops) =
+                        crate::ipam::release_with(self.store.as_ref(), &current).await?;
+                    for c in compares {
+                        txn = txn.when(c);
+                    }
+                    for op in ops {
+                        txn = txn.and_then(op);
+                    }
+                }
+                let resp = self.store.txn(txn).await?;
                 if resp.succeeded {
                     return Ok((
                         Stored {

@@ -11,6 +11,10 @@
 //! When all are Running it reads every VM and node back and counts constraint violations
 //! independently of the scheduler's code (over-committed CPU or memory, a selector or an affinity
 //! rule broken, a VM on a node that is not Ready). Prints one JSON line.
+//! Every VM has a NIC on one of FLOTILLA_BENCH_NETWORKS (100) overlay networks: the server's
+//! IPAM gives each its address at create; the check also counts addresses given twice on a
+//! network and VMs left without one. Simulated nodes keep their dataplane simulated (libvirt's
+//! test driver has no host devices: no bridge, VXLAN device or dnsmasq is made for them).
 //! Sizes: FLOTILLA_BENCH_NODES (1000), FLOTILLA_BENCH_VMS (10000), FLOTILLA_BENCH_ZONES (4).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -68,8 +72,12 @@ fn quiet(cmd: &mut Command) -> &mut Command {
     .stderr(Stdio::inherit())
 }
 
-/// The i-th VM of the mix, with the rules the checker verifies.
-fn vm(i: usize, zones: usize) -> Value {
+fn network_name(i: usize) -> String {
+    format!("net-{i:03}")
+}
+
+/// The i-th VM of the mix, with the rules the checker verifies, on one of `networks` networks.
+fn vm(i: usize, zones: usize, networks: usize) -> Value {
     let size = [(1, "1Gi"), (2, "2Gi"), (2, "4Gi"), (4, "8Gi")][i % 4];
     let mut spec = json!({"resources": {"cpus": size.0, "memory": size.1}, "boot": {"kernel": "/boot/vmlinuz"}});
     let mut labels = json!({"bench": "scale"});
@@ -114,6 +122,9 @@ fn vm(i: usize, zones: usize) -> Value {
         }
         _ => {}
     }
+    if networks > 0 {
+        spec["networks"] = json!([{"network": network_name(i % networks)}]);
+    }
     json!({"metadata": {"name": format!("vm-{i:05}"), "labels": labels}, "spec": spec})
 }
 
@@ -153,10 +164,11 @@ async fn run() {
     let nodes_n = env_usize("FLOTILLA_BENCH_NODES", 1000);
     let vms_n = env_usize("FLOTILLA_BENCH_VMS", 10_000);
     let zones = env_usize("FLOTILLA_BENCH_ZONES", 4);
+    let networks = env_usize("FLOTILLA_BENCH_NETWORKS", 100).min(256);
     let dir = tempfile::tempdir().unwrap();
     let server_dir = dir.path().join("server");
     let url = format!("https://127.0.0.1:{}", free_port());
-    println!("flotilla scale benchmark: {nodes_n} simulated nodes in {zones} zones, {vms_n} VMs; server on SQLite with fsync");
+    println!("flotilla scale benchmark: {nodes_n} simulated nodes in {zones} zones, {vms_n} VMs on {networks} overlay networks; server on SQLite with fsync");
 
     let server = KillOnDrop(
         quiet(Command::new(BIN).args(["server", "--listen", &url["https://".len()..]]))
@@ -222,6 +234,15 @@ async fn run() {
         fleet_ready.as_secs_f64()
     );
 
+    let nets_kind = lookup("network").unwrap();
+    for i in 0..networks {
+        let body = json!({"metadata": {"name": network_name(i)}, "spec": {"cidr": format!("10.100.{i}.0/24")}});
+        admin
+            .create(nets_kind, Some("default"), &body)
+            .await
+            .unwrap();
+    }
+
     // Watch every VM from before the first create: when each is bound and when it is Running.
     let list = admin
         .list(vms_kind, None, &ListParams::default())
@@ -270,7 +291,7 @@ async fn run() {
                 if i >= vms_n {
                     return accepted;
                 }
-                let body = vm(i, zones);
+                let body = vm(i, zones, networks);
                 admin
                     .create(vms_kind, Some("default"), &body)
                     .await
@@ -342,6 +363,7 @@ async fn run() {
             "server_peak_rss_mib": round(server_peak as f64 / (1 << 20) as f64),
             "fleet_rss_mib": round(fleet_rss as f64 / (1 << 20) as f64),
             "memory_per_node_kib": round(fleet_rss as f64 / nodes_n as f64 / 1024.0),
+            "networks": networks,
             "violations": violations.len(),
         })
     );
@@ -401,6 +423,29 @@ fn check(vms: &[Value], nodes: &[Value]) -> Vec<String> {
             entry
                 .or_default()
                 .push((name, &vm["metadata"]["labels"], node));
+        }
+    }
+    // Every NIC has an address, never one another NIC of its network holds.
+    let mut addresses: HashMap<(String, String), &str> = HashMap::new();
+    for vm in vms {
+        let name = vm["metadata"]["name"].as_str().unwrap();
+        let wanted = vm["spec"]["networks"].as_array().map_or(0, Vec::len);
+        let nics = vm["status"]["interfaces"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if nics.len() != wanted {
+            problems.push(format!("{name} has {} of its {wanted} NICs", nics.len()));
+        }
+        for nic in &nics {
+            let network = nic["network"].as_str().unwrap_or_default().to_string();
+            let Some(ip) = nic["ips"][0].as_str() else {
+                problems.push(format!("{name}'s NIC on {network} has no address"));
+                continue;
+            };
+            if let Some(other) = addresses.insert((network.clone(), ip.to_string()), name) {
+                problems.push(format!("{name} and {other} both hold {ip} on {network}"));
+            }
         }
     }
     let mut used: BTreeMap<&str, (u64, u128)> = BTreeMap::new();
