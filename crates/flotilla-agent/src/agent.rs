@@ -258,6 +258,14 @@ pub async fn run_with(
             }
         })
     });
+    // Flood lists follow their networks' endpoints as soon as they change.
+    let follower = ctx.overlays.clone().map(|overlays| {
+        tokio::spawn(crate::overlays::follow_networks(
+            overlays,
+            client.clone(),
+            config.node_name.clone(),
+        ))
+    });
     // The lease files say which guests took their address (their VMs report it).
     let lease_reader = dhcp.clone().map(|dhcp| {
         tokio::spawn(async move {
@@ -381,7 +389,7 @@ pub async fn run_with(
         }
     }
     heartbeat.abort();
-    for task in [collector, lease_reader].into_iter().flatten() {
+    for task in [collector, lease_reader, follower].into_iter().flatten() {
         task.abort();
     }
     Ok(())

@@ -20,6 +20,11 @@ pub struct TestCluster {
 impl TestCluster {
     /// A server on 127.0.0.1 (random port) with every controller but compaction.
     pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0".parse().expect("an address")).await
+    }
+
+    /// The same, listening on `listen` (e.g. an address agents in other namespaces reach).
+    pub async fn start_on(listen: std::net::SocketAddr) -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory");
         std::fs::set_permissions(
             dir.path(),
@@ -27,7 +32,7 @@ impl TestCluster {
         )
         .expect("chmod");
         let mut config = ServerConfig::new(dir.path().join("server"));
-        config.listen = "127.0.0.1:0".parse().expect("an address");
+        config.listen = listen;
         let server = flotilla_server::start(config)
             .await
             .expect("the server starts");

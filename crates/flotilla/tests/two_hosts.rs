@@ -1,0 +1,276 @@
+//! Two real hosts on one machine (`../shared/recipes/two-hosts.md`): each is its own libvirtd,
+//! virtlogd and `flotilla agent` in network, mount, UTS and PID namespaces of their own, with
+//! private libvirt directories, on an underlay bridge in this test's namespace where the API
+//! server listens. A tiny guest on host A (address from network-config) and one on host B
+//! (address over DHCP from host B's dnsmasq) share an overlay network: each pings the other
+//! across the VXLAN between the hosts.
+//!
+//! Needs root, libvirtd's binaries and the tiny guest; `make test` provides them.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command};
+
+use flotilla_controllers::testkit::{eventually, TestCluster};
+use flotilla_types::registry::lookup;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+
+/// Runs inside a host's namespaces as its PID namespace's init: private libvirt directories,
+/// virtlogd, libvirtd, then the command (the agent) beside a loop that reaps every orphan (QEMU
+/// processes libvirtd starts to probe capabilities end up here; unreaped, libvirtd waits for
+/// them forever). It ends with the agent.
+const HOST_INIT: &str = r#"#!/bin/sh
+set -e
+R="$1"; shift
+mount --make-rprivate /
+mkdir -p "$R/etc" "$R/run" "$R/lib" "$R/log/qemu" "$R/cache"
+mount --bind "$R/etc" /etc/libvirt
+mount --bind "$R/run" /run
+mount --bind "$R/lib" /var/lib/libvirt
+mount --bind "$R/log" /var/log/libvirt
+mount --bind "$R/cache" /var/cache/libvirt
+mkdir -p /run/libvirt /run/netns
+virtlogd -d
+libvirtd -d
+i=0
+until [ -S /run/libvirt/libvirt-sock ] || [ $i -ge 100 ]; do sleep 0.1; i=$((i+1)); done
+"$@" &
+agent=$!
+while kill -0 "$agent" 2>/dev/null; do sleep 0.2; done
+"#;
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The underlay and the hosts' namespaces, removed however the test ends.
+struct Fabric {
+    bridge: String,
+    namespaces: Vec<String>,
+    hosts: Vec<Child>,
+    /// Each host's output (its agent's log), shown when the test fails.
+    logs: Vec<std::path::PathBuf>,
+}
+
+impl Drop for Fabric {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for log in &self.logs {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!("--- {} (last lines)", log.display());
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        // Killing a host's unshare kills its PID namespace: agent, libvirtd, QEMU, dnsmasq.
+        for host in &mut self.hosts {
+            let _ = host.kill();
+            let _ = host.wait();
+        }
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+    }
+}
+
+/// Writes host `name`'s libvirt configuration under `root`.
+fn configure_libvirt(root: &Path, uuid: &str) {
+    let etc = root.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(
+        etc.join("libvirtd.conf"),
+        format!("unix_sock_rw_perms = \"0700\"\nhost_uuid = \"{uuid}\"\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        etc.join("qemu.conf"),
+        "user = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\nremember_owner = 0\n\
+         security_driver = \"none\"\ncgroup_controllers = [ ]\nstdio_handler = \"logd\"\n",
+    )
+    .unwrap();
+}
+
+/// The serial console of the VM `uid` on the host whose agent keeps its files in `agent_dir`.
+fn console(agent_dir: &Path, uid: &str) -> String {
+    std::fs::read_to_string(agent_dir.join("vms").join(uid).join("console.log")).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_on_two_hosts_reach_each_other_over_the_overlay() {
+    let guest = support::tiny_guest();
+    let tag = std::process::id() % 100_000;
+    let mut fabric = Fabric {
+        bridge: format!("f2hsw{tag}"),
+        namespaces: Vec::new(),
+        hosts: Vec::new(),
+        logs: Vec::new(),
+    };
+    run(&["ip", "link", "add", &fabric.bridge, "type", "bridge"]);
+    run(&["ip", "addr", "add", "10.77.0.254/24", "dev", &fabric.bridge]);
+    run(&["ip", "link", "set", &fabric.bridge, "up"]);
+    let cluster = TestCluster::start_on("10.77.0.254:0".parse().unwrap()).await;
+    let admin = &cluster.admin;
+    let root = cluster.dir.path().join("hosts");
+
+    let mut agent_dirs = Vec::new();
+    for (i, host) in ["a", "b"].into_iter().enumerate() {
+        let ns = format!("f2h{tag}-{host}");
+        run(&["ip", "netns", "add", &ns]);
+        fabric.namespaces.push(ns.clone());
+        let port = format!("f2h{tag}{host}");
+        run(&[
+            "ip", "link", "add", &port, "type", "veth", "peer", "name", "ul", "netns", &ns,
+        ]);
+        run(&["ip", "link", "set", &port, "master", &fabric.bridge, "up"]);
+        let address = format!("10.77.0.{}", i + 1);
+        run(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{address}/24"),
+            "dev",
+            "ul",
+        ]);
+        run(&["ip", "-n", &ns, "link", "set", "ul", "up"]);
+        run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+
+        let dir = root.join(host);
+        std::fs::create_dir_all(&dir).unwrap();
+        configure_libvirt(
+            &dir,
+            &format!("00000000-0000-4000-8000-00000000000{}", i + 1),
+        );
+        let init = dir.join("host-init.sh");
+        std::fs::write(&init, HOST_INIT).unwrap();
+        std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let agent_dir = dir.join("agent");
+        let log = dir.join("host.log");
+        let output = std::fs::File::create(&log).unwrap();
+        fabric.logs.push(log);
+        let child = Command::new("ip")
+            .args([
+                "netns", "exec", &ns, "unshare", "--mount", "--uts", "--pid", "--fork",
+            ])
+            .args([
+                "--mount-proc",
+                "--propagation",
+                "private",
+                "--kill-child=SIGKILL",
+            ])
+            .arg(&init)
+            .arg(&dir)
+            .args([BIN, "agent", "--server", &cluster.server.url])
+            .args(["--join-token", &cluster.join_token().await])
+            .args([
+                "--node-name",
+                &format!("host-{host}"),
+                "--virt-type",
+                "qemu",
+            ])
+            .args(["--tunnel-address", &address, "--shutdown-timeout", "1s"])
+            .arg("--data-dir")
+            .arg(&agent_dir)
+            .env("FLOTILLA_LOG", "info,flotilla_agent=debug")
+            .stdout(output.try_clone().unwrap())
+            .stderr(output)
+            .spawn()
+            .unwrap();
+        fabric.hosts.push(child);
+        agent_dirs.push(agent_dir);
+    }
+    let nodes = lookup("node").unwrap();
+    eventually("both hosts are Ready", 60, async || {
+        let list = admin.list(nodes, None, &Default::default()).await.ok()?;
+        let ready = list["items"]
+            .as_array()?
+            .iter()
+            .filter(|n| {
+                n["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            })
+            .count();
+        (ready == 2).then_some(())
+    })
+    .await;
+
+    admin
+        .create(
+            lookup("network").unwrap(),
+            Some("default"),
+            &json!({"metadata": {"name": "lan"}, "spec": {"cidr": "10.7.0.0/24"}}),
+        )
+        .await
+        .unwrap();
+    let vms = lookup("vm").unwrap();
+    let mut uids = Vec::new();
+    for (host, ip, peer, cmdline) in [
+        ("a", "10.7.0.10", "10.7.0.11", "console=ttyS0 panic=-1"),
+        (
+            "b",
+            "10.7.0.11",
+            "10.7.0.10",
+            "console=ttyS0 panic=-1 flotilla.dhcp",
+        ),
+    ] {
+        let vm = json!({"metadata": {"name": format!("on-{host}")}, "spec": {
+            "nodeName": format!("host-{host}"),
+            "resources": {"cpus": 1, "memory": "256Mi"},
+            "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": cmdline},
+            "userData": format!("#cloud-config\nflotilla_test_ping: {peer}\n"),
+            "networks": [{"network": "lan", "ip": ip}],
+        }});
+        let made = admin.create(vms, Some("default"), &vm).await.unwrap();
+        uids.push(made["metadata"]["uid"].as_str().unwrap().to_string());
+    }
+    // Each guest reaches the other through the tunnel between the hosts.
+    for (i, (own, peer, via)) in [
+        ("10.7.0.10", "10.7.0.11", "static"),
+        ("10.7.0.11", "10.7.0.10", "dhcp"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (dir, uid) = (&agent_dirs[i], &uids[i]);
+        let log = eventually(
+            &format!("the guest on host {i} pings {peer}"),
+            120,
+            async || {
+                let log = console(dir, uid);
+                log.contains(&format!("FLOTILLA-PING {peer} ok"))
+                    .then_some(log)
+            },
+        )
+        .await;
+        assert!(
+            log.contains(&format!("FLOTILLA-IP {own}/24 MTU 1450 VIA {via}")),
+            "{log}"
+        );
+    }
+    let b = admin.get(vms, Some("default"), "on-b").await.unwrap();
+    assert_eq!(b["status"]["interfaces"][0]["source"], "dhcp", "{b}");
+    let network = admin
+        .get(lookup("network").unwrap(), Some("default"), "lan")
+        .await
+        .unwrap();
+    assert_eq!(network["status"]["nodes"], json!(["host-a", "host-b"]));
+    drop(fabric);
+}
