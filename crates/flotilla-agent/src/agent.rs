@@ -778,6 +778,7 @@ async fn report_node(
                      "qemuVersion": host.hypervisor_version, "virtType": if ctx.virt_type == VirtType::Kvm { "kvm" } else { "qemu" },
                      "agentEndpoint": endpoint.0, "agentCertSha256": endpoint.1},
         "unmanagedDomains": unmanaged,
+        "dhcpServerRestarts": ctx.dhcp.as_ref().map(|d| d.restarts()),
     }});
     ctx.client
         .patch(

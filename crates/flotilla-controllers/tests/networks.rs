@@ -161,6 +161,35 @@ async fn networks_hand_out_vnis_and_addresses_once_and_take_them_back() {
     assert_eq!(db["status"]["ips"], json!(["10.0.0.50"]));
     // What the nodes' DHCP servers serve: every address of the network, its VM and MAC, in
     // address order; a network that does not exist is 404, and only GET is allowed.
+    // The inventory in /metrics: networks a, b and lan; web's two NICs and db's one; a node's
+    // DHCP-server restarts as its agent reports them.
+    let nodes = lookup("node").unwrap();
+    c.create(nodes, None, &json!({"metadata": {"name": "n1"}}))
+        .await
+        .unwrap();
+    c.patch(
+        nodes,
+        None,
+        "n1",
+        &json!({"status": {"dhcpServerRestarts": 2}}),
+        true,
+    )
+    .await
+    .unwrap();
+    let metrics = c
+        .send(reqwest::Method::GET, "/metrics", &[], None)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "flotilla_networks 3",
+        "flotilla_network_interfaces 3",
+        "flotilla_dhcp_server_restarts{node=\"n1\"} 2",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
     let served = c.network_addresses("default", "a").await.unwrap();
     assert_eq!(served["kind"], "NetworkAddressList");
     let items: Vec<(Value, Value, Value)> = served["items"]

@@ -228,6 +228,7 @@ fn version(cluster_id: &str) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    state.metrics.refresh(&state.objects).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.encode(),

@@ -1,4 +1,5 @@
-//! Prometheus metrics: request counts and latency by verb, route and code.
+//! Prometheus metrics: request counts and latency by verb, route and code; and, read from the
+//! store at each scrape, the inventory of networks, NICs and the nodes' DHCP-server restarts.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,6 +10,7 @@ use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -25,10 +27,18 @@ pub struct LatencyLabels {
     pub route: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub node: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, Histogram>,
+    networks: Gauge,
+    nics: Gauge,
+    dhcp_restarts: Family<NodeLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -48,15 +58,76 @@ impl Default for Metrics {
             "Time to the first response byte, by method and route",
             latency.clone(),
         );
+        let (networks, nics) = (Gauge::default(), Gauge::default());
+        let dhcp_restarts = Family::<NodeLabels, Gauge>::default();
+        registry.register(
+            "flotilla_networks",
+            "Networks in every project",
+            networks.clone(),
+        );
+        registry.register(
+            "flotilla_network_interfaces",
+            "VM NICs on networks (ports IPAM holds)",
+            nics.clone(),
+        );
+        registry.register(
+            "flotilla_dhcp_server_restarts",
+            "Times a node's DHCP servers exited and were started again since its agent started",
+            dhcp_restarts.clone(),
+        );
         Metrics {
             registry,
             requests,
             latency,
+            networks,
+            nics,
+            dhcp_restarts,
         }
     }
 }
 
 impl Metrics {
+    /// Reads the inventory gauges from the store (a few key-range reads per scrape).
+    pub async fn refresh(&self, objects: &crate::objects::Objects) {
+        let store = objects.store();
+        let count = |prefix: String| async move {
+            store
+                .range(flotilla_store::RangeRequest::prefix(&prefix))
+                .await
+                .map(|r| r.kvs.len() as i64)
+        };
+        let networks = flotilla_types::registry::by_kind("Network").expect("registered");
+        if let Ok(n) = count(crate::objects::list_prefix(networks, None)).await {
+            self.networks.set(n);
+        }
+        if let Ok(n) = count(crate::ipam::PORTS_PREFIX.to_string()).await {
+            self.nics.set(n);
+        }
+        let nodes = flotilla_types::registry::by_kind("Node").expect("registered");
+        let prefix = crate::objects::list_prefix(nodes, None);
+        if let Ok(range) = store
+            .range(flotilla_store::RangeRequest::prefix(&prefix))
+            .await
+        {
+            self.dhcp_restarts.clear();
+            for kv in range.kvs {
+                let Ok(node) = serde_json::from_slice::<serde_json::Value>(&kv.value) else {
+                    continue;
+                };
+                if let (Some(name), Some(restarts)) = (
+                    node["metadata"]["name"].as_str(),
+                    node["status"]["dhcpServerRestarts"].as_i64(),
+                ) {
+                    self.dhcp_restarts
+                        .get_or_create(&NodeLabels {
+                            node: name.to_string(),
+                        })
+                        .set(restarts);
+                }
+            }
+        }
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)

@@ -80,6 +80,10 @@ pub struct NodeStatus {
     /// Domains on this host that Flotilla did not create (`flotilla vm adopt` can take them over).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unmanaged_domains: Vec<UnmanagedDomain>,
+    /// How many times the node's DHCP servers (one per overlay network it carries) exited and
+    /// were started again by its agent, since the agent started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp_server_restarts: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
