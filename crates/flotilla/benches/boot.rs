@@ -1,7 +1,10 @@
 //! Boot benchmark (`make bench-boot`): API-accepted -> domain running for 20 tiny VMs on real
 //! QEMU (TCG), through the whole system (scheduler, agent, disks, seed, libvirt), beside raw
 //! libvirt define+start of the same domain XML measured in the same run. Prints p50/p99 and the
-//! ratio, then a JSON summary line. Needs libvirtd and the tiny guest (`make bench-boot` builds it).
+//! ratio. Then, one at a time, API-accepted -> the guest holds its address (the guest's init
+//! prints its DHCP lease; the VM's status confirms it) for tiny VMs with a NIC on an overlay
+//! network, beside the same guest without a NIC (API-accepted -> its init has run). Ends with a
+//! JSON summary line. Needs libvirtd and the tiny guest (`make bench-boot` builds it).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -14,6 +17,8 @@ use flotilla_types::registry::lookup;
 use serde_json::json;
 
 const N: usize = 20;
+/// VMs per side in the address comparison.
+const M: usize = 5;
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0
@@ -179,6 +184,75 @@ async fn run() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // Addresses: the same guest with a NIC taking its lease over DHCP, beside it without a NIC.
+    admin
+        .create(
+            lookup("network").unwrap(),
+            Some("default"),
+            &json!({"metadata": {"name": "bench"}, "spec": {"cidr": "10.66.0.0/24"}}),
+        )
+        .await
+        .unwrap();
+    let console = |uid: &str| {
+        std::fs::read_to_string(tmp.path().join("agent/vms").join(uid).join("console.log"))
+            .unwrap_or_default()
+    };
+    let (mut plain, mut to_lease, mut to_status) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..M {
+        for with_nic in [false, true] {
+            let name = format!("addr-{tag}-{i}-{with_nic}");
+            let mut vm = json!({"metadata": {"name": name}, "spec": {"resources": {"cpus": 1, "memory": "128Mi"},
+                "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0 flotilla.dhcp"}}});
+            if with_nic {
+                vm["spec"]["networks"] = json!([{"network": "bench"}]);
+            }
+            let created = admin.create(vms, Some("default"), &vm).await.unwrap();
+            let accepted = Instant::now();
+            let uid = created["metadata"]["uid"].as_str().unwrap().to_string();
+            let marker = if with_nic {
+                "FLOTILLA-IP"
+            } else {
+                "FLOTILLA-SEED-FILES"
+            };
+            let mut confirmed = None;
+            while !console(&uid).contains(marker) {
+                assert!(
+                    accepted.elapsed() < Duration::from_secs(120),
+                    "{name}: no {marker}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let seen = accepted.elapsed();
+            if with_nic {
+                while confirmed.is_none() {
+                    let v = admin.get(vms, Some("default"), &name).await.unwrap();
+                    if v["status"]["interfaces"][0]["source"] == "dhcp" {
+                        confirmed = Some(accepted.elapsed());
+                    }
+                    assert!(
+                        accepted.elapsed() < Duration::from_secs(120),
+                        "{name}: no lease in status"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                to_lease.push(seen);
+                to_status.push(confirmed.unwrap());
+            } else {
+                plain.push(seen);
+            }
+            admin.delete(vms, Some("default"), &name).await.unwrap();
+            while admin.get(vms, Some("default"), &name).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    plain.sort();
+    to_lease.sort();
+    to_status.sort();
+    let (p50, l50, s50) = (pct(&plain, 0.5), pct(&to_lease, 0.5), pct(&to_status, 0.5));
+    println!("no NIC: API-accepted -> guest init done: {M} VMs, p50 {p50:.0} ms");
+    println!("NIC on an overlay: API-accepted -> guest holds its DHCP lease: {M} VMs, p50 {l50:.0} ms; -> status says dhcp: p50 {s50:.0} ms");
+
     raw.sort();
     flot.sort();
     let (r50, r99, f50, f99) = (
@@ -193,6 +267,7 @@ async fn run() {
     println!(
         "{}",
         json!({"vms": N, "raw_p50_ms": r50.round(), "raw_p99_ms": r99.round(), "flotilla_p50_ms": f50.round(),
-        "flotilla_p99_ms": f99.round(), "ratio_p50": (f50 / r50 * 100.0).round() / 100.0})
+        "flotilla_p99_ms": f99.round(), "ratio_p50": (f50 / r50 * 100.0).round() / 100.0,
+        "no_nic_init_p50_ms": p50.round(), "nic_lease_p50_ms": l50.round(), "nic_lease_in_status_p50_ms": s50.round()})
     );
 }
