@@ -38,6 +38,9 @@ pub struct Nic {
     pub mac: String,
     pub bridge: String,
     pub mtu: u32,
+    /// The 802.1Q VLAN the NIC's port carries untagged (bridged networks with `spec.vlan`):
+    /// libvirt sets it on a Linux bridge that filters VLANs (libvirt 11.1 and later).
+    pub vlan: Option<u16>,
 }
 
 #[derive(Clone, Debug)]
@@ -132,14 +135,17 @@ impl DomainSpec {
         }
         for nic in &self.nics {
             // No <bandwidth>: tc police is missing on kernels like CI's, and libvirt fails then.
-            devices.push(
-                Element::new("interface")
-                    .attr("type", "bridge")
-                    .child(Element::new("mac").attr("address", &nic.mac))
-                    .child(Element::new("source").attr("bridge", &nic.bridge))
-                    .child(Element::new("model").attr("type", "virtio"))
-                    .child(Element::new("mtu").attr("size", nic.mtu)),
-            );
+            let mut interface = Element::new("interface")
+                .attr("type", "bridge")
+                .child(Element::new("mac").attr("address", &nic.mac))
+                .child(Element::new("source").attr("bridge", &nic.bridge))
+                .child(Element::new("model").attr("type", "virtio"))
+                .child(Element::new("mtu").attr("size", nic.mtu));
+            if let Some(vlan) = nic.vlan {
+                interface = interface
+                    .child(Element::new("vlan").child(Element::new("tag").attr("id", vlan)));
+            }
+            devices.push(interface);
         }
         if self.virt_type != VirtType::Test {
             // A pty for interactive consoles, with everything also written to the log file.

@@ -323,10 +323,24 @@ async fn nics(
             search: Some(format!("{}.{project}.{domain}", interface.network)),
             mtu,
         });
+        let vlan = network.spec.vlan;
+        if let Some(vlan) = vlan.filter(|_| ctx.virt_type != VirtType::Test) {
+            // Without VLAN filtering the bridge would put the NIC on the LAN's native VLAN.
+            let filtering =
+                std::fs::read_to_string(format!("/sys/class/net/{bridge}/bridge/vlan_filtering"))
+                    .is_ok_and(|v| v.trim() == "1");
+            if !filtering {
+                return Err(AgentError::Config(format!(
+                    "network {:?} puts NICs on VLAN {vlan}, but bridge {bridge} on node {} does not filter VLANs (ip link set {bridge} type bridge vlan_filtering 1; the kernel needs 802.1Q and bridge VLAN filtering)",
+                    interface.network, ctx.node
+                )));
+            }
+        }
         nics.push(Nic {
             mac: interface.mac_address,
             bridge,
             mtu,
+            vlan,
         });
     }
     Ok((nics, seed))

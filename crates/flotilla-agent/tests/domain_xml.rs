@@ -37,11 +37,13 @@ fn spec(virt_type: VirtType, hostile: bool) -> DomainSpec {
                 mac: "02:46:4c:0a:0b:0c".into(),
                 bridge: "fb-4096".into(),
                 mtu: 1450,
+                vlan: None,
             },
             Nic {
                 mac: "52:54:00:12:34:56".into(),
                 bridge: "br0".into(),
                 mtu: 1500,
+                vlan: Some(42),
             },
         ],
         console_log: PathBuf::from("/var/lib/flotilla/vms/6f1c2a9e/console.log"),
