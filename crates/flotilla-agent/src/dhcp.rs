@@ -46,6 +46,8 @@ pub struct Service<'a> {
     pub domain: String,
     pub subnet: Subnet,
     pub mtu: u32,
+    /// The DNS servers guests are told (the network's own, or this server).
+    pub nameservers: Vec<String>,
     /// Every address IPAM gave on the network.
     pub addresses: &'a [NetworkAddress],
 }
@@ -355,9 +357,17 @@ fn names_file(service: &Service<'_>) -> String {
 /// `--dhcp-optsfile`: gateway, DNS server, domain and MTU.
 fn options_file(service: &Service<'_>) -> String {
     let subnet = &service.subnet;
+    let servers: Vec<&str> = service
+        .nameservers
+        .iter()
+        .map(String::as_str)
+        .filter(|s| s.parse::<Ipv4Addr>().is_ok())
+        .collect();
     let mut out = format!(
         "option:router,{}\noption:dns-server,{}\noption:mtu,{}\n",
-        subnet.gateway, subnet.dhcp_server, service.mtu
+        subnet.gateway,
+        servers.join(","),
+        service.mtu
     );
     if safe(&service.domain) {
         out.push_str(&format!("option:domain-search,{}\n", service.domain));
@@ -577,6 +587,7 @@ mod tests {
             domain: "net.p.flotilla.internal".into(),
             subnet: Subnet::new("10.0.0.0/24".parse().unwrap(), None).unwrap(),
             mtu: 1450,
+            nameservers: vec!["10.0.0.2".into()],
             addresses,
         }
     }

@@ -315,11 +315,8 @@ async fn nics(
             name: interface.name.clone(),
             mac: interface.mac_address.clone(),
             addresses: interface.ips.clone(),
-            gateway: subnet.map(|s| s.gateway.to_string()),
-            nameservers: subnet
-                .filter(|_| network.spec.dhcp)
-                .map(|s| vec![s.dhcp_server.to_string()])
-                .unwrap_or_default(),
+            gateway: subnet.as_ref().map(|s| s.gateway.to_string()),
+            nameservers: nameservers(&network, subnet.as_ref()),
             search: Some(format!("{}.{project}.{domain}", interface.network)),
             mtu,
         });
@@ -344,6 +341,22 @@ async fn nics(
         });
     }
     Ok((nics, seed))
+}
+
+/// The DNS servers a NIC's guest is told: the network's own list, else Flotilla's server on an
+/// overlay network with DHCP (its DHCP-server address), else none.
+fn nameservers(network: &Network, subnet: Option<&flotilla_ipam::Subnet>) -> Vec<String> {
+    let given = network.spec.dns.as_ref().map(|d| d.nameservers.clone());
+    match (given, subnet) {
+        (Some(given), _) if !given.is_empty() => given,
+        (_, Some(subnet))
+            if network.spec.dhcp
+                && network.spec.network_type == flotilla_types::NetworkType::Overlay =>
+        {
+            vec![subnet.dhcp_server.to_string()]
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// Makes this node's DHCP and DNS server of `network` serve every address IPAM gave on it
@@ -382,6 +395,7 @@ async fn serve_dhcp(
         project,
         network: name,
         domain: format!("{name}.{project}.{domain}"),
+        nameservers: nameservers(network, Some(&subnet)),
         subnet,
         mtu,
         addresses: &list.items,

@@ -118,6 +118,7 @@ fn service(addresses: &[NetworkAddress]) -> Service<'_> {
         domain: "net.p.flotilla.internal".into(),
         subnet: Subnet::new("10.0.0.0/24".parse().unwrap(), None).unwrap(),
         mtu: 1450,
+        nameservers: vec!["10.0.0.2".into()],
         addresses,
     }
 }

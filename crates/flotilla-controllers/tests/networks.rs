@@ -99,6 +99,36 @@ async fn networks_hand_out_vnis_and_addresses_once_and_take_them_back() {
         .await
         .unwrap();
     assert!(lan["status"].get("vni").is_none(), "{lan}");
+    // A LAN whose own DHCP server keeps .2-.199: Flotilla picks from .200-.202 only, unless a
+    // NIC asks for an address; the network counts the range as its total.
+    c.create(
+        nets,
+        Some("default"),
+        &network(
+            "office",
+            json!({"type": "bridged", "bridge": "br0", "cidr": "192.168.1.0/24",
+                   "ranges": [{"start": "192.168.1.200", "end": "192.168.1.202"}],
+                   "dns": {"nameservers": ["192.168.1.1"]}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let picked = c
+        .create(
+            vms,
+            Some("default"),
+            &vm(
+                "desk",
+                json!([{"network": "office"}, {"network": "office", "ip": "192.168.1.20"}]),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        picked["status"]["ips"],
+        json!(["192.168.1.200", "192.168.1.20"])
+    );
+    c.delete(vms, Some("default"), "desk").await.unwrap();
     // Invalid networks name their field.
     for (spec, field) in [
         (json!({}), "spec.cidr"),
@@ -110,6 +140,18 @@ async fn networks_hand_out_vnis_and_addresses_once_and_take_them_back() {
         ),
         (json!({"cidr": "10.0.0.0/24", "vlan": 5}), "spec.vlan"),
         (json!({"type": "bridged"}), "spec.bridge"),
+        (
+            json!({"cidr": "10.0.0.0/24", "ranges": [{"start": "10.0.0.9", "end": "10.0.1.9"}]}),
+            "spec.ranges[0]",
+        ),
+        (
+            json!({"type": "bridged", "bridge": "br0", "ranges": [{"start": "10.0.0.9", "end": "10.0.0.10"}]}),
+            "spec.ranges",
+        ),
+        (
+            json!({"cidr": "10.0.0.0/24", "dns": {"nameservers": ["1.1.1.1", "dns.example"]}}),
+            "spec.dns.nameservers[1]",
+        ),
         (
             json!({"type": "bridged", "bridge": "a-name-far-too-long"}),
             "spec.bridge",
@@ -161,7 +203,7 @@ async fn networks_hand_out_vnis_and_addresses_once_and_take_them_back() {
     assert_eq!(db["status"]["ips"], json!(["10.0.0.50"]));
     // What the nodes' DHCP servers serve: every address of the network, its VM and MAC, in
     // address order; a network that does not exist is 404, and only GET is allowed.
-    // The inventory in /metrics: networks a, b and lan; web's two NICs and db's one; a node's
+    // The inventory in /metrics: networks a, b, lan and office; web's two NICs and db's one; a node's
     // DHCP-server restarts as its agent reports them.
     let nodes = lookup("node").unwrap();
     c.create(nodes, None, &json!({"metadata": {"name": "n1"}}))
@@ -184,7 +226,7 @@ async fn networks_hand_out_vnis_and_addresses_once_and_take_them_back() {
         .await
         .unwrap();
     for line in [
-        "flotilla_networks 3",
+        "flotilla_networks 4",
         "flotilla_network_interfaces 3",
         "flotilla_dhcp_server_restarts{node=\"n1\"} 2",
     ] {

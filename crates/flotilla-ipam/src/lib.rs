@@ -37,6 +37,12 @@ pub enum IpamError {
     Taken { ip: Ipv4Addr, holder: String },
     #[error("MAC address {mac} is already used on this network by {holder}")]
     MacTaken { mac: String, holder: String },
+    #[error("{start}-{end} is not a range inside {cidr} (start first)")]
+    BadRange {
+        start: Ipv4Addr,
+        end: Ipv4Addr,
+        cidr: Ipv4Cidr,
+    },
     #[error("no address is free in {0}")]
     Exhausted(Ipv4Cidr),
     #[error("no VNI is free")]
@@ -135,11 +141,15 @@ impl Ipv4Cidr {
 /// The addresses a network keeps for itself: the gateway (by default the first host) and the
 /// DHCP/DNS server (the first host that is not the gateway); with the network and broadcast
 /// addresses, no VM is given them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subnet {
     pub cidr: Ipv4Cidr,
     pub gateway: Ipv4Addr,
     pub dhcp_server: Ipv4Addr,
+    /// Where addresses are picked from when a NIC asks for none (inclusive ranges, e.g. the part
+    /// of a LAN its own DHCP server leaves alone); empty: the whole subnet. A NIC may still ask
+    /// for any assignable address of the subnet.
+    pub pool: Vec<(Ipv4Addr, Ipv4Addr)>,
 }
 
 impl Subnet {
@@ -156,7 +166,28 @@ impl Subnet {
             cidr,
             gateway,
             dhcp_server,
+            pool: Vec::new(),
         })
+    }
+
+    /// The same subnet picking addresses only from `ranges` (each inside it, start first).
+    pub fn with_pool(mut self, ranges: Vec<(Ipv4Addr, Ipv4Addr)>) -> Result<Self, IpamError> {
+        for (start, end) in &ranges {
+            if start > end || !self.cidr.contains(*start) || !self.cidr.contains(*end) {
+                return Err(IpamError::BadRange {
+                    start: *start,
+                    end: *end,
+                    cidr: self.cidr,
+                });
+            }
+        }
+        self.pool = ranges;
+        Ok(self)
+    }
+
+    /// Whether an address may be picked for a NIC that asks for none.
+    pub fn in_pool(&self, ip: Ipv4Addr) -> bool {
+        self.pool.is_empty() || self.pool.iter().any(|(a, b)| (*a..=*b).contains(&ip))
     }
 
     /// Why `ip` cannot be given to a VM, if it cannot (not counting who holds what).
@@ -176,9 +207,36 @@ impl Subnet {
         Ok(())
     }
 
-    /// Addresses a VM may be given.
+    /// Addresses a VM may be given when it asks for none.
     pub fn assignable_count(&self) -> u32 {
-        self.cidr.host_count() - 2
+        if self.pool.is_empty() {
+            return self.cidr.host_count() - 2;
+        }
+        // The ranges merged, less the reserved addresses inside them.
+        let mut ranges: Vec<(u32, u32)> = self
+            .pool
+            .iter()
+            .map(|(a, b)| (u32::from(*a), u32::from(*b)))
+            .collect();
+        ranges.sort();
+        let mut merged: Vec<(u32, u32)> = Vec::new();
+        for (a, b) in ranges {
+            match merged.last_mut() {
+                Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        let size: u32 = merged.iter().map(|(a, b)| b - a + 1).sum();
+        let reserved = [
+            self.cidr.network(),
+            self.cidr.broadcast(),
+            self.gateway,
+            self.dhcp_server,
+        ]
+        .into_iter()
+        .filter(|ip| self.in_pool(*ip))
+        .count() as u32;
+        size - reserved
     }
 }
 
@@ -261,7 +319,9 @@ impl Held {
                 let n = (start..=subnet.cidr.host_count())
                     .find(|n| {
                         let ip = subnet.cidr.host(*n);
-                        !self.ips.contains(&ip) && subnet.check_assignable(ip).is_ok()
+                        !self.ips.contains(&ip)
+                            && subnet.in_pool(ip)
+                            && subnet.check_assignable(ip).is_ok()
                     })
                     .ok_or(IpamError::Exhausted(subnet.cidr))?;
                 self.full_below = n + 1;
@@ -342,6 +402,47 @@ mod tests {
 
     fn subnet(cidr: &str) -> Subnet {
         Subnet::new(cidr.parse().unwrap(), None).unwrap()
+    }
+
+    #[test]
+    fn a_pool_limits_what_is_picked_but_not_what_is_asked_for() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let lan = subnet("192.168.1.0/24")
+            .with_pool(vec![
+                (ip("192.168.1.200"), ip("192.168.1.202")),
+                (ip("192.168.1.201"), ip("192.168.1.203")),
+            ])
+            .unwrap();
+        // .200 to .203 merged: four addresses.
+        assert_eq!(lan.assignable_count(), 4);
+        let mut held = Held::default();
+        let picked: Vec<Ipv4Addr> = (0..4).map(|_| held.take(&lan, None).unwrap()).collect();
+        assert_eq!(
+            picked,
+            [
+                "192.168.1.200",
+                "192.168.1.201",
+                "192.168.1.202",
+                "192.168.1.203"
+            ]
+            .map(ip)
+        );
+        assert_eq!(held.take(&lan, None), Err(IpamError::Exhausted(lan.cidr)));
+        assert_eq!(
+            held.take(&lan, Some(ip("192.168.1.50"))),
+            Ok(ip("192.168.1.50"))
+        );
+        // A range holding the gateway counts it out; a range outside or backwards is refused.
+        let with_gateway = subnet("10.0.0.0/29")
+            .with_pool(vec![(ip("10.0.0.1"), ip("10.0.0.4"))])
+            .unwrap();
+        assert_eq!(with_gateway.assignable_count(), 2);
+        for (a, b) in [("10.0.1.1", "10.0.1.4"), ("10.0.0.4", "10.0.0.3")] {
+            assert!(matches!(
+                subnet("10.0.0.0/29").with_pool(vec![(ip(a), ip(b))]),
+                Err(IpamError::BadRange { .. })
+            ));
+        }
     }
 
     #[test]

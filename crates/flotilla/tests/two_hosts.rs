@@ -265,8 +265,12 @@ async fn guests_on_two_hosts_reach_each_other_over_the_overlay() {
             "{log}"
         );
     }
-    let b = admin.get(vms, Some("default"), "on-b").await.unwrap();
-    assert_eq!(b["status"]["interfaces"][0]["source"], "dhcp", "{b}");
+    // Host B's agent saw the lease its dnsmasq gave.
+    eventually("on-b reports its DHCP lease", 10, async || {
+        let b = admin.get(vms, Some("default"), "on-b").await.ok()?;
+        (b["status"]["interfaces"][0]["source"] == "dhcp").then_some(())
+    })
+    .await;
     let network = admin
         .get(lookup("network").unwrap(), Some("default"), "lan")
         .await

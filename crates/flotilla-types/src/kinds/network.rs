@@ -43,6 +43,11 @@ pub struct NetworkSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex = "IPV4_PATTERN")]
     pub gateway: Option<String>,
+    /// Where addresses are picked from for NICs that ask for none (inclusive ranges inside
+    /// `cidr`, e.g. the part of a LAN its own DHCP server leaves alone); default: all of `cidr`.
+    /// A NIC's `ip` may still be any free address of `cidr`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<AddressRange>,
     /// The MTU of the VMs' NICs (default: the underlay's less 50 for overlay networks, 1500 for
     /// bridged ones); 576 to 9000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -68,6 +73,18 @@ fn yes() -> bool {
     true
 }
 
+/// An inclusive range of IPv4 addresses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AddressRange {
+    /// The first address.
+    #[schemars(regex = "IPV4_PATTERN")]
+    pub start: String,
+    /// The last address (not below `start`).
+    #[schemars(regex = "IPV4_PATTERN")]
+    pub end: String,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NetworkDns {
@@ -75,6 +92,12 @@ pub struct NetworkDns {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex = "crate::validation::DNS_SUBDOMAIN_PATTERN", length(max = 253))]
     pub domain: Option<String>,
+    /// The DNS servers guests are told to use (IPv4 addresses, at most 3): a bridged network's
+    /// LAN resolvers. Default: on overlay networks with DHCP, the network's own server (the
+    /// DHCP-server address); none otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 3))]
+    pub nameservers: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -187,7 +210,18 @@ impl NetworkSpec {
                     .map_err(|_| flotilla_ipam::IpamError::BadAddress(g.clone()))?,
             ),
         };
-        flotilla_ipam::Subnet::new(cidr, gateway).map(Some)
+        let address = |a: &String| {
+            a.parse::<std::net::Ipv4Addr>()
+                .map_err(|_| flotilla_ipam::IpamError::BadAddress(a.clone()))
+        };
+        let pool = self
+            .ranges
+            .iter()
+            .map(|r| Ok((address(&r.start)?, address(&r.end)?)))
+            .collect::<Result<Vec<_>, _>>()?;
+        flotilla_ipam::Subnet::new(cidr, gateway)?
+            .with_pool(pool)
+            .map(Some)
     }
 }
 
@@ -234,12 +268,43 @@ impl Validate for NetworkSpec {
                 "a gateway needs a cidr to be inside of",
             );
         }
+        if !self.ranges.is_empty() && self.cidr.is_none() {
+            errs.push(
+                format!("{path}.ranges"),
+                "ranges need a cidr to be inside of",
+            );
+        }
         if let Some(cidr) = &self.cidr {
             match cidr.parse::<flotilla_ipam::Ipv4Cidr>() {
                 Err(e) => errs.push(format!("{path}.cidr"), e.to_string()),
-                Ok(_) => {
-                    if let Err(e) = self.subnet() {
-                        errs.push(format!("{path}.gateway"), e.to_string());
+                Ok(cidr) => {
+                    let without_ranges = NetworkSpec {
+                        ranges: Vec::new(),
+                        ..self.clone()
+                    };
+                    match without_ranges.subnet() {
+                        Err(e) => errs.push(format!("{path}.gateway"), e.to_string()),
+                        Ok(Some(subnet)) => {
+                            for (i, range) in self.ranges.iter().enumerate() {
+                                let ends = (range.start.parse(), range.end.parse());
+                                let fits = match ends {
+                                    (Ok(a), Ok(b)) => {
+                                        subnet.clone().with_pool(vec![(a, b)]).is_ok()
+                                    }
+                                    _ => false,
+                                };
+                                if !fits {
+                                    errs.push(
+                                        format!("{path}.ranges[{i}]"),
+                                        format!(
+                                            "{}-{} is not a range inside {cidr}: two addresses of it, start first",
+                                            range.start, range.end
+                                        ),
+                                    );
+                                }
+                            }
+                        }
+                        Ok(None) => {}
                     }
                 }
             }
@@ -257,6 +322,24 @@ impl Validate for NetworkSpec {
                 errs.push(
                     format!("{path}.vlan"),
                     format!("{vlan} must be between 1 and 4094"),
+                );
+            }
+        }
+        let nameservers = self.dns.as_ref().map_or(&[][..], |d| &d.nameservers[..]);
+        if nameservers.len() > 3 {
+            errs.push(
+                format!("{path}.dns.nameservers"),
+                format!(
+                    "{} servers: at most 3 (what resolv.conf uses)",
+                    nameservers.len()
+                ),
+            );
+        }
+        for (i, server) in nameservers.iter().enumerate() {
+            if server.parse::<std::net::Ipv4Addr>().is_err() {
+                errs.push(
+                    format!("{path}.dns.nameservers[{i}]"),
+                    format!("{server:?} is not an IPv4 address"),
                 );
             }
         }
