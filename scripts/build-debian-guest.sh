@@ -2,7 +2,7 @@
 # Builds the Debian 12 test guest with Debian's own cloud-init: a debootstrap root filesystem in a
 # qcow2 image, booted with the host's cloud kernel and initrd (its modules are copied in, so the
 # guest can load the CD-ROM and ISO9660 drivers that NoCloud needs); cloud-init renders its
-# network-config for systemd-networkd, which is enabled. Cached: rebuilt only when missing or
+# network-config for systemd-networkd, which is enabled, and qemu-guest-agent reports its addresses. Cached: rebuilt only when missing or
 # when the host kernel or this script changes. Output: $OUT/debian.qcow2, vmlinuz, initrd.img.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +38,7 @@ trap 'umount "$root/dev" "$root/proc" 2>/dev/null || true; rm -rf "$work"' EXIT
 cp -a "$cache"/*.deb "$root/var/cache/apt/archives/" 2>/dev/null || true
 chroot "$root" apt-get update -qq > "$work/apt.log" 2>&1 || { tail -n 20 "$work/apt.log" >&2; exit 1; }
 DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get install -y -qq --no-install-recommends \
-  cloud-init openssh-server sudo > "$work/apt.log" 2>&1 || { tail -n 30 "$work/apt.log" >&2; exit 1; }
+  cloud-init openssh-server sudo qemu-guest-agent > "$work/apt.log" 2>&1 || { tail -n 30 "$work/apt.log" >&2; exit 1; }
 cp -n "$root"/var/cache/apt/archives/*.deb "$cache/" 2>/dev/null || true
 umount "$root/dev" "$root/proc"
 rm -f "$root/usr/sbin/policy-rc.d"

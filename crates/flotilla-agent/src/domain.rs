@@ -184,6 +184,14 @@ impl DomainSpec {
                     .child(Element::leaf("backend", "/dev/urandom").attr("model", "random")),
             );
             devices.push(Element::new("memballoon").attr("model", "virtio"));
+            // The guest agent's channel: guests running qemu-guest-agent report their addresses.
+            devices.push(
+                Element::new("channel").attr("type", "unix").child(
+                    Element::new("target")
+                        .attr("type", "virtio")
+                        .attr("name", "org.qemu.guest_agent.0"),
+                ),
+            );
         }
 
         let metadata = Element::new("metadata").child(

@@ -225,4 +225,33 @@ impl Libvirt {
         })
         .await
     }
+
+    /// What the guest agent (qemu-guest-agent) says the guest's interfaces hold: (MAC, addresses
+    /// without prefix) each. None when the domain has no connected guest agent (most guests
+    /// without one answer at once: libvirt knows the channel is not connected).
+    pub async fn guest_addresses(
+        &self,
+        uuid: &str,
+    ) -> Result<Option<Vec<(String, Vec<String>)>>, AgentError> {
+        let uuid = uuid.to_string();
+        self.run(move |c| {
+            let Some(d) = Self::lookup(c, &uuid) else {
+                return Ok(None);
+            };
+            match d.interface_addresses(virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, 0) {
+                Ok(interfaces) => Ok(Some(
+                    interfaces
+                        .into_iter()
+                        .map(|i| {
+                            let addrs = i.addrs.into_iter().map(|a| a.addr).collect();
+                            (i.hwaddr.to_ascii_lowercase(), addrs)
+                        })
+                        .collect(),
+                )),
+                // Not configured, not connected, not responding: no guest agent to ask.
+                Err(_) => Ok(None),
+            }
+        })
+        .await
+    }
 }

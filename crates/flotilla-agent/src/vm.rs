@@ -591,11 +591,13 @@ pub fn reference(vm: &VirtualMachine) -> flotilla_types::ObjectReference {
 }
 
 /// Writes status only when it changes, so that resyncs cost no writes.
-/// The VM's NICs with where their addresses are confirmed: `dhcp` once the guest holds the
-/// lease of the address IPAM gave (this node's DHCP server says so), else `ipam`.
+/// The VM's NICs with where their addresses are confirmed: `guest-agent` when the guest's agent
+/// reports the address IPAM gave on the NIC's MAC, `dhcp` when the guest holds its lease (this
+/// node's DHCP server says so), else `ipam`.
 fn confirmed_interfaces(
     ctx: &Context,
     vm: &VirtualMachine,
+    guest: Option<&[(String, Vec<String>)]>,
 ) -> Vec<flotilla_types::kinds::vm::InterfaceStatus> {
     let project = vm.metadata.namespace.as_deref().unwrap_or_default();
     let mut interfaces = vm
@@ -614,7 +616,14 @@ fn confirmed_interfaces(
                 &interface.mac_address.to_ascii_lowercase(),
             )
         });
-        let source = if leased.is_some_and(|l| l.to_string() == ip) {
+        let mac = interface.mac_address.to_ascii_lowercase();
+        let reported = guest.is_some_and(|g| {
+            g.iter()
+                .any(|(m, addrs)| *m == mac && addrs.iter().any(|a| a == ip))
+        });
+        let source = if reported {
+            "guest-agent"
+        } else if leased.is_some_and(|l| l.to_string() == ip) {
             "dhcp"
         } else {
             "ipam"
@@ -636,7 +645,18 @@ pub async fn write_status(
     let ready_cond = current.conditions.iter().find(|c| c.type_ == "Ready");
     let ready_same =
         ready_cond.is_some_and(|c| (c.status == flotilla_types::ConditionStatus::True) == ready);
-    let interfaces = confirmed_interfaces(ctx, vm);
+    let guest = if phase == "Running" {
+        let domain = vm
+            .spec
+            .adopted_domain
+            .as_deref()
+            .or(vm.metadata.uid.as_deref())
+            .unwrap_or_default();
+        ctx.libvirt.guest_addresses(domain).await.unwrap_or(None)
+    } else {
+        None
+    };
+    let interfaces = confirmed_interfaces(ctx, vm, guest.as_deref());
     let unchanged = serde_json::to_value(current.phase).ok() == Some(json!(phase))
         && interfaces == current.interfaces
         && current.node_name.as_deref() == Some(ctx.node.as_str())

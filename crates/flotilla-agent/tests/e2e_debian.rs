@@ -1,7 +1,8 @@
 //! End to end with a real Debian 12 guest and Debian's own cloud-init, booted through Flotilla
 //! from an Image (cached on the node, root disk a linked clone): the hostname, the SSH key and a
 //! runcmd marker must land, and its NIC on an overlay network must come up with the static
-//! address and MTU of cloud-init's network-config, observed through the log API. The guest is
+//! address and MTU of cloud-init's network-config, observed through the log API, and confirmed
+//! by the guest's qemu-guest-agent in the VM's status. The guest is
 //! built by
 //! `scripts/build-debian-guest.sh` (debootstrap, cached between runs). Takes about a minute.
 
@@ -120,6 +121,20 @@ async fn debian_cloud_init_applies_hostname_key_runcmd_and_network_config() {
         link.contains(&format!("mtu {} ", mtu.trim())) && link.contains(mac),
         "the NIC has the network's MTU and the VM's MAC: {link}"
     );
+    // The guest runs qemu-guest-agent: it confirms the NIC's address.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = admin.get(vms, Some("default"), &name).await.unwrap();
+        if v["status"]["interfaces"][0]["source"] == "guest-agent" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the guest agent did not confirm the address: {}",
+            v["status"]
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let uid = vm["metadata"]["uid"].as_str().unwrap().to_string();
     admin.delete(vms, Some("default"), &name).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
