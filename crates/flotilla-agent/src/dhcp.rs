@@ -23,7 +23,7 @@ use flotilla_dataplane::namespace::{
     ensure_namespace, namespace_inode, namespace_path, namespaces_with_prefix, remove_namespace,
 };
 use flotilla_dataplane::{service_peer_name, Netlink, ServicePort};
-use flotilla_ipam::Subnet;
+use flotilla_ipam::{Ipv6Prefix, Subnet};
 use flotilla_types::NetworkAddress;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::{mpsc, oneshot};
@@ -45,6 +45,8 @@ pub struct Service<'a> {
     /// The DNS domain of the network's VMs: `<network>.<project>.<spec.dns.domain>`.
     pub domain: String,
     pub subnet: Subnet,
+    /// The network's IPv6 prefix: router advertisements (SLAAC, no default route) and AAAA names.
+    pub prefix6: Option<Ipv6Prefix>,
     pub mtu: u32,
     /// The DNS servers guests are told (the network's own, or this server).
     pub nameservers: Vec<String>,
@@ -134,6 +136,7 @@ impl DhcpServers {
                 namespace: namespace.clone(),
                 address: service.subnet.dhcp_server,
                 prefix_len: service.subnet.cidr.prefix(),
+                address6: service.prefix6.map(|p| p.host(2)),
                 mtu: service.mtu,
             })
             .await
@@ -344,14 +347,23 @@ fn hosts_file(service: &Service<'_>) -> String {
         .collect()
 }
 
-/// `--addn-hosts`: `<address> <vm>.<domain> <vm>` per reservation.
+/// `--addn-hosts`: `<address> <vm>.<domain> <vm>` per reservation (and per IPv6 address).
 fn names_file(service: &Service<'_>) -> String {
-    service
+    let mut out = String::new();
+    for a in service
         .addresses
         .iter()
         .filter(|a| safe(&a.vm) && safe(&a.address))
-        .map(|a| format!("{} {}.{} {}\n", a.address, a.vm, service.domain, a.vm))
-        .collect()
+    {
+        out.push_str(&format!(
+            "{} {}.{} {}\n",
+            a.address, a.vm, service.domain, a.vm
+        ));
+        if let Some(v6) = service.prefix6.and_then(|p| p.eui64(&a.mac_address)) {
+            out.push_str(&format!("{v6} {}.{} {}\n", a.vm, service.domain, a.vm));
+        }
+    }
+    out
 }
 
 /// `--dhcp-optsfile`: gateway, DNS server, domain and MTU.
@@ -402,6 +414,17 @@ fn arguments(service: &Service<'_>, dir: &Path) -> Vec<String> {
         "--dhcp-authoritative".into(),
         "--quiet-dhcp".into(),
     ];
+    if let Some(prefix) = service.prefix6 {
+        // Router advertisements for SLAAC, which derives the same address IPAM gave; a router
+        // lifetime of 0: this server is no default router.
+        args.push("--enable-ra".into());
+        args.push(format!("--dhcp-range={},ra-only,64", prefix.network()));
+        args.push(format!(
+            "--ra-param={},mtu:{},10,0",
+            service_peer_name(service.vni),
+            service.mtu
+        ));
+    }
     if safe(&service.domain) {
         args.push(format!("--domain={}", service.domain));
         args.push(format!("--local=/{}/", service.domain));
@@ -586,6 +609,7 @@ mod tests {
             network: "net",
             domain: "net.p.flotilla.internal".into(),
             subnet: Subnet::new("10.0.0.0/24".parse().unwrap(), None).unwrap(),
+            prefix6: None,
             mtu: 1450,
             nameservers: vec!["10.0.0.2".into()],
             addresses,

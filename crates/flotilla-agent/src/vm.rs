@@ -396,6 +396,7 @@ async fn serve_dhcp(
         network: name,
         domain: format!("{name}.{project}.{domain}"),
         nameservers: nameservers(network, Some(&subnet)),
+        prefix6: network.spec.prefix6(),
         subnet,
         mtu,
         addresses: &list.items,

@@ -117,10 +117,15 @@ fn service(addresses: &[NetworkAddress]) -> Service<'_> {
         network: "net",
         domain: "net.p.flotilla.internal".into(),
         subnet: Subnet::new("10.0.0.0/24".parse().unwrap(), None).unwrap(),
+        prefix6: Some(prefix6()),
         mtu: 1450,
         nameservers: vec!["10.0.0.2".into()],
         addresses,
     }
+}
+
+fn prefix6() -> flotilla_ipam::Ipv6Prefix {
+    "fd00:42::/64".parse().unwrap()
 }
 
 fn pid_of(dir: &Path) -> Option<i32> {
@@ -230,6 +235,14 @@ async fn each_node_serves_its_guests_their_reservations_and_nothing_else() {
     );
     assert_eq!(nodes[0].0.leased("p", "net", "02:46:4c:00:00:04"), None);
 
+    // Router advertisements give the guest the IPv6 address IPAM derived from its MAC.
+    let v6 = prefix6().eui64("02:46:4c:00:00:03").unwrap().to_string();
+    eventually("the guest's SLAAC address", || {
+        let addrs = run(&["ip", "-n", &web, "-6", "addr", "show", "dev", "eth0"]);
+        addrs.contains(&format!("inet6 {v6}/64")) && !addrs.contains("tentative")
+    })
+    .await;
+
     // Names of the network's VMs resolve, on any node, through the guest's DNS server.
     run(&[
         "ip",
@@ -252,6 +265,22 @@ async fn each_node_serves_its_guests_their_reservations_and_nothing_else() {
         "10.0.0.2",
     ]);
     assert!(answer.contains("10.0.0.4"), "{answer}");
+    let answer = run(&[
+        "ip",
+        "netns",
+        "exec",
+        &web,
+        "busybox",
+        "nslookup",
+        "-type=AAAA",
+        "db.net.p.flotilla.internal",
+        "10.0.0.2",
+    ]);
+    let db6 = prefix6().eui64("02:46:4c:00:00:04").unwrap().to_string();
+    assert!(answer.contains(&db6), "{answer}");
+    // The server advertises the prefix, not itself as a router.
+    let routes = run(&["ip", "-n", &web, "-6", "route"]);
+    assert!(!routes.contains("default"), "{routes}");
 
     // A reservation added later is served by the running server (SIGHUP, same process).
     let pid = pid_of(dirs[0].path()).expect("dnsmasq runs");

@@ -50,7 +50,7 @@ async fn debian_cloud_init_applies_hostname_key_runcmd_and_network_config() {
         .create(
             lookup("network").unwrap(),
             Some("default"),
-            &json!({"metadata": {"name": "lan"}, "spec": {"cidr": "10.8.0.0/24"}}),
+            &json!({"metadata": {"name": "lan"}, "spec": {"cidr": "10.8.0.0/24", "cidr6": "fd00:8::/64"}}),
         )
         .await
         .unwrap();
@@ -61,7 +61,7 @@ async fn debian_cloud_init_applies_hostname_key_runcmd_and_network_config() {
     let key = format!("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFlotillaTestKey{n} test@flotilla");
     let user_data = format!(
         "#cloud-config\nruncmd:\n  - echo FLOTILLA-RUNCMD {marker} > /dev/ttyS0\n  - echo FLOTILLA-HOSTNAME $(hostname) > /dev/ttyS0\n  - \
-         ip -o -4 addr show scope global | sed 's/^/FLOTILLA-ADDR /' > /dev/ttyS0\n  - \
+         ip -o addr show scope global | sed 's/^/FLOTILLA-ADDR /' > /dev/ttyS0\n  - \
          ip -o link show | sed 's/^/FLOTILLA-LINK /' > /dev/ttyS0\n  - \
          cat /home/*/.ssh/authorized_keys | sed 's/^/FLOTILLA-KEY /' > /dev/ttyS0\n"
     );
@@ -113,6 +113,14 @@ async fn debian_cloud_init_applies_hostname_key_runcmd_and_network_config() {
         .find(|l| l.contains("FLOTILLA-ADDR") && l.contains("inet 10.8.0.20/24"))
         .unwrap_or_else(|| panic!("the NIC has its static address:\n{log}"));
     let nic = addr.split_whitespace().nth(2).unwrap();
+    // And the IPv6 address IPAM derived from its MAC (the network has a /64).
+    let v6 = vm["status"]["ips"][1].as_str().unwrap();
+    assert!(v6.starts_with("fd00:8::"), "{}", vm["status"]);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("FLOTILLA-ADDR") && l.contains(&format!("inet6 {v6}/64"))),
+        "the NIC has its IPv6 address {v6}:\n{log}"
+    );
     let link = log
         .lines()
         .find(|l| l.contains("FLOTILLA-LINK") && l.contains(&format!(" {nic}:")))

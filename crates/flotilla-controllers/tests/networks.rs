@@ -129,6 +129,37 @@ async fn networks_hand_out_vnis_and_addresses_once_and_take_them_back() {
         json!(["192.168.1.200", "192.168.1.20"])
     );
     c.delete(vms, Some("default"), "desk").await.unwrap();
+    // With an IPv6 prefix each NIC also gets the address SLAAC makes of its MAC.
+    c.create(
+        nets,
+        Some("default"),
+        &network(
+            "dual",
+            json!({"cidr": "10.5.0.0/24", "cidr6": "fd00:5::/64"}),
+        ),
+    )
+    .await
+    .unwrap();
+    let dual = c
+        .create(
+            vms,
+            Some("default"),
+            &vm(
+                "dual",
+                json!([{"network": "dual", "macAddress": "02:46:4c:00:00:03"}]),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        dual["status"]["interfaces"][0]["ips"],
+        json!(["10.5.0.3/24", "fd00:5::46:4cff:fe00:3/64"])
+    );
+    assert_eq!(
+        dual["status"]["ips"],
+        json!(["10.5.0.3", "fd00:5::46:4cff:fe00:3"])
+    );
+    c.delete(vms, Some("default"), "dual").await.unwrap();
     // Invalid networks name their field.
     for (spec, field) in [
         (json!({}), "spec.cidr"),
@@ -140,6 +171,14 @@ async fn networks_hand_out_vnis_and_addresses_once_and_take_them_back() {
         ),
         (json!({"cidr": "10.0.0.0/24", "vlan": 5}), "spec.vlan"),
         (json!({"type": "bridged"}), "spec.bridge"),
+        (
+            json!({"cidr": "10.0.0.0/24", "cidr6": "fd00:1::/48"}),
+            "spec.cidr6",
+        ),
+        (
+            json!({"type": "bridged", "bridge": "br0", "cidr6": "fd00:1::/64"}),
+            "spec.cidr6",
+        ),
         (
             json!({"cidr": "10.0.0.0/24", "ranges": [{"start": "10.0.0.9", "end": "10.0.1.9"}]}),
             "spec.ranges[0]",
@@ -203,7 +242,7 @@ async fn networks_hand_out_vnis_and_addresses_once_and_take_them_back() {
     assert_eq!(db["status"]["ips"], json!(["10.0.0.50"]));
     // What the nodes' DHCP servers serve: every address of the network, its VM and MAC, in
     // address order; a network that does not exist is 404, and only GET is allowed.
-    // The inventory in /metrics: networks a, b, lan and office; web's two NICs and db's one; a node's
+    // The inventory in /metrics: networks a, b, lan, office and dual; web's two NICs and db's one; a node's
     // DHCP-server restarts as its agent reports them.
     let nodes = lookup("node").unwrap();
     c.create(nodes, None, &json!({"metadata": {"name": "n1"}}))
@@ -226,7 +265,7 @@ async fn networks_hand_out_vnis_and_addresses_once_and_take_them_back() {
         .await
         .unwrap();
     for line in [
-        "flotilla_networks 4",
+        "flotilla_networks 5",
         "flotilla_network_interfaces 3",
         "flotilla_dhcp_server_restarts{node=\"n1\"} 2",
     ] {
@@ -354,7 +393,11 @@ async fn networks_hand_out_vnis_and_addresses_once_and_take_them_back() {
         )
         .await
         .unwrap();
-    assert_eq!(other["status"]["vni"], json!(4098));
+    assert_eq!(
+        other["status"]["vni"],
+        json!(4099),
+        "after a (4096), b and dual"
+    );
     let twin = c
         .create(vms, Some("other"), &vm("web", json!([{"network": "a"}])))
         .await

@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
 use rtnetlink::{LinkBridgePort, LinkUnspec, LinkVeth};
 
 use crate::{bridge_name, netlink, DataplaneError, Netlink};
@@ -41,6 +41,8 @@ pub struct ServicePort {
     /// The network's DHCP-server address and the prefix length of its subnet.
     pub address: Ipv4Addr,
     pub prefix_len: u8,
+    /// The server's IPv6 address (in the network's /64), for its router advertisements.
+    pub address6: Option<std::net::Ipv6Addr>,
     pub mtu: u32,
 }
 
@@ -137,25 +139,37 @@ impl Netlink {
             .get()
             .set_link_index_filter(peer_index)
             .execute();
-        let mut present = false;
+        let mut present = Vec::new();
         while let Some(message) = addresses
             .try_next()
             .await
             .map_err(netlink("listing addresses"))?
         {
-            present |= message.header.prefix_len == port.prefix_len
-                && message
-                    .attributes
-                    .contains(&AddressAttribute::Address(IpAddr::V4(port.address)));
+            for attribute in &message.attributes {
+                if let AddressAttribute::Address(ip) = attribute {
+                    present.push((*ip, message.header.prefix_len));
+                }
+            }
         }
-        if !present {
-            inside
-                .handle
-                .address()
-                .add(peer_index, IpAddr::V4(port.address), port.prefix_len)
+        let wanted = [
+            Some((IpAddr::V4(port.address), port.prefix_len)),
+            port.address6.map(|a| (IpAddr::V6(a), 64)),
+        ];
+        for (ip, len) in wanted.into_iter().flatten() {
+            if present.contains(&(ip, len)) {
+                continue;
+            }
+            let mut request = inside.handle.address().add(peer_index, ip, len);
+            // No duplicate address detection: the address is this namespace's alone, and a
+            // tentative address would keep dnsmasq from binding it for a second or two.
+            request
+                .message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            request
                 .execute()
                 .await
-                .map_err(netlink(format!("giving {peer} {}", port.address)))?;
+                .map_err(netlink(format!("giving {peer} {ip}")))?;
         }
         Ok(())
     }

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -25,6 +25,8 @@ pub enum IpamError {
     PrefixLength(u8),
     #[error("{0:?} is not an IPv4 address")]
     BadAddress(String),
+    #[error("{0:?} is not an IPv6 /64 prefix such as fd00:10::/64 (each NIC's address comes from its MAC, as SLAAC makes it)")]
+    BadPrefix6(String),
     #[error("{ip} is not inside {cidr}")]
     Outside { ip: Ipv4Addr, cidr: Ipv4Cidr },
     #[error("{ip} is reserved in {cidr} ({what})")]
@@ -261,6 +263,58 @@ fn check_host(cidr: Ipv4Cidr, ip: Ipv4Addr) -> Result<(), IpamError> {
     Ok(())
 }
 
+/// A network's IPv6 prefix: always a /64, because each NIC's address is derived from its MAC
+/// (modified EUI-64, RFC 4291 appendix A), as SLAAC derives it. MACs are unique on a network,
+/// so the addresses are too, without any record to allocate from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Prefix {
+    network: Ipv6Addr,
+}
+
+impl FromStr for Ipv6Prefix {
+    type Err = IpamError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || IpamError::BadPrefix6(s.to_string());
+        let (address, length) = s.split_once('/').ok_or_else(bad)?;
+        let network: Ipv6Addr = address.parse().map_err(|_| bad())?;
+        if length != "64" || u128::from(network) & ((1u128 << 64) - 1) != 0 {
+            return Err(bad());
+        }
+        Ok(Ipv6Prefix { network })
+    }
+}
+
+impl fmt::Display for Ipv6Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/64", self.network)
+    }
+}
+
+impl Ipv6Prefix {
+    pub fn network(&self) -> Ipv6Addr {
+        self.network
+    }
+
+    /// The address with interface identifier `n` (small numbers: the network's own services).
+    pub fn host(&self, n: u64) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.network) | u128::from(n))
+    }
+
+    /// The SLAAC (modified EUI-64) address of the NIC with `mac` (`aa:bb:cc:dd:ee:ff`).
+    pub fn eui64(&self, mac: &str) -> Option<Ipv6Addr> {
+        let bytes: Vec<u8> = mac
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).ok())
+            .collect::<Option<_>>()?;
+        let b: [u8; 6] = bytes.try_into().ok()?;
+        let id = [b[0] ^ 0x02, b[1], b[2], 0xff, 0xfe, b[3], b[4], b[5]];
+        Some(Ipv6Addr::from(
+            u128::from(self.network) | u128::from(u64::from_be_bytes(id)),
+        ))
+    }
+}
+
 /// One VM NIC on a network, as its port record keeps it (one record per NIC, keyed by MAC).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -402,6 +456,31 @@ mod tests {
 
     fn subnet(cidr: &str) -> Subnet {
         Subnet::new(cidr.parse().unwrap(), None).unwrap()
+    }
+
+    #[test]
+    fn ipv6_addresses_are_what_slaac_makes_of_the_mac() {
+        let prefix: Ipv6Prefix = "fd00:10::/64".parse().unwrap();
+        // As the kernel derives it: 02:46:4c:00:00:03 -> 0046:4cff:fe00:0003.
+        assert_eq!(
+            prefix.eui64("02:46:4c:00:00:03"),
+            Some("fd00:10::46:4cff:fe00:3".parse().unwrap())
+        );
+        assert_eq!(prefix.host(2), "fd00:10::2".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(prefix.to_string(), "fd00:10::/64");
+        for bad in [
+            "fd00:10::/48",
+            "fd00:10::1/64",
+            "fd00:10::",
+            "10.0.0.0/64",
+            "x/64",
+        ] {
+            assert!(
+                matches!(bad.parse::<Ipv6Prefix>(), Err(IpamError::BadPrefix6(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(prefix.eui64("02:46:4c:00:00"), None);
     }
 
     #[test]

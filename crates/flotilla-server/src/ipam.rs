@@ -386,9 +386,18 @@ async fn admit_vm(
         admission.ops.push(Op::put(port_key, encode(&port)));
         let mut interface = json!({"name": nic_name, "network": nic.network, "macAddress": mac});
         if let (Some(address), Some(subnet)) = (ip, &subnet) {
-            interface["ips"] = json!([format!("{address}/{}", subnet.cidr.prefix())]);
-            interface["source"] = json!("ipam");
+            let mut nic_ips = vec![format!("{address}/{}", subnet.cidr.prefix())];
             ips.push(address.to_string());
+            // The IPv6 address SLAAC makes of the MAC: unique because the MAC is.
+            if let Some(v6) = network_spec
+                .prefix6()
+                .and_then(|p| p.eui64(&mac.to_ascii_lowercase()))
+            {
+                nic_ips.push(format!("{v6}/64"));
+                ips.push(v6.to_string());
+            }
+            interface["ips"] = json!(nic_ips);
+            interface["source"] = json!("ipam");
         }
         interfaces.push(interface);
     }

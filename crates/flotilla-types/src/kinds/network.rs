@@ -39,6 +39,13 @@ pub struct NetworkSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex = "CIDR_PATTERN")]
     pub cidr: Option<String>,
+    /// The network's IPv6 prefix, optional (a /64, e.g. fd00:10::/64; needs `cidr`): each NIC
+    /// also gets the address SLAAC derives from its MAC, in `status.interfaces[].ips`, in
+    /// cloud-init's network-config and in DNS, and overlay networks send router advertisements
+    /// for it (no default route: routers come later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 43))]
+    pub cidr6: Option<String>,
     /// The gateway address inside `cidr` (default: its first host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex = "IPV4_PATTERN")]
@@ -198,6 +205,11 @@ pub struct NetworkAddress {
 
 /// The network's subnet as IPAM reads it, when it has a `cidr`.
 impl NetworkSpec {
+    /// The network's IPv6 prefix, when it has one that reads.
+    pub fn prefix6(&self) -> Option<flotilla_ipam::Ipv6Prefix> {
+        self.cidr6.as_ref()?.parse().ok()
+    }
+
     pub fn subnet(&self) -> Result<Option<flotilla_ipam::Subnet>, flotilla_ipam::IpamError> {
         let Some(cidr) = &self.cidr else {
             return Ok(None);
@@ -267,6 +279,17 @@ impl Validate for NetworkSpec {
                 format!("{path}.gateway"),
                 "a gateway needs a cidr to be inside of",
             );
+        }
+        if let Some(prefix) = &self.cidr6 {
+            if self.cidr.is_none() {
+                errs.push(
+                    format!("{path}.cidr6"),
+                    "an IPv6 prefix needs an IPv4 cidr beside it",
+                );
+            }
+            if let Err(e) = prefix.parse::<flotilla_ipam::Ipv6Prefix>() {
+                errs.push(format!("{path}.cidr6"), e.to_string());
+            }
         }
         if !self.ranges.is_empty() && self.cidr.is_none() {
             errs.push(
@@ -388,6 +411,6 @@ crate::define_kind! {
             "BRIDGE" => "spec.bridge" (wide),
             "MTU" => "spec.mtu" (wide)
         ],
-        set_once: ["spec.type", "spec.cidr", "spec.gateway", "spec.bridge"],
+        set_once: ["spec.type", "spec.cidr", "spec.cidr6", "spec.gateway", "spec.bridge"],
     }
 }
