@@ -1,8 +1,9 @@
 //! Network status: the nodes each network spans (those its VMs are bound to: the overlay must
 //! reach them), where its tunnels end on them (their `status.addresses.tunnel`, so that agents,
 //! which may read only their own Node, learn their flood lists), and how many of its addresses
-//! NICs hold. Level-triggered, a pass every few
-//! seconds; a network's status is written only when it changed.
+//! NICs hold; and its conditions: `Ready` (a VNI, every node it spans reachable by tunnel) and
+//! `AddressesAvailable`. Level-triggered, a pass every few seconds; a network's status is
+//! written only when it changed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -12,8 +13,9 @@ use flotilla_server::ipam::PORTS_PREFIX;
 use flotilla_server::objects::{ListOptions, Objects, PatchBody, Subresource};
 use flotilla_server::ApiError;
 use flotilla_store::RangeRequest;
+use flotilla_types::meta::{Condition, ConditionStatus};
 use flotilla_types::registry::by_kind;
-use flotilla_types::{Network, VirtualMachine};
+use flotilla_types::{Network, NetworkType, VirtualMachine};
 use serde_json::json;
 
 /// A pass every `every` (and one at start).
@@ -122,11 +124,16 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
             })
             .collect();
         let status = network.status.clone().unwrap_or_default();
-        if status.nodes == nodes && status.addresses == addresses && status.endpoints == endpoints {
+        let conditions = conditions(&network, &nodes, &endpoints, addresses.as_ref());
+        if status.nodes == nodes
+            && status.addresses == addresses
+            && status.endpoints == endpoints
+            && status.conditions == conditions
+        {
             continue;
         }
-        let patch =
-            json!({"status": {"nodes": nodes, "addresses": addresses, "endpoints": endpoints}});
+        let patch = json!({"status": {"nodes": nodes, "addresses": addresses, "endpoints": endpoints,
+                                      "conditions": conditions}});
         match objects
             .patch(
                 net_kind,
@@ -143,4 +150,102 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
         }
     }
     Ok(changed)
+}
+
+/// The network's conditions now, keeping each one's transition time while it stays the same.
+fn conditions(
+    network: &Network,
+    nodes: &[String],
+    endpoints: &[flotilla_types::kinds::network::TunnelEndpoint],
+    addresses: Option<&flotilla_types::kinds::network::AddressUsage>,
+) -> Vec<Condition> {
+    let vni = network.status.as_ref().and_then(|s| s.vni);
+    let (ready, reason, message) = match network.spec.network_type {
+        NetworkType::Bridged => (
+            true,
+            "Ready",
+            format!(
+                "NICs attach to bridge {} on their nodes",
+                network.spec.bridge.as_deref().unwrap_or_default()
+            ),
+        ),
+        NetworkType::Overlay => {
+            let unreachable: Vec<&str> = nodes
+                .iter()
+                .filter(|n| !endpoints.iter().any(|e| &e.node == *n))
+                .map(String::as_str)
+                .collect();
+            match vni {
+                None => (false, "NoVNI", "the network has no VNI yet".to_string()),
+                Some(_) if !unreachable.is_empty() => (
+                    false,
+                    "NodesWithoutTunnel",
+                    format!(
+                        "node{} {} report no tunnel address (flotilla agent --tunnel-address): their VMs cannot reach the network's other nodes",
+                        if unreachable.len() == 1 { "" } else { "s" },
+                        unreachable.join(", ")
+                    ),
+                ),
+                Some(vni) => (
+                    true,
+                    "Ready",
+                    format!("VNI {vni}, spanning {} node{}", nodes.len(), if nodes.len() == 1 { "" } else { "s" }),
+                ),
+            }
+        }
+    };
+    let mut now = vec![("Ready", ready, reason.to_string(), message)];
+    if let Some(a) = addresses {
+        let free = a.total.saturating_sub(a.used);
+        now.push(if free > 0 {
+            (
+                "AddressesAvailable",
+                true,
+                "Available".into(),
+                format!("{free} of {} addresses free", a.total),
+            )
+        } else {
+            (
+                "AddressesAvailable",
+                false,
+                "Exhausted".into(),
+                format!(
+                    "all {} addresses are held: new NICs on this network are refused",
+                    a.total
+                ),
+            )
+        });
+    }
+    let before = network
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    now.into_iter()
+        .map(|(type_, ok, reason, message)| {
+            let status = if ok {
+                ConditionStatus::True
+            } else {
+                ConditionStatus::False
+            };
+            match before.iter().find(|c| c.type_ == type_) {
+                Some(c) if c.status == status && c.reason == reason && c.message == message => {
+                    c.clone()
+                }
+                Some(c) if c.status == status => Condition {
+                    reason,
+                    message,
+                    ..c.clone()
+                },
+                _ => Condition {
+                    type_: type_.to_string(),
+                    status,
+                    reason,
+                    message,
+                    last_transition_time: Some(flotilla_types::meta::now()),
+                    observed_generation: None,
+                },
+            }
+        })
+        .collect()
 }

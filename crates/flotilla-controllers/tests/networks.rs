@@ -449,6 +449,53 @@ async fn networks_hand_out_vnis_and_addresses_once_and_take_them_back() {
     assert_eq!(a_now["status"]["vni"], json!(4096), "the VNI stays");
     let b_now = c.get(nets, Some("default"), "b").await.unwrap();
     assert_eq!(b_now["status"]["addresses"], json!({"used": 4, "total": 4}));
+    // Conditions say what a person needs: a is Ready on its node with addresses to spare; b
+    // is full; a node of the network without a tunnel address makes it not Ready, by name.
+    let condition = |net: &Value, type_: &str| {
+        let c = net["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == type_)
+            .cloned()
+            .unwrap_or_else(|| panic!("{type_} in {net}"));
+        (
+            c["status"].as_str().unwrap().to_string(),
+            c["reason"].as_str().unwrap().to_string(),
+            c["message"].as_str().unwrap().to_string(),
+        )
+    };
+    assert_eq!(
+        condition(&a_now, "Ready"),
+        (
+            "True".into(),
+            "Ready".into(),
+            "VNI 4096, spanning 1 node".into()
+        )
+    );
+    assert_eq!(condition(&a_now, "AddressesAvailable").0, "True");
+    let (status, reason, _) = condition(&b_now, "AddressesAvailable");
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "Exhausted"));
+    let mut lost = vm("lost", json!([{"network": "a"}]));
+    lost["spec"]["nodeName"] = json!("node-8");
+    c.create(vms, Some("default"), &lost).await.unwrap();
+    flotilla_controllers::network_status::sweep(&f.server.objects)
+        .await
+        .unwrap();
+    let a_lost = c.get(nets, Some("default"), "a").await.unwrap();
+    let (status, reason, message) = condition(&a_lost, "Ready");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "NodesWithoutTunnel")
+    );
+    assert!(
+        message.contains("node-8") && message.contains("--tunnel-address"),
+        "{message}"
+    );
+    c.delete(vms, Some("default"), "lost").await.unwrap();
+    flotilla_controllers::network_status::sweep(&f.server.objects)
+        .await
+        .unwrap();
     assert_eq!(
         flotilla_controllers::network_status::sweep(&f.server.objects)
             .await
