@@ -192,9 +192,11 @@ pub async fn run_with(
         }
         None => (None, None),
     };
+    let unused_overlays = Arc::new(tokio::sync::Notify::new());
     let ctx = Arc::new(Context {
         overlays: overlays.clone(),
         dhcp: dhcp.clone(),
+        unused_overlays: unused_overlays.clone(),
         client: client.clone(),
         libvirt: libvirt.clone(),
         disks,
@@ -228,14 +230,17 @@ pub async fn run_with(
         config.node_name.clone(),
         config.heartbeat,
     ));
-    // Overlays no domain uses any more go (also those a crash left behind), every resync, and
-    // with them their DHCP servers.
+    // Overlays no domain uses any more go (also those a crash left behind), every resync and
+    // whenever a VM's domain was removed, and with them their DHCP servers.
     let collector = overlays.zip(dhcp.clone()).map(|(overlays, dhcp)| {
-        let (libvirt, every) = (libvirt.clone(), config.resync);
+        let (libvirt, every, wake) = (libvirt.clone(), config.resync, unused_overlays.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = wake.notified() => {}
+                }
                 match overlays.collect(&libvirt).await {
                     Ok(removed) if !removed.is_empty() => {
                         tracing::info!(?removed, "overlay networks no VM here uses were removed")

@@ -7,8 +7,8 @@
 //! Everything it serves comes from the API (the network's address list) and is written to files
 //! under `<data>/networks/<vni>/`; a change reaches the running server by SIGHUP, which keeps its
 //! leases. The agent supervises each server itself (there is no init system to lean on): one
-//! that exits is started again with backoff, and one a crashed agent left behind is found by its
-//! pid file and namespace and replaced. The lease file says which guests took their address:
+//! that exits is started again with backoff, and one a crashed agent (or an agent whose data
+//! directory is gone) left behind is found by its network namespace and replaced. The lease file says which guests took their address:
 //! their VMs' `status.interfaces[].source` becomes `dhcp`.
 
 use std::collections::HashMap;
@@ -172,7 +172,7 @@ impl DhcpServers {
         match servers.remove(&vni) {
             Some(old) => stop(old).await,
             // One a crashed agent left behind holds the port: it goes first.
-            None => kill_left_behind(&dir, &namespace).await,
+            None => kill_left_behind(&namespace).await,
         }
         let pid = Arc::new(AtomicU32::new(0));
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -206,7 +206,7 @@ impl DhcpServers {
         let mut servers = self.servers.lock().await;
         match servers.remove(&vni) {
             Some(server) => stop(server).await,
-            None => kill_left_behind(&dir, &namespace_path(&name)).await,
+            None => kill_left_behind(&namespace_path(&name)).await,
         }
         self.netlink
             .remove_service_port(vni)
@@ -567,35 +567,44 @@ async fn stop(mut server: Server) {
     let _ = (&mut server.task).await;
 }
 
-/// Stops a dnsmasq a crashed agent left running for this network: the one its pid file names,
-/// if that process is dnsmasq in this network's namespace.
-async fn kill_left_behind(dir: &Path, namespace: &Path) {
-    let Some(pid) = tokio::fs::read_to_string(dir.join("pid"))
-        .await
-        .ok()
-        .and_then(|p| p.trim().parse::<i32>().ok())
-    else {
+/// Stops any dnsmasq left running in this network's namespace: by a crashed agent (its pid file
+/// names it) or by one whose data directory is gone (only the namespace tells): every process
+/// whose network namespace is this one and whose name is dnsmasq.
+async fn kill_left_behind(namespace: &Path) {
+    let Some(wanted) = namespace_inode(namespace) else {
         return;
     };
-    let proc = PathBuf::from(format!("/proc/{pid}"));
-    let is_dnsmasq =
-        std::fs::read_to_string(proc.join("comm")).is_ok_and(|c| c.trim() == "dnsmasq");
-    let same_namespace = namespace_inode(&proc.join("ns/net")).is_some()
-        && namespace_inode(&proc.join("ns/net")) == namespace_inode(namespace);
-    if !(is_dnsmasq && same_namespace) {
-        return;
-    }
-    // SAFETY: signals to a process checked above to be this network's dnsmasq.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    for _ in 0..20 {
-        if !proc.exists() {
-            tracing::info!(pid, "stopped a DHCP server left by an earlier run");
-            return;
+    let pids: Vec<i32> = std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| {
+                    let proc = PathBuf::from(format!("/proc/{pid}"));
+                    namespace_inode(&proc.join("ns/net")) == Some(wanted)
+                        && std::fs::read_to_string(proc.join("comm"))
+                            .is_ok_and(|c| c.trim() == "dnsmasq")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for pid in pids {
+        // SAFETY: signals to a process checked above to be dnsmasq in this network's namespace.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let proc = PathBuf::from(format!("/proc/{pid}"));
+        let mut gone = false;
+        for _ in 0..20 {
+            if !proc.exists() {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        if !gone {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        tracing::info!(pid, "stopped a DHCP server left by an earlier run");
     }
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
 }
 
 #[cfg(test)]

@@ -34,6 +34,8 @@ pub struct Context {
     pub overlays: Option<Arc<crate::overlays::Overlays>>,
     /// The DHCP and DNS servers of this node's overlay networks (with the overlays).
     pub dhcp: Option<Arc<crate::dhcp::DhcpServers>>,
+    /// Wakes the collector of unused overlays (a VM's domain was removed).
+    pub unused_overlays: Arc<tokio::sync::Notify>,
     pub data_dir: PathBuf,
     pub shutdown_timeout: Duration,
     /// The XML this agent last defined for each domain (by UUID): an unchanged definition of a
@@ -101,6 +103,8 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
                 }
             }
             remove_everything(ctx, &uid).await?;
+            // Its networks may have no VM on this node any more: look now, not at the resync.
+            ctx.unused_overlays.notify_one();
         } else {
             tracing::info!(vm = %name, domain = %domain, "released the adopted domain");
         }

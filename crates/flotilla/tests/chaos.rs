@@ -11,7 +11,10 @@
 //! - after deletion every VM is gone within [`CONVERGE`], and so is every domain, disk, seed
 //!   and VM directory;
 //! - the image cache holds only complete, verified images (a manifest each, `qemu-img check`
-//!   clean) and no temporary file.
+//!   clean) and no temporary file;
+//! - every VM has a NIC on one overlay network: no two VMs share an address, and once they are
+//!   deleted the network holds none; at the end the network goes, and with it its bridge, VXLAN
+//!   device, DHCP namespace and dnsmasq on the host.
 //!
 //! `CHAOS_ROUNDS` (3 in `make test`, hundreds in `make chaos`), `CHAOS_SEED` (random unless
 //! given; printed, so a failing run can be repeated) and `CHAOS_VMS` (4) shape the run;
@@ -198,6 +201,14 @@ async fn chaos() {
     let images_served = ImageServer::start(dir.as_path(), Duration::from_millis(100)).await;
     let url = &images_served.url;
     let (vms, images) = (lookup("vm").unwrap(), lookup("image").unwrap());
+    let nets = lookup("network").unwrap();
+    let net = json!({"metadata": {"name": "chaos"}, "spec": {"cidr": "10.44.0.0/24"}});
+    let net = persist("create network", || {
+        admin.create(nets, Some("default"), &net)
+    })
+    .await
+    .unwrap();
+    let vni = net["status"]["vni"].as_u64().unwrap();
     let (mut server_kills, mut agent_kills, mut slowest) = (0usize, 0usize, Duration::ZERO);
     let started = Instant::now();
 
@@ -263,6 +274,7 @@ async fn chaos() {
         let creates = names.iter().zip(&powers).map(|(name, power)| {
             let vm = json!({"metadata": {"name": name}, "spec": {
                 "image": image, "powerState": power, "resources": {"cpus": 1, "memory": "96Mi"},
+                "networks": [{"network": "chaos"}],
                 "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0"}}});
             let admin = &admin;
             async move {
@@ -328,6 +340,22 @@ async fn chaos() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let converged_in = last_restart.elapsed();
+        // Invariant: every VM holds its own address.
+        let mut holders: BTreeMap<String, String> = BTreeMap::new();
+        for name in &acked {
+            let vm = persist("get", || admin.get(vms, Some("default"), name))
+                .await
+                .unwrap();
+            let ip = vm["status"]["ips"][0].as_str().unwrap_or_else(|| {
+                panic!(
+                    "round {round} (seed {seed}): {name} has no address: {}",
+                    vm["status"]
+                )
+            });
+            if let Some(other) = holders.insert(ip.to_string(), name.clone()) {
+                panic!("round {round} (seed {seed}): {name} and {other} both hold {ip}");
+            }
+        }
         slowest = slowest.max(converged_in);
         let uids: Vec<String> = futures::future::join_all(acked.iter().map(|n| {
             let admin = &admin;
@@ -373,6 +401,21 @@ async fn chaos() {
             drop(fleet);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // Invariant: the deleted VMs' addresses are free.
+        loop {
+            let held = persist("addresses", || admin.network_addresses("default", "chaos"))
+                .await
+                .unwrap();
+            if held["items"].as_array().unwrap().is_empty() {
+                break;
+            }
+            assert!(
+                deleted_at.elapsed() < CONVERGE,
+                "round {round} (seed {seed}): addresses of deleted VMs are still held: {}",
+                held["items"]
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let domains = support::domain_uuids();
         let left: Vec<&String> = uids.iter().filter(|u| domains.contains(u)).collect();
         assert!(
@@ -406,6 +449,33 @@ async fn chaos() {
             converged_in.as_millis(),
             round_start.elapsed().as_millis()
         );
+    }
+    // The network goes, and nothing of it stays on the host.
+    let deleted = persist("delete network", || {
+        admin.delete(nets, Some("default"), "chaos")
+    })
+    .await;
+    done_before(404, deleted).unwrap();
+    let gone_by = Instant::now() + CONVERGE;
+    let leftovers = || {
+        let mut left: Vec<String> = ["fb", "fx", "fd"]
+            .iter()
+            .map(|p| format!("/sys/class/net/{p}-{vni}"))
+            .chain([format!("/run/netns/flotilla-dhcp-{vni}")])
+            .filter(|p| std::path::Path::new(p).exists())
+            .collect();
+        if support::dnsmasq_serving(vni) > 0 {
+            left.push("dnsmasq".into());
+        }
+        left
+    };
+    while !leftovers().is_empty() {
+        assert!(
+            Instant::now() < gone_by,
+            "(seed {seed}): the network's dataplane is left on the host: {:?}",
+            leftovers()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let total = images_served.total();
     println!(

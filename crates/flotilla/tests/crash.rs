@@ -25,17 +25,6 @@ async fn eventually(what: &str, secs: u64, mut check: impl AsyncFnMut() -> bool)
     }
 }
 
-/// The dnsmasq processes serving the network `vni` (a killed agent's may be left running; the
-/// next one replaces it).
-fn dhcp_servers(vni: u64) -> usize {
-    let wanted = format!("--interface=fdn-{vni}\0");
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
-        .filter(|c| String::from_utf8_lossy(c).contains(&wanted))
-        .count()
-}
-
 fn domains_with_uuid(uuid: &str) -> usize {
     domain_uuids().iter().filter(|u| *u == uuid).count()
 }
@@ -92,7 +81,7 @@ async fn kill_9_during_create_and_delete_converges_and_leaks_nothing() {
         eventually(
             &format!("{name}: one DHCP server for the network"),
             10,
-            async || dhcp_servers(vni) == 1,
+            async || support::dnsmasq_serving(vni) == 1,
         )
         .await;
 
@@ -132,7 +121,7 @@ async fn kill_9_during_create_and_delete_converges_and_leaks_nothing() {
     eventually(
         "the unused overlay and its DHCP server are removed",
         30,
-        async || !bridge.exists() && !namespace.exists() && dhcp_servers(vni) == 0,
+        async || !bridge.exists() && !namespace.exists() && support::dnsmasq_serving(vni) == 0,
     )
     .await;
     agent.kill9();

@@ -123,6 +123,35 @@ fn the_tour_gives_a_vm_an_address_on_a_network() {
     });
     assert!(log.contains(&format!("FLOTILLA-IP {ip}/24 MTU ")), "{log}");
 
+    // A second guest on the network, configured by cloud-init's network-config instead of
+    // DHCP, reaches the first.
+    let peer = format!(
+        "apiVersion: flotilla.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: peer}}\nspec:\n  \
+         resources: {{cpus: 1, memory: 256Mi}}\n  boot: {{kernel: {0}/vmlinuz, initrd: {0}/initramfs.gz, cmdline: console=ttyS0}}\n  \
+         networks: [{{network: lan}}]\n  userData: \"#cloud-config\\nflotilla_test_ping: {ip}\\n\"\n",
+        guest.display()
+    );
+    let peer_file = dir.path().join("peer.yaml");
+    std::fs::write(&peer_file, peer).unwrap();
+    ok(cli(&config, &["apply", "-f", peer_file.to_str().unwrap()]));
+    let log = eventually("the second guest pings the first", 120, || {
+        let out = cli(&config, &["vm", "log", "peer"]);
+        let log = String::from_utf8_lossy(&out.stdout).into_owned();
+        log.contains(&format!("FLOTILLA-PING {ip} ok"))
+            .then_some(log)
+    });
+    assert!(log.contains("FLOTILLA-IP 10.10.0.4/24 MTU "), "{log}");
+    assert!(log.contains(" VIA static"), "{log}");
+    let described = ok(cli(&config, &["describe", "network", "lan"]));
+    assert!(
+        described.contains("10.10.0.0/24") && described.contains("Ready"),
+        "{described}"
+    );
+    ok(cli(
+        &config,
+        &["delete", "vm", "peer", "--wait", "--timeout", "60s"],
+    ));
+
     ok(cli(
         &config,
         &["delete", "vm", "tiny", "--wait", "--timeout", "60s"],

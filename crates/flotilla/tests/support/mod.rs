@@ -308,3 +308,14 @@ impl Drop for DomainSweeper {
         }
     }
 }
+
+/// The dnsmasq processes serving the overlay network `vni` on this host (a killed agent's may be
+/// left running until the next one replaces it).
+pub fn dnsmasq_serving(vni: u64) -> usize {
+    let wanted = format!("--interface=fdn-{vni}\0");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| String::from_utf8_lossy(c).contains(&wanted))
+        .count()
+}
