@@ -55,6 +55,15 @@ pub struct NodeArgs {
     /// default route's interface).
     #[arg(long)]
     pub tunnel_address: Option<std::net::Ipv4Addr>,
+    /// Where the agent serves its VMs' serial logs to the API server (HTTPS, only the server's
+    /// client certificate is let in). Loopback by default: on a host other than the server's,
+    /// give an address the server reaches, e.g. 10.0.0.5:0.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub log_listen: std::net::SocketAddr,
+    /// The host name or address the API server should use for the log endpoint (default: the
+    /// address it listens on).
+    #[arg(long)]
+    pub log_advertise: Option<String>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -147,6 +156,8 @@ fn agent_config(servers: Vec<String>, data_dir: PathBuf, node: &NodeArgs) -> Age
     config.memory_overcommit = node.memory_overcommit;
     config.shutdown_timeout = node.shutdown_timeout;
     config.tunnel_address = node.tunnel_address;
+    config.listen = node.log_listen;
+    config.advertise = node.log_advertise.clone();
     config
 }
 

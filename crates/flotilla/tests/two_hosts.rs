@@ -185,6 +185,7 @@ async fn guests_on_two_hosts_reach_each_other_over_the_overlay() {
                 "qemu",
             ])
             .args(["--tunnel-address", &address, "--shutdown-timeout", "1s"])
+            .args(["--log-listen", &format!("{address}:0")])
             .arg("--data-dir")
             .arg(&agent_dir)
             .env("FLOTILLA_LOG", "info,flotilla_agent=debug")
@@ -265,6 +266,18 @@ async fn guests_on_two_hosts_reach_each_other_over_the_overlay() {
             "{log}"
         );
     }
+    // The serial logs of guests on other hosts come through the API too.
+    let log = admin.vm_log("default", "on-b", false).await.unwrap();
+    let mut log = Box::pin(log);
+    let mut text = Vec::new();
+    while let Some(Ok(chunk)) = futures::StreamExt::next(&mut log).await {
+        text.extend_from_slice(&chunk);
+    }
+    assert!(
+        String::from_utf8_lossy(&text).contains("FLOTILLA-PING 10.7.0.10 ok"),
+        "{}",
+        String::from_utf8_lossy(&text)
+    );
     // Host B's agent saw the lease its dnsmasq gave.
     eventually("on-b reports its DHCP lease", 10, async || {
         let b = admin.get(vms, Some("default"), "on-b").await.ok()?;
