@@ -14,7 +14,8 @@ as "valid data rejected". This hook makes generated requests keep them, and noth
 - one of several fields (class or resources; image, boot or adoptedDomain; url or path), a node
   for an adopted domain (cross-field);
 - a network's type decides its fields (overlay: a cidr, no bridge or VLAN; bridged: a bridge), a
-  cidr has no host bits, a gateway is a host of the cidr (cross-field); a VM's NICs name
+  cidr has no host bits, a gateway is a host of the cidr, ranges lie inside the cidr, an IPv6
+  prefix needs a cidr beside it (cross-field); a VM's NICs name
   Networks that exist (cross-object: generated VMs have none);
 - label and field selectors follow their grammar (not a regular language for labels' sets);
 - continue tokens are the server's own (opaque; a made-up one is rightly 400);
@@ -147,8 +148,12 @@ def keep_network_rules(spec):
         spec["cidr"] = ".".join(str((value >> (24 - 8 * i)) & 255) for i in range(4)) + "/" + length
     elif not bridged:
         spec["cidr"] = "10.0.0.0/24"
-    # Whether a gateway is a host of the cidr is the server's to check (tests/networks.rs).
+    # Whether a gateway is a host of the cidr, and ranges lie inside it, is the server's to check
+    # (tests/networks.rs).
     spec["gateway"] = None
+    spec["ranges"] = None
+    if spec.get("cidr") is None:
+        spec["cidr6"] = None
 
 
 def keep_spec_rules(kind_path, spec):

@@ -14,6 +14,9 @@ use crate::validation::FieldErrors;
 pub const INTERFACE_NAME_PATTERN: &str = r"^[A-Za-z0-9_.-]{1,15}$";
 /// An IPv4 CIDR as the server reads it (prefix /16 to /29; host bits zero is checked too).
 pub const CIDR_PATTERN: &str = r"^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}/(1[6-9]|2[0-9])$";
+/// An IPv6 /64 prefix as the server reads it: up to four groups, then `::` (so its host bits
+/// are zero by construction), or eight groups ending in four zero groups.
+pub const CIDR6_PATTERN: &str = r"^(([0-9a-fA-F]{1,4}:){1,4}:|([0-9a-fA-F]{1,4}:){4}0:0:0:0)/64$";
 /// An IPv4 address in dotted decimal.
 pub const IPV4_PATTERN: &str = r"^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$";
 
@@ -44,7 +47,7 @@ pub struct NetworkSpec {
     /// cloud-init's network-config and in DNS, and overlay networks send router advertisements
     /// for it (no default route: routers come later).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 43))]
+    #[schemars(regex = "CIDR6_PATTERN")]
     pub cidr6: Option<String>,
     /// The gateway address inside `cidr` (default: its first host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,7 +106,7 @@ pub struct NetworkDns {
     /// LAN resolvers. Default: on overlay networks with DHCP, the network's own server (the
     /// DHCP-server address); none otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 3))]
+    #[schemars(length(max = 3), inner(regex = "IPV4_PATTERN"))]
     pub nameservers: Vec<String>,
 }
 
@@ -287,8 +290,11 @@ impl Validate for NetworkSpec {
                     "an IPv6 prefix needs an IPv4 cidr beside it",
                 );
             }
-            if let Err(e) = prefix.parse::<flotilla_ipam::Ipv6Prefix>() {
-                errs.push(format!("{path}.cidr6"), e.to_string());
+            if !is_cidr6(prefix) {
+                errs.push(
+                    format!("{path}.cidr6"),
+                    flotilla_ipam::IpamError::BadPrefix6(prefix.clone()).to_string(),
+                );
             }
         }
         if !self.ranges.is_empty() && self.cidr.is_none() {
@@ -377,6 +383,13 @@ impl Validate for NetworkSpec {
     }
 }
 
+/// Whether `prefix` is a /64 the way [`CIDR6_PATTERN`] writes it (and IPAM reads it).
+pub fn is_cidr6(prefix: &str) -> bool {
+    static PATTERN: std::sync::LazyLock<regex::Regex> =
+        std::sync::LazyLock::new(|| regex::Regex::new(CIDR6_PATTERN).expect("a valid pattern"));
+    PATTERN.is_match(prefix) && prefix.parse::<flotilla_ipam::Ipv6Prefix>().is_ok()
+}
+
 fn is_interface_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 15
@@ -412,5 +425,35 @@ crate::define_kind! {
             "MTU" => "spec.mtu" (wide)
         ],
         set_once: ["spec.type", "spec.cidr", "spec.cidr6", "spec.gateway", "spec.bridge"],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Every prefix the document's pattern admits, the server accepts (and IPAM reads).
+        #[test]
+        fn a_prefix_drawn_from_the_pattern_is_accepted(
+            prefix in CIDR6_PATTERN.trim_matches(['^', '$'])
+        ) {
+            prop_assert!(is_cidr6(&prefix), "{prefix:?}");
+        }
+    }
+
+    #[test]
+    fn prefixes_the_pattern_leaves_out_are_refused() {
+        for bad in [
+            "",
+            "fd00::1/64",
+            "fd00:10::/48",
+            "fd00::5:0:0:0:0/64",
+            "10.0.0.0/64",
+        ] {
+            assert!(!is_cidr6(bad), "{bad:?}");
+        }
+        assert!(is_cidr6("fd00:10::/64") && is_cidr6("fd00:0:0:0:0:0:0:0/64"));
     }
 }
