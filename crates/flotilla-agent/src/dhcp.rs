@@ -292,18 +292,27 @@ impl DhcpServers {
     }
 
     /// Leases the lease file holds for addresses or MACs no reservation has any more (a deleted
-    /// VM's) are released, so that a new VM can take the address at once.
+    /// VM's) are released, so that a new VM can take the address at once. Waits (up to a second)
+    /// until dnsmasq has dropped them from its lease file.
     async fn release_stale_leases(&self, service: &Service<'_>, namespace: &Path) {
         let file = self.server_dir(service.vni).join("leases");
+        let stale = |text: &str| -> Vec<(String, Ipv4Addr)> {
+            parse_leases(text)
+                .into_iter()
+                .filter(|(mac, ip)| {
+                    !service
+                        .addresses
+                        .iter()
+                        .any(|a| a.mac_address == *mac && a.address == ip.to_string())
+                })
+                .collect()
+        };
         let text = tokio::fs::read_to_string(&file).await.unwrap_or_default();
-        for (mac, ip) in parse_leases(&text) {
-            let reserved = service
-                .addresses
-                .iter()
-                .any(|a| a.mac_address == mac && a.address == ip.to_string());
-            if reserved {
-                continue;
-            }
+        let released = stale(&text);
+        if released.is_empty() {
+            return;
+        }
+        for (mac, ip) in released {
             let interface = service_peer_name(service.vni);
             let args = [interface, ip.to_string(), mac.clone()];
             match run_in_namespace("dhcp_release", &args, namespace).await {
@@ -312,6 +321,13 @@ impl DhcpServers {
                     tracing::warn!(vni = service.vni, %ip, error = %e, "cannot release a lease")
                 }
             }
+        }
+        for _ in 0..20 {
+            let text = tokio::fs::read_to_string(&file).await.unwrap_or_default();
+            if stale(&text).is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

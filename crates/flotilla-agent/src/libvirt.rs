@@ -130,7 +130,12 @@ impl Libvirt {
         let uuid = uuid.to_string();
         self.run(move |c| match Self::lookup(c, &uuid) {
             None => Ok(None),
-            Some(d) => Ok(Some(state_of(d.get_state()?.0))),
+            Some(d) => match d.get_state() {
+                Ok((state, _)) => Ok(Some(state_of(state))),
+                // Undefined between the lookup and the question: gone, not an error.
+                Err(e) if e.code() == virt::error::ErrorNumber::NoDomain => Ok(None),
+                Err(e) => Err(e.into()),
+            },
         })
         .await
     }
