@@ -263,14 +263,11 @@ pub async fn run_with(
             }
         })
     });
-    // Flood lists follow their networks' endpoints as soon as they change.
-    let follower = ctx.overlays.clone().map(|overlays| {
-        tokio::spawn(crate::overlays::follow_networks(
-            overlays,
-            client.clone(),
-            config.node_name.clone(),
-        ))
-    });
+    // Flood lists and DHCP servers follow their networks as soon as they change.
+    let follower = ctx
+        .overlays
+        .is_some()
+        .then(|| tokio::spawn(crate::networks::follow(ctx.clone())));
     // The lease files say which guests took their address (their VMs report it).
     let lease_reader = dhcp.clone().map(|dhcp| {
         tokio::spawn(async move {

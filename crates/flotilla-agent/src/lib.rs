@@ -15,6 +15,7 @@ pub mod identity;
 pub mod iso9660;
 pub mod libvirt;
 pub mod logserver;
+mod networks;
 pub mod overlays;
 pub mod recorder;
 mod tools;

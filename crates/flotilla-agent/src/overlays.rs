@@ -6,11 +6,6 @@
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
-use std::time::Duration;
-
-use flotilla_client::{Client, ListParams};
-use flotilla_types::registry::lookup;
 
 use flotilla_dataplane::{bridge_name, Netlink, Overlay};
 use flotilla_types::Network;
@@ -155,64 +150,5 @@ impl Overlays {
             removed.push(vni);
         }
         Ok(removed)
-    }
-}
-
-/// Keeps the overlays this node carries following their networks: each change of a Network
-/// (a node joining or leaving it changes `status.endpoints`) re-ensures its overlay here at
-/// once, rather than at the next reconcile of one of its VMs. Relists after a broken watch.
-pub async fn follow_networks(overlays: Arc<Overlays>, client: Arc<Client>, node: String) {
-    let kind = lookup("network").expect("registered");
-    loop {
-        let list = match client.list(kind, None, &ListParams::default()).await {
-            Ok(list) => list,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot list networks; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        let rv = list["metadata"]["resourceVersion"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        for item in list["items"].as_array().into_iter().flatten() {
-            refresh(&overlays, &node, item).await;
-        }
-        let events = match client
-            .watch(kind, None, &ListParams::default(), Some(&rv))
-            .await
-        {
-            Ok(events) => events,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot watch networks; relisting");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        let mut events = std::pin::pin!(events);
-        while let Some(Ok(event)) = futures::StreamExt::next(&mut events).await {
-            match event.type_.as_str() {
-                "ADDED" | "MODIFIED" => refresh(&overlays, &node, &event.object).await,
-                "ERROR" => break,
-                _ => {}
-            }
-        }
-    }
-}
-
-/// Re-ensures the overlay of `network` if this node carries it.
-async fn refresh(overlays: &Overlays, node: &str, network: &serde_json::Value) {
-    let Ok(network) = serde_json::from_value::<Network>(network.clone()) else {
-        return;
-    };
-    let Some(vni) = network.status.as_ref().and_then(|s| s.vni) else {
-        return;
-    };
-    if !overlays.present().await.is_ok_and(|p| p.contains(&vni)) {
-        return;
-    }
-    if let Err(e) = overlays.ensure(node, &network).await {
-        tracing::warn!(network = %network.metadata.name, error = %e, "cannot update an overlay");
     }
 }

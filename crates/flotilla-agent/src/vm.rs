@@ -365,7 +365,7 @@ fn nameservers(network: &Network, subnet: Option<&flotilla_ipam::Subnet>) -> Vec
 
 /// Makes this node's DHCP and DNS server of `network` serve every address IPAM gave on it
 /// (before the VM's domain starts, so its guest finds its reservation).
-async fn serve_dhcp(
+pub(crate) async fn serve_dhcp(
     ctx: &Context,
     project: &str,
     network: &Network,

@@ -284,6 +284,22 @@ async fn guests_on_two_hosts_reach_each_other_over_the_overlay() {
         (b["status"]["interfaces"][0]["source"] == "dhcp").then_some(())
     })
     .await;
+    // A VM made on host B later: host A's DNS server knows its name within seconds (its agent
+    // follows the network), not at its next resync.
+    let late = json!({"metadata": {"name": "late"}, "spec": {
+        "nodeName": "host-b", "resources": {"cpus": 1, "memory": "128Mi"}, "powerState": "Stopped",
+        "boot": {"kernel": guest.join("vmlinuz")}, "networks": [{"network": "lan"}]}});
+    let late = admin.create(vms, Some("default"), &late).await.unwrap();
+    let late_ip = late["status"]["ips"][0].as_str().unwrap().to_string();
+    let names = agent_dirs[0].join("networks/4096/names");
+    eventually("host A's DNS server knows the new VM", 10, async || {
+        let text = std::fs::read_to_string(&names).ok()?;
+        text.contains(&format!(
+            "{late_ip} late.lan.default.flotilla.internal late"
+        ))
+        .then_some(())
+    })
+    .await;
     let network = admin
         .get(lookup("network").unwrap(), Some("default"), "lan")
         .await
