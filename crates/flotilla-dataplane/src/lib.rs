@@ -23,6 +23,7 @@ use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkVxlan};
 
 pub mod namespace;
+mod port;
 mod service;
 
 pub use service::{service_mac, service_peer_name, service_port_name, ServicePort};

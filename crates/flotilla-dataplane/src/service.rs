@@ -8,14 +8,10 @@
 //! VMs and never hears, nor is heard by, the servers of the other nodes.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
-use futures::TryStreamExt;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
-use rtnetlink::{LinkBridgePort, LinkUnspec, LinkVeth};
-
-use crate::{bridge_name, netlink, DataplaneError, Netlink};
+use crate::port::NamespacePort;
+use crate::{bridge_name, DataplaneError, Netlink};
 
 pub fn service_port_name(vni: u32) -> String {
     format!("fd-{vni}")
@@ -48,7 +44,7 @@ pub struct ServicePort {
 
 impl Netlink {
     /// Makes `port` present: the veth pair, its host end an isolated port of the network's
-    /// bridge, its other end up in the namespace with the MAC, MTU and address. The overlay's
+    /// bridge, its other end up in the namespace with the MAC, MTU and addresses. The overlay's
     /// bridge must exist. Changes only what differs.
     pub async fn ensure_service_port(&self, port: &ServicePort) -> Result<(), DataplaneError> {
         let (bridge, host, peer) = (
@@ -56,146 +52,26 @@ impl Netlink {
             service_port_name(port.vni),
             service_peer_name(port.vni),
         );
-        let bridge_index = self
-            .link(&bridge)
-            .await?
-            .ok_or_else(|| DataplaneError::NoBridge(bridge.clone()))?
-            .header
-            .index;
-        let inside = Netlink::in_namespace(&port.namespace)?;
-        let host_index = match self.link(&host).await? {
-            Some(link) => link.header.index,
-            None => {
-                self.handle
-                    .link()
-                    .add(LinkVeth::new(&host, &peer).mtu(port.mtu).build())
-                    .execute()
-                    .await
-                    .map_err(netlink(format!("creating {host}")))?;
-                let namespace = std::fs::File::open(&port.namespace).map_err(|error| {
-                    DataplaneError::Namespace {
-                        path: port.namespace.display().to_string(),
-                        error,
-                    }
-                })?;
-                let peer_index = self.link(&peer).await?.expect("just made").header.index;
-                self.handle
-                    .link()
-                    .set(
-                        LinkUnspec::new_with_index(peer_index)
-                            .setns_by_fd(namespace.as_raw_fd())
-                            .build(),
-                    )
-                    .execute()
-                    .await
-                    .map_err(netlink(format!("moving {peer} into its namespace")))?;
-                self.link(&host).await?.expect("just made").header.index
-            }
-        };
-        self.handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(host_index)
-                    .controller(bridge_index)
-                    .mtu(port.mtu)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(netlink(format!("putting {host} on {bridge}")))?;
-        self.isolate(host_index, &host).await?;
-
-        let lo = inside.link("lo").await?.expect("every namespace has lo");
-        inside
-            .handle
-            .link()
-            .set(LinkUnspec::new_with_index(lo.header.index).up().build())
-            .execute()
-            .await
-            .map_err(netlink("setting lo up"))?;
-        let peer_index = inside
-            .link(&peer)
-            .await?
-            .ok_or_else(|| DataplaneError::NoBridge(peer.clone()))?
-            .header
-            .index;
-        inside
-            .handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(peer_index)
-                    .address(service_mac(port.vni).to_vec())
-                    .mtu(port.mtu)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(netlink(format!("setting {peer} up")))?;
-        let mut addresses = inside
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(peer_index)
-            .execute();
-        let mut present = Vec::new();
-        while let Some(message) = addresses
-            .try_next()
-            .await
-            .map_err(netlink("listing addresses"))?
-        {
-            for attribute in &message.attributes {
-                if let AddressAttribute::Address(ip) = attribute {
-                    present.push((*ip, message.header.prefix_len));
-                }
-            }
+        let mut addresses = vec![(IpAddr::V4(port.address), port.prefix_len)];
+        if let Some(v6) = port.address6 {
+            addresses.push((IpAddr::V6(v6), 64));
         }
-        let wanted = [
-            Some((IpAddr::V4(port.address), port.prefix_len)),
-            port.address6.map(|a| (IpAddr::V6(a), 64)),
-        ];
-        for (ip, len) in wanted.into_iter().flatten() {
-            if present.contains(&(ip, len)) {
-                continue;
-            }
-            let mut request = inside.handle.address().add(peer_index, ip, len);
-            // No duplicate address detection: the address is this namespace's alone, and a
-            // tentative address would keep dnsmasq from binding it for a second or two.
-            request
-                .message_mut()
-                .attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
-            request
-                .execute()
-                .await
-                .map_err(netlink(format!("giving {peer} {ip}")))?;
-        }
+        self.ensure_namespace_port(&NamespacePort {
+            bridge: &bridge,
+            host: &host,
+            peer: &peer,
+            namespace: &port.namespace,
+            mtu: port.mtu,
+            mac: Some(service_mac(port.vni)),
+            addresses,
+            isolated: true,
+        })
+        .await?;
         Ok(())
-    }
-
-    /// Makes the bridge port `index` isolated (it never exchanges frames with another isolated
-    /// port of its bridge).
-    pub(crate) async fn isolate(&self, index: u32, name: &str) -> Result<(), DataplaneError> {
-        self.handle
-            .link()
-            .set_port(LinkBridgePort::new(index).isolated(true).build())
-            .execute()
-            .await
-            .map_err(netlink(format!("isolating the bridge port {name}")))
     }
 
     /// Removes the service port of `vni` (its namespace's end goes with it); absent is fine.
     pub async fn remove_service_port(&self, vni: u32) -> Result<(), DataplaneError> {
-        let host = service_port_name(vni);
-        if let Some(link) = self.link(&host).await? {
-            self.handle
-                .link()
-                .del(link.header.index)
-                .execute()
-                .await
-                .map_err(netlink(format!("deleting {host}")))?;
-        }
-        Ok(())
+        self.delete_link(&service_port_name(vni)).await
     }
 }
