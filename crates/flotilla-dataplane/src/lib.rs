@@ -24,8 +24,13 @@ use rtnetlink::{Handle, LinkBridge, LinkVxlan};
 
 pub mod namespace;
 mod port;
+mod router;
 mod service;
 
+pub use router::{
+    external_peer_name, external_port_name, nat_rules, router_peer_name, router_port_name,
+    ExternalPort, Router, RouterNetwork,
+};
 pub use service::{service_mac, service_peer_name, service_port_name, ServicePort};
 
 /// The UDP port of VXLAN (IANA).
@@ -48,6 +53,8 @@ pub enum DataplaneError {
     NoUnderlay(String),
     #[error("the interface {0:?} does not exist")]
     NoBridge(String),
+    #[error("{command} failed: {message}")]
+    Command { command: String, message: String },
 }
 
 fn netlink(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DataplaneError {

@@ -1,0 +1,291 @@
+//! A router, Neutron's L3 agent layout: a network namespace joined to each overlay network it
+//! serves by a port holding the network's gateway address (`fq-<vni>` on the network's bridge,
+//! `qr-<vni>` inside: a network has at most one router) and to an external bridge by a port
+//! holding its external address (`fg-<id>` / `qg-<id>`), with IPv4 forwarding on, a default
+//! route to the external gateway, and its networks' traffic to the outside translated to its
+//! external address (SNAT) by an nftables table of its own namespace, replaced in one batch.
+//! Nothing here touches the host's ruleset: the table lives in the router's namespace.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use futures::TryStreamExt;
+use rtnetlink::RouteMessageBuilder;
+
+use crate::port::NamespacePort;
+use crate::{bridge_name, netlink, DataplaneError, Netlink};
+
+pub fn router_port_name(vni: u32) -> String {
+    format!("fq-{vni}")
+}
+
+pub fn router_peer_name(vni: u32) -> String {
+    format!("qr-{vni}")
+}
+
+pub fn external_port_name(id: u32) -> String {
+    format!("fg-{id}")
+}
+
+pub fn external_peer_name(id: u32) -> String {
+    format!("qg-{id}")
+}
+
+/// The router's side of one of its networks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouterNetwork {
+    pub vni: u32,
+    /// The network: its cidr's first address and prefix length.
+    pub network: Ipv4Addr,
+    pub prefix_len: u8,
+    /// The network's gateway address, which the router takes.
+    pub gateway: Ipv4Addr,
+    pub mtu: u32,
+}
+
+/// The router's way out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalPort {
+    /// The bridge of the external network on this node.
+    pub bridge: String,
+    pub address: Ipv4Addr,
+    pub prefix_len: u8,
+    /// The next hop for everything else.
+    pub gateway: Ipv4Addr,
+    pub mtu: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Router {
+    /// Unique on the node (names its external port).
+    pub id: u32,
+    /// The router's namespace (`/run/netns/<name>`, made beforehand).
+    pub namespace: PathBuf,
+    pub networks: Vec<RouterNetwork>,
+    pub external: Option<ExternalPort>,
+}
+
+/// The router's nftables table (in its namespace), as one `nft -f` batch that replaces it: its
+/// networks leave through the external port translated to the external address.
+pub fn nat_rules(router: &Router) -> String {
+    let mut rules = String::from(
+        "table ip flotilla-router {}\ndelete table ip flotilla-router\ntable ip flotilla-router {\n",
+    );
+    rules.push_str(
+        "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
+    );
+    if let Some(external) = &router.external {
+        for network in &router.networks {
+            rules.push_str(&format!(
+                "    oifname \"{}\" ip saddr {}/{} snat to {}\n",
+                external_peer_name(router.id),
+                network.network,
+                network.prefix_len,
+                external.address
+            ));
+        }
+    }
+    rules.push_str("  }\n}\n");
+    rules
+}
+
+impl Netlink {
+    /// Makes `router` present: its ports, addresses, default route, forwarding and NAT table.
+    /// The networks' bridges and the external bridge must exist. Changes only what differs
+    /// (the NAT table is replaced whole, atomically).
+    pub async fn ensure_router(&self, router: &Router) -> Result<(), DataplaneError> {
+        let mut inside = None;
+        for network in &router.networks {
+            let (bridge, host, peer) = (
+                bridge_name(network.vni),
+                router_port_name(network.vni),
+                router_peer_name(network.vni),
+            );
+            inside = Some(
+                self.ensure_namespace_port(&NamespacePort {
+                    bridge: &bridge,
+                    host: &host,
+                    peer: &peer,
+                    namespace: &router.namespace,
+                    mtu: network.mtu,
+                    mac: None,
+                    addresses: vec![(IpAddr::V4(network.gateway), network.prefix_len)],
+                    isolated: false,
+                })
+                .await?,
+            );
+        }
+        if let Some(external) = &router.external {
+            let (host, peer) = (external_port_name(router.id), external_peer_name(router.id));
+            let netlink = self
+                .ensure_namespace_port(&NamespacePort {
+                    bridge: &external.bridge,
+                    host: &host,
+                    peer: &peer,
+                    namespace: &router.namespace,
+                    mtu: external.mtu,
+                    mac: None,
+                    addresses: vec![(IpAddr::V4(external.address), external.prefix_len)],
+                    isolated: false,
+                })
+                .await?;
+            netlink.ensure_default_route(external.gateway).await?;
+            inside = Some(netlink);
+        }
+        if inside.is_some() {
+            set_forwarding(&router.namespace)?;
+        }
+        run_in_namespace("nft", &["-f", "-"], &router.namespace, &nat_rules(router)).await
+    }
+
+    /// `ip route replace default via <gateway>` in this namespace (unless it is there already).
+    async fn ensure_default_route(&self, gateway: Ipv4Addr) -> Result<(), DataplaneError> {
+        let query = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let mut routes = self.handle.route().get(query).execute();
+        while let Some(route) = routes.try_next().await.map_err(netlink("listing routes"))? {
+            let default = route.header.destination_prefix_length == 0
+                && route.header.table == rtnetlink::packet_route::route::RouteHeader::RT_TABLE_MAIN;
+            let via = route.attributes.iter().any(|a| {
+                matches!(a, rtnetlink::packet_route::route::RouteAttribute::Gateway(
+                    rtnetlink::packet_route::route::RouteAddress::Inet(g)) if *g == gateway)
+            });
+            if default && via {
+                return Ok(());
+            }
+        }
+        self.handle
+            .route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .gateway(gateway)
+                    .build(),
+            )
+            .replace()
+            .execute()
+            .await
+            .map_err(netlink(format!("routing by default via {gateway}")))
+    }
+
+    /// Removes the router's ports (their namespace ends go with them); absent is fine. The
+    /// namespace itself is the caller's to remove.
+    pub async fn remove_router_ports(&self, id: u32, vnis: &[u32]) -> Result<(), DataplaneError> {
+        for vni in vnis {
+            self.delete_link(&router_port_name(*vni)).await?;
+        }
+        self.delete_link(&external_port_name(id)).await
+    }
+}
+
+/// IPv4 forwarding on in `namespace` (a thread enters it: sysctls under /proc/sys/net belong to
+/// the namespace of whoever opens them).
+fn set_forwarding(namespace: &Path) -> Result<(), DataplaneError> {
+    let file = std::fs::File::open(namespace).map_err(|error| DataplaneError::Namespace {
+        path: namespace.display().to_string(),
+        error,
+    })?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on this short-lived thread only, with a descriptor it borrows.
+                if unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                } != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            })
+            .join()
+            .expect("the namespace thread does not panic")
+    })
+    .map_err(|error| DataplaneError::Namespace {
+        path: namespace.display().to_string(),
+        error,
+    })
+}
+
+/// Runs `program` in `namespace` (entered between fork and exec) with `input` on its stdin.
+async fn run_in_namespace(
+    program: &str,
+    args: &[&str],
+    namespace: &Path,
+    input: &str,
+) -> Result<(), DataplaneError> {
+    use tokio::io::AsyncWriteExt;
+    let failed = |message: String| DataplaneError::Command {
+        command: format!("{program} {}", args.join(" ")),
+        message,
+    };
+    let file = std::fs::File::open(namespace).map_err(|error| DataplaneError::Namespace {
+        path: namespace.display().to_string(),
+        error,
+    })?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: only setns, which is async-signal-safe, runs between fork and exec; the
+    // descriptor stays open in the parent until the child has been spawned.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|e| failed(e.to_string()))?;
+    drop(file);
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    if !out.status.success() {
+        return Err(failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_nat_table_replaces_itself_and_translates_each_network() {
+        let router = Router {
+            id: 7,
+            namespace: PathBuf::from("/run/netns/r"),
+            networks: vec![RouterNetwork {
+                vni: 4096,
+                network: "10.0.0.0".parse().unwrap(),
+                prefix_len: 24,
+                gateway: "10.0.0.1".parse().unwrap(),
+                mtu: 1450,
+            }],
+            external: Some(ExternalPort {
+                bridge: "br-ex".into(),
+                address: "203.0.113.2".parse().unwrap(),
+                prefix_len: 24,
+                gateway: "203.0.113.1".parse().unwrap(),
+                mtu: 1500,
+            }),
+        };
+        assert_eq!(
+            nat_rules(&router),
+            "table ip flotilla-router {}\ndelete table ip flotilla-router\ntable ip flotilla-router {\n  \
+             chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n    \
+             oifname \"qg-7\" ip saddr 10.0.0.0/24 snat to 203.0.113.2\n  }\n}\n"
+        );
+    }
+}

@@ -1,0 +1,244 @@
+//! Routers in network namespaces this test makes: a "node" carries two overlay networks of two
+//! projects with the same CIDR and an external bridge with an "upstream" host that has no route
+//! back to either. Each project's router (its own namespace) takes its network's gateway address
+//! and translates its guests to its own external address: both guests, with the same address,
+//! reach upstream (ping and TCP) at once; the NAT lives in the routers' namespaces, never the
+//! node's; removal leaves no port behind. Needs root; touches nothing outside its namespaces.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use flotilla_dataplane::namespace::{ensure_namespace, remove_namespace};
+use flotilla_dataplane::{bridge_name, ExternalPort, Netlink, Overlay, Router, RouterNetwork};
+
+struct Namespaces {
+    prefix: String,
+    made: Vec<String>,
+}
+
+impl Namespaces {
+    fn add(&mut self, short: &str) -> String {
+        let name = format!("{}-{short}", self.prefix);
+        run(&["ip", "netns", "add", &name]);
+        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        self.made.push(name.clone());
+        name
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for name in &self.made {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+        for name in flotilla_dataplane::namespace::namespaces_with_prefix(&self.prefix) {
+            let _ = remove_namespace(&name);
+        }
+    }
+}
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A namespace on a veth into `bridge` of `node`, with `ip`/24 and a default route via `via`.
+fn host(
+    ns: &mut Namespaces,
+    node: &str,
+    bridge: &str,
+    short: &str,
+    ip: &str,
+    via: Option<&str>,
+) -> String {
+    let name = ns.add(short);
+    let port = format!("p{short}");
+    run(&[
+        "ip", "-n", node, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+        &name,
+    ]);
+    run(&[
+        "ip", "-n", node, "link", "set", &port, "master", bridge, "up",
+    ]);
+    run(&["ip", "-n", &name, "link", "set", "eth0", "up"]);
+    run(&[
+        "ip",
+        "-n",
+        &name,
+        "addr",
+        "add",
+        &format!("{ip}/24"),
+        "dev",
+        "eth0",
+    ]);
+    if let Some(via) = via {
+        run(&["ip", "-n", &name, "route", "add", "default", "via", via]);
+    }
+    name
+}
+
+fn pings(from: &str, to: &str) -> bool {
+    Command::new("ip")
+        .args([
+            "netns", "exec", from, "busybox", "ping", "-c", "2", "-W", "2", to,
+        ])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_translate_their_networks_to_the_outside_side_by_side() {
+    let mut ns = Namespaces {
+        prefix: format!("fltdr{}", std::process::id()),
+        made: Vec::new(),
+    };
+    let node = ns.add("node");
+    // An underlay for the overlays (a veth pair inside the node), and the external bridge.
+    run(&[
+        "ip", "-n", &node, "link", "add", "ul", "type", "veth", "peer", "name", "ul2",
+    ]);
+    run(&[
+        "ip",
+        "-n",
+        &node,
+        "addr",
+        "add",
+        "198.51.100.1/24",
+        "dev",
+        "ul",
+    ]);
+    run(&["ip", "-n", &node, "link", "set", "ul", "up"]);
+    run(&["ip", "-n", &node, "link", "add", "br-ex", "type", "bridge"]);
+    run(&["ip", "-n", &node, "link", "set", "br-ex", "up"]);
+    let netlink = Netlink::in_namespace(&PathBuf::from("/run/netns").join(&node)).unwrap();
+    let upstream = host(&mut ns, &node, "br-ex", "up", "203.0.113.1", None);
+
+    let mut routers = Vec::new();
+    for (i, vni) in [4100u32, 4101].into_iter().enumerate() {
+        netlink
+            .ensure_overlay(&Overlay {
+                vni,
+                mtu: 1450,
+                local: "198.51.100.1".parse().unwrap(),
+                underlay: "ul".into(),
+                remotes: BTreeSet::new(),
+            })
+            .await
+            .unwrap();
+        // Both projects' guests have the same address.
+        let guest = host(
+            &mut ns,
+            &node,
+            &bridge_name(vni),
+            &format!("g{i}"),
+            "10.0.0.11",
+            Some("10.0.0.1"),
+        );
+        let namespace = ensure_namespace(&format!("{}-r{i}", ns.prefix)).unwrap();
+        let router = Router {
+            id: i as u32 + 1,
+            namespace,
+            networks: vec![RouterNetwork {
+                vni,
+                network: "10.0.0.0".parse().unwrap(),
+                prefix_len: 24,
+                gateway: "10.0.0.1".parse().unwrap(),
+                mtu: 1450,
+            }],
+            external: Some(ExternalPort {
+                bridge: "br-ex".into(),
+                address: format!("203.0.113.{}", i + 2).parse().unwrap(),
+                prefix_len: 24,
+                gateway: "203.0.113.1".parse().unwrap(),
+                mtu: 1500,
+            }),
+        };
+        let started = std::time::Instant::now();
+        netlink.ensure_router(&router).await.unwrap();
+        eprintln!(
+            "a router (namespace ports, route, forwarding, NAT): {} ms",
+            started.elapsed().as_millis()
+        );
+        // Again: nothing to change, nothing breaks.
+        netlink.ensure_router(&router).await.unwrap();
+        routers.push((router, guest));
+    }
+
+    // Upstream has no route to 10.0.0.0/24: only translated traffic gets answers.
+    for (_, guest) in &routers {
+        assert!(
+            pings(guest, "203.0.113.1"),
+            "{guest} reaches upstream through its router"
+        );
+    }
+    let neighbours = run(&["ip", "-n", &upstream, "neigh"]);
+    assert!(
+        neighbours.contains("203.0.113.2") && neighbours.contains("203.0.113.3"),
+        "upstream talked to both routers: {neighbours}"
+    );
+    // TCP too: upstream reads what the second project's guest sends.
+    let listener = Command::new("ip")
+        .args([
+            "netns", "exec", &upstream, "busybox", "nc", "-l", "-p", "9000",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sent = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "echo hello-from-b | ip netns exec {} busybox nc -w 2 203.0.113.1 9000",
+                routers[1].1
+            ),
+        ])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let received = listener.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&received.stdout).trim(),
+        "hello-from-b"
+    );
+    let translated = run(&[
+        "ip",
+        "netns",
+        "exec",
+        &format!("{}-r1", ns.prefix),
+        "nft",
+        "list",
+        "table",
+        "ip",
+        "flotilla-router",
+    ]);
+    assert!(translated.contains("snat to 203.0.113.3"), "{translated}");
+    // The node's own ruleset is untouched: the NAT lives in the routers' namespaces.
+    let node_tables = run(&["ip", "netns", "exec", &node, "nft", "list", "tables"]);
+    assert!(!node_tables.contains("flotilla"), "{node_tables}");
+
+    // Removal: the router's ports go with it.
+    for (router, _) in &routers {
+        let vnis: Vec<u32> = router.networks.iter().map(|n| n.vni).collect();
+        netlink.remove_router_ports(router.id, &vnis).await.unwrap();
+        remove_namespace(router.namespace.file_name().unwrap().to_str().unwrap()).unwrap();
+    }
+    let links = run(&["ip", "-n", &node, "-br", "link"]);
+    assert!(
+        !links.contains("fq-") && !links.contains("fg-"),
+        "no router port is left: {links}"
+    );
+    assert!(
+        !pings(&routers[0].1, "203.0.113.1"),
+        "without its router the guest is cut off"
+    );
+}
