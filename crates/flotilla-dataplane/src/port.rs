@@ -150,6 +150,48 @@ impl Netlink {
         Ok(inside)
     }
 
+    /// Removes the addresses of interface `name` that `keep` does not want (a floating IP
+    /// moved elsewhere). IPv6 link-local addresses are always kept.
+    pub(crate) async fn retain_addresses(
+        &self,
+        name: &str,
+        keep: impl Fn(IpAddr) -> bool,
+    ) -> Result<(), DataplaneError> {
+        let Some(link) = self.link(name).await? else {
+            return Ok(());
+        };
+        let mut listed = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(link.header.index)
+            .execute();
+        let mut gone = Vec::new();
+        while let Some(message) = listed
+            .try_next()
+            .await
+            .map_err(netlink("listing addresses"))?
+        {
+            let ip = message.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            let link_local = matches!(ip, Some(IpAddr::V6(v6)) if v6.is_unicast_link_local());
+            if ip.is_some_and(|ip| !link_local && !keep(ip)) {
+                gone.push(message);
+            }
+        }
+        for message in gone {
+            self.handle
+                .address()
+                .del(message)
+                .execute()
+                .await
+                .map_err(netlink(format!("removing an address of {name}")))?;
+        }
+        Ok(())
+    }
+
     /// Makes the bridge port `index` isolated (it never exchanges frames with another isolated
     /// port of its bridge).
     pub(crate) async fn isolate(&self, index: u32, name: &str) -> Result<(), DataplaneError> {

@@ -63,25 +63,41 @@ pub struct Router {
     pub namespace: PathBuf,
     pub networks: Vec<RouterNetwork>,
     pub external: Option<ExternalPort>,
+    /// Floating IPs: (external address, the inside address it stands for). Traffic to the
+    /// external address is sent to the inside one (DNAT); the inside one leaves as it (SNAT).
+    pub floating: Vec<(Ipv4Addr, Ipv4Addr)>,
 }
 
-/// The router's nftables table (in its namespace), as one `nft -f` batch that replaces it: its
-/// networks leave through the external port translated to the external address.
+/// The router's nftables table (in its namespace), as one `nft -f` batch that replaces it:
+/// floating IPs in both directions, then its networks leaving through the external port
+/// translated to the external address.
 pub fn nat_rules(router: &Router) -> String {
     let mut rules = String::from(
         "table ip flotilla-router {}\ndelete table ip flotilla-router\ntable ip flotilla-router {\n",
     );
+    let outside = external_peer_name(router.id);
+    rules.push_str(
+        "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n",
+    );
+    for (public, private) in router.floating.iter().filter(|_| router.external.is_some()) {
+        rules.push_str(&format!(
+            "    iifname \"{outside}\" ip daddr {public} dnat to {private}\n"
+        ));
+    }
+    rules.push_str("  }\n");
     rules.push_str(
         "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
     );
     if let Some(external) = &router.external {
+        for (public, private) in &router.floating {
+            rules.push_str(&format!(
+                "    oifname \"{outside}\" ip saddr {private} snat to {public}\n"
+            ));
+        }
         for network in &router.networks {
             rules.push_str(&format!(
                 "    oifname \"{}\" ip saddr {}/{} snat to {}\n",
-                external_peer_name(router.id),
-                network.network,
-                network.prefix_len,
-                external.address
+                outside, network.network, network.prefix_len, external.address
             ));
         }
     }
@@ -125,8 +141,25 @@ impl Netlink {
                     namespace: &router.namespace,
                     mtu: external.mtu,
                     mac: None,
-                    addresses: vec![(IpAddr::V4(external.address), external.prefix_len)],
+                    // The floating IPs are the router's too: it answers ARP for them.
+                    addresses: std::iter::once((IpAddr::V4(external.address), external.prefix_len))
+                        .chain(
+                            router
+                                .floating
+                                .iter()
+                                .map(|(public, _)| (IpAddr::V4(*public), 32)),
+                        )
+                        .collect(),
                     isolated: false,
+                })
+                .await?;
+            netlink
+                .retain_addresses(&peer, |ip| {
+                    ip == IpAddr::V4(external.address)
+                        || router
+                            .floating
+                            .iter()
+                            .any(|(public, _)| ip == IpAddr::V4(*public))
                 })
                 .await?;
             netlink.ensure_default_route(external.gateway).await?;
@@ -280,11 +313,18 @@ mod tests {
                 gateway: "203.0.113.1".parse().unwrap(),
                 mtu: 1500,
             }),
+            floating: vec![(
+                "203.0.113.10".parse().unwrap(),
+                "10.0.0.50".parse().unwrap(),
+            )],
         };
         assert_eq!(
             nat_rules(&router),
             "table ip flotilla-router {}\ndelete table ip flotilla-router\ntable ip flotilla-router {\n  \
+             chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    \
+             iifname \"qg-7\" ip daddr 203.0.113.10 dnat to 10.0.0.50\n  }\n  \
              chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n    \
+             oifname \"qg-7\" ip saddr 10.0.0.50 snat to 203.0.113.10\n    \
              oifname \"qg-7\" ip saddr 10.0.0.0/24 snat to 203.0.113.2\n  }\n}\n"
         );
     }

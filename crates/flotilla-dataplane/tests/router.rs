@@ -2,8 +2,9 @@
 //! projects with the same CIDR and an external bridge with an "upstream" host that has no route
 //! back to either. Each project's router (its own namespace) takes its network's gateway address
 //! and translates its guests to its own external address: both guests, with the same address,
-//! reach upstream (ping and TCP) at once; the NAT lives in the routers' namespaces, never the
-//! node's; removal leaves no port behind. Needs root; touches nothing outside its namespaces.
+//! reach upstream (ping and TCP) at once; a floating IP makes a guest reachable from upstream
+//! and moves to another guest by changing nothing but the router's table; the NAT lives in the
+//! routers' namespaces, never the node's; removal leaves no port behind. Needs root; touches nothing outside its namespaces.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -122,7 +123,7 @@ async fn routers_translate_their_networks_to_the_outside_side_by_side() {
     let netlink = Netlink::in_namespace(&PathBuf::from("/run/netns").join(&node)).unwrap();
     let upstream = host(&mut ns, &node, "br-ex", "up", "203.0.113.1", None);
 
-    let mut routers = Vec::new();
+    let mut routers: Vec<(Router, String)> = Vec::new();
     for (i, vni) in [4100u32, 4101].into_iter().enumerate() {
         netlink
             .ensure_overlay(&Overlay {
@@ -161,6 +162,7 @@ async fn routers_translate_their_networks_to_the_outside_side_by_side() {
                 gateway: "203.0.113.1".parse().unwrap(),
                 mtu: 1500,
             }),
+            floating: Vec::new(),
         };
         let started = std::time::Instant::now();
         netlink.ensure_router(&router).await.unwrap();
@@ -225,6 +227,70 @@ async fn routers_translate_their_networks_to_the_outside_side_by_side() {
     // The node's own ruleset is untouched: the NAT lives in the routers' namespaces.
     let node_tables = run(&["ip", "netns", "exec", &node, "nft", "list", "tables"]);
     assert!(!node_tables.contains("flotilla"), "{node_tables}");
+
+    // A floating IP: upstream reaches the first project's guest on 203.0.113.10 (TCP), and the
+    // guest's own traffic leaves as that address.
+    let second = host(
+        &mut ns,
+        &node,
+        &bridge_name(4100),
+        "g0b",
+        "10.0.0.12",
+        Some("10.0.0.1"),
+    );
+    let fip = "203.0.113.10".parse().unwrap();
+    let serve = |guest: &str, says: &str| {
+        // One connection, or gone after 5 s either way.
+        let mut listener = Command::new("sh")
+            .args([
+                "-c",
+                &format!("echo {says} | ip netns exec {guest} timeout 5 busybox nc -l -p 22"),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let answer = run(&[
+            "ip",
+            "netns",
+            "exec",
+            &upstream,
+            "busybox",
+            "nc",
+            "-w",
+            "2",
+            "203.0.113.10",
+            "22",
+        ]);
+        let _ = listener.wait();
+        answer.trim().to_string()
+    };
+    routers[0].0.floating = vec![(fip, "10.0.0.11".parse().unwrap())];
+    netlink.ensure_router(&routers[0].0).await.unwrap();
+    assert_eq!(serve(&routers[0].1, "first"), "first");
+    // Rebound to another guest: the table changes, nothing restarts.
+    routers[0].0.floating = vec![(fip, "10.0.0.12".parse().unwrap())];
+    let started = std::time::Instant::now();
+    netlink.ensure_router(&routers[0].0).await.unwrap();
+    eprintln!(
+        "rebinding a floating IP: {} ms",
+        started.elapsed().as_millis()
+    );
+    assert_eq!(serve(&second, "second"), "second");
+    // Unbound: the address leaves the router.
+    routers[0].0.floating.clear();
+    netlink.ensure_router(&routers[0].0).await.unwrap();
+    let outside = run(&[
+        "ip",
+        "-n",
+        &format!("{}-r0", ns.prefix),
+        "-br",
+        "addr",
+        "show",
+        "dev",
+        "qg-1",
+    ]);
+    assert!(!outside.contains("203.0.113.10"), "{outside}");
 
     // Removal: the router's ports go with it.
     for (router, _) in &routers {
