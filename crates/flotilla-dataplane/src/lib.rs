@@ -22,11 +22,13 @@ use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, N
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkVxlan};
 
+mod firewall;
 pub mod namespace;
 mod port;
 mod router;
 mod service;
 
+pub use firewall::{apply_firewall, firewall_rules, PortPolicy, Protocol, Rule};
 pub use router::{
     external_peer_name, external_port_name, nat_rules, router_peer_name, router_port_name,
     ExternalPort, Router, RouterNetwork,

@@ -238,7 +238,7 @@ fn set_forwarding(namespace: &Path) -> Result<(), DataplaneError> {
 }
 
 /// Runs `program` in `namespace` (entered between fork and exec) with `input` on its stdin.
-async fn run_in_namespace(
+pub(crate) async fn run_in_namespace(
     program: &str,
     args: &[&str],
     namespace: &Path,
