@@ -72,7 +72,7 @@ async fn refresh(ctx: &Context, network: &serde_json::Value) {
         return;
     }
     let result = async {
-        overlays.ensure(&ctx.node, &network).await?;
+        overlays.ensure(&ctx.node, &network, false).await?;
         let mtu = overlays.mtu_for(&network)?;
         crate::vm::serve_dhcp(ctx, &project, &network, mtu).await
     }

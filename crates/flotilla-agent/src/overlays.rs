@@ -23,7 +23,14 @@ pub struct Overlays {
     underlay_mtu: u32,
     /// One change of the host's devices at a time.
     lock: tokio::sync::Mutex<()>,
+    /// When each overlay was last ensured for a VM that has no domain yet: the collector leaves
+    /// it alone for a while, since no domain plugs into its bridge so far.
+    ensured: std::sync::Mutex<std::collections::HashMap<u32, std::time::Instant>>,
 }
+
+/// How long an overlay ensured for a VM without a domain is kept although no domain uses it
+/// (the VM is between its overlay and its domain: its seed is being written).
+const GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Overlays {
     /// None on the test driver (no host devices), or when no tunnel address is known (then VMs
@@ -58,6 +65,7 @@ impl Overlays {
             tunnel,
             underlay_mtu,
             lock: Default::default(),
+            ensured: Default::default(),
         })
     }
 
@@ -94,8 +102,14 @@ impl Overlays {
         }
     }
 
-    /// Makes `network` (an overlay network with a VNI) present on this node.
-    pub async fn ensure(&self, node: &str, network: &Network) -> Result<(), AgentError> {
+    /// Makes `network` (an overlay network with a VNI) present on this node; `for_new_domain`:
+    /// a VM whose domain does not exist yet is about to use it.
+    pub async fn ensure(
+        &self,
+        node: &str,
+        network: &Network,
+        for_new_domain: bool,
+    ) -> Result<(), AgentError> {
         let status = network.status.clone().unwrap_or_default();
         let Some(vni) = status.vni else {
             return Err(AgentError::Config(format!(
@@ -118,6 +132,12 @@ impl Overlays {
             remotes,
         };
         let _one = self.lock.lock().await;
+        if for_new_domain {
+            self.ensured
+                .lock()
+                .expect("ensured lock")
+                .insert(vni, std::time::Instant::now());
+        }
         self.netlink
             .ensure_overlay(&overlay)
             .await
@@ -140,9 +160,16 @@ impl Overlays {
             .await
             .map_err(|e| AgentError::Config(e.to_string()))?;
         for vni in present {
-            if in_use.contains(&bridge_name(vni)) {
+            let recent = self
+                .ensured
+                .lock()
+                .expect("ensured lock")
+                .get(&vni)
+                .is_some_and(|at| at.elapsed() < GRACE);
+            if in_use.contains(&bridge_name(vni)) || recent {
                 continue;
             }
+            self.ensured.lock().expect("ensured lock").remove(&vni);
             self.netlink
                 .remove_overlay(vni)
                 .await

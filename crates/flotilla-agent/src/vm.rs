@@ -286,7 +286,11 @@ async fn nics(
         if network.spec.network_type == flotilla_types::NetworkType::Overlay {
             if let Some(overlays) = &ctx.overlays {
                 mtu = overlays.mtu_for(&network)?;
-                overlays.ensure(&ctx.node, &network).await?;
+                let new_domain = match vm.metadata.uid.as_deref() {
+                    Some(uid) => ctx.libvirt.state(uid).await?.is_none(),
+                    None => false,
+                };
+                overlays.ensure(&ctx.node, &network, new_domain).await?;
                 serve_dhcp(ctx, project, &network, mtu).await?;
             }
         }
