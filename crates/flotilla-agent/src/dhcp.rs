@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_dataplane::namespace::{
-    ensure_namespace, namespace_inode, namespace_path, namespaces_with_prefix, remove_namespace,
+    command_in, ensure_namespace, namespace_inode, namespace_path, namespaces_with_prefix,
+    remove_namespace, run_in,
 };
 use flotilla_dataplane::{service_peer_name, Netlink, ServicePort};
 use flotilla_ipam::{Ipv6Prefix, Subnet};
@@ -314,8 +315,9 @@ impl DhcpServers {
         }
         for (mac, ip) in released {
             let interface = service_peer_name(service.vni);
-            let args = [interface, ip.to_string(), mac.clone()];
-            match run_in_namespace("dhcp_release", &args, namespace).await {
+            let ip_text = ip.to_string();
+            let args = [interface.as_str(), ip_text.as_str(), mac.as_str()];
+            match run_in("dhcp_release", &args, namespace, None).await {
                 Ok(()) => tracing::info!(vni = service.vni, %ip, %mac, "released a stale lease"),
                 Err(e) => {
                     tracing::warn!(vni = service.vni, %ip, error = %e, "cannot release a lease")
@@ -458,48 +460,6 @@ async fn write_if_changed(path: &Path, content: &str) -> Result<bool, AgentError
     Ok(true)
 }
 
-/// Opens the namespace and returns a command that enters it between fork and exec.
-fn command_in_namespace(
-    program: &str,
-    args: &[String],
-    namespace: &Path,
-) -> Result<(tokio::process::Command, std::fs::File), AgentError> {
-    let file = std::fs::File::open(namespace).map_err(io(namespace))?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-    let mut command = tokio::process::Command::new(program);
-    command.args(args).stdin(std::process::Stdio::null());
-    // SAFETY: only setns, which is async-signal-safe, runs in the child before exec; the
-    // descriptor stays open in the parent (returned with the command) until after the spawn.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Ok((command, file))
-}
-
-async fn run_in_namespace(
-    program: &str,
-    args: &[String],
-    namespace: &Path,
-) -> Result<(), AgentError> {
-    let (mut command, _namespace) = command_in_namespace(program, args, namespace)?;
-    let out = command.output().await.map_err(|source| AgentError::Tool {
-        program: program.to_string(),
-        source,
-    })?;
-    if !out.status.success() {
-        return Err(AgentError::Command {
-            command: program.to_string(),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
-}
-
 /// Runs dnsmasq until told to stop, starting it again (with backoff) whenever it exits.
 async fn supervise(
     vni: u32,
@@ -512,9 +472,11 @@ async fn supervise(
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = Instant::now();
-        let spawned = command_in_namespace("dnsmasq", &args, &namespace).and_then(
-            |(mut command, _namespace)| {
+        let spawned = command_in("dnsmasq", &namespace)
+            .map_err(|e| AgentError::Config(e.to_string()))
+            .and_then(|(mut command, _namespace)| {
                 command
+                    .args(&args)
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::piped())
                     .kill_on_drop(true)
@@ -523,8 +485,7 @@ async fn supervise(
                         program: "dnsmasq".into(),
                         source,
                     })
-            },
-        );
+            });
         match spawned {
             Err(e) => tracing::warn!(vni, error = %e, "cannot start the DHCP server"),
             Ok(mut child) => {

@@ -107,7 +107,7 @@ pub async fn apply_firewall(
     namespace: &std::path::Path,
     ports: &[PortPolicy],
 ) -> Result<(), crate::DataplaneError> {
-    crate::router::run_in_namespace("nft", &["-f", "-"], namespace, &firewall_rules(ports)).await
+    crate::namespace::run_in("nft", &["-f", "-"], namespace, Some(&firewall_rules(ports))).await
 }
 
 /// Both tables for `ports`, as one `nft -f` batch that replaces them.

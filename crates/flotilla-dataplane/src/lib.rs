@@ -10,7 +10,6 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use futures::TryStreamExt;
@@ -119,29 +118,14 @@ impl Netlink {
     /// calling thread, so never a runtime's worker); a netlink socket stays bound to the
     /// namespace it was opened in, and is then driven from the runtime. Needs a Tokio runtime.
     pub fn in_namespace(path: &Path) -> Result<Self, DataplaneError> {
-        let ns_error = |error| DataplaneError::Namespace {
-            path: path.display().to_string(),
-            error,
-        };
-        let file = std::fs::File::open(path).map_err(ns_error)?;
-        let socket = std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    // SAFETY: setns on this thread only, with a descriptor this function owns.
-                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(ns_error(std::io::Error::last_os_error()));
-                    }
-                    let mut socket =
-                        rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)
-                            .map_err(DataplaneError::Open)?;
-                    socket.bind_auto().map_err(DataplaneError::Open)?;
-                    socket
-                        .connect(&rtnetlink::sys::SocketAddr::new(0, 0))
-                        .map_err(DataplaneError::Open)?;
-                    Ok(socket)
-                })
-                .join()
-                .expect("the namespace thread does not panic")
+        let socket = namespace::on_thread_in(path, || {
+            let mut socket = rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)
+                .map_err(DataplaneError::Open)?;
+            socket.bind_auto().map_err(DataplaneError::Open)?;
+            socket
+                .connect(&rtnetlink::sys::SocketAddr::new(0, 0))
+                .map_err(DataplaneError::Open)?;
+            Ok(socket)
         })?;
         // SAFETY: the descriptor comes from a socket this function owns and gives up here.
         let socket = unsafe {

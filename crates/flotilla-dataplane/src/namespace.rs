@@ -120,3 +120,96 @@ pub fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
 pub fn namespace_inode(path: &Path) -> Option<u64> {
     std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).ok()?).into()
 }
+
+fn open(path: &Path) -> Result<std::fs::File, DataplaneError> {
+    std::fs::File::open(path).map_err(error(path))
+}
+
+/// Runs `f` on a thread of its own that entered the network namespace at `path` (`setns`
+/// changes only the calling thread, so never a runtime's worker). What `f` opens there (a
+/// socket, a file under /proc/sys/net) stays bound to that namespace.
+pub fn on_thread_in<T: Send>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, DataplaneError> + Send,
+) -> Result<T, DataplaneError> {
+    use std::os::fd::AsRawFd;
+    let file = open(path)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on this short-lived thread only, with a descriptor it borrows.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(error(path)(std::io::Error::last_os_error()));
+                }
+                f()
+            })
+            .join()
+            .expect("the namespace thread does not panic")
+    })
+}
+
+/// A command that enters the network namespace at `path` between fork and exec, with the
+/// namespace's descriptor: keep it until the command is spawned.
+pub fn command_in(
+    program: &str,
+    path: &Path,
+) -> Result<(tokio::process::Command, std::fs::File), DataplaneError> {
+    use std::os::fd::AsRawFd;
+    let file = open(path)?;
+    let fd = file.as_raw_fd();
+    let mut command = tokio::process::Command::new(program);
+    command.stdin(std::process::Stdio::null());
+    // SAFETY: only setns, which is async-signal-safe, runs between fork and exec; the
+    // descriptor stays open in the parent (returned with the command) until after the spawn.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok((command, file))
+}
+
+/// Runs `program args` in the namespace at `path`, `input` on its stdin; fails with its stderr.
+pub async fn run_in(
+    program: &str,
+    args: &[&str],
+    path: &Path,
+    input: Option<&str>,
+) -> Result<(), DataplaneError> {
+    use tokio::io::AsyncWriteExt;
+    let failed = |message: String| DataplaneError::Command {
+        command: format!("{program} {}", args.join(" ")),
+        message,
+    };
+    let (mut command, namespace) = command_in(program, path)?;
+    command
+        .args(args)
+        .stdin(if input.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().map_err(|e| failed(e.to_string()))?;
+    drop(namespace);
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin
+            .write_all(input.as_bytes())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    if !out.status.success() {
+        return Err(failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(())
+}

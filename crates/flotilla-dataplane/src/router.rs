@@ -168,7 +168,13 @@ impl Netlink {
         if inside.is_some() {
             set_forwarding(&router.namespace)?;
         }
-        run_in_namespace("nft", &["-f", "-"], &router.namespace, &nat_rules(router)).await
+        crate::namespace::run_in(
+            "nft",
+            &["-f", "-"],
+            &router.namespace,
+            Some(&nat_rules(router)),
+        )
+        .await
     }
 
     /// `ip route replace default via <gateway>` in this namespace (unless it is there already).
@@ -209,85 +215,17 @@ impl Netlink {
     }
 }
 
-/// IPv4 forwarding on in `namespace` (a thread enters it: sysctls under /proc/sys/net belong to
-/// the namespace of whoever opens them).
+/// IPv4 forwarding on in `namespace` (sysctls under /proc/sys/net belong to the namespace of
+/// whoever opens them).
 fn set_forwarding(namespace: &Path) -> Result<(), DataplaneError> {
-    let file = std::fs::File::open(namespace).map_err(|error| DataplaneError::Namespace {
-        path: namespace.display().to_string(),
-        error,
-    })?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: setns on this short-lived thread only, with a descriptor it borrows.
-                if unsafe {
-                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
-                } != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-            })
-            .join()
-            .expect("the namespace thread does not panic")
-    })
-    .map_err(|error| DataplaneError::Namespace {
-        path: namespace.display().to_string(),
-        error,
-    })
-}
-
-/// Runs `program` in `namespace` (entered between fork and exec) with `input` on its stdin.
-pub(crate) async fn run_in_namespace(
-    program: &str,
-    args: &[&str],
-    namespace: &Path,
-    input: &str,
-) -> Result<(), DataplaneError> {
-    use tokio::io::AsyncWriteExt;
-    let failed = |message: String| DataplaneError::Command {
-        command: format!("{program} {}", args.join(" ")),
-        message,
-    };
-    let file = std::fs::File::open(namespace).map_err(|error| DataplaneError::Namespace {
-        path: namespace.display().to_string(),
-        error,
-    })?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-    let mut command = tokio::process::Command::new(program);
-    command
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    // SAFETY: only setns, which is async-signal-safe, runs between fork and exec; the
-    // descriptor stays open in the parent until the child has been spawned.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
+    crate::namespace::on_thread_in(namespace, || {
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|error| {
+            DataplaneError::Namespace {
+                path: namespace.display().to_string(),
+                error,
             }
-            Ok(())
-        });
-    }
-    let mut child = command.spawn().map_err(|e| failed(e.to_string()))?;
-    drop(file);
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(input.as_bytes())
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-    }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-    if !out.status.success() {
-        return Err(failed(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
-    Ok(())
+        })
+    })
 }
 
 #[cfg(test)]
