@@ -13,71 +13,19 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use flotilla_agent::dhcp::{DhcpServers, Service};
+use flotilla_dataplane::testkit::{run, Eth0, Namespaces};
 use flotilla_dataplane::{bridge_name, Netlink, Overlay};
 use flotilla_ipam::Subnet;
 use flotilla_types::NetworkAddress;
 
-/// Namespaces named with this test's prefix, deleted however the test ends.
-struct Namespaces {
-    prefix: String,
-    made: Vec<String>,
-}
-
-impl Namespaces {
-    fn new() -> Self {
-        Namespaces {
-            prefix: format!("fltdp{}", std::process::id()),
-            made: Vec::new(),
-        }
-    }
-
-    fn add(&mut self, short: &str) -> String {
-        let name = format!("{}-{short}", self.prefix);
-        run(&["ip", "netns", "add", &name]);
-        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        self.made.push(name.clone());
-        name
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for name in &self.made {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
-        // The servers' namespaces, should the test fail before removing them.
-        for name in flotilla_dataplane::namespace::namespaces_with_prefix(&self.prefix) {
-            let _ = flotilla_dataplane::namespace::remove_namespace(&name);
-        }
-    }
-}
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// A guest namespace whose `eth0` (MAC `mac`) is on a veth into `bridge` of `node`.
+/// A guest on `bridge` of `node` whose `eth0` (MTU 1450) has `mac` and no address yet.
 fn guest(ns: &mut Namespaces, node: &str, bridge: &str, short: &str, mac: &str) -> String {
-    let name = ns.add(short);
-    let port = format!("p{short}");
-    run(&[
-        "ip", "-n", node, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-        &name,
-    ]);
-    run(&[
-        "ip", "-n", node, "link", "set", &port, "master", bridge, "mtu", "1450", "up",
-    ]);
-    run(&[
-        "ip", "-n", &name, "link", "set", "eth0", "address", mac, "mtu", "1450", "up",
-    ]);
-    name
+    let eth0 = Eth0 {
+        mac: Some(mac),
+        mtu: Some(1450),
+        ..Default::default()
+    };
+    ns.guest(node, bridge, short, eth0)
 }
 
 /// What udhcpc in `guest` was offered (`ip=.. mtu=.. router=.. dns=.. domain=..`), or None when
@@ -149,15 +97,8 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_node_serves_its_guests_their_reservations_and_nothing_else() {
-    let mut ns = Namespaces::new();
-    let (h1, h2) = (ns.add("h1"), ns.add("h2"));
-    run(&[
-        "ip", "-n", &h1, "link", "add", "ul", "type", "veth", "peer", "name", "ul", "netns", &h2,
-    ]);
-    for (node, ip) in [(&h1, "198.51.100.1/24"), (&h2, "198.51.100.2/24")] {
-        run(&["ip", "-n", node, "addr", "add", ip, "dev", "ul"]);
-        run(&["ip", "-n", node, "link", "set", "ul", "up"]);
-    }
+    let mut ns = Namespaces::new("dh");
+    let (h1, h2) = ns.two_nodes();
     let mut reservations = vec![
         address("10.0.0.3", "web", "02:46:4c:00:00:03"),
         address("10.0.0.4", "db", "02:46:4c:00:00:04"),

@@ -26,6 +26,8 @@ pub mod namespace;
 mod port;
 mod router;
 mod service;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use firewall::{apply_firewall, firewall_rules, PortPolicy, Protocol, Rule};
 pub use router::{

@@ -11,66 +11,17 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use flotilla_dataplane::testkit::{pings, run, Eth0, Namespaces};
 use flotilla_dataplane::{apply_firewall, PortPolicy, Protocol, Rule};
 
-struct Namespaces {
-    prefix: String,
-    made: Vec<String>,
-}
-
-impl Namespaces {
-    fn add(&mut self, short: &str) -> String {
-        let name = format!("{}-{short}", self.prefix);
-        run(&["ip", "netns", "add", &name]);
-        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        self.made.push(name.clone());
-        name
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for name in &self.made {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
-    }
-}
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn guest(ns: &mut Namespaces, node: &str, short: &str, ip: &str, mac: &str) -> String {
-    let name = ns.add(short);
-    let port = format!("t{short}");
-    run(&[
-        "ip", "-n", node, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-        &name,
-    ]);
-    run(&[
-        "ip", "-n", node, "link", "set", &port, "master", "br0", "up",
-    ]);
-    run(&[
-        "ip", "-n", &name, "link", "set", "eth0", "address", mac, "up",
-    ]);
-    run(&[
-        "ip",
-        "-n",
-        &name,
-        "addr",
-        "add",
-        &format!("{ip}/24"),
-        "dev",
-        "eth0",
-    ]);
-    name
+/// A guest on `br0` of `node` with `address` and `mac`.
+fn guest(ns: &mut Namespaces, node: &str, short: &str, address: &str, mac: &str) -> String {
+    let eth0 = Eth0 {
+        mac: Some(mac),
+        address: Some(address),
+        ..Default::default()
+    };
+    ns.guest(node, "br0", short, eth0)
 }
 
 /// Whether `client` reads what `server` serves on `port` (a listener for one connection).
@@ -103,22 +54,6 @@ fn connects(server: &str, client: &str, to: &str, port: u16) -> bool {
     String::from_utf8_lossy(&out.stdout).contains("open")
 }
 
-fn pings(from: &str, to: &str, source: Option<&str>) -> bool {
-    let mut args = vec![
-        "netns", "exec", from, "busybox", "ping", "-c", "1", "-W", "2",
-    ];
-    if let Some(s) = source {
-        args.extend(["-I", s]);
-    }
-    args.push(to);
-    Command::new("ip")
-        .args(&args)
-        .output()
-        .unwrap()
-        .status
-        .success()
-}
-
 fn port(name: &str, id: u16, mac: [u8; 6], ip: &str, ingress: Vec<Rule>) -> PortPolicy {
     PortPolicy {
         port: name.into(),
@@ -145,16 +80,13 @@ fn tcp(port: u16, remote: Vec<(Ipv4Addr, u8)>) -> Rule {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn security_groups_and_anti_spoofing_hold_on_the_bridge() {
-    let mut ns = Namespaces {
-        prefix: format!("fltfw{}", std::process::id()),
-        made: Vec::new(),
-    };
+    let mut ns = Namespaces::new("fw");
     let node = ns.add("node");
     let node_path = PathBuf::from("/run/netns").join(&node);
     run(&["ip", "-n", &node, "link", "add", "br0", "type", "bridge"]);
     run(&["ip", "-n", &node, "link", "set", "br0", "up"]);
-    let server = guest(&mut ns, &node, "s", "10.0.0.60", "02:46:4c:00:00:60");
-    let client = guest(&mut ns, &node, "c", "10.0.0.50", "02:46:4c:00:00:50");
+    let server = guest(&mut ns, &node, "s", "10.0.0.60/24", "02:46:4c:00:00:60");
+    let client = guest(&mut ns, &node, "c", "10.0.0.50/24", "02:46:4c:00:00:50");
     // Someone else's table in the node's ruleset.
     let other = "table inet someone-else {\n  chain c {\n    type filter hook input priority 0; policy accept;\n    tcp dport 9 counter accept\n  }\n}\n";
     let mut nft = Command::new("ip")
@@ -187,10 +119,10 @@ async fn security_groups_and_anti_spoofing_hold_on_the_bridge() {
     let server_port = |extra: Vec<Rule>| {
         let mut ingress = vec![tcp(22, Vec::new()), icmp.clone()];
         ingress.extend(extra);
-        port("ts", 1, [2, 0x46, 0x4c, 0, 0, 0x60], "10.0.0.60", ingress)
+        port("ps", 1, [2, 0x46, 0x4c, 0, 0, 0x60], "10.0.0.60", ingress)
     };
     let client_port = port(
-        "tc",
+        "pc",
         2,
         [2, 0x46, 0x4c, 0, 0, 0x50],
         "10.0.0.50",

@@ -11,97 +11,29 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use flotilla_dataplane::namespace::{ensure_namespace, remove_namespace};
+use flotilla_dataplane::testkit::{pings, run, Eth0, Namespaces};
 use flotilla_dataplane::{bridge_name, ExternalPort, Netlink, Overlay, Router, RouterNetwork};
 
-struct Namespaces {
-    prefix: String,
-    made: Vec<String>,
-}
-
-impl Namespaces {
-    fn add(&mut self, short: &str) -> String {
-        let name = format!("{}-{short}", self.prefix);
-        run(&["ip", "netns", "add", &name]);
-        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        self.made.push(name.clone());
-        name
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for name in &self.made {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
-        for name in flotilla_dataplane::namespace::namespaces_with_prefix(&self.prefix) {
-            let _ = remove_namespace(&name);
-        }
-    }
-}
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// A namespace on a veth into `bridge` of `node`, with `ip`/24 and a default route via `via`.
+/// A host on `bridge` of `node` with `address` and a default route via `via`.
 fn host(
     ns: &mut Namespaces,
     node: &str,
     bridge: &str,
     short: &str,
-    ip: &str,
+    address: &str,
     via: Option<&str>,
 ) -> String {
-    let name = ns.add(short);
-    let port = format!("p{short}");
-    run(&[
-        "ip", "-n", node, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-        &name,
-    ]);
-    run(&[
-        "ip", "-n", node, "link", "set", &port, "master", bridge, "up",
-    ]);
-    run(&["ip", "-n", &name, "link", "set", "eth0", "up"]);
-    run(&[
-        "ip",
-        "-n",
-        &name,
-        "addr",
-        "add",
-        &format!("{ip}/24"),
-        "dev",
-        "eth0",
-    ]);
-    if let Some(via) = via {
-        run(&["ip", "-n", &name, "route", "add", "default", "via", via]);
-    }
-    name
-}
-
-fn pings(from: &str, to: &str) -> bool {
-    Command::new("ip")
-        .args([
-            "netns", "exec", from, "busybox", "ping", "-c", "2", "-W", "2", to,
-        ])
-        .output()
-        .unwrap()
-        .status
-        .success()
+    let eth0 = Eth0 {
+        address: Some(address),
+        via,
+        ..Default::default()
+    };
+    ns.guest(node, bridge, short, eth0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routers_translate_their_networks_to_the_outside_side_by_side() {
-    let mut ns = Namespaces {
-        prefix: format!("fltdr{}", std::process::id()),
-        made: Vec::new(),
-    };
+    let mut ns = Namespaces::new("dr");
     let node = ns.add("node");
     // An underlay for the overlays (a veth pair inside the node), and the external bridge.
     run(&[
@@ -121,7 +53,7 @@ async fn routers_translate_their_networks_to_the_outside_side_by_side() {
     run(&["ip", "-n", &node, "link", "add", "br-ex", "type", "bridge"]);
     run(&["ip", "-n", &node, "link", "set", "br-ex", "up"]);
     let netlink = Netlink::in_namespace(&PathBuf::from("/run/netns").join(&node)).unwrap();
-    let upstream = host(&mut ns, &node, "br-ex", "up", "203.0.113.1", None);
+    let upstream = host(&mut ns, &node, "br-ex", "up", "203.0.113.1/24", None);
 
     let mut routers: Vec<(Router, String)> = Vec::new();
     for (i, vni) in [4100u32, 4101].into_iter().enumerate() {
@@ -141,7 +73,7 @@ async fn routers_translate_their_networks_to_the_outside_side_by_side() {
             &node,
             &bridge_name(vni),
             &format!("g{i}"),
-            "10.0.0.11",
+            "10.0.0.11/24",
             Some("10.0.0.1"),
         );
         let namespace = ensure_namespace(&format!("{}-r{i}", ns.prefix)).unwrap();
@@ -178,7 +110,7 @@ async fn routers_translate_their_networks_to_the_outside_side_by_side() {
     // Upstream has no route to 10.0.0.0/24: only translated traffic gets answers.
     for (_, guest) in &routers {
         assert!(
-            pings(guest, "203.0.113.1"),
+            pings(guest, "203.0.113.1", None),
             "{guest} reaches upstream through its router"
         );
     }
@@ -235,7 +167,7 @@ async fn routers_translate_their_networks_to_the_outside_side_by_side() {
         &node,
         &bridge_name(4100),
         "g0b",
-        "10.0.0.12",
+        "10.0.0.12/24",
         Some("10.0.0.1"),
     );
     let fip = "203.0.113.10".parse().unwrap();
@@ -304,7 +236,7 @@ async fn routers_translate_their_networks_to_the_outside_side_by_side() {
         "no router port is left: {links}"
     );
     assert!(
-        !pings(&routers[0].1, "203.0.113.1"),
+        !pings(&routers[0].1, "203.0.113.1", None),
         "without its router the guest is cut off"
     );
 }

@@ -1,39 +1,12 @@
 //! `flotilla up` (server, controllers and local agent in one process) on libvirt's test driver,
 //! driven through the CLI: nodes, join tokens, adopting an existing domain, power operations.
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
-
-struct Up(Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn cli(config: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("FLOTILLA_CONFIG", config)
-        .env("HOME", "/nonexistent")
-        .output()
-        .unwrap()
-}
-
-fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+use support::{cli, eventually, ok, Up, BIN};
 
 fn json(config: &Path, args: &[&str]) -> Option<serde_json::Value> {
     let o = cli(config, args);
@@ -41,20 +14,6 @@ fn json(config: &Path, args: &[&str]) -> Option<serde_json::Value> {
         .success()
         .then(|| serde_json::from_slice(&o.stdout).ok())
         .flatten()
-}
-
-fn eventually<T>(what: &str, secs: u64, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs}s waiting until {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla_client::Client;
@@ -318,4 +318,50 @@ pub fn dnsmasq_serving(vni: u64) -> usize {
         .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
         .filter(|c| String::from_utf8_lossy(c).contains(&wanted))
         .count()
+}
+
+/// `flotilla up`, killed when dropped.
+pub struct Up(pub Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The CLI with the client configuration `config` (and no user configuration).
+pub fn cli(config: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("FLOTILLA_CONFIG", config)
+        .env("HOME", "/nonexistent")
+        .output()
+        .unwrap()
+}
+
+/// The stdout of a CLI run that must succeed.
+pub fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `check` until it gives a value, at most `secs` seconds (for tests without a runtime).
+pub fn eventually<T>(what: &str, secs: u64, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
