@@ -65,6 +65,10 @@ struct Server {
     reservations: Vec<NetworkAddress>,
 }
 
+/// How long a server's files are trusted before a VM reconcile looks at them again (changes of
+/// the network reach it at once through the agent's Network watch).
+const FRESH_FOR: Duration = Duration::from_secs(10);
+
 /// This node's DHCP servers.
 pub struct DhcpServers {
     dir: PathBuf,
@@ -72,6 +76,8 @@ pub struct DhcpServers {
     prefix: String,
     netlink: Netlink,
     servers: tokio::sync::Mutex<HashMap<u32, Server>>,
+    /// When each network's server was last ensured.
+    ensured: Mutex<HashMap<u32, Instant>>,
     /// What each server's lease file says: (project, network, MAC) → address.
     leases: Mutex<HashMap<(String, String, String), Ipv4Addr>>,
     restarts: Arc<AtomicU64>,
@@ -94,6 +100,7 @@ impl DhcpServers {
             prefix: namespace_prefix.to_string(),
             netlink,
             servers: Default::default(),
+            ensured: Default::default(),
             leases: Default::default(),
             restarts: Default::default(),
             leased,
@@ -104,6 +111,18 @@ impl DhcpServers {
     /// How many times a server exited and was started again.
     pub fn restarts(&self) -> u64 {
         self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Whether `network`'s server was not ensured lately (or never).
+    pub fn stale(&self, network: &flotilla_types::Network) -> bool {
+        let Some(vni) = network.status.as_ref().and_then(|s| s.vni) else {
+            return true;
+        };
+        self.ensured
+            .lock()
+            .expect("ensured lock")
+            .get(&vni)
+            .is_none_or(|at| at.elapsed() > FRESH_FOR)
     }
 
     fn server_dir(&self, vni: u32) -> PathBuf {
@@ -153,6 +172,10 @@ impl DhcpServers {
         }
         self.release_stale_leases(service, &namespace).await;
 
+        self.ensured
+            .lock()
+            .expect("ensured lock")
+            .insert(vni, Instant::now());
         let args = arguments(service, &dir);
         let running = servers
             .get(&vni)
@@ -205,6 +228,7 @@ impl DhcpServers {
         let dir = self.server_dir(vni);
         let name = format!("{}{vni}", self.prefix);
         let mut servers = self.servers.lock().await;
+        self.ensured.lock().expect("ensured lock").remove(&vni);
         match servers.remove(&vni) {
             Some(server) => stop(server).await,
             None => kill_left_behind(&namespace_path(&name)).await,

@@ -269,6 +269,11 @@ async fn nics(
     }
     let kind = lookup("network").expect("registered");
     let (mut nics, mut seed) = (Vec::new(), Vec::new());
+    // A VM whose domain does not exist yet: its networks must be ready for it now.
+    let new_domain = match vm.metadata.uid.as_deref() {
+        Some(uid) if !interfaces.is_empty() => ctx.libvirt.state(uid).await?.is_none(),
+        _ => false,
+    };
     for interface in interfaces {
         let network: Network = get(
             ctx.client
@@ -286,12 +291,12 @@ async fn nics(
         if network.spec.network_type == flotilla_types::NetworkType::Overlay {
             if let Some(overlays) = &ctx.overlays {
                 mtu = overlays.mtu_for(&network)?;
-                let new_domain = match vm.metadata.uid.as_deref() {
-                    Some(uid) => ctx.libvirt.state(uid).await?.is_none(),
-                    None => false,
-                };
                 overlays.ensure(&ctx.node, &network, new_domain).await?;
-                serve_dhcp(ctx, project, &network, mtu).await?;
+                // Every VM of the network reconciles each resync; its DHCP server needs looking
+                // at once in a while, and at once for a new VM (its reservation).
+                if new_domain || ctx.dhcp.as_ref().is_some_and(|d| d.stale(&network)) {
+                    serve_dhcp(ctx, project, &network, mtu).await?;
+                }
             }
         }
         // libvirt plugs NICs into bridges of its own network namespace, the agent's: say which
