@@ -55,7 +55,7 @@ pub enum DataplaneError {
     #[error("the underlay interface {0:?} does not exist")]
     NoUnderlay(String),
     #[error("the interface {0:?} does not exist")]
-    NoBridge(String),
+    NoInterface(String),
     #[error("{command} failed: {message}")]
     Command { command: String, message: String },
 }

@@ -39,7 +39,7 @@ impl Netlink {
         let bridge_index = self
             .link(port.bridge)
             .await?
-            .ok_or_else(|| DataplaneError::NoBridge(port.bridge.to_string()))?
+            .ok_or_else(|| DataplaneError::NoInterface(port.bridge.to_string()))?
             .header
             .index;
         let inside = Netlink::in_namespace(port.namespace)?;
@@ -99,7 +99,7 @@ impl Netlink {
         let peer_index = inside
             .link(port.peer)
             .await?
-            .ok_or_else(|| DataplaneError::NoBridge(port.peer.to_string()))?
+            .ok_or_else(|| DataplaneError::NoInterface(port.peer.to_string()))?
             .header
             .index;
         let mut settings = LinkUnspec::new_with_index(peer_index).mtu(port.mtu).up();
