@@ -7,8 +7,9 @@
 # and, with a NIC: configures it from the seed's network-config (its first address and MTU), or
 # over DHCP (busybox udhcpc) when the kernel command line has flotilla.dhcp, then prints
 #   FLOTILLA-IP <address/prefix> MTU <mtu> VIA static|dhcp
-# and pings the address of user-data's "flotilla_test_ping:" line until it answers:
-#   FLOTILLA-PING <address> ok
+# and pings the address of user-data's "flotilla_test_ping:" line every half second for as long
+# as it runs, printing each change (the first answer, a loss after 2 misses, an answer again):
+#   FLOTILLA-PING <address> ok|lost
 # Output: $OUT/vmlinuz and $OUT/initramfs.gz (OUT defaults to target/guests/tiny). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,8 +81,17 @@ SCRIPT
   fi
   peer="$(sed -n 's/^.*flotilla_test_ping: *//p' /mnt/user-data 2>/dev/null | head -n1)"
   if [ -n "$peer" ]; then
-    until ping -c 1 -W 1 "$peer" >/dev/null 2>&1; do sleep 0.5; done
-    echo "FLOTILLA-PING $peer ok"
+    state=none; misses=0
+    while true; do
+      if ping -c 1 -W 1 "$peer" >/dev/null 2>&1; then
+        misses=0
+        [ "$state" = ok ] || { state=ok; echo "FLOTILLA-PING $peer ok"; }
+      else
+        misses=$((misses + 1))
+        [ "$state" = ok ] && [ "$misses" -ge 2 ] && { state=lost; echo "FLOTILLA-PING $peer lost"; }
+      fi
+      sleep 0.5
+    done
   fi
 fi
 while true; do sleep 3600; done

@@ -56,6 +56,10 @@ pub struct AgentConfig {
     /// This node's end of the overlay networks' tunnels; None: the address of the default
     /// route's interface (found only on real hypervisors, not the test driver).
     pub tunnel_address: Option<std::net::Ipv4Addr>,
+    /// Whether the agent owns the node's security group rules (Flotilla's nftables tables in
+    /// its network namespace). Only one agent per namespace may: tests that run several agents
+    /// on one host's network turn it off for all but one.
+    pub firewall: bool,
 }
 
 impl AgentConfig {
@@ -79,6 +83,7 @@ impl AgentConfig {
             cpu_overcommit: 4.0,
             memory_overcommit: 1.0,
             tunnel_address: None,
+            firewall: true,
         }
     }
 }
@@ -193,7 +198,13 @@ pub async fn run_with(
         None => (None, None),
     };
     let unused_overlays = Arc::new(tokio::sync::Notify::new());
+    let firewall = (config.firewall && virt_type != VirtType::Test).then(|| {
+        Arc::new(crate::firewall::Firewall::new(std::path::Path::new(
+            "/proc/self/ns/net",
+        )))
+    });
     let ctx = Arc::new(Context {
+        firewall: firewall.clone(),
         overlays: overlays.clone(),
         dhcp: dhcp.clone(),
         unused_overlays: unused_overlays.clone(),
@@ -263,11 +274,41 @@ pub async fn run_with(
             }
         })
     });
-    // Flood lists and DHCP servers follow their networks as soon as they change.
-    let follower = ctx
-        .overlays
+    // Flood lists, DHCP servers and security group rules follow their networks and groups as
+    // soon as they change.
+    let follower = (ctx.overlays.is_some() || ctx.firewall.is_some())
+        .then(|| tokio::spawn(crate::networks::follow_networks(ctx.clone())));
+    let group_follower = ctx
+        .firewall
         .is_some()
-        .then(|| tokio::spawn(crate::networks::follow(ctx.clone())));
+        .then(|| tokio::spawn(crate::networks::follow_security_groups(ctx.clone())));
+    let firewall_task = firewall.map(|firewall| {
+        let (recorder, node, every) = (
+            ctx.recorder.clone(),
+            config.node_name.clone(),
+            config.resync,
+        );
+        tokio::spawn(async move {
+            firewall
+                .run(every, |message| {
+                    let (recorder, node) = (recorder.clone(), node.clone());
+                    tokio::spawn(async move {
+                        let regarding = ObjectReference {
+                            kind: "Node".into(),
+                            api_version: Some(flotilla_types::API_VERSION.into()),
+                            name: node,
+                            ..Default::default()
+                        };
+                        let message =
+                            format!("the security group rules cannot be applied: {message}");
+                        recorder
+                            .record(&regarding, EventType::Warning, "FirewallFailed", &message)
+                            .await
+                    });
+                })
+                .await
+        })
+    });
     // The lease files say which guests took their address (their VMs report it).
     let lease_reader = dhcp.clone().map(|dhcp| {
         tokio::spawn(async move {
@@ -310,6 +351,16 @@ pub async fn run_with(
             if !seen.contains(k) {
                 a.desired.send_replace(None);
             }
+        }
+        if let Some(firewall) = &ctx.firewall {
+            let uids = list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|vm| vm["metadata"]["uid"].as_str().map(str::to_string))
+                .collect();
+            firewall.retain_vms(&uids);
+            firewall.listed(crate::firewall::Listed::Vms);
         }
         cleanup_orphans(&ctx, &actors).await;
         let mut rv = list["metadata"]["resourceVersion"]
@@ -371,6 +422,9 @@ pub async fn run_with(
                             if let Some(a) = actors.get(&key(&ev.object)) {
                                 a.desired.send_replace(None);
                             }
+                            if let (Some(firewall), Some(uid)) = (&ctx.firewall, ev.object["metadata"]["uid"].as_str()) {
+                                firewall.remove_vm(uid);
+                            }
                         }
                         "BOOKMARK" => rv = ev.object["metadata"]["resourceVersion"].as_str().unwrap_or(&rv).to_string(),
                         _ => {
@@ -391,7 +445,16 @@ pub async fn run_with(
         }
     }
     heartbeat.abort();
-    for task in [collector, lease_reader, follower].into_iter().flatten() {
+    for task in [
+        collector,
+        lease_reader,
+        follower,
+        group_follower,
+        firewall_task,
+    ]
+    .into_iter()
+    .flatten()
+    {
         task.abort();
     }
     Ok(())
@@ -455,6 +518,9 @@ fn deliver(
             return;
         }
     };
+    if let Some(firewall) = &ctx.firewall {
+        firewall.set_vm(vm.clone());
+    }
     let k = key(&object);
     match actors.get(&k) {
         // Stored even if the actor is just finishing: its exit report then starts a new one.

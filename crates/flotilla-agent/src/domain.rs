@@ -37,6 +37,8 @@ pub struct KernelBoot {
 pub struct Nic {
     pub mac: String,
     pub bridge: String,
+    /// The tap's name, when the agent names it (its security group rules name it too).
+    pub tap: Option<String>,
     pub mtu: u32,
     /// The 802.1Q VLAN the NIC's port carries untagged (bridged networks with `spec.vlan`):
     /// libvirt sets it on a Linux bridge that filters VLANs (libvirt 11.1 and later).
@@ -138,7 +140,11 @@ impl DomainSpec {
             let mut interface = Element::new("interface")
                 .attr("type", "bridge")
                 .child(Element::new("mac").attr("address", &nic.mac))
-                .child(Element::new("source").attr("bridge", &nic.bridge))
+                .child(Element::new("source").attr("bridge", &nic.bridge));
+            if let Some(tap) = &nic.tap {
+                interface = interface.child(Element::new("target").attr("dev", tap));
+            }
+            interface = interface
                 .child(Element::new("model").attr("type", "virtio"))
                 .child(Element::new("mtu").attr("size", nic.mtu));
             if let Some(vlan) = nic.vlan {

@@ -11,6 +11,8 @@ pub mod disks;
 pub mod domain;
 pub mod error;
 mod events;
+pub mod firewall;
+mod follow;
 pub mod identity;
 pub mod iso9660;
 pub mod libvirt;

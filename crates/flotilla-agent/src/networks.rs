@@ -1,65 +1,85 @@
-//! The node following its Networks: each change of a Network this node carries (a node joining
-//! or leaving it changes `status.endpoints`; a VM made or deleted anywhere changes its address
-//! count) re-ensures the network's overlay and DHCP server here at once — flood lists and DNS
-//! names of VMs on other nodes — rather than at the next reconcile of one of its VMs here.
-//! Relists after a broken watch.
+//! The node following its Networks and SecurityGroups. Each change of a Network this node
+//! carries (a node joining or leaving it changes `status.endpoints`; a VM made or deleted
+//! anywhere changes its address count) re-ensures the network's overlay and DHCP server here at
+//! once — flood lists and DNS names of VMs on other nodes — rather than at the next reconcile of
+//! one of its VMs here; and the node's firewall hears of every network's bridge and every
+//! group's rules and members, so a rule change is applied here as soon as it is made.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
-use flotilla_client::ListParams;
 use flotilla_types::registry::lookup;
-use flotilla_types::Network;
+use flotilla_types::{Network, SecurityGroup};
 
+use crate::firewall::Listed;
+use crate::follow::{follow, Seen};
 use crate::vm::Context;
 
-pub async fn follow(ctx: Arc<Context>) {
+pub async fn follow_networks(ctx: Arc<Context>) {
     let kind = lookup("network").expect("registered");
-    loop {
-        let list = match ctx.client.list(kind, None, &ListParams::default()).await {
-            Ok(list) => list,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot list networks; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+    let mut seen = follow(ctx.client.clone(), kind);
+    while let Some(seen) = seen.recv().await {
+        match seen {
+            Seen::Listed(items) => {
+                for item in &items {
+                    refresh(&ctx, item).await;
+                }
+                if let Some(firewall) = &ctx.firewall {
+                    firewall.listed(Listed::Networks);
+                }
             }
-        };
-        let rv = list["metadata"]["resourceVersion"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        for item in list["items"].as_array().into_iter().flatten() {
-            refresh(&ctx, item).await;
+            Seen::Changed(item) => refresh(&ctx, &item).await,
+            Seen::Deleted(_) => {}
         }
-        let events = match ctx
-            .client
-            .watch(kind, None, &ListParams::default(), Some(&rv))
-            .await
-        {
-            Ok(events) => events,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot watch networks; relisting");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+    }
+}
+
+pub async fn follow_security_groups(ctx: Arc<Context>) {
+    let Some(firewall) = ctx.firewall.clone() else {
+        return;
+    };
+    let kind = lookup("securitygroup").expect("registered");
+    let decode = |v: &serde_json::Value| serde_json::from_value::<SecurityGroup>(v.clone()).ok();
+    let mut seen = follow(ctx.client.clone(), kind);
+    while let Some(seen) = seen.recv().await {
+        match seen {
+            Seen::Listed(items) => {
+                let mut keys = BTreeSet::new();
+                for group in items.iter().filter_map(decode) {
+                    keys.insert((
+                        group.metadata.namespace.clone().unwrap_or_default(),
+                        group.metadata.name.clone(),
+                    ));
+                    firewall.set_group(group);
+                }
+                firewall.retain_groups(&keys);
+                firewall.listed(Listed::Groups);
             }
-        };
-        let mut events = std::pin::pin!(events);
-        while let Some(Ok(event)) = futures::StreamExt::next(&mut events).await {
-            match event.type_.as_str() {
-                "ADDED" | "MODIFIED" => refresh(&ctx, &event.object).await,
-                "ERROR" => break,
-                _ => {}
+            Seen::Changed(item) => {
+                if let Some(group) = decode(&item) {
+                    firewall.set_group(group);
+                }
+            }
+            Seen::Deleted(item) => {
+                if let Some(group) = decode(&item) {
+                    let project = group.metadata.namespace.unwrap_or_default();
+                    firewall.remove_group(&project, &group.metadata.name);
+                }
             }
         }
     }
 }
 
-/// Re-ensures the overlay and DHCP server of `network` if this node carries it.
+/// Tells the firewall of `network`'s bridge, and re-ensures its overlay and DHCP server if this
+/// node carries it.
 async fn refresh(ctx: &Context, network: &serde_json::Value) {
-    let Some(overlays) = &ctx.overlays else {
+    let Ok(network) = serde_json::from_value::<Network>(network.clone()) else {
         return;
     };
-    let Ok(network) = serde_json::from_value::<Network>(network.clone()) else {
+    if let Some(firewall) = &ctx.firewall {
+        firewall.set_network(&network);
+    }
+    let Some(overlays) = &ctx.overlays else {
         return;
     };
     let (Some(vni), Some(project)) = (

@@ -34,6 +34,8 @@ pub struct Context {
     pub overlays: Option<Arc<crate::overlays::Overlays>>,
     /// The DHCP and DNS servers of this node's overlay networks (with the overlays).
     pub dhcp: Option<Arc<crate::dhcp::DhcpServers>>,
+    /// The node's security group rules (None on the test driver, or when disabled).
+    pub firewall: Option<Arc<crate::firewall::Firewall>>,
     /// Wakes the collector of unused overlays (a VM's domain was removed).
     pub unused_overlays: Arc<tokio::sync::Notify>,
     pub data_dir: PathBuf,
@@ -187,6 +189,14 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
             .await?;
     }
     let (nics, seed_nics) = nics(ctx, &project, vm).await?;
+    if let Some(firewall) = ctx.firewall.as_ref().filter(|_| !nics.is_empty()) {
+        // Its NICs' rules are in place before QEMU opens their taps.
+        if ctx.libvirt.state(&uid).await? != Some(DomainState::Running) {
+            firewall.set_vm(vm.clone());
+            firewall.sync(Duration::from_secs(10)).await?;
+            step("security group rules applied");
+        }
+    }
     let seed = dir.join("seed.iso");
     let input = SeedInput {
         instance_id: &uid,
@@ -287,6 +297,9 @@ async fn nics(
                 interface.network
             ))
         })?;
+        if let Some(firewall) = &ctx.firewall {
+            firewall.set_network(&network);
+        }
         let mut mtu = network.nic_mtu();
         if network.spec.network_type == flotilla_types::NetworkType::Overlay {
             if let Some(overlays) = &ctx.overlays {
@@ -347,6 +360,10 @@ async fn nics(
             }
         }
         nics.push(Nic {
+            tap: Some(crate::firewall::tap_name(
+                vm.metadata.uid.as_deref().unwrap_or_default(),
+                nics.len(),
+            )),
             mac: interface.mac_address,
             bridge,
             mtu,

@@ -36,12 +36,14 @@ fn spec(virt_type: VirtType, hostile: bool) -> DomainSpec {
             Nic {
                 mac: "02:46:4c:0a:0b:0c".into(),
                 bridge: "fb-4096".into(),
+                tap: Some("ft0123456789ab".into()),
                 mtu: 1450,
                 vlan: None,
             },
             Nic {
                 mac: "52:54:00:12:34:56".into(),
                 bridge: "br0".into(),
+                tap: None,
                 mtu: 1500,
                 vlan: Some(42),
             },

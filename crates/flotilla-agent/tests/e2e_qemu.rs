@@ -83,8 +83,8 @@ async fn tiny_guest_boots_and_reads_its_seed() {
         .collect();
     assert!(ports.contains(&format!("fx-{vni}")), "{ports:?}");
     assert!(
-        ports.iter().any(|p| p.starts_with("vnet")),
-        "the guest's tap: {ports:?}"
+        ports.contains(&flotilla_agent::firewall::tap_name(&uid, 0)),
+        "the guest's tap, named by the agent: {ports:?}"
     );
     // One MTU for the guest's NIC, the bridge and the VXLAN device: 1450 over a 1500-byte
     // underlay, less where the host's uplink is smaller (this machine's is 1400).
@@ -410,4 +410,202 @@ async fn a_vlan_on_a_bridge_that_cannot_filter_is_refused_before_the_guest_start
             .then_some(())
     })
     .await;
+}
+
+/// Security groups on real guests: `client` pings `server` every half second and prints each
+/// change. Both start in the project's default group (ingress from its members: the ping
+/// passes); moving `server` into a group without rules cuts it off; a rule letting in ICMP from
+/// the members of `clients` changes nothing until `client` joins that group, and then the ping
+/// passes again. The rules are in Flotilla's own nftables tables, keyed on taps the agent
+/// names; deleting the VMs takes their rules away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_group_changes_block_and_unblock_a_guest() {
+    let guest = tiny_guest();
+    let cluster = TestCluster::start().await;
+    let admin = &cluster.admin;
+    let mut agent = AgentConfig::new(
+        vec![cluster.server.url.clone()],
+        "e2e-sg",
+        cluster.dir.path().join("agent"),
+    );
+    agent.join_token = Some(cluster.join_token().await);
+    agent.virt_type = VirtType::Qemu;
+    agent.shutdown_timeout = Duration::from_secs(1);
+    let libvirt = Libvirt::open("qemu:///system").await.unwrap();
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(flotilla_agent::run_with(agent, libvirt, rx));
+    let (vms, sgs) = (lookup("vm").unwrap(), lookup("securitygroup").unwrap());
+    admin
+        .create(
+            lookup("network").unwrap(),
+            Some("default"),
+            &json!({"metadata": {"name": "sgnet"}, "spec": {"cidr": "10.8.0.0/24"}}),
+        )
+        .await
+        .unwrap();
+    let suffix: u32 = rand::random::<u32>() % 100_000;
+    let (client, server) = (format!("client-{suffix}"), format!("server-{suffix}"));
+    let tiny = |name: &str, ip: &str, peer: &str| {
+        json!({"metadata": {"name": name}, "spec": {
+            "resources": {"cpus": 1, "memory": "256Mi"},
+            "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0 panic=-1"},
+            "userData": format!("#cloud-config\nflotilla_test_ping: {peer}\n"),
+            "networks": [{"network": "sgnet", "ip": ip}],
+        }})
+    };
+    let mut uids = Vec::new();
+    for (name, ip, peer) in [
+        (&client, "10.8.0.10", "10.8.0.11"),
+        (&server, "10.8.0.11", "10.8.0.10"),
+    ] {
+        let made = admin
+            .create(vms, Some("default"), &tiny(name, ip, peer))
+            .await
+            .unwrap();
+        uids.push(made["metadata"]["uid"].as_str().unwrap().to_string());
+    }
+    let ok = "FLOTILLA-PING 10.8.0.11 ok".to_string();
+    let lost = "FLOTILLA-PING 10.8.0.11 lost".to_string();
+    let count = |text: &str, line: &str| text.lines().filter(|l| l.contains(line)).count();
+    log_with(admin, &client, std::slice::from_ref(&ok), 120).await;
+    // The rules name the agent's taps.
+    let table = || {
+        let out = std::process::Command::new("nft")
+            .args(["list", "table", "inet", "flotilla"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let bridge_table = || {
+        let out = std::process::Command::new("nft")
+            .args(["list", "table", "bridge", "flotilla"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let taps: Vec<String> = uids
+        .iter()
+        .map(|uid| flotilla_agent::firewall::tap_name(uid, 0))
+        .collect();
+    for tap in &taps {
+        assert!(PathBuf::from("/sys/class/net").join(tap).exists(), "{tap}");
+        assert!(bridge_table().contains(tap.as_str()), "{tap}");
+    }
+
+    // The server leaves the default group for one without rules: nothing reaches it.
+    admin
+        .create(
+            sgs,
+            Some("default"),
+            &json!({"metadata": {"name": format!("closed-{suffix}")}}),
+        )
+        .await
+        .unwrap();
+    admin
+        .create(
+            sgs,
+            Some("default"),
+            &json!({"metadata": {"name": format!("clients-{suffix}")}}),
+        )
+        .await
+        .unwrap();
+    let nics = |ip: &str, groups: Vec<String>| json!({"spec": {"networks": [{"network": "sgnet", "ip": ip, "securityGroups": groups}]}});
+    let changed = std::time::Instant::now();
+    admin
+        .patch(
+            vms,
+            Some("default"),
+            &server,
+            &nics("10.8.0.11", vec![format!("closed-{suffix}")]),
+            false,
+        )
+        .await
+        .unwrap();
+    if std::env::var_os("DEBUG_SG").is_some() {
+        eprintln!("DEBUG PAUSE");
+        tokio::time::sleep(Duration::from_secs(300)).await;
+    }
+    log_with(admin, &client, std::slice::from_ref(&lost), 30).await;
+    eprintln!(
+        "group change -> the guest's pings are lost (2 misses at 0.5 s, log polling included): {:.1} s",
+        changed.elapsed().as_secs_f64()
+    );
+
+    // ICMP from the members of `clients`: the client is not one yet.
+    admin
+        .patch(
+            sgs,
+            Some("default"),
+            &format!("closed-{suffix}"),
+            &json!({"spec": {"rules": [{"protocol": "icmp", "remote": {"securityGroup": format!("clients-{suffix}")}}]}}),
+            false,
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A rule whose remote group has no members matches nothing: it is left out, never
+    // widened to "anywhere".
+    assert!(!table().contains("meta l4proto icmp"), "{}", table());
+    let text = log_with(admin, &client, std::slice::from_ref(&lost), 10).await;
+    assert_eq!(
+        count(&text, &ok),
+        1,
+        "no answer while the client is not a member:\n{text}"
+    );
+
+    // The client joins `clients`: its address becomes the rule's remote, and the ping passes.
+    let joined = std::time::Instant::now();
+    admin
+        .patch(
+            vms,
+            Some("default"),
+            &client,
+            &nics(
+                "10.8.0.10",
+                vec!["default".into(), format!("clients-{suffix}")],
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    eventually("the rule names the client's address", 10, async || {
+        table()
+            .contains("ip saddr 10.8.0.10 meta l4proto icmp return")
+            .then_some(())
+    })
+    .await;
+    eventually("the client's pings pass again", 30, async || {
+        let text = log_with(admin, &client, std::slice::from_ref(&ok), 5).await;
+        (count(&text, &ok) == 2).then_some(())
+    })
+    .await;
+    eprintln!(
+        "joining a remote group -> the guest's pings pass again: {:.1} s",
+        joined.elapsed().as_secs_f64()
+    );
+
+    for name in [&client, &server] {
+        admin.delete(vms, Some("default"), name).await.unwrap();
+    }
+    eventually("the VMs' rules are gone", 30, async || {
+        let (inet, bridge) = (table(), bridge_table());
+        taps.iter()
+            .all(|t| !bridge.contains(t.as_str()) && !inet.contains(t.as_str()))
+            .then_some(())
+    })
+    .await;
+    for group in [format!("closed-{suffix}"), format!("clients-{suffix}")] {
+        eventually(
+            "the group can be deleted once no VM uses it",
+            30,
+            async || {
+                admin
+                    .delete(sgs, Some("default"), &group)
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+    }
 }

@@ -20,6 +20,8 @@ async fn start_agent(cluster: &TestCluster, node: &str) -> tokio::sync::watch::S
     );
     config.join_token = Some(cluster.join_token().await);
     config.heartbeat = Duration::from_millis(500);
+    // The guest suites own this host's security group rules (one agent per network namespace).
+    config.firewall = false;
     // Orphans are swept at every resync: make it quick.
     config.resync = Duration::from_secs(1);
     let (stop, rx) = tokio::sync::watch::channel(false);

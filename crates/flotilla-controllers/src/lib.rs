@@ -11,6 +11,7 @@ pub mod network_status;
 pub mod node_lifecycle;
 pub mod placement;
 pub mod scheduler;
+pub mod security_groups;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
@@ -51,6 +52,10 @@ pub fn spawn_all(objects: Objects, config: ControllerConfig) -> Vec<tokio::task:
         // Freed addresses are usable again within seconds of their VM's deletion.
         tokio::spawn(ipam_sweeper::run(objects.clone(), Duration::from_secs(5))),
         tokio::spawn(network_status::run(objects.clone(), Duration::from_secs(2))),
+        tokio::spawn(security_groups::run(
+            objects.clone(),
+            Duration::from_secs(30),
+        )),
         tokio::spawn(node_lifecycle::run(objects.clone(), config.node_grace)),
         tokio::spawn(scheduler::run(
             objects.clone(),

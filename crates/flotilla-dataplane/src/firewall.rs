@@ -42,8 +42,11 @@ pub struct PortPolicy {
     /// 1 to 65,535, unique on the node: the port's mark.
     pub id: u16,
     pub mac: [u8; 6],
-    /// The IPv4 addresses it may send from (its own and its allowed address pairs).
-    pub addresses: Vec<Ipv4Addr>,
+    /// The conntrack zone of its bridge (1 to 65,535; ports of one bridge share it, and it must
+    /// stay the same while connections last: tracked state lives in the zone).
+    pub zone: u16,
+    /// The IPv4 addresses it may send from: its own, and networks of its allowed address pairs.
+    pub addresses: Vec<(Ipv4Addr, u8)>,
     pub ingress: Vec<Rule>,
     pub egress: Vec<Rule>,
 }
@@ -138,7 +141,13 @@ pub fn firewall_rules(ports: &[PortPolicy]) -> String {
     }
     out.push_str("  }\n");
     for p in &ports {
-        let own = set(p.addresses.iter());
+        let own = set(p.addresses.iter().map(|(a, l)| {
+            if *l == 32 {
+                a.to_string()
+            } else {
+                format!("{a}/{l}")
+            }
+        }));
         let _ = write!(
             out,
             "  chain from-{id} {{\n    ether saddr != {mac} drop\n    arp saddr ether != {mac} drop\n",
@@ -164,11 +173,11 @@ pub fn firewall_rules(ports: &[PortPolicy]) -> String {
     // The inet table: state per bridge, and each port's rules.
     out.push_str("table inet flotilla {}\ndelete table inet flotilla\ntable inet flotilla {\n");
     out.push_str("  chain zones {\n    type filter hook prerouting priority raw; policy accept;\n");
-    let mut bridges: Vec<&str> = ports.iter().map(|p| p.bridge.as_str()).collect();
-    bridges.sort();
-    bridges.dedup();
-    for (i, bridge) in bridges.iter().enumerate() {
-        let _ = writeln!(out, "    iifname \"{bridge}\" ct zone set {}", i + 1);
+    let mut zones: Vec<(&str, u16)> = ports.iter().map(|p| (p.bridge.as_str(), p.zone)).collect();
+    zones.sort();
+    zones.dedup_by(|a, b| a.0 == b.0);
+    for (bridge, zone) in zones.iter().filter(|(_, zone)| *zone != 0) {
+        let _ = writeln!(out, "    iifname \"{bridge}\" ct zone set {zone}");
     }
     out.push_str("  }\n");
     out.push_str(
@@ -200,6 +209,9 @@ pub fn firewall_rules(ports: &[PortPolicy]) -> String {
             if direction == "in" {
                 // The network's DHCP server answers (VMs cannot send from port 67).
                 out.push_str("    udp sport 67 udp dport 68 return\n");
+            } else {
+                // A VM may always ask for its address, as in OpenStack.
+                out.push_str("    udp sport 68 udp dport 67 return\n");
             }
             for rule in rules.iter() {
                 let _ = writeln!(out, "    {}return", matches(rule, remote_side));
@@ -221,8 +233,12 @@ mod tests {
             port: "vnet3".into(),
             bridge: "fb-4096".into(),
             id: 3,
+            zone: 4096,
             mac: [2, 0x46, 0x4c, 0, 0, 3],
-            addresses: vec!["10.0.0.3".parse().unwrap()],
+            addresses: vec![
+                ("10.0.0.3".parse().unwrap(), 32),
+                ("10.0.0.128".parse().unwrap(), 25),
+            ],
             ingress: vec![Rule {
                 protocol: Protocol::Tcp,
                 ports: Some((22, 22)),
@@ -240,9 +256,9 @@ mod tests {
             "    oifname \"vnet3\" meta mark set meta mark | 0x3",
             "    iifname \"vnet3\" meta mark set meta mark | 0x30000",
             "    ether saddr != 02:46:4c:00:00:03 drop",
-            "    arp saddr ip != { 10.0.0.3 } drop",
-            "    ip saddr != { 10.0.0.3 } drop",
-            "    iifname \"fb-4096\" ct zone set 1",
+            "    arp saddr ip != { 10.0.0.3, 10.0.0.128/25 } drop",
+            "    ip saddr != { 10.0.0.3, 10.0.0.128/25 } drop",
+            "    iifname \"fb-4096\" ct zone set 4096",
             "    meta mark & 0xffff0000 == 0x30000 jump out-3",
             "    meta mark & 0xffff == 0x3 jump in-3",
             "    ip saddr { 192.168.0.0/16 } tcp dport 22 return",
@@ -258,6 +274,7 @@ mod tests {
             port: "x\" accept #".into(),
             bridge: "br0".into(),
             id: 1,
+            zone: 1,
             mac: [2, 0, 0, 0, 0, 1],
             addresses: Vec::new(),
             ingress: Vec::new(),

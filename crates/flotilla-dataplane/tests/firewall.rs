@@ -59,8 +59,9 @@ fn port(name: &str, id: u16, mac: [u8; 6], ip: &str, ingress: Vec<Rule>) -> Port
         port: name.into(),
         bridge: "br0".into(),
         id,
+        zone: 1,
         mac,
-        addresses: vec![ip.parse().unwrap()],
+        addresses: vec![(ip.parse().unwrap(), 32)],
         ingress,
         egress: vec![Rule {
             protocol: Protocol::Any,
@@ -243,6 +244,7 @@ async fn security_groups_and_anti_spoofing_hold_on_the_bridge() {
                 rules,
             );
             p.bridge = format!("fb-{}", 4096 + i % 10);
+            p.zone = 4096 + i % 10;
             p
         })
         .collect();

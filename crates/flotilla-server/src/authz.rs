@@ -1,6 +1,6 @@
 //! Authorization: who may do what. Admins (group `system:masters`) may do anything. A node agent
 //! (user `system:node:<name>`, group `system:nodes`) may read and write its own Node and Lease,
-//! read images, classes and networks, and see and update only the VMs bound to it (`spec.nodeName`): their
+//! read images, classes, networks and security groups, and see and update only the VMs bound to it (`spec.nodeName`): their
 //! status and finalizers, never their spec; it may record Events that name it as their reporting
 //! instance. Bootstrap tokens may only join.
 
@@ -86,9 +86,10 @@ pub fn authorize(
             .any(|r| r.trim() == format!("{field}={node}"))
     };
     match (kind.kind, verb) {
-        ("Image" | "VMClass" | "Network", Verb::Get | Verb::List | Verb::Watch) => {
-            Ok(Scope::Unrestricted)
-        }
+        (
+            "Image" | "VMClass" | "Network" | "SecurityGroup",
+            Verb::Get | Verb::List | Verb::Watch,
+        ) => Ok(Scope::Unrestricted),
         ("Image", Verb::Patch | Verb::Update) => Ok(Scope::ImageEntry(node.to_string())),
         ("Node" | "Lease", Verb::Get | Verb::Update | Verb::Patch | Verb::Create)
             if name == Some(node) =>

@@ -29,6 +29,7 @@ pub mod pinned;
 pub mod pki;
 mod request;
 mod resource;
+pub mod security_groups;
 pub mod watch;
 pub mod watch_cache;
 

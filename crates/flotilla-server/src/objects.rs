@@ -678,6 +678,15 @@ impl Objects {
             if let Some(m) = &managed {
                 set_managed_fields(&mut object, m.clone());
             }
+            if let (Some(project), "VirtualMachine") = (&project, kind.kind) {
+                crate::security_groups::check_references(
+                    self.store.as_ref(),
+                    project,
+                    &object,
+                    None,
+                )
+                .await?;
+            }
             let admission = crate::ipam::admit(
                 &self.ipam,
                 self.store.as_ref(),
@@ -711,6 +720,11 @@ impl Objects {
             }
             let raw = encode(&object);
             let mut txn = txn.and_then(Op::put(&key, raw.clone()));
+            if kind.kind == "Project" {
+                // Every project has its default security group from the start.
+                let (group_key, group) = crate::security_groups::default_group(&name);
+                txn = txn.and_then(Op::put(&group_key, encode(&group)));
+            }
             let admission_networks = crate::ipam::Admission {
                 networks: admission.networks,
                 ..Default::default()
@@ -1151,6 +1165,16 @@ impl Objects {
         if next.get("spec") != current.get("spec") {
             let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
             next["metadata"]["generation"] = json!(generation + 1);
+            if next["kind"] == "VirtualMachine" {
+                let project = next["metadata"]["namespace"].as_str().unwrap_or("default");
+                crate::security_groups::check_references(
+                    self.store.as_ref(),
+                    project,
+                    &next,
+                    Some(current),
+                )
+                .await?;
+            }
         }
         guard(current, Some(&next))?;
         if next == *current {
@@ -1216,6 +1240,14 @@ impl Objects {
     ) -> Result<(Stored, bool), ApiError> {
         if kind.kind == "Project" {
             return self.delete_project(kind, name).await;
+        }
+        if kind.kind == "SecurityGroup" {
+            crate::security_groups::check_delete(
+                self.store.as_ref(),
+                namespace.unwrap_or_default(),
+                name,
+            )
+            .await?;
         }
         if kind.kind == "Network" {
             let project = namespace.unwrap_or_default();
@@ -1354,9 +1386,12 @@ impl Objects {
         let contents = self.project_contents(name).await?;
         let key = object_key(kind, None, name);
         if contents.is_empty() {
+            // The default security group goes with the project (nothing else may be left).
+            let (group_key, _) = crate::security_groups::default_group(name);
             let txn = Txn::new()
                 .when(Compare::mod_revision(&key, marked_stored.revision))
-                .and_then(Op::delete(&key));
+                .and_then(Op::delete(&key))
+                .and_then(Op::delete(&group_key));
             if self.store.txn(txn).await?.succeeded {
                 return Ok((
                     Stored {
@@ -1379,12 +1414,14 @@ impl Objects {
     /// The kinds (plural) that have objects in project `name`.
     async fn project_contents(&self, name: &str) -> Result<Vec<&'static str>, ApiError> {
         let mut contents = Vec::new();
+        let (default_group, _) = crate::security_groups::default_group(name);
         for k in registry::KINDS.iter().filter(|k| k.namespaced) {
             let resp = self
                 .store
-                .range(RangeRequest::prefix(&list_prefix(k, Some(name))).with_limit(1))
+                .range(RangeRequest::prefix(&list_prefix(k, Some(name))).with_limit(2))
                 .await?;
-            if !resp.kvs.is_empty() {
+            // The default security group is part of the project, not something left in it.
+            if resp.kvs.iter().any(|kv| kv.key != default_group) {
                 contents.push(k.plural);
             }
         }
@@ -1577,7 +1614,8 @@ fn keep_set_once(kind: &KindInfo, current: &Value, next: &mut Value) -> Result<(
 }
 
 /// A VM's NICs get their MACs and addresses when it is created (in the create's transaction):
-/// until NICs can be added and removed on a VM, `spec.networks` stays as created.
+/// until NICs can be added and removed on a VM, `spec.networks` stays as created (but for each
+/// NIC's security groups and allowed address pairs).
 fn keep_nics(current: &Value, next: &Value) -> Result<(), ApiError> {
     // Compared as NICs, not as JSON (absent and null fields are the same NIC).
     let nics = |v: &Value| {
@@ -1588,7 +1626,17 @@ fn keep_nics(current: &Value, next: &Value) -> Result<(), ApiError> {
             .unwrap_or(json!([]));
         serde_json::from_value::<Vec<flotilla_types::kinds::NetworkAttachment>>(list).ok()
     };
-    match (nics(current), nics(next)) {
+    // Groups and allowed address pairs may change on a running VM; nothing else may.
+    let fixed = |nics: Vec<flotilla_types::kinds::NetworkAttachment>| {
+        nics.into_iter()
+            .map(|n| flotilla_types::kinds::NetworkAttachment {
+                security_groups: None,
+                allowed_address_pairs: Vec::new(),
+                ..n
+            })
+            .collect::<Vec<_>>()
+    };
+    match (nics(current).map(fixed), nics(next).map(fixed)) {
         (Some(was), Some(now)) if was != now => {}
         // Unchanged, or not NICs at all (validation says why).
         _ => return Ok(()),

@@ -4,7 +4,8 @@
 use serde_json::Value;
 
 use crate::kinds::{
-    Event, Image, Lease, Network, Node, PlacementPolicy, Project, VMClass, VirtualMachine,
+    Event, Image, Lease, Network, Node, PlacementPolicy, Project, SecurityGroup, VMClass,
+    VirtualMachine,
 };
 use crate::resource::{decode, Column, Resource};
 use crate::validation::FieldErrors;
@@ -67,6 +68,7 @@ pub static KINDS: &[KindInfo] = &[
     kind_info!(Lease),
     kind_info!(PlacementPolicy),
     kind_info!(Network),
+    kind_info!(SecurityGroup),
     kind_info!(Event),
 ];
 

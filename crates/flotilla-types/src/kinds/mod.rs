@@ -8,6 +8,7 @@ pub mod network;
 pub mod node;
 pub mod placement;
 pub mod project;
+pub mod security_group;
 pub mod vm;
 pub mod vmclass;
 
@@ -24,6 +25,10 @@ pub use placement::{
     WeightedAffinityTerm,
 };
 pub use project::{Project, ProjectSpec, ProjectStatus};
+pub use security_group::{
+    Direction, RuleProtocol, RuleRemote, SecurityGroup, SecurityGroupMember, SecurityGroupRule,
+    SecurityGroupSpec, SecurityGroupStatus,
+};
 pub use vm::{
     InterfaceStatus, KernelBoot, NetworkAttachment, Phase, PowerState, Resources, RootDisk,
     VirtualMachine, VirtualMachineSpec, VirtualMachineStatus,

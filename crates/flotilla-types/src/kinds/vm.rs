@@ -130,6 +130,23 @@ pub struct NetworkAttachment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex = "UNICAST_MAC_PATTERN")]
     pub mac_address: Option<String>,
+    /// The SecurityGroups (of the VM's project) the NIC is in: it may receive and send what
+    /// one of their rules allows, and the answers. Absent: the project's `default` group;
+    /// empty: no group, so nothing but DHCP passes. May change while the VM runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 16),
+        inner(regex = "crate::validation::DNS_LABEL_PATTERN")
+    )]
+    pub security_groups: Option<Vec<String>>,
+    /// Further IPv4 addresses or networks the NIC may send from (a VIP that moves between
+    /// VMs, e.g. with keepalived); its own addresses always. May change while the VM runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 32),
+        inner(regex = "crate::kinds::security_group::IPV4_CIDR_PATTERN")
+    )]
+    pub allowed_address_pairs: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -192,6 +209,13 @@ pub struct InterfaceStatus {
 }
 
 impl NetworkAttachment {
+    /// The groups the NIC is in: its own list, or the project's `default` group.
+    pub fn groups(&self) -> Vec<String> {
+        self.security_groups
+            .clone()
+            .unwrap_or_else(|| vec![crate::kinds::security_group::DEFAULT_GROUP.to_string()])
+    }
+
     /// The NIC's name: its own, or nic<position>.
     pub fn nic_name(&self, position: usize) -> String {
         self.name
@@ -324,6 +348,40 @@ impl Validate for VirtualMachineSpec {
                     errs.push(
                         format!("{path}.networks[{i}].ip"),
                         format!("{ip:?} is not an IPv4 address such as 10.0.0.5"),
+                    );
+                }
+            }
+            let groups = n.security_groups.as_deref().unwrap_or_default();
+            if groups.len() > 16 {
+                errs.push(
+                    format!("{path}.networks[{i}].securityGroups"),
+                    format!("{} groups: at most 16", groups.len()),
+                );
+            }
+            for (j, group) in groups.iter().enumerate() {
+                validation::dns_label(
+                    errs,
+                    &format!("{path}.networks[{i}].securityGroups[{j}]"),
+                    group,
+                );
+                if groups[..j].contains(group) {
+                    errs.push(
+                        format!("{path}.networks[{i}].securityGroups[{j}]"),
+                        format!("{group:?} is named twice"),
+                    );
+                }
+            }
+            if n.allowed_address_pairs.len() > 32 {
+                errs.push(
+                    format!("{path}.networks[{i}].allowedAddressPairs"),
+                    format!("{} pairs: at most 32", n.allowed_address_pairs.len()),
+                );
+            }
+            for (j, pair) in n.allowed_address_pairs.iter().enumerate() {
+                if crate::kinds::security_group::parse_cidr(pair).is_none() {
+                    errs.push(
+                        format!("{path}.networks[{i}].allowedAddressPairs[{j}]"),
+                        format!("{pair:?} is not an IPv4 address or network (host bits zero), e.g. 10.0.0.100 or 10.0.0.128/25"),
                     );
                 }
             }

@@ -1,0 +1,537 @@
+//! The node's security groups and anti-spoofing: one nftables rule set (Flotilla's own tables,
+//! `flotilla-dataplane::firewall`) for the NICs of every VM bound to this node, rendered from
+//! what the agent knows — its VMs (their NICs, groups, addresses and allowed address pairs),
+//! the networks (their bridges) and the security groups (their rules, and the members a rule
+//! naming a group follows) — and replaced whole whenever any of it changes, in one batch.
+//!
+//! Each NIC's tap is named by the agent (`ft` and a hash of the VM's uid and the NIC's position),
+//! so its rules exist before QEMU opens it: a VM's domain starts only after a rule set that
+//! includes it has been applied ([`Firewall::sync`]). Nothing is applied until the VMs,
+//! networks and groups have all been listed once, so an agent that restarts never replaces the
+//! rules its running VMs have with a partial set.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use flotilla_dataplane::{PortPolicy, Protocol, Rule};
+use flotilla_types::kinds::security_group::{parse_cidr, parse_ports};
+use flotilla_types::kinds::{Direction, RuleProtocol, SecurityGroup};
+use flotilla_types::{Network, NetworkType, VirtualMachine};
+use tokio::sync::{watch, Notify};
+
+use crate::error::AgentError;
+
+/// The name of the tap of NIC `index` of the VM with `uid`: stable, at most 15 bytes, and not
+/// one of libvirt's own (`vnet*`), so rules can name it before the domain starts.
+pub fn tap_name(uid: &str, index: usize) -> String {
+    // FNV-1a: stable across builds (unlike std's hasher), 48 of its bits kept.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("{uid}/{index}").bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("ft{:012x}", hash & 0xffff_ffff_ffff)
+}
+
+/// The conntrack zone of a network's bridge: its VNI for overlay networks (VNIs are unique and
+/// start at 4096; above 65,535 they wrap into 4096..65,535), and for bridged networks a hash of
+/// the bridge's name below 4096, so that a zone never changes while connections last.
+pub fn zone(network: &Network) -> u16 {
+    match (
+        network.spec.network_type,
+        network.status.as_ref().and_then(|s| s.vni),
+    ) {
+        (NetworkType::Overlay, Some(vni)) => {
+            if vni <= 65_535 {
+                vni as u16
+            } else {
+                (4096 + (vni - 4096) % (65_536 - 4096)) as u16
+            }
+        }
+        _ => {
+            let name = network.bridge_name().unwrap_or_default();
+            let sum = name
+                .bytes()
+                .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+            (1 + sum % 4095) as u16
+        }
+    }
+}
+
+/// What the rule set is made from.
+#[derive(Default)]
+pub struct Known {
+    /// The VMs bound to this node, by uid.
+    pub vms: BTreeMap<String, VirtualMachine>,
+    /// Networks and groups by (project, name).
+    pub networks: BTreeMap<(String, String), Network>,
+    pub groups: BTreeMap<(String, String), SecurityGroup>,
+}
+
+/// Every NIC's policy, in a stable order (ids by position).
+pub fn policies(known: &Known) -> Vec<PortPolicy> {
+    let mut out = Vec::new();
+    for (uid, vm) in &known.vms {
+        let project = vm.metadata.namespace.clone().unwrap_or_default();
+        let interfaces = vm
+            .status
+            .as_ref()
+            .map(|s| s.interfaces.as_slice())
+            .unwrap_or_default();
+        for (i, nic) in vm.spec.networks.iter().enumerate() {
+            let name = nic.nic_name(i);
+            let Some(interface) = interfaces.iter().find(|n| n.name == name) else {
+                continue;
+            };
+            let Some(network) = known.networks.get(&(project.clone(), nic.network.clone())) else {
+                continue;
+            };
+            let (Some(bridge), Some(mac)) =
+                (network.bridge_name(), parse_mac(&interface.mac_address))
+            else {
+                continue;
+            };
+            let mut addresses: Vec<(Ipv4Addr, u8)> = interface
+                .ips
+                .iter()
+                .filter_map(|ip| ip.split('/').next()?.parse().ok())
+                .map(|ip| (ip, 32))
+                .collect();
+            addresses.extend(
+                nic.allowed_address_pairs
+                    .iter()
+                    .filter_map(|p| parse_cidr(p)),
+            );
+            let (mut ingress, mut egress) = (Vec::new(), Vec::new());
+            for group in nic.groups() {
+                let Some(group) = known.groups.get(&(project.clone(), group)) else {
+                    continue;
+                };
+                for rule in &group.spec.rules {
+                    if let Some(rendered) = render_rule(known, &project, rule) {
+                        match rule.direction {
+                            Direction::Ingress => ingress.push(rendered),
+                            Direction::Egress => egress.push(rendered),
+                        }
+                    }
+                }
+            }
+            dedup(&mut ingress);
+            dedup(&mut egress);
+            out.push(PortPolicy {
+                port: tap_name(uid, i),
+                bridge,
+                id: 0,
+                zone: zone(network),
+                mac,
+                addresses,
+                ingress,
+                egress,
+            });
+        }
+    }
+    out.truncate(u16::MAX as usize);
+    for (i, p) in out.iter_mut().enumerate() {
+        p.id = (i + 1) as u16;
+    }
+    out
+}
+
+/// A rule as the dataplane takes it, or None when it can match nothing (it names a group with
+/// no members, or one the project lacks).
+fn render_rule(
+    known: &Known,
+    project: &str,
+    rule: &flotilla_types::kinds::SecurityGroupRule,
+) -> Option<Rule> {
+    let protocol = match rule.protocol {
+        RuleProtocol::Any => Protocol::Any,
+        RuleProtocol::Tcp => Protocol::Tcp,
+        RuleProtocol::Udp => Protocol::Udp,
+        RuleProtocol::Icmp => Protocol::Icmp,
+    };
+    let ports = rule.ports.as_deref().and_then(parse_ports);
+    let remote = match &rule.remote {
+        None => Vec::new(),
+        Some(r) => match (&r.cidr, &r.security_group) {
+            (Some(cidr), _) => vec![parse_cidr(cidr)?],
+            (None, Some(group)) => {
+                let members = known
+                    .groups
+                    .get(&(project.to_string(), group.clone()))?
+                    .status
+                    .as_ref()
+                    .map(|s| s.members.as_slice())
+                    .unwrap_or_default();
+                let mut nets: Vec<(Ipv4Addr, u8)> = members
+                    .iter()
+                    .flat_map(|m| m.addresses.iter().filter_map(|a| parse_cidr(a)))
+                    .collect();
+                nets.sort();
+                nets.dedup();
+                if nets.is_empty() {
+                    return None;
+                }
+                nets
+            }
+            (None, None) => return None,
+        },
+    };
+    Some(Rule {
+        protocol,
+        ports,
+        remote,
+    })
+}
+
+fn dedup(rules: &mut Vec<Rule>) {
+    let mut seen = BTreeSet::new();
+    rules.retain(|r| seen.insert(format!("{r:?}")));
+}
+
+fn parse_mac(mac: &str) -> Option<[u8; 6]> {
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    bytes.try_into().ok()
+}
+
+#[derive(Default)]
+struct State {
+    known: Known,
+    /// Which of VMs, networks and groups have been listed since the agent started.
+    listed: [bool; 3],
+    /// Bumped by every change: an apply takes everything up to the generation it read.
+    generation: u64,
+}
+
+/// The node's rule set, kept applied.
+pub struct Firewall {
+    state: Mutex<State>,
+    wake: Notify,
+    applied: watch::Sender<u64>,
+    namespace: std::path::PathBuf,
+}
+
+pub enum Listed {
+    Vms,
+    Networks,
+    Groups,
+}
+
+impl Firewall {
+    /// A firewall for the network namespace at `namespace` (`/proc/self/ns/net`: the agent's,
+    /// where libvirt plugs the taps).
+    pub fn new(namespace: &Path) -> Self {
+        Firewall {
+            state: Mutex::default(),
+            wake: Notify::new(),
+            applied: watch::channel(0).0,
+            namespace: namespace.to_path_buf(),
+        }
+    }
+
+    fn change(&self, f: impl FnOnce(&mut State)) -> u64 {
+        let mut state = self.state.lock().expect("firewall lock");
+        f(&mut state);
+        state.generation += 1;
+        self.wake.notify_one();
+        state.generation
+    }
+
+    pub fn set_vm(&self, vm: VirtualMachine) {
+        let Some(uid) = vm.metadata.uid.clone() else {
+            return;
+        };
+        let unchanged = self
+            .state
+            .lock()
+            .expect("firewall lock")
+            .known
+            .vms
+            .get(&uid)
+            .is_some_and(|v| {
+                v.spec.networks == vm.spec.networks
+                    && v.status.as_ref().map(|s| &s.interfaces)
+                        == vm.status.as_ref().map(|s| &s.interfaces)
+            });
+        if !unchanged {
+            self.change(|s| {
+                s.known.vms.insert(uid, vm);
+            });
+        }
+    }
+
+    pub fn remove_vm(&self, uid: &str) {
+        if self
+            .state
+            .lock()
+            .expect("firewall lock")
+            .known
+            .vms
+            .contains_key(uid)
+        {
+            self.change(|s| {
+                s.known.vms.remove(uid);
+            });
+        }
+    }
+
+    /// Keeps only the VMs with these uids (after a relist).
+    pub fn retain_vms(&self, uids: &BTreeSet<String>) {
+        self.change(|s| s.known.vms.retain(|uid, _| uids.contains(uid)));
+    }
+
+    pub fn set_network(&self, network: &Network) {
+        let key = (
+            network.metadata.namespace.clone().unwrap_or_default(),
+            network.metadata.name.clone(),
+        );
+        let same = self
+            .state
+            .lock()
+            .expect("firewall lock")
+            .known
+            .networks
+            .get(&key)
+            .is_some_and(|n| n.bridge_name() == network.bridge_name() && zone(n) == zone(network));
+        if !same {
+            self.change(|s| {
+                s.known.networks.insert(key, network.clone());
+            });
+        }
+    }
+
+    pub fn set_group(&self, group: SecurityGroup) {
+        let key = (
+            group.metadata.namespace.clone().unwrap_or_default(),
+            group.metadata.name.clone(),
+        );
+        self.change(|s| {
+            s.known.groups.insert(key, group);
+        });
+    }
+
+    pub fn remove_group(&self, project: &str, name: &str) {
+        self.change(|s| {
+            s.known
+                .groups
+                .remove(&(project.to_string(), name.to_string()));
+        });
+    }
+
+    /// Keeps only these groups (after a relist).
+    pub fn retain_groups(&self, keys: &BTreeSet<(String, String)>) {
+        self.change(|s| s.known.groups.retain(|k, _| keys.contains(k)));
+    }
+
+    pub fn listed(&self, what: Listed) {
+        self.change(|s| s.listed[what as usize] = true);
+    }
+
+    /// Waits until a rule set with everything known now is applied (a VM's domain starts after
+    /// this), at most `timeout`.
+    pub async fn sync(&self, timeout: Duration) -> Result<(), AgentError> {
+        let wanted = self.change(|_| {});
+        let mut applied = self.applied.subscribe();
+        let waited = tokio::time::timeout(timeout, applied.wait_for(|g| *g >= wanted)).await;
+        match waited {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(AgentError::Config(format!(
+                "the node's security group rules were not applied within {} s (see the agent's log and the node's events)",
+                timeout.as_secs()
+            ))),
+        }
+    }
+
+    /// Applies the rule set whenever something changed, and every `resync` (repairing a table
+    /// that someone else changed). `failed` is told why an apply failed (at most once a minute
+    /// for the same error).
+    pub async fn run(&self, resync: Duration, failed: impl Fn(String)) {
+        let mut tick = tokio::time::interval(resync);
+        let mut last_error: Option<(String, std::time::Instant)> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.wake.notified() => {}
+            }
+            // Let a burst of changes (a relist, many VMs at once) settle into one apply.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let (ports, generation) = {
+                let state = self.state.lock().expect("firewall lock");
+                if !state.listed.iter().all(|l| *l) {
+                    continue;
+                }
+                (policies(&state.known), state.generation)
+            };
+            let started = std::time::Instant::now();
+            match flotilla_dataplane::apply_firewall(&self.namespace, &ports).await {
+                Ok(()) => {
+                    tracing::debug!(
+                        ports = ports.len(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "security group rules applied"
+                    );
+                    self.applied.send_replace(generation);
+                    last_error = None;
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    let repeat = last_error.as_ref().is_some_and(|(m, at)| {
+                        *m == message && at.elapsed() < Duration::from_secs(60)
+                    });
+                    if !repeat {
+                        tracing::warn!(error = %message, "cannot apply the security group rules; retrying");
+                        failed(message.clone());
+                        last_error = Some((message, std::time::Instant::now()));
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    self.wake.notify_one();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn known() -> Known {
+        let vm: VirtualMachine = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "p", "uid": "u-1"},
+            "spec": {"resources": {"cpus": 1, "memory": "64Mi"}, "networks": [
+                {"network": "net"},
+                {"network": "net", "securityGroups": ["ssh", "gone"], "allowedAddressPairs": ["10.0.0.128/25"]},
+            ]},
+            "status": {"interfaces": [
+                {"name": "nic0", "network": "net", "macAddress": "02:46:4c:00:00:01", "ips": ["10.0.0.2/24", "fd00::1/64"]},
+                {"name": "nic1", "network": "net", "macAddress": "02:46:4c:00:00:02", "ips": ["10.0.0.3/24"]},
+            ]}
+        }))
+        .unwrap();
+        let network: Network = serde_json::from_value(json!({
+            "metadata": {"name": "net", "namespace": "p"},
+            "spec": {"cidr": "10.0.0.0/24"}, "status": {"vni": 4100}
+        }))
+        .unwrap();
+        let group = |name: &str, spec: serde_json::Value, members: serde_json::Value| {
+            serde_json::from_value::<SecurityGroup>(json!({
+                "metadata": {"name": name, "namespace": "p"}, "spec": spec,
+                "status": {"members": members, "memberCount": 0}
+            }))
+            .unwrap()
+        };
+        let mut k = Known::default();
+        k.vms.insert("u-1".into(), vm);
+        k.networks.insert(("p".into(), "net".into()), network);
+        k.groups.insert(
+            ("p".into(), "default".into()),
+            group(
+                "default",
+                serde_json::to_value(flotilla_types::SecurityGroupSpec::default_group()).unwrap(),
+                json!([{"vm": "web", "nic": "nic0", "addresses": ["10.0.0.2"]},
+                       {"vm": "db", "nic": "nic0", "addresses": ["10.0.0.9"]}]),
+            ),
+        );
+        k.groups.insert(
+            ("p".into(), "ssh".into()),
+            group(
+                "ssh",
+                json!({"rules": [
+                    {"protocol": "tcp", "ports": "22", "remote": {"cidr": "192.0.2.0/24"}},
+                    {"protocol": "tcp", "ports": "22", "remote": {"cidr": "192.0.2.0/24"}},
+                    {"protocol": "udp", "remote": {"securityGroup": "empty"}},
+                ]}),
+                json!([]),
+            ),
+        );
+        k.groups.insert(
+            ("p".into(), "empty".into()),
+            group("empty", json!({}), json!([])),
+        );
+        k
+    }
+
+    #[test]
+    fn each_nic_gets_its_groups_rules_addresses_and_a_stable_tap() {
+        let ports = policies(&known());
+        assert_eq!(ports.len(), 2);
+        let (a, b) = (&ports[0], &ports[1]);
+        assert_eq!((a.id, b.id), (1, 2));
+        assert_eq!(a.port, tap_name("u-1", 0));
+        assert_ne!(a.port, b.port);
+        assert!(a.port.len() <= 15 && a.port.starts_with("ft"));
+        assert_eq!((a.bridge.as_str(), a.zone), ("fb-4100", 4100));
+        assert_eq!(a.mac, [2, 0x46, 0x4c, 0, 0, 1]);
+        // IPv4 only, as /32s; the pairs as networks.
+        assert_eq!(a.addresses, vec![("10.0.0.2".parse().unwrap(), 32)]);
+        assert_eq!(
+            b.addresses,
+            vec![
+                ("10.0.0.3".parse().unwrap(), 32),
+                ("10.0.0.128".parse().unwrap(), 25)
+            ]
+        );
+        // default: all egress; ingress from the group's members.
+        assert_eq!(
+            a.egress,
+            vec![Rule {
+                protocol: Protocol::Any,
+                ports: None,
+                remote: vec![]
+            }]
+        );
+        assert_eq!(
+            a.ingress,
+            vec![Rule {
+                protocol: Protocol::Any,
+                ports: None,
+                remote: vec![
+                    ("10.0.0.2".parse().unwrap(), 32),
+                    ("10.0.0.9".parse().unwrap(), 32)
+                ],
+            }]
+        );
+        // ssh: one rule (the duplicate folded); a group with no members and a missing group
+        // add nothing (never "anywhere"); no egress at all.
+        assert_eq!(
+            b.ingress,
+            vec![Rule {
+                protocol: Protocol::Tcp,
+                ports: Some((22, 22)),
+                remote: vec![("192.0.2.0".parse().unwrap(), 24)],
+            }]
+        );
+        assert!(b.egress.is_empty());
+    }
+
+    #[test]
+    fn a_nic_whose_network_is_unknown_is_left_out_until_it_is_known() {
+        let mut k = known();
+        k.networks.clear();
+        assert!(policies(&k).is_empty());
+    }
+
+    #[test]
+    fn zones_are_stable_and_in_range() {
+        let net = |vni: u32| -> Network {
+            serde_json::from_value(json!({"metadata": {"name": "n"}, "spec": {"cidr": "10.0.0.0/24"}, "status": {"vni": vni}})).unwrap()
+        };
+        assert_eq!(zone(&net(4096)), 4096);
+        assert_eq!(zone(&net(65_535)), 65_535);
+        assert_eq!(zone(&net(65_536)), 4096);
+        let bridged: Network = serde_json::from_value(
+            json!({"metadata": {"name": "n"}, "spec": {"type": "bridged", "bridge": "br0"}}),
+        )
+        .unwrap();
+        let z = zone(&bridged);
+        assert!((1..4096).contains(&z) && z == zone(&bridged));
+    }
+}

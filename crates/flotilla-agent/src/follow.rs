@@ -1,0 +1,77 @@
+//! Following every object of a kind: a list, then a watch from its revision, and a relist when
+//! the watch breaks (after a second, so an unreachable server is not hammered).
+
+use std::time::Duration;
+
+use std::sync::Arc;
+
+use flotilla_client::{Client, ListParams};
+use flotilla_types::KindInfo;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+/// What the follower hears.
+pub enum Seen {
+    /// Everything there is, after a (re)list.
+    Listed(Vec<Value>),
+    /// One object made or changed.
+    Changed(Value),
+    /// One object gone.
+    Deleted(Value),
+}
+
+/// Follows `kind` on a task of its own, which ends when the receiver is dropped.
+pub fn follow(client: Arc<Client>, kind: &'static KindInfo) -> mpsc::Receiver<Seen> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tx.closed() => {}
+            _ = run(&client, kind, &tx) => {}
+        }
+    });
+    rx
+}
+
+async fn run(client: &Client, kind: &KindInfo, seen: &mpsc::Sender<Seen>) {
+    loop {
+        let list = match client.list(kind, None, &ListParams::default()).await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::debug!(kind = kind.kind, error = %e, "cannot list; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let rv = list["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let items = list["items"].as_array().cloned().unwrap_or_default();
+        if seen.send(Seen::Listed(items)).await.is_err() {
+            return;
+        }
+        let events = match client
+            .watch(kind, None, &ListParams::default(), Some(&rv))
+            .await
+        {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::debug!(kind = kind.kind, error = %e, "cannot watch; relisting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut events = std::pin::pin!(events);
+        while let Some(Ok(event)) = futures::StreamExt::next(&mut events).await {
+            let sent = match event.type_.as_str() {
+                "ADDED" | "MODIFIED" => seen.send(Seen::Changed(event.object)).await,
+                "DELETED" => seen.send(Seen::Deleted(event.object)).await,
+                "ERROR" => break,
+                _ => Ok(()),
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    }
+}

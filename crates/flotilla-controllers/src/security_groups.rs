@@ -1,0 +1,206 @@
+//! Security group status: which NICs are in each group, with their addresses (what rules naming
+//! the group as their remote match; agents read them here, since a node sees only its own VMs),
+//! and a `Ready` condition that names rules whose remote group does not exist. Also makes a
+//! project's `default` group when it lacks one (projects made before groups existed, or a
+//! group lost some other way). Runs on every change of a VM, group or project (a burst costs
+//! one pass), and every `resync`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flotilla_server::objects::{list_prefix, ListOptions, Objects, PatchBody, Subresource};
+use flotilla_server::ApiError;
+use flotilla_types::kinds::security_group::DEFAULT_GROUP;
+use flotilla_types::kinds::{SecurityGroup, SecurityGroupMember, SecurityGroupSpec};
+use flotilla_types::meta::{Condition, ConditionStatus};
+use flotilla_types::registry::by_kind;
+use flotilla_types::VirtualMachine;
+use serde_json::json;
+
+pub async fn run(objects: Objects, resync: Duration) {
+    let prefixes: Vec<String> = ["VirtualMachine", "SecurityGroup", "Project"]
+        .iter()
+        .map(|k| list_prefix(by_kind(k).expect("registered"), None))
+        .collect();
+    let mut events = None;
+    loop {
+        if events.is_none() {
+            events = objects.store().watch("/registry/", 0).await.ok();
+        }
+        if let Err(e) = sweep(&objects).await {
+            tracing::warn!(error = %e, "cannot update security group status; trying again");
+        }
+        match events.as_mut() {
+            Some(stream) => {
+                let relevant = |ev: &flotilla_store::WatchEvent| {
+                    prefixes.iter().any(|p| ev.kv.key.starts_with(p.as_str()))
+                };
+                if crate::wait_for_change(stream, resync, relevant).await {
+                    // Let a burst (a VM's create and its first status writes) settle.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                } else {
+                    events = None;
+                }
+            }
+            None => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+/// One pass; returns how many groups were written (made or their status changed).
+pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
+    let (vm_kind, sg_kind, project_kind) = (
+        by_kind("VirtualMachine").expect("registered"),
+        by_kind("SecurityGroup").expect("registered"),
+        by_kind("Project").expect("registered"),
+    );
+    let mut members: BTreeMap<(String, String), Vec<SecurityGroupMember>> = BTreeMap::new();
+    for raw in objects
+        .list(vm_kind, None, &ListOptions::default())
+        .await?
+        .items
+    {
+        let Ok(vm) = serde_json::from_slice::<VirtualMachine>(&raw) else {
+            continue;
+        };
+        let project = vm.metadata.namespace.clone().unwrap_or_default();
+        let interfaces = vm.status.map(|s| s.interfaces).unwrap_or_default();
+        for (i, nic) in vm.spec.networks.iter().enumerate() {
+            let name = nic.nic_name(i);
+            let mut addresses: Vec<String> = interfaces
+                .iter()
+                .find(|n| n.name == name)
+                .map(|n| {
+                    n.ips
+                        .iter()
+                        .filter_map(|ip| ip.split('/').next())
+                        .filter(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
+            addresses.extend(nic.allowed_address_pairs.iter().cloned());
+            for group in nic.groups() {
+                members
+                    .entry((project.clone(), group))
+                    .or_default()
+                    .push(SecurityGroupMember {
+                        vm: vm.metadata.name.clone(),
+                        nic: name.clone(),
+                        addresses: addresses.clone(),
+                    });
+            }
+        }
+    }
+    let mut groups: BTreeMap<(String, String), SecurityGroup> = BTreeMap::new();
+    for raw in objects
+        .list(sg_kind, None, &ListOptions::default())
+        .await?
+        .items
+    {
+        if let Ok(sg) = serde_json::from_slice::<SecurityGroup>(&raw) {
+            let project = sg.metadata.namespace.clone().unwrap_or_default();
+            groups.insert((project, sg.metadata.name.clone()), sg);
+        }
+    }
+    let mut written = 0;
+    for raw in objects
+        .list(project_kind, None, &ListOptions::default())
+        .await?
+        .items
+    {
+        let Ok(project) = serde_json::from_slice::<serde_json::Value>(&raw) else {
+            continue;
+        };
+        let name = project["metadata"]["name"].as_str().unwrap_or_default();
+        if project["metadata"].get("deletionTimestamp").is_some()
+            || groups.contains_key(&(name.to_string(), DEFAULT_GROUP.to_string()))
+        {
+            continue;
+        }
+        let body = json!({"metadata": {"name": DEFAULT_GROUP}, "spec": SecurityGroupSpec::default_group()});
+        match objects.create(sg_kind, Some(name), body).await {
+            Ok(_) => {
+                tracing::info!(project = name, "made the project's default security group");
+                written += 1;
+            }
+            Err(e) if e.code() == 409 || e.code() == 403 || e.code() == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    for ((project, name), group) in &groups {
+        let mut now = members
+            .remove(&(project.clone(), name.clone()))
+            .unwrap_or_default();
+        now.sort_by(|a, b| (&a.vm, &a.nic).cmp(&(&b.vm, &b.nic)));
+        let missing: Vec<&str> = group
+            .spec
+            .rules
+            .iter()
+            .filter_map(|r| r.remote.as_ref()?.security_group.as_deref())
+            .filter(|g| !groups.contains_key(&(project.clone(), g.to_string())))
+            .collect();
+        let status = group.status.clone().unwrap_or_default();
+        let conditions = vec![ready(&status.conditions, &missing)];
+        if status.members == now
+            && status.member_count as usize == now.len()
+            && status.conditions == conditions
+        {
+            continue;
+        }
+        let patch =
+            json!({"status": {"members": now, "memberCount": now.len(), "conditions": conditions}});
+        match objects
+            .patch(
+                sg_kind,
+                Some(project),
+                name,
+                PatchBody::Merge(patch),
+                Subresource::Status,
+            )
+            .await
+        {
+            Ok(_) => written += 1,
+            Err(e) if e.code() == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
+/// `Ready`, or not (naming the remote groups that do not exist: their rules match nothing),
+/// keeping the transition time while it stays the same.
+fn ready(before: &[Condition], missing: &[&str]) -> Condition {
+    let (status, reason, message) = if missing.is_empty() {
+        (
+            ConditionStatus::True,
+            "Ready",
+            "every rule's remote exists".to_string(),
+        )
+    } else {
+        (
+            ConditionStatus::False,
+            "UnknownRemoteGroup",
+            format!(
+                "rules name security group{} {} that the project does not have: they match nothing",
+                if missing.len() == 1 { "" } else { "s" },
+                missing.join(", ")
+            ),
+        )
+    };
+    match before.iter().find(|c| c.type_ == "Ready") {
+        Some(c) if c.status == status => Condition {
+            reason: reason.into(),
+            message,
+            ..c.clone()
+        },
+        _ => Condition {
+            type_: "Ready".into(),
+            status,
+            reason: reason.into(),
+            message,
+            last_transition_time: Some(flotilla_types::meta::now()),
+            observed_generation: None,
+        },
+    }
+}
