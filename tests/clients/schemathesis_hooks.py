@@ -17,6 +17,8 @@ as "valid data rejected". This hook makes generated requests keep them, and noth
   cidr has no host bits, a gateway is a host of the cidr, ranges lie inside the cidr, an IPv6
   prefix needs a cidr beside it (cross-field); a VM's NICs name
   Networks that exist (cross-object: generated VMs have none);
+- a security group rule has ports only for tcp and udp (a port, or a range start first), and a
+  remote names a cidr (host bits zero) or a group, not both (cross-field);
 - label and field selectors follow their grammar (not a regular language for labels' sets);
 - continue tokens are the server's own (opaque; a made-up one is rightly 400);
 - numbers fit a 64-bit float (JSON has no limit; the server reads JSON numbers as 64-bit integers
@@ -156,6 +158,39 @@ def keep_network_rules(spec):
         spec["cidr6"] = None
 
 
+def zero_host_bits(cidr):
+    """An IPv4 network with its host bits cleared (an address alone is a /32)."""
+    addr, _, length = cidr.partition("/")
+    bits = int(length) if length else 32
+    octets = [int(o) for o in addr.split(".")]
+    value = sum(o << (24 - 8 * i) for i, o in enumerate(octets))
+    value &= (0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF
+    network = ".".join(str((value >> (24 - 8 * i)) & 255) for i in range(4))
+    return network + ("/" + length if length else "")
+
+
+def keep_security_group_rules(spec):
+    """Ports only on tcp and udp rules, as a port or a range start first; a remote names a cidr
+    (host bits zero) or a group, one of the two."""
+    for rule in spec.get("rules") or []:
+        if not isinstance(rule, dict):
+            continue
+        ports = rule.get("ports")
+        if isinstance(ports, str):
+            if rule.get("protocol") not in ("tcp", "udp"):
+                rule["ports"] = None
+            else:
+                ends = [min(max(int(p), 1), 65535) for p in ports.split("-")]
+                rule["ports"] = "-".join(str(p) for p in sorted(ends))
+        remote = rule.get("remote")
+        if isinstance(remote, dict):
+            if isinstance(remote.get("cidr"), str):
+                remote["cidr"] = zero_host_bits(remote["cidr"])
+                remote["securityGroup"] = None
+            elif not isinstance(remote.get("securityGroup"), str):
+                remote["securityGroup"] = "default"
+
+
 def keep_spec_rules(kind_path, spec):
     if kind_path == "virtualmachines":
         keep_vm_rules(spec)
@@ -170,6 +205,8 @@ def keep_spec_rules(kind_path, spec):
                 source["url"] = "https://images.invalid/base.qcow2"
     elif kind_path == "networks" and isinstance(spec, dict):
         keep_network_rules(spec)
+    elif kind_path == "securitygroups" and isinstance(spec, dict):
+        keep_security_group_rules(spec)
     elif kind_path == "placementpolicies" and isinstance(spec, dict):
         if isinstance(spec.get("affinity"), dict):
             keep_affinity_rules(spec["affinity"])

@@ -90,6 +90,16 @@ impl AgentConfig {
 
 type Desired = Option<Arc<VirtualMachine>>;
 
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 struct Actor {
     desired: watch::Sender<Desired>,
     kick: Arc<Notify>,
@@ -319,6 +329,21 @@ pub async fn run_with(
             }
         })
     });
+    // The agent's tasks end with it: at a stop, and when its future is dropped (a test's
+    // stand-in for kill -9: nothing of the old agent may act beside the next one).
+    let _tasks = AbortOnDrop(
+        [
+            Some(heartbeat),
+            collector,
+            lease_reader,
+            follower,
+            group_follower,
+            firewall_task,
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+    );
     let mut actors: HashMap<String, Actor> = HashMap::new();
     let (exits_tx, mut exits) = mpsc::unbounded_channel::<Exit>();
     // Domain lifecycle events (start, stop, crash) wake the VM's actor at once.
@@ -444,19 +469,7 @@ pub async fn run_with(
             }
         }
     }
-    heartbeat.abort();
-    for task in [
-        collector,
-        lease_reader,
-        follower,
-        group_follower,
-        firewall_task,
-    ]
-    .into_iter()
-    .flatten()
-    {
-        task.abort();
-    }
+    drop(_tasks);
     Ok(())
 }
 

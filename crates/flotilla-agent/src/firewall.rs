@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use flotilla_dataplane::{PortPolicy, Protocol, Rule};
+use flotilla_dataplane::{AddressSet, PortPolicy, Protocol, Rule};
 use flotilla_types::kinds::security_group::{parse_cidr, parse_ports};
 use flotilla_types::kinds::{Direction, RuleProtocol, SecurityGroup};
 use flotilla_types::{Network, NetworkType, VirtualMachine};
@@ -71,8 +71,50 @@ pub struct Known {
     pub groups: BTreeMap<(String, String), SecurityGroup>,
 }
 
-/// Every NIC's policy, in a stable order (ids by position).
-pub fn policies(known: &Known) -> Vec<PortPolicy> {
+/// The named sets rules refer to: one per security group named as a remote, holding its
+/// members' addresses (`sg0`, `sg1`, ... in order of first use).
+#[derive(Default)]
+struct Sets {
+    names: BTreeMap<(String, String), String>,
+    sets: Vec<AddressSet>,
+}
+
+impl Sets {
+    /// The set of `group`'s members, or None when it has none (or does not exist).
+    fn of(&mut self, known: &Known, project: &str, group: &str) -> Option<String> {
+        let key = (project.to_string(), group.to_string());
+        if let Some(name) = self.names.get(&key) {
+            return Some(name.clone());
+        }
+        let members = known
+            .groups
+            .get(&key)?
+            .status
+            .as_ref()
+            .map(|s| s.members.as_slice())
+            .unwrap_or_default();
+        let mut nets: Vec<(Ipv4Addr, u8)> = members
+            .iter()
+            .flat_map(|m| m.addresses.iter().filter_map(|a| parse_cidr(a)))
+            .collect();
+        nets.sort();
+        nets.dedup();
+        if nets.is_empty() {
+            return None;
+        }
+        let name = format!("sg{}", self.sets.len());
+        self.sets.push(AddressSet {
+            name: name.clone(),
+            members: nets,
+        });
+        self.names.insert(key, name.clone());
+        Some(name)
+    }
+}
+
+/// Every NIC's policy, in a stable order (ids by position), and the sets their rules name.
+pub fn policies(known: &Known) -> (Vec<PortPolicy>, Vec<AddressSet>) {
+    let mut sets = Sets::default();
     let mut out = Vec::new();
     for (uid, vm) in &known.vms {
         let project = vm.metadata.namespace.clone().unwrap_or_default();
@@ -111,7 +153,7 @@ pub fn policies(known: &Known) -> Vec<PortPolicy> {
                     continue;
                 };
                 for rule in &group.spec.rules {
-                    if let Some(rendered) = render_rule(known, &project, rule) {
+                    if let Some(rendered) = render_rule(&mut sets, known, &project, rule) {
                         match rule.direction {
                             Direction::Ingress => ingress.push(rendered),
                             Direction::Egress => egress.push(rendered),
@@ -137,12 +179,13 @@ pub fn policies(known: &Known) -> Vec<PortPolicy> {
     for (i, p) in out.iter_mut().enumerate() {
         p.id = (i + 1) as u16;
     }
-    out
+    (out, sets.sets)
 }
 
 /// A rule as the dataplane takes it, or None when it can match nothing (it names a group with
 /// no members, or one the project lacks).
 fn render_rule(
+    sets: &mut Sets,
     known: &Known,
     project: &str,
     rule: &flotilla_types::kinds::SecurityGroupRule,
@@ -154,29 +197,11 @@ fn render_rule(
         RuleProtocol::Icmp => Protocol::Icmp,
     };
     let ports = rule.ports.as_deref().and_then(parse_ports);
-    let remote = match &rule.remote {
-        None => Vec::new(),
+    let (remote, remote_set) = match &rule.remote {
+        None => (Vec::new(), None),
         Some(r) => match (&r.cidr, &r.security_group) {
-            (Some(cidr), _) => vec![parse_cidr(cidr)?],
-            (None, Some(group)) => {
-                let members = known
-                    .groups
-                    .get(&(project.to_string(), group.clone()))?
-                    .status
-                    .as_ref()
-                    .map(|s| s.members.as_slice())
-                    .unwrap_or_default();
-                let mut nets: Vec<(Ipv4Addr, u8)> = members
-                    .iter()
-                    .flat_map(|m| m.addresses.iter().filter_map(|a| parse_cidr(a)))
-                    .collect();
-                nets.sort();
-                nets.dedup();
-                if nets.is_empty() {
-                    return None;
-                }
-                nets
-            }
+            (Some(cidr), _) => (vec![parse_cidr(cidr)?], None),
+            (None, Some(group)) => (Vec::new(), Some(sets.of(known, project, group)?)),
             (None, None) => return None,
         },
     };
@@ -184,6 +209,7 @@ fn render_rule(
         protocol,
         ports,
         remote,
+        remote_set,
     })
 }
 
@@ -369,8 +395,9 @@ impl Firewall {
                 }
                 (policies(&state.known), state.generation)
             };
+            let (ports, sets) = ports;
             let started = std::time::Instant::now();
-            match flotilla_dataplane::apply_firewall(&self.namespace, &ports).await {
+            match flotilla_dataplane::apply_firewall(&self.namespace, &ports, &sets).await {
                 Ok(()) => {
                     tracing::debug!(
                         ports = ports.len(),
@@ -461,7 +488,7 @@ mod tests {
 
     #[test]
     fn each_nic_gets_its_groups_rules_addresses_and_a_stable_tap() {
-        let ports = policies(&known());
+        let (ports, sets) = policies(&known());
         assert_eq!(ports.len(), 2);
         let (a, b) = (&ports[0], &ports[1]);
         assert_eq!((a.id, b.id), (1, 2));
@@ -479,13 +506,14 @@ mod tests {
                 ("10.0.0.128".parse().unwrap(), 25)
             ]
         );
-        // default: all egress; ingress from the group's members.
+        // default: all egress; ingress from the group's members, a set of their addresses.
         assert_eq!(
             a.egress,
             vec![Rule {
                 protocol: Protocol::Any,
                 ports: None,
-                remote: vec![]
+                remote: vec![],
+                remote_set: None
             }]
         );
         assert_eq!(
@@ -493,7 +521,15 @@ mod tests {
             vec![Rule {
                 protocol: Protocol::Any,
                 ports: None,
-                remote: vec![
+                remote: vec![],
+                remote_set: Some("sg0".into()),
+            }]
+        );
+        assert_eq!(
+            sets,
+            vec![AddressSet {
+                name: "sg0".into(),
+                members: vec![
                     ("10.0.0.2".parse().unwrap(), 32),
                     ("10.0.0.9".parse().unwrap(), 32)
                 ],
@@ -507,6 +543,7 @@ mod tests {
                 protocol: Protocol::Tcp,
                 ports: Some((22, 22)),
                 remote: vec![("192.0.2.0".parse().unwrap(), 24)],
+                remote_set: None,
             }]
         );
         assert!(b.egress.is_empty());
@@ -516,7 +553,7 @@ mod tests {
     fn a_nic_whose_network_is_unknown_is_left_out_until_it_is_known() {
         let mut k = known();
         k.networks.clear();
-        assert!(policies(&k).is_empty());
+        assert!(policies(&k).0.is_empty());
     }
 
     #[test]

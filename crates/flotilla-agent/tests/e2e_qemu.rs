@@ -417,7 +417,8 @@ async fn a_vlan_on_a_bridge_that_cannot_filter_is_refused_before_the_guest_start
 /// passes); moving `server` into a group without rules cuts it off; a rule letting in ICMP from
 /// the members of `clients` changes nothing until `client` joins that group, and then the ping
 /// passes again. The rules are in Flotilla's own nftables tables, keyed on taps the agent
-/// names; deleting the VMs takes their rules away.
+/// names. A change made while the agent is dead is applied by the next one; deleting the VMs
+/// takes their rules away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn security_group_changes_block_and_unblock_a_guest() {
     let guest = tiny_guest();
@@ -433,7 +434,11 @@ async fn security_group_changes_block_and_unblock_a_guest() {
     agent.shutdown_timeout = Duration::from_secs(1);
     let libvirt = Libvirt::open("qemu:///system").await.unwrap();
     let (_stop, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(flotilla_agent::run_with(agent, libvirt, rx));
+    let first_agent = tokio::spawn(flotilla_agent::run_with(
+        agent.clone(),
+        libvirt.clone(),
+        rx.clone(),
+    ));
     let (vms, sgs) = (lookup("vm").unwrap(), lookup("securitygroup").unwrap());
     admin
         .create(
@@ -568,11 +573,15 @@ async fn security_group_changes_block_and_unblock_a_guest() {
         )
         .await
         .unwrap();
-    eventually("the rule names the client's address", 10, async || {
-        table()
-            .contains("ip saddr 10.8.0.10 meta l4proto icmp return")
-            .then_some(())
-    })
+    eventually(
+        "the rule's set holds the client's address",
+        10,
+        async || {
+            let t = table();
+            let rule = t.contains("ip saddr @sg") && t.contains("meta l4proto icmp return");
+            (rule && t.contains("elements = { 10.8.0.10 }")).then_some(())
+        },
+    )
     .await;
     eventually("the client's pings pass again", 30, async || {
         let text = log_with(admin, &client, std::slice::from_ref(&ok), 5).await;
@@ -582,6 +591,47 @@ async fn security_group_changes_block_and_unblock_a_guest() {
     eprintln!(
         "joining a remote group -> the guest's pings pass again: {:.1} s",
         joined.elapsed().as_secs_f64()
+    );
+
+    // The agent dies (its task dropped mid-flight, like a kill -9: nothing of it runs again)
+    // and the client leaves `clients` meanwhile. The kernel keeps the last rules, so the ping
+    // still passes; the next agent, once it has listed everything, applies the change.
+    first_agent.abort();
+    let _ = first_agent.await;
+    admin
+        .patch(
+            vms,
+            Some("default"),
+            &client,
+            &nics("10.8.0.10", vec!["default".into()]),
+            false,
+        )
+        .await
+        .unwrap();
+    // (Its console log, read where QEMU writes it: the agent serves logs, and it is down.)
+    let console = cluster
+        .dir
+        .path()
+        .join("agent/vms")
+        .join(&uids[0])
+        .join("console.log");
+    let console = || std::fs::read_to_string(&console).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let text = console();
+    assert_eq!(
+        (count(&text, &ok), count(&text, &lost)),
+        (2, 1),
+        "the rules stay while no agent runs:\n{text}"
+    );
+    let restarted = std::time::Instant::now();
+    tokio::spawn(flotilla_agent::run_with(agent, libvirt, rx));
+    eventually("the restarted agent applies the change", 60, async || {
+        (count(&console(), &lost) == 2).then_some(())
+    })
+    .await;
+    eprintln!(
+        "agent restarted -> a change made while it was down is enforced: {:.1} s",
+        restarted.elapsed().as_secs_f64()
     );
 
     for name in [&client, &server] {

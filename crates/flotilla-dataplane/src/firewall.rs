@@ -29,8 +29,20 @@ pub struct Rule {
     pub protocol: Protocol,
     /// For TCP and UDP: the destination ports (inclusive), None: all.
     pub ports: Option<(u16, u16)>,
-    /// The other end: these networks (address, prefix length); empty: anywhere.
+    /// The other end: these networks (address, prefix length); empty: anywhere (unless
+    /// `remote_set` names a set).
     pub remote: Vec<(Ipv4Addr, u8)>,
+    /// The other end is a named set of the table instead (a security group's members: one
+    /// set shared by every rule that names the group, however many ports have them).
+    pub remote_set: Option<String>,
+}
+
+/// A named set of addresses that rules refer to by name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddressSet {
+    /// Letters, digits and `_` only (checked: others are left out with the rules using them).
+    pub name: String,
+    pub members: Vec<(Ipv4Addr, u8)>,
 }
 
 /// One VM port (its tap on a bridge) and what it may send and receive.
@@ -75,7 +87,9 @@ fn name_ok(name: &str) -> bool {
 /// The matches of one rule (`remote` on the given side), or None when it allows everything.
 fn matches(rule: &Rule, remote_side: &str) -> String {
     let mut m = String::new();
-    if !rule.remote.is_empty() {
+    if let Some(name) = &rule.remote_set {
+        let _ = write!(m, "ip {remote_side} @{name} ");
+    } else if !rule.remote.is_empty() {
         let nets = set(rule.remote.iter().map(|(a, l)| format!("{a}/{l}")));
         let _ = write!(m, "ip {remote_side} {nets} ");
     }
@@ -109,16 +123,45 @@ fn matches(rule: &Rule, remote_side: &str) -> String {
 pub async fn apply_firewall(
     namespace: &std::path::Path,
     ports: &[PortPolicy],
+    sets: &[AddressSet],
 ) -> Result<(), crate::DataplaneError> {
-    crate::namespace::run_in("nft", &["-f", "-"], namespace, Some(&firewall_rules(ports))).await
+    let rules = firewall_rules(ports, sets);
+    crate::namespace::run_in("nft", &["-f", "-"], namespace, Some(&rules)).await
 }
 
-/// Both tables for `ports`, as one `nft -f` batch that replaces them.
-pub fn firewall_rules(ports: &[PortPolicy]) -> String {
-    let ports: Vec<&PortPolicy> = ports
+fn set_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn cidr(a: &Ipv4Addr, l: u8) -> String {
+    if l == 32 {
+        a.to_string()
+    } else {
+        format!("{a}/{l}")
+    }
+}
+
+/// Both tables for `ports` (their rules may name `sets`), as one `nft -f` batch that replaces
+/// them.
+pub fn firewall_rules(ports: &[PortPolicy], sets: &[AddressSet]) -> String {
+    let sets: Vec<&AddressSet> = sets.iter().filter(|s| set_name_ok(&s.name)).collect();
+    let known = |r: &Rule| {
+        r.remote_set
+            .as_ref()
+            .is_none_or(|n| sets.iter().any(|s| &s.name == n))
+    };
+    let owned: Vec<PortPolicy> = ports
         .iter()
         .filter(|p| name_ok(&p.port) && name_ok(&p.bridge) && p.id != 0)
+        .map(|p| PortPolicy {
+            ingress: p.ingress.iter().filter(|r| known(r)).cloned().collect(),
+            egress: p.egress.iter().filter(|r| known(r)).cloned().collect(),
+            ..p.clone()
+        })
         .collect();
+    let ports: Vec<&PortPolicy> = owned.iter().collect();
     let mut out = String::new();
     // The bridge table: marks, and anti-spoofing.
     out.push_str(
@@ -141,13 +184,7 @@ pub fn firewall_rules(ports: &[PortPolicy]) -> String {
     }
     out.push_str("  }\n");
     for p in &ports {
-        let own = set(p.addresses.iter().map(|(a, l)| {
-            if *l == 32 {
-                a.to_string()
-            } else {
-                format!("{a}/{l}")
-            }
-        }));
+        let own = set(p.addresses.iter().map(|(a, l)| cidr(a, *l)));
         let _ = write!(
             out,
             "  chain from-{id} {{\n    ether saddr != {mac} drop\n    arp saddr ether != {mac} drop\n",
@@ -172,6 +209,21 @@ pub fn firewall_rules(ports: &[PortPolicy]) -> String {
 
     // The inet table: state per bridge, and each port's rules.
     out.push_str("table inet flotilla {}\ndelete table inet flotilla\ntable inet flotilla {\n");
+    for s in &sets {
+        let _ = write!(
+            out,
+            "  set {} {{\n    type ipv4_addr\n    flags interval\n",
+            s.name
+        );
+        if !s.members.is_empty() {
+            let _ = writeln!(
+                out,
+                "    auto-merge\n    elements = {}",
+                set(s.members.iter().map(|(a, l)| cidr(a, *l)))
+            );
+        }
+        out.push_str("  }\n");
+    }
     out.push_str("  chain zones {\n    type filter hook prerouting priority raw; policy accept;\n");
     let mut zones: Vec<(&str, u16)> = ports.iter().map(|p| (p.bridge.as_str(), p.zone)).collect();
     zones.sort();
@@ -243,14 +295,36 @@ mod tests {
                 protocol: Protocol::Tcp,
                 ports: Some((22, 22)),
                 remote: vec![("192.168.0.0".parse().unwrap(), 16)],
+                remote_set: None,
             }],
-            egress: vec![Rule {
-                protocol: Protocol::Any,
-                ports: None,
-                remote: Vec::new(),
-            }],
+            egress: vec![
+                Rule {
+                    protocol: Protocol::Any,
+                    ports: None,
+                    remote: Vec::new(),
+                    remote_set: None,
+                },
+                Rule {
+                    protocol: Protocol::Udp,
+                    ports: Some((53, 53)),
+                    remote: Vec::new(),
+                    remote_set: Some("sg0".into()),
+                },
+                Rule {
+                    protocol: Protocol::Udp,
+                    ports: Some((54, 54)),
+                    remote: Vec::new(),
+                    remote_set: Some("missing".into()),
+                },
+            ],
         };
-        let rules = firewall_rules(&[port]);
+        let sets = [AddressSet {
+            name: "sg0".into(),
+            members: vec![("10.0.0.7".parse().unwrap(), 32)],
+        }];
+        let rules = firewall_rules(&[port], &sets);
+        // A rule naming a set the batch does not define is left out (it would fail the batch).
+        assert!(!rules.contains("@missing"), "{rules}");
         for line in [
             "    iifname \"vnet3\" jump from-3",
             "    oifname \"vnet3\" meta mark set meta mark | 0x3",
@@ -263,6 +337,8 @@ mod tests {
             "    meta mark & 0xffff == 0x3 jump in-3",
             "    ip saddr { 192.168.0.0/16 } tcp dport 22 return",
             "    meta nfproto ipv4 return",
+            "    ip daddr @sg0 udp dport 53 return",
+            "    elements = { 10.0.0.7 }",
         ] {
             assert!(rules.lines().any(|l| l == line), "{line:?} in:\n{rules}");
         }
@@ -280,6 +356,6 @@ mod tests {
             ingress: Vec::new(),
             egress: Vec::new(),
         };
-        assert!(!firewall_rules(&[port]).contains("accept #"));
+        assert!(!firewall_rules(&[port], &[]).contains("accept #"));
     }
 }

@@ -29,7 +29,7 @@ mod service;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use firewall::{apply_firewall, firewall_rules, PortPolicy, Protocol, Rule};
+pub use firewall::{apply_firewall, firewall_rules, AddressSet, PortPolicy, Protocol, Rule};
 pub use router::{
     external_peer_name, external_port_name, nat_rules, router_peer_name, router_port_name,
     ExternalPort, Router, RouterNetwork,

@@ -67,6 +67,7 @@ fn port(name: &str, id: u16, mac: [u8; 6], ip: &str, ingress: Vec<Rule>) -> Port
             protocol: Protocol::Any,
             ports: None,
             remote: Vec::new(),
+            remote_set: None,
         }],
     }
 }
@@ -76,6 +77,7 @@ fn tcp(port: u16, remote: Vec<(Ipv4Addr, u8)>) -> Rule {
         protocol: Protocol::Tcp,
         ports: Some((port, port)),
         remote,
+        remote_set: None,
     }
 }
 
@@ -116,6 +118,7 @@ async fn security_groups_and_anti_spoofing_hold_on_the_bridge() {
         protocol: Protocol::Icmp,
         ports: None,
         remote: Vec::new(),
+        remote_set: None,
     };
     let server_port = |extra: Vec<Rule>| {
         let mut ingress = vec![tcp(22, Vec::new()), icmp.clone()];
@@ -129,9 +132,13 @@ async fn security_groups_and_anti_spoofing_hold_on_the_bridge() {
         "10.0.0.50",
         Vec::new(),
     );
-    apply_firewall(&node_path, &[server_port(Vec::new()), client_port.clone()])
-        .await
-        .unwrap();
+    apply_firewall(
+        &node_path,
+        &[server_port(Vec::new()), client_port.clone()],
+        &[],
+    )
+    .await
+    .unwrap();
     assert!(
         connects(&server, &client, "10.0.0.60", 22),
         "TCP 22 is let in"
@@ -150,10 +157,21 @@ async fn security_groups_and_anti_spoofing_hold_on_the_bridge() {
     );
 
     // A remote-group rule: TCP 80 from the group's members, here the client; then it leaves.
-    let member = vec![("10.0.0.50".parse().unwrap(), 32)];
+    // The group's members are a named set the rule refers to.
+    let from_group = Rule {
+        remote_set: Some("sg0".into()),
+        ..tcp(80, Vec::new())
+    };
+    let group = |members: Vec<(Ipv4Addr, u8)>| {
+        [flotilla_dataplane::AddressSet {
+            name: "sg0".into(),
+            members,
+        }]
+    };
     apply_firewall(
         &node_path,
-        &[server_port(vec![tcp(80, member)]), client_port.clone()],
+        &[server_port(vec![from_group.clone()]), client_port.clone()],
+        &group(vec![("10.0.0.50".parse().unwrap(), 32)]),
     )
     .await
     .unwrap();
@@ -162,10 +180,10 @@ async fn security_groups_and_anti_spoofing_hold_on_the_bridge() {
         "a member gets in"
     );
     let started = Instant::now();
-    let others = vec![("10.0.0.99".parse().unwrap(), 32)];
     apply_firewall(
         &node_path,
-        &[server_port(vec![tcp(80, others)]), client_port.clone()],
+        &[server_port(vec![from_group]), client_port.clone()],
+        &group(vec![("10.0.0.99".parse().unwrap(), 32)]),
     )
     .await
     .unwrap();
@@ -210,7 +228,7 @@ async fn security_groups_and_anti_spoofing_hold_on_the_bridge() {
     );
 
     // Nothing else in the node's ruleset changed; removing Flotilla's rules leaves it so.
-    apply_firewall(&node_path, &[]).await.unwrap();
+    apply_firewall(&node_path, &[], &[]).await.unwrap();
     let after = run(&[
         "ip",
         "netns",
@@ -248,13 +266,13 @@ async fn security_groups_and_anti_spoofing_hold_on_the_bridge() {
             p
         })
         .collect();
-    let size = flotilla_dataplane::firewall_rules(&ports).len();
+    let size = flotilla_dataplane::firewall_rules(&ports, &[]).len();
     let scratch_path = PathBuf::from("/run/netns").join(&scratch);
     let started = Instant::now();
-    apply_firewall(&scratch_path, &ports).await.unwrap();
+    apply_firewall(&scratch_path, &ports, &[]).await.unwrap();
     let first = started.elapsed();
     let started = Instant::now();
-    apply_firewall(&scratch_path, &ports).await.unwrap();
+    apply_firewall(&scratch_path, &ports, &[]).await.unwrap();
     eprintln!(
         "1,000 ports x 10 rules: {} KiB of rules, applied in {} ms (replaced in {} ms)",
         size / 1024,

@@ -143,6 +143,9 @@ pub fn describe(kind: &KindInfo, object: &Value) -> String {
         out.push_str(&serde_yaml::to_string(&fields).unwrap_or_default());
         return out;
     }
+    if kind.kind == "SecurityGroup" {
+        out.push_str(&security_group_tables(object));
+    }
     if let Some(status) = object.get("status") {
         let mut status = status.clone();
         let conditions = status.as_object_mut().and_then(|s| s.remove("conditions"));
@@ -172,6 +175,60 @@ pub fn describe(kind: &KindInfo, object: &Value) -> String {
         }
     } else {
         out.push_str("Status:       <none yet>\n");
+    }
+    out
+}
+
+/// A SecurityGroup's rules and members as tables (`any` where a rule leaves a field open).
+fn security_group_tables(object: &Value) -> String {
+    let mut rules = Table {
+        headers: ["DIRECTION", "PROTOCOL", "PORTS", "REMOTE", "DESCRIPTION"]
+            .map(String::from)
+            .to_vec(),
+        rows: Vec::new(),
+    };
+    for r in object["spec"]["rules"].as_array().into_iter().flatten() {
+        let remote = match (
+            r["remote"]["cidr"].as_str(),
+            r["remote"]["securityGroup"].as_str(),
+        ) {
+            (Some(cidr), _) => cidr.to_string(),
+            (None, Some(group)) => format!("group {group}"),
+            _ => "anywhere".to_string(),
+        };
+        let or_any = |v: String| if v.is_empty() { "any".to_string() } else { v };
+        rules.rows.push(vec![
+            field(r, "direction"),
+            field(r, "protocol"),
+            or_any(field(r, "ports")),
+            remote,
+            field(r, "description"),
+        ]);
+    }
+    let mut out = if rules.rows.is_empty() {
+        "Rules:        <none: members receive and send nothing but DHCP>\n".to_string()
+    } else {
+        format!("Rules:\n{}", indent(&rules.render(true), 2))
+    };
+    let mut members = Table {
+        headers: ["VM", "NIC", "ADDRESSES"].map(String::from).to_vec(),
+        rows: Vec::new(),
+    };
+    for m in object["status"]["members"].as_array().into_iter().flatten() {
+        let addresses: Vec<&str> = m["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        members
+            .rows
+            .push(vec![field(m, "vm"), field(m, "nic"), addresses.join(",")]);
+    }
+    if members.rows.is_empty() {
+        out.push_str("Members:      <none>\n");
+    } else {
+        out.push_str(&format!("Members:\n{}", indent(&members.render(true), 2)));
     }
     out
 }
@@ -218,4 +275,38 @@ fn last_seen(event: &Value) -> String {
     .map(|p| field(event, p))
     .find(|v| !v.is_empty())
     .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_security_group_is_described_with_its_rules_and_members() {
+        let kind = flotilla_types::registry::lookup("sg").unwrap();
+        let group = serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "creationTimestamp": "2026-12-01T00:00:00Z"},
+            "spec": {"rules": [
+                {"direction": "ingress", "protocol": "tcp", "ports": "443", "remote": {"cidr": "0.0.0.0/0"}, "description": "https"},
+                {"direction": "ingress", "protocol": "any", "remote": {"securityGroup": "web"}},
+                {"direction": "egress", "protocol": "any"},
+            ]},
+            "status": {"memberCount": 1, "members": [{"vm": "web-1", "nic": "nic0", "addresses": ["10.0.0.2", "10.0.0.100"]}]}
+        });
+        let text = describe(kind, &group);
+        let lines: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        for row in [
+            vec!["ingress", "tcp", "443", "0.0.0.0/0", "https"],
+            vec!["ingress", "any", "any", "group", "web"],
+            vec!["egress", "any", "any", "anywhere"],
+            vec!["web-1", "nic0", "10.0.0.2,10.0.0.100"],
+        ] {
+            assert!(lines.contains(&row), "{row:?} in:\n{text}");
+        }
+        let empty = serde_json::json!({"metadata": {"name": "closed"}, "spec": {}});
+        assert!(describe(kind, &empty).contains("nothing but DHCP"));
+    }
 }
