@@ -5,7 +5,8 @@
 #   FLOTILLA-HOSTNAME <local-hostname from meta-data>
 #   FLOTILLA-MARKER <value of the "flotilla_test_marker:" line of user-data>
 # and, with a NIC: configures it from the seed's network-config (its first address and MTU), or
-# over DHCP (busybox udhcpc) when the kernel command line has flotilla.dhcp, then prints
+# over DHCP (busybox udhcpc) when the kernel command line has flotilla.dhcp (with the default
+# route either gives), then prints
 #   FLOTILLA-IP <address/prefix> MTU <mtu> VIA static|dhcp
 # and pings the address of user-data's "flotilla_test_ping:" line every half second for as long
 # as it runs, printing each change (the first answer, a loss after 2 misses, an answer again):
@@ -66,6 +67,7 @@ if [ -e /sys/class/net/eth0 ]; then
 [ "$1" = bound ] || exit 0
 ip link set "$interface" mtu "${mtu:-1500}"
 ip addr add "$ip/$mask" dev "$interface"
+[ -n "$router" ] && ip route add default via "${router%% *}"
 echo "$ip/$mask ${mtu:-none}" > /tmp/lease
 SCRIPT
     chmod +x /bin/dhcp-bound
@@ -77,6 +79,8 @@ SCRIPT
     mtu="$(sed -n 's/^ *mtu: *//p' /mnt/network-config | head -n1)"
     ip link set eth0 mtu "$mtu" up
     ip addr add "$address" dev eth0
+    via="$(sed -n 's/^ *via: *//p' /mnt/network-config | head -n1)"
+    [ -n "$via" ] && ip route add default via "$via"
     echo "FLOTILLA-IP $address MTU $(cat /sys/class/net/eth0/mtu) VIA static"
   fi
   peer="$(sed -n 's/^.*flotilla_test_ping: *//p' /mnt/user-data 2>/dev/null | head -n1)"

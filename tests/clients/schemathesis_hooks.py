@@ -19,6 +19,9 @@ as "valid data rejected". This hook makes generated requests keep them, and noth
   Networks that exist (cross-object: generated VMs have none);
 - a security group rule has ports only for tcp and udp (a port, or a range start first), and a
   remote names a cidr (host bits zero) or a group, not both (cross-field);
+- a router's and a floating IP's networks exist (cross-object: the run makes st-ext, bridged
+  with a cidr, and st-lan), a floating IP's address is a free one of its network, a route's
+  destination is a network narrower than the default route (cross-field);
 - label and field selectors follow their grammar (not a regular language for labels' sets);
 - continue tokens are the server's own (opaque; a made-up one is rightly 400);
 - numbers fit a 64-bit float (JSON has no limit; the server reads JSON numbers as 64-bit integers
@@ -191,6 +194,32 @@ def keep_security_group_rules(spec):
                 remote["securityGroup"] = "default"
 
 
+def keep_router_rules(spec):
+    """A router's networks exist (cross-object): its external network is st-ext (a bridged
+    network with a cidr the run makes), its networks st-lan or none; a route's destination is a
+    network (host bits zero) narrower than the default route."""
+    if isinstance(spec.get("external"), dict):
+        spec["external"]["network"] = "st-ext"
+        spec["external"]["ip"] = None
+    if isinstance(spec.get("networks"), list):
+        spec["networks"] = ["st-lan"] if spec["networks"] else []
+    for route in spec.get("routes") or []:
+        if isinstance(route, dict) and isinstance(route.get("destination"), str):
+            dst = zero_host_bits(route["destination"])
+            if dst.endswith("/0"):
+                dst = "192.0.2.0/24"
+            route["destination"] = dst
+
+
+def keep_floating_ip_rules(spec):
+    """A floating IP's network exists (cross-object: st-ext), its address is a free one of it
+    (left to IPAM), and a NIC comes with its VM."""
+    spec["network"] = "st-ext"
+    spec["address"] = None
+    if spec.get("vm") is None:
+        spec["nic"] = None
+
+
 def keep_spec_rules(kind_path, spec):
     if kind_path == "virtualmachines":
         keep_vm_rules(spec)
@@ -205,6 +234,10 @@ def keep_spec_rules(kind_path, spec):
                 source["url"] = "https://images.invalid/base.qcow2"
     elif kind_path == "networks" and isinstance(spec, dict):
         keep_network_rules(spec)
+    elif kind_path == "routers" and isinstance(spec, dict):
+        keep_router_rules(spec)
+    elif kind_path == "floatingips" and isinstance(spec, dict):
+        keep_floating_ip_rules(spec)
     elif kind_path == "securitygroups" and isinstance(spec, dict):
         keep_security_group_rules(spec)
     elif kind_path == "placementpolicies" and isinstance(spec, dict):

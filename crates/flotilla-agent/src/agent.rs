@@ -292,6 +292,13 @@ pub async fn run_with(
         .firewall
         .is_some()
         .then(|| tokio::spawn(crate::networks::follow_security_groups(ctx.clone())));
+    // The routers placed on this node (with overlays: a router joins overlay networks).
+    let routers = ctx.overlays.is_some().then(|| {
+        tokio::spawn(crate::routers::run(
+            ctx.clone(),
+            config.resync.min(Duration::from_secs(5)),
+        ))
+    });
     let firewall_task = firewall.map(|firewall| {
         let (recorder, node, every) = (
             ctx.recorder.clone(),
@@ -339,6 +346,7 @@ pub async fn run_with(
             follower,
             group_follower,
             firewall_task,
+            routers,
         ]
         .into_iter()
         .flatten()

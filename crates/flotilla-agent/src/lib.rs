@@ -20,6 +20,7 @@ pub mod logserver;
 mod networks;
 pub mod overlays;
 pub mod recorder;
+pub mod routers;
 mod tools;
 pub mod vm;
 pub mod xml;

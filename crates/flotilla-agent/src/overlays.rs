@@ -26,6 +26,8 @@ pub struct Overlays {
     /// When each overlay was last ensured for a VM that has no domain yet: the collector leaves
     /// it alone for a while, since no domain plugs into its bridge so far.
     ensured: std::sync::Mutex<std::collections::HashMap<u32, std::time::Instant>>,
+    /// The overlays this node's routers use: kept although no domain uses them.
+    for_routers: std::sync::Mutex<BTreeSet<u32>>,
 }
 
 /// How long an overlay ensured for a VM without a domain is kept although no domain uses it
@@ -66,7 +68,13 @@ impl Overlays {
             underlay_mtu,
             lock: Default::default(),
             ensured: Default::default(),
+            for_routers: Default::default(),
         })
+    }
+
+    /// The overlays this node's routers use now (the collector keeps them).
+    pub fn keep_for_routers(&self, vnis: BTreeSet<u32>) {
+        *self.for_routers.lock().expect("routers lock") = vnis;
     }
 
     /// Netlink in the agent's namespace.
@@ -166,7 +174,12 @@ impl Overlays {
                 .expect("ensured lock")
                 .get(&vni)
                 .is_some_and(|at| at.elapsed() < GRACE);
-            if in_use.contains(&bridge_name(vni)) || recent {
+            let routed = self
+                .for_routers
+                .lock()
+                .expect("routers lock")
+                .contains(&vni);
+            if in_use.contains(&bridge_name(vni)) || recent || routed {
                 continue;
             }
             self.ensured.lock().expect("ensured lock").remove(&vni);

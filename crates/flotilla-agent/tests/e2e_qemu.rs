@@ -659,3 +659,229 @@ async fn security_group_changes_block_and_unblock_a_guest() {
         .await;
     }
 }
+
+/// A router between an overlay network and an "external" LAN (a bridge on this host with an
+/// upstream namespace holding its gateway, which has no route back to the overlay): a tiny
+/// guest reaches the upstream through the router (SNAT); a floating IP makes the guest
+/// reachable from upstream (DNAT), and rebinding it to a second guest moves the forwarding
+/// without restarting anything. Deleting the router, the floating IP and the VMs leaves no
+/// namespace behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_reaches_the_outside_through_its_router_and_is_reached_on_a_floating_ip() {
+    use flotilla_dataplane::testkit::{pings, run};
+    let guest = tiny_guest();
+    let tag = std::process::id() % 100_000;
+    let (lan, upstream) = (format!("fltex{tag}"), format!("fltup{tag}"));
+    struct Gone(String, String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &self.0])
+                .status();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.1])
+                .status();
+        }
+    }
+    let _gone = Gone(lan.clone(), upstream.clone());
+    // The LAN: a bridge here, and the upstream router's namespace on it at 203.0.113.1.
+    run(&["ip", "link", "add", &lan, "type", "bridge"]);
+    run(&["ip", "link", "set", &lan, "up"]);
+    run(&["ip", "netns", "add", &upstream]);
+    let veth = format!("fltuv{tag}");
+    run(&[
+        "ip", "link", "add", &veth, "type", "veth", "peer", "name", "up0", "netns", &upstream,
+    ]);
+    run(&["ip", "link", "set", &veth, "master", &lan, "up"]);
+    run(&[
+        "ip",
+        "-n",
+        &upstream,
+        "addr",
+        "add",
+        "203.0.113.1/24",
+        "dev",
+        "up0",
+    ]);
+    run(&["ip", "-n", &upstream, "link", "set", "up0", "up"]);
+    run(&["ip", "-n", &upstream, "link", "set", "lo", "up"]);
+
+    let cluster = TestCluster::start().await;
+    let admin = &cluster.admin;
+    let mut agent = AgentConfig::new(
+        vec![cluster.server.url.clone()],
+        "e2e-router",
+        cluster.dir.path().join("agent"),
+    );
+    agent.join_token = Some(cluster.join_token().await);
+    agent.virt_type = VirtType::Qemu;
+    agent.shutdown_timeout = Duration::from_secs(1);
+    let libvirt = Libvirt::open("qemu:///system").await.unwrap();
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(flotilla_agent::run_with(agent, libvirt, rx));
+    let (nets, vms, sgs) = (
+        lookup("network").unwrap(),
+        lookup("vm").unwrap(),
+        lookup("securitygroup").unwrap(),
+    );
+    let (routers, fips) = (lookup("router").unwrap(), lookup("floatingip").unwrap());
+    let create = |kind, body: serde_json::Value| async move {
+        admin.create(kind, Some("default"), &body).await.unwrap()
+    };
+    create(nets, json!({"metadata": {"name": "ext"}, "spec": {"type": "bridged", "bridge": lan,
+        "cidr": "203.0.113.0/24", "gateway": "203.0.113.1", "ranges": [{"start": "203.0.113.10", "end": "203.0.113.50"}]}})).await;
+    create(
+        nets,
+        json!({"metadata": {"name": "inside"}, "spec": {"cidr": "10.9.0.0/24"}}),
+    )
+    .await;
+    // ICMP from anywhere, so upstream can ping a floating IP.
+    create(
+        sgs,
+        json!({"metadata": {"name": "pingable"}, "spec": {"rules": [{"protocol": "icmp"}]}}),
+    )
+    .await;
+    let router = create(
+        routers,
+        json!({"metadata": {"name": "gw"}, "spec": {
+        "external": {"network": "ext"}, "networks": ["inside"]}}),
+    )
+    .await;
+    let external = router["status"]["externalAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        external, "203.0.113.10",
+        "the first address of the ext network's range"
+    );
+
+    let suffix: u32 = rand::random::<u32>() % 100_000;
+    let (one, two) = (format!("one-{suffix}"), format!("two-{suffix}"));
+    let tiny = |name: &str, ip: &str| {
+        json!({"metadata": {"name": name}, "spec": {
+            "resources": {"cpus": 1, "memory": "256Mi"},
+            "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0 panic=-1"},
+            "userData": "#cloud-config\nflotilla_test_ping: 203.0.113.1\n",
+            "networks": [{"network": "inside", "ip": ip, "securityGroups": ["default", "pingable"]}],
+        }})
+    };
+    let started = std::time::Instant::now();
+    create(vms, tiny(&one, "10.9.0.10")).await;
+    create(vms, tiny(&two, "10.9.0.11")).await;
+    // Upstream has no route to 10.9.0.0/24: the guest's pings are answered only because the
+    // router translates them to its external address.
+    log_with(
+        admin,
+        &one,
+        &["FLOTILLA-PING 203.0.113.1 ok".to_string()],
+        120,
+    )
+    .await;
+    eprintln!(
+        "router created -> a guest behind it reaches upstream: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let placed = admin.get(routers, Some("default"), "gw").await.unwrap();
+    assert_eq!(placed["status"]["nodeName"], "e2e-router");
+    assert!(
+        !pings(&upstream, "10.9.0.10", None),
+        "no route to the inside from upstream"
+    );
+
+    // A floating IP for `one`: upstream reaches the guest on it.
+    let fip = create(
+        fips,
+        json!({"metadata": {"name": "web"}, "spec": {"network": "ext", "vm": one}}),
+    )
+    .await;
+    let address = fip["status"]["address"].as_str().unwrap().to_string();
+    assert_eq!(address, "203.0.113.11");
+    let bound = std::time::Instant::now();
+    eventually(
+        "upstream reaches the guest on its floating IP",
+        30,
+        async || pings(&upstream, &address, None).then_some(()),
+    )
+    .await;
+    eprintln!(
+        "floating IP created -> reachable from upstream: {:.1} s",
+        bound.elapsed().as_secs_f64()
+    );
+    let fip = admin.get(fips, Some("default"), "web").await.unwrap();
+    assert_eq!(fip["status"]["fixedAddress"], "10.9.0.10");
+    assert_eq!(fip["status"]["router"], "gw");
+    let router_ns = format!(
+        "flotilla-router-{}",
+        flotilla_agent::routers::router_id(router["metadata"]["uid"].as_str().unwrap())
+    );
+    let nat = || {
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &router_ns,
+            "nft",
+            "list",
+            "table",
+            "ip",
+            "flotilla-router",
+        ])
+    };
+    assert!(
+        nat().contains(&format!("ip daddr {address} dnat to 10.9.0.10")),
+        "{}",
+        nat()
+    );
+
+    // Rebound to `two`: the DNAT follows, nothing restarts.
+    let rebound = std::time::Instant::now();
+    admin
+        .patch(
+            fips,
+            Some("default"),
+            "web",
+            &json!({"spec": {"vm": two}}),
+            false,
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the floating IP forwards to the second guest",
+        30,
+        async || {
+            nat()
+                .contains(&format!("ip daddr {address} dnat to 10.9.0.11"))
+                .then_some(())
+        },
+    )
+    .await;
+    eventually("upstream reaches the second guest on it", 30, async || {
+        pings(&upstream, &address, None).then_some(())
+    })
+    .await;
+    eprintln!(
+        "floating IP rebound -> forwarding to the other guest: {:.1} s",
+        rebound.elapsed().as_secs_f64()
+    );
+
+    // Nothing stays: the floating IP's and the router's addresses are free again.
+    admin.delete(fips, Some("default"), "web").await.unwrap();
+    for name in [&one, &two] {
+        admin.delete(vms, Some("default"), name).await.unwrap();
+    }
+    admin.delete(routers, Some("default"), "gw").await.unwrap();
+    eventually("the router's namespace is gone", 30, async || {
+        (!std::path::Path::new("/run/netns").join(&router_ns).exists()).then_some(())
+    })
+    .await;
+    eventually("the networks can be deleted", 60, async || {
+        let mut gone = true;
+        for name in ["inside", "ext"] {
+            let _ = admin.delete(nets, Some("default"), name).await;
+            gone &= admin.get(nets, Some("default"), name).await.is_err();
+        }
+        gone.then_some(())
+    })
+    .await;
+}

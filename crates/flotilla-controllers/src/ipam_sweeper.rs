@@ -48,15 +48,20 @@ pub async fn sweep(objects: &Objects) -> Result<Released, ApiError> {
     // Ports first, VMs second: a port read before its VM was found missing is garbage (a port is
     // written in the same transaction as its VM, so a live VM's port is never taken for one).
     let ports = range(store, PORTS_PREFIX).await?;
-    let vm_kind = by_kind("VirtualMachine").expect("registered");
-    let live: HashSet<String> = objects
-        .list(vm_kind, None, &ListOptions::default())
-        .await?
-        .items
-        .iter()
-        .filter_map(|raw| serde_json::from_slice::<Value>(raw).ok())
-        .filter_map(|vm| vm["metadata"]["uid"].as_str().map(str::to_string))
-        .collect();
+    // Ports are held by VMs, routers and floating IPs.
+    let mut live: HashSet<String> = HashSet::new();
+    for kind in ["VirtualMachine", "Router", "FloatingIP"] {
+        let kind = by_kind(kind).expect("registered");
+        live.extend(
+            objects
+                .list(kind, None, &ListOptions::default())
+                .await?
+                .items
+                .iter()
+                .filter_map(|raw| serde_json::from_slice::<Value>(raw).ok())
+                .filter_map(|o| o["metadata"]["uid"].as_str().map(str::to_string)),
+        );
+    }
     for kv in ports {
         let port: Port = serde_json::from_slice(&kv.value).map_err(|e| {
             ApiError::internal(format!("the port record {} is damaged: {e}", kv.key))

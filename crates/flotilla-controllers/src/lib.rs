@@ -10,6 +10,7 @@ pub mod leader;
 pub mod network_status;
 pub mod node_lifecycle;
 pub mod placement;
+pub mod routers;
 pub mod scheduler;
 pub mod security_groups;
 #[cfg(feature = "testkit")]
@@ -56,6 +57,8 @@ pub fn spawn_all(objects: Objects, config: ControllerConfig) -> Vec<tokio::task:
             objects.clone(),
             Duration::from_secs(30),
         )),
+        // Routers move within seconds of their node failing.
+        tokio::spawn(routers::run(objects.clone(), Duration::from_secs(2))),
         tokio::spawn(node_lifecycle::run(objects.clone(), config.node_grace)),
         tokio::spawn(scheduler::run(
             objects.clone(),

@@ -1,5 +1,5 @@
-//! Network status: the nodes each network spans (those its VMs are bound to: the overlay must
-//! reach them), where its tunnels end on them (their `status.addresses.tunnel`, so that agents,
+//! Network status: the nodes each network spans (those its VMs are bound to, and its router's:
+//! the overlay must reach them), where its tunnels end on them (their `status.addresses.tunnel`, so that agents,
 //! which may read only their own Node, learn their flood lists), and how many of its addresses
 //! NICs hold; and its conditions: `Ready` (a VNI, every node it spans reachable by tunnel) and
 //! `AddressesAvailable`. Level-triggered, a pass every few seconds; a network's status is
@@ -53,6 +53,29 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
         for nic in &vm.spec.networks {
             spans
                 .entry((project.clone(), nic.network.clone()))
+                .or_default()
+                .insert(node.clone());
+        }
+    }
+    // A router's node carries each of its networks.
+    let router_kind = by_kind("Router").expect("registered");
+    for raw in objects
+        .list(router_kind, None, &ListOptions::default())
+        .await?
+        .items
+    {
+        let Ok(router) = serde_json::from_slice::<flotilla_types::Router>(&raw) else {
+            continue;
+        };
+        let (Some(project), Some(node)) = (
+            router.metadata.namespace.clone(),
+            router.status.as_ref().and_then(|s| s.node_name.clone()),
+        ) else {
+            continue;
+        };
+        for network in &router.spec.networks {
+            spans
+                .entry((project.clone(), network.clone()))
                 .or_default()
                 .insert(node.clone());
         }

@@ -41,6 +41,8 @@ pub struct RouterNetwork {
     /// The network's gateway address, which the router takes.
     pub gateway: Ipv4Addr,
     pub mtu: u32,
+    /// The router port's MAC (None: the kernel's).
+    pub mac: Option<[u8; 6]>,
 }
 
 /// The router's way out.
@@ -53,6 +55,8 @@ pub struct ExternalPort {
     /// The next hop for everything else.
     pub gateway: Ipv4Addr,
     pub mtu: u32,
+    /// The port's MAC (None: the kernel's): IPAM's, so it stays when the router moves.
+    pub mac: Option<[u8; 6]>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +70,8 @@ pub struct Router {
     /// Floating IPs: (external address, the inside address it stands for). Traffic to the
     /// external address is sent to the inside one (DNAT); the inside one leaves as it (SNAT).
     pub floating: Vec<(Ipv4Addr, Ipv4Addr)>,
+    /// Static routes: (destination, prefix length, next hop on one of its networks).
+    pub routes: Vec<(Ipv4Addr, u8, Ipv4Addr)>,
 }
 
 /// The router's nftables table (in its namespace), as one `nft -f` batch that replaces it:
@@ -124,7 +130,7 @@ impl Netlink {
                     peer: &peer,
                     namespace: &router.namespace,
                     mtu: network.mtu,
-                    mac: None,
+                    mac: network.mac,
                     addresses: vec![(IpAddr::V4(network.gateway), network.prefix_len)],
                     isolated: false,
                 })
@@ -140,7 +146,7 @@ impl Netlink {
                     peer: &peer,
                     namespace: &router.namespace,
                     mtu: external.mtu,
-                    mac: None,
+                    mac: external.mac,
                     // The floating IPs are the router's too: it answers ARP for them.
                     addresses: std::iter::once((IpAddr::V4(external.address), external.prefix_len))
                         .chain(
@@ -168,6 +174,7 @@ impl Netlink {
         if inside.is_some() {
             set_forwarding(&router.namespace)?;
         }
+        ensure_routes(&router.namespace, &router.routes).await?;
         crate::namespace::run_in(
             "nft",
             &["-f", "-"],
@@ -215,6 +222,73 @@ impl Netlink {
     }
 }
 
+/// Makes the static routes in `namespace` (marked `proto static`) exactly `routes`.
+async fn ensure_routes(
+    namespace: &Path,
+    routes: &[(Ipv4Addr, u8, Ipv4Addr)],
+) -> Result<(), DataplaneError> {
+    let (mut command, _namespace) = crate::namespace::command_in("ip", namespace)?;
+    let listed = command
+        .args(["-o", "route", "show", "proto", "static"])
+        .output()
+        .await
+        .map_err(|error| DataplaneError::Namespace {
+            path: namespace.display().to_string(),
+            error,
+        })?;
+    let wanted: Vec<(String, String)> = routes
+        .iter()
+        .map(|(dst, len, via)| (format!("{dst}/{len}"), via.to_string()))
+        .collect();
+    // Lines read `192.168.50.0/24 via 10.0.0.5 dev qr-4096 ...` (a /32 without its length).
+    let mut present = Vec::new();
+    for line in String::from_utf8_lossy(&listed.stdout).lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (Some(dst), Some(via)) = (
+            words.first(),
+            words
+                .iter()
+                .position(|w| *w == "via")
+                .and_then(|i| words.get(i + 1)),
+        ) else {
+            continue;
+        };
+        if *dst == "default" {
+            // The default route (to the external gateway) is ensure_default_route's.
+            continue;
+        }
+        let dst = if dst.contains('/') {
+            dst.to_string()
+        } else {
+            format!("{dst}/32")
+        };
+        present.push((dst, via.to_string()));
+    }
+    for (dst, via) in &present {
+        if !wanted.contains(&(dst.clone(), via.clone())) {
+            crate::namespace::run_in(
+                "ip",
+                &["route", "del", dst, "proto", "static"],
+                namespace,
+                None,
+            )
+            .await?;
+        }
+    }
+    for (dst, via) in &wanted {
+        if !present.contains(&(dst.clone(), via.clone())) {
+            crate::namespace::run_in(
+                "ip",
+                &["route", "replace", dst, "via", via, "proto", "static"],
+                namespace,
+                None,
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
 /// IPv4 forwarding on in `namespace` (sysctls under /proc/sys/net belong to the namespace of
 /// whoever opens them).
 fn set_forwarding(namespace: &Path) -> Result<(), DataplaneError> {
@@ -243,6 +317,7 @@ mod tests {
                 prefix_len: 24,
                 gateway: "10.0.0.1".parse().unwrap(),
                 mtu: 1450,
+                mac: None,
             }],
             external: Some(ExternalPort {
                 bridge: "br-ex".into(),
@@ -250,11 +325,13 @@ mod tests {
                 prefix_len: 24,
                 gateway: "203.0.113.1".parse().unwrap(),
                 mtu: 1500,
+                mac: None,
             }),
             floating: vec![(
                 "203.0.113.10".parse().unwrap(),
                 "10.0.0.50".parse().unwrap(),
             )],
+            routes: Vec::new(),
         };
         assert_eq!(
             nat_rules(&router),

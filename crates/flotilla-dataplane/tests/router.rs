@@ -86,6 +86,7 @@ async fn routers_translate_their_networks_to_the_outside_side_by_side() {
                 prefix_len: 24,
                 gateway: "10.0.0.1".parse().unwrap(),
                 mtu: 1450,
+                mac: None,
             }],
             external: Some(ExternalPort {
                 bridge: "br-ex".into(),
@@ -93,8 +94,14 @@ async fn routers_translate_their_networks_to_the_outside_side_by_side() {
                 prefix_len: 24,
                 gateway: "203.0.113.1".parse().unwrap(),
                 mtu: 1500,
+                mac: None,
             }),
             floating: Vec::new(),
+            routes: vec![(
+                "198.51.100.0".parse().unwrap(),
+                24,
+                "10.0.0.254".parse().unwrap(),
+            )],
         };
         let started = std::time::Instant::now();
         netlink.ensure_router(&router).await.unwrap();
@@ -103,6 +110,48 @@ async fn routers_translate_their_networks_to_the_outside_side_by_side() {
             started.elapsed().as_millis()
         );
         // Again: nothing to change, nothing breaks.
+        netlink.ensure_router(&router).await.unwrap();
+        // The static route is there, once.
+        let routes = run(&[
+            "ip",
+            "-n",
+            &format!("{}-r{i}", ns.prefix),
+            "route",
+            "show",
+            "proto",
+            "static",
+        ]);
+        // (The default route is `proto static` too.)
+        let routes: Vec<&str> = routes
+            .lines()
+            .filter(|l| !l.starts_with("default"))
+            .collect();
+        assert_eq!(routes.len(), 1, "{routes:?}");
+        assert!(
+            routes[0].starts_with("198.51.100.0/24 via 10.0.0.254"),
+            "{routes:?}"
+        );
+        // A route no longer wanted goes (and comes back).
+        let without = Router {
+            routes: Vec::new(),
+            ..router.clone()
+        };
+        netlink.ensure_router(&without).await.unwrap();
+        let left = run(&[
+            "ip",
+            "-n",
+            &format!("{}-r{i}", ns.prefix),
+            "route",
+            "show",
+            "proto",
+            "static",
+        ]);
+        assert!(
+            left.lines()
+                .all(|l| l.starts_with("default via 203.0.113.1")),
+            "the route went, the default route stayed: {left}"
+        );
+        assert_eq!(left.lines().count(), 1, "{left}");
         netlink.ensure_router(&router).await.unwrap();
         routers.push((router, guest));
     }

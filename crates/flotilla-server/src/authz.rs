@@ -1,6 +1,6 @@
 //! Authorization: who may do what. Admins (group `system:masters`) may do anything. A node agent
 //! (user `system:node:<name>`, group `system:nodes`) may read and write its own Node and Lease,
-//! read images, classes, networks and security groups, and see and update only the VMs bound to it (`spec.nodeName`): their
+//! read images, classes, networks, security groups, routers and floating IPs, and see and update only the VMs bound to it (`spec.nodeName`): their
 //! status and finalizers, never their spec; it may record Events that name it as their reporting
 //! instance. Bootstrap tokens may only join.
 
@@ -87,7 +87,7 @@ pub fn authorize(
     };
     match (kind.kind, verb) {
         (
-            "Image" | "VMClass" | "Network" | "SecurityGroup",
+            "Image" | "VMClass" | "Network" | "SecurityGroup" | "Router" | "FloatingIP",
             Verb::Get | Verb::List | Verb::Watch,
         ) => Ok(Scope::Unrestricted),
         ("Image", Verb::Patch | Verb::Update) => Ok(Scope::ImageEntry(node.to_string())),

@@ -112,6 +112,17 @@ pub(crate) async fn lock_records(
                     .collect()
             })
             .unwrap_or_default(),
+        // Their external addresses are picked like a VM's.
+        "Router" => body["spec"]["external"]["network"]
+            .as_str()
+            .map(|n| addresses_prefix(namespace.unwrap_or_default(), n))
+            .into_iter()
+            .collect(),
+        "FloatingIP" => body["spec"]["network"]
+            .as_str()
+            .map(|n| addresses_prefix(namespace.unwrap_or_default(), n))
+            .into_iter()
+            .collect(),
         _ => BTreeSet::new(),
     };
     let mut guards = Vec::new();
@@ -193,6 +204,10 @@ pub(crate) async fn admit(
     match kind.kind {
         "Network" => admit_network(store, object).await,
         "VirtualMachine" => admit_vm(state, store, namespace.unwrap_or_default(), object).await,
+        "Router" => admit_router(state, store, namespace.unwrap_or_default(), object).await,
+        "FloatingIP" => {
+            admit_floating_ip(state, store, namespace.unwrap_or_default(), object).await
+        }
         _ => Ok(Admission::default()),
     }
 }
@@ -232,37 +247,52 @@ async fn admit_network(store: &dyn Store, object: &mut Value) -> Result<Admissio
     Ok(admission)
 }
 
-async fn admit_vm(
+/// One port an object asks for on a network.
+struct PortRequest {
+    /// Where errors point (`spec.networks[0]`, `spec.external`).
+    field: String,
+    /// The port's name on its holder (a VM's NIC name, `external`, a router's network).
+    name: String,
+    network: String,
+    /// A wanted address (the field `<field>.<ip_field>` holds it).
+    ip: Option<String>,
+    ip_field: &'static str,
+    mac: Option<String>,
+    /// A router's port on one of its networks: it holds the network's gateway address (no
+    /// other holder may), and needs a network with a cidr.
+    gateway: bool,
+    /// The network must be an overlay (a router's networks) or bridged with a cidr (an
+    /// external network).
+    wants: Option<NetworkType>,
+}
+
+/// The ports `requests` of the object `holder` (a VM, router or floating IP) with `uid` ask
+/// for: a MAC and an address each, as keys created compared absent in the object's create.
+/// Returns the admission, the interfaces (for the object's status) and the addresses.
+async fn admit_ports(
     state: &IpamState,
     store: &dyn Store,
     project: &str,
-    object: &mut Value,
-) -> Result<Admission, ApiError> {
+    (kind, holder, uid): (&str, &str, &str),
+    requests: &[PortRequest],
+) -> Result<(Admission, Vec<Value>, Vec<String>), ApiError> {
     let mut admission = Admission::default();
-    let spec: VirtualMachineSpec = serde_json::from_value(object["spec"].clone())
-        .map_err(|e| ApiError::internal(format!("a validated VM did not decode: {e}")))?;
-    if spec.networks.is_empty() {
-        return Ok(admission);
-    }
-    let name = object["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let uid = object["metadata"]["uid"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
     let network_kind = registry::by_kind("Network").expect("registered");
     let mut checked = BTreeSet::new();
     let mut macs = BTreeSet::new();
     let (mut interfaces, mut ips) = (Vec::new(), Vec::new());
     let mut errs = FieldErrors::default();
-    for (i, nic) in spec.networks.iter().enumerate() {
-        let field = format!("spec.networks[{i}]");
+    for nic in requests {
+        let field = &nic.field;
+        let network_field = if nic.field.ends_with(']') && nic.gateway {
+            nic.field.clone()
+        } else {
+            format!("{field}.network")
+        };
         let network_key = object_key(network_kind, Some(project), &nic.network);
         let Some(network_kv) = store.get(&network_key).await? else {
             errs.push(
-                format!("{field}.network"),
+                network_field,
                 format!("no network {:?} in project {project:?}", nic.network),
             );
             continue;
@@ -270,7 +300,7 @@ async fn admit_vm(
         let network = parse_stored(&network_kv)?;
         if network["metadata"].get("deletionTimestamp").is_some() {
             errs.push(
-                format!("{field}.network"),
+                network_field,
                 format!("network {:?} is being deleted", nic.network),
             );
             continue;
@@ -286,11 +316,29 @@ async fn admit_vm(
         let subnet = network_spec
             .subnet()
             .map_err(|e| ApiError::internal(format!("a stored Network's cidr: {e}")))?;
-        let nic_name = nic.nic_name(i);
+        match nic.wants {
+            Some(NetworkType::Overlay) if network_spec.network_type != NetworkType::Overlay => {
+                errs.push(
+                    network_field,
+                    format!("{:?} is a bridged network; a router connects overlay networks (and takes a bridged one as its external network)", nic.network),
+                );
+                continue;
+            }
+            Some(NetworkType::Bridged)
+                if network_spec.network_type != NetworkType::Bridged || subnet.is_none() =>
+            {
+                errs.push(
+                    network_field,
+                    format!("{:?} is not a bridged network with a cidr: external addresses come from one", nic.network),
+                );
+                continue;
+            }
+            _ => {}
+        }
         let ports = ports_prefix(project, &nic.network);
 
         // The MAC: the one asked for, or a stable one; each port is a key of its own.
-        let mac = match &nic.mac_address {
+        let mac = match &nic.mac {
             Some(mac) => {
                 let mac = mac.to_ascii_lowercase();
                 if let Some(kv) = store.get(&format!("{ports}{mac}")).await? {
@@ -311,7 +359,7 @@ async fn admit_vm(
             None => {
                 let mut attempt = 0;
                 loop {
-                    let seed = format!("{uid}/{nic_name}/{attempt}");
+                    let seed = format!("{uid}/{}/{attempt}", nic.name);
                     let mac = flotilla_ipam::generate_mac(&seed, |m| macs.contains(m));
                     if store.get(&format!("{ports}{mac}")).await?.is_none() {
                         break mac;
@@ -327,31 +375,53 @@ async fn admit_vm(
         if let Some(subnet) = &subnet {
             let prefix = addresses_prefix(project, &nic.network);
             let want: Option<Ipv4Addr> = nic.ip.as_ref().and_then(|ip| ip.parse().ok());
-            let mut known = held(state, store, &prefix, false).await?;
-            if want.is_some_and(|w| known.contains(w)) {
-                // Perhaps freed since: ask the store.
-                known = held(state, store, &prefix, true).await?;
-            }
-            let taken = match known.take(subnet, want) {
-                Err(IpamError::Exhausted(_)) => {
-                    known = held(state, store, &prefix, true).await?;
-                    known.take(subnet, want)
+            let taken = if nic.gateway {
+                // The gateway is reserved from IPAM's picks; its key says which router holds it.
+                match store.get(&format!("{prefix}{}", subnet.gateway)).await? {
+                    None => Ok(subnet.gateway),
+                    Some(kv) => Err(IpamError::Taken {
+                        ip: subnet.gateway,
+                        holder: record::<Option<AddressHolder>>(Some(&kv))?
+                            .map_or_else(|| "another router".into(), |h| h.vm),
+                    }),
                 }
-                other => other,
+            } else {
+                let mut known = held(state, store, &prefix, false).await?;
+                if want.is_some_and(|w| known.contains(w)) {
+                    // Perhaps freed since: ask the store.
+                    known = held(state, store, &prefix, true).await?;
+                }
+                let taken = match known.take(subnet, want) {
+                    Err(IpamError::Exhausted(_)) => {
+                        known = held(state, store, &prefix, true).await?;
+                        known.take(subnet, want)
+                    }
+                    other => other,
+                };
+                if taken.is_ok() {
+                    remember(state, &prefix, known);
+                    admission.networks.push(prefix.clone());
+                }
+                taken
             };
             match taken {
                 Ok(address) => {
-                    remember(state, &prefix, known);
-                    admission.networks.push(prefix.clone());
                     let key = format!("{prefix}{address}");
                     admission.compares.push(Compare::absent(&key));
                     let holder = AddressHolder {
-                        uid: uid.clone(),
-                        vm: name.clone(),
+                        uid: uid.to_string(),
+                        vm: holder.to_string(),
                         mac: mac.clone(),
                     };
                     admission.ops.push(Op::put(key, encode(&holder)));
                     ip = Some(address);
+                }
+                Err(IpamError::Taken { ip, holder }) if nic.gateway => {
+                    errs.push(
+                        network_field,
+                        format!("the gateway {ip} of network {:?} is held by {holder}: a network has at most one router", nic.network),
+                    );
+                    continue;
                 }
                 Err(IpamError::Taken { ip, .. }) => {
                     let holder = store
@@ -360,37 +430,44 @@ async fn admit_vm(
                         .and_then(|kv| serde_json::from_slice::<AddressHolder>(&kv.value).ok())
                         .map_or_else(|| "another VM".to_string(), |h| h.vm);
                     errs.push(
-                        format!("{field}.ip"),
+                        format!("{field}.{}", nic.ip_field),
                         IpamError::Taken { ip, holder }.to_string(),
                     );
                     continue;
                 }
                 Err(e @ IpamError::Exhausted(_)) => {
-                    errs.push(format!("{field}.network"), e.to_string());
+                    errs.push(network_field, e.to_string());
                     continue;
                 }
                 Err(e) => {
-                    errs.push(format!("{field}.ip"), e.to_string());
+                    errs.push(format!("{field}.{}", nic.ip_field), e.to_string());
                     continue;
                 }
             }
+        } else if nic.gateway {
+            errs.push(
+                network_field,
+                format!("network {:?} has no cidr, so no gateway", nic.network),
+            );
+            continue;
         }
         let port_key = format!("{ports}{mac}");
         admission.compares.push(Compare::absent(&port_key));
         let port = Port {
-            uid: uid.clone(),
-            vm: name.clone(),
-            nic: nic_name.clone(),
+            uid: uid.to_string(),
+            vm: holder.to_string(),
+            nic: nic.name.clone(),
             ip,
         };
         admission.ops.push(Op::put(port_key, encode(&port)));
-        let mut interface = json!({"name": nic_name, "network": nic.network, "macAddress": mac});
+        let mut interface = json!({"name": nic.name, "network": nic.network, "macAddress": mac});
         if let (Some(address), Some(subnet)) = (ip, &subnet) {
             let mut nic_ips = vec![format!("{address}/{}", subnet.cidr.prefix())];
             ips.push(address.to_string());
             // The IPv6 address SLAAC makes of the MAC: unique because the MAC is.
             if let Some(v6) = network_spec
                 .prefix6()
+                .filter(|_| !nic.gateway)
                 .and_then(|p| p.eui64(&mac.to_ascii_lowercase()))
             {
                 nic_ips.push(format!("{v6}/64"));
@@ -403,13 +480,189 @@ async fn admit_vm(
     }
     if !errs.is_empty() {
         state.forget(&admission);
-        return Err(ApiError::invalid("VirtualMachine", &name, &errs));
+        return Err(ApiError::invalid(kind, holder_name(holder), &errs));
     }
+    Ok((admission, interfaces, ips))
+}
+
+/// The object's own name in a holder's name (`Router/gw` -> `gw`).
+fn holder_name(holder: &str) -> &str {
+    holder.rsplit('/').next().unwrap_or(holder)
+}
+
+async fn admit_vm(
+    state: &IpamState,
+    store: &dyn Store,
+    project: &str,
+    object: &mut Value,
+) -> Result<Admission, ApiError> {
+    let spec: VirtualMachineSpec = serde_json::from_value(object["spec"].clone())
+        .map_err(|e| ApiError::internal(format!("a validated VM did not decode: {e}")))?;
+    if spec.networks.is_empty() {
+        return Ok(Admission::default());
+    }
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let uid = object["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let requests: Vec<PortRequest> = spec
+        .networks
+        .iter()
+        .enumerate()
+        .map(|(i, nic)| PortRequest {
+            field: format!("spec.networks[{i}]"),
+            name: nic.nic_name(i),
+            network: nic.network.clone(),
+            ip: nic.ip.clone(),
+            ip_field: "ip",
+            mac: nic.mac_address.clone(),
+            gateway: false,
+            wants: None,
+        })
+        .collect();
+    let (admission, interfaces, ips) = admit_ports(
+        state,
+        store,
+        project,
+        ("VirtualMachine", &name, &uid),
+        &requests,
+    )
+    .await?;
     object["status"]["interfaces"] = json!(interfaces);
     if !ips.is_empty() {
         object["status"]["ips"] = json!(ips);
     }
     Ok(admission)
+}
+
+/// A router's ports: one on its external network (an address from its IPAM) and one on each
+/// of its networks holding the network's gateway.
+async fn admit_router(
+    state: &IpamState,
+    store: &dyn Store,
+    project: &str,
+    object: &mut Value,
+) -> Result<Admission, ApiError> {
+    let spec: flotilla_types::kinds::RouterSpec = serde_json::from_value(object["spec"].clone())
+        .map_err(|e| ApiError::internal(format!("a validated Router did not decode: {e}")))?;
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let uid = object["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut requests = Vec::new();
+    if let Some(external) = &spec.external {
+        requests.push(PortRequest {
+            field: "spec.external".into(),
+            name: "external".into(),
+            network: external.network.clone(),
+            ip: external.ip.clone(),
+            ip_field: "ip",
+            mac: None,
+            gateway: false,
+            wants: Some(NetworkType::Bridged),
+        });
+    }
+    for (i, network) in spec.networks.iter().enumerate() {
+        requests.push(PortRequest {
+            field: format!("spec.networks[{i}]"),
+            name: network.clone(),
+            network: network.clone(),
+            ip: None,
+            ip_field: "ip",
+            mac: None,
+            gateway: true,
+            wants: Some(NetworkType::Overlay),
+        });
+    }
+    let holder = format!("Router/{name}");
+    let (admission, interfaces, ips) =
+        admit_ports(state, store, project, ("Router", &holder, &uid), &requests).await?;
+    object["status"]["interfaces"] = json!(interfaces);
+    if spec.external.is_some() {
+        object["status"]["externalAddress"] = json!(ips.first());
+    }
+    Ok(admission)
+}
+
+/// A floating IP's address: a port on its external network.
+async fn admit_floating_ip(
+    state: &IpamState,
+    store: &dyn Store,
+    project: &str,
+    object: &mut Value,
+) -> Result<Admission, ApiError> {
+    let spec: flotilla_types::kinds::FloatingIPSpec =
+        serde_json::from_value(object["spec"].clone()).map_err(|e| {
+            ApiError::internal(format!("a validated FloatingIP did not decode: {e}"))
+        })?;
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let uid = object["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let request = PortRequest {
+        field: "spec".into(),
+        name: "address".into(),
+        network: spec.network.clone(),
+        ip: spec.address.clone(),
+        ip_field: "address",
+        mac: None,
+        gateway: false,
+        wants: Some(NetworkType::Bridged),
+    };
+    let holder = format!("FloatingIP/{name}");
+    let (admission, interfaces, ips) = admit_ports(
+        state,
+        store,
+        project,
+        ("FloatingIP", &holder, &uid),
+        &[request],
+    )
+    .await?;
+    object["status"]["interfaces"] = json!(interfaces);
+    object["status"]["address"] = json!(ips.first());
+    Ok(admission)
+}
+
+/// Whether objects of `kind` hold ports (and addresses) in their `status.interfaces`, released
+/// in the transaction that finally deletes them.
+pub fn holds_ports(kind: &str) -> bool {
+    matches!(kind, "VirtualMachine" | "Router" | "FloatingIP")
+}
+
+/// "VirtualMachines a, b, Router gw" from holder names (a VM's name; `Kind/name` otherwise).
+pub(crate) fn describe_holders(holders: &[String]) -> String {
+    let vms: Vec<&str> = holders
+        .iter()
+        .filter(|h| !h.contains('/'))
+        .map(String::as_str)
+        .collect();
+    let mut parts = Vec::new();
+    if !vms.is_empty() {
+        parts.push(format!(
+            "VirtualMachine{} {}",
+            if vms.len() == 1 { "" } else { "s" },
+            vms.join(", ")
+        ));
+    }
+    parts.extend(
+        holders
+            .iter()
+            .filter(|h| h.contains('/'))
+            .map(|h| h.replacen('/', " ", 1)),
+    );
+    parts.join(", ")
 }
 
 /// The VMs holding ports on a network, by name (empty when none).

@@ -1197,7 +1197,7 @@ impl Objects {
         let mut txn = Txn::new().when(Compare::mod_revision(&current.key, current.mod_revision));
         if finalized {
             txn = txn.and_then(Op::delete(&current.key));
-            if next["kind"] == "VirtualMachine" {
+            if crate::ipam::holds_ports(next["kind"].as_str().unwrap_or_default()) {
                 let (compares, ops) = crate::ipam::release_with(self.store.as_ref(), next).await?;
                 for c in compares {
                     txn = txn.when(c);
@@ -1257,9 +1257,8 @@ impl Objects {
                     409,
                     "Conflict",
                     format!(
-                        "network {name:?} is used by VirtualMachine{} {}: delete them (or detach them) first",
-                        if users.len() == 1 { "" } else { "s" },
-                        users.join(", ")
+                        "network {name:?} is used by {}: delete them (or detach them) first",
+                        crate::ipam::describe_holders(&users)
                     ),
                 ));
             }
@@ -1282,7 +1281,7 @@ impl Objects {
                 let mut txn = Txn::new()
                     .when(Compare::mod_revision(&kv.key, kv.mod_revision))
                     .and_then(Op::delete(&kv.key));
-                if kind.kind == "VirtualMachine" {
+                if crate::ipam::holds_ports(kind.kind) {
                     let (compares, ops) =
                         crate::ipam::release_with(self.store.as_ref(), &current).await?;
                     for c in compares {

@@ -4,8 +4,8 @@
 use serde_json::Value;
 
 use crate::kinds::{
-    Event, Image, Lease, Network, Node, PlacementPolicy, Project, SecurityGroup, VMClass,
-    VirtualMachine,
+    Event, FloatingIP, Image, Lease, Network, Node, PlacementPolicy, Project, Router,
+    SecurityGroup, VMClass, VirtualMachine,
 };
 use crate::resource::{decode, Column, Resource};
 use crate::validation::FieldErrors;
@@ -69,6 +69,8 @@ pub static KINDS: &[KindInfo] = &[
     kind_info!(PlacementPolicy),
     kind_info!(Network),
     kind_info!(SecurityGroup),
+    kind_info!(Router),
+    kind_info!(FloatingIP),
     kind_info!(Event),
 ];
 

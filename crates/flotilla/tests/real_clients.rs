@@ -561,6 +561,16 @@ async fn schemathesis_finds_nothing() {
         return;
     };
     let f = fixture().await;
+    // Routers and floating IPs name networks that must exist (cross-object): the hooks point
+    // generated ones at these.
+    let admin = f.server.admin().await;
+    let nets = flotilla_types::registry::lookup("network").unwrap();
+    for body in [
+        json!({"metadata": {"name": "st-ext"}, "spec": {"type": "bridged", "bridge": "br-st", "cidr": "198.18.0.0/16"}}),
+        json!({"metadata": {"name": "st-lan"}, "spec": {"cidr": "10.250.0.0/24"}}),
+    ] {
+        admin.create(nets, Some("default"), &body).await.unwrap();
+    }
     let scratch = traversable_tempdir();
     let examples = std::env::var("FLOTILLA_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "10".into());
     for path in [

@@ -2,17 +2,20 @@
 //! [`crate::registry::KINDS`].
 
 pub mod event;
+pub mod floating_ip;
 pub mod image;
 pub mod lease;
 pub mod network;
 pub mod node;
 pub mod placement;
 pub mod project;
+pub mod router;
 pub mod security_group;
 pub mod vm;
 pub mod vmclass;
 
 pub use event::{Event, EventSource, EventType, ObjectReference};
+pub use floating_ip::{FloatingIP, FloatingIPSpec, FloatingIPStatus};
 pub use image::{Image, ImageFormat, ImageNodeStatus, ImageSource, ImageSpec, ImageStatus};
 pub use lease::{Lease, LeaseSpec, LeaseStatus};
 pub use network::{
@@ -25,6 +28,7 @@ pub use placement::{
     WeightedAffinityTerm,
 };
 pub use project::{Project, ProjectSpec, ProjectStatus};
+pub use router::{FloatingMapping, Router, RouterExternal, RouterSpec, RouterStatus, StaticRoute};
 pub use security_group::{
     Direction, RuleProtocol, RuleRemote, SecurityGroup, SecurityGroupMember, SecurityGroupRule,
     SecurityGroupSpec, SecurityGroupStatus,

@@ -1,0 +1,256 @@
+//! The routers the control plane placed on this node (`Router.status.nodeName`), each run in a
+//! network namespace of its own (`flotilla-router-<id>`) by `flotilla-dataplane`: a port on
+//! each of its networks' bridges holding the gateway, one on the external network's bridge
+//! with its address and floating IPs, SNAT and DNAT in its own table. Rebuilt from the API on
+//! every change of a router and every few seconds (a moved router, a crash, a network's flood
+//! list); a router placed elsewhere, or gone, is removed — its namespace and so its ports.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_dataplane::namespace::{ensure_namespace, namespaces_with_prefix, remove_namespace};
+use flotilla_dataplane::{ExternalPort, Router as RouterPlan, RouterNetwork};
+use flotilla_types::registry::lookup;
+use flotilla_types::{EventType, Network, NetworkType, ObjectReference, Router};
+
+use crate::error::AgentError;
+use crate::follow::{follow, Seen};
+use crate::vm::Context;
+
+/// Namespaces of routers start with this.
+pub const NAMESPACE_PREFIX: &str = "flotilla-router-";
+
+/// A router's number on this node, from its uid: names its namespace and external port.
+pub fn router_id(uid: &str) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in uid.bytes() {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash % 100_000_000
+}
+
+/// Follows the Routers and keeps the ones placed here running until the task is aborted.
+pub async fn run(ctx: Arc<Context>, every: Duration) {
+    let Some(overlays) = ctx.overlays.clone() else {
+        return;
+    };
+    let mut seen = follow(ctx.client.clone(), lookup("router").expect("registered"));
+    let mut routers: BTreeMap<String, Router> = BTreeMap::new();
+    let mut listed = false;
+    let mut failing: BTreeMap<String, String> = BTreeMap::new();
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            got = seen.recv() => {
+                let Some(got) = got else { return };
+                let decode = |v: &serde_json::Value| serde_json::from_value::<Router>(v.clone()).ok();
+                match got {
+                    Seen::Listed(items) => {
+                        routers = items.iter().filter_map(decode).filter_map(|r| Some((r.metadata.uid.clone()?, r))).collect();
+                        listed = true;
+                    }
+                    Seen::Changed(item) => {
+                        if let Some(r) = decode(&item) {
+                            if let Some(uid) = r.metadata.uid.clone() {
+                                routers.insert(uid, r);
+                            }
+                        }
+                    }
+                    Seen::Deleted(item) => {
+                        if let Some(uid) = item["metadata"]["uid"].as_str() {
+                            routers.remove(uid);
+                        }
+                    }
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        if !listed {
+            continue;
+        }
+        let mine: Vec<&Router> = routers
+            .values()
+            .filter(|r| {
+                r.metadata.deletion_timestamp.is_none()
+                    && r.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&ctx.node)
+            })
+            .collect();
+        let mut keep = BTreeSet::new();
+        let mut vnis = BTreeSet::new();
+        for router in mine {
+            let uid = router.metadata.uid.clone().unwrap_or_default();
+            keep.insert(format!("{NAMESPACE_PREFIX}{}", router_id(&uid)));
+            match ensure(&ctx, &overlays, router).await {
+                Ok(used) => {
+                    vnis.extend(used);
+                    if failing.remove(&uid).is_some() {
+                        tracing::info!(router = %router.metadata.name, "router running again");
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    if failing.get(&uid) != Some(&message) {
+                        tracing::warn!(router = %router.metadata.name, error = %message, "cannot run a router; retrying");
+                        let regarding = ObjectReference {
+                            kind: "Router".into(),
+                            api_version: Some(flotilla_types::API_VERSION.into()),
+                            namespace: router.metadata.namespace.clone(),
+                            name: router.metadata.name.clone(),
+                            uid: router.metadata.uid.clone(),
+                            ..Default::default()
+                        };
+                        ctx.recorder
+                            .record(&regarding, EventType::Warning, "RouterFailed", &message)
+                            .await;
+                        failing.insert(uid, message);
+                    }
+                }
+            }
+        }
+        overlays.keep_for_routers(vnis);
+        for namespace in namespaces_with_prefix(NAMESPACE_PREFIX) {
+            if !keep.contains(&namespace) {
+                // Its veth pairs go with the namespace's ends of them.
+                match remove_namespace(&namespace) {
+                    Ok(()) => tracing::info!(%namespace, "removed a router no longer placed here"),
+                    Err(e) => {
+                        tracing::warn!(%namespace, error = %e, "cannot remove a router's namespace")
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn parse_mac(mac: &str) -> Option<[u8; 6]> {
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    bytes.try_into().ok()
+}
+
+/// Makes `router` run here; returns the VNIs of its networks.
+async fn ensure(
+    ctx: &Context,
+    overlays: &crate::overlays::Overlays,
+    router: &Router,
+) -> Result<Vec<u32>, AgentError> {
+    let project = router.metadata.namespace.clone().unwrap_or_default();
+    let uid = router.metadata.uid.clone().unwrap_or_default();
+    let status = router.status.clone().unwrap_or_default();
+    let kind = lookup("network").expect("registered");
+    let get = |name: String| {
+        let project = project.clone();
+        async move {
+            let v = ctx.client.get(kind, Some(&project), &name).await?;
+            serde_json::from_value::<Network>(v)
+                .map_err(|e| AgentError::Config(format!("network {name:?}: {e}")))
+        }
+    };
+    let port_mac = |name: &str| {
+        status
+            .interfaces
+            .iter()
+            .find(|i| i.name == name)
+            .and_then(|i| parse_mac(&i.mac_address))
+    };
+    let mut networks = Vec::new();
+    for name in &router.spec.networks {
+        let network = get(name.clone()).await?;
+        let vni = network
+            .status
+            .as_ref()
+            .and_then(|s| s.vni)
+            .ok_or_else(|| AgentError::Config(format!("network {name:?} has no VNI yet")))?;
+        let subnet = network
+            .spec
+            .subnet()
+            .ok()
+            .flatten()
+            .ok_or_else(|| AgentError::Config(format!("network {name:?} has no cidr")))?;
+        overlays.ensure(&ctx.node, &network, true).await?;
+        networks.push(RouterNetwork {
+            vni,
+            network: subnet.cidr.network(),
+            prefix_len: subnet.cidr.prefix(),
+            gateway: subnet.gateway,
+            mtu: overlays.mtu_for(&network)?,
+            mac: port_mac(name),
+        });
+    }
+    let external = match &router.spec.external {
+        None => None,
+        Some(external) => {
+            let network = get(external.network.clone()).await?;
+            let (Some(bridge), Some(subnet)) = (
+                network
+                    .bridge_name()
+                    .filter(|_| network.spec.network_type == NetworkType::Bridged),
+                network.spec.subnet().ok().flatten(),
+            ) else {
+                return Err(AgentError::Config(format!(
+                    "the external network {:?} is not a bridged network with a cidr",
+                    external.network
+                )));
+            };
+            if !std::path::Path::new("/sys/class/net")
+                .join(&bridge)
+                .exists()
+            {
+                return Err(AgentError::Config(format!(
+                    "the external network's bridge {bridge} does not exist on node {} (run routers on nodes that have it: spec.nodeSelector)",
+                    ctx.node
+                )));
+            }
+            let address: Ipv4Addr = status
+                .external_address
+                .as_deref()
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| AgentError::Config("the router has no external address".into()))?;
+            Some(ExternalPort {
+                bridge,
+                address,
+                prefix_len: subnet.cidr.prefix(),
+                gateway: subnet.gateway,
+                mtu: network.nic_mtu(),
+                mac: port_mac("external"),
+            })
+        }
+    };
+    let floating = status
+        .floating_ips
+        .iter()
+        .filter_map(|f| Some((f.address.parse().ok()?, f.fixed_address.parse().ok()?)))
+        .collect();
+    let routes = router
+        .spec
+        .routes
+        .iter()
+        .filter_map(|r| {
+            let (dst, len) = flotilla_types::kinds::security_group::parse_cidr(&r.destination)?;
+            Some((dst, len, r.via.parse().ok()?))
+        })
+        .collect();
+    let id = router_id(&uid);
+    let namespace = ensure_namespace(&format!("{NAMESPACE_PREFIX}{id}"))
+        .map_err(|e| AgentError::Config(e.to_string()))?;
+    let vnis = networks.iter().map(|n| n.vni).collect();
+    overlays
+        .netlink()
+        .ensure_router(&RouterPlan {
+            id,
+            namespace,
+            networks,
+            external,
+            floating,
+            routes,
+        })
+        .await
+        .map_err(|e| AgentError::Config(format!("router {:?}: {e}", router.metadata.name)))?;
+    Ok(vnis)
+}

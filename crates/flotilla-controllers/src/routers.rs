@@ -1,0 +1,306 @@
+//! Routers and floating IPs: places each router on a node (Ready, not cordoned, matching its
+//! `nodeSelector`, the one running the fewest routers) and places it again elsewhere when that
+//! node stops being Ready or goes away — the new node's agent rebuilds it from the API; binds
+//! each floating IP to its VM's NIC and to the router on that NIC's network whose external
+//! network the address is on, and gives every router the list of floating IPs it carries.
+//! Runs on every change of a router, floating IP, VM or node (a burst costs one pass) and at
+//! least every `resync`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flotilla_server::objects::{list_prefix, ListOptions, Objects, PatchBody, Subresource};
+use flotilla_server::ApiError;
+use flotilla_types::kinds::FloatingMapping;
+use flotilla_types::meta::{Condition, ConditionStatus};
+use flotilla_types::registry::by_kind;
+use flotilla_types::{FloatingIP, Router, VirtualMachine};
+use serde_json::{json, Value};
+
+pub async fn run(objects: Objects, resync: Duration) {
+    let prefixes: Vec<String> = ["Router", "FloatingIP", "VirtualMachine", "Node"]
+        .iter()
+        .map(|k| list_prefix(by_kind(k).expect("registered"), None))
+        .collect();
+    let mut events = None;
+    loop {
+        if events.is_none() {
+            events = objects.store().watch("/registry/", 0).await.ok();
+        }
+        if let Err(e) = sweep(&objects).await {
+            tracing::warn!(error = %e, "cannot place routers or bind floating IPs; trying again");
+        }
+        match events.as_mut() {
+            Some(stream) => {
+                let relevant = |ev: &flotilla_store::WatchEvent| {
+                    prefixes.iter().any(|p| ev.kv.key.starts_with(p.as_str()))
+                };
+                if crate::wait_for_change(stream, resync, relevant).await {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                } else {
+                    events = None;
+                }
+            }
+            None => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+struct NodeView {
+    ready: bool,
+    cordoned: bool,
+    labels: BTreeMap<String, String>,
+}
+
+async fn list<T: flotilla_types::Resource>(
+    objects: &Objects,
+    kind: &str,
+) -> Result<Vec<T>, ApiError> {
+    let kind = by_kind(kind).expect("registered");
+    Ok(objects
+        .list(kind, None, &ListOptions::default())
+        .await?
+        .items
+        .iter()
+        .filter_map(|raw| serde_json::from_slice(raw).ok())
+        .collect())
+}
+
+/// One pass; returns how many routers and floating IPs had their status written.
+pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
+    let mut nodes: BTreeMap<String, NodeView> = BTreeMap::new();
+    for node in list::<flotilla_types::Node>(objects, "Node").await? {
+        let ready = node.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == ConditionStatus::True)
+        });
+        nodes.insert(
+            node.metadata.name.clone(),
+            NodeView {
+                ready,
+                cordoned: node.spec.unschedulable,
+                labels: node.metadata.labels.clone(),
+            },
+        );
+    }
+    let routers: Vec<Router> = list(objects, "Router").await?;
+    let fips: Vec<FloatingIP> = list(objects, "FloatingIP").await?;
+    let vms: Vec<VirtualMachine> = list(objects, "VirtualMachine").await?;
+    let mut written = 0;
+
+    // Floating IPs first: what each router carries follows from them.
+    let mut carried: BTreeMap<(String, String), Vec<FloatingMapping>> = BTreeMap::new();
+    for fip in &fips {
+        let project = fip.metadata.namespace.clone().unwrap_or_default();
+        let status = fip.status.clone().unwrap_or_default();
+        let (fixed, router, bound) = bind(fip, &project, &routers, &vms);
+        if let (Some(address), Some(fixed), Some(router)) = (&status.address, &fixed, &router) {
+            carried
+                .entry((project.clone(), router.clone()))
+                .or_default()
+                .push(FloatingMapping {
+                    address: address.clone(),
+                    fixed_address: fixed.clone(),
+                });
+        }
+        let conditions = vec![condition(&status.conditions, "Bound", bound)];
+        if status.fixed_address == fixed
+            && status.router == router
+            && status.conditions == conditions
+        {
+            continue;
+        }
+        let patch =
+            json!({"status": {"fixedAddress": fixed, "router": router, "conditions": conditions}});
+        written += write_status(objects, "FloatingIP", &project, &fip.metadata.name, patch).await?;
+    }
+
+    let mut load: BTreeMap<String, usize> = BTreeMap::new();
+    for router in &routers {
+        if let Some(node) = router.status.as_ref().and_then(|s| s.node_name.as_ref()) {
+            *load.entry(node.clone()).or_default() += 1;
+        }
+    }
+    for router in &routers {
+        if router.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let project = router.metadata.namespace.clone().unwrap_or_default();
+        let status = router.status.clone().unwrap_or_default();
+        let fits = |name: &str, node: &NodeView| {
+            node.ready
+                && router
+                    .spec
+                    .node_selector
+                    .iter()
+                    .all(|(k, v)| node.labels.get(k) == Some(v))
+                && !name.is_empty()
+        };
+        let current = status
+            .node_name
+            .clone()
+            .filter(|n| nodes.get(n).is_some_and(|node| fits(n, node)));
+        let node = match current {
+            Some(node) => Some(node),
+            None => {
+                let pick = nodes
+                    .iter()
+                    .filter(|(name, node)| fits(name, node) && !node.cordoned)
+                    .min_by_key(|(name, _)| {
+                        (load.get(*name).copied().unwrap_or(0), name.to_string())
+                    })
+                    .map(|(name, _)| name.clone());
+                if let Some(old) = &status.node_name {
+                    if let Some(n) = load.get_mut(old) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                if let Some(new) = &pick {
+                    *load.entry(new.clone()).or_default() += 1;
+                    tracing::info!(router = %router.metadata.name, from = ?status.node_name, to = %new, "placed a router");
+                }
+                pick
+            }
+        };
+        let placed = match &node {
+            Some(n) => Ok(format!("runs on node {n}")),
+            None => Err(if router.spec.node_selector.is_empty() {
+                "no Ready node can run it".to_string()
+            } else {
+                "no Ready node matches its nodeSelector".to_string()
+            }),
+        };
+        let mut floating = carried
+            .remove(&(project.clone(), router.metadata.name.clone()))
+            .unwrap_or_default();
+        floating.sort_by(|a, b| a.address.cmp(&b.address));
+        let conditions = vec![condition(&status.conditions, "Placed", placed)];
+        if status.node_name == node
+            && status.floating_ips == floating
+            && status.conditions == conditions
+        {
+            continue;
+        }
+        let patch = json!({"status": {"nodeName": node, "floatingIps": floating, "conditions": conditions}});
+        written += write_status(objects, "Router", &project, &router.metadata.name, patch).await?;
+    }
+    Ok(written)
+}
+
+/// The VM address and router a floating IP forwards through, and whether it is bound (or why
+/// not).
+fn bind(
+    fip: &FloatingIP,
+    project: &str,
+    routers: &[Router],
+    vms: &[VirtualMachine],
+) -> (Option<String>, Option<String>, Result<String, String>) {
+    let Some(vm_name) = &fip.spec.vm else {
+        return (None, None, Err("bound to no VM".into()));
+    };
+    let Some(vm) = vms
+        .iter()
+        .find(|v| v.metadata.namespace.as_deref() == Some(project) && &v.metadata.name == vm_name)
+    else {
+        return (None, None, Err(format!("there is no VM {vm_name:?}")));
+    };
+    // The router with this external network, on a network of the VM's chosen NIC.
+    let router_for = |network: &str| {
+        routers.iter().find(|r| {
+            r.metadata.namespace.as_deref() == Some(project)
+                && r.metadata.deletion_timestamp.is_none()
+                && r.spec
+                    .external
+                    .as_ref()
+                    .is_some_and(|e| e.network == fip.spec.network)
+                && r.spec.networks.iter().any(|n| n == network)
+        })
+    };
+    let interfaces = vm
+        .status
+        .as_ref()
+        .map(|s| s.interfaces.as_slice())
+        .unwrap_or_default();
+    let candidates: Vec<_> = interfaces
+        .iter()
+        .filter(|i| fip.spec.nic.as_ref().is_none_or(|n| &i.name == n))
+        .collect();
+    if candidates.is_empty() {
+        let nic = fip.spec.nic.as_deref().unwrap_or("any NIC");
+        return (None, None, Err(format!("VM {vm_name:?} has no {nic}")));
+    }
+    for interface in candidates {
+        let address = interface
+            .ips
+            .iter()
+            .filter_map(|ip| ip.split('/').next())
+            .find(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok());
+        if let (Some(router), Some(address)) = (router_for(&interface.network), address) {
+            return (
+                Some(address.to_string()),
+                Some(router.metadata.name.clone()),
+                Ok(format!(
+                    "forwards to {address} ({vm_name}/{}) through router {}",
+                    interface.name, router.metadata.name
+                )),
+            );
+        }
+    }
+    (
+        None,
+        None,
+        Err(format!(
+            "no router connects a network of VM {vm_name:?} to network {:?}",
+            fip.spec.network
+        )),
+    )
+}
+
+async fn write_status(
+    objects: &Objects,
+    kind: &str,
+    project: &str,
+    name: &str,
+    patch: Value,
+) -> Result<usize, ApiError> {
+    let kind = by_kind(kind).expect("registered");
+    match objects
+        .patch(
+            kind,
+            Some(project),
+            name,
+            PatchBody::Merge(patch),
+            Subresource::Status,
+        )
+        .await
+    {
+        Ok(_) => Ok(1),
+        Err(e) if e.code() == 404 => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// A condition `type_` that is True with the Ok message or False with the Err one, keeping its
+/// transition time while its status stays.
+fn condition(before: &[Condition], type_: &str, now: Result<String, String>) -> Condition {
+    let (status, reason, message) = match now {
+        Ok(m) => (ConditionStatus::True, type_.to_string(), m),
+        Err(m) => (ConditionStatus::False, format!("Not{type_}"), m),
+    };
+    match before.iter().find(|c| c.type_ == type_) {
+        Some(c) if c.status == status => Condition {
+            reason,
+            message,
+            ..c.clone()
+        },
+        _ => Condition {
+            type_: type_.to_string(),
+            status,
+            reason,
+            message,
+            last_transition_time: Some(flotilla_types::meta::now()),
+            observed_generation: None,
+        },
+    }
+}
