@@ -11,6 +11,10 @@
 # and pings the address of user-data's "flotilla_test_ping:" line every half second for as long
 # as it runs, printing each change (the first answer, a loss after 2 misses, an answer again):
 #   FLOTILLA-PING <address> ok|lost
+# (busybox 1.35's wget crashes on -T: timeout(1) bounds it.) With a "flotilla_test_metadata" line in user-data it first prints what the metadata service
+# at 169.254.169.254 answers (OpenStack's meta_data.json on one line, EC2's instance-id):
+#   FLOTILLA-METADATA <json>
+#   FLOTILLA-EC2 <instance-id>
 # Output: $OUT/vmlinuz and $OUT/initramfs.gz (OUT defaults to target/guests/tiny). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,9 +83,21 @@ SCRIPT
     mtu="$(sed -n 's/^ *mtu: *//p' /mnt/network-config | head -n1)"
     ip link set eth0 mtu "$mtu" up
     ip addr add "$address" dev eth0
-    via="$(sed -n 's/^ *via: *//p' /mnt/network-config | head -n1)"
-    [ -n "$via" ] && ip route add default via "$via"
+    grep -E '(^| |-)(to|via): ' /mnt/network-config | sed 's/^[ -]*//' | while read -r key value; do
+      case "$key" in
+        to:) to="$value" ;;
+        via:) if [ "$to" = 0.0.0.0/0 ]; then ip route add default via "$value"; else ip route add "$to" via "$value"; fi ;;
+      esac
+    done
     echo "FLOTILLA-IP $address MTU $(cat /sys/class/net/eth0/mtu) VIA static"
+  fi
+  if grep -q flotilla_test_metadata /mnt/user-data 2>/dev/null; then
+    for i in $(seq 1 20); do
+      m="$(timeout 3 wget -q -O - http://169.254.169.254/openstack/latest/meta_data.json 2>/dev/null)" && break
+      sleep 0.5
+    done
+    echo "FLOTILLA-METADATA $(echo "$m" | tr -d '\n')"
+    echo "FLOTILLA-EC2 $(timeout 3 wget -q -O - http://169.254.169.254/latest/meta-data/instance-id 2>/dev/null)"
   fi
   peer="$(sed -n 's/^.*flotilla_test_ping: *//p' /mnt/user-data 2>/dev/null | head -n1)"
   if [ -n "$peer" ]; then

@@ -213,7 +213,13 @@ pub async fn run_with(
             "/proc/self/ns/net",
         )))
     });
+    let metadata = dhcp.as_ref().map(|_| {
+        Arc::new(crate::metadata::MetadataServers::new(Arc::new(
+            crate::metadata::VmIndex::default(),
+        )))
+    });
     let ctx = Arc::new(Context {
+        metadata: metadata.clone(),
         firewall: firewall.clone(),
         overlays: overlays.clone(),
         dhcp: dhcp.clone(),
@@ -271,6 +277,9 @@ pub async fn run_with(
                 }
                 match overlays.present().await {
                     Ok(present) => {
+                        if let Some(metadata) = &metadata {
+                            metadata.remove_all_but(&present);
+                        }
                         let removed = dhcp.remove_all_but(&present).await;
                         if !removed.is_empty() {
                             tracing::info!(
@@ -395,6 +404,15 @@ pub async fn run_with(
             firewall.retain_vms(&uids);
             firewall.listed(crate::firewall::Listed::Vms);
         }
+        if let Some(metadata) = &ctx.metadata {
+            let uids = list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|vm| vm["metadata"]["uid"].as_str().map(str::to_string))
+                .collect();
+            metadata.vms.retain(&uids);
+        }
         cleanup_orphans(&ctx, &actors).await;
         let mut rv = list["metadata"]["resourceVersion"]
             .as_str()
@@ -457,6 +475,9 @@ pub async fn run_with(
                             }
                             if let (Some(firewall), Some(uid)) = (&ctx.firewall, ev.object["metadata"]["uid"].as_str()) {
                                 firewall.remove_vm(uid);
+                            }
+                            if let (Some(metadata), Some(uid)) = (&ctx.metadata, ev.object["metadata"]["uid"].as_str()) {
+                                metadata.vms.remove(uid);
                             }
                         }
                         "BOOKMARK" => rv = ev.object["metadata"]["resourceVersion"].as_str().unwrap_or(&rv).to_string(),
@@ -541,6 +562,9 @@ fn deliver(
     };
     if let Some(firewall) = &ctx.firewall {
         firewall.set_vm(vm.clone());
+    }
+    if let Some(metadata) = &ctx.metadata {
+        metadata.vms.set(Arc::new(vm.clone()));
     }
     let k = key(&object);
     match actors.get(&k) {

@@ -32,6 +32,8 @@ pub struct SeedNic {
     pub nameservers: Vec<String>,
     pub search: Option<String>,
     pub mtu: u32,
+    /// Where the metadata service (169.254.169.254) is reached: the network's DHCP server.
+    pub metadata_via: Option<String>,
 }
 
 /// `network-config` v2: each NIC matched by its MAC, with its static addresses, MTU and DNS (the
@@ -51,9 +53,16 @@ pub fn network_config(nics: &[SeedNic]) -> String {
         } else {
             entry["dhcp4"] = false.into();
             entry["addresses"] = serde_json::json!(nic.addresses);
+            let mut routes = Vec::new();
             if let Some(gateway) = nic.gateway.as_ref().filter(|_| !routed) {
-                entry["routes"] = serde_json::json!([{"to": "0.0.0.0/0", "via": gateway}]);
+                routes.push(serde_json::json!({"to": "0.0.0.0/0", "via": gateway}));
                 routed = true;
+            }
+            if let Some(via) = &nic.metadata_via {
+                routes.push(serde_json::json!({"to": "169.254.169.254/32", "via": via}));
+            }
+            if !routes.is_empty() {
+                entry["routes"] = serde_json::json!(routes);
             }
             if !nic.nameservers.is_empty() {
                 let mut dns = serde_json::json!({"addresses": nic.nameservers});
@@ -198,6 +207,7 @@ mod tests {
                 nameservers: vec!["10.0.0.2".into()],
                 search: Some("back.default.flotilla.internal".into()),
                 mtu: 1450,
+                metadata_via: Some("10.0.0.2".into()),
             },
             SeedNic {
                 name: "nic1".into(),
@@ -223,6 +233,11 @@ mod tests {
         assert_eq!(nic0["mtu"], 1450);
         assert_eq!(nic0["dhcp4"], false);
         assert_eq!(nic0["routes"][0]["via"], "10.0.0.1");
+        // The metadata service through the network's DHCP server.
+        assert_eq!(
+            nic0["routes"][1],
+            serde_json::json!({"to": "169.254.169.254/32", "via": "10.0.0.2"})
+        );
         assert_eq!(nic0["nameservers"]["addresses"][0], "10.0.0.2");
         assert_eq!(
             nic0["nameservers"]["search"][0],

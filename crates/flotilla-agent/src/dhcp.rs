@@ -248,6 +248,11 @@ impl DhcpServers {
     }
 
     /// Removes the servers (and namespaces, left by a crash too) of networks not in `keep`.
+    /// The namespace of network `vni`'s server.
+    pub fn namespace_of(&self, vni: u32) -> std::path::PathBuf {
+        namespace_path(&format!("{}{vni}", self.prefix))
+    }
+
     pub async fn remove_all_but(&self, keep: &std::collections::BTreeSet<u32>) -> Vec<u32> {
         let mut vnis: std::collections::BTreeSet<u32> = namespaces_with_prefix(&self.prefix)
             .iter()
@@ -423,6 +428,14 @@ fn options_file(service: &Service<'_>) -> String {
         servers.join(","),
         service.mtu
     );
+    // The metadata service through this server, as Neutron's isolated metadata; with classless
+    // routes a client ignores option 3, so the default route is among them.
+    out.push_str(&format!(
+        "option:classless-static-route,{}/32,{},0.0.0.0/0,{}\n",
+        crate::metadata::METADATA_ADDRESS,
+        subnet.dhcp_server,
+        subnet.gateway
+    ));
     if safe(&service.domain) {
         out.push_str(&format!("option:domain-search,{}\n", service.domain));
     }
@@ -652,7 +665,9 @@ mod tests {
         );
         assert_eq!(
             options_file(&s),
-            "option:router,10.0.0.1\noption:dns-server,10.0.0.2\noption:mtu,1450\noption:domain-search,net.p.flotilla.internal\n"
+            "option:router,10.0.0.1\noption:dns-server,10.0.0.2\noption:mtu,1450\n\
+             option:classless-static-route,169.254.169.254/32,10.0.0.2,0.0.0.0/0,10.0.0.1\n\
+             option:domain-search,net.p.flotilla.internal\n"
         );
         let args = arguments(&s, Path::new("/d"));
         assert!(args.contains(&"--dhcp-range=10.0.0.0,static,255.255.255.0,1h".to_string()));

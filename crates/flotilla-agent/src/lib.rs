@@ -17,6 +17,7 @@ pub mod identity;
 pub mod iso9660;
 pub mod libvirt;
 pub mod logserver;
+pub mod metadata;
 mod networks;
 pub mod overlays;
 pub mod recorder;

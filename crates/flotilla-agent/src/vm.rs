@@ -34,6 +34,8 @@ pub struct Context {
     pub overlays: Option<Arc<crate::overlays::Overlays>>,
     /// The DHCP and DNS servers of this node's overlay networks (with the overlays).
     pub dhcp: Option<Arc<crate::dhcp::DhcpServers>>,
+    /// The metadata service of this node's overlay networks (with the DHCP servers).
+    pub metadata: Option<Arc<crate::metadata::MetadataServers>>,
     /// The node's security group rules (None on the test driver, or when disabled).
     pub firewall: Option<Arc<crate::firewall::Firewall>>,
     /// Wakes the collector of unused overlays (a VM's domain was removed).
@@ -345,6 +347,15 @@ async fn nics(
             nameservers: nameservers(&network, subnet.as_ref()),
             search: Some(format!("{}.{project}.{domain}", interface.network)),
             mtu,
+            // Overlay networks with DHCP have a metadata service on this node.
+            metadata_via: subnet
+                .as_ref()
+                .filter(|_| {
+                    network.spec.dhcp
+                        && network.spec.network_type == flotilla_types::NetworkType::Overlay
+                        && ctx.metadata.is_some()
+                })
+                .map(|s| s.dhcp_server.to_string()),
         });
         let vlan = network.spec.vlan;
         if let Some(vlan) = vlan.filter(|_| ctx.virt_type != VirtType::Test) {
@@ -420,18 +431,25 @@ pub(crate) async fn serve_dhcp(
         .as_ref()
         .and_then(|d| d.domain.clone())
         .unwrap_or_else(|| flotilla_types::kinds::network::DEFAULT_DOMAIN.to_string());
-    dhcp.ensure(&crate::dhcp::Service {
-        vni,
-        project,
-        network: name,
-        domain: format!("{name}.{project}.{domain}"),
-        nameservers: nameservers(network, Some(&subnet)),
-        prefix6: network.spec.prefix6(),
-        subnet,
-        mtu,
-        addresses: &list.items,
-    })
-    .await
+    let served = dhcp
+        .ensure(&crate::dhcp::Service {
+            vni,
+            project,
+            network: name,
+            domain: format!("{name}.{project}.{domain}"),
+            nameservers: nameservers(network, Some(&subnet)),
+            prefix6: network.spec.prefix6(),
+            subnet,
+            mtu,
+            addresses: &list.items,
+        })
+        .await;
+    served?;
+    // The metadata service lives in the DHCP server's namespace (its port holds the address).
+    if let Some(metadata) = &ctx.metadata {
+        metadata.ensure(vni, &dhcp.namespace_of(vni), project, name)?;
+    }
+    Ok(())
 }
 
 /// Drives the domain to `spec.powerState` (and carries out a restart request), then reports.

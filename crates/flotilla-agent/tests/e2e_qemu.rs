@@ -664,8 +664,8 @@ async fn security_group_changes_block_and_unblock_a_guest() {
 /// upstream namespace holding its gateway, which has no route back to the overlay): a tiny
 /// guest reaches the upstream through the router (SNAT); a floating IP makes the guest
 /// reachable from upstream (DNAT), and rebinding it to a second guest moves the forwarding
-/// without restarting anything. Deleting the router, the floating IP and the VMs leaves no
-/// namespace behind.
+/// without restarting anything. Each guest reads its own instance from the metadata service.
+/// Deleting the router, the floating IP and the VMs leaves no namespace behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_reaches_the_outside_through_its_router_and_is_reached_on_a_floating_ip() {
     use flotilla_dataplane::testkit::{pings, run};
@@ -762,13 +762,19 @@ async fn a_guest_reaches_the_outside_through_its_router_and_is_reached_on_a_floa
         json!({"metadata": {"name": name}, "spec": {
             "resources": {"cpus": 1, "memory": "256Mi"},
             "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0 panic=-1"},
-            "userData": "#cloud-config\nflotilla_test_ping: 203.0.113.1\n",
+            "userData": "#cloud-config\nflotilla_test_ping: 203.0.113.1\nflotilla_test_metadata: yes\n",
             "networks": [{"network": "inside", "ip": ip, "securityGroups": ["default", "pingable"]}],
         }})
     };
     let started = std::time::Instant::now();
-    create(vms, tiny(&one, "10.9.0.10")).await;
-    create(vms, tiny(&two, "10.9.0.11")).await;
+    let one_uid = create(vms, tiny(&one, "10.9.0.10")).await["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let two_uid = create(vms, tiny(&two, "10.9.0.11")).await["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // Upstream has no route to 10.9.0.0/24: the guest's pings are answered only because the
     // router translates them to its external address.
     log_with(
@@ -781,6 +787,49 @@ async fn a_guest_reaches_the_outside_through_its_router_and_is_reached_on_a_floa
     eprintln!(
         "router created -> a guest behind it reaches upstream: {:.1} s",
         started.elapsed().as_secs_f64()
+    );
+    // Each guest read its own instance from the metadata service (OpenStack's and EC2's
+    // layouts), reached through the network's DHCP server; by source address, so never the
+    // other's.
+    for (name, uid) in [(&one, &one_uid), (&two, &two_uid)] {
+        let text = log_with(admin, name, &[format!("FLOTILLA-EC2 {uid}")], 60).await;
+        let line = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("FLOTILLA-METADATA "))
+            .unwrap_or_else(|| panic!("{name} printed no metadata:\n{text}"));
+        let meta: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(
+            (meta["uuid"].as_str(), meta["name"].as_str()),
+            (Some(uid.as_str()), Some(name.as_str()))
+        );
+    }
+    // An address no VM holds (the DHCP server's own, inside its namespace) gets nothing.
+    let vni = admin.get(nets, Some("default"), "inside").await.unwrap()["status"]["vni"]
+        .as_u64()
+        .unwrap();
+    let asked = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("flotilla-dhcp-{vni}"),
+            "busybox",
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://169.254.169.254/openstack/latest/meta_data.json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !asked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&asked.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&asked.stderr).contains("404"),
+        "{}",
+        String::from_utf8_lossy(&asked.stderr)
     );
     let placed = admin.get(routers, Some("default"), "gw").await.unwrap();
     assert_eq!(placed["status"]["nodeName"], "e2e-router");

@@ -2,7 +2,8 @@
 //! `nodeSelector`, the one running the fewest routers) and places it again elsewhere when that
 //! node stops being Ready or goes away — the new node's agent rebuilds it from the API; binds
 //! each floating IP to its VM's NIC and to the router on that NIC's network whose external
-//! network the address is on, and gives every router the list of floating IPs it carries.
+//! network the address is on, gives every router the list of floating IPs it carries, and lists
+//! a VM's floating IPs after its own addresses in its `status.ips`.
 //! Runs on every change of a router, floating IP, VM or node (a burst costs one pass) and at
 //! least every `resync`.
 
@@ -91,11 +92,18 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
 
     // Floating IPs first: what each router carries follows from them.
     let mut carried: BTreeMap<(String, String), Vec<FloatingMapping>> = BTreeMap::new();
+    let mut floating_of: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     for fip in &fips {
         let project = fip.metadata.namespace.clone().unwrap_or_default();
         let status = fip.status.clone().unwrap_or_default();
         let (fixed, router, bound) = bind(fip, &project, &routers, &vms);
         if let (Some(address), Some(fixed), Some(router)) = (&status.address, &fixed, &router) {
+            if let Some(vm) = &fip.spec.vm {
+                floating_of
+                    .entry((project.clone(), vm.clone()))
+                    .or_default()
+                    .push(address.clone());
+            }
             carried
                 .entry((project.clone(), router.clone()))
                 .or_default()
@@ -114,6 +122,39 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
         let patch =
             json!({"status": {"fixedAddress": fixed, "router": router, "conditions": conditions}});
         written += write_status(objects, "FloatingIP", &project, &fip.metadata.name, patch).await?;
+    }
+
+    // A VM's status.ips: its NICs' addresses, then the floating IPs that forward to it.
+    for vm in &vms {
+        let project = vm.metadata.namespace.clone().unwrap_or_default();
+        let Some(status) = &vm.status else {
+            continue;
+        };
+        if status.interfaces.is_empty() {
+            continue;
+        }
+        let mut ips: Vec<String> = status
+            .interfaces
+            .iter()
+            .flat_map(|i| i.ips.iter().filter_map(|ip| ip.split('/').next()))
+            .map(str::to_string)
+            .collect();
+        let mut floating = floating_of
+            .remove(&(project.clone(), vm.metadata.name.clone()))
+            .unwrap_or_default();
+        floating.sort();
+        ips.extend(floating);
+        if status.ips != ips {
+            let patch = json!({"status": {"ips": ips}});
+            written += write_status(
+                objects,
+                "VirtualMachine",
+                &project,
+                &vm.metadata.name,
+                patch,
+            )
+            .await?;
+        }
     }
 
     let mut load: BTreeMap<String, usize> = BTreeMap::new();

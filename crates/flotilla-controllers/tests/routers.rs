@@ -206,6 +206,9 @@ async fn routers_are_placed_and_moved_and_floating_ips_follow_their_vm() {
         gw["status"]["floatingIps"],
         json!([{"address": "203.0.113.11", "fixedAddress": "10.9.0.10"}])
     );
+    // The VM lists it after its own address.
+    let one = c.get(vms, Some("default"), "one").await.unwrap();
+    assert_eq!(one["status"]["ips"], json!(["10.9.0.10", "203.0.113.11"]));
     // Rebound: the router's list follows.
     c.patch(
         fips,
@@ -219,6 +222,12 @@ async fn routers_are_placed_and_moved_and_floating_ips_follow_their_vm() {
     sweep(&server.objects).await.unwrap();
     let gw = c.get(routers, Some("default"), "gw").await.unwrap();
     assert_eq!(gw["status"]["floatingIps"][0]["fixedAddress"], "10.9.0.11");
+    let (one, two) = (
+        c.get(vms, Some("default"), "one").await.unwrap(),
+        c.get(vms, Some("default"), "two").await.unwrap(),
+    );
+    assert_eq!(one["status"]["ips"], json!(["10.9.0.10"]));
+    assert_eq!(two["status"]["ips"], json!(["10.9.0.11", "203.0.113.11"]));
     // Bound to a VM without a router: not bound, and why.
     c.patch(
         fips,

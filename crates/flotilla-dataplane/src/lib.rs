@@ -34,7 +34,9 @@ pub use router::{
     external_peer_name, external_port_name, nat_rules, router_peer_name, router_port_name,
     ExternalPort, Router, RouterNetwork,
 };
-pub use service::{service_mac, service_peer_name, service_port_name, ServicePort};
+pub use service::{
+    service_mac, service_peer_name, service_port_name, ServicePort, METADATA_ADDRESS,
+};
 
 /// The UDP port of VXLAN (IANA).
 pub const VXLAN_PORT: u16 = 4789;

@@ -22,6 +22,9 @@ pub fn service_peer_name(vni: u32) -> String {
     format!("fdn-{vni}")
 }
 
+/// The cloud metadata service's address, held by every service port.
+pub const METADATA_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+
 /// The MAC of every node's service port on the network `vni` (the same on all: a VM that
 /// moves keeps a valid ARP entry): 02:46:4d followed by the VNI.
 pub fn service_mac(vni: u32) -> [u8; 6] {
@@ -52,7 +55,11 @@ impl Netlink {
             service_port_name(port.vni),
             service_peer_name(port.vni),
         );
-        let mut addresses = vec![(IpAddr::V4(port.address), port.prefix_len)];
+        // The metadata service's link-local address is the port's too (the agent serves it).
+        let mut addresses = vec![
+            (IpAddr::V4(port.address), port.prefix_len),
+            (IpAddr::V4(METADATA_ADDRESS), 32),
+        ];
         if let Some(v6) = port.address6 {
             addresses.push((IpAddr::V6(v6), 64));
         }

@@ -160,9 +160,36 @@ pub async fn serve(
     config: Arc<rustls::ServerConfig>,
     app: Router,
     limits: Limits,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    serve_with(
+        listener,
+        Some(TlsAcceptor::from(config)),
+        app,
+        limits,
+        shutdown,
+    )
+    .await
+}
+
+/// Like [`serve`], over plain HTTP/1 and 2 with the same limits: for endpoints that cannot
+/// have TLS (a cloud metadata service at a link-local address).
+pub async fn serve_plain(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    serve_with(listener, None, app, limits, shutdown).await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    app: Router,
+    limits: Limits,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let acceptor = TlsAcceptor::from(config);
     let registry = Arc::new(Registry::new(limits.max_connections));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -248,12 +275,15 @@ pub async fn serve(
 async fn serve_connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-    acceptor: &TlsAcceptor,
+    acceptor: &Option<TlsAcceptor>,
     app: Router,
     builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
     conn: &Arc<Conn>,
     handshake_timeout: Duration,
 ) {
+    let Some(acceptor) = acceptor else {
+        return serve_io(tcp, peer, app, builder, conn).await;
+    };
     let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -265,6 +295,18 @@ async fn serve_connection(
             return;
         }
     };
+    serve_io(tls, peer, app, builder, conn).await
+}
+
+async fn serve_io<I>(
+    io: I,
+    peer: SocketAddr,
+    app: Router,
+    builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    conn: &Arc<Conn>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let conn = conn.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let guard = InFlight::begin(&conn);
@@ -298,7 +340,7 @@ async fn serve_connection(
         }
     });
     if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(tls), service)
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await
     {
         tracing::debug!(%peer, error = %e, "connection ended with an error");

@@ -198,7 +198,7 @@ pub struct NetworkAddressList {
 pub struct NetworkAddress {
     /// The IPv4 address.
     pub address: String,
-    /// The VM whose NIC holds it.
+    /// The VM whose NIC holds it (`Router/<name>` or `FloatingIP/<name>` for theirs).
     pub vm: String,
     /// The VM's uid.
     pub uid: String,

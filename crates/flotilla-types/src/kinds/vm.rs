@@ -174,7 +174,8 @@ pub struct VirtualMachineStatus {
     /// The VM's conditions: Scheduled, Ready.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// The VM's IP addresses (the first NIC's first).
+    /// The VM's IP addresses: its NICs' (the first NIC's first), then the floating IPs that
+    /// forward to it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::validation::ip_list_schema")]
     pub ips: Vec<String>,
