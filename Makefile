@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 VIRT_TYPE ?= qemu
 export FLOTILLA_VIRT_TYPE := $(VIRT_TYPE)
 
-.PHONY: run test build lint chaos bench-api bench-boot bench-scale bench-scheduler bench-ipam bench-firewall openapi
+.PHONY: run test build lint chaos bench-api bench-boot bench-scale bench-scheduler bench-ipam bench-firewall bench-router openapi
 
 run:
 	scripts/install-deps.sh run
@@ -62,6 +62,12 @@ bench-ipam:
 # set's size; in a scratch network namespace (root). Prints a JSON line.
 bench-firewall:
 	$(CARGO) bench --locked -p flotilla-agent --bench firewall
+
+# TCP throughput (iperf3) through a router namespace against a plain bridged path, in one run
+# in scratch namespaces (root); FLOTILLA_BENCH_FIREWALL=1 adds the security group tables.
+bench-router:
+	scripts/install-deps.sh test
+	$(CARGO) bench --locked -p flotilla-dataplane --bench router
 
 # Rewrites the OpenAPI documents under openapi/ after an API change (a test fails until they are committed).
 openapi:

@@ -45,9 +45,10 @@ rm -f "$root/usr/sbin/policy-rc.d"
 mkdir -p "$root/lib/modules"
 cp -a "/lib/modules/$kver" "$root/lib/modules/"
 echo "/dev/vda / ext4 defaults 0 1" > "$root/etc/fstab"
-# Only NoCloud: probing cloud metadata services would wait for a network that tests do not have.
+# NoCloud (the seed disk), and OpenStack for VMs without one (cloud-init's ds-identify enables
+# it only when the SMBIOS product says OpenStack Nova, so seeded VMs never wait for it).
 cat > "$root/etc/cloud/cloud.cfg.d/90-flotilla-tests.cfg" <<'CFG'
-datasource_list: [NoCloud, None]
+datasource_list: [NoCloud, OpenStack, None]
 CFG
 chroot "$root" systemctl mask systemd-networkd-wait-online.service >/dev/null 2>&1 || true
 chroot "$root" systemctl enable systemd-networkd.service >/dev/null 2>&1

@@ -18,8 +18,8 @@ case "$purpose" in
   # The Debian guest of the cloud-init end-to-end test is built with debootstrap; tests read
   # seed ISOs back with xorriso and run real etcd clusters; the Python clients (the Kubernetes
   # client, schemathesis) live in a virtual environment; the dataplane tests build namespaces
-  # with iproute2 (ip, bridge).
-  test) packages+=(debootstrap e2fsprogs xorriso etcd-server python3-venv iproute2) ;;
+  # with iproute2 (ip, bridge); the router benchmark measures with iperf3.
+  test) packages+=(debootstrap e2fsprogs xorriso etcd-server python3-venv iproute2 iperf3) ;;
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac
 

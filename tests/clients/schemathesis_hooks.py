@@ -12,7 +12,7 @@ as "valid data rejected". This hook makes generated requests keep them, and noth
 - memory and disk sizes fall in their ranges (a quantity is a string; OpenAPI cannot bound the
   number it spells);
 - one of several fields (class or resources; image, boot or adoptedDomain; url or path), a node
-  for an adopted domain (cross-field);
+  for an adopted domain, NICs for cloud-init from the metadata service (cross-field);
 - a network's type decides its fields (overlay: a cidr, no bridge or VLAN; bridged: a bridge), a
   cidr has no host bits, a gateway is a host of the cidr, ranges lie inside the cidr, an IPv6
   prefix needs a cidr beside it (cross-field); a VM's NICs name
@@ -111,9 +111,12 @@ def keep_vm_rules(spec):
     if spec.get("adoptedDomain") is not None and spec.get("nodeName") is None:
         spec["nodeName"] = "node-1"
     only_qualified_keys(spec, "nodeSelector")
-    # NICs name Networks, which must exist (cross-object): generated VMs have none.
+    # NICs name Networks, which must exist (cross-object): generated VMs have none, so their
+    # cloud-init reads the seed (the metadata service is on a VM's networks).
     if "networks" in spec:
         spec["networks"] = []
+    if spec.get("cloudInit") == "metadata":
+        spec["cloudInit"] = "seed"
     affinity = spec.get("affinity")
     if isinstance(affinity, dict):
         keep_affinity_rules(affinity)

@@ -62,6 +62,9 @@ pub struct DomainSpec {
     pub boot: Option<KernelBoot>,
     pub root_disk: Option<PathBuf>,
     pub seed_iso: Option<PathBuf>,
+    /// Present the machine as OpenStack Nova (SMBIOS), so cloud-init's OpenStack datasource
+    /// reads the metadata service.
+    pub openstack_sysinfo: bool,
     pub nics: Vec<Nic>,
     pub console_log: PathBuf,
     pub vnc_password: String,
@@ -88,6 +91,9 @@ impl DomainSpec {
             }
         }
         os = os.child(Element::new("boot").attr("dev", "hd"));
+        if self.openstack_sysinfo {
+            os = os.child(Element::new("smbios").attr("mode", "sysinfo"));
+        }
 
         let mut devices = Vec::new();
         if let Some(disk) = &self.root_disk {
@@ -216,6 +222,15 @@ impl DomainSpec {
             .child(metadata)
             .child(Element::leaf("memory", (self.memory_bytes / 1024).max(1)).attr("unit", "KiB"))
             .child(Element::leaf("vcpu", self.cpus))
+            .children(self.openstack_sysinfo.then(|| {
+                Element::new("sysinfo").attr("type", "smbios").child(
+                    Element::new("system")
+                        .child(Element::leaf("entry", "Flotilla").attr("name", "manufacturer"))
+                        .child(Element::leaf("entry", "OpenStack Nova").attr("name", "product"))
+                        .child(Element::leaf("entry", &self.uuid).attr("name", "serial"))
+                        .child(Element::leaf("entry", &self.uuid).attr("name", "uuid")),
+                )
+            }))
             .child(os)
             .child(
                 Element::new("features")

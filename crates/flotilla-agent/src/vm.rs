@@ -199,6 +199,7 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
             step("security group rules applied");
         }
     }
+    let seeded = vm.spec.cloud_init == flotilla_types::CloudInit::Seed;
     let seed = dir.join("seed.iso");
     let input = SeedInput {
         instance_id: &uid,
@@ -214,8 +215,9 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
         cloudinit::network_config(&seed_nics)
     );
     let stamp = dir.join("seed.fingerprint");
-    if tokio::fs::read_to_string(&stamp).await.ok().as_deref() != Some(fingerprint.as_str())
-        || !seed.exists()
+    if seeded
+        && (tokio::fs::read_to_string(&stamp).await.ok().as_deref() != Some(fingerprint.as_str())
+            || !seed.exists())
     {
         cloudinit::write_seed(&input, &seed).await?;
         // After the seed: a crash in between leaves an old stamp, and the seed is written again.
@@ -239,7 +241,8 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
             cmdline: b.cmdline.clone(),
         }),
         root_disk: has_root.then_some(root_disk),
-        seed_iso: Some(seed),
+        seed_iso: seeded.then_some(seed),
+        openstack_sysinfo: !seeded,
         nics,
         console_log: dir.join("console.log"),
         vnc_password,

@@ -32,6 +32,7 @@ fn spec(virt_type: VirtType, hostile: bool) -> DomainSpec {
         }),
         root_disk: Some(PathBuf::from("/var/lib/flotilla/vms/6f1c2a9e/root.qcow2")),
         seed_iso: Some(PathBuf::from("/var/lib/flotilla/vms/6f1c2a9e/seed.iso")),
+        openstack_sysinfo: false,
         nics: vec![
             Nic {
                 mac: "02:46:4c:0a:0b:0c".into(),
@@ -160,4 +161,27 @@ async fn libvirt_accepts_the_domain() {
     );
     lv.remove(&s.uuid).await.unwrap();
     assert_eq!(lv.state(&s.uuid).await.unwrap(), None);
+}
+
+/// A VM whose cloud-init reads the metadata service has no seed disk and presents itself as
+/// OpenStack Nova (what cloud-init's ds-identify looks for), with its uid as the SMBIOS UUID.
+#[test]
+fn a_metadata_vm_presents_itself_as_openstack_without_a_seed() {
+    let mut spec = spec(VirtType::Qemu, false);
+    spec.seed_iso = None;
+    spec.openstack_sysinfo = true;
+    let xml = spec.to_xml();
+    let doc = roxmltree::Document::parse(&xml).unwrap();
+    let entry = |name: &str| {
+        doc.descendants()
+            .find(|n| n.has_tag_name("entry") && n.attribute("name") == Some(name))
+            .and_then(|n| n.text())
+            .map(str::to_string)
+    };
+    assert_eq!(entry("product").as_deref(), Some("OpenStack Nova"));
+    assert_eq!(entry("uuid"), Some(spec.uuid.clone()));
+    assert!(doc
+        .descendants()
+        .any(|n| n.has_tag_name("smbios") && n.attribute("mode") == Some("sysinfo")));
+    assert!(!xml.contains("seed.iso") && !xml.contains("cdrom"), "{xml}");
 }

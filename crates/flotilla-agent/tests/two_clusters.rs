@@ -48,6 +48,7 @@ fn domain(name: &str, uuid: &str, cluster: &str, node: &str) -> String {
         boot: None,
         root_disk: None,
         seed_iso: None,
+        openstack_sysinfo: false,
         nics: Vec::new(),
         console_log: "/dev/null".into(),
         vnc_password: "x".into(),

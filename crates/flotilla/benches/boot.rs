@@ -106,6 +106,7 @@ async fn run() {
             root_disk: None,
             nics: Vec::new(),
             seed_iso: Some(seed.clone()),
+            openstack_sysinfo: false,
             console_log: raw_dir.join(format!("console-{i}.log")),
             vnc_password: "bench".into(),
         };

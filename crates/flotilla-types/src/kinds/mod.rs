@@ -34,7 +34,7 @@ pub use security_group::{
     SecurityGroupSpec, SecurityGroupStatus,
 };
 pub use vm::{
-    InterfaceStatus, KernelBoot, NetworkAttachment, Phase, PowerState, Resources, RootDisk,
-    VirtualMachine, VirtualMachineSpec, VirtualMachineStatus,
+    CloudInit, InterfaceStatus, KernelBoot, NetworkAttachment, Phase, PowerState, Resources,
+    RootDisk, VirtualMachine, VirtualMachineSpec, VirtualMachineStatus,
 };
 pub use vmclass::{VMClass, VMClassSpec, VMClassStatus};

@@ -40,6 +40,13 @@ pub struct VirtualMachineSpec {
     /// The networks the VM is attached to, one NIC each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<NetworkAttachment>,
+    /// Where the guest's cloud-init finds its instance data: `seed` (the default: a NoCloud
+    /// seed disk with meta-data, user-data and network-config) or `metadata` (no disk: the
+    /// metadata service at 169.254.169.254 on the VM's overlay network, in OpenStack's and EC2's
+    /// layouts; the VM presents itself as OpenStack Nova, as cloud-init's OpenStack datasource
+    /// looks for).
+    #[serde(default, skip_serializing_if = "CloudInit::is_seed")]
+    pub cloud_init: CloudInit,
     /// SSH public keys cloud-init installs for the default user.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(regex = "SSH_KEY_PATTERN", length(max = 16384)))]
@@ -69,6 +76,23 @@ pub struct VirtualMachineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
     pub placement_policy: Option<String>,
+}
+
+/// Where cloud-init finds its instance data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CloudInit {
+    /// A NoCloud seed disk.
+    #[default]
+    Seed,
+    /// The metadata service (169.254.169.254).
+    Metadata,
+}
+
+impl CloudInit {
+    pub fn is_seed(&self) -> bool {
+        *self == CloudInit::Seed
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -404,6 +428,12 @@ impl Validate for VirtualMachineSpec {
                     );
                 }
             }
+        }
+        if self.cloud_init == CloudInit::Metadata && self.networks.is_empty() {
+            errs.push(
+                format!("{path}.cloudInit"),
+                "the metadata service is on the VM's overlay networks: attach one in spec.networks, or use the seed",
+            );
         }
         for (i, key) in self.ssh_authorized_keys.iter().enumerate() {
             if !is_ssh_key(key) {
