@@ -3,7 +3,10 @@
 //! private libvirt directories, on an underlay bridge in this test's namespace where the API
 //! server listens. A tiny guest on host A (address from network-config) and one on host B
 //! (address over DHCP from host B's dnsmasq) share an overlay network: each pings the other
-//! across the VXLAN between the hosts.
+//! across the VXLAN between the hosts. Then a router with an external LAN (a bridge on each host
+//! joined to one "upstream" namespace) is placed on host A; a guest on host B reaches upstream
+//! through it; host A dies (its PID namespace killed, its links down), and the router is placed
+//! again on host B and rebuilt there from the API: the outage is measured.
 //!
 //! Needs root, libvirtd's binaries and the tiny guest; `make test` provides them.
 
@@ -55,6 +58,8 @@ fn run(args: &[&str]) {
 /// The underlay and the hosts' namespaces, removed however the test ends.
 struct Fabric {
     bridge: String,
+    /// The external LAN (routers' way out) and its upstream host.
+    external: String,
     namespaces: Vec<String>,
     hosts: Vec<Child>,
     /// Each host's output (its agent's log), shown when the test fails.
@@ -81,9 +86,9 @@ impl Drop for Fabric {
         for ns in &self.namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .status();
+        for bridge in [&self.bridge, &self.external] {
+            let _ = Command::new("ip").args(["link", "del", bridge]).status();
+        }
     }
 }
 
@@ -115,6 +120,7 @@ async fn guests_on_two_hosts_reach_each_other_over_the_overlay() {
     let tag = std::process::id() % 100_000;
     let mut fabric = Fabric {
         bridge: format!("f2hsw{tag}"),
+        external: format!("f2hex{tag}"),
         namespaces: Vec::new(),
         hosts: Vec::new(),
         logs: Vec::new(),
@@ -122,6 +128,36 @@ async fn guests_on_two_hosts_reach_each_other_over_the_overlay() {
     run(&["ip", "link", "add", &fabric.bridge, "type", "bridge"]);
     run(&["ip", "addr", "add", "10.77.0.254/24", "dev", &fabric.bridge]);
     run(&["ip", "link", "set", &fabric.bridge, "up"]);
+    // The external LAN, with an upstream host that has no route to any overlay network.
+    run(&["ip", "link", "add", &fabric.external, "type", "bridge"]);
+    run(&["ip", "link", "set", &fabric.external, "up"]);
+    let upstream = format!("f2h{tag}-up");
+    run(&["ip", "netns", "add", &upstream]);
+    fabric.namespaces.push(upstream.clone());
+    let up_port = format!("f2h{tag}up");
+    run(&[
+        "ip", "link", "add", &up_port, "type", "veth", "peer", "name", "eth0", "netns", &upstream,
+    ]);
+    run(&[
+        "ip",
+        "link",
+        "set",
+        &up_port,
+        "master",
+        &fabric.external,
+        "up",
+    ]);
+    run(&[
+        "ip",
+        "-n",
+        &upstream,
+        "addr",
+        "add",
+        "203.0.113.1/24",
+        "dev",
+        "eth0",
+    ]);
+    run(&["ip", "-n", &upstream, "link", "set", "eth0", "up"]);
     let cluster = TestCluster::start_on("10.77.0.254:0".parse().unwrap()).await;
     let admin = &cluster.admin;
     let root = cluster.dir.path().join("hosts");
@@ -149,6 +185,25 @@ async fn guests_on_two_hosts_reach_each_other_over_the_overlay() {
         ]);
         run(&["ip", "-n", &ns, "link", "set", "ul", "up"]);
         run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        // The host's bridge on the external LAN.
+        let ex_port = format!("f2x{tag}{host}");
+        run(&[
+            "ip", "link", "add", &ex_port, "type", "veth", "peer", "name", "exv", "netns", &ns,
+        ]);
+        run(&[
+            "ip",
+            "link",
+            "set",
+            &ex_port,
+            "master",
+            &fabric.external,
+            "up",
+        ]);
+        run(&["ip", "-n", &ns, "link", "add", "br-ex", "type", "bridge"]);
+        run(&[
+            "ip", "-n", &ns, "link", "set", "exv", "master", "br-ex", "up",
+        ]);
+        run(&["ip", "-n", &ns, "link", "set", "br-ex", "up"]);
 
         let dir = root.join(host);
         std::fs::create_dir_all(&dir).unwrap();
@@ -305,5 +360,90 @@ async fn guests_on_two_hosts_reach_each_other_over_the_overlay() {
         .await
         .unwrap();
     assert_eq!(network["status"]["nodes"], json!(["host-a", "host-b"]));
+
+    // A router to the external LAN, placed on host A (the least loaded, first by name).
+    admin
+        .create(
+            lookup("network").unwrap(),
+            Some("default"),
+            &json!({"metadata": {"name": "ext"}, "spec": {"type": "bridged", "bridge": "br-ex",
+                "cidr": "203.0.113.0/24", "gateway": "203.0.113.1", "ranges": [{"start": "203.0.113.10", "end": "203.0.113.20"}]}}),
+        )
+        .await
+        .unwrap();
+    let routers = lookup("router").unwrap();
+    admin
+        .create(
+            routers,
+            Some("default"),
+            &json!({"metadata": {"name": "gw"}, "spec": {"external": {"network": "ext"}, "networks": ["lan"]}}),
+        )
+        .await
+        .unwrap();
+    eventually("the router is placed on host A", 10, async || {
+        let r = admin.get(routers, Some("default"), "gw").await.ok()?;
+        (r["status"]["nodeName"] == "host-a").then_some(())
+    })
+    .await;
+    // A guest on host B reaches upstream through it, across the tunnel to host A.
+    let watcher = json!({"metadata": {"name": "watcher"}, "spec": {
+        "nodeName": "host-b", "resources": {"cpus": 1, "memory": "256Mi"},
+        "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0 panic=-1"},
+        "userData": "#cloud-config\nflotilla_test_ping: 203.0.113.1\n",
+        "networks": [{"network": "lan", "ip": "10.7.0.30"}]}});
+    let watcher_uid = admin.create(vms, Some("default"), &watcher).await.unwrap()["metadata"]
+        ["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (ok, lost) = (
+        "FLOTILLA-PING 203.0.113.1 ok",
+        "FLOTILLA-PING 203.0.113.1 lost",
+    );
+    let b_dir = agent_dirs[1].clone();
+    let count = |line: &str| console(&b_dir, &watcher_uid).matches(line).count();
+    eventually(
+        "the guest on host B reaches upstream through the router on host A",
+        120,
+        async || (count(ok) == 1).then_some(()),
+    )
+    .await;
+
+    // Host A dies: everything in its PID namespace (agent, libvirtd, QEMU, the router's
+    // namespace with it), and its links.
+    let died = std::time::Instant::now();
+    let mut host_a = fabric.hosts.remove(0);
+    let _ = host_a.kill();
+    let _ = host_a.wait();
+    for link in ["ul", "exv"] {
+        run(&[
+            "ip",
+            "-n",
+            &fabric.namespaces[1],
+            "link",
+            "set",
+            link,
+            "down",
+        ]);
+    }
+    eventually("the guest loses upstream", 30, async || {
+        (count(lost) == 1).then_some(())
+    })
+    .await;
+    eventually("the router is placed again on host B", 60, async || {
+        let r = admin.get(routers, Some("default"), "gw").await.ok()?;
+        (r["status"]["nodeName"] == "host-b").then_some(())
+    })
+    .await;
+    let placed = died.elapsed();
+    eventually("the guest reaches upstream again", 60, async || {
+        (count(ok) == 2).then_some(())
+    })
+    .await;
+    eprintln!(
+        "router failover: host A dies -> placed on host B {:.1} s -> the guest reaches upstream again {:.1} s (node grace 10 s)",
+        placed.as_secs_f64(),
+        died.elapsed().as_secs_f64()
+    );
     drop(fabric);
 }
