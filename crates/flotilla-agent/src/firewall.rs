@@ -142,6 +142,11 @@ pub fn policies(known: &Known) -> (Vec<PortPolicy>, Vec<AddressSet>) {
                 .filter_map(|ip| ip.split('/').next()?.parse().ok())
                 .map(|ip| (ip, 32))
                 .collect();
+            if addresses.is_empty() {
+                // Flotilla did not give this NIC its address (a LAN's own DHCP serves it), so
+                // it cannot know which sources are the guest's: only its MAC is checked.
+                addresses.push((Ipv4Addr::UNSPECIFIED, 0));
+            }
             addresses.extend(
                 nic.allowed_address_pairs
                     .iter()
@@ -547,6 +552,19 @@ mod tests {
             }]
         );
         assert!(b.egress.is_empty());
+    }
+
+    #[test]
+    fn a_nic_without_an_address_from_ipam_is_checked_by_its_mac_only() {
+        let mut k = known();
+        for vm in k.vms.values_mut() {
+            for i in &mut vm.status.as_mut().unwrap().interfaces {
+                i.ips.clear();
+            }
+        }
+        let (ports, _) = policies(&k);
+        assert_eq!(ports[0].addresses, vec![(Ipv4Addr::UNSPECIFIED, 0)]);
+        assert_eq!(ports[0].mac, [2, 0x46, 0x4c, 0, 0, 1]);
     }
 
     #[test]
