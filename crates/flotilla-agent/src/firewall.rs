@@ -223,7 +223,8 @@ fn dedup(rules: &mut Vec<Rule>) {
     rules.retain(|r| seen.insert(format!("{r:?}")));
 }
 
-fn parse_mac(mac: &str) -> Option<[u8; 6]> {
+/// `02:46:4c:00:00:01` as bytes.
+pub(crate) fn parse_mac(mac: &str) -> Option<[u8; 6]> {
     let bytes: Vec<u8> = mac
         .split(':')
         .map(|b| u8::from_str_radix(b, 16))

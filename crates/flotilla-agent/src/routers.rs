@@ -125,15 +125,6 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
     }
 }
 
-fn parse_mac(mac: &str) -> Option<[u8; 6]> {
-    let bytes: Vec<u8> = mac
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()
-        .ok()?;
-    bytes.try_into().ok()
-}
-
 /// Makes `router` run here; returns the VNIs of its networks.
 async fn ensure(
     ctx: &Context,
@@ -157,7 +148,7 @@ async fn ensure(
             .interfaces
             .iter()
             .find(|i| i.name == name)
-            .and_then(|i| parse_mac(&i.mac_address))
+            .and_then(|i| crate::firewall::parse_mac(&i.mac_address))
     };
     let mut networks = Vec::new();
     for name in &router.spec.networks {

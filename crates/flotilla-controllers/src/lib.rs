@@ -113,3 +113,74 @@ pub(crate) async fn wait_for_change(
         }
     }
 }
+
+/// Runs `sweep` at start, after every change of an object of `kinds` (a burst costs one pass),
+/// and at least every `resync`; `what` names the work in the log when a pass fails.
+pub(crate) async fn on_changes<F, Fut>(
+    objects: flotilla_server::Objects,
+    kinds: &[&str],
+    resync: Duration,
+    what: &str,
+    sweep: F,
+) where
+    F: Fn(flotilla_server::Objects) -> Fut,
+    Fut: std::future::Future<Output = Result<usize, flotilla_server::ApiError>>,
+{
+    let prefixes: Vec<String> = kinds
+        .iter()
+        .map(|k| {
+            flotilla_server::objects::list_prefix(
+                flotilla_types::registry::by_kind(k).expect("registered"),
+                None,
+            )
+        })
+        .collect();
+    let mut events = None;
+    loop {
+        if events.is_none() {
+            events = objects.store().watch("/registry/", 0).await.ok();
+        }
+        if let Err(e) = sweep(objects.clone()).await {
+            tracing::warn!(error = %e, "cannot {what}; trying again");
+        }
+        match events.as_mut() {
+            Some(stream) => {
+                let relevant = |ev: &flotilla_store::WatchEvent| {
+                    prefixes.iter().any(|p| ev.kv.key.starts_with(p.as_str()))
+                };
+                if wait_for_change(stream, resync, relevant).await {
+                    // Let a burst (a VM's create and its first status writes) settle.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                } else {
+                    events = None;
+                }
+            }
+            None => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+/// The condition `type_` as it is now, keeping its transition time while its status stays.
+pub(crate) fn condition(
+    before: &[flotilla_types::Condition],
+    type_: &str,
+    status: flotilla_types::ConditionStatus,
+    reason: &str,
+    message: String,
+) -> flotilla_types::Condition {
+    match before.iter().find(|c| c.type_ == type_) {
+        Some(c) if c.status == status => flotilla_types::Condition {
+            reason: reason.to_string(),
+            message,
+            ..c.clone()
+        },
+        _ => flotilla_types::Condition {
+            type_: type_.to_string(),
+            status,
+            reason: reason.to_string(),
+            message,
+            last_transition_time: Some(flotilla_types::meta::now()),
+            observed_generation: None,
+        },
+    }
+}

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla_server::objects::{list_prefix, ListOptions, Objects, PatchBody, Subresource};
+use flotilla_server::objects::{ListOptions, Objects, PatchBody, Subresource};
 use flotilla_server::ApiError;
 use flotilla_types::kinds::FloatingMapping;
 use flotilla_types::meta::{Condition, ConditionStatus};
@@ -19,32 +19,15 @@ use flotilla_types::{FloatingIP, Router, VirtualMachine};
 use serde_json::{json, Value};
 
 pub async fn run(objects: Objects, resync: Duration) {
-    let prefixes: Vec<String> = ["Router", "FloatingIP", "VirtualMachine", "Node"]
-        .iter()
-        .map(|k| list_prefix(by_kind(k).expect("registered"), None))
-        .collect();
-    let mut events = None;
-    loop {
-        if events.is_none() {
-            events = objects.store().watch("/registry/", 0).await.ok();
-        }
-        if let Err(e) = sweep(&objects).await {
-            tracing::warn!(error = %e, "cannot place routers or bind floating IPs; trying again");
-        }
-        match events.as_mut() {
-            Some(stream) => {
-                let relevant = |ev: &flotilla_store::WatchEvent| {
-                    prefixes.iter().any(|p| ev.kv.key.starts_with(p.as_str()))
-                };
-                if crate::wait_for_change(stream, resync, relevant).await {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                } else {
-                    events = None;
-                }
-            }
-            None => tokio::time::sleep(Duration::from_secs(1)).await,
-        }
-    }
+    let kinds = ["Router", "FloatingIP", "VirtualMachine", "Node"];
+    crate::on_changes(
+        objects,
+        &kinds,
+        resync,
+        "place routers or bind floating IPs",
+        |o| async move { sweep(&o).await },
+    )
+    .await
 }
 
 struct NodeView {
@@ -322,26 +305,16 @@ async fn write_status(
     }
 }
 
-/// A condition `type_` that is True with the Ok message or False with the Err one, keeping its
-/// transition time while its status stays.
+/// A condition `type_` that is True with the Ok message or False with the Err one.
 fn condition(before: &[Condition], type_: &str, now: Result<String, String>) -> Condition {
-    let (status, reason, message) = match now {
-        Ok(m) => (ConditionStatus::True, type_.to_string(), m),
-        Err(m) => (ConditionStatus::False, format!("Not{type_}"), m),
-    };
-    match before.iter().find(|c| c.type_ == type_) {
-        Some(c) if c.status == status => Condition {
-            reason,
-            message,
-            ..c.clone()
-        },
-        _ => Condition {
-            type_: type_.to_string(),
-            status,
-            reason,
-            message,
-            last_transition_time: Some(flotilla_types::meta::now()),
-            observed_generation: None,
-        },
+    match now {
+        Ok(m) => crate::condition(before, type_, ConditionStatus::True, type_, m),
+        Err(m) => crate::condition(
+            before,
+            type_,
+            ConditionStatus::False,
+            &format!("Not{type_}"),
+            m,
+        ),
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla_server::objects::{list_prefix, ListOptions, Objects, PatchBody, Subresource};
+use flotilla_server::objects::{ListOptions, Objects, PatchBody, Subresource};
 use flotilla_server::ApiError;
 use flotilla_types::kinds::security_group::DEFAULT_GROUP;
 use flotilla_types::kinds::{SecurityGroup, SecurityGroupMember, SecurityGroupSpec};
@@ -18,33 +18,15 @@ use flotilla_types::VirtualMachine;
 use serde_json::json;
 
 pub async fn run(objects: Objects, resync: Duration) {
-    let prefixes: Vec<String> = ["VirtualMachine", "SecurityGroup", "Project"]
-        .iter()
-        .map(|k| list_prefix(by_kind(k).expect("registered"), None))
-        .collect();
-    let mut events = None;
-    loop {
-        if events.is_none() {
-            events = objects.store().watch("/registry/", 0).await.ok();
-        }
-        if let Err(e) = sweep(&objects).await {
-            tracing::warn!(error = %e, "cannot update security group status; trying again");
-        }
-        match events.as_mut() {
-            Some(stream) => {
-                let relevant = |ev: &flotilla_store::WatchEvent| {
-                    prefixes.iter().any(|p| ev.kv.key.starts_with(p.as_str()))
-                };
-                if crate::wait_for_change(stream, resync, relevant).await {
-                    // Let a burst (a VM's create and its first status writes) settle.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                } else {
-                    events = None;
-                }
-            }
-            None => tokio::time::sleep(Duration::from_secs(1)).await,
-        }
-    }
+    let kinds = ["VirtualMachine", "SecurityGroup", "Project"];
+    crate::on_changes(
+        objects,
+        &kinds,
+        resync,
+        "update security group status",
+        |o| async move { sweep(&o).await },
+    )
+    .await
 }
 
 /// One pass; returns how many groups were written (made or their status changed).
@@ -171,36 +153,24 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
 /// `Ready`, or not (naming the remote groups that do not exist: their rules match nothing),
 /// keeping the transition time while it stays the same.
 fn ready(before: &[Condition], missing: &[&str]) -> Condition {
-    let (status, reason, message) = if missing.is_empty() {
-        (
+    if missing.is_empty() {
+        return crate::condition(
+            before,
+            "Ready",
             ConditionStatus::True,
             "Ready",
             "every rule's remote exists".to_string(),
-        )
-    } else {
-        (
-            ConditionStatus::False,
-            "UnknownRemoteGroup",
-            format!(
-                "rules name security group{} {} that the project does not have: they match nothing",
-                if missing.len() == 1 { "" } else { "s" },
-                missing.join(", ")
-            ),
-        )
-    };
-    match before.iter().find(|c| c.type_ == "Ready") {
-        Some(c) if c.status == status => Condition {
-            reason: reason.into(),
-            message,
-            ..c.clone()
-        },
-        _ => Condition {
-            type_: "Ready".into(),
-            status,
-            reason: reason.into(),
-            message,
-            last_transition_time: Some(flotilla_types::meta::now()),
-            observed_generation: None,
-        },
+        );
     }
+    crate::condition(
+        before,
+        "Ready",
+        ConditionStatus::False,
+        "UnknownRemoteGroup",
+        format!(
+            "rules name security group{} {} that the project does not have: they match nothing",
+            if missing.len() == 1 { "" } else { "s" },
+            missing.join(", ")
+        ),
+    )
 }

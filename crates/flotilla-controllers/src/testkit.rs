@@ -23,6 +23,23 @@ impl TestCluster {
         Self::start_on("127.0.0.1:0".parse().expect("an address")).await
     }
 
+    /// A server without controllers (tests run their passes themselves), on 127.0.0.1.
+    pub async fn without_controllers() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut config = ServerConfig::new(dir.path());
+        config.listen = "127.0.0.1:0".parse().expect("an address");
+        let server = flotilla_server::start(config)
+            .await
+            .expect("the server starts");
+        let admin = Client::new(
+            vec![server.url.clone()],
+            Some(&server.ca_pem),
+            Some(server.admin_token.clone()),
+        )
+        .expect("a client");
+        TestCluster { server, admin, dir }
+    }
+
     /// The same, listening on `listen` (e.g. an address agents in other namespaces reach).
     pub async fn start_on(listen: std::net::SocketAddr) -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory");

@@ -7,23 +7,8 @@
 
 use flotilla_client::Client;
 use flotilla_controllers::routers::sweep;
-use flotilla_server::ServerConfig;
 use flotilla_types::registry::lookup;
 use serde_json::{json, Value};
-
-async fn start() -> (tempfile::TempDir, flotilla_server::RunningServer, Client) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = ServerConfig::new(dir.path());
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    let server = flotilla_server::start(config).await.unwrap();
-    let client = Client::new(
-        vec![server.url.clone()],
-        Some(&server.ca_pem),
-        Some(server.admin_token.clone()),
-    )
-    .unwrap();
-    (dir, server, client)
-}
 
 fn refused<T: std::fmt::Debug>(
     result: Result<T, flotilla_client::ClientError>,
@@ -68,7 +53,8 @@ async fn set_ready(c: &Client, node: &str, ready: bool, labels: Value) {
 
 #[tokio::test]
 async fn routers_are_placed_and_moved_and_floating_ips_follow_their_vm() {
-    let (_dir, server, c) = start().await;
+    let cluster = flotilla_controllers::testkit::TestCluster::without_controllers().await;
+    let (server, c) = (&cluster.server, &cluster.admin);
     let (nets, routers, fips, vms) = (
         lookup("network").unwrap(),
         lookup("router").unwrap(),
@@ -139,22 +125,22 @@ async fn routers_are_placed_and_moved_and_floating_ips_follow_their_vm() {
     );
 
     // Placement: only Ready nodes matching the selector; none yet.
-    set_ready(&c, "a", true, json!({"net": "edge"})).await;
-    set_ready(&c, "b", true, json!({"net": "edge"})).await;
-    set_ready(&c, "c", true, json!({})).await;
+    set_ready(c, "a", true, json!({"net": "edge"})).await;
+    set_ready(c, "b", true, json!({"net": "edge"})).await;
+    set_ready(c, "c", true, json!({})).await;
     sweep(&server.objects).await.unwrap();
     let placed = c.get(routers, Some("default"), "gw").await.unwrap();
     let first = placed["status"]["nodeName"].as_str().unwrap().to_string();
     assert!(first == "a" || first == "b", "{placed}");
     assert_eq!(placed["status"]["conditions"][0]["status"], "True");
     // Its node fails: it moves to the other matching one, never to c.
-    set_ready(&c, &first, false, json!({})).await;
+    set_ready(c, &first, false, json!({})).await;
     sweep(&server.objects).await.unwrap();
     let moved = c.get(routers, Some("default"), "gw").await.unwrap();
     let second = moved["status"]["nodeName"].as_str().unwrap();
     assert!(second != first && second != "c", "{moved}");
     // No node left: it says so.
-    set_ready(&c, second, false, json!({})).await;
+    set_ready(c, second, false, json!({})).await;
     sweep(&server.objects).await.unwrap();
     let stranded = c.get(routers, Some("default"), "gw").await.unwrap();
     assert!(stranded["status"].get("nodeName").is_none(), "{stranded}");

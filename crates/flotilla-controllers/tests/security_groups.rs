@@ -7,23 +7,8 @@
 
 use flotilla_client::Client;
 use flotilla_controllers::security_groups::sweep;
-use flotilla_server::ServerConfig;
 use flotilla_types::registry::lookup;
 use serde_json::{json, Value};
-
-async fn start() -> (tempfile::TempDir, flotilla_server::RunningServer, Client) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = ServerConfig::new(dir.path());
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    let server = flotilla_server::start(config).await.unwrap();
-    let client = Client::new(
-        vec![server.url.clone()],
-        Some(&server.ca_pem),
-        Some(server.admin_token.clone()),
-    )
-    .unwrap();
-    (dir, server, client)
-}
 
 /// The status code, message and field paths of a failed call.
 fn refused<T: std::fmt::Debug>(
@@ -46,7 +31,8 @@ fn refused<T: std::fmt::Debug>(
 
 #[tokio::test]
 async fn groups_are_admitted_referenced_and_followed() {
-    let (_dir, server, c) = start().await;
+    let cluster = flotilla_controllers::testkit::TestCluster::without_controllers().await;
+    let (server, c) = (&cluster.server, &cluster.admin);
     let (sgs, vms, nets, projects) = (
         lookup("securitygroup").unwrap(),
         lookup("vm").unwrap(),
@@ -243,7 +229,7 @@ async fn groups_are_admitted_referenced_and_followed() {
     flotilla_controllers::ipam_sweeper::sweep(&server.objects)
         .await
         .unwrap();
-    eventually_deleted(&c, projects, "shop").await;
+    eventually_deleted(c, projects, "shop").await;
     assert!(c.get(sgs, Some("shop"), "default").await.is_err());
 }
 
