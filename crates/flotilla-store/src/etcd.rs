@@ -63,9 +63,11 @@ fn not_applied(e: &etcd::Error) -> bool {
         || s.contains("tcp connect error")
 }
 
-/// Any failure of the connection: for reads, which are always safe to repeat.
+/// Any failure of the connection: for reads, which are always safe to repeat. A request on a
+/// connection to a member that just died comes back Cancelled ("operation was canceled").
 fn transient_read(e: &etcd::Error) -> bool {
-    not_applied(e) || e.to_string().contains("transport error")
+    let s = e.to_string();
+    not_applied(e) || s.contains("transport error") || s.contains("operation was canceled")
 }
 
 /// Sends again while `retry` says the failure was transient, for up to 10 s (an etcd leader
