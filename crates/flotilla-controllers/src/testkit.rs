@@ -173,3 +173,22 @@ impl ImageServer {
         self.hits.lock().expect("hits").values().sum()
     }
 }
+
+/// The status code, message and field paths of a call the API refused; panics if it succeeded.
+pub fn refused<T: std::fmt::Debug>(
+    result: Result<T, flotilla_client::ClientError>,
+) -> (u16, String, Vec<String>) {
+    match result {
+        Err(flotilla_client::ClientError::Api(status)) => {
+            let details = serde_json::to_value(&status.details).expect("serialises");
+            let fields = details["causes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["field"].as_str().map(str::to_string))
+                .collect();
+            (status.code, status.message.clone(), fields)
+        }
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}

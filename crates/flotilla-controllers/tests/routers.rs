@@ -7,26 +7,9 @@
 
 use flotilla_client::Client;
 use flotilla_controllers::routers::sweep;
+use flotilla_controllers::testkit::refused;
 use flotilla_types::registry::lookup;
 use serde_json::{json, Value};
-
-fn refused<T: std::fmt::Debug>(
-    result: Result<T, flotilla_client::ClientError>,
-) -> (u16, String, Vec<String>) {
-    match result {
-        Err(flotilla_client::ClientError::Api(status)) => {
-            let details = serde_json::to_value(&status.details).unwrap();
-            let fields = details["causes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|c| c["field"].as_str().map(str::to_string))
-                .collect();
-            (status.code, status.message.clone(), fields)
-        }
-        other => panic!("expected an API error, got {other:?}"),
-    }
-}
 
 async fn set_ready(c: &Client, node: &str, ready: bool, labels: Value) {
     let nodes = lookup("node").unwrap();

@@ -7,27 +7,9 @@
 
 use flotilla_client::Client;
 use flotilla_controllers::security_groups::sweep;
+use flotilla_controllers::testkit::refused;
 use flotilla_types::registry::lookup;
 use serde_json::{json, Value};
-
-/// The status code, message and field paths of a failed call.
-fn refused<T: std::fmt::Debug>(
-    result: Result<T, flotilla_client::ClientError>,
-) -> (u16, String, Vec<String>) {
-    match result {
-        Err(flotilla_client::ClientError::Api(status)) => {
-            let details = serde_json::to_value(&status.details).unwrap();
-            let fields = details["causes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|c| c["field"].as_str().map(str::to_string))
-                .collect();
-            (status.code, status.message.clone(), fields)
-        }
-        other => panic!("expected an API error, got {other:?}"),
-    }
-}
 
 #[tokio::test]
 async fn groups_are_admitted_referenced_and_followed() {

@@ -490,25 +490,32 @@ fn holder_name(holder: &str) -> &str {
     holder.rsplit('/').next().unwrap_or(holder)
 }
 
+/// A validated object's spec as `T`, with its name and uid.
+fn decoded<T: serde::de::DeserializeOwned>(
+    object: &Value,
+    kind: &str,
+) -> Result<(T, String, String), ApiError> {
+    let spec = serde_json::from_value(object["spec"].clone())
+        .map_err(|e| ApiError::internal(format!("a validated {kind} did not decode: {e}")))?;
+    let text = |field: &str| {
+        object["metadata"][field]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    Ok((spec, text("name"), text("uid")))
+}
+
 async fn admit_vm(
     state: &IpamState,
     store: &dyn Store,
     project: &str,
     object: &mut Value,
 ) -> Result<Admission, ApiError> {
-    let spec: VirtualMachineSpec = serde_json::from_value(object["spec"].clone())
-        .map_err(|e| ApiError::internal(format!("a validated VM did not decode: {e}")))?;
+    let (spec, name, uid): (VirtualMachineSpec, _, _) = decoded(object, "VirtualMachine")?;
     if spec.networks.is_empty() {
         return Ok(Admission::default());
     }
-    let name = object["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let uid = object["metadata"]["uid"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
     let requests: Vec<PortRequest> = spec
         .networks
         .iter()
@@ -547,16 +554,7 @@ async fn admit_router(
     project: &str,
     object: &mut Value,
 ) -> Result<Admission, ApiError> {
-    let spec: flotilla_types::kinds::RouterSpec = serde_json::from_value(object["spec"].clone())
-        .map_err(|e| ApiError::internal(format!("a validated Router did not decode: {e}")))?;
-    let name = object["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let uid = object["metadata"]["uid"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let (spec, name, uid): (flotilla_types::kinds::RouterSpec, _, _) = decoded(object, "Router")?;
     let mut requests = Vec::new();
     if let Some(external) = &spec.external {
         requests.push(PortRequest {
@@ -599,18 +597,8 @@ async fn admit_floating_ip(
     project: &str,
     object: &mut Value,
 ) -> Result<Admission, ApiError> {
-    let spec: flotilla_types::kinds::FloatingIPSpec =
-        serde_json::from_value(object["spec"].clone()).map_err(|e| {
-            ApiError::internal(format!("a validated FloatingIP did not decode: {e}"))
-        })?;
-    let name = object["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let uid = object["metadata"]["uid"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let (spec, name, uid): (flotilla_types::kinds::FloatingIPSpec, _, _) =
+        decoded(object, "FloatingIP")?;
     let request = PortRequest {
         field: "spec".into(),
         name: "address".into(),
