@@ -665,14 +665,17 @@ async fn security_group_changes_block_and_unblock_a_guest() {
 /// guest reaches the upstream through the router (SNAT); a floating IP makes the guest
 /// reachable from upstream (DNAT), and rebinding it to a second guest moves the forwarding
 /// without restarting anything. Each guest reads its own instance from the metadata service.
-/// Deleting the router, the floating IP and the VMs leaves no namespace behind.
+/// A third guest, on another network whose router leaves through the node's own uplink,
+/// reaches a host that knows only the node's address. Deleting the routers, the floating IP and
+/// the VMs leaves no namespace and no masquerade table behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_reaches_the_outside_through_its_router_and_is_reached_on_a_floating_ip() {
     use flotilla_dataplane::testkit::{pings, run};
     let guest = tiny_guest();
     let tag = std::process::id() % 100_000;
     let (lan, upstream) = (format!("fltex{tag}"), format!("fltup{tag}"));
-    struct Gone(String, String);
+    const FORWARDING: &str = "/proc/sys/net/ipv4/ip_forward";
+    struct Gone(String, String, String);
     impl Drop for Gone {
         fn drop(&mut self) {
             let _ = std::process::Command::new("ip")
@@ -681,9 +684,15 @@ async fn a_guest_reaches_the_outside_through_its_router_and_is_reached_on_a_floa
             let _ = std::process::Command::new("ip")
                 .args(["netns", "del", &self.1])
                 .status();
+            // The uplink router turned the host's forwarding on; as it was.
+            let _ = std::fs::write(FORWARDING, &self.2);
         }
     }
-    let _gone = Gone(lan.clone(), upstream.clone());
+    let _gone = Gone(
+        lan.clone(),
+        upstream.clone(),
+        std::fs::read_to_string(FORWARDING).unwrap(),
+    );
     // The LAN: a bridge here, and the upstream router's namespace on it at 203.0.113.1.
     run(&["ip", "link", "add", &lan, "type", "bridge"]);
     run(&["ip", "link", "set", &lan, "up"]);
@@ -705,6 +714,47 @@ async fn a_guest_reaches_the_outside_through_its_router_and_is_reached_on_a_floa
     ]);
     run(&["ip", "-n", &upstream, "link", "set", "up0", "up"]);
     run(&["ip", "-n", &upstream, "link", "set", "lo", "up"]);
+    // And a link from this host to upstream (198.18.77.1 here, .254 there; the veth goes with
+    // the namespace): what the node's uplink router leaves through. A benchmarking range, which
+    // no real network of this host uses.
+    let routes = run(&["ip", "route"]);
+    assert!(
+        !routes.contains("198.18."),
+        "this host routes 198.18/15 already: {routes}"
+    );
+    run(&[
+        "ip",
+        "link",
+        "add",
+        &format!("fltul{tag}"),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "up1",
+        "netns",
+        &upstream,
+    ]);
+    run(&[
+        "ip",
+        "addr",
+        "add",
+        "198.18.77.1/24",
+        "dev",
+        &format!("fltul{tag}"),
+    ]);
+    run(&["ip", "link", "set", &format!("fltul{tag}"), "up"]);
+    run(&[
+        "ip",
+        "-n",
+        &upstream,
+        "addr",
+        "add",
+        "198.18.77.254/24",
+        "dev",
+        "up1",
+    ]);
+    run(&["ip", "-n", &upstream, "link", "set", "up1", "up"]);
 
     let cluster = TestCluster::start().await;
     let admin = &cluster.admin;
@@ -747,6 +797,16 @@ async fn a_guest_reaches_the_outside_through_its_router_and_is_reached_on_a_floa
         "external": {"network": "ext"}, "networks": ["inside"]}}),
     )
     .await;
+    create(
+        nets,
+        json!({"metadata": {"name": "home"}, "spec": {"cidr": "10.8.0.0/24"}}),
+    )
+    .await;
+    create(
+        routers,
+        json!({"metadata": {"name": "out"}, "spec": {"external": {"uplink": true}, "networks": ["home"]}}),
+    )
+    .await;
     let external = router["status"]["externalAddress"]
         .as_str()
         .unwrap()
@@ -757,15 +817,20 @@ async fn a_guest_reaches_the_outside_through_its_router_and_is_reached_on_a_floa
     );
 
     let suffix: u32 = rand::random::<u32>() % 100_000;
-    let (one, two) = (format!("one-{suffix}"), format!("two-{suffix}"));
-    let tiny = |name: &str, ip: &str| {
+    let (one, two, three) = (
+        format!("one-{suffix}"),
+        format!("two-{suffix}"),
+        format!("three-{suffix}"),
+    );
+    let tiny_on = |name: &str, network: &str, ip: &str, pinging: &str| {
         json!({"metadata": {"name": name}, "spec": {
             "resources": {"cpus": 1, "memory": "256Mi"},
             "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0 panic=-1"},
-            "userData": "#cloud-config\nflotilla_test_ping: 203.0.113.1\nflotilla_test_metadata: yes\n",
-            "networks": [{"network": "inside", "ip": ip, "securityGroups": ["default", "pingable"]}],
+            "userData": format!("#cloud-config\nflotilla_test_ping: {pinging}\nflotilla_test_metadata: yes\n"),
+            "networks": [{"network": network, "ip": ip, "securityGroups": ["default", "pingable"]}],
         }})
     };
+    let tiny = |name: &str, ip: &str| tiny_on(name, "inside", ip, "203.0.113.1");
     let started = std::time::Instant::now();
     let one_uid = create(vms, tiny(&one, "10.9.0.10")).await["metadata"]["uid"]
         .as_str()
@@ -775,6 +840,7 @@ async fn a_guest_reaches_the_outside_through_its_router_and_is_reached_on_a_floa
         .as_str()
         .unwrap()
         .to_string();
+    create(vms, tiny_on(&three, "home", "10.8.0.10", "198.18.77.254")).await;
     // Upstream has no route to 10.9.0.0/24: the guest's pings are answered only because the
     // router translates them to its external address.
     log_with(
@@ -787,6 +853,22 @@ async fn a_guest_reaches_the_outside_through_its_router_and_is_reached_on_a_floa
     eprintln!(
         "router created -> a guest behind it reaches upstream: {:.1} s",
         started.elapsed().as_secs_f64()
+    );
+    // Upstream knows only this host's 198.18.77.1: the third guest's pings are answered because
+    // its router translates them to its link address and the host to its own.
+    log_with(
+        admin,
+        &three,
+        &["FLOTILLA-PING 198.18.77.254 ok".to_string()],
+        120,
+    )
+    .await;
+    let tables = run(&["nft", "list", "tables"]);
+    assert!(tables.contains("table ip flotilla-uplink"), "{tables}");
+    let neighbours = run(&["ip", "-n", &upstream, "neigh", "show", "dev", "up1"]);
+    assert!(
+        neighbours.contains("198.18.77.1 ") && !neighbours.contains("169.254"),
+        "{neighbours}"
     );
     // Each guest read its own instance from the metadata service (OpenStack's and EC2's
     // layouts), reached through the network's DHCP server; by source address, so never the
@@ -831,6 +913,9 @@ async fn a_guest_reaches_the_outside_through_its_router_and_is_reached_on_a_floa
         "{}",
         String::from_utf8_lossy(&asked.stderr)
     );
+    let home_vni = admin.get(nets, Some("default"), "home").await.unwrap()["status"]["vni"]
+        .as_u64()
+        .unwrap();
     let placed = admin.get(routers, Some("default"), "gw").await.unwrap();
     assert_eq!(placed["status"]["nodeName"], "e2e-router");
     assert!(
@@ -916,21 +1001,35 @@ async fn a_guest_reaches_the_outside_through_its_router_and_is_reached_on_a_floa
 
     // Nothing stays: the floating IP's and the router's addresses are free again.
     admin.delete(fips, Some("default"), "web").await.unwrap();
-    for name in [&one, &two] {
+    for name in [&one, &two, &three] {
         admin.delete(vms, Some("default"), name).await.unwrap();
     }
     admin.delete(routers, Some("default"), "gw").await.unwrap();
+    admin.delete(routers, Some("default"), "out").await.unwrap();
     eventually("the router's namespace is gone", 30, async || {
         (!std::path::Path::new("/run/netns").join(&router_ns).exists()).then_some(())
     })
     .await;
+    eventually(
+        "the masquerade table is gone with the last uplink router",
+        30,
+        async || (!run(&["nft", "list", "tables"]).contains("flotilla-uplink")).then_some(()),
+    )
+    .await;
     eventually("the networks can be deleted", 60, async || {
         let mut gone = true;
-        for name in ["inside", "ext"] {
+        for name in ["inside", "ext", "home"] {
             let _ = admin.delete(nets, Some("default"), name).await;
             gone &= admin.get(nets, Some("default"), name).await.is_err();
         }
         gone.then_some(())
+    })
+    .await;
+    eventually("the networks' DHCP servers are gone", 60, async || {
+        let left = [vni, home_vni]
+            .iter()
+            .any(|v| std::path::Path::new(&format!("/run/netns/flotilla-dhcp-{v}")).exists());
+        (!left).then_some(())
     })
     .await;
 }

@@ -81,6 +81,59 @@ async fn routers_are_placed_and_moved_and_floating_ips_follow_their_vm() {
         "{message}"
     );
 
+    // The node's own uplink instead of a network: both at once, or neither, are refused.
+    for (external, field) in [
+        (
+            json!({"uplink": true, "network": "ext"}),
+            "spec.external.uplink",
+        ),
+        (
+            json!({"uplink": true, "ip": "203.0.113.10"}),
+            "spec.external.uplink",
+        ),
+        (json!({}), "spec.external.network"),
+    ] {
+        let (code, message, fields) = refused(
+            create(
+                routers,
+                json!({"metadata": {"name": "bad"}, "spec": {"external": external}}),
+            )
+            .await,
+        );
+        assert_eq!(
+            (code, fields.as_slice()),
+            (422, &[field.to_string()][..]),
+            "{message}"
+        );
+    }
+    create(
+        nets,
+        json!({"metadata": {"name": "home"}, "spec": {"cidr": "10.8.0.0/24"}}),
+    )
+    .await
+    .unwrap();
+    let home = create(
+        routers,
+        json!({"metadata": {"name": "home"}, "spec": {"external": {"uplink": true}, "networks": ["home"]}}),
+    )
+    .await
+    .unwrap();
+    // No address of any external network is taken: it holds only its network's gateway.
+    assert!(home["status"].get("externalAddress").is_none(), "{home}");
+    assert_eq!(
+        home["status"]["interfaces"].as_array().unwrap().len(),
+        1,
+        "{home}"
+    );
+    assert_eq!(
+        home["status"]["interfaces"][0]["ips"],
+        json!(["10.8.0.1/24"])
+    );
+    assert_eq!(
+        c.network_addresses("default", "ext").await.unwrap()["items"],
+        json!([])
+    );
+
     let gw = create(
         routers,
         json!({"metadata": {"name": "gw"}, "spec": {
@@ -221,6 +274,7 @@ async fn routers_are_placed_and_moved_and_floating_ips_follow_their_vm() {
     );
     c.delete(fips, Some("default"), "web").await.unwrap();
     c.delete(routers, Some("default"), "gw").await.unwrap();
+    c.delete(routers, Some("default"), "home").await.unwrap();
     for name in ["one", "two"] {
         c.delete(vms, Some("default"), name).await.unwrap();
     }

@@ -32,7 +32,8 @@ pub mod testkit;
 pub use firewall::{apply_firewall, firewall_rules, AddressSet, PortPolicy, Protocol, Rule};
 pub use router::{
     external_peer_name, external_port_name, nat_rules, router_peer_name, router_port_name,
-    ExternalPort, Router, RouterNetwork,
+    uplink_nat_rules, External, ExternalPort, Router, RouterNetwork, UPLINK_LINKS,
+    UPLINK_NODE_ADDRESS,
 };
 pub use service::{
     service_mac, service_peer_name, service_port_name, ServicePort, METADATA_ADDRESS,
@@ -107,6 +108,8 @@ pub fn vxlan_name(vni: u32) -> String {
 #[derive(Clone)]
 pub struct Netlink {
     handle: Handle,
+    /// The namespace's path; None: the calling process's own namespace.
+    namespace: Option<std::path::PathBuf>,
 }
 
 impl Netlink {
@@ -114,7 +117,10 @@ impl Netlink {
     pub fn current() -> Result<Self, DataplaneError> {
         let (connection, handle, _) = rtnetlink::new_connection().map_err(DataplaneError::Open)?;
         tokio::spawn(connection);
-        Ok(Netlink { handle })
+        Ok(Netlink {
+            handle,
+            namespace: None,
+        })
     }
 
     /// Netlink in the network namespace at `path` (e.g. `/run/netns/<name>`). The socket is
@@ -139,7 +145,10 @@ impl Netlink {
         };
         let (connection, handle, _) = rtnetlink::from_socket(socket);
         tokio::spawn(connection);
-        Ok(Netlink { handle })
+        Ok(Netlink {
+            handle,
+            namespace: Some(path.to_path_buf()),
+        })
     }
 
     async fn link(&self, name: &str) -> Result<Option<LinkMessage>, DataplaneError> {

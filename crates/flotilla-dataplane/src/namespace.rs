@@ -179,12 +179,28 @@ pub async fn run_in(
     path: &Path,
     input: Option<&str>,
 ) -> Result<(), DataplaneError> {
+    run_in_or_here(program, args, Some(path), input).await
+}
+
+/// As `run_in`, in the calling process's own namespace when `path` is None.
+pub(crate) async fn run_in_or_here(
+    program: &str,
+    args: &[&str],
+    path: Option<&Path>,
+    input: Option<&str>,
+) -> Result<(), DataplaneError> {
     use tokio::io::AsyncWriteExt;
     let failed = |message: String| DataplaneError::Command {
         command: format!("{program} {}", args.join(" ")),
         message,
     };
-    let (mut command, namespace) = command_in(program, path)?;
+    let (mut command, namespace) = match path {
+        Some(path) => {
+            let (command, namespace) = command_in(program, path)?;
+            (command, Some(namespace))
+        }
+        None => (tokio::process::Command::new(program), None),
+    };
     command
         .args(args)
         .stdin(if input.is_some() {

@@ -14,8 +14,9 @@ use crate::{netlink, DataplaneError, Netlink};
 
 /// One namespace port.
 pub(crate) struct NamespacePort<'a> {
-    /// The bridge (in this namespace) the host end joins.
-    pub bridge: &'a str,
+    /// The bridge (in this namespace) the host end joins; None: the host end stays a plain
+    /// link of this namespace (a router's link to the node).
+    pub bridge: Option<&'a str>,
     /// The host end's name, and the name of the end inside the namespace.
     pub host: &'a str,
     pub peer: &'a str,
@@ -36,12 +37,16 @@ impl Netlink {
         &self,
         port: &NamespacePort<'_>,
     ) -> Result<Netlink, DataplaneError> {
-        let bridge_index = self
-            .link(port.bridge)
-            .await?
-            .ok_or_else(|| DataplaneError::NoInterface(port.bridge.to_string()))?
-            .header
-            .index;
+        let bridge_index = match port.bridge {
+            Some(bridge) => Some(
+                self.link(bridge)
+                    .await?
+                    .ok_or_else(|| DataplaneError::NoInterface(bridge.to_string()))?
+                    .header
+                    .index,
+            ),
+            None => None,
+        };
         let inside = Netlink::in_namespace(port.namespace)?;
         let host_index = match self.link(port.host).await? {
             Some(link) => link.header.index,
@@ -72,18 +77,20 @@ impl Netlink {
                 self.link(port.host).await?.expect("just made").header.index
             }
         };
+        let mut host = LinkUnspec::new_with_index(host_index).mtu(port.mtu).up();
+        if let Some(bridge_index) = bridge_index {
+            host = host.controller(bridge_index);
+        }
         self.handle
             .link()
-            .set(
-                LinkUnspec::new_with_index(host_index)
-                    .controller(bridge_index)
-                    .mtu(port.mtu)
-                    .up()
-                    .build(),
-            )
+            .set(host.build())
             .execute()
             .await
-            .map_err(netlink(format!("putting {} on {}", port.host, port.bridge)))?;
+            .map_err(netlink(format!(
+                "putting {} on {}",
+                port.host,
+                port.bridge.unwrap_or("no bridge")
+            )))?;
         if port.isolated {
             self.isolate(host_index, port.host).await?;
         }

@@ -64,7 +64,7 @@ impl Netlink {
             addresses.push((IpAddr::V6(v6), 64));
         }
         self.ensure_namespace_port(&NamespacePort {
-            bridge: &bridge,
+            bridge: Some(&bridge),
             host: &host,
             peer: &peer,
             namespace: &port.namespace,

@@ -4,7 +4,9 @@
 //! and translates its guests to its own external address: both guests, with the same address,
 //! reach upstream (ping and TCP) at once; a floating IP makes a guest reachable from upstream
 //! and moves to another guest by changing nothing but the router's table; the NAT lives in the
-//! routers' namespaces, never the node's; removal leaves no port behind. Needs root; touches nothing outside its namespaces.
+//! routers' namespaces, never the node's; removal leaves no port behind. A second test runs
+//! routers out through the node's own uplink instead. Needs root; touches nothing outside its
+//! namespaces.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -12,7 +14,9 @@ use std::process::{Command, Stdio};
 
 use flotilla_dataplane::namespace::{ensure_namespace, remove_namespace};
 use flotilla_dataplane::testkit::{pings, run, Eth0, Namespaces};
-use flotilla_dataplane::{bridge_name, ExternalPort, Netlink, Overlay, Router, RouterNetwork};
+use flotilla_dataplane::{
+    bridge_name, External, ExternalPort, Netlink, Overlay, Router, RouterNetwork,
+};
 
 /// A host on `bridge` of `node` with `address` and a default route via `via`.
 fn host(
@@ -88,14 +92,14 @@ async fn routers_translate_their_networks_to_the_outside_side_by_side() {
                 mtu: 1450,
                 mac: None,
             }],
-            external: Some(ExternalPort {
+            external: Some(External::Bridge(ExternalPort {
                 bridge: "br-ex".into(),
                 address: format!("203.0.113.{}", i + 2).parse().unwrap(),
                 prefix_len: 24,
                 gateway: "203.0.113.1".parse().unwrap(),
                 mtu: 1500,
                 mac: None,
-            }),
+            })),
             floating: Vec::new(),
             routes: vec![(
                 "198.51.100.0".parse().unwrap(),
@@ -288,4 +292,148 @@ async fn routers_translate_their_networks_to_the_outside_side_by_side() {
         !pings(&routers[0].1, "203.0.113.1", None),
         "without its router the guest is cut off"
     );
+}
+
+/// Two projects' routers (same tenant CIDR) leave through the node's own uplink: upstream
+/// knows only the node's address, yet both guests reach it at once; the node's namespace gets
+/// forwarding and the `ip flotilla-uplink` masquerade table and nothing else; a router whose
+/// link address changes keeps working; removing the routers and the table leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_leave_through_the_nodes_own_uplink() {
+    let mut ns = Namespaces::new("du");
+    let node = ns.add("node");
+    let upstream = ns.add("up");
+    // The node's uplink: a veth to "upstream", which has no route to anything but 192.0.2.0/24.
+    run(&[
+        "ip", "-n", &node, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
+        &upstream,
+    ]);
+    for (n, ip) in [(&node, "192.0.2.1/24"), (&upstream, "192.0.2.254/24")] {
+        run(&["ip", "-n", n, "addr", "add", ip, "dev", "eth0"]);
+        run(&["ip", "-n", n, "link", "set", "eth0", "up"]);
+    }
+    run(&[
+        "ip",
+        "-n",
+        &node,
+        "route",
+        "add",
+        "default",
+        "via",
+        "192.0.2.254",
+    ]);
+    run(&[
+        "ip", "-n", &node, "link", "add", "ul", "type", "veth", "peer", "name", "ul2",
+    ]);
+    run(&[
+        "ip",
+        "-n",
+        &node,
+        "addr",
+        "add",
+        "198.51.100.1/24",
+        "dev",
+        "ul",
+    ]);
+    run(&["ip", "-n", &node, "link", "set", "ul", "up"]);
+    let netlink = Netlink::in_namespace(&PathBuf::from("/run/netns").join(&node)).unwrap();
+    let forwarding = || {
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &node,
+            "cat",
+            "/proc/sys/net/ipv4/ip_forward",
+        ])
+        .trim()
+        .to_string()
+    };
+    assert_eq!(forwarding(), "0", "a new namespace does not forward");
+
+    let mut routers = Vec::new();
+    for (i, vni) in [4200u32, 4201].into_iter().enumerate() {
+        netlink
+            .ensure_overlay(&Overlay {
+                vni,
+                mtu: 1450,
+                local: "198.51.100.1".parse().unwrap(),
+                underlay: "ul".into(),
+                remotes: BTreeSet::new(),
+            })
+            .await
+            .unwrap();
+        let guest = ns.guest(
+            &node,
+            &bridge_name(vni),
+            &format!("g{i}"),
+            Eth0 {
+                address: Some("10.0.0.11/24"),
+                via: Some("10.0.0.1"),
+                ..Default::default()
+            },
+        );
+        let router = Router {
+            id: 20 + i as u32,
+            namespace: ensure_namespace(&format!("{}-r{i}", ns.prefix)).unwrap(),
+            networks: vec![RouterNetwork {
+                vni,
+                network: "10.0.0.0".parse().unwrap(),
+                prefix_len: 24,
+                gateway: "10.0.0.1".parse().unwrap(),
+                mtu: 1450,
+                mac: None,
+            }],
+            external: Some(External::Uplink(
+                format!("169.254.64.{}", 10 + i).parse().unwrap(),
+            )),
+            floating: Vec::new(),
+            routes: Vec::new(),
+        };
+        netlink.ensure_router(&router).await.unwrap();
+        netlink.ensure_router(&router).await.unwrap();
+        routers.push((router, guest));
+    }
+    assert_eq!(
+        forwarding(),
+        "1",
+        "the node forwards for its uplink routers"
+    );
+    for (_, guest) in &routers {
+        assert!(
+            pings(guest, "192.0.2.254", None),
+            "{guest} reaches upstream through the node's address"
+        );
+    }
+    let neighbours = run(&["ip", "-n", &upstream, "neigh"]);
+    assert!(
+        neighbours.contains("192.0.2.1") && !neighbours.contains("169.254"),
+        "upstream only ever talked to the node: {neighbours}"
+    );
+    let tables = run(&["ip", "netns", "exec", &node, "nft", "list", "tables"]);
+    assert_eq!(tables.trim(), "table ip flotilla-uplink", "{tables}");
+
+    // A new link address (another router took the old one): the old route goes, traffic flows.
+    routers[0].0.external = Some(External::Uplink("169.254.64.30".parse().unwrap()));
+    netlink.ensure_router(&routers[0].0).await.unwrap();
+    let node_routes = run(&["ip", "-n", &node, "route", "show", "dev", "fg-20"]);
+    assert_eq!(
+        node_routes.trim(),
+        "169.254.64.30 proto static scope link",
+        "one route to the router's current address: {node_routes}"
+    );
+    assert!(pings(&routers[0].1, "192.0.2.254", None));
+
+    for (router, _) in &routers {
+        let vnis: Vec<u32> = router.networks.iter().map(|n| n.vni).collect();
+        netlink.remove_router_ports(router.id, &vnis).await.unwrap();
+        remove_namespace(router.namespace.file_name().unwrap().to_str().unwrap()).unwrap();
+    }
+    netlink.ensure_uplink_nat(false).await.unwrap();
+    let links = run(&["ip", "-n", &node, "-br", "link"]);
+    assert!(!links.contains("fg-"), "no link is left: {links}");
+    let tables = run(&["ip", "netns", "exec", &node, "nft", "list", "tables"]);
+    assert_eq!(tables.trim(), "", "the masquerade table is gone: {tables}");
+    // Removing it again is fine.
+    netlink.ensure_uplink_nat(false).await.unwrap();
 }

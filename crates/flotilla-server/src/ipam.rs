@@ -115,6 +115,7 @@ pub(crate) async fn lock_records(
         // Their external addresses are picked like a VM's.
         "Router" => body["spec"]["external"]["network"]
             .as_str()
+            .filter(|n| !n.is_empty())
             .map(|n| addresses_prefix(namespace.unwrap_or_default(), n))
             .into_iter()
             .collect(),
@@ -556,7 +557,7 @@ async fn admit_router(
 ) -> Result<Admission, ApiError> {
     let (spec, name, uid): (flotilla_types::kinds::RouterSpec, _, _) = decoded(object, "Router")?;
     let mut requests = Vec::new();
-    if let Some(external) = &spec.external {
+    if let Some(external) = spec.external.as_ref().filter(|e| !e.uplink) {
         requests.push(PortRequest {
             field: "spec.external".into(),
             name: "external".into(),
@@ -584,7 +585,7 @@ async fn admit_router(
     let (admission, interfaces, ips) =
         admit_ports(state, store, project, ("Router", &holder, &uid), &requests).await?;
     object["status"]["interfaces"] = json!(interfaces);
-    if spec.external.is_some() {
+    if spec.external.as_ref().is_some_and(|e| !e.uplink) {
         object["status"]["externalAddress"] = json!(ips.first());
     }
     Ok(admission)

@@ -14,18 +14,26 @@ use crate::meta::Condition;
 use crate::resource::Validate;
 use crate::validation::{self, FieldErrors};
 
-/// The router's side on an external network.
+/// The router's way out: a bridged external network (`network`, with an address of its own and
+/// floating IPs), or the node's own uplink (`uplink: true`, with SNAT to the node's address).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouterExternal {
     /// A bridged Network of the project with a cidr (the LAN or provider network): the router
     /// takes an address of it and sends its networks' traffic out through it with SNAT.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
     pub network: String,
     /// A fixed address on it; absent: IPAM picks one from the network's ranges.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex = "crate::kinds::network::IPV4_PATTERN")]
     pub ip: Option<String>,
+    /// Instead of a network: out through the node's own uplink (its default route), translated
+    /// twice — to a link address between the router and the node, then to the node's address
+    /// (the node's IPv4 forwarding is turned on). For homelabs and nodes without a provider
+    /// network; no floating IPs (the router has no public address of its own).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub uplink: bool,
 }
 
 /// A static route: traffic to `destination` goes to `via` (on one of the router's networks).
@@ -98,7 +106,21 @@ pub struct FloatingMapping {
 impl Validate for RouterSpec {
     fn validate(&self, path: &str, errs: &mut FieldErrors) {
         if let Some(external) = &self.external {
-            validation::dns_label(errs, &format!("{path}.external.network"), &external.network);
+            if external.uplink {
+                if !external.network.is_empty() || external.ip.is_some() {
+                    errs.push(
+                        format!("{path}.external.uplink"),
+                        "a router out through the node's uplink has no external network or address: leave out network and ip",
+                    );
+                }
+            } else if external.network.is_empty() {
+                errs.push(
+                    format!("{path}.external.network"),
+                    "name a bridged network, or set uplink: true to leave through the node's own uplink",
+                );
+            } else {
+                validation::dns_label(errs, &format!("{path}.external.network"), &external.network);
+            }
             if let Some(ip) = &external.ip {
                 if ip.parse::<std::net::Ipv4Addr>().is_err() {
                     errs.push(
@@ -125,7 +147,7 @@ impl Validate for RouterSpec {
             if self
                 .external
                 .as_ref()
-                .is_some_and(|e| &e.network == network)
+                .is_some_and(|e| !e.uplink && &e.network == network)
             {
                 errs.push(
                     format!("{path}.networks[{i}]"),
