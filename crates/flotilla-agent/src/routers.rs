@@ -48,12 +48,7 @@ pub fn uplink_addresses(routers: &[&Router]) -> BTreeMap<String, Ipv4Addr> {
         .iter()
         .filter(|r| r.spec.external.as_ref().is_some_and(|e| e.uplink))
         .collect();
-    uplinks.sort_by_key(|r| {
-        (
-            r.metadata.creation_timestamp.clone(),
-            r.metadata.uid.clone(),
-        )
-    });
+    uplinks.sort_by_key(|r| (r.metadata.creation_timestamp, r.metadata.uid.clone()));
     let mut taken = BTreeSet::new();
     let mut addresses = BTreeMap::new();
     for router in uplinks.into_iter().take(slots as usize) {

@@ -12,7 +12,9 @@ use std::process::{Command, Stdio};
 
 use flotilla_dataplane::namespace::ensure_namespace;
 use flotilla_dataplane::testkit::{run, Eth0, Namespaces};
-use flotilla_dataplane::{bridge_name, ExternalPort, Netlink, Overlay, Router, RouterNetwork};
+use flotilla_dataplane::{
+    bridge_name, External, ExternalPort, Netlink, Overlay, Router, RouterNetwork,
+};
 
 /// iperf3 from `client` to `server` (already listening): Gbit/s.
 fn throughput(client: &str, server_address: &str) -> f64 {
@@ -119,14 +121,14 @@ async fn main() {
                 mtu: 1450,
                 mac: None,
             }],
-            external: Some(ExternalPort {
+            external: Some(External::Bridge(ExternalPort {
                 bridge: "br-ex".into(),
                 address: "203.0.113.2".parse().unwrap(),
                 prefix_len: 24,
                 gateway: "203.0.113.1".parse().unwrap(),
                 mtu: 1500,
                 mac: None,
-            }),
+            })),
             floating: Vec::new(),
             routes: Vec::new(),
         })
