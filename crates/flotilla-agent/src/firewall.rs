@@ -11,13 +11,13 @@
 //! rules its running VMs have with a partial set.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use flotilla_dataplane::{AddressSet, PortPolicy, Protocol, Rule};
-use flotilla_types::kinds::security_group::{parse_cidr, parse_ports};
+use flotilla_types::kinds::security_group::{parse_ip_cidr, parse_ports};
 use flotilla_types::kinds::{Direction, RuleProtocol, SecurityGroup};
 use flotilla_types::{Network, NetworkType, VirtualMachine};
 use tokio::sync::{watch, Notify};
@@ -93,9 +93,9 @@ impl Sets {
             .as_ref()
             .map(|s| s.members.as_slice())
             .unwrap_or_default();
-        let mut nets: Vec<(Ipv4Addr, u8)> = members
+        let mut nets: Vec<(IpAddr, u8)> = members
             .iter()
-            .flat_map(|m| m.addresses.iter().filter_map(|a| parse_cidr(a)))
+            .flat_map(|m| m.addresses.iter().filter_map(|a| parse_ip_cidr(a)))
             .collect();
         nets.sort();
         nets.dedup();
@@ -136,21 +136,33 @@ pub fn policies(known: &Known) -> (Vec<PortPolicy>, Vec<AddressSet>) {
             else {
                 continue;
             };
-            let mut addresses: Vec<(Ipv4Addr, u8)> = interface
+            let own: Vec<IpAddr> = interface
                 .ips
                 .iter()
                 .filter_map(|ip| ip.split('/').next()?.parse().ok())
-                .map(|ip| (ip, 32))
                 .collect();
-            if addresses.is_empty() {
+            let mut addresses: Vec<(IpAddr, u8)> = own
+                .iter()
+                .map(|ip| (*ip, if ip.is_ipv4() { 32 } else { 128 }))
+                .collect();
+            if !own.iter().any(IpAddr::is_ipv4) {
                 // Flotilla did not give this NIC its address (a LAN's own DHCP serves it), so
                 // it cannot know which sources are the guest's: only its MAC is checked.
-                addresses.push((Ipv4Addr::UNSPECIFIED, 0));
+                addresses.push((Ipv4Addr::UNSPECIFIED.into(), 0));
+            }
+            if !own.iter().any(IpAddr::is_ipv6) {
+                if network.spec.network_type == NetworkType::Overlay {
+                    // No prefix, no advertisements on it: link-local addresses only.
+                    addresses.push((flotilla_dataplane::link_local(&mac).into(), 128));
+                } else {
+                    // A LAN may advertise prefixes of its own: IPv6 sources go unchecked.
+                    addresses.push((Ipv6Addr::UNSPECIFIED.into(), 0));
+                }
             }
             addresses.extend(
                 nic.allowed_address_pairs
                     .iter()
-                    .filter_map(|p| parse_cidr(p)),
+                    .filter_map(|p| parse_ip_cidr(p)),
             );
             let (mut ingress, mut egress) = (Vec::new(), Vec::new());
             for group in nic.groups() {
@@ -205,7 +217,7 @@ fn render_rule(
     let (remote, remote_set) = match &rule.remote {
         None => (Vec::new(), None),
         Some(r) => match (&r.cidr, &r.security_group) {
-            (Some(cidr), _) => (vec![parse_cidr(cidr)?], None),
+            (Some(cidr), _) => (vec![parse_ip_cidr(cidr)?], None),
             (None, Some(group)) => (Vec::new(), Some(sets.of(known, project, group)?)),
             (None, None) => return None,
         },
@@ -469,7 +481,7 @@ mod tests {
             group(
                 "default",
                 serde_json::to_value(flotilla_types::SecurityGroupSpec::default_group()).unwrap(),
-                json!([{"vm": "web", "nic": "nic0", "addresses": ["10.0.0.2"]},
+                json!([{"vm": "web", "nic": "nic0", "addresses": ["10.0.0.2", "fd00::1"]},
                        {"vm": "db", "nic": "nic0", "addresses": ["10.0.0.9"]}]),
             ),
         );
@@ -503,12 +515,20 @@ mod tests {
         assert!(a.port.len() <= 15 && a.port.starts_with("ft"));
         assert_eq!((a.bridge.as_str(), a.zone), ("fb-4100", 4100));
         assert_eq!(a.mac, [2, 0x46, 0x4c, 0, 0, 1]);
-        // IPv4 only, as /32s; the pairs as networks.
-        assert_eq!(a.addresses, vec![("10.0.0.2".parse().unwrap(), 32)]);
+        // Its addresses as /32s and /128s; the pairs as networks; a NIC without an IPv6
+        // address on an overlay network may send from its link-local address only.
+        assert_eq!(
+            a.addresses,
+            vec![
+                ("10.0.0.2".parse().unwrap(), 32),
+                ("fd00::1".parse().unwrap(), 128)
+            ]
+        );
         assert_eq!(
             b.addresses,
             vec![
                 ("10.0.0.3".parse().unwrap(), 32),
+                ("fe80::46:4cff:fe00:2".parse().unwrap(), 128),
                 ("10.0.0.128".parse().unwrap(), 25)
             ]
         );
@@ -537,7 +557,8 @@ mod tests {
                 name: "sg0".into(),
                 members: vec![
                     ("10.0.0.2".parse().unwrap(), 32),
-                    ("10.0.0.9".parse().unwrap(), 32)
+                    ("10.0.0.9".parse().unwrap(), 32),
+                    ("fd00::1".parse().unwrap(), 128)
                 ],
             }]
         );
@@ -564,8 +585,27 @@ mod tests {
             }
         }
         let (ports, _) = policies(&k);
-        assert_eq!(ports[0].addresses, vec![(Ipv4Addr::UNSPECIFIED, 0)]);
+        assert_eq!(
+            ports[0].addresses,
+            vec![
+                (Ipv4Addr::UNSPECIFIED.into(), 0),
+                ("fe80::46:4cff:fe00:1".parse().unwrap(), 128)
+            ]
+        );
         assert_eq!(ports[0].mac, [2, 0x46, 0x4c, 0, 0, 1]);
+        // On a LAN, which may advertise prefixes of its own, IPv6 sources are not checked.
+        for network in k.networks.values_mut() {
+            network.spec.network_type = NetworkType::Bridged;
+            network.spec.bridge = Some("br0".into());
+        }
+        let (ports, _) = policies(&k);
+        assert_eq!(
+            ports[0].addresses,
+            vec![
+                (Ipv4Addr::UNSPECIFIED.into(), 0),
+                (Ipv6Addr::UNSPECIFIED.into(), 0)
+            ]
+        );
     }
 
     #[test]

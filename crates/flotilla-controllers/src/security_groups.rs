@@ -56,7 +56,7 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
                     n.ips
                         .iter()
                         .filter_map(|ip| ip.split('/').next())
-                        .filter(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok())
+                        .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
                         .map(str::to_string)
                         .collect()
                 })

@@ -29,7 +29,9 @@ mod service;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use firewall::{apply_firewall, firewall_rules, AddressSet, PortPolicy, Protocol, Rule};
+pub use firewall::{
+    apply_firewall, firewall_rules, link_local, AddressSet, PortPolicy, Protocol, Rule,
+};
 pub use router::{
     external_peer_name, external_port_name, nat_rules, router_peer_name, router_port_name,
     uplink_nat_rules, External, ExternalPort, Router, RouterNetwork, UPLINK_LINKS,

@@ -6,7 +6,7 @@
 //! another table in the node's ruleset is untouched. Also prints the size and apply time of the
 //! tables for 1,000 ports with 10 rules each. Needs root.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -72,7 +72,7 @@ fn port(name: &str, id: u16, mac: [u8; 6], ip: &str, ingress: Vec<Rule>) -> Port
     }
 }
 
-fn tcp(port: u16, remote: Vec<(Ipv4Addr, u8)>) -> Rule {
+fn tcp(port: u16, remote: Vec<(IpAddr, u8)>) -> Rule {
     Rule {
         protocol: Protocol::Tcp,
         ports: Some((port, port)),
@@ -162,7 +162,7 @@ async fn security_groups_and_anti_spoofing_hold_on_the_bridge() {
         remote_set: Some("sg0".into()),
         ..tcp(80, Vec::new())
     };
-    let group = |members: Vec<(Ipv4Addr, u8)>| {
+    let group = |members: Vec<(IpAddr, u8)>| {
         [flotilla_dataplane::AddressSet {
             name: "sg0".into(),
             members,
@@ -250,7 +250,7 @@ async fn security_groups_and_anti_spoofing_hold_on_the_bridge() {
                 .map(|r| {
                     tcp(
                         1000 + r,
-                        vec![(Ipv4Addr::new(10, (r % 250) as u8, 0, 0), 16)],
+                        vec![(IpAddr::V4(Ipv4Addr::new(10, (r % 250) as u8, 0, 0)), 16)],
                     )
                 })
                 .collect();
@@ -278,5 +278,218 @@ async fn security_groups_and_anti_spoofing_hold_on_the_bridge() {
         size / 1024,
         first.as_millis(),
         started.elapsed().as_millis()
+    );
+}
+
+/// Sends one ICMPv6 message (hop limit 255, as neighbour discovery needs) from `guest`'s eth0
+/// to all nodes: `kind` is `na <target>` (an unsolicited, overriding neighbour advertisement
+/// naming this guest's MAC) or `ra` (a router advertisement offering a default route).
+fn send_nd(guest: &str, kind: &str) {
+    let script = r#"
+import socket, struct, sys
+mac = bytes.fromhex(open('/sys/class/net/eth0/address').read().strip().replace(':', ''))
+if sys.argv[1] == 'na':
+    body = struct.pack('!BBHI', 136, 0, 0, 0x20000000) + socket.inet_pton(socket.AF_INET6, sys.argv[2]) + bytes([2, 1]) + mac
+else:
+    body = struct.pack('!BBHBBHII', 134, 0, 0, 64, 0, 1800, 0, 0) + bytes([1, 1]) + mac
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
+s.sendto(body, ('ff02::1', 0, 0, socket.if_nametoindex('eth0')))
+"#;
+    let mut args = vec!["netns", "exec", guest, "python3", "-c", script];
+    args.extend(kind.split(' '));
+    let status = Command::new("ip").args(&args).status().unwrap();
+    assert!(status.success(), "sending {kind} from {guest}");
+}
+
+/// IPv6 through the same tables: rules apply to it (a CIDR rule to its own family only, a
+/// remote group through its IPv6 set), neighbour discovery works with no rule for it, and a VM
+/// can neither send from an address not its own, nor claim another's address in a neighbour
+/// advertisement, nor advertise itself as a router — each shown to work without the port's
+/// policy and to be stopped with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_follows_the_rules_and_cannot_be_spoofed() {
+    let mut ns = Namespaces::new("f6");
+    let node = ns.add("node");
+    let node_path = PathBuf::from("/run/netns").join(&node);
+    run(&["ip", "-n", &node, "link", "add", "br0", "type", "bridge"]);
+    run(&["ip", "-n", &node, "link", "set", "br0", "up"]);
+    let server = guest(&mut ns, &node, "s", "10.0.0.60/24", "02:46:4c:00:00:60");
+    let client = guest(&mut ns, &node, "c", "10.0.0.50/24", "02:46:4c:00:00:50");
+    let victim = guest(&mut ns, &node, "v", "10.0.0.70/24", "02:46:4c:00:00:70");
+    for (g, ip) in [
+        (&server, "fd00:10::60/64"),
+        (&client, "fd00:10::50/64"),
+        (&victim, "fd00:10::70/64"),
+    ] {
+        run(&["ip", "-n", g, "addr", "add", ip, "dev", "eth0", "nodad"]);
+    }
+    // Link-local addresses finish duplicate address detection.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let v6 = |ip: &str| -> Vec<(std::net::IpAddr, u8)> { vec![(ip.parse().unwrap(), 128)] };
+    let with6 = |mut p: PortPolicy, ip: &str| {
+        p.addresses.extend(v6(ip));
+        p
+    };
+    let icmp = Rule {
+        protocol: Protocol::Icmp,
+        ports: None,
+        remote: Vec::new(),
+        remote_set: None,
+    };
+    let server_port = |set_members: &[&str]| {
+        let ingress = vec![
+            tcp(22, Vec::new()),
+            icmp.clone(),
+            // TCP 80 from an IPv4 network only: not over IPv6.
+            tcp(80, vec![("10.0.0.0".parse().unwrap(), 24)]),
+            Rule {
+                remote_set: Some("sg0".into()),
+                ..tcp(8080, Vec::new())
+            },
+        ];
+        let port = with6(
+            port("ps", 1, [2, 0x46, 0x4c, 0, 0, 0x60], "10.0.0.60", ingress),
+            "fd00:10::60",
+        );
+        let sets = [flotilla_dataplane::AddressSet {
+            name: "sg0".into(),
+            members: set_members
+                .iter()
+                .map(|m| (m.parse().unwrap(), 128))
+                .collect(),
+        }];
+        (port, sets)
+    };
+    let client_port = with6(
+        port(
+            "pc",
+            2,
+            [2, 0x46, 0x4c, 0, 0, 0x50],
+            "10.0.0.50",
+            vec![icmp.clone()],
+        ),
+        "fd00:10::50",
+    );
+    let victim_port = with6(
+        port(
+            "pv",
+            3,
+            [2, 0x46, 0x4c, 0, 0, 0x70],
+            "10.0.0.70",
+            vec![icmp.clone()],
+        ),
+        "fd00:10::70",
+    );
+    let apply = |client: Option<PortPolicy>, members: &'static [&'static str]| {
+        let node_path = node_path.clone();
+        let (server, sets) = server_port(members);
+        let mut ports = vec![server, victim_port.clone()];
+        ports.extend(client);
+        async move { apply_firewall(&node_path, &ports, &sets).await.unwrap() }
+    };
+    apply(Some(client_port.clone()), &["fd00:10::50"]).await;
+
+    assert!(
+        connects(&server, &client, "fd00:10::60", 22),
+        "TCP 22 over IPv6"
+    );
+    assert!(
+        !connects(&server, &client, "fd00:10::60", 80),
+        "a rule for an IPv4 network does not open IPv6"
+    );
+    assert!(connects(&server, &client, "10.0.0.60", 80), "but IPv4");
+    assert!(
+        connects(&server, &client, "fd00:10::60", 8080),
+        "a member's IPv6 address is in the group's set"
+    );
+    apply(Some(client_port.clone()), &["fd00:10::99"]).await;
+    assert!(
+        !connects(&server, &client, "fd00:10::60", 8080),
+        "and leaves it"
+    );
+    assert!(
+        pings(&client, "fd00:10::60", None),
+        "ICMPv6 echo, and neighbour discovery with no rule for it"
+    );
+    assert!(
+        pings(&client, "fe80::46:4cff:fe00:60%eth0", None),
+        "link-local addresses work"
+    );
+
+    // A source address not its own.
+    run(&[
+        "ip",
+        "-n",
+        &client,
+        "addr",
+        "add",
+        "fd00:10::99/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    assert!(
+        !pings(&client, "fd00:10::60", Some("fd00:10::99")),
+        "a spoofed IPv6 source is dropped"
+    );
+    assert!(pings(&client, "fd00:10::60", Some("fd00:10::50")));
+
+    // Claiming the server's address: the victim knows the server's MAC, the client says it
+    // is its own. Without the client's policy the victim believes it; with it, never.
+    let server_mac = |victim: &str| {
+        assert!(pings(victim, "fd00:10::60", None));
+        run(&["ip", "-n", victim, "-6", "neigh", "show", "fd00:10::60"])
+    };
+    assert!(server_mac(&victim).contains("02:46:4c:00:00:60"));
+    apply(None, &[]).await;
+    let poisoned = (0..3).any(|_| {
+        run(&["ip", "-n", &victim, "-6", "neigh", "flush", "dev", "eth0"]);
+        assert!(server_mac(&victim).contains("02:46:4c:00:00:60"));
+        send_nd(&client, "na fd00:10::60");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        run(&["ip", "-n", &victim, "-6", "neigh", "show", "fd00:10::60"])
+            .contains("02:46:4c:00:00:50")
+    });
+    assert!(
+        poisoned,
+        "without its policy the client can claim the address"
+    );
+    apply(Some(client_port.clone()), &[]).await;
+    run(&["ip", "-n", &victim, "-6", "neigh", "flush", "dev", "eth0"]);
+    assert!(server_mac(&victim).contains("02:46:4c:00:00:60"));
+    send_nd(&client, "na fd00:10::60");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let after = run(&["ip", "-n", &victim, "-6", "neigh", "show", "fd00:10::60"]);
+    assert!(
+        after.contains("02:46:4c:00:00:60"),
+        "with it the claim is dropped: {after}"
+    );
+
+    // Router advertisements from a VM: without the policy the victim takes a default route
+    // from it; with it, none.
+    let default_route = || run(&["ip", "-n", &victim, "-6", "route", "show", "default"]);
+    apply(Some(client_port.clone()), &[]).await;
+    send_nd(&client, "ra");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        default_route().trim(),
+        "",
+        "a VM's advertisement is dropped"
+    );
+    apply(None, &[]).await;
+    send_nd(&client, "ra");
+    let mut learned = String::new();
+    for _ in 0..10 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        learned = default_route();
+        if !learned.trim().is_empty() {
+            break;
+        }
+    }
+    assert!(
+        learned.contains("fe80::46:4cff:fe00:50"),
+        "without the policy it is believed: {learned:?}"
     );
 }

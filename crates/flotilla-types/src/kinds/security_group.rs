@@ -18,6 +18,9 @@ pub const DEFAULT_GROUP: &str = "default";
 /// A port or an inclusive range of ports: `22`, `8000-8100`.
 pub const PORTS_PATTERN: &str = r"^[0-9]{1,5}(-[0-9]{1,5})?$";
 /// An IPv4 network (`10.0.0.0/8`, `0.0.0.0/0`) or address (`192.0.2.7`, read as a /32).
+/// An IPv4 or IPv6 address or network, roughly (the server reads it exactly).
+pub const IP_CIDR_PATTERN: &str =
+    r"^([0-9.]{7,15}(/[0-9]{1,2})?|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*(/[0-9]{1,3})?)$";
 pub const IPV4_CIDR_PATTERN: &str = r"^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}(/([0-9]|[12][0-9]|3[0-2]))?$";
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -47,7 +50,7 @@ pub enum RuleProtocol {
 pub struct RuleRemote {
     /// An IPv4 network or address (`0.0.0.0/0`: anywhere).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex = "IPV4_CIDR_PATTERN")]
+    #[schemars(regex = "IP_CIDR_PATTERN")]
     pub cidr: Option<String>,
     /// A SecurityGroup of the project: the addresses of its members' NICs, followed as VMs come
     /// and go.
@@ -100,7 +103,8 @@ pub struct SecurityGroupMember {
     pub vm: String,
     /// Its NIC.
     pub nic: String,
-    /// The NIC's IPv4 addresses (and its allowed address pairs): what rules naming the group match.
+    /// The NIC's addresses, IPv4 and IPv6 (and its allowed address pairs): what rules naming
+    /// the group match.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
 }
@@ -124,6 +128,28 @@ pub fn parse_ports(ports: &str) -> Option<(u16, u16)> {
     let (a, b) = ports.split_once('-').unwrap_or((ports, ports));
     let (a, b): (u16, u16) = (a.parse().ok()?, b.parse().ok()?);
     (a >= 1 && a <= b).then_some((a, b))
+}
+
+/// Reads an IPv4 or IPv6 network or address (a /32 or /128) into its address and prefix
+/// length, with host bits zero.
+pub fn parse_ip_cidr(cidr: &str) -> Option<(std::net::IpAddr, u8)> {
+    if let Some(v4) = parse_cidr(cidr) {
+        return Some((v4.0.into(), v4.1));
+    }
+    let (address, len) = match cidr.split_once('/') {
+        Some((a, l)) => (a, l.parse::<u8>().ok()?),
+        None => (cidr, 128),
+    };
+    let address: std::net::Ipv6Addr = address.parse().ok()?;
+    if len > 128 {
+        return None;
+    }
+    let mask = if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - len)
+    };
+    (u128::from(address) & !mask == 0).then_some((address.into(), len))
 }
 
 /// Reads an IPv4 network or address (a /32) into its address and prefix length, with host bits
@@ -193,11 +219,11 @@ impl Validate for SecurityGroupSpec {
                     "name either a cidr or a securityGroup, not both and not neither",
                 ),
                 (Some(cidr), None) => {
-                    if parse_cidr(cidr).is_none() {
+                    if parse_ip_cidr(cidr).is_none() {
                         errs.push(
                             format!("{at}.remote.cidr"),
                             format!(
-                                "{cidr:?} is not an IPv4 network with its host bits zero, e.g. 10.0.0.0/8 or 192.0.2.7"
+                                "{cidr:?} is not an IPv4 or IPv6 network with its host bits zero, e.g. 10.0.0.0/8, 192.0.2.7 or fd00:1::/64"
                             ),
                         );
                     }
@@ -279,6 +305,25 @@ mod tests {
         );
         for bad in ["10.0.0.5/8", "10.0.0.0/33", "10.0.0/8", "::/0"] {
             assert_eq!(parse_cidr(bad), None, "{bad}");
+        }
+        assert_eq!(
+            parse_ip_cidr("fd00:1::/64"),
+            Some(("fd00:1::".parse().unwrap(), 64))
+        );
+        assert_eq!(
+            parse_ip_cidr("fd00::7"),
+            Some(("fd00::7".parse().unwrap(), 128))
+        );
+        assert_eq!(
+            parse_ip_cidr("10.0.0.0/8"),
+            Some(("10.0.0.0".parse().unwrap(), 8))
+        );
+        for bad in ["fd00:1::1/64", "::/129", "fd00::g", "10.0.0.5/8"] {
+            assert_eq!(parse_ip_cidr(bad), None, "{bad}");
+        }
+        let pattern = regex::Regex::new(IP_CIDR_PATTERN).unwrap();
+        for good in ["10.0.0.0/8", "192.0.2.7", "fd00:1::/64", "::/0", "fe80::1"] {
+            assert!(pattern.is_match(good), "{good}");
         }
     }
 

@@ -163,12 +163,13 @@ pub struct NetworkAttachment {
         inner(regex = "crate::validation::DNS_LABEL_PATTERN")
     )]
     pub security_groups: Option<Vec<String>>,
-    /// Further IPv4 addresses or networks the NIC may send from (a VIP that moves between
-    /// VMs, e.g. with keepalived); its own addresses always. May change while the VM runs.
+    /// Further IPv4 or IPv6 addresses or networks the NIC may send from (a VIP that moves
+    /// between VMs, e.g. with keepalived); its own addresses always. May change while the VM
+    /// runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(
         length(max = 32),
-        inner(regex = "crate::kinds::security_group::IPV4_CIDR_PATTERN")
+        inner(regex = "crate::kinds::security_group::IP_CIDR_PATTERN")
     )]
     pub allowed_address_pairs: Vec<String>,
 }
@@ -403,10 +404,10 @@ impl Validate for VirtualMachineSpec {
                 );
             }
             for (j, pair) in n.allowed_address_pairs.iter().enumerate() {
-                if crate::kinds::security_group::parse_cidr(pair).is_none() {
+                if crate::kinds::security_group::parse_ip_cidr(pair).is_none() {
                     errs.push(
                         format!("{path}.networks[{i}].allowedAddressPairs[{j}]"),
-                        format!("{pair:?} is not an IPv4 address or network (host bits zero), e.g. 10.0.0.100 or 10.0.0.128/25"),
+                        format!("{pair:?} is not an IPv4 or IPv6 address or network (host bits zero), e.g. 10.0.0.100, 10.0.0.128/25 or fd00:1::100"),
                     );
                 }
             }
