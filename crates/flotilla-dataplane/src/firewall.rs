@@ -87,6 +87,16 @@ fn set<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
     format!("{{ {} }}", items.join(", "))
 }
 
+/// One item as itself, more as an anonymous set: every anonymous set is a kernel object of its
+/// own, and a node's rule set has thousands of them (one item is the common case).
+fn one_or_set<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    let items: Vec<String> = items.into_iter().map(|i| i.to_string()).collect();
+    match items.as_slice() {
+        [one] => one.clone(),
+        _ => format!("{{ {} }}", items.join(", ")),
+    }
+}
+
 /// Interface names reach the rules only when they are names (no quote can end the string).
 fn name_ok(name: &str) -> bool {
     !name.is_empty()
@@ -97,13 +107,20 @@ fn name_ok(name: &str) -> bool {
 }
 
 /// The matches of one rule (`remote` on the given side): one line per family it applies to.
-fn matches(rule: &Rule, remote_side: &str) -> Vec<String> {
+/// `in_set` says which families a named set has members of (a rule needs no line for a family
+/// its set has none of).
+fn matches(rule: &Rule, remote_side: &str, in_set: &dyn Fn(&str) -> (bool, bool)) -> Vec<String> {
     let (v4, v6): (Vec<_>, Vec<_>) = rule.remote.iter().partition(|(a, _)| a.is_ipv4());
     // (the family's remote match, its ICMP) for each family the rule covers.
     let mut families: Vec<(String, &str)> = Vec::new();
     if let Some(name) = &rule.remote_set {
-        families.push((format!("ip {remote_side} @{name} "), "icmp"));
-        families.push((format!("ip6 {remote_side} @{name}_6 "), "ipv6-icmp"));
+        let (has_v4, has_v6) = in_set(name);
+        if has_v4 {
+            families.push((format!("ip {remote_side} @{name} "), "icmp"));
+        }
+        if has_v6 {
+            families.push((format!("ip6 {remote_side} @{name}_6 "), "ipv6-icmp"));
+        }
     } else if rule.remote.is_empty() {
         families.push((String::new(), "{ icmp, ipv6-icmp }"));
     } else {
@@ -163,7 +180,7 @@ pub fn link_local(mac: &[u8; 6]) -> Ipv6Addr {
     Ipv6Addr::from((0xfe80u128 << 112) | u128::from(u64::from_be_bytes(id)))
 }
 
-/// The neighbour discovery and multicast listener messages IPv6 needs: they pass every port's
+/// The neighbour discovery and multicast listener messages IPv6 needs: they pass all ports'
 /// rules (their sources, and advertisements' targets, are checked on the bridge).
 const ICMPV6_ESSENTIAL: &str = "{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, \
      nd-neighbor-advert, mld-listener-query, mld-listener-report, mld-listener-done, \
@@ -218,6 +235,11 @@ pub fn firewall_rules(ports: &[PortPolicy], sets: &[AddressSet]) -> String {
     out.push_str(
         "table bridge flotilla {}\ndelete table bridge flotilla\ntable bridge flotilla {\n",
     );
+    // What may come from `::` (duplicate address detection, listener reports): one named set.
+    out.push_str(
+        "  set from_unspecified {\n    type icmpv6_type\n    elements = { nd-neighbor-solicit, \
+         mld-listener-report, mld2-listener-report }\n  }\n",
+    );
     out.push_str("  chain forward {\n    type filter hook forward priority -200; policy accept;\n");
     for p in &ports {
         let _ = writeln!(out, "    iifname \"{}\" jump from-{}", p.port, p.id);
@@ -236,7 +258,7 @@ pub fn firewall_rules(ports: &[PortPolicy], sets: &[AddressSet]) -> String {
     out.push_str("  }\n");
     for p in &ports {
         let (v4, v6): (Vec<_>, Vec<_>) = p.addresses.iter().partition(|(a, _)| a.is_ipv4());
-        let own = set(v4.iter().map(|(a, l)| cidr(a, *l)));
+        let own = one_or_set(v4.iter().map(|(a, l)| cidr(a, *l)));
         let _ = write!(
             out,
             "  chain from-{id} {{\n    ether saddr != {mac} drop\n    arp saddr ether != {mac} drop\n",
@@ -256,7 +278,7 @@ pub fn firewall_rules(ports: &[PortPolicy], sets: &[AddressSet]) -> String {
             let _ = writeln!(out, "    ip saddr != {own} drop");
         }
         // IPv6: no router advertisements, redirects or DHCPv6 answers from a VM.
-        out.push_str("    icmpv6 type { nd-router-advert, nd-redirect } drop\n");
+        out.push_str("    icmpv6 type nd-router-advert drop\n    icmpv6 type nd-redirect drop\n");
         out.push_str("    udp sport 547 drop\n");
         if v6.is_empty() {
             out.push_str("    meta protocol ip6 drop\n");
@@ -266,12 +288,9 @@ pub fn firewall_rules(ports: &[PortPolicy], sets: &[AddressSet]) -> String {
             own6.push((link_local, 128));
             own6.sort();
             own6.dedup();
-            let own6 = set(own6.iter().map(|(a, l)| cidr(a, *l)));
+            let own6 = one_or_set(own6.iter().map(|(a, l)| cidr(a, *l)));
             // Duplicate address detection and listener reports come from `::`.
-            out.push_str(
-                "    ip6 saddr :: icmpv6 type { nd-neighbor-solicit, mld-listener-report, \
-                 mld2-listener-report } return\n",
-            );
+            out.push_str("    ip6 saddr :: icmpv6 type @from_unspecified return\n");
             let _ = writeln!(out, "    ip6 saddr != {own6} drop");
             // A neighbour advertisement's target must be one of its addresses (when its pairs
             // are whole networks they cannot be listed as targets: not checked then).
@@ -289,7 +308,7 @@ pub fn firewall_rules(ports: &[PortPolicy], sets: &[AddressSet]) -> String {
                 let _ = writeln!(
                     out,
                     "    icmpv6 type nd-neighbor-advert @th,64,128 != {} drop",
-                    set(targets)
+                    one_or_set(targets)
                 );
             }
         }
@@ -297,6 +316,17 @@ pub fn firewall_rules(ports: &[PortPolicy], sets: &[AddressSet]) -> String {
     }
     out.push_str("}\n");
 
+    let in_set = |name: &str| {
+        let members = sets
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.members.as_slice())
+            .unwrap_or_default();
+        (
+            members.iter().any(|(a, _)| a.is_ipv4()),
+            members.iter().any(|(a, _)| a.is_ipv6()),
+        )
+    };
     // The inet table: state per bridge, and each port's rules.
     out.push_str("table inet flotilla {}\ndelete table inet flotilla\ntable inet flotilla {\n");
     for s in &sets {
@@ -316,6 +346,7 @@ pub fn firewall_rules(ports: &[PortPolicy], sets: &[AddressSet]) -> String {
                 let _ = writeln!(out, "    auto-merge\n    elements = {}", set(members));
             }
             out.push_str("  }\n");
+            // (Sets of a family with no members stay, empty: cheap, and nothing names them.)
         }
     }
     out.push_str("  chain zones {\n    type filter hook prerouting priority raw; policy accept;\n");
@@ -328,6 +359,14 @@ pub fn firewall_rules(ports: &[PortPolicy], sets: &[AddressSet]) -> String {
     out.push_str("  }\n");
     out.push_str(
         "  chain forward {\n    type filter hook forward priority filter; policy accept;\n",
+    );
+    // Once for every port (their sources and targets were checked on the bridge): what IPv6
+    // needs, a VM asking for its addresses (as in OpenStack) and the DHCP servers answering
+    // (VMs cannot send from ports 67 and 547).
+    let _ = writeln!(out, "    icmpv6 type {ICMPV6_ESSENTIAL} accept");
+    out.push_str("    udp sport 68 udp dport 67 accept\n    udp sport 67 udp dport 68 accept\n");
+    out.push_str(
+        "    udp sport 546 udp dport 547 accept\n    udp sport 547 udp dport 546 accept\n",
     );
     for p in &ports {
         let _ = writeln!(
@@ -350,19 +389,9 @@ pub fn firewall_rules(ports: &[PortPolicy], sets: &[AddressSet]) -> String {
             [("out", &p.egress, "daddr"), ("in", &p.ingress, "saddr")]
         {
             let _ = writeln!(out, "  chain {direction}-{} {{", p.id);
-            let _ = writeln!(out, "    icmpv6 type {ICMPV6_ESSENTIAL} return");
             out.push_str("    ct state established,related return\n    ct state invalid drop\n");
-            if direction == "in" {
-                // The network's DHCP servers answer (VMs cannot send from ports 67 and 547).
-                out.push_str("    udp sport 67 udp dport 68 return\n");
-                out.push_str("    udp sport 547 udp dport 546 return\n");
-            } else {
-                // A VM may always ask for its address, as in OpenStack.
-                out.push_str("    udp sport 68 udp dport 67 return\n");
-                out.push_str("    udp sport 546 udp dport 547 return\n");
-            }
             for rule in rules.iter() {
-                for m in matches(rule, remote_side) {
+                for m in matches(rule, remote_side, &in_set) {
                     let _ = writeln!(out, "    {m}return");
                 }
             }
@@ -436,6 +465,7 @@ mod tests {
             "    iifname \"vnet3\" meta mark set meta mark | 0x30000",
             "    ether saddr != 02:46:4c:00:00:03 drop",
             "    arp saddr ip != { 10.0.0.3, 10.0.0.128/25 } drop",
+            "    ip6 saddr :: icmpv6 type @from_unspecified return",
             "    ip saddr != { 10.0.0.3, 10.0.0.128/25 } drop",
             "    iifname \"fb-4096\" ct zone set 4096",
             "    meta mark & 0xffff0000 == 0x30000 jump out-3",
@@ -448,13 +478,15 @@ mod tests {
             "    elements = { 10.0.0.7 }",
             "    elements = { fd00:10::7 }",
             // IPv6 anti-spoofing: its address and EUI-64 link-local address, `::` for DAD.
-            "    icmpv6 type { nd-router-advert, nd-redirect } drop",
+            "    icmpv6 type nd-router-advert drop",
+            "    icmpv6 type nd-redirect drop",
             "    udp sport 547 drop",
             "    ip6 saddr != { fd00:10::46:4cff:fe00:3, fe80::46:4cff:fe00:3 } drop",
-            "    icmpv6 type nd-neighbor-advert @th,64,128 != { 0xfe8000000000000000464cfffe000003, 0xfd000010000000000046\
+            "    icmpv6 type nd-neighbor-advert @th,64,128 != { 0xfd0000100000000000464cfffe000003, 0xfe800000000000000046\
              4cfffe000003 } drop",
-            "    udp sport 546 udp dport 547 return",
-            "    udp sport 547 udp dport 546 return",
+            "    udp sport 546 udp dport 547 accept",
+            "    udp sport 547 udp dport 546 accept",
+            "    udp sport 68 udp dport 67 accept",
         ] {
             assert!(rules.lines().any(|l| l == line), "{line:?} in:\n{rules}");
         }
@@ -484,7 +516,12 @@ mod tests {
         assert!(!unchecked.contains("ip6 saddr !="), "{unchecked}");
         assert!(!unchecked.contains("meta protocol ip6 drop"), "{unchecked}");
         // Still no router advertisements from it.
-        assert!(unchecked.contains("icmpv6 type { nd-router-advert, nd-redirect } drop"));
+        assert!(unchecked.contains("icmpv6 type nd-router-advert drop"));
+        // One address: no anonymous set for it.
+        assert!(
+            v4_only.contains("    ip saddr != 10.0.0.1 drop\n"),
+            "{v4_only}"
+        );
         // A pair that is a whole network: sources checked, advertisement targets cannot be.
         let pair = firewall_rules(&[port(&[("fd00::1", 128), ("fd00:1::", 64)])], &[]);
         assert!(
