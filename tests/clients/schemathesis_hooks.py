@@ -20,7 +20,7 @@ as "valid data rejected". This hook makes generated requests keep them, and noth
 - a security group rule has ports only for tcp and udp (a port, or a range start first), and a
   remote names a cidr (host bits zero) or a group, not both (cross-field);
 - a router's and a floating IP's networks exist (cross-object: the run makes st-ext, bridged
-  with a cidr, and st-lan), a floating IP's address is a free one of its network, a route's
+  with a cidr, and st-lan), a router leaves through a network or the node's uplink (cross-field), a floating IP's address is a free one of its network, a route's
   destination is a network narrower than the default route (cross-field);
 - label and field selectors follow their grammar (not a regular language for labels' sets);
 - continue tokens are the server's own (opaque; a made-up one is rightly 400);
@@ -45,6 +45,7 @@ And a few about the run itself, not the document:
 """
 
 import copy
+import ipaddress
 import re
 from urllib.parse import unquote
 
@@ -165,14 +166,11 @@ def keep_network_rules(spec):
 
 
 def zero_host_bits(cidr):
-    """An IPv4 network with its host bits cleared (an address alone is a /32)."""
-    addr, _, length = cidr.partition("/")
-    bits = int(length) if length else 32
-    octets = [int(o) for o in addr.split(".")]
-    value = sum(o << (24 - 8 * i) for i, o in enumerate(octets))
-    value &= (0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF
-    network = ".".join(str((value >> (24 - 8 * i)) & 255) for i in range(4))
-    return network + ("/" + length if length else "")
+    """An IPv4 or IPv6 network with its host bits cleared (an address alone is a /32 or /128)."""
+    if "/" not in cidr:
+        return cidr
+    network = ipaddress.ip_network(cidr, strict=False)
+    return f"{network.network_address}/{network.prefixlen}"
 
 
 def keep_security_group_rules(spec):
@@ -199,10 +197,15 @@ def keep_security_group_rules(spec):
 
 def keep_router_rules(spec):
     """A router's networks exist (cross-object): its external network is st-ext (a bridged
-    network with a cidr the run makes), its networks st-lan or none; a route's destination is a
+    network with a cidr the run makes) unless it leaves through the node's uplink, its
+    networks st-lan or none; a route's destination is a
     network (host bits zero) narrower than the default route."""
     if isinstance(spec.get("external"), dict):
-        spec["external"]["network"] = "st-ext"
+        # The node's uplink or a network, not both (cross-field).
+        if spec["external"].get("uplink") is True:
+            spec["external"].pop("network", None)
+        else:
+            spec["external"]["network"] = "st-ext"
         spec["external"]["ip"] = None
     if isinstance(spec.get("networks"), list):
         spec["networks"] = ["st-lan"] if spec["networks"] else []

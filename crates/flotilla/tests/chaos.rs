@@ -14,7 +14,11 @@
 //!   clean) and no temporary file;
 //! - every VM has a NIC on one overlay network: no two VMs share an address, and once they are
 //!   deleted the network holds none; at the end the network goes, and with it its bridge, VXLAN
-//!   device, DHCP namespace and dnsmasq on the host.
+//!   device, DHCP namespace and dnsmasq on the host;
+//! - each round's router (the overlay network to an external LAN, a bridge the test makes) is
+//!   placed and running in its namespace on the host, and its floating IP is bound to the first
+//!   VM; once both are deleted, the namespace is gone and neither network holds their
+//!   addresses.
 //!
 //! `CHAOS_ROUNDS` (3 in `make test`, hundreds in `make chaos`), `CHAOS_SEED` (random unless
 //! given; printed, so a failing run can be repeated) and `CHAOS_VMS` (4) shape the run;
@@ -209,6 +213,35 @@ async fn chaos() {
     .await
     .unwrap();
     let vni = net["status"]["vni"].as_u64().unwrap();
+    // The external LAN: a bridge on the host (gone with the test) and a network on it.
+    let lan = format!("fltch{}", std::process::id() % 100_000);
+    struct Bridge(String);
+    impl Drop for Bridge {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &self.0])
+                .status();
+        }
+    }
+    let _bridge = Bridge(lan.clone());
+    for args in [
+        vec!["link", "add", lan.as_str(), "type", "bridge"],
+        vec!["link", "set", lan.as_str(), "up"],
+    ] {
+        assert!(std::process::Command::new("ip")
+            .args(&args)
+            .status()
+            .unwrap()
+            .success());
+    }
+    let (routers, fips) = (lookup("router").unwrap(), lookup("floatingip").unwrap());
+    let ext = json!({"metadata": {"name": "chaos-ext"}, "spec": {"type": "bridged", "bridge": lan,
+        "cidr": "203.0.113.0/24", "gateway": "203.0.113.1"}});
+    persist("create external network", || {
+        admin.create(nets, Some("default"), &ext)
+    })
+    .await
+    .unwrap();
     let (mut server_kills, mut agent_kills, mut slowest) = (0usize, 0usize, Duration::ZERO);
     let started = Instant::now();
 
@@ -284,6 +317,23 @@ async fn chaos() {
         });
         futures::future::join_all(creates).await;
         let acked = names.clone();
+        // The round's router and a floating IP for its first VM, made during the kills too.
+        let router = format!("rt-{round}");
+        let router_object = json!({"metadata": {"name": router}, "spec": {
+            "external": {"network": "chaos-ext"}, "networks": ["chaos"]}});
+        let created = persist("create router", || {
+            admin.create(routers, Some("default"), &router_object)
+        })
+        .await;
+        done_before(409, created).unwrap();
+        let fip = format!("fip-{round}");
+        let fip_object =
+            json!({"metadata": {"name": fip}, "spec": {"network": "chaos-ext", "vm": names[0]}});
+        let created = persist("create floating IP", || {
+            admin.create(fips, Some("default"), &fip_object)
+        })
+        .await;
+        done_before(409, created).unwrap();
 
         // Some power states change while the VMs are being made.
         tokio::time::sleep(flip_after).await;
@@ -356,6 +406,43 @@ async fn chaos() {
                 panic!("round {round} (seed {seed}): {name} and {other} both hold {ip}");
             }
         }
+        // Invariant: the router runs on the host, and the floating IP forwards to the first VM.
+        let router_uid = persist("get router", || {
+            admin.get(routers, Some("default"), &router)
+        })
+        .await
+        .unwrap()["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let router_ns = std::path::Path::new("/run/netns").join(format!(
+            "{}{}",
+            flotilla_agent::routers::NAMESPACE_PREFIX,
+            flotilla_agent::routers::router_id(&router_uid)
+        ));
+        let first_ip = holders
+            .iter()
+            .find(|(_, n)| **n == names[0])
+            .map(|(ip, _)| ip.split('/').next().unwrap().to_string())
+            .unwrap();
+        loop {
+            let f = persist("get floating IP", || admin.get(fips, Some("default"), &fip))
+                .await
+                .unwrap();
+            if router_ns.exists() && f["status"]["fixedAddress"] == first_ip.as_str() {
+                break;
+            }
+            let fleet = fleet.lock().unwrap();
+            assert!(
+                last_restart.elapsed() < CONVERGE,
+                "round {round} (seed {seed}): the router is not running ({}) or the floating IP not bound to {first_ip}: {}\nagent log:\n{}",
+                router_ns.display(),
+                f["status"],
+                fleet.agent.tail(40)
+            );
+            drop(fleet);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         slowest = slowest.max(converged_in);
         let uids: Vec<String> = futures::future::join_all(acked.iter().map(|n| {
             let admin = &admin;
@@ -372,6 +459,10 @@ async fn chaos() {
 
         // Delete everything (perhaps with one more kill), then nothing may be left.
         let chaos = tokio::spawn(monkey(fleet.clone(), delete_kill.into_iter().collect()));
+        for (kind, name) in [(fips, &fip), (routers, &router)] {
+            let deleted = persist("delete", || admin.delete(kind, Some("default"), name)).await;
+            done_before(404, deleted).unwrap();
+        }
         for name in &acked {
             let deleted = persist("delete", || admin.delete(vms, Some("default"), name)).await;
             done_before(404, deleted).unwrap();
@@ -401,19 +492,32 @@ async fn chaos() {
             drop(fleet);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        // Invariant: the deleted VMs' addresses are free.
-        loop {
-            let held = persist("addresses", || admin.network_addresses("default", "chaos"))
-                .await
-                .unwrap();
-            if held["items"].as_array().unwrap().is_empty() {
-                break;
+        // Invariant: the deleted VMs', router's and floating IP's addresses are free, and the
+        // router's namespace is gone.
+        for network in ["chaos", "chaos-ext"] {
+            loop {
+                let held = persist("addresses", || admin.network_addresses("default", network))
+                    .await
+                    .unwrap();
+                if held["items"].as_array().unwrap().is_empty() {
+                    break;
+                }
+                assert!(
+                    deleted_at.elapsed() < CONVERGE,
+                    "round {round} (seed {seed}): addresses of deleted objects are still held on {network}: {}",
+                    held["items"]
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        }
+        while router_ns.exists() {
+            let fleet = fleet.lock().unwrap();
             assert!(
                 deleted_at.elapsed() < CONVERGE,
-                "round {round} (seed {seed}): addresses of deleted VMs are still held: {}",
-                held["items"]
+                "round {round} (seed {seed}): the deleted router's namespace stays\nagent log:\n{}",
+                fleet.agent.tail(40)
             );
+            drop(fleet);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let domains = support::domain_uuids();
@@ -450,12 +554,14 @@ async fn chaos() {
             round_start.elapsed().as_millis()
         );
     }
-    // The network goes, and nothing of it stays on the host.
-    let deleted = persist("delete network", || {
-        admin.delete(nets, Some("default"), "chaos")
-    })
-    .await;
-    done_before(404, deleted).unwrap();
+    // The networks go, and nothing of them stays on the host.
+    for name in ["chaos", "chaos-ext"] {
+        let deleted = persist("delete network", || {
+            admin.delete(nets, Some("default"), name)
+        })
+        .await;
+        done_before(404, deleted).unwrap();
+    }
     let gone_by = Instant::now() + CONVERGE;
     let leftovers = || {
         let mut left: Vec<String> = ["fb", "fx", "fd"]

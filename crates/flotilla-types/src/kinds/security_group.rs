@@ -18,9 +18,16 @@ pub const DEFAULT_GROUP: &str = "default";
 /// A port or an inclusive range of ports: `22`, `8000-8100`.
 pub const PORTS_PATTERN: &str = r"^[0-9]{1,5}(-[0-9]{1,5})?$";
 /// An IPv4 network (`10.0.0.0/8`, `0.0.0.0/0`) or address (`192.0.2.7`, read as a /32).
-/// An IPv4 or IPv6 address or network, roughly (the server reads it exactly).
-pub const IP_CIDR_PATTERN: &str =
-    r"^([0-9.]{7,15}(/[0-9]{1,2})?|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*(/[0-9]{1,3})?)$";
+/// An IPv4 or IPv6 address or network (IPv6 in its hexadecimal forms; whether host bits are
+/// zero, a pattern cannot say).
+pub const IP_CIDR_PATTERN: &str = concat!(
+    r"^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}(/([0-9]|[12][0-9]|3[0-2]))?",
+    r"|(([0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}|([0-9a-fA-F]{1,4}:){1,7}:",
+    r"|([0-9a-fA-F]{1,4}:){1,6}:[0-9a-fA-F]{1,4}|([0-9a-fA-F]{1,4}:){1,5}(:[0-9a-fA-F]{1,4}){1,2}",
+    r"|([0-9a-fA-F]{1,4}:){1,4}(:[0-9a-fA-F]{1,4}){1,3}|([0-9a-fA-F]{1,4}:){1,3}(:[0-9a-fA-F]{1,4}){1,4}",
+    r"|([0-9a-fA-F]{1,4}:){1,2}(:[0-9a-fA-F]{1,4}){1,5}|[0-9a-fA-F]{1,4}:(:[0-9a-fA-F]{1,4}){1,6}",
+    r"|:((:[0-9a-fA-F]{1,4}){1,7}|:))(/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8]))?)$"
+);
 pub const IPV4_CIDR_PATTERN: &str = r"^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}(/([0-9]|[12][0-9]|3[0-2]))?$";
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -322,8 +329,25 @@ mod tests {
             assert_eq!(parse_ip_cidr(bad), None, "{bad}");
         }
         let pattern = regex::Regex::new(IP_CIDR_PATTERN).unwrap();
-        for good in ["10.0.0.0/8", "192.0.2.7", "fd00:1::/64", "::/0", "fe80::1"] {
+        for good in [
+            "10.0.0.0/8",
+            "192.0.2.7",
+            "fd00:1::/64",
+            "::/0",
+            "fe80::1",
+            "1:2:3:4:5:6:7:8/128",
+        ] {
             assert!(pattern.is_match(good), "{good}");
+        }
+        for bad in [
+            "10.0.0.0/33",
+            "::/129",
+            "1.2.3.4.5",
+            ":::",
+            "fd00::1::2",
+            "g::1",
+        ] {
+            assert!(!pattern.is_match(bad), "{bad}");
         }
     }
 
