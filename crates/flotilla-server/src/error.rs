@@ -57,6 +57,25 @@ impl ApiError {
         )
     }
 
+    /// 503, with `Retry-After`: the store did not answer. Not a bug, so not logged as one; a
+    /// write may or may not have been applied, which the message says.
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        let reason = reason.into();
+        tracing::warn!(%reason, "the store is unavailable");
+        let mut status = Status::failure(
+            503,
+            "ServiceUnavailable",
+            format!(
+                "the store did not answer ({reason}): try again; a write may or may not have been applied, so read the object before writing it again"
+            ),
+        );
+        status.details = Some(flotilla_types::status::StatusDetails {
+            retry_after_seconds: Some(1),
+            ..Default::default()
+        });
+        ApiError(Box::new(status), None)
+    }
+
     /// 429, with `Retry-After`.
     pub fn too_many_requests(message: impl Into<String>, retry_after_seconds: u32) -> Self {
         let mut status = Status::failure(429, "TooManyRequests", message);
@@ -124,6 +143,7 @@ impl From<StoreError> for ApiError {
             StoreError::FutureRevision { requested, current } => ApiError::bad_request(format!(
                 "resourceVersion {requested} is newer than the server's current {current}"
             )),
+            StoreError::Unavailable(reason) => ApiError::unavailable(reason),
             other => ApiError::internal(format!("store: {other}")),
         }
     }

@@ -243,7 +243,7 @@ fn status_schema(definitions: &str) -> Value {
             "details": {"type": "object", "description": "More about the error.", "properties": {
                 "name": {"type": "string", "description": "The object's name."},
                 "kind": {"type": "string", "description": "The object's kind."},
-                "retryAfterSeconds": {"type": "integer", "description": "When to try again (429, 504)."},
+                "retryAfterSeconds": {"type": "integer", "description": "When to try again (429, 503, 504)."},
                 "causes": {"type": "array", "description": "One entry per problem.", "items": {"type": "object", "properties": {
                     "reason": {"type": "string", "description": "A machine-readable word, e.g. FieldValueInvalid."},
                     "field": {"type": "string", "description": "The field's path, e.g. spec.resources.cpus."},
@@ -269,6 +269,10 @@ fn errors(status: &Value, codes: &[(&str, &str)]) -> Map<String, Value> {
         (
             "429",
             "Too many failed authentications from this address; see Retry-After",
+        ),
+        (
+            "503",
+            "The store did not answer (e.g. etcd lost its leader); see Retry-After. A write's outcome is unknown: read before writing again",
         ),
     ]
     .iter()

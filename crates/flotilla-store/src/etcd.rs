@@ -39,7 +39,11 @@ pub struct EtcdStore {
 }
 
 fn backend(e: etcd::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    if unavailable(&e) {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Backend(e.to_string())
+    }
 }
 
 fn kv(k: &etcd::KeyValue) -> KeyValue {
@@ -63,11 +67,27 @@ fn not_applied(e: &etcd::Error) -> bool {
         || s.contains("tcp connect error")
 }
 
-/// Any failure of the connection: for reads, which are always safe to repeat. A request on a
-/// connection to a member that just died comes back Cancelled ("operation was canceled").
-fn transient_read(e: &etcd::Error) -> bool {
+/// A failure of the connection by its message. A request on a connection to a member that
+/// just died comes back Cancelled ("operation was canceled").
+fn lost_connection(e: &etcd::Error) -> bool {
     let s = e.to_string();
     not_applied(e) || s.contains("transport error") || s.contains("operation was canceled")
+}
+
+/// The store did not answer: the connection failed, or etcd gave up on the request (no
+/// leader, timed out, cancelled). Reads may be sent again; a write's outcome is unknown.
+fn unavailable(e: &etcd::Error) -> bool {
+    match e {
+        etcd::Error::TransportError(_) | etcd::Error::IoError(_) => true,
+        // tonic's Code by its Debug name (this crate does not depend on tonic itself).
+        etcd::Error::GRpcStatus(status) => {
+            matches!(
+                format!("{:?}", status.code()).as_str(),
+                "Unavailable" | "Cancelled" | "DeadlineExceeded"
+            ) || lost_connection(e)
+        }
+        _ => lost_connection(e),
+    }
 }
 
 /// Sends again while `retry` says the failure was transient, for up to 10 s (an etcd leader
@@ -188,7 +208,7 @@ impl Store for EtcdStore {
             let start = req.start.clone();
             async move { c.get(start, Some(opts)).await }
         };
-        match again(transient_read, get).await {
+        match again(unavailable, get).await {
             Ok(resp) => Ok(RangeResponse {
                 kvs: resp.kvs().iter().map(kv).collect(),
                 more: resp.more(),
@@ -436,7 +456,7 @@ impl Store for EtcdStore {
                     .await
             }
         };
-        let resp = again(transient_read, get).await.map_err(backend)?;
+        let resp = again(unavailable, get).await.map_err(backend)?;
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 

@@ -257,6 +257,10 @@ pub enum StoreError {
     InvalidRequest(String),
     #[error("store backend failed: {0}")]
     Backend(String),
+    /// The store did not answer (no leader, member unreachable, connection lost): the request
+    /// may be sent again later; a write's outcome is unknown (read before writing again).
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
     #[error("this server no longer holds the leader key; the write was refused")]
     Fenced,
 }

@@ -1,6 +1,7 @@
 //! Several server replicas on one etcd cluster (three real members on loopback): a watch on one
 //! replica sees writes made through another; clients move on when a replica is killed; the
-//! cluster keeps serving with one etcd member down.
+//! cluster keeps serving with one etcd member down; without a quorum the API answers 503 with
+//! Retry-After (an unavailable store, not a server bug) and serves again once it is back.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -287,12 +288,24 @@ async fn replicas_share_one_etcd_cluster_and_clients_fail_over() {
     assert_eq!(again["metadata"]["uid"], before["metadata"]["uid"]);
     assert_eq!(again["spec"]["nodeName"], before["spec"]["nodeName"]);
 
-    // One etcd member down: writes and reads still work (quorum 2 of 3).
+    // One etcd member down: writes and reads still work (quorum 2 of 3). A write sent to the
+    // member as it died may come back 503 (its outcome unknown): read, and send it again only
+    // if it was not applied — what the answer tells a client to do.
     etcd.kill(0);
     for i in 0..5 {
-        both.create(vms, Some("default"), &vm(&format!("quorum-{i}")))
-            .await
-            .unwrap();
+        let name = format!("quorum-{i}");
+        loop {
+            match both.create(vms, Some("default"), &vm(&name)).await {
+                Ok(_) => break,
+                Err(e) if e.code() == Some(503) => {
+                    if both.get(vms, Some("default"), &name).await.is_ok() {
+                        break;
+                    }
+                }
+                Err(e) if e.code() == Some(409) => break,
+                Err(e) => panic!("creating {name} with one etcd member down: {e}"),
+            }
+        }
     }
     let list = both
         .list(vms, Some("default"), &ListParams::default())
@@ -309,4 +322,59 @@ async fn replicas_share_one_etcd_cluster_and_clients_fail_over() {
     assert_eq!(unique.len(), names.len(), "no VM doubled: {names:?}");
     // ...and the controllers and agents still work: a VM created now runs.
     running("quorum-4").await;
+
+    // A second member down: no quorum. Reads and writes are 503 with Retry-After, never 500.
+    etcd.kill(1);
+    let lost = Instant::now();
+    for (what, answer) in [
+        (
+            "a write",
+            both.create(vms, Some("default"), &vm("no-quorum"))
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "a read",
+            both.get(vms, Some("default"), "quorum-0").await.map(|_| ()),
+        ),
+    ] {
+        match answer {
+            Err(flotilla_client::ClientError::Api(status)) => {
+                assert_eq!(
+                    status.code, 503,
+                    "{what} without quorum: {}",
+                    status.message
+                );
+                assert_eq!(status.reason, "ServiceUnavailable");
+                assert!(
+                    status
+                        .message
+                        .contains("read the object before writing it again"),
+                    "{}",
+                    status.message
+                );
+                assert_eq!(
+                    status.details.as_ref().and_then(|d| d.retry_after_seconds),
+                    Some(1)
+                );
+            }
+            other => panic!("{what} without quorum: {other:?}"),
+        }
+    }
+    eprintln!(
+        "quorum lost -> a write and a read answered 503: {:.1} s",
+        lost.elapsed().as_secs_f64()
+    );
+    // Back: the same write goes through (it was not applied: the store never took it).
+    etcd.restart(1);
+    let back = Instant::now();
+    loop {
+        match both.create(vms, Some("default"), &vm("no-quorum")).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Some(503) && back.elapsed() < Duration::from_secs(60) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("after quorum came back: {e}"),
+        }
+    }
 }
