@@ -2,7 +2,7 @@
 //! removed before anything runs, and a check that QEMU (another user under `qemu:///system`) can
 //! reach the files the agent puts there.
 
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -92,21 +92,14 @@ fn qemu_runs_as_root(conf: &str) -> bool {
 /// saying what to fix. QEMU runs as `libvirt-qemu` under `qemu:///system` and opens disks and
 /// seeds below the data directory itself.
 pub fn unreachable_by_others(dir: &Path) -> Option<String> {
-    let dir = std::path::absolute(dir).ok()?;
-    for ancestor in dir.ancestors().collect::<Vec<_>>().into_iter().rev() {
-        let mode = std::fs::metadata(ancestor).ok()?.mode();
-        if mode & 0o001 == 0 {
-            return Some(format!(
-                "QEMU (user libvirt-qemu) cannot reach VM files under {}: {} is mode {:o}; \
-                 run `chmod o+x {}` or choose another --data-dir",
-                dir.display(),
-                ancestor.display(),
-                mode & 0o777,
-                ancestor.display()
-            ));
-        }
-    }
-    None
+    let (ancestor, mode) = flotilla_files::first_untraversable(dir)?;
+    Some(format!(
+        "QEMU (user libvirt-qemu) cannot reach VM files under {}: {} is mode {mode:o}; \
+         run `chmod o+x {}` or choose another --data-dir",
+        dir.display(),
+        ancestor.display(),
+        ancestor.display()
+    ))
 }
 
 #[cfg(test)]

@@ -65,8 +65,8 @@ fn bound_cpus(vms: &[Value]) -> std::collections::BTreeMap<String, u64> {
     used
 }
 
-/// Whether every node's CPUs are all bound.
-async fn full(objects: &Objects) -> bool {
+/// The CPUs bound per node, as the store has them.
+async fn bound(objects: &Objects) -> std::collections::BTreeMap<String, u64> {
     let list = objects
         .list(lookup("vm").unwrap(), None, &ListOptions::default())
         .await
@@ -76,7 +76,12 @@ async fn full(objects: &Objects) -> bool {
         .iter()
         .map(|b| serde_json::from_slice(b).unwrap())
         .collect();
-    bound_cpus(&vms).values().sum::<u64>() == NODES as u64 * NODE_CPUS
+    bound_cpus(&vms)
+}
+
+/// Whether every node's CPUs are all bound.
+async fn full(objects: &Objects) -> bool {
+    bound(objects).await.values().sum::<u64>() == NODES as u64 * NODE_CPUS
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,16 +125,7 @@ async fn parallel_schedulers_never_overcommit_a_node() {
     for t in tasks {
         lost += t.await.unwrap();
     }
-    let list = objects
-        .list(lookup("vm").unwrap(), None, &ListOptions::default())
-        .await
-        .unwrap();
-    let vms: Vec<Value> = list
-        .items
-        .iter()
-        .map(|b| serde_json::from_slice(b).unwrap())
-        .collect();
-    let used = bound_cpus(&vms);
+    let used = bound(&objects).await;
     for (node, cpus) in &used {
         assert!(
             *cpus <= NODE_CPUS,

@@ -57,21 +57,7 @@ fn listen(namespace: &str) -> std::process::Child {
 #[tokio::main]
 async fn main() {
     let mut ns = Namespaces::new("bench-rt");
-    let node = ns.add("node");
-    run(&[
-        "ip", "-n", &node, "link", "add", "ul", "type", "veth", "peer", "name", "ul2",
-    ]);
-    run(&[
-        "ip",
-        "-n",
-        &node,
-        "addr",
-        "add",
-        "198.51.100.1/24",
-        "dev",
-        "ul",
-    ]);
-    run(&["ip", "-n", &node, "link", "set", "ul", "up"]);
+    let node = ns.node("node");
     run(&["ip", "-n", &node, "link", "add", "br-ex", "type", "bridge"]);
     run(&["ip", "-n", &node, "link", "set", "br-ex", "up"]);
     let netlink = Netlink::in_namespace(&PathBuf::from("/run/netns").join(&node)).unwrap();

@@ -56,6 +56,27 @@ impl Namespaces {
         crate::namespace::namespace_path(name)
     }
 
+    /// A node namespace `<prefix>-<short>` with an underlay for overlays: a veth `ul` (its
+    /// peer `ul2` stays inside) holding 198.51.100.1/24.
+    pub fn node(&mut self, short: &str) -> String {
+        let node = self.add(short);
+        run(&[
+            "ip", "-n", &node, "link", "add", "ul", "type", "veth", "peer", "name", "ul2",
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &node,
+            "addr",
+            "add",
+            "198.51.100.1/24",
+            "dev",
+            "ul",
+        ]);
+        run(&["ip", "-n", &node, "link", "set", "ul", "up"]);
+        node
+    }
+
     /// Two node namespaces joined by a veth `ul`, with 198.51.100.1 and .2.
     pub fn two_nodes(&mut self) -> (String, String) {
         let (h1, h2) = (self.add("h1"), self.add("h2"));

@@ -115,6 +115,20 @@ pub fn sweep_temps(dir: &Path, suffixes: &[&str]) -> std::io::Result<Vec<PathBuf
     Ok(removed)
 }
 
+/// The first directory from `/` down to `dir` that other users cannot traverse (no `o+x`),
+/// with its mode: QEMU runs as `libvirt-qemu` and must reach the files it opens below `dir`.
+pub fn first_untraversable(dir: &Path) -> Option<(PathBuf, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::path::absolute(dir).ok()?;
+    for ancestor in dir.ancestors().collect::<Vec<_>>().into_iter().rev() {
+        let mode = std::fs::metadata(ancestor).ok()?.mode();
+        if mode & 0o001 == 0 {
+            return Some((ancestor.to_path_buf(), mode & 0o777));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
