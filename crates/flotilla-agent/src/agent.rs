@@ -301,6 +301,8 @@ pub async fn run_with(
         .firewall
         .is_some()
         .then(|| tokio::spawn(crate::networks::follow_security_groups(ctx.clone())));
+    // The storage pools this node serves, and their space.
+    let pools = tokio::spawn(crate::pools::run(ctx.clone(), config.resync));
     // The routers placed on this node (with overlays: a router joins overlay networks).
     let routers = ctx.overlays.is_some().then(|| {
         tokio::spawn(crate::routers::run(
@@ -356,6 +358,7 @@ pub async fn run_with(
             group_follower,
             firewall_task,
             routers,
+            Some(pools),
         ]
         .into_iter()
         .flatten()

@@ -20,6 +20,7 @@ pub mod logserver;
 pub mod metadata;
 mod networks;
 pub mod overlays;
+pub mod pools;
 pub mod recorder;
 pub mod routers;
 mod tools;

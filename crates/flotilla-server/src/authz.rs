@@ -1,8 +1,9 @@
 //! Authorization: who may do what. Admins (group `system:masters`) may do anything. A node agent
 //! (user `system:node:<name>`, group `system:nodes`) may read and write its own Node and Lease,
-//! read images, classes, networks, security groups, routers and floating IPs, and see and update only the VMs bound to it (`spec.nodeName`): their
-//! status and finalizers, never their spec; it may record Events that name it as their reporting
-//! instance. Bootstrap tokens may only join.
+//! read images, classes, networks, security groups, routers, floating IPs and storage pools
+//! (and write its own entry of an image's or a pool's `status.nodes`), and see and update only
+//! the VMs bound to it (`spec.nodeName`): their status and finalizers, never their spec; it may
+//! record Events that name it as their reporting instance. Bootstrap tokens may only join.
 
 use flotilla_types::registry::KindInfo;
 use serde_json::Value;
@@ -52,8 +53,8 @@ pub enum Scope {
     BoundTo(String),
     /// Only the named object, and not its `spec` (a node's own Node or Lease).
     OwnObject,
-    /// Only this node's entry in an Image's `status.nodes`.
-    ImageEntry(String),
+    /// Only this node's entry in `status.nodes` (of an Image or a StoragePool).
+    NodeEntry(String),
     /// Only Events whose `reportingInstance` is this node.
     ReportedBy(String),
 }
@@ -87,10 +88,13 @@ pub fn authorize(
     };
     match (kind.kind, verb) {
         (
-            "Image" | "VMClass" | "Network" | "SecurityGroup" | "Router" | "FloatingIP",
+            "Image" | "VMClass" | "Network" | "SecurityGroup" | "Router" | "FloatingIP"
+            | "StoragePool",
             Verb::Get | Verb::List | Verb::Watch,
         ) => Ok(Scope::Unrestricted),
-        ("Image", Verb::Patch | Verb::Update) => Ok(Scope::ImageEntry(node.to_string())),
+        ("Image" | "StoragePool", Verb::Patch | Verb::Update) => {
+            Ok(Scope::NodeEntry(node.to_string()))
+        }
         ("Node" | "Lease", Verb::Get | Verb::Update | Verb::Patch | Verb::Create)
             if name == Some(node) =>
         {
@@ -126,7 +130,7 @@ pub fn guard_create(scope: &Scope, object: &Value) -> Result<(), ApiError> {
     match scope {
         Scope::Unrestricted | Scope::OwnObject => Ok(()),
         Scope::ReportedBy(node) => reported_by(node, object),
-        Scope::BoundTo(_) | Scope::ImageEntry(_) => {
+        Scope::BoundTo(_) | Scope::NodeEntry(_) => {
             Err(ApiError::forbidden("a node may not create these objects"))
         }
     }
@@ -160,7 +164,7 @@ pub fn guard(scope: &Scope, current: &Value, next: Option<&Value>) -> Result<(),
             }
             _ => Ok(()),
         },
-        Scope::ImageEntry(node) => match next {
+        Scope::NodeEntry(node) => match next {
             None => Ok(()),
             Some(next) => {
                 let mut a = current.clone();
@@ -185,7 +189,8 @@ pub fn guard(scope: &Scope, current: &Value, next: Option<&Value>) -> Result<(),
                 }
                 if a != b {
                     return Err(ApiError::forbidden(format!(
-                        "node {node:?} may change only its own entry in an Image's status.nodes"
+                        "node {node:?} may change only its own entry in the {}'s status.nodes",
+                        current["kind"].as_str().unwrap_or("object")
                     )));
                 }
                 Ok(())

@@ -178,6 +178,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     };
     let objects = Objects::new(store.clone());
     objects.ensure_default_project().await?;
+    objects.ensure_default_pool().await?;
     let cluster_id = objects.ensure_cluster_id().await?;
     // One shared store watch per kind, ready before the first client watches.
     for kind in flotilla_types::registry::KINDS {

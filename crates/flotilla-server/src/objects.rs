@@ -544,6 +544,18 @@ impl Objects {
         }
     }
 
+    /// Creates the `default` storage pool (a directory in each node's data directory) if it
+    /// does not exist. Deleted, it comes back at the next start.
+    pub async fn ensure_default_pool(&self) -> Result<(), ApiError> {
+        let kind = registry::by_kind("StoragePool").expect("StoragePool is registered");
+        let body = json!({"metadata": {"name": flotilla_types::kinds::storage_pool::DEFAULT_POOL}, "spec": {"type": "dir"}});
+        match self.create(kind, None, body).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.0.reason == "AlreadyExists" => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// This cluster's identity: a UUID made when the store was first used, shared by every
     /// replica. Agents write it into the domains they create, so that they never mistake another
     /// installation's domains on the same libvirt for their own.

@@ -231,6 +231,42 @@ async fn a_joined_node_is_confined_to_its_own_objects() {
             .code(),
         Some(403)
     );
+    // Storage pools: the same — read, and write only its own entry in status.nodes.
+    let pools = kind("storagepool");
+    assert!(
+        a.get(pools, None, "default").await.is_ok(),
+        "the server made it"
+    );
+    a.patch(
+        pools,
+        None,
+        "default",
+        &json!({"status": {"nodes": {"node-a": {"phase": "Ready", "capacity": 1}}}}),
+        true,
+    )
+    .await
+    .unwrap();
+    for (patch, status) in [
+        (
+            json!({"status": {"nodes": {"node-b": {"phase": "Failed"}}}}),
+            true,
+        ),
+        (json!({"spec": {"nodeSelector": {"a": "b"}}}), false),
+    ] {
+        let e = a
+            .patch(pools, None, "default", &patch, status)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(403), "{e}");
+    }
+    assert!(a
+        .create(
+            pools,
+            None,
+            &json!({"metadata": {"name": "mine"}, "spec": {}})
+        )
+        .await
+        .is_err());
     // Images: read, and write only its own entry in status.nodes.
     let images = kind("image");
     t.client

@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use crate::kinds::{
     Event, FloatingIP, Image, Lease, Network, Node, PlacementPolicy, Project, Router,
-    SecurityGroup, VMClass, VirtualMachine,
+    SecurityGroup, StoragePool, VMClass, VirtualMachine,
 };
 use crate::resource::{decode, Column, Resource};
 use crate::validation::FieldErrors;
@@ -71,6 +71,7 @@ pub static KINDS: &[KindInfo] = &[
     kind_info!(SecurityGroup),
     kind_info!(Router),
     kind_info!(FloatingIP),
+    kind_info!(StoragePool),
     kind_info!(Event),
 ];
 

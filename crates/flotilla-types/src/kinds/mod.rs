@@ -11,6 +11,7 @@ pub mod placement;
 pub mod project;
 pub mod router;
 pub mod security_group;
+pub mod storage_pool;
 pub mod vm;
 pub mod vmclass;
 
@@ -33,6 +34,7 @@ pub use security_group::{
     Direction, RuleProtocol, RuleRemote, SecurityGroup, SecurityGroupMember, SecurityGroupRule,
     SecurityGroupSpec, SecurityGroupStatus,
 };
+pub use storage_pool::{PoolNodeStatus, PoolType, StoragePool, StoragePoolSpec, StoragePoolStatus};
 pub use vm::{
     CloudInit, InterfaceStatus, KernelBoot, NetworkAttachment, Phase, PowerState, Resources,
     RootDisk, VirtualMachine, VirtualMachineSpec, VirtualMachineStatus,

@@ -1,0 +1,127 @@
+//! Storage pools through a real server and a real agent (libvirt's test driver): the `default`
+//! pool every node serves from its data directory, a `dir` pool on a chosen directory reporting
+//! its space, one QEMU could not reach reported as Failed with what to run, a node selector
+//! deciding which nodes serve a pool (and a node leaving it losing its entry). (Node
+//! credentials writing only their own entry: flotilla-server's tests/nodes.rs.)
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use flotilla_agent::AgentConfig;
+use flotilla_controllers::testkit::{eventually, TestCluster};
+use flotilla_types::registry::lookup;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_serve_the_pools_that_select_them_and_report_their_space() {
+    let cluster = TestCluster::start().await;
+    let (server, admin, tmp) = (&cluster.server, &cluster.admin, &cluster.dir);
+    let (pools, nodes) = (lookup("storagepool").unwrap(), lookup("node").unwrap());
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let agent_dir = tmp.path().join("agent");
+    let mut config = AgentConfig::new(vec![server.url.clone()], "node-1", &agent_dir);
+    config.join_token = Some(cluster.join_token().await);
+    config.libvirt_uri = "test:///default".into();
+    config.heartbeat = Duration::from_millis(500);
+    config.resync = Duration::from_secs(1);
+    config.labels = [("disk".to_string(), "ssd".to_string())].into();
+    let libvirt = flotilla_agent::libvirt::Libvirt::open("test:///default")
+        .await
+        .unwrap();
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(flotilla_agent::run_with(config, libvirt, stop_rx));
+
+    let entry = |name: &'static str| {
+        let admin = &admin;
+        async move {
+            let pool = admin.get(pools, None, name).await.ok()?;
+            let entry = pool["status"]["nodes"]["node-1"].clone();
+            (!entry.is_null()).then_some(entry)
+        }
+    };
+
+    // The default pool: made by the server, served from the node's data directory.
+    let default = eventually("node-1 serves the default pool", 30, async || {
+        entry("default").await.filter(|e| e["phase"] == "Ready")
+    })
+    .await;
+    assert_eq!(
+        default["path"],
+        agent_dir.join("pools/default").display().to_string()
+    );
+    assert!(default["capacity"].as_u64().unwrap() > 0, "{default}");
+    assert!(default["available"].as_u64().unwrap() <= default["capacity"].as_u64().unwrap());
+    assert_eq!(default["volumes"], 0);
+
+    // A dir pool on a directory of our choosing, for nodes labelled disk=ssd: made, with its
+    // space, and the volumes already in it counted.
+    let fast = tmp.path().join("fast");
+    std::fs::create_dir(&fast).unwrap();
+    flotilla_controllers::testkit::blank_qcow2(&fast.join("existing.qcow2"), "16M");
+    admin
+        .create(
+            pools,
+            None,
+            &json!({"metadata": {"name": "fast"}, "spec": {"type": "dir", "path": fast, "nodeSelector": {"disk": "ssd"}}}),
+        )
+        .await
+        .unwrap();
+    let served = eventually("node-1 serves the fast pool", 30, async || {
+        entry("fast").await.filter(|e| e["phase"] == "Ready")
+    })
+    .await;
+    assert_eq!(served["volumes"], 1, "{served}");
+    assert!(served["allocation"].as_u64().unwrap() > 0);
+
+    // One QEMU cannot reach: Failed, saying what to run.
+    let closed = tmp.path().join("closed");
+    std::fs::create_dir(&closed).unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+    admin
+        .create(
+            pools,
+            None,
+            &json!({"metadata": {"name": "closed"}, "spec": {"path": closed.join("pool")}}),
+        )
+        .await
+        .unwrap();
+    let failed = eventually("the closed pool is reported", 30, async || {
+        entry("closed").await.filter(|e| e["phase"] == "Failed")
+    })
+    .await;
+    let message = failed["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("chmod o+x {}", closed.display())),
+        "{message}"
+    );
+
+    // A pool for other nodes gets no entry from this one; a node that stops matching loses its.
+    admin
+        .create(
+            pools,
+            None,
+            &json!({"metadata": {"name": "elsewhere"}, "spec": {"path": tmp.path().join("elsewhere"), "nodeSelector": {"disk": "hdd"}}}),
+        )
+        .await
+        .unwrap();
+    admin
+        .patch(
+            nodes,
+            None,
+            "node-1",
+            &json!({"metadata": {"labels": {"disk": "nvme"}}}),
+            false,
+        )
+        .await
+        .unwrap();
+    eventually("node-1 no longer serves the fast pool", 30, async || {
+        entry("fast").await.is_none().then_some(())
+    })
+    .await;
+    assert!(entry("elsewhere").await.is_none());
+    assert!(
+        !tmp.path().join("elsewhere").exists(),
+        "a pool this node does not serve is not made here"
+    );
+}
