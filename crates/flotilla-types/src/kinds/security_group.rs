@@ -17,7 +17,6 @@ pub const DEFAULT_GROUP: &str = "default";
 
 /// A port or an inclusive range of ports: `22`, `8000-8100`.
 pub const PORTS_PATTERN: &str = r"^[0-9]{1,5}(-[0-9]{1,5})?$";
-/// An IPv4 network (`10.0.0.0/8`, `0.0.0.0/0`) or address (`192.0.2.7`, read as a /32).
 /// An IPv4 or IPv6 address or network (IPv6 in its hexadecimal forms; whether host bits are
 /// zero, a pattern cannot say).
 pub const IP_CIDR_PATTERN: &str = concat!(
@@ -28,6 +27,7 @@ pub const IP_CIDR_PATTERN: &str = concat!(
     r"|([0-9a-fA-F]{1,4}:){1,2}(:[0-9a-fA-F]{1,4}){1,5}|[0-9a-fA-F]{1,4}:(:[0-9a-fA-F]{1,4}){1,6}",
     r"|:((:[0-9a-fA-F]{1,4}){1,7}|:))(/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8]))?)$"
 );
+/// An IPv4 network (`10.0.0.0/8`, `0.0.0.0/0`) or address (`192.0.2.7`, read as a /32).
 pub const IPV4_CIDR_PATTERN: &str = r"^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}(/([0-9]|[12][0-9]|3[0-2]))?$";
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -43,7 +43,7 @@ pub enum Direction {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RuleProtocol {
-    /// Every IPv4 protocol.
+    /// Every protocol, IPv4 and IPv6.
     #[default]
     Any,
     Tcp,
@@ -55,7 +55,8 @@ pub enum RuleProtocol {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuleRemote {
-    /// An IPv4 network or address (`0.0.0.0/0`: anywhere).
+    /// An IPv4 or IPv6 network or address (`0.0.0.0/0`: all of IPv4, `::/0`: all of IPv6);
+    /// the rule then covers that family only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex = "IP_CIDR_PATTERN")]
     pub cidr: Option<String>,
@@ -73,14 +74,15 @@ pub struct SecurityGroupRule {
     /// `ingress` (the default: to the NIC) or `egress` (from it).
     #[serde(default)]
     pub direction: Direction,
-    /// `any` (the default), `tcp`, `udp` or `icmp`.
+    /// `any` (the default), `tcp`, `udp` or `icmp` (ICMP for IPv4, ICMPv6 for IPv6).
     #[serde(default)]
     pub protocol: RuleProtocol,
     /// For tcp and udp: the destination port or range (`22`, `8000-8100`); absent: all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex = "PORTS_PATTERN")]
     pub ports: Option<String>,
-    /// Where the traffic comes from (ingress) or goes to (egress); absent: anywhere.
+    /// Where the traffic comes from (ingress) or goes to (egress); absent: anywhere, in both
+    /// IPv4 and IPv6.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<RuleRemote>,
     /// What the rule is for.
