@@ -9,8 +9,9 @@ as "valid data rejected". This hook makes generated requests keep them, and noth
   (cross-field: OpenAPI cannot relate a body to its path);
 - keys of labels, annotations and nodeSelector are [prefix/]name (OpenAPI 3.0 has no
   propertyNames);
-- memory and disk sizes fall in their ranges (a quantity is a string; OpenAPI cannot bound the
+- memory, disk and volume sizes fall in their ranges (a quantity is a string; OpenAPI cannot bound the
   number it spells);
+- a shareable volume is raw (cross-field);
 - one of several fields (class or resources; image, boot or adoptedDomain; url or path), a node
   for an adopted domain, NICs for cloud-init from the metadata service (cross-field);
 - a network's type decides its fields (overlay: a cidr, no bridge or VLAN; bridged: a bridge), a
@@ -242,10 +243,17 @@ def keep_spec_rules(kind_path, spec):
         keep_network_rules(spec)
     elif kind_path == "routers" and isinstance(spec, dict):
         keep_router_rules(spec)
+        only_qualified_keys(spec, "nodeSelector")
     elif kind_path == "floatingips" and isinstance(spec, dict):
         keep_floating_ip_rules(spec)
     elif kind_path == "securitygroups" and isinstance(spec, dict):
         keep_security_group_rules(spec)
+    elif kind_path == "storagepools" and isinstance(spec, dict):
+        only_qualified_keys(spec, "nodeSelector")
+    elif kind_path == "volumes" and isinstance(spec, dict):
+        in_range(spec, "size", 2**20, 64 * 2**40, "1Gi")
+        if spec.get("shareable") is True:
+            spec["format"] = "raw"
     elif kind_path == "placementpolicies" and isinstance(spec, dict):
         if isinstance(spec.get("affinity"), dict):
             keep_affinity_rules(spec["affinity"])
@@ -284,7 +292,9 @@ def map_case(context, case):
         params["namespace"] = "default"
     parts = [p for p in template.split("/") if p and not p.startswith("{")]
     plural = parts[-2] if parts[-1] == "status" else parts[-1]
-    if method == "PATCH" and plural == "projects" and params.get("name") == "default":
+    # The objects the server makes (the default project and pool) have set-once fields that a
+    # drawn body would change.
+    if method in ("PATCH", "PUT") and plural in ("projects", "storagepools") and params.get("name") == "default":
         params["name"] = "default-absent"
     apply = method == "PATCH" and case.media_type == "application/apply-patch+yaml"
 

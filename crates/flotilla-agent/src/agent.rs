@@ -303,6 +303,8 @@ pub async fn run_with(
         .then(|| tokio::spawn(crate::networks::follow_security_groups(ctx.clone())));
     // The storage pools this node serves, and their space.
     let pools = tokio::spawn(crate::pools::run(ctx.clone(), config.resync));
+    // The volumes placed on this node.
+    let volumes = tokio::spawn(crate::volumes::run(ctx.clone(), config.resync));
     // The routers placed on this node (with overlays: a router joins overlay networks).
     let routers = ctx.overlays.is_some().then(|| {
         tokio::spawn(crate::routers::run(
@@ -359,6 +361,7 @@ pub async fn run_with(
             firewall_task,
             routers,
             Some(pools),
+            Some(volumes),
         ]
         .into_iter()
         .flatten()

@@ -22,19 +22,28 @@ pub enum Seen {
 
 /// Follows `kind` on a task of its own, which ends when the receiver is dropped.
 pub fn follow(client: Arc<Client>, kind: &'static KindInfo) -> mpsc::Receiver<Seen> {
+    follow_selected(client, kind, ListParams::default())
+}
+
+/// Follows the objects of `kind` that `params` select (e.g. a field selector naming this node).
+pub fn follow_selected(
+    client: Arc<Client>,
+    kind: &'static KindInfo,
+    params: ListParams,
+) -> mpsc::Receiver<Seen> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         tokio::select! {
             _ = tx.closed() => {}
-            _ = run(&client, kind, &tx) => {}
+            _ = run(&client, kind, &params, &tx) => {}
         }
     });
     rx
 }
 
-async fn run(client: &Client, kind: &KindInfo, seen: &mpsc::Sender<Seen>) {
+async fn run(client: &Client, kind: &KindInfo, params: &ListParams, seen: &mpsc::Sender<Seen>) {
     loop {
-        let list = match client.list(kind, None, &ListParams::default()).await {
+        let list = match client.list(kind, None, params).await {
             Ok(list) => list,
             Err(e) => {
                 tracing::debug!(kind = kind.kind, error = %e, "cannot list; retrying");
@@ -50,10 +59,7 @@ async fn run(client: &Client, kind: &KindInfo, seen: &mpsc::Sender<Seen>) {
         if seen.send(Seen::Listed(items)).await.is_err() {
             return;
         }
-        let events = match client
-            .watch(kind, None, &ListParams::default(), Some(&rv))
-            .await
-        {
+        let events = match client.watch(kind, None, params, Some(&rv)).await {
             Ok(events) => events,
             Err(e) => {
                 tracing::debug!(kind = kind.kind, error = %e, "cannot watch; relisting");

@@ -25,6 +25,7 @@ pub mod recorder;
 pub mod routers;
 mod tools;
 pub mod vm;
+pub mod volumes;
 pub mod xml;
 
 pub use agent::{run, run_with, AgentConfig};

@@ -1,7 +1,9 @@
 //! Storage pools through a real server and a real agent (libvirt's test driver): the `default`
 //! pool every node serves from its data directory, a `dir` pool on a chosen directory reporting
 //! its space, one QEMU could not reach reported as Failed with what to run, a node selector
-//! deciding which nodes serve a pool (and a node leaving it losing its entry). (Node
+//! deciding which nodes serve a pool (and a node leaving it losing its entry); volumes placed
+//! on a node with room, made there and removed before their object goes, or pending with the
+//! reason. (Node
 //! credentials writing only their own entry: flotilla-server's tests/nodes.rs.)
 
 use std::os::unix::fs::PermissionsExt;
@@ -73,6 +75,83 @@ async fn nodes_serve_the_pools_that_select_them_and_report_their_space() {
     .await;
     assert_eq!(served["volumes"], 1, "{served}");
     assert!(served["allocation"].as_u64().unwrap() > 0);
+
+    // Volumes: placed on a node with room, made there by its agent (held by its finalizer),
+    // and removed from the pool before the object goes.
+    let volumes = lookup("volume").unwrap();
+    let create = |name: &str, spec: serde_json::Value| {
+        let body = json!({"metadata": {"name": name}, "spec": spec});
+        async move { admin.create(volumes, Some("default"), &body).await }
+    };
+    let (code, message, fields) = flotilla_controllers::testkit::refused(
+        create(
+            "shared",
+            json!({"pool": "fast", "size": "64Mi", "shareable": true}),
+        )
+        .await,
+    );
+    assert_eq!(
+        (code, fields.as_slice()),
+        (422, &["spec.shareable".to_string()][..]),
+        "{message}"
+    );
+    let data = create("data", json!({"pool": "fast", "size": "64Mi"}))
+        .await
+        .unwrap();
+    let uid = data["metadata"]["uid"].as_str().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let made = eventually("the volume is made", 30, async || {
+        let v = admin.get(volumes, Some("default"), "data").await.ok()?;
+        (v["status"]["phase"] == "Available").then_some(v)
+    })
+    .await;
+    eprintln!(
+        "volume created -> Available: {} ms",
+        started.elapsed().as_millis()
+    );
+    let file = fast.join(format!("{uid}.qcow2"));
+    assert_eq!(made["status"]["node"], "node-1");
+    assert_eq!(made["status"]["path"], file.display().to_string());
+    assert_eq!(made["status"]["capacity"], 64u64 << 20);
+    assert_eq!(
+        made["metadata"]["finalizers"],
+        json!(["flotilla.dev/volume"])
+    );
+    assert!(file.exists());
+    // Too big for any node, or in a pool that does not exist: Pending, and why.
+    create("huge", json!({"pool": "fast", "size": "60Ti"}))
+        .await
+        .unwrap();
+    create("lost", json!({"pool": "nowhere", "size": "1Gi"}))
+        .await
+        .unwrap();
+    for (name, why) in [
+        ("huge", "bytes free"),
+        ("lost", "there is no StoragePool \"nowhere\""),
+    ] {
+        let pending = eventually("the volume says why it waits", 30, async || {
+            let v = admin.get(volumes, Some("default"), name).await.ok()?;
+            v["status"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(why))
+                .then_some(v)
+        })
+        .await;
+        assert_eq!(pending["status"]["phase"], "Pending");
+        assert!(pending["status"].get("node").is_none(), "{pending}");
+    }
+    for name in ["data", "huge", "lost"] {
+        admin.delete(volumes, Some("default"), name).await.unwrap();
+    }
+    eventually("the volumes are gone", 30, async || {
+        let list = admin
+            .list(volumes, Some("default"), &Default::default())
+            .await
+            .ok()?;
+        list["items"].as_array()?.is_empty().then_some(())
+    })
+    .await;
+    assert!(!file.exists(), "the volume's file went before the object");
 
     // One QEMU cannot reach: Failed, saying what to run.
     let closed = tmp.path().join("closed");

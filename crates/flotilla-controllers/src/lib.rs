@@ -15,6 +15,7 @@ pub mod scheduler;
 pub mod security_groups;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod volumes;
 
 use std::time::Duration;
 
@@ -59,6 +60,7 @@ pub fn spawn_all(objects: Objects, config: ControllerConfig) -> Vec<tokio::task:
         )),
         // Routers move within seconds of their node failing.
         tokio::spawn(routers::run(objects.clone(), Duration::from_secs(2))),
+        tokio::spawn(volumes::run(objects.clone(), Duration::from_secs(5))),
         tokio::spawn(node_lifecycle::run(objects.clone(), config.node_grace)),
         tokio::spawn(scheduler::run(
             objects.clone(),

@@ -2,7 +2,8 @@
 //! (user `system:node:<name>`, group `system:nodes`) may read and write its own Node and Lease,
 //! read images, classes, networks, security groups, routers, floating IPs and storage pools
 //! (and write its own entry of an image's or a pool's `status.nodes`), and see and update only
-//! the VMs bound to it (`spec.nodeName`): their status and finalizers, never their spec; it may
+//! the VMs bound to it (`spec.nodeName`) and the volumes on it (`status.node`): their status
+//! and finalizers, never their spec; it may
 //! record Events that name it as their reporting instance. Bootstrap tokens may only join.
 
 use flotilla_types::registry::KindInfo;
@@ -49,7 +50,8 @@ impl Principal {
 /// What a permitted request may touch, checked again on the object itself.
 pub enum Scope {
     Unrestricted,
-    /// Only objects whose `spec.nodeName` is this node, and only their status and finalizers.
+    /// Only objects whose `spec.nodeName` (VMs) or `status.node` (volumes) is this node, and
+    /// only their status and finalizers.
     BoundTo(String),
     /// Only the named object, and not its `spec` (a node's own Node or Lease).
     OwnObject,
@@ -109,6 +111,8 @@ pub fn authorize(
         ("VirtualMachine", Verb::Get | Verb::Update | Verb::Patch) => {
             Ok(Scope::BoundTo(node.to_string()))
         }
+        ("Volume", Verb::List | Verb::Watch) if selects("status.node") => Ok(Scope::Unrestricted),
+        ("Volume", Verb::Get | Verb::Update | Verb::Patch) => Ok(Scope::BoundTo(node.to_string())),
         ("Event", Verb::Create | Verb::Get | Verb::Update | Verb::Patch) => {
             Ok(Scope::ReportedBy(node.to_string()))
         }
@@ -197,7 +201,11 @@ pub fn guard(scope: &Scope, current: &Value, next: Option<&Value>) -> Result<(),
             }
         },
         Scope::BoundTo(node) => {
-            if current["spec"]["nodeName"].as_str() != Some(node.as_str()) {
+            let bound = match current["kind"].as_str() {
+                Some("Volume") => &current["status"]["node"],
+                _ => &current["spec"]["nodeName"],
+            };
+            if bound.as_str() != Some(node.as_str()) {
                 return Err(ApiError::forbidden(format!(
                     "{} is not bound to node {node:?}",
                     current["metadata"]["name"].as_str().unwrap_or_default()
@@ -214,7 +222,7 @@ pub fn guard(scope: &Scope, current: &Value, next: Option<&Value>) -> Result<(),
                 }
                 if a != b {
                     return Err(ApiError::forbidden(
-                        "a node may change only the status and finalizers of its VMs",
+                        "a node may change only the status and finalizers of its VMs and volumes",
                     ));
                 }
             }

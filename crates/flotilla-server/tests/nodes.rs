@@ -267,6 +267,61 @@ async fn a_joined_node_is_confined_to_its_own_objects() {
         )
         .await
         .is_err());
+    // Volumes: only those on this node (status.node), listed by that selector, and only
+    // their status and finalizers.
+    let volumes = kind("volume");
+    for (name, node) in [("here", "node-a"), ("there", "node-b")] {
+        t.client
+            .create(
+                volumes,
+                Some("default"),
+                &json!({"metadata": {"name": name}, "spec": {"size": "1Gi"}}),
+            )
+            .await
+            .unwrap();
+        t.client
+            .patch(
+                volumes,
+                Some("default"),
+                name,
+                &json!({"status": {"node": node}}),
+                true,
+            )
+            .await
+            .unwrap();
+    }
+    let mine = ListParams {
+        field_selector: Some("status.node=node-a".into()),
+        ..Default::default()
+    };
+    let listed = a.list(volumes, Some("default"), &mine).await.unwrap();
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(
+        a.list(volumes, Some("default"), &ListParams::default())
+            .await
+            .unwrap_err()
+            .code(),
+        Some(403)
+    );
+    a.patch(
+        volumes,
+        Some("default"),
+        "here",
+        &json!({"status": {"phase": "Available"}}),
+        true,
+    )
+    .await
+    .unwrap();
+    for (name, patch, status) in [
+        ("there", json!({"status": {"phase": "Available"}}), true),
+        ("here", json!({"metadata": {"labels": {"a": "b"}}}), false),
+    ] {
+        let e = a
+            .patch(volumes, Some("default"), name, &patch, status)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(403), "{e}");
+    }
     // Images: read, and write only its own entry in status.nodes.
     let images = kind("image");
     t.client

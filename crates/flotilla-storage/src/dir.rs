@@ -1,6 +1,6 @@
 //! The `dir` pool: volumes are files in a directory of the node (`<name>.qcow2` or
 //! `<name>.raw`), made through a temporary name and renamed into place, so a crash leaves either
-//! nothing or a whole volume (and temporaries [`DirPool::open`] sweeps). A volume another one
+//! nothing or a whole volume (and temporaries [`DirPool::sweep_temporaries`] removes). A volume another one
 //! is an overlay of cannot be deleted: the pool reads the backing files itself, whatever the
 //! control plane believes.
 
@@ -23,7 +23,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> StorageError + '_ {
 impl DirPool {
     /// The pool at `root`, made if missing (mode 0711: QEMU, as libvirt-qemu, opens the files
     /// but need not list them). Every directory above must let others through; if one does
-    /// not, the error says which and what to run. Leftover temporaries are removed.
+    /// not, the error says which and what to run.
     pub fn open(root: &Path) -> Result<Self, StorageError> {
         let root = std::path::absolute(root).map_err(io(root))?;
         if !root.exists() {
@@ -47,8 +47,13 @@ impl DirPool {
                 ),
             });
         }
-        flotilla_files::sweep_temps(&root, &[]).map_err(io(&root))?;
         Ok(DirPool { root })
+    }
+
+    /// Removes what creates interrupted by a crash left (temporary files). Only while no create
+    /// of this pool runs: call it once, before the first.
+    pub fn sweep_temporaries(&self) -> Result<Vec<PathBuf>, StorageError> {
+        flotilla_files::sweep_temps(&self.root, &[]).map_err(io(&self.root))
     }
 
     pub fn root(&self) -> &Path {

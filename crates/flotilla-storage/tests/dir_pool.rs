@@ -224,7 +224,7 @@ async fn a_pool_qemu_cannot_reach_is_refused_and_leftovers_are_swept() {
         "{message}"
     );
 
-    // A create that died half-way leaves a temporary file: the next open removes it, and only it.
+    // A create that died half-way leaves a temporary file: a sweep removes it, and only it.
     let root = dir.path().join("pool");
     let pool = DirPool::open(&root).unwrap();
     pool.create(&blank("kept", Format::Qcow2, MIB))
@@ -234,6 +234,8 @@ async fn a_pool_qemu_cannot_reach_is_refused_and_leftovers_are_swept() {
     std::fs::write(&half, b"half").unwrap();
     drop(pool);
     let pool = DirPool::open(&root).unwrap();
+    assert!(half.exists(), "opening alone touches nothing");
+    assert_eq!(pool.sweep_temporaries().unwrap(), vec![half.clone()]);
     assert!(!half.exists());
     assert_eq!(pool.list().await.unwrap().len(), 1);
 }

@@ -14,6 +14,7 @@ pub mod security_group;
 pub mod storage_pool;
 pub mod vm;
 pub mod vmclass;
+pub mod volume;
 
 pub use event::{Event, EventSource, EventType, ObjectReference};
 pub use floating_ip::{FloatingIP, FloatingIPSpec, FloatingIPStatus};
@@ -40,3 +41,4 @@ pub use vm::{
     RootDisk, VirtualMachine, VirtualMachineSpec, VirtualMachineStatus,
 };
 pub use vmclass::{VMClass, VMClassSpec, VMClassStatus};
+pub use volume::{Volume, VolumeSpec, VolumeStatus};

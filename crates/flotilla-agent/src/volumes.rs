@@ -1,0 +1,201 @@
+//! The volumes placed on this node (`status.node`): each is made in its pool's directory
+//! (named by its uid, so a name reused after a delete never meets an old file) once this agent
+//! holds its finalizer, reported `Available` with its path and size, and removed from the pool
+//! before the finalizer goes when the volume is deleted. Idempotent: a crash at any point
+//! converges at the next pass (a volume whose file is there is not made again; one already gone
+//! is removed without a word).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_client::ListParams;
+use flotilla_storage::{DirPool, Format, NewVolume, Source};
+use flotilla_types::kinds::{ImageFormat, StoragePool, Volume};
+use flotilla_types::registry::lookup;
+use serde_json::json;
+
+use crate::follow::{follow_selected, Seen};
+use crate::vm::Context;
+
+/// This agent's finalizer on the volumes it made.
+pub const FINALIZER: &str = "flotilla.dev/volume";
+
+/// Follows the volumes placed here until the task is aborted.
+pub async fn run(ctx: Arc<Context>, every: Duration) {
+    let kind = lookup("volume").expect("registered");
+    let params = ListParams {
+        field_selector: Some(format!("status.node={}", ctx.node)),
+        ..Default::default()
+    };
+    let mut seen = follow_selected(ctx.client.clone(), kind, params);
+    let mut volumes: BTreeMap<String, Volume> = BTreeMap::new();
+    let mut listed = false;
+    let mut swept = std::collections::BTreeSet::new();
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            got = seen.recv() => {
+                let Some(got) = got else { return };
+                let decode = |v: &serde_json::Value| serde_json::from_value::<Volume>(v.clone()).ok();
+                match got {
+                    Seen::Listed(items) => {
+                        volumes = items.iter().filter_map(decode).filter_map(|v| Some((v.metadata.uid.clone()?, v))).collect();
+                        listed = true;
+                    }
+                    Seen::Changed(item) => {
+                        if let Some(v) = decode(&item) {
+                            if let Some(uid) = v.metadata.uid.clone() {
+                                volumes.insert(uid, v);
+                            }
+                        }
+                    }
+                    Seen::Deleted(item) => {
+                        if let Some(uid) = item["metadata"]["uid"].as_str() {
+                            volumes.remove(uid);
+                        }
+                    }
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        if !listed {
+            continue;
+        }
+        for volume in volumes.values() {
+            if volume.status.as_ref().and_then(|s| s.node.as_deref()) != Some(ctx.node.as_str()) {
+                continue;
+            }
+            if let Err(message) = reconcile(&ctx, volume, &mut swept).await {
+                tracing::warn!(volume = %volume.metadata.name, %message, "cannot reconcile a volume; retrying");
+                report(&ctx, volume, json!({"phase": "Failed", "message": message})).await;
+            }
+        }
+    }
+}
+
+/// The pool directory of `volume` on this node; the first time in this agent's life, with what
+/// a crash left in it removed (no create runs then: this task is the pool's only writer).
+async fn open_pool(
+    ctx: &Context,
+    volume: &Volume,
+    swept: &mut std::collections::BTreeSet<std::path::PathBuf>,
+) -> Result<DirPool, String> {
+    let pools = lookup("storagepool").expect("registered");
+    let pool: StoragePool = ctx
+        .client
+        .get(pools, None, &volume.spec.pool)
+        .await
+        .map_err(|e| format!("StoragePool {:?}: {e}", volume.spec.pool))
+        .and_then(|v| serde_json::from_value(v).map_err(|e| e.to_string()))?;
+    let dir = crate::pools::pool_dir(&ctx.data_dir, &pool);
+    let first = swept.insert(dir.clone());
+    tokio::task::spawn_blocking(move || {
+        let pool = DirPool::open(&dir)?;
+        if first {
+            for left in pool.sweep_temporaries()? {
+                tracing::info!(file = %left.display(), "removed what an interrupted volume create left");
+            }
+        }
+        Ok::<_, flotilla_storage::StorageError>(pool)
+    })
+    .await
+    .expect("opening a pool does not panic")
+    .map_err(|e| e.to_string())
+}
+
+async fn reconcile(
+    ctx: &Context,
+    volume: &Volume,
+    swept: &mut std::collections::BTreeSet<std::path::PathBuf>,
+) -> Result<(), String> {
+    let uid = volume.metadata.uid.clone().unwrap_or_default();
+    let held = volume.metadata.finalizers.iter().any(|f| f == FINALIZER);
+    if volume.metadata.deletion_timestamp.is_some() {
+        if !held {
+            return Ok(());
+        }
+        let pool = open_pool(ctx, volume, swept).await?;
+        pool.delete(&uid).await.map_err(|e| e.to_string())?;
+        return edit_finalizers(ctx, volume, false).await;
+    }
+    let status = volume.status.clone().unwrap_or_default();
+    if !held {
+        // Held before the file exists, so a delete always waits for the file to go.
+        return edit_finalizers(ctx, volume, true).await;
+    }
+    let pool = open_pool(ctx, volume, swept).await?;
+    let info = match pool.info(&uid).await {
+        Ok(info) => info,
+        Err(flotilla_storage::StorageError::NotFound(_)) => {
+            let started = std::time::Instant::now();
+            let made = pool
+                .create(&NewVolume {
+                    name: uid.clone(),
+                    format: match volume.spec.format {
+                        ImageFormat::Qcow2 => Format::Qcow2,
+                        ImageFormat::Raw => Format::Raw,
+                    },
+                    size: u64::try_from(volume.spec.size.value()).unwrap_or(u64::MAX),
+                    source: Source::Blank,
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::info!(volume = %volume.metadata.name, ms = started.elapsed().as_millis() as u64, "made a volume");
+            made
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let path = info.path.display().to_string();
+    if status.phase == "Available" && status.path == path && status.capacity == info.virtual_size {
+        return Ok(());
+    }
+    report(
+        ctx,
+        volume,
+        json!({"phase": "Available", "path": path, "capacity": info.virtual_size,
+               "allocation": info.allocation, "message": ""}),
+    )
+    .await;
+    Ok(())
+}
+
+async fn report(ctx: &Context, volume: &Volume, status: serde_json::Value) {
+    let kind = lookup("volume").expect("registered");
+    let project = volume.metadata.namespace.clone().unwrap_or_default();
+    if let Err(e) = ctx
+        .client
+        .patch(
+            kind,
+            Some(&project),
+            &volume.metadata.name,
+            &json!({"status": status}),
+            true,
+        )
+        .await
+    {
+        tracing::debug!(volume = %volume.metadata.name, error = %e, "cannot report the volume's state");
+    }
+}
+
+/// Adds or removes this agent's finalizer, guarded by the resourceVersion it read.
+async fn edit_finalizers(ctx: &Context, volume: &Volume, hold: bool) -> Result<(), String> {
+    let kind = lookup("volume").expect("registered");
+    let project = volume.metadata.namespace.clone().unwrap_or_default();
+    let mut finalizers = volume.metadata.finalizers.clone();
+    finalizers.retain(|f| f != FINALIZER);
+    if hold {
+        finalizers.push(FINALIZER.to_string());
+    }
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": volume.metadata.resource_version}});
+    match ctx
+        .client
+        .patch(kind, Some(&project), &volume.metadata.name, &patch, false)
+        .await
+    {
+        // A conflict or a volume gone: the next pass reads it afresh.
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.code(), Some(404) | Some(409)) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}

@@ -1,0 +1,139 @@
+//! Volume placement: a volume in a node-local pool gets a node (`status.node`) among those
+//! where the pool is Ready with room for it, the one with the most free space; its agent then
+//! makes it. Until one has room the volume stays Pending and says why. Runs on every change of
+//! a volume or pool, and every `resync`.
+
+use std::time::Duration;
+
+use flotilla_server::objects::{ListOptions, Objects, PatchBody, Subresource};
+use flotilla_server::ApiError;
+use flotilla_types::kinds::{StoragePool, Volume};
+use flotilla_types::registry::by_kind;
+use serde_json::json;
+
+pub async fn run(objects: Objects, resync: Duration) {
+    crate::on_changes(
+        objects,
+        &["Volume", "StoragePool"],
+        resync,
+        "place volumes",
+        |o| async move { sweep(&o).await },
+    )
+    .await
+}
+
+/// Where a volume of `size` bytes in `pool` goes: the Ready node with the most free space that
+/// is at least `size`, or why none.
+pub fn place(pool: Option<&StoragePool>, pool_name: &str, size: u64) -> Result<String, String> {
+    let Some(pool) = pool else {
+        return Err(format!("there is no StoragePool {pool_name:?}"));
+    };
+    let nodes = pool.status.as_ref().map(|s| &s.nodes);
+    let ready: Vec<_> = nodes
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.phase == "Ready")
+        .collect();
+    if ready.is_empty() {
+        return Err(format!("no node serves StoragePool {pool_name:?} yet"));
+    }
+    ready
+        .iter()
+        .filter(|(_, n)| n.available >= size)
+        .max_by_key(|(name, n)| (n.available, std::cmp::Reverse(name.as_str())))
+        .map(|(name, _)| name.to_string())
+        .ok_or_else(|| {
+            format!(
+                "no node of StoragePool {pool_name:?} has {size} bytes free (the most: {})",
+                ready.iter().map(|(_, n)| n.available).max().unwrap_or(0)
+            )
+        })
+}
+
+/// One pass; returns how many volumes were written.
+pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
+    let (volume_kind, pool_kind) = (
+        by_kind("Volume").expect("registered"),
+        by_kind("StoragePool").expect("registered"),
+    );
+    let pools: Vec<StoragePool> = objects
+        .list(pool_kind, None, &ListOptions::default())
+        .await?
+        .items
+        .iter()
+        .filter_map(|raw| serde_json::from_slice(raw).ok())
+        .collect();
+    let mut written = 0;
+    for raw in objects
+        .list(volume_kind, None, &ListOptions::default())
+        .await?
+        .items
+    {
+        let Ok(volume) = serde_json::from_slice::<Volume>(&raw) else {
+            continue;
+        };
+        let status = volume.status.clone().unwrap_or_default();
+        if status.node.is_some() || volume.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let pool = pools.iter().find(|p| p.metadata.name == volume.spec.pool);
+        let size = u64::try_from(volume.spec.size.value()).unwrap_or(u64::MAX);
+        let patch = match place(pool, &volume.spec.pool, size) {
+            Ok(node) => json!({"status": {"node": node, "phase": "Pending", "message": ""}}),
+            Err(why) if status.message == why && status.phase == "Pending" => continue,
+            Err(why) => json!({"status": {"phase": "Pending", "message": why}}),
+        };
+        let project = volume.metadata.namespace.clone().unwrap_or_default();
+        match objects
+            .patch(
+                volume_kind,
+                Some(&project),
+                &volume.metadata.name,
+                PatchBody::Merge(patch),
+                Subresource::Status,
+            )
+            .await
+        {
+            Ok(_) => written += 1,
+            Err(e) if e.code() == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(nodes: serde_json::Value) -> StoragePool {
+        serde_json::from_value(
+            json!({"metadata": {"name": "p"}, "spec": {}, "status": {"nodes": nodes}}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_ready_node_with_the_most_room_gets_the_volume() {
+        let p = pool(json!({
+            "a": {"phase": "Ready", "available": 100},
+            "b": {"phase": "Ready", "available": 300},
+            "c": {"phase": "Failed", "available": 900, "message": "closed"},
+        }));
+        assert_eq!(place(Some(&p), "p", 50), Ok("b".into()));
+        assert_eq!(place(Some(&p), "p", 300), Ok("b".into()));
+        let full = place(Some(&p), "p", 301).unwrap_err();
+        assert!(full.contains("301 bytes free (the most: 300)"), "{full}");
+        // Equal room: the first name, so replicas agree.
+        let tie = pool(
+            json!({"x": {"phase": "Ready", "available": 5}, "w": {"phase": "Ready", "available": 5}}),
+        );
+        assert_eq!(place(Some(&tie), "p", 1), Ok("w".into()));
+        assert!(place(Some(&pool(json!({}))), "p", 1)
+            .unwrap_err()
+            .contains("no node serves"));
+        assert!(place(None, "gone", 1)
+            .unwrap_err()
+            .contains("no StoragePool \"gone\""));
+    }
+}

@@ -1,0 +1,104 @@
+//! Volume: a disk of a project, in a storage pool, that outlives VMs. A volume in a node-local
+//! pool (`dir`) lives on one node, which the control plane picks among the nodes where the pool
+//! is Ready with room (`status.node`); that node's agent makes it, and removes it before the
+//! object goes (a finalizer).
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::kinds::image::ImageFormat;
+use crate::quantity::Quantity;
+use crate::resource::Validate;
+use crate::validation::{self, FieldErrors};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// The StoragePool it lives in (default: `default`, each node's data directory).
+    #[serde(default = "default_pool")]
+    #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
+    pub pool: String,
+    /// Its size, as a quantity (e.g. 10Gi): 1Mi to 64Ti.
+    pub size: Quantity,
+    /// `qcow2` (the default: thin, snapshots) or `raw`.
+    #[serde(default)]
+    pub format: ImageFormat,
+    /// Whether several VMs may attach it at once (raw only: qcow2 metadata cannot be written
+    /// by two guests).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shareable: bool,
+}
+
+fn default_pool() -> String {
+    crate::kinds::storage_pool::DEFAULT_POOL.to_string()
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeStatus {
+    /// `Pending` (waiting for a node with room, or to be made), `Available`, or `Failed`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub phase: String,
+    /// The node it lives on (node-local pools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Its file on that node.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub path: String,
+    /// Its size in bytes, as made.
+    #[serde(default)]
+    pub capacity: u64,
+    /// Bytes it takes in the pool.
+    #[serde(default)]
+    pub allocation: u64,
+    /// Why it is pending or failed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+impl Validate for VolumeSpec {
+    fn validate(&self, path: &str, errs: &mut FieldErrors) {
+        validation::dns_label(errs, &format!("{path}.pool"), &self.pool);
+        if self.size.value() < 1 << 20 {
+            errs.push(
+                format!("{path}.size"),
+                format!("{} is too small: at least 1Mi", self.size),
+            );
+        } else if self.size.value() > 64 << 40 {
+            errs.push(
+                format!("{path}.size"),
+                format!("{} is more than the 64Ti allowed", self.size),
+            );
+        }
+        if self.shareable && self.format != ImageFormat::Raw {
+            errs.push(
+                format!("{path}.shareable"),
+                "a shareable volume must be raw: qcow2 metadata cannot be written by two guests",
+            );
+        }
+    }
+}
+
+impl Validate for VolumeStatus {
+    fn validate(&self, _: &str, _: &mut FieldErrors) {}
+}
+
+crate::define_kind! {
+    /// A disk in a storage pool that outlives VMs.
+    Volume {
+        spec: VolumeSpec,
+        status: VolumeStatus,
+        plural: "volumes",
+        singular: "volume",
+        short_names: ["vol"],
+        namespaced: true,
+        field_selectors: ["status.node"],
+        columns: [
+            "POOL" => "spec.pool",
+            "SIZE" => "spec.size",
+            "PHASE" => "status.phase",
+            "NODE" => "status.node"
+        ],
+        set_once: ["spec.pool", "spec.size", "spec.format", "spec.shareable"],
+    }
+}
