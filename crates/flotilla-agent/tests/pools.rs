@@ -140,6 +140,14 @@ async fn nodes_serve_the_pools_that_select_them_and_report_their_space() {
         assert_eq!(pending["status"]["phase"], "Pending");
         assert!(pending["status"].get("node").is_none(), "{pending}");
     }
+    // The pool holds volumes: it cannot go before them.
+    let (code, message, _) =
+        flotilla_controllers::testkit::refused(admin.delete(pools, None, "fast").await);
+    assert_eq!(code, 409, "{message}");
+    assert!(
+        message.contains("holds 2 volumes (default/data, default/huge)"),
+        "{message}"
+    );
     for name in ["data", "huge", "lost"] {
         admin.delete(volumes, Some("default"), name).await.unwrap();
     }

@@ -30,6 +30,7 @@ pub mod pki;
 mod request;
 mod resource;
 pub mod security_groups;
+mod storage;
 pub mod watch;
 pub mod watch_cache;
 

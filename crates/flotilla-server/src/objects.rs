@@ -1261,6 +1261,9 @@ impl Objects {
             )
             .await?;
         }
+        if kind.kind == "StoragePool" {
+            crate::storage::check_pool_delete(self.store.as_ref(), name).await?;
+        }
         if kind.kind == "Network" {
             let project = namespace.unwrap_or_default();
             let users = crate::ipam::holders(self.store.as_ref(), project, name).await?;
