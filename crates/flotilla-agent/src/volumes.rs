@@ -146,6 +146,14 @@ async fn reconcile(
         }
         Err(e) => return Err(e.to_string()),
     };
+    let wanted = u64::try_from(volume.spec.size.value()).unwrap_or(u64::MAX);
+    let info = if wanted > info.virtual_size {
+        let grown = pool.resize(&uid, wanted).await.map_err(|e| e.to_string())?;
+        tracing::info!(volume = %volume.metadata.name, from = info.virtual_size, to = grown.virtual_size, "grew a volume");
+        grown
+    } else {
+        info
+    };
     let path = info.path.display().to_string();
     if status.phase == "Available" && status.path == path && status.capacity == info.virtual_size {
         return Ok(());

@@ -118,6 +118,39 @@ async fn nodes_serve_the_pools_that_select_them_and_report_their_space() {
         json!(["flotilla.dev/volume"])
     );
     assert!(file.exists());
+    // Grown (offline: nothing attaches volumes yet); shrinking is refused at the field.
+    admin
+        .patch(
+            volumes,
+            Some("default"),
+            "data",
+            &json!({"spec": {"size": "128Mi"}}),
+            false,
+        )
+        .await
+        .unwrap();
+    eventually("the volume grew", 30, async || {
+        let v = admin.get(volumes, Some("default"), "data").await.ok()?;
+        (v["status"]["capacity"] == 128u64 << 20).then_some(())
+    })
+    .await;
+    let (code, message, fields) = flotilla_controllers::testkit::refused(
+        admin
+            .patch(
+                volumes,
+                Some("default"),
+                "data",
+                &json!({"spec": {"size": "64Mi"}}),
+                false,
+            )
+            .await,
+    );
+    assert_eq!(
+        (code, fields.as_slice()),
+        (422, &["spec.size".to_string()][..]),
+        "{message}"
+    );
+    assert!(message.contains("volumes only grow"), "{message}");
     // Too big for any node, or in a pool that does not exist: Pending, and why.
     create("huge", json!({"pool": "fast", "size": "60Ti"}))
         .await

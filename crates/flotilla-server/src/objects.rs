@@ -1593,6 +1593,9 @@ fn merge_for_write(
             if kind.kind == "VirtualMachine" {
                 keep_nics(current, &wanted)?;
             }
+            if kind.kind == "Volume" {
+                only_grow(current, &wanted)?;
+            }
             wanted
         }
     };
@@ -1625,6 +1628,26 @@ fn keep_set_once(kind: &KindInfo, current: &Value, next: &mut Value) -> Result<(
     }
     errs.into_result()
         .map_err(|errs| ApiError::invalid(kind.kind, name_of(current), &errs))
+}
+
+/// A volume's size may grow, never shrink (the data past the new end would be lost).
+fn only_grow(current: &Value, next: &Value) -> Result<(), ApiError> {
+    let size = |v: &Value| {
+        v["spec"]["size"]
+            .as_str()
+            .and_then(|s| flotilla_types::Quantity::parse(s).ok())
+    };
+    match (size(current), size(next)) {
+        (Some(was), Some(now)) if now.value() < was.value() => {
+            let mut errs = flotilla_types::FieldErrors::default();
+            errs.push(
+                "spec.size",
+                format!("cannot shrink from {was} to {now}: the data past the new end would be lost; volumes only grow"),
+            );
+            Err(ApiError::invalid("Volume", name_of(current), &errs))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A VM's NICs get their MACs and addresses when it is created (in the create's transaction):

@@ -18,7 +18,7 @@ pub struct VolumeSpec {
     #[serde(default = "default_pool")]
     #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
     pub pool: String,
-    /// Its size, as a quantity (e.g. 10Gi): 1Mi to 64Ti.
+    /// Its size, as a quantity (e.g. 10Gi): 1Mi to 64Ti. It may grow, never shrink.
     pub size: Quantity,
     /// `qcow2` (the default: thin, snapshots) or `raw`.
     #[serde(default)]
@@ -99,6 +99,6 @@ crate::define_kind! {
             "PHASE" => "status.phase",
             "NODE" => "status.node"
         ],
-        set_once: ["spec.pool", "spec.size", "spec.format", "spec.shareable"],
+        set_once: ["spec.pool", "spec.format", "spec.shareable"],
     }
 }
