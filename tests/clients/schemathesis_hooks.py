@@ -11,7 +11,8 @@ as "valid data rejected". This hook makes generated requests keep them, and noth
   propertyNames);
 - memory, disk and volume sizes fall in their ranges (a quantity is a string; OpenAPI cannot bound the
   number it spells);
-- a shareable volume is raw (cross-field);
+- a shareable volume is raw (cross-field), and volumes are blank (a clone's source must
+  exist: cross-object);
 - one of several fields (class or resources; image, boot or adoptedDomain; url or path), a node
   for an adopted domain, NICs for cloud-init from the metadata service (cross-field);
 - a network's type decides its fields (overlay: a cidr, no bridge or VLAN; bridged: a bridge), a
@@ -254,6 +255,8 @@ def keep_spec_rules(kind_path, spec):
         in_range(spec, "size", 2**20, 64 * 2**40, "1Gi")
         if spec.get("shareable") is True:
             spec["format"] = "raw"
+        # A clone's source must exist (cross-object): generated volumes are blank.
+        spec["source"] = None
     elif kind_path == "placementpolicies" and isinstance(spec, dict):
         if isinstance(spec.get("affinity"), dict):
             keep_affinity_rules(spec["affinity"])

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use flotilla_client::ListParams;
 use flotilla_storage::{DirPool, Format, NewVolume, Source};
-use flotilla_types::kinds::{ImageFormat, StoragePool, Volume};
+use flotilla_types::kinds::{CloneMode, ImageFormat, StoragePool, Volume};
 use flotilla_types::registry::lookup;
 use serde_json::json;
 
@@ -128,6 +128,25 @@ async fn reconcile(
     let info = match pool.info(&uid).await {
         Ok(info) => info,
         Err(flotilla_storage::StorageError::NotFound(_)) => {
+            let source = match &volume.spec.source {
+                None => Source::Blank,
+                Some(from) => match source_file(ctx, volume, &from.volume, &pool).await? {
+                    Some((path, format)) => Source::Clone {
+                        from: path,
+                        format,
+                        linked: from.mode == CloneMode::Linked,
+                    },
+                    None => {
+                        let message =
+                            format!("waiting for its source {:?} to be made", from.volume);
+                        if status.message != message {
+                            report(ctx, volume, json!({"phase": "Pending", "message": message}))
+                                .await;
+                        }
+                        return Ok(());
+                    }
+                },
+            };
             let started = std::time::Instant::now();
             let made = pool
                 .create(&NewVolume {
@@ -137,7 +156,7 @@ async fn reconcile(
                         ImageFormat::Raw => Format::Raw,
                     },
                     size: u64::try_from(volume.spec.size.value()).unwrap_or(u64::MAX),
-                    source: Source::Blank,
+                    source,
                 })
                 .await
                 .map_err(|e| e.to_string())?;
@@ -166,6 +185,33 @@ async fn reconcile(
     )
     .await;
     Ok(())
+}
+
+/// The file and format of the volume `name` (of `volume`'s project) a clone copies, once it is
+/// made here; None while it is not.
+async fn source_file(
+    ctx: &Context,
+    volume: &Volume,
+    name: &str,
+    pool: &DirPool,
+) -> Result<Option<(std::path::PathBuf, Format)>, String> {
+    let kind = lookup("volume").expect("registered");
+    let project = volume.metadata.namespace.clone().unwrap_or_default();
+    let from: Volume = match ctx.client.get(kind, Some(&project), name).await {
+        Ok(v) => serde_json::from_value(v).map_err(|e| e.to_string())?,
+        // Not here (yet), or gone: nothing to copy from.
+        Err(e) if matches!(e.code(), Some(403) | Some(404)) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    if from.status.as_ref().map(|s| s.phase.as_str()) != Some("Available") {
+        return Ok(None);
+    }
+    let uid = from.metadata.uid.unwrap_or_default();
+    match pool.info(&uid).await {
+        Ok(info) => Ok(Some((info.path, info.format))),
+        Err(flotilla_storage::StorageError::NotFound(_)) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 async fn report(ctx: &Context, volume: &Volume, status: serde_json::Value) {

@@ -151,6 +151,78 @@ async fn nodes_serve_the_pools_that_select_them_and_report_their_space() {
         "{message}"
     );
     assert!(message.contains("volumes only grow"), "{message}");
+
+    // Clones, beside their source: linked (an overlay of it) and full (a copy); the source
+    // cannot go while a linked clone needs it.
+    for (spec, field) in [
+        (
+            json!({"pool": "fast", "size": "64Mi", "source": {"volume": "data"}}),
+            "spec.size",
+        ),
+        (
+            json!({"pool": "fast", "size": "1Gi", "source": {"volume": "nothing"}}),
+            "spec.source.volume",
+        ),
+        (
+            json!({"pool": "default", "size": "1Gi", "source": {"volume": "data"}}),
+            "spec.source.volume",
+        ),
+        (
+            json!({"pool": "fast", "size": "1Gi", "format": "raw", "source": {"volume": "data", "mode": "linked"}}),
+            "spec.source.mode",
+        ),
+    ] {
+        let (code, message, fields) =
+            flotilla_controllers::testkit::refused(create("bad", spec).await);
+        assert_eq!(
+            (code, fields.as_slice()),
+            (422, &[field.to_string()][..]),
+            "{message}"
+        );
+    }
+    let qemu_backing = |file: &str| {
+        let out = std::process::Command::new("qemu-img")
+            .args(["info", "-U", "--output=json", file])
+            .output()
+            .unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        info["backing-filename"].as_str().map(str::to_string)
+    };
+    for (name, mode) in [("copy", "linked"), ("twin", "full")] {
+        create(
+            name,
+            json!({"pool": "fast", "size": "128Mi", "source": {"volume": "data", "mode": mode}}),
+        )
+        .await
+        .unwrap();
+    }
+    for (name, backing) in [("copy", Some(file.display().to_string())), ("twin", None)] {
+        let made = eventually("the clone is made", 30, async || {
+            let v = admin.get(volumes, Some("default"), name).await.ok()?;
+            (v["status"]["phase"] == "Available").then_some(v)
+        })
+        .await;
+        assert_eq!(made["status"]["node"], "node-1");
+        assert_eq!(
+            qemu_backing(made["status"]["path"].as_str().unwrap()),
+            backing,
+            "{name}"
+        );
+    }
+    let (code, message, _) = flotilla_controllers::testkit::refused(
+        admin.delete(volumes, Some("default"), "data").await,
+    );
+    assert_eq!(code, 409, "{message}");
+    assert!(message.contains("backs the linked clone copy"), "{message}");
+    for name in ["copy", "twin"] {
+        admin.delete(volumes, Some("default"), name).await.unwrap();
+    }
+    eventually("the clones are gone", 30, async || {
+        let gone = admin.get(volumes, Some("default"), "copy").await.is_err()
+            && admin.get(volumes, Some("default"), "twin").await.is_err();
+        gone.then_some(())
+    })
+    .await;
     // Too big for any node, or in a pool that does not exist: Pending, and why.
     create("huge", json!({"pool": "fast", "size": "60Ti"}))
         .await

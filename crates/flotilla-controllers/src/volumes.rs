@@ -1,6 +1,6 @@
 //! Volume placement: a volume in a node-local pool gets a node (`status.node`) among those
-//! where the pool is Ready with room for it, the one with the most free space; its agent then
-//! makes it. Until one has room the volume stays Pending and says why. Runs on every change of
+//! where the pool is Ready with room for it, the one with the most free space (a clone: its
+//! source's node); its agent then makes it. Until one has room the volume stays Pending and says why. Runs on every change of
 //! a volume or pool, and every `resync`.
 
 use std::time::Duration;
@@ -50,6 +50,33 @@ pub fn place(pool: Option<&StoragePool>, pool_name: &str, size: u64) -> Result<S
         })
 }
 
+/// Where a clone of `from` goes: its source's node, if the pool is Ready there (and, for a full
+/// copy, has room).
+fn beside(
+    pool: Option<&StoragePool>,
+    from: Option<&Volume>,
+    source: &flotilla_types::kinds::VolumeSource,
+    size: u64,
+) -> Result<String, String> {
+    let Some(node) = from.and_then(|f| f.status.as_ref()?.node.clone()) else {
+        return Err(format!(
+            "waiting for its source {:?} to be placed",
+            source.volume
+        ));
+    };
+    let entry = pool
+        .and_then(|p| p.status.as_ref()?.nodes.get(&node))
+        .filter(|e| e.phase == "Ready")
+        .ok_or_else(|| format!("its source's node {node:?} does not serve the pool"))?;
+    if source.mode == flotilla_types::kinds::CloneMode::Full && entry.available < size {
+        return Err(format!(
+            "its source's node {node:?} has {} bytes free, not {size}",
+            entry.available
+        ));
+    }
+    Ok(node)
+}
+
 /// One pass; returns how many volumes were written.
 pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
     let (volume_kind, pool_kind) = (
@@ -63,22 +90,32 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
         .iter()
         .filter_map(|raw| serde_json::from_slice(raw).ok())
         .collect();
-    let mut written = 0;
-    for raw in objects
+    let all: Vec<Volume> = objects
         .list(volume_kind, None, &ListOptions::default())
         .await?
         .items
-    {
-        let Ok(volume) = serde_json::from_slice::<Volume>(&raw) else {
-            continue;
-        };
+        .iter()
+        .filter_map(|raw| serde_json::from_slice(raw).ok())
+        .collect();
+    let mut written = 0;
+    for volume in &all {
         let status = volume.status.clone().unwrap_or_default();
         if status.node.is_some() || volume.metadata.deletion_timestamp.is_some() {
             continue;
         }
         let pool = pools.iter().find(|p| p.metadata.name == volume.spec.pool);
         let size = u64::try_from(volume.spec.size.value()).unwrap_or(u64::MAX);
-        let patch = match place(pool, &volume.spec.pool, size) {
+        let placed = match &volume.spec.source {
+            None => place(pool, &volume.spec.pool, size),
+            Some(source) => {
+                let from = all.iter().find(|v| {
+                    v.metadata.namespace == volume.metadata.namespace
+                        && v.metadata.name == source.volume
+                });
+                beside(pool, from, source, size)
+            }
+        };
+        let patch = match placed {
             Ok(node) => json!({"status": {"node": node, "phase": "Pending", "message": ""}}),
             Err(why) if status.message == why && status.phase == "Pending" => continue,
             Err(why) => json!({"status": {"phase": "Pending", "message": why}}),

@@ -690,6 +690,9 @@ impl Objects {
             if let Some(m) = &managed {
                 set_managed_fields(&mut object, m.clone());
             }
+            if let (Some(project), "Volume") = (&project, kind.kind) {
+                crate::storage::check_source(self.store.as_ref(), project, &object).await?;
+            }
             if let (Some(project), "VirtualMachine") = (&project, kind.kind) {
                 crate::security_groups::check_references(
                     self.store.as_ref(),
@@ -1263,6 +1266,14 @@ impl Objects {
         }
         if kind.kind == "StoragePool" {
             crate::storage::check_pool_delete(self.store.as_ref(), name).await?;
+        }
+        if kind.kind == "Volume" {
+            crate::storage::check_volume_delete(
+                self.store.as_ref(),
+                namespace.unwrap_or_default(),
+                name,
+            )
+            .await?;
         }
         if kind.kind == "Network" {
             let project = namespace.unwrap_or_default();

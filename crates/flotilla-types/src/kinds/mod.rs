@@ -41,4 +41,4 @@ pub use vm::{
     RootDisk, VirtualMachine, VirtualMachineSpec, VirtualMachineStatus,
 };
 pub use vmclass::{VMClass, VMClassSpec, VMClassStatus};
-pub use volume::{Volume, VolumeSpec, VolumeStatus};
+pub use volume::{CloneMode, Volume, VolumeSource, VolumeSpec, VolumeStatus};

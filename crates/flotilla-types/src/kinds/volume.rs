@@ -27,6 +27,30 @@ pub struct VolumeSpec {
     /// by two guests).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shareable: bool,
+    /// What it starts as: empty (absent), or a clone of another volume of the project in the
+    /// same pool (made on that volume's node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<VolumeSource>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeSource {
+    /// The volume to clone.
+    #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
+    pub volume: String,
+    /// `full` (the default: every byte copied, independent) or `linked` (copy-on-write over the
+    /// source, qcow2 only; the source cannot be deleted while the clone exists).
+    #[serde(default)]
+    pub mode: CloneMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CloneMode {
+    #[default]
+    Full,
+    Linked,
 }
 
 fn default_pool() -> String {
@@ -70,6 +94,15 @@ impl Validate for VolumeSpec {
                 format!("{} is more than the 64Ti allowed", self.size),
             );
         }
+        if let Some(source) = &self.source {
+            validation::dns_label(errs, &format!("{path}.source.volume"), &source.volume);
+            if source.mode == CloneMode::Linked && self.format != ImageFormat::Qcow2 {
+                errs.push(
+                    format!("{path}.source.mode"),
+                    "a linked clone must be qcow2: a raw file cannot have a backing file",
+                );
+            }
+        }
         if self.shareable && self.format != ImageFormat::Raw {
             errs.push(
                 format!("{path}.shareable"),
@@ -99,6 +132,6 @@ crate::define_kind! {
             "PHASE" => "status.phase",
             "NODE" => "status.node"
         ],
-        set_once: ["spec.pool", "spec.format", "spec.shareable"],
+        set_once: ["spec.pool", "spec.format", "spec.shareable", "spec.source"],
     }
 }
