@@ -20,6 +20,51 @@ pub enum Seen {
     Deleted(Value),
 }
 
+/// The objects a follower has heard of, by a key of each (its uid or name), and whether a
+/// list has come since it started (before one, nothing may be concluded from what is absent).
+pub struct Mirror<T> {
+    pub items: std::collections::BTreeMap<String, T>,
+    pub listed: bool,
+    key: fn(&T) -> Option<String>,
+}
+
+impl<T: serde::de::DeserializeOwned> Mirror<T> {
+    pub fn new(key: fn(&T) -> Option<String>) -> Self {
+        Mirror {
+            items: Default::default(),
+            listed: false,
+            key,
+        }
+    }
+
+    /// Takes in what the follower heard (objects that do not decode are left out).
+    pub fn apply(&mut self, seen: Seen) {
+        let decode = |v: &Value| serde_json::from_value::<T>(v.clone()).ok();
+        match seen {
+            Seen::Listed(items) => {
+                self.items = items
+                    .iter()
+                    .filter_map(decode)
+                    .filter_map(|t| Some(((self.key)(&t)?, t)))
+                    .collect();
+                self.listed = true;
+            }
+            Seen::Changed(item) => {
+                if let Some(t) = decode(&item) {
+                    if let Some(k) = (self.key)(&t) {
+                        self.items.insert(k, t);
+                    }
+                }
+            }
+            Seen::Deleted(item) => {
+                if let Some(k) = decode(&item).and_then(|t| (self.key)(&t)) {
+                    self.items.remove(&k);
+                }
+            }
+        }
+    }
+}
+
 /// Follows `kind` on a task of its own, which ends when the receiver is dropped.
 pub fn follow(client: Arc<Client>, kind: &'static KindInfo) -> mpsc::Receiver<Seen> {
     follow_selected(client, kind, ListParams::default())

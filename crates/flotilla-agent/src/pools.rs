@@ -14,7 +14,7 @@ use flotilla_types::kinds::{PoolNodeStatus, StoragePool};
 use flotilla_types::registry::lookup;
 use serde_json::json;
 
-use crate::follow::{follow, Seen};
+use crate::follow::{follow, Mirror};
 use crate::vm::Context;
 
 /// Where pool `pool` lives on this node.
@@ -81,34 +81,17 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
     let kind = lookup("storagepool").expect("registered");
     let node_kind = lookup("node").expect("registered");
     let mut seen = follow(ctx.client.clone(), kind);
-    let mut pools: BTreeMap<String, StoragePool> = BTreeMap::new();
-    let mut listed = false;
+    let mut pools = Mirror::<StoragePool>::new(|p: &StoragePool| Some(p.metadata.name.clone()));
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             got = seen.recv() => {
                 let Some(got) = got else { return };
-                let decode = |v: &serde_json::Value| serde_json::from_value::<StoragePool>(v.clone()).ok();
-                match got {
-                    Seen::Listed(items) => {
-                        pools = items.iter().filter_map(decode).map(|p| (p.metadata.name.clone(), p)).collect();
-                        listed = true;
-                    }
-                    Seen::Changed(item) => {
-                        if let Some(p) = decode(&item) {
-                            pools.insert(p.metadata.name.clone(), p);
-                        }
-                    }
-                    Seen::Deleted(item) => {
-                        if let Some(name) = item["metadata"]["name"].as_str() {
-                            pools.remove(name);
-                        }
-                    }
-                }
+                pools.apply(got);
             }
             _ = tick.tick() => {}
         }
-        if !listed {
+        if !pools.listed {
             continue;
         }
         let labels: BTreeMap<String, String> =
@@ -121,7 +104,7 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
                     continue;
                 }
             };
-        for pool in pools.values() {
+        for pool in pools.items.values() {
             let current = pool.status.as_ref().and_then(|s| s.nodes.get(&ctx.node));
             let entry = if serves(&pool.spec.node_selector, &labels)
                 && pool.metadata.deletion_timestamp.is_none()

@@ -20,7 +20,7 @@ use flotilla_types::registry::lookup;
 use flotilla_types::{EventType, Network, NetworkType, ObjectReference, Router};
 
 use crate::error::AgentError;
-use crate::follow::{follow, Seen};
+use crate::follow::{follow, Mirror};
 use crate::vm::Context;
 
 /// Namespaces of routers start with this.
@@ -70,8 +70,7 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
         return;
     };
     let mut seen = follow(ctx.client.clone(), lookup("router").expect("registered"));
-    let mut routers: BTreeMap<String, Router> = BTreeMap::new();
-    let mut listed = false;
+    let mut routers = Mirror::<Router>::new(|r: &Router| r.metadata.uid.clone());
     let mut failing: BTreeMap<String, String> = BTreeMap::new();
     // Whether the node's uplink masquerade may still be there (a restarted agent checks).
     let mut uplink_nat = true;
@@ -80,32 +79,15 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
         tokio::select! {
             got = seen.recv() => {
                 let Some(got) = got else { return };
-                let decode = |v: &serde_json::Value| serde_json::from_value::<Router>(v.clone()).ok();
-                match got {
-                    Seen::Listed(items) => {
-                        routers = items.iter().filter_map(decode).filter_map(|r| Some((r.metadata.uid.clone()?, r))).collect();
-                        listed = true;
-                    }
-                    Seen::Changed(item) => {
-                        if let Some(r) = decode(&item) {
-                            if let Some(uid) = r.metadata.uid.clone() {
-                                routers.insert(uid, r);
-                            }
-                        }
-                    }
-                    Seen::Deleted(item) => {
-                        if let Some(uid) = item["metadata"]["uid"].as_str() {
-                            routers.remove(uid);
-                        }
-                    }
-                }
+                routers.apply(got);
             }
             _ = tick.tick() => {}
         }
-        if !listed {
+        if !routers.listed {
             continue;
         }
         let mine: Vec<&Router> = routers
+            .items
             .values()
             .filter(|r| {
                 r.metadata.deletion_timestamp.is_none()

@@ -5,7 +5,6 @@
 //! converges at the next pass (a volume whose file is there is not made again; one already gone
 //! is removed without a word).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use flotilla_types::kinds::{CloneMode, ImageFormat, StoragePool, Volume};
 use flotilla_types::registry::lookup;
 use serde_json::json;
 
-use crate::follow::{follow_selected, Seen};
+use crate::follow::{follow_selected, Mirror};
 use crate::vm::Context;
 
 /// This agent's finalizer on the volumes it made.
@@ -29,40 +28,21 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
         ..Default::default()
     };
     let mut seen = follow_selected(ctx.client.clone(), kind, params);
-    let mut volumes: BTreeMap<String, Volume> = BTreeMap::new();
-    let mut listed = false;
+    let mut volumes = Mirror::<Volume>::new(|v: &Volume| v.metadata.uid.clone());
     let mut swept = std::collections::BTreeSet::new();
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             got = seen.recv() => {
                 let Some(got) = got else { return };
-                let decode = |v: &serde_json::Value| serde_json::from_value::<Volume>(v.clone()).ok();
-                match got {
-                    Seen::Listed(items) => {
-                        volumes = items.iter().filter_map(decode).filter_map(|v| Some((v.metadata.uid.clone()?, v))).collect();
-                        listed = true;
-                    }
-                    Seen::Changed(item) => {
-                        if let Some(v) = decode(&item) {
-                            if let Some(uid) = v.metadata.uid.clone() {
-                                volumes.insert(uid, v);
-                            }
-                        }
-                    }
-                    Seen::Deleted(item) => {
-                        if let Some(uid) = item["metadata"]["uid"].as_str() {
-                            volumes.remove(uid);
-                        }
-                    }
-                }
+                volumes.apply(got);
             }
             _ = tick.tick() => {}
         }
-        if !listed {
+        if !volumes.listed {
             continue;
         }
-        for volume in volumes.values() {
+        for volume in volumes.items.values() {
             if volume.status.as_ref().and_then(|s| s.node.as_deref()) != Some(ctx.node.as_str()) {
                 continue;
             }

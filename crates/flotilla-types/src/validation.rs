@@ -181,6 +181,15 @@ pub fn to_dns_label(s: &str, fallback: &str) -> String {
     }
 }
 
+/// A disk's size: 1Mi to 64Ti.
+pub fn disk_size(errs: &mut FieldErrors, field: &str, size: &crate::Quantity) {
+    if size.value() < 1 << 20 {
+        errs.push(field, format!("{size} is too small: at least 1Mi"));
+    } else if size.value() > 64 << 40 {
+        errs.push(field, format!("{size} is more than the 64Ti allowed"));
+    }
+}
+
 /// A path on the node: absolute, no NUL or newline.
 pub fn host_path(errs: &mut FieldErrors, field: &str, value: &str) {
     if !value.starts_with('/')

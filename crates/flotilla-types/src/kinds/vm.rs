@@ -343,17 +343,7 @@ impl Validate for VirtualMachineSpec {
             );
         }
         if let Some(disk) = &self.root_disk {
-            if disk.size.value() < 1 << 20 {
-                errs.push(
-                    format!("{path}.rootDisk.size"),
-                    format!("{} is too small: at least 1Mi", disk.size),
-                );
-            } else if disk.size.value() > 64 << 40 {
-                errs.push(
-                    format!("{path}.rootDisk.size"),
-                    format!("{} is more than the 64Ti allowed", disk.size),
-                );
-            }
+            validation::disk_size(errs, &format!("{path}.rootDisk.size"), &disk.size);
         }
         let mut seen = std::collections::HashSet::new();
         let mut names = std::collections::HashSet::new();

@@ -83,17 +83,7 @@ pub struct VolumeStatus {
 impl Validate for VolumeSpec {
     fn validate(&self, path: &str, errs: &mut FieldErrors) {
         validation::dns_label(errs, &format!("{path}.pool"), &self.pool);
-        if self.size.value() < 1 << 20 {
-            errs.push(
-                format!("{path}.size"),
-                format!("{} is too small: at least 1Mi", self.size),
-            );
-        } else if self.size.value() > 64 << 40 {
-            errs.push(
-                format!("{path}.size"),
-                format!("{} is more than the 64Ti allowed", self.size),
-            );
-        }
+        validation::disk_size(errs, &format!("{path}.size"), &self.size);
         if let Some(source) = &self.source {
             validation::dns_label(errs, &format!("{path}.source.volume"), &source.volume);
             if source.mode == CloneMode::Linked && self.format != ImageFormat::Qcow2 {
