@@ -47,8 +47,12 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
                 continue;
             }
             if let Err(message) = reconcile(&ctx, volume, &mut swept).await {
-                tracing::warn!(volume = %volume.metadata.name, %message, "cannot reconcile a volume; retrying");
-                report(&ctx, volume, json!({"phase": "Failed", "message": message})).await;
+                // Written once per new reason: each write wakes this loop again.
+                let status = volume.status.clone().unwrap_or_default();
+                if status.phase != "Failed" || status.message != message {
+                    tracing::warn!(volume = %volume.metadata.name, %message, "cannot reconcile a volume; retrying");
+                    report(&ctx, volume, json!({"phase": "Failed", "message": message})).await;
+                }
             }
         }
     }
