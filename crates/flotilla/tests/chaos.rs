@@ -18,7 +18,9 @@
 //! - each round's router (the overlay network to an external LAN, a bridge the test makes) is
 //!   placed and running in its namespace on the host, and its floating IP is bound to the first
 //!   VM; once both are deleted, the namespace is gone and neither network holds their
-//!   addresses.
+//!   addresses;
+//! - each round's volume (in the default pool, made during the kills) becomes Available with
+//!   its file there; once deleted, the pool directory holds nothing — no volume, no temporary.
 //!
 //! `CHAOS_ROUNDS` (3 in `make test`, hundreds in `make chaos`), `CHAOS_SEED` (random unless
 //! given; printed, so a failing run can be repeated) and `CHAOS_VMS` (4) shape the run;
@@ -235,6 +237,7 @@ async fn chaos() {
             .success());
     }
     let (routers, fips) = (lookup("router").unwrap(), lookup("floatingip").unwrap());
+    let volume_kind = lookup("volume").unwrap();
     let ext = json!({"metadata": {"name": "chaos-ext"}, "spec": {"type": "bridged", "bridge": lan,
         "cidr": "203.0.113.0/24", "gateway": "203.0.113.1"}});
     persist("create external network", || {
@@ -326,6 +329,13 @@ async fn chaos() {
         })
         .await;
         done_before(409, created).unwrap();
+        let volume = format!("vol-{round}");
+        let volume_object = json!({"metadata": {"name": volume}, "spec": {"size": "64Mi"}});
+        let created = persist("create volume", || {
+            admin.create(volume_kind, Some("default"), &volume_object)
+        })
+        .await;
+        done_before(409, created).unwrap();
         let fip = format!("fip-{round}");
         let fip_object =
             json!({"metadata": {"name": fip}, "spec": {"network": "chaos-ext", "vm": names[0]}});
@@ -406,6 +416,27 @@ async fn chaos() {
                 panic!("round {round} (seed {seed}): {name} and {other} both hold {ip}");
             }
         }
+        // Invariant: the volume is made, its file in the node's default pool.
+        loop {
+            let v = persist("get volume", || {
+                admin.get(volume_kind, Some("default"), &volume)
+            })
+            .await
+            .unwrap();
+            let path = v["status"]["path"].as_str().unwrap_or_default();
+            if v["status"]["phase"] == "Available" && std::path::Path::new(path).exists() {
+                break;
+            }
+            let fleet = fleet.lock().unwrap();
+            assert!(
+                last_restart.elapsed() < CONVERGE,
+                "round {round} (seed {seed}): the volume is not made: {}\nagent log:\n{}",
+                v["status"],
+                fleet.agent.tail(40)
+            );
+            drop(fleet);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         // Invariant: the router runs on the host, and the floating IP forwards to the first VM.
         let router_uid = persist("get router", || {
             admin.get(routers, Some("default"), &router)
@@ -459,7 +490,7 @@ async fn chaos() {
 
         // Delete everything (perhaps with one more kill), then nothing may be left.
         let chaos = tokio::spawn(monkey(fleet.clone(), delete_kill.into_iter().collect()));
-        for (kind, name) in [(fips, &fip), (routers, &router)] {
+        for (kind, name) in [(fips, &fip), (routers, &router), (volume_kind, &volume)] {
             let deleted = persist("delete", || admin.delete(kind, Some("default"), name)).await;
             done_before(404, deleted).unwrap();
         }
@@ -509,6 +540,31 @@ async fn chaos() {
                 );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        }
+        let pool_dir = data.join("pools/default");
+        loop {
+            let left: Vec<String> = std::fs::read_dir(&pool_dir)
+                .map(|d| {
+                    d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let gone = persist("get volume", || {
+                admin.get(volume_kind, Some("default"), &volume)
+            })
+            .await
+            .is_err();
+            if left.is_empty() && gone {
+                break;
+            }
+            let fleet = fleet.lock().unwrap();
+            assert!(
+                deleted_at.elapsed() < CONVERGE,
+                "round {round} (seed {seed}): the deleted volume left {left:?} (object gone: {gone})\nagent log:\n{}",
+                fleet.agent.tail(40)
+            );
+            drop(fleet);
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         while router_ns.exists() {
             let fleet = fleet.lock().unwrap();
