@@ -321,7 +321,17 @@ async fn routers_leave_through_the_nodes_own_uplink() {
         .trim()
         .to_string()
     };
-    assert_eq!(forwarding(), "0", "a new namespace does not forward");
+    // (A new namespace copies the host's setting, which another test may have turned on.)
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &node,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=0",
+    ]);
+    assert_eq!(forwarding(), "0");
 
     let mut routers = Vec::new();
     for (i, vni) in [4200u32, 4201].into_iter().enumerate() {
