@@ -47,6 +47,32 @@ impl Default for ControllerConfig {
     }
 }
 
+/// Merges `patch` into the status of `kind` `project`/`name`; 1 when written, 0 when the
+/// object is gone (nothing to report on), an error otherwise.
+pub async fn write_status(
+    objects: &flotilla_server::objects::Objects,
+    kind: &str,
+    project: &str,
+    name: &str,
+    patch: serde_json::Value,
+) -> Result<usize, flotilla_server::ApiError> {
+    let kind = flotilla_types::registry::by_kind(kind).expect("registered");
+    match objects
+        .patch(
+            kind,
+            Some(project),
+            name,
+            flotilla_server::objects::PatchBody::Merge(patch),
+            flotilla_server::objects::Subresource::Status,
+        )
+        .await
+    {
+        Ok(_) => Ok(1),
+        Err(e) if e.code() == 404 => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
 /// Starts every controller; they run until the runtime stops.
 pub fn spawn_all(objects: Objects, config: ControllerConfig) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = vec![

@@ -10,13 +10,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla_server::objects::{ListOptions, Objects, PatchBody, Subresource};
+use flotilla_server::objects::{ListOptions, Objects};
 use flotilla_server::ApiError;
 use flotilla_types::kinds::FloatingMapping;
 use flotilla_types::meta::{Condition, ConditionStatus};
 use flotilla_types::registry::by_kind;
 use flotilla_types::{FloatingIP, Router, VirtualMachine};
-use serde_json::{json, Value};
+use serde_json::json;
 
 pub async fn run(objects: Objects, resync: Duration) {
     let kinds = ["Router", "FloatingIP", "VirtualMachine", "Node"];
@@ -104,7 +104,8 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
         }
         let patch =
             json!({"status": {"fixedAddress": fixed, "router": router, "conditions": conditions}});
-        written += write_status(objects, "FloatingIP", &project, &fip.metadata.name, patch).await?;
+        written +=
+            crate::write_status(objects, "FloatingIP", &project, &fip.metadata.name, patch).await?;
     }
 
     // A VM's status.ips: its NICs' addresses, then the floating IPs that forward to it.
@@ -129,7 +130,7 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
         ips.extend(floating);
         if status.ips != ips {
             let patch = json!({"status": {"ips": ips}});
-            written += write_status(
+            written += crate::write_status(
                 objects,
                 "VirtualMachine",
                 &project,
@@ -207,7 +208,8 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
             continue;
         }
         let patch = json!({"status": {"nodeName": node, "floatingIps": floating, "conditions": conditions}});
-        written += write_status(objects, "Router", &project, &router.metadata.name, patch).await?;
+        written +=
+            crate::write_status(objects, "Router", &project, &router.metadata.name, patch).await?;
     }
     Ok(written)
 }
@@ -279,30 +281,6 @@ fn bind(
             fip.spec.network
         )),
     )
-}
-
-async fn write_status(
-    objects: &Objects,
-    kind: &str,
-    project: &str,
-    name: &str,
-    patch: Value,
-) -> Result<usize, ApiError> {
-    let kind = by_kind(kind).expect("registered");
-    match objects
-        .patch(
-            kind,
-            Some(project),
-            name,
-            PatchBody::Merge(patch),
-            Subresource::Status,
-        )
-        .await
-    {
-        Ok(_) => Ok(1),
-        Err(e) if e.code() == 404 => Ok(0),
-        Err(e) => Err(e),
-    }
 }
 
 /// A condition `type_` that is True with the Ok message or False with the Err one.

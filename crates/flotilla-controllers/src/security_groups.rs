@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla_server::objects::{ListOptions, Objects, PatchBody, Subresource};
+use flotilla_server::objects::{ListOptions, Objects};
 use flotilla_server::ApiError;
 use flotilla_types::kinds::security_group::DEFAULT_GROUP;
 use flotilla_types::kinds::{SecurityGroup, SecurityGroupMember, SecurityGroupSpec};
@@ -132,20 +132,7 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
         }
         let patch =
             json!({"status": {"members": now, "memberCount": now.len(), "conditions": conditions}});
-        match objects
-            .patch(
-                sg_kind,
-                Some(project),
-                name,
-                PatchBody::Merge(patch),
-                Subresource::Status,
-            )
-            .await
-        {
-            Ok(_) => written += 1,
-            Err(e) if e.code() == 404 => {}
-            Err(e) => return Err(e),
-        }
+        written += crate::write_status(objects, "SecurityGroup", project, name, patch).await?;
     }
     Ok(written)
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use flotilla_server::objects::{ListOptions, Objects, PatchBody, Subresource};
+use flotilla_server::objects::{ListOptions, Objects};
 use flotilla_server::ApiError;
 use flotilla_types::kinds::{StoragePool, Volume};
 use flotilla_types::registry::by_kind;
@@ -121,20 +121,8 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
             Err(why) => json!({"status": {"phase": "Pending", "message": why}}),
         };
         let project = volume.metadata.namespace.clone().unwrap_or_default();
-        match objects
-            .patch(
-                volume_kind,
-                Some(&project),
-                &volume.metadata.name,
-                PatchBody::Merge(patch),
-                Subresource::Status,
-            )
-            .await
-        {
-            Ok(_) => written += 1,
-            Err(e) if e.code() == 404 => {}
-            Err(e) => return Err(e),
-        }
+        written +=
+            crate::write_status(objects, "Volume", &project, &volume.metadata.name, patch).await?;
     }
     Ok(written)
 }
