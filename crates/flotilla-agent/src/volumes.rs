@@ -32,18 +32,24 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
     let mut swept = std::collections::BTreeSet::new();
     let mut tick = tokio::time::interval(every);
     loop {
-        tokio::select! {
+        // An event re-reconciles only volumes with something to do; a tick looks at every
+        // file too (one gone behind the agent's back is made again).
+        let every_file = tokio::select! {
             got = seen.recv() => {
                 let Some(got) = got else { return };
                 volumes.apply(got);
+                false
             }
-            _ = tick.tick() => {}
-        }
+            _ = tick.tick() => true,
+        };
         if !volumes.listed {
             continue;
         }
         for volume in volumes.items.values() {
             if volume.status.as_ref().and_then(|s| s.node.as_deref()) != Some(ctx.node.as_str()) {
+                continue;
+            }
+            if !every_file && settled(volume) {
                 continue;
             }
             if let Err(message) = reconcile(&ctx, volume, &mut swept).await {
@@ -56,6 +62,16 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
             }
         }
     }
+}
+
+/// Whether `volume` is as its spec asks, as far as its object says: made, held, its size
+/// reached, not being deleted.
+fn settled(volume: &Volume) -> bool {
+    let status = volume.status.clone().unwrap_or_default();
+    volume.metadata.deletion_timestamp.is_none()
+        && volume.metadata.finalizers.iter().any(|f| f == FINALIZER)
+        && status.phase == "Available"
+        && u128::from(status.capacity) >= volume.spec.size.value()
 }
 
 /// The pool directory of `volume` on this node; the first time in this agent's life, with what
