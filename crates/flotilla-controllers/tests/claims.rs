@@ -226,3 +226,73 @@ async fn the_second_of_two_bindings_from_one_view_loses_its_claim() {
     );
     assert_eq!(bound["status"]["phase"], "Scheduled");
 }
+
+/// A scheduler writes its bindings to one node in order and stops at the first lost claim: the
+/// VMs it had not tried yet must go back to its queue (not stay counted on the node, unplaced).
+#[tokio::test]
+async fn vms_behind_a_lost_claim_are_placed_again() {
+    let (_dir, objects) = fleet().await;
+    let vms = lookup("vm").unwrap();
+    let bind = |name: &'static str, claim| {
+        let objects = objects.clone();
+        async move {
+            let key = format!("/registry/virtualmachines/default/{name}");
+            let kv = objects.store().get(&key).await.unwrap().unwrap();
+            let status = json!({"phase": "Scheduled"});
+            let bound = objects
+                .bind(
+                    vms,
+                    Some("default"),
+                    name,
+                    kv.mod_revision,
+                    "node-0",
+                    status,
+                    claim,
+                )
+                .await
+                .unwrap();
+            let Binding::Bound { revision } = bound else {
+                panic!("{bound:?}")
+            };
+            revision
+        }
+    };
+    // node-0 holds a VM when this scheduler starts: it knows the node's claim.
+    let first = bind("vm-58", 0).await;
+    let (mut scheduler, from) = Scheduler::load(objects.clone(), Strategy::Pack)
+        .await
+        .unwrap();
+    let mut events = objects.store().watch("/registry/", from).await.unwrap();
+    // Another scheduler binds vm-59 to node-0 behind its back.
+    let other = bind("vm-59", first).await;
+    // Packing puts both on node-0: the first loses the claim, the second is never tried.
+    let keys: Vec<String> = ["vm-00", "vm-01"]
+        .iter()
+        .map(|n| format!("/registry/virtualmachines/default/{n}"))
+        .collect();
+    assert_eq!(scheduler.place(&keys).await, 0);
+    assert_eq!(scheduler.claims_lost, 2, "both VMs lost the claim");
+    // Once caught up, the queue places both.
+    while scheduler.cache.revision < other {
+        let ev = events.next().await.unwrap().unwrap();
+        scheduler.apply(&ev).await;
+    }
+    let queued: Vec<String> = scheduler
+        .cache
+        .queue
+        .iter()
+        .map(|(_, k)| k.clone())
+        .collect();
+    for key in &keys {
+        assert!(queued.contains(key), "{key} is queued again: {queued:?}");
+    }
+    scheduler.place(&queued).await;
+    for name in ["vm-00", "vm-01"] {
+        let vm = objects
+            .get(vms, Some("default"), name)
+            .await
+            .unwrap()
+            .to_value();
+        assert!(vm["spec"]["nodeName"].is_string(), "{name} is bound: {vm}");
+    }
+}

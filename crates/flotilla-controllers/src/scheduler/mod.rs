@@ -375,7 +375,8 @@ impl Scheduler {
                 return (node, claim, outcomes);
             }
             let mut outcomes = Vec::with_capacity(vms.len());
-            for (key, revision) in vms {
+            let mut vms = vms.into_iter();
+            for (key, revision) in vms.by_ref() {
                 let Some(c) = claim.map(|c| c.revision) else {
                     outcomes.push((key, Outcome::Failed));
                     continue;
@@ -425,7 +426,11 @@ impl Scheduler {
                     break;
                 }
             }
-            // VMs after a lost claim were not tried: they go back to the queue.
+            // VMs after a lost claim were not tried: they lost it too, and go back to the queue
+            // (left out, they would stay counted on the node and never be placed again).
+            if let Some(c) = claim {
+                outcomes.extend(vms.map(|(key, _)| (key, Outcome::ClaimLost(c.revision))));
+            }
             (node, claim, outcomes)
         }
     }
