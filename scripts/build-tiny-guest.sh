@@ -15,6 +15,12 @@
 # at 169.254.169.254 answers (OpenStack's meta_data.json on one line, EC2's instance-id):
 #   FLOTILLA-METADATA <json>
 #   FLOTILLA-EC2 <instance-id>
+# In the background it watches its disks (vd*: virtio-blk; the seed is sr0) every half second and
+# prints each one that appears or changes size, with its serial, size in 512-byte sectors and
+# the printable start of its first 64 bytes, and writes "guest-wrote-<name>" at byte 4096 of
+# each writable one it has not seen before; and each one that goes:
+#   FLOTILLA-DISK <name> serial=<serial> sectors=<n> head=<text>
+#   FLOTILLA-DISK-GONE <name>
 # Output: $OUT/vmlinuz and $OUT/initramfs.gz (OUT defaults to target/guests/tiny). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +40,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work"/{bin,dev,proc,sys,mnt,tmp,lib/modules}
 cp /bin/busybox "$work/bin/busybox"
-for module in virtio_pci virtio_scsi sr_mod isofs virtio_net; do
+for module in virtio_pci virtio_scsi sr_mod isofs virtio_net virtio_blk; do
   modprobe -S "$kver" --show-depends "$module" | awk '$1 == "insmod" {print $2}'
 done | awk '!seen[$0]++' > "$work/modules.order"
 while read -r ko; do
@@ -63,6 +69,29 @@ if mount -t iso9660 -o ro /dev/sr0 /mnt; then
 else
   echo "FLOTILLA-NO-SEED"
 fi
+(
+  : > /tmp/disks.old
+  while true; do
+    : > /tmp/disks.new
+    for d in /sys/block/vd*; do
+      [ -e "$d" ] || continue
+      echo "${d##*/} $(cat "$d/serial" 2>/dev/null) $(cat "$d/size")" >> /tmp/disks.new
+    done
+    while read -r name serial sectors; do
+      grep -qx "$name $serial $sectors" /tmp/disks.old && continue
+      head="$(dd if="/dev/$name" bs=64 count=1 2>/dev/null | tr -cd 'a-zA-Z0-9._-')"
+      echo "FLOTILLA-DISK $name serial=$serial sectors=$sectors head=$head"
+      if ! grep -q "^$name " /tmp/disks.old && [ "$(cat "/sys/block/$name/ro")" = 0 ]; then
+        printf 'guest-wrote-%s' "$name" | dd of="/dev/$name" bs=512 seek=8 conv=notrunc,fsync 2>/dev/null
+      fi
+    done < /tmp/disks.new
+    while read -r name serial sectors; do
+      grep -q "^$name " /tmp/disks.new || echo "FLOTILLA-DISK-GONE $name"
+    done < /tmp/disks.old
+    mv /tmp/disks.new /tmp/disks.old
+    sleep 0.5
+  done
+) &
 if [ -e /sys/class/net/eth0 ]; then
   ip link set lo up
   if grep -q flotilla.dhcp /proc/cmdline; then

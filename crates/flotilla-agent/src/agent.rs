@@ -218,6 +218,8 @@ pub async fn run_with(
             crate::metadata::VmIndex::default(),
         )))
     });
+    // A volume changed: the VMs it is attached to look again (it became available, or grew).
+    let (volume_changed, mut attached_vms) = mpsc::unbounded_channel::<String>();
     let ctx = Arc::new(Context {
         metadata: metadata.clone(),
         firewall: firewall.clone(),
@@ -234,6 +236,7 @@ pub async fn run_with(
         data_dir: config.data_dir.clone(),
         shutdown_timeout: config.shutdown_timeout,
         defined: Default::default(),
+        volumes: Arc::new(crate::attach::NodeVolumes::new(volume_changed)),
     });
     if !config.labels.is_empty() {
         let patch = json!({"metadata": {"labels": config.labels}});
@@ -443,6 +446,13 @@ pub async fn run_with(
                     continue 'relist;
                 }
                 Some(exit) = exits.recv() => finished(&ctx, &mut actors, &exits_tx, exit),
+                Some(uid) = attached_vms.recv() => {
+                    for a in actors.values() {
+                        if a.desired.borrow().as_ref().and_then(|vm| vm.metadata.uid.as_deref()) == Some(uid.as_str()) {
+                            a.kick.notify_one();
+                        }
+                    }
+                }
                 Some(uid) = async { match leased.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
                     for a in actors.values() {
                         if a.desired.borrow().as_ref().and_then(|vm| vm.metadata.uid.as_deref()) == Some(uid.as_str()) {

@@ -45,6 +45,75 @@ pub struct Nic {
     pub vlan: Option<u16>,
 }
 
+/// A volume attached as a disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeDisk {
+    /// The Volume's name: the disk's alias is `ua-<volume>`, so the agent knows it in live XML.
+    pub volume: String,
+    pub path: PathBuf,
+    /// `qcow2` or `raw`.
+    pub format: &'static str,
+    /// virtio-blk (`true`) or virtio-scsi.
+    pub virtio: bool,
+    /// The device name in the domain (vdb, sdb, ...).
+    pub target: String,
+    /// What the guest reads as the disk's serial (`/dev/disk/by-id/virtio-<serial>`).
+    pub serial: String,
+    pub read_only: bool,
+    /// Attached to several VMs: QEMU must not lock it for itself.
+    pub shareable: bool,
+}
+
+impl VolumeDisk {
+    pub fn to_element(&self) -> Element {
+        let bus = if self.virtio { "virtio" } else { "scsi" };
+        Element::new("disk")
+            .attr("type", "file")
+            .attr("device", "disk")
+            .child(
+                Element::new("driver")
+                    .attr("name", "qemu")
+                    .attr("type", self.format)
+                    .attr("discard", "unmap"),
+            )
+            .child(Element::new("source").attr("file", self.path.display()))
+            .child(
+                Element::new("target")
+                    .attr("dev", &self.target)
+                    .attr("bus", bus),
+            )
+            .child(Element::leaf("serial", &self.serial))
+            .children(self.read_only.then(|| Element::new("readonly")))
+            .children(self.shareable.then(|| Element::new("shareable")))
+            .child(Element::new("alias").attr(
+                "name",
+                format!("{}{}", crate::libvirt::VOLUME_ALIAS, self.volume),
+            ))
+    }
+
+    /// The XML libvirt takes to plug or unplug it.
+    pub fn to_xml(&self) -> String {
+        self.to_element().render()
+    }
+}
+
+/// The device name of the `index`th disk on a bus: `prefix` a, b, ..., z, aa, ab, ...
+pub fn disk_target(prefix: &str, index: usize) -> String {
+    let mut name = Vec::new();
+    let mut n = index + 1;
+    while n > 0 {
+        n -= 1;
+        name.push(b'a' + (n % 26) as u8);
+        n /= 26;
+    }
+    name.reverse();
+    format!("{prefix}{}", String::from_utf8(name).expect("ASCII"))
+}
+
+/// PCIe root ports a q35 domain gets beyond those its devices take, so that this many virtio
+/// disks can be plugged while it runs (each takes a port of its own; more need a restart).
+pub const SPARE_ROOT_PORTS: usize = 8;
+
 #[derive(Clone, Debug)]
 pub struct DomainSpec {
     pub virt_type: VirtType,
@@ -61,6 +130,8 @@ pub struct DomainSpec {
     pub memory_bytes: u128,
     pub boot: Option<KernelBoot>,
     pub root_disk: Option<PathBuf>,
+    /// Volumes, after the root disk.
+    pub disks: Vec<VolumeDisk>,
     pub seed_iso: Option<PathBuf>,
     /// Present the machine as OpenStack Nova (SMBIOS), so cloud-init's OpenStack datasource
     /// reads the metadata service.
@@ -115,6 +186,7 @@ impl DomainSpec {
                     ),
             );
         }
+        devices.extend(self.disks.iter().map(VolumeDisk::to_element));
         if let Some(seed) = &self.seed_iso {
             devices.push(
                 Element::new("disk")
@@ -133,6 +205,8 @@ impl DomainSpec {
                     )
                     .child(Element::new("readonly")),
             );
+        }
+        if self.seed_iso.is_some() || self.disks.iter().any(|d| !d.virtio) {
             // virtio-scsi rather than SATA: cloud kernels (Debian's included) ship no AHCI driver.
             devices.push(
                 Element::new("controller")
@@ -160,6 +234,23 @@ impl DomainSpec {
             devices.push(interface);
         }
         if self.virt_type != VirtType::Test {
+            // Ports for disks plugged while it runs. libvirt gives its devices the explicit
+            // ports first, so these count them in: one each for the root disk, the SCSI, USB and
+            // virtio-serial controllers, the RNG, the balloon, each NIC and virtio disk.
+            let taken = 6 + self.nics.len() + self.disks.iter().filter(|d| d.virtio).count();
+            devices.push(
+                Element::new("controller")
+                    .attr("type", "pci")
+                    .attr("index", 0)
+                    .attr("model", "pcie-root"),
+            );
+            for _ in 0..taken + SPARE_ROOT_PORTS {
+                devices.push(
+                    Element::new("controller")
+                        .attr("type", "pci")
+                        .attr("model", "pcie-root-port"),
+                );
+            }
             // A pty for interactive consoles, with everything also written to the log file.
             devices.push(
                 Element::new("serial")

@@ -50,14 +50,57 @@ unsafe extern "C" fn on_lifecycle(
     0
 }
 
+/// Called by libvirt when a guest has let go of an unplugged device: sends the domain's UUID.
+unsafe extern "C" fn on_device_removed(
+    conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    _alias: *const libc::c_char,
+    opaque: *mut libc::c_void,
+) {
+    // SAFETY: as for a lifecycle event; the event and detail are not read.
+    on_lifecycle(conn, dom, 0, 0, opaque);
+}
+
 unsafe extern "C" fn free_sender(opaque: *mut libc::c_void) {
     // SAFETY: created by Box::into_raw in `subscribe`; libvirt calls this once.
     drop(Box::from_raw(opaque as *mut UnboundedSender<String>));
 }
 
-/// Subscribes to lifecycle events of every domain on `conn`; yields domain UUIDs.
+/// Subscribes to lifecycle events of every domain on `conn`, and to devices their guests let
+/// go of (an unplug done); yields domain UUIDs.
 pub fn subscribe(conn: &virt::connect::Connect) -> Option<UnboundedReceiver<String>> {
     let (tx, rx) = unbounded_channel();
+    let removed = Box::into_raw(Box::new(tx.clone())) as *mut libc::c_void;
+    // SAFETY: as below, for the device-removed callback's signature.
+    let cb: sys::virConnectDomainEventGenericCallback = unsafe {
+        Some(std::mem::transmute::<
+            unsafe extern "C" fn(
+                sys::virConnectPtr,
+                sys::virDomainPtr,
+                *const libc::c_char,
+                *mut libc::c_void,
+            ),
+            unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut libc::c_void),
+        >(on_device_removed))
+    };
+    // SAFETY: `conn` is open; `removed` stays valid until libvirt calls `free_sender`.
+    let id = unsafe {
+        sys::virConnectDomainEventRegisterAny(
+            conn.as_ptr(),
+            std::ptr::null_mut(),
+            sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED as libc::c_int,
+            cb,
+            removed,
+            Some(free_sender),
+        )
+    };
+    if id < 0 {
+        // SAFETY: registration failed, so libvirt did not take ownership.
+        unsafe { free_sender(removed) };
+        tracing::warn!(
+            "cannot subscribe to libvirt's device-removed events; unplugs are seen at resyncs"
+        );
+    }
     let opaque = Box::into_raw(Box::new(tx)) as *mut libc::c_void;
     // SAFETY: libvirt's lifecycle callbacks have this signature; the generic type is what the C
     // API takes (VIR_DOMAIN_EVENT_CALLBACK does the same cast in C).

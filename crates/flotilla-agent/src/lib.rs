@@ -4,6 +4,7 @@
 //! when it or the server is down.
 
 pub mod agent;
+pub mod attach;
 pub mod cloudinit;
 pub mod datadir;
 pub mod dhcp;

@@ -42,6 +42,52 @@ fn bridges_of(xml: &str) -> Vec<String> {
         .collect()
 }
 
+/// A disk of a running domain, as its live XML has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveDisk {
+    /// The device name in the domain (vda, sdb, ...).
+    pub target: String,
+    pub bus: String,
+    pub source: Option<String>,
+    pub serial: Option<String>,
+    /// The volume it is, for disks Flotilla attached (their alias is `ua-<volume>`).
+    pub volume: Option<String>,
+}
+
+/// The prefix of the user alias Flotilla gives a volume's disk (`ua-` is libvirt's prefix for
+/// aliases a user chooses).
+pub const VOLUME_ALIAS: &str = "ua-";
+
+/// The disks of a domain's XML.
+pub fn disks_of(xml: &str) -> Vec<LiveDisk> {
+    let Ok(doc) = roxmltree::Document::parse(xml) else {
+        return Vec::new();
+    };
+    fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
+        n.children().find(|c| c.has_tag_name(name))
+    }
+    doc.descendants()
+        .filter(|n| n.has_tag_name("disk") && n.attribute("device") == Some("disk"))
+        .filter_map(|n| {
+            let target = child(n, "target")?;
+            Some(LiveDisk {
+                target: target.attribute("dev")?.to_string(),
+                bus: target.attribute("bus").unwrap_or_default().to_string(),
+                source: child(n, "source")
+                    .and_then(|s| s.attribute("file"))
+                    .map(str::to_string),
+                serial: child(n, "serial")
+                    .and_then(|s| s.text())
+                    .map(str::to_string),
+                volume: child(n, "alias")
+                    .and_then(|a| a.attribute("name"))
+                    .and_then(|a| a.strip_prefix(VOLUME_ALIAS))
+                    .map(str::to_string),
+            })
+        })
+        .collect()
+}
+
 #[derive(Clone, Debug)]
 pub struct HostInfo {
     pub cpus: u32,
@@ -227,6 +273,88 @@ impl Libvirt {
         self.run(move |c| match Self::lookup(c, &uuid) {
             None => Ok(None),
             Some(d) => Ok(Some(d.get_xml_desc(0)?)),
+        })
+        .await
+    }
+
+    /// The disks of a running domain (None when it is not running).
+    pub async fn live_disks(&self, uuid: &str) -> Result<Option<Vec<LiveDisk>>, AgentError> {
+        let uuid = uuid.to_string();
+        self.run(move |c| {
+            let Some(d) = Self::lookup(c, &uuid) else {
+                return Ok(None);
+            };
+            if !d.is_active()? {
+                return Ok(None);
+            }
+            Ok(Some(disks_of(&d.get_xml_desc(0)?)))
+        })
+        .await
+    }
+
+    /// Plugs a device into a running domain (its definition is the agent's to write).
+    pub async fn attach_live(&self, uuid: &str, xml: String) -> Result<(), AgentError> {
+        let uuid = uuid.to_string();
+        self.run(move |c| {
+            let d = Self::lookup(c, &uuid)
+                .ok_or_else(|| AgentError::Libvirt(format!("domain {uuid} is not defined")))?;
+            d.attach_device_flags(&xml, virt::sys::VIR_DOMAIN_AFFECT_LIVE)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Asks a running domain to unplug a device; returns once asked (the guest lets go in its
+    /// own time: libvirt then sends a device-removed event). Asking again while the guest has
+    /// not answered is not an error.
+    pub async fn detach_live(&self, uuid: &str, xml: String) -> Result<(), AgentError> {
+        let uuid = uuid.to_string();
+        self.run(move |c| {
+            let Some(d) = Self::lookup(c, &uuid) else {
+                return Ok(());
+            };
+            match d.detach_device_flags(&xml, virt::sys::VIR_DOMAIN_AFFECT_LIVE) {
+                Ok(_) => Ok(()),
+                Err(e) if e.message().contains("already in the process of unplug") => Ok(()),
+                // Gone meanwhile (the guest let go, or the domain stopped).
+                Err(e) if e.code() == virt::error::ErrorNumber::OperationInvalid => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
+    /// Grows a disk of a running domain to `bytes`; the guest sees the new size at once.
+    pub async fn block_resize(
+        &self,
+        uuid: &str,
+        target: &str,
+        bytes: u64,
+    ) -> Result<(), AgentError> {
+        let (uuid, target) = (uuid.to_string(), target.to_string());
+        self.run(move |c| {
+            let d = Self::lookup(c, &uuid)
+                .ok_or_else(|| AgentError::Libvirt(format!("domain {uuid} is not defined")))?;
+            d.block_resize(&target, bytes, virt::sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The running domains with `path` open as a disk: (UUID, device name) each.
+    pub async fn disk_users(&self, path: &str) -> Result<Vec<(String, String)>, AgentError> {
+        let path = path.to_string();
+        self.run(move |c| {
+            let mut users = Vec::new();
+            for d in c.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)? {
+                let Ok(xml) = d.get_xml_desc(0) else { continue };
+                for disk in disks_of(&xml) {
+                    if disk.source.as_deref() == Some(path.as_str()) {
+                        users.push((d.get_uuid_string()?, disk.target));
+                    }
+                }
+            }
+            Ok(users)
         })
         .await
     }

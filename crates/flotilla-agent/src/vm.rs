@@ -40,6 +40,8 @@ pub struct Context {
     pub firewall: Option<Arc<crate::firewall::Firewall>>,
     /// Wakes the collector of unused overlays (a VM's domain was removed).
     pub unused_overlays: Arc<tokio::sync::Notify>,
+    /// The volumes placed on this node, as the volumes task hears them.
+    pub volumes: Arc<crate::attach::NodeVolumes>,
     pub data_dir: PathBuf,
     pub shutdown_timeout: Duration,
     /// The XML this agent last defined for each domain (by UUID): an unchanged definition of a
@@ -109,6 +111,7 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
             remove_everything(ctx, &uid).await?;
             // Its networks may have no VM on this node any more: look now, not at the resync.
             ctx.unused_overlays.notify_one();
+            crate::attach::release(ctx, vm, &[], true).await?;
         } else {
             tracing::info!(vm = %name, domain = %domain, "released the adopted domain");
         }
@@ -147,7 +150,8 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
     // without them the domain is defined and started within the same reconcile.
     let prepares_disks = vm.spec.image.is_some() || vm.spec.root_disk.is_some();
     if prepares_disks && ctx.libvirt.state(&uid).await?.is_none() {
-        write_status(ctx, vm, "Provisioning", None).await?;
+        let disks = vm.status.iter().flat_map(|s| s.disks.clone()).collect();
+        write_status(ctx, vm, "Provisioning", None, disks).await?;
     }
     step("provisioning reported");
 
@@ -190,6 +194,7 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
             .create_root_disk(backing.as_deref(), &root_disk, size)
             .await?;
     }
+    let disks = crate::attach::resolve(ctx, vm).await?;
     let (nics, seed_nics) = nics(ctx, &project, vm).await?;
     if let Some(firewall) = ctx.firewall.as_ref().filter(|_| !nics.is_empty()) {
         // Its NICs' rules are in place before QEMU opens their taps.
@@ -241,6 +246,7 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
             cmdline: b.cmdline.clone(),
         }),
         root_disk: has_root.then_some(root_disk),
+        disks: disks.clone(),
         seed_iso: seeded.then_some(seed),
         openstack_sysinfo: !seeded,
         nics,
@@ -258,6 +264,7 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
             .insert(uid.clone(), xml);
         step("defined");
     }
+    crate::attach::plug(ctx, vm, &uid, &disks).await?;
 
     step("disks and domain ready");
     apply_power(ctx, vm, &uid).await
@@ -506,6 +513,11 @@ async fn apply_power(ctx: &Context, vm: &VirtualMachine, uid: &str) -> Result<Ou
         | Some(DomainState::Paused) => "Running",
         _ => "Stopped",
     };
+    // Volumes the domain no longer has are let go of before the status stops listing them.
+    let disks = crate::attach::status(ctx, vm, uid, phase == "Running").await?;
+    if vm.spec.adopted_domain.is_none() {
+        crate::attach::release(ctx, vm, &disks, false).await?;
+    }
     write_status(
         ctx,
         vm,
@@ -515,6 +527,7 @@ async fn apply_power(ctx: &Context, vm: &VirtualMachine, uid: &str) -> Result<Ou
         } else {
             status.last_restart_request.clone()
         },
+        disks,
     )
     .await?;
     Ok(Outcome::Done)
@@ -561,7 +574,13 @@ async fn edit_finalizers(
 }
 
 /// Records an event about `vm` (best effort).
-async fn event(ctx: &Context, vm: &VirtualMachine, type_: EventType, reason: &str, message: &str) {
+pub(crate) async fn event(
+    ctx: &Context,
+    vm: &VirtualMachine,
+    type_: EventType,
+    reason: &str,
+    message: &str,
+) {
     ctx.recorder
         .record(&reference(vm), type_, reason, message)
         .await;
@@ -690,6 +709,7 @@ pub async fn write_status(
     vm: &VirtualMachine,
     phase: &str,
     restart: Option<String>,
+    disks: Vec<flotilla_types::kinds::DiskStatus>,
 ) -> Result<(), AgentError> {
     let vms = lookup("vm").expect("registered");
     let current = vm.status.clone().unwrap_or_default();
@@ -714,6 +734,7 @@ pub async fn write_status(
         && current.node_name.as_deref() == Some(ctx.node.as_str())
         && current.observed_generation == vm.metadata.generation
         && current.last_restart_request == restart
+        && current.disks == disks
         && ready_same;
     if unchanged {
         return Ok(());
@@ -744,6 +765,9 @@ pub async fn write_status(
     }});
     if interfaces != current.interfaces {
         patch["status"]["interfaces"] = serde_json::to_value(&interfaces).expect("serialises");
+    }
+    if disks != current.disks {
+        patch["status"]["disks"] = serde_json::to_value(&disks).expect("serialises");
     }
     let project = vm.metadata.namespace.as_deref();
     ctx.client

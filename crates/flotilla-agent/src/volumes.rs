@@ -45,6 +45,7 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
         if !volumes.listed {
             continue;
         }
+        ctx.volumes.update(&volumes.items);
         for volume in volumes.items.values() {
             if volume.status.as_ref().and_then(|s| s.node.as_deref()) != Some(ctx.node.as_str()) {
                 continue;
@@ -167,9 +168,7 @@ async fn reconcile(
     };
     let wanted = u64::try_from(volume.spec.size.value()).unwrap_or(u64::MAX);
     let info = if wanted > info.virtual_size {
-        let grown = pool.resize(&uid, wanted).await.map_err(|e| e.to_string())?;
-        tracing::info!(volume = %volume.metadata.name, from = info.virtual_size, to = grown.virtual_size, "grew a volume");
-        grown
+        grow(ctx, volume, &pool, &info, wanted).await?
     } else {
         info
     };
@@ -185,6 +184,36 @@ async fn reconcile(
     )
     .await;
     Ok(())
+}
+
+/// Grows a volume to `wanted` bytes: through the running domains that have it open (QEMU
+/// holds the file; each guest sees the new size at once), else the file itself.
+async fn grow(
+    ctx: &Context,
+    volume: &Volume,
+    pool: &DirPool,
+    info: &flotilla_storage::VolumeInfo,
+    wanted: u64,
+) -> Result<flotilla_storage::VolumeInfo, String> {
+    let uid = volume.metadata.uid.clone().unwrap_or_default();
+    let users = ctx
+        .libvirt
+        .disk_users(&info.path.display().to_string())
+        .await
+        .map_err(|e| e.to_string())?;
+    let grown = if users.is_empty() {
+        pool.resize(&uid, wanted).await.map_err(|e| e.to_string())?
+    } else {
+        for (domain, target) in &users {
+            ctx.libvirt
+                .block_resize(domain, target, wanted)
+                .await
+                .map_err(|e| format!("cannot grow it in the running domain {domain}: {e}"))?;
+        }
+        pool.info(&uid).await.map_err(|e| e.to_string())?
+    };
+    tracing::info!(volume = %volume.metadata.name, from = info.virtual_size, to = grown.virtual_size, online = !users.is_empty(), "grew a volume");
+    Ok(grown)
 }
 
 /// The file and format of the volume `name` (of `volume`'s project) a clone copies, once it is

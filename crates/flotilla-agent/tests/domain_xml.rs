@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use flotilla_agent::domain::{flotilla_uid, owner, DomainSpec, KernelBoot, Nic, Owner, VirtType};
+use flotilla_agent::domain::{
+    disk_target, flotilla_uid, owner, DomainSpec, KernelBoot, Nic, Owner, VirtType, VolumeDisk,
+};
 use flotilla_agent::libvirt::Libvirt;
 
 fn spec(virt_type: VirtType, hostile: bool) -> DomainSpec {
@@ -31,6 +33,28 @@ fn spec(virt_type: VirtType, hostile: bool) -> DomainSpec {
             }),
         }),
         root_disk: Some(PathBuf::from("/var/lib/flotilla/vms/6f1c2a9e/root.qcow2")),
+        disks: vec![
+            VolumeDisk {
+                volume: "data".into(),
+                path: PathBuf::from("/var/lib/flotilla/pools/default/0b7e2f4c-1d3a.qcow2"),
+                format: "qcow2",
+                virtio: true,
+                target: disk_target("vd", 1),
+                serial: flotilla_types::kinds::disk_serial("0b7e2f4c-1d3a-4e5f-8a9b-0c1d2e3f4a5b"),
+                read_only: false,
+                shareable: false,
+            },
+            VolumeDisk {
+                volume: "shared".into(),
+                path: PathBuf::from("/var/lib/flotilla/pools/default/7c8d9e0f-2a3b.raw"),
+                format: "raw",
+                virtio: false,
+                target: disk_target("sd", 1),
+                serial: "7c8d9e0f-2a3b-4c5d-9".into(),
+                read_only: true,
+                shareable: true,
+            },
+        ],
         seed_iso: Some(PathBuf::from("/var/lib/flotilla/vms/6f1c2a9e/seed.iso")),
         openstack_sysinfo: false,
         nics: vec![
@@ -86,7 +110,7 @@ fn hostile_strings_stay_text() {
         .children()
         .filter(|n| n.has_tag_name("disk"))
         .collect();
-    assert_eq!(disks.len(), 2, "no disk was injected");
+    assert_eq!(disks.len(), 4, "no disk was injected");
     assert!(
         !xml.contains("/etc/shadow'/>"),
         "the injected element is text, not markup"
@@ -184,4 +208,66 @@ fn a_metadata_vm_presents_itself_as_openstack_without_a_seed() {
         .descendants()
         .any(|n| n.has_tag_name("smbios") && n.attribute("mode") == Some("sysinfo")));
     assert!(!xml.contains("seed.iso") && !xml.contains("cdrom"), "{xml}");
+}
+
+/// Volumes are disks with the volume's serial and an alias naming the volume, which the agent
+/// reads back from the live XML; a q35 domain has spare PCIe root ports to plug disks into.
+/// libvirt's QEMU driver keeps all of it (the test driver ignores most of it).
+#[tokio::test]
+async fn qemu_libvirt_keeps_volume_disks_and_spare_root_ports() {
+    use flotilla_agent::libvirt::{disks_of, LiveDisk};
+    let lv = Libvirt::open("qemu:///system")
+        .await
+        .expect("libvirtd is running (make test starts it)");
+    let mut s = spec(VirtType::Qemu, false);
+    s.uuid = uuid::Uuid::new_v4().to_string();
+    s.name = format!("default_xml-{}", &s.uuid[..8]);
+    lv.define(s.to_xml()).await.unwrap();
+    let xml = lv.xml(&s.uuid).await.unwrap().unwrap();
+    lv.remove(&s.uuid).await.unwrap();
+    let disks = disks_of(&xml);
+    let volumes: Vec<_> = disks.iter().filter(|d| d.volume.is_some()).collect();
+    assert_eq!(
+        volumes,
+        vec![
+            &LiveDisk {
+                target: "vdb".into(),
+                bus: "virtio".into(),
+                source: Some("/var/lib/flotilla/pools/default/0b7e2f4c-1d3a.qcow2".into()),
+                serial: Some("0b7e2f4c-1d3a-4e5f-8".into()),
+                volume: Some("data".into()),
+            },
+            &LiveDisk {
+                target: "sdb".into(),
+                bus: "scsi".into(),
+                source: Some("/var/lib/flotilla/pools/default/7c8d9e0f-2a3b.raw".into()),
+                serial: Some("7c8d9e0f-2a3b-4c5d-9".into()),
+                volume: Some("shared".into()),
+            },
+        ],
+        "{xml}"
+    );
+    // Every device's port is taken, and eight stay free.
+    let doc = roxmltree::Document::parse(&xml).unwrap();
+    let ports: Vec<String> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("controller") && n.attribute("model") == Some("pcie-root-port"))
+        .filter_map(|n| n.attribute("index").map(str::to_string))
+        .collect();
+    let used: std::collections::HashSet<String> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("address") && n.attribute("type") == Some("pci"))
+        .filter_map(|n| {
+            let bus = n.attribute("bus")?;
+            u32::from_str_radix(bus.trim_start_matches("0x"), 16)
+                .ok()
+                .map(|b| b.to_string())
+        })
+        .collect();
+    let free = ports.iter().filter(|p| !used.contains(*p)).count();
+    assert!(
+        free >= flotilla_agent::domain::SPARE_ROOT_PORTS,
+        "{free} free root ports of {}: {xml}",
+        ports.len()
+    );
 }

@@ -47,6 +47,7 @@ fn domain(name: &str, uuid: &str, cluster: &str, node: &str) -> String {
         memory_bytes: 64 << 20,
         boot: None,
         root_disk: None,
+        disks: Vec::new(),
         seed_iso: None,
         openstack_sysinfo: false,
         nics: Vec::new(),

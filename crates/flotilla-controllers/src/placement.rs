@@ -66,6 +66,8 @@ pub enum Strategy {
 pub struct Request {
     pub cpus: u64,
     pub memory: u128,
+    /// The only node it may go to (where its volumes live).
+    pub node: Option<String>,
     pub node_selector: BTreeMap<String, String>,
     pub project: String,
     pub labels: BTreeMap<String, String>,
@@ -283,6 +285,7 @@ pub enum Reason {
     NotReady,
     Cordoned,
     NodeSelector,
+    VolumeElsewhere,
     Affinity,
     AntiAffinity,
     TopologySpread,
@@ -301,6 +304,7 @@ impl Reason {
             Reason::TopologySpread => "breaking topology spread",
             Reason::InsufficientCpu => "insufficient CPU",
             Reason::InsufficientMemory => "insufficient memory",
+            Reason::VolumeElsewhere => "not holding the VM's volumes",
         }
     }
 }
@@ -420,6 +424,9 @@ fn affinity_filter(req: &Request, node: &Candidate, p: &Prepared<'_>) -> Option<
 fn node_filter(req: &Request, node: &Candidate) -> Option<Reason> {
     if !node.ready {
         return Some(Reason::NotReady);
+    }
+    if req.node.as_ref().is_some_and(|n| *n != node.name) {
+        return Some(Reason::VolumeElsewhere);
     }
     if !node.schedulable {
         return Some(Reason::Cordoned);
@@ -592,6 +599,7 @@ mod tests {
         Request {
             cpus,
             memory: mem_gi << 30,
+            node: None,
             node_selector: BTreeMap::new(),
             project: "p".into(),
             labels: BTreeMap::new(),
@@ -663,6 +671,25 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "0/1 nodes are available: 1 insufficient memory"
+        );
+    }
+
+    #[test]
+    fn a_vm_with_local_volumes_goes_only_to_their_node() {
+        let nodes = vec![node("a", 8, 16), node("b", 8, 16), node("c", 1, 1)];
+        let mut r = req(2, 2);
+        r.node = Some("b".into());
+        let used = HashMap::from([("b".to_string(), Used { cpus: 4, memory: 0 })]);
+        assert_eq!(
+            place_in(&r, &nodes, &used, &[]).unwrap(),
+            "b",
+            "not the emptier a"
+        );
+        r.node = Some("c".into());
+        let err = place_in(&r, &nodes, &used, &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "0/3 nodes are available: 2 not holding the VM's volumes, 1 insufficient CPU"
         );
     }
 

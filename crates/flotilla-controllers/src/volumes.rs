@@ -1,13 +1,15 @@
 //! Volume placement: a volume in a node-local pool gets a node (`status.node`) among those
 //! where the pool is Ready with room for it, the one with the most free space (a clone: its
-//! source's node); its agent then makes it. Until one has room the volume stays Pending and says why. Runs on every change of
-//! a volume or pool, and every `resync`.
+//! source's node); its agent then makes it. Until one has room the volume stays Pending and says
+//! why. It also lets go of attachments nothing holds any more: VMs gone (or made again under
+//! the same name), and VMs on no node that no longer name the volume. Runs on every change of a
+//! volume or pool, and every `resync`.
 
 use std::time::Duration;
 
 use flotilla_server::objects::{ListOptions, Objects};
 use flotilla_server::ApiError;
-use flotilla_types::kinds::{StoragePool, Volume};
+use flotilla_types::kinds::{StoragePool, VirtualMachine, Volume};
 use flotilla_types::registry::by_kind;
 use serde_json::json;
 
@@ -97,7 +99,7 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
         .iter()
         .filter_map(|raw| serde_json::from_slice(raw).ok())
         .collect();
-    let mut written = 0;
+    let mut written = release_attachments(objects, &all).await?;
     for volume in &all {
         let status = volume.status.clone().unwrap_or_default();
         if status.node.is_some() || volume.metadata.deletion_timestamp.is_some() {
@@ -123,6 +125,67 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
         let project = volume.metadata.namespace.clone().unwrap_or_default();
         written +=
             crate::write_status(objects, "Volume", &project, &volume.metadata.name, patch).await?;
+    }
+    Ok(written)
+}
+
+/// Whether an attachment of `volume` to the VM `vm` (found by name, `uid` as recorded) is
+/// held: the VM exists as that uid and is on a node (its agent lets go) or still names it.
+fn held(vm: Option<&VirtualMachine>, uid: &str, volume: &str) -> bool {
+    let Some(vm) = vm.filter(|vm| vm.metadata.uid.as_deref() == Some(uid)) else {
+        return false;
+    };
+    let on_node =
+        vm.spec.node_name.is_some() || vm.status.as_ref().is_some_and(|s| s.node_name.is_some());
+    on_node || vm.spec.disks.iter().any(|d| d.volume == volume)
+}
+
+/// Takes off the volumes' attachments that nothing holds; returns how many volumes changed.
+/// `volumes` must be listed before the VMs are (an attachment is written with its VM).
+async fn release_attachments(objects: &Objects, volumes: &[Volume]) -> Result<usize, ApiError> {
+    let attached: Vec<&Volume> = volumes
+        .iter()
+        .filter(|v| v.status.as_ref().is_some_and(|s| !s.attached_to.is_empty()))
+        .collect();
+    if attached.is_empty() {
+        return Ok(0);
+    }
+    let vms: Vec<VirtualMachine> = objects
+        .list(
+            by_kind("VirtualMachine").expect("registered"),
+            None,
+            &ListOptions::default(),
+        )
+        .await?
+        .items
+        .iter()
+        .filter_map(|raw| serde_json::from_slice(raw).ok())
+        .collect();
+    let mut written = 0;
+    for volume in attached {
+        let holders = &volume.status.as_ref().expect("filtered").attached_to;
+        let kept: Vec<_> = holders
+            .iter()
+            .filter(|h| {
+                let vm = vms.iter().find(|vm| {
+                    vm.metadata.namespace == volume.metadata.namespace && vm.metadata.name == h.vm
+                });
+                held(vm, &h.uid, &volume.metadata.name)
+            })
+            .collect();
+        if kept.len() == holders.len() {
+            continue;
+        }
+        tracing::info!(volume = %volume.metadata.name, from = holders.len(), to = kept.len(), "released attachments nothing holds");
+        // Guarded: an attachment made since the list is not lost.
+        let patch = json!({"metadata": {"resourceVersion": volume.metadata.resource_version},
+                           "status": {"attachedTo": kept}});
+        let project = volume.metadata.namespace.clone().unwrap_or_default();
+        match crate::write_status(objects, "Volume", &project, &volume.metadata.name, patch).await {
+            Ok(n) => written += n,
+            Err(e) if e.code() == 409 => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(written)
 }

@@ -702,6 +702,12 @@ impl Objects {
                 )
                 .await?;
             }
+            let attached = match (&project, kind.kind) {
+                (Some(project), "VirtualMachine") => {
+                    crate::storage::attach(self.store.as_ref(), project, &object, None).await?
+                }
+                _ => Default::default(),
+            };
             let admission = crate::ipam::admit(
                 &self.ipam,
                 self.store.as_ref(),
@@ -715,7 +721,7 @@ impl Objects {
             let mut txn = Txn::new()
                 .when(Compare::absent(&key))
                 .or_else(Op::get(&key));
-            for compare in admission.compares {
+            for compare in admission.compares.into_iter().chain(attached.0) {
                 txn = txn.when(compare);
             }
             if let Some(ns) = &project {
@@ -744,7 +750,7 @@ impl Objects {
                 networks: admission.networks,
                 ..Default::default()
             };
-            for op in admission.ops {
+            for op in admission.ops.into_iter().chain(attached.1) {
                 txn = txn.and_then(op);
             }
             let resp = self.store.txn(txn).await;
@@ -1177,6 +1183,7 @@ impl Objects {
         mut next: Value,
         guard: Guard<'_>,
     ) -> Result<Option<Stored>, ApiError> {
+        let mut attached = (Vec::new(), Vec::new());
         if next.get("spec") != current.get("spec") {
             let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
             next["metadata"]["generation"] = json!(generation + 1);
@@ -1189,6 +1196,9 @@ impl Objects {
                     Some(current),
                 )
                 .await?;
+                attached =
+                    crate::storage::attach(self.store.as_ref(), project, &next, Some(current))
+                        .await?;
             }
         }
         guard(current, Some(&next))?;
@@ -1198,18 +1208,34 @@ impl Objects {
                 revision: kv.mod_revision,
             }));
         }
-        self.write(&kv, &next).await
+        self.write_with(&kv, &next, attached).await
     }
 
     /// Writes `next` over `current` if nobody else did first (None when someone did). An object
     /// being deleted whose last finalizer is gone is deleted instead.
     async fn write(&self, current: &KeyValue, next: &Value) -> Result<Option<Stored>, ApiError> {
+        self.write_with(current, next, Default::default()).await
+    }
+
+    /// [`Self::write`] with further compares and operations in the same transaction.
+    async fn write_with(
+        &self,
+        current: &KeyValue,
+        next: &Value,
+        (compares, ops): (Vec<Compare>, Vec<Op>),
+    ) -> Result<Option<Stored>, ApiError> {
         let finalized = next["metadata"].get("deletionTimestamp").is_some()
             && next["metadata"]["finalizers"]
                 .as_array()
                 .is_none_or(Vec::is_empty);
         let raw = encode(next);
         let mut txn = Txn::new().when(Compare::mod_revision(&current.key, current.mod_revision));
+        for c in compares {
+            txn = txn.when(c);
+        }
+        for op in ops {
+            txn = txn.and_then(op);
+        }
         if finalized {
             txn = txn.and_then(Op::delete(&current.key));
             if crate::ipam::holds_ports(next["kind"].as_str().unwrap_or_default()) {
@@ -1294,6 +1320,10 @@ impl Objects {
             let kv = self.get_kv(kind, namespace, name).await?;
             let mut current = parse_stored(&kv)?;
             options.check_preconditions(kind, name, &current, kv.mod_revision)?;
+            if kind.kind == "Volume" {
+                // Here, against the revision the write compares: an attach made meanwhile fails it.
+                crate::storage::check_volume_detached(&current)?;
+            }
             let propagation_finalizer = match options.propagation {
                 Some(Propagation::Foreground) => Some(FOREGROUND_FINALIZER),
                 Some(Propagation::Orphan) => Some(ORPHAN_FINALIZER),

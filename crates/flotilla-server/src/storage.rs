@@ -3,14 +3,19 @@
 //! volume of its project in the same pool, and a volume linked clones are overlays of cannot be
 //! deleted before them — the control plane's own backing graph (libvirt would delete the file
 //! and leave the clones broken; the pool on the node refuses too).
+//!
+//! Attachments: a VM that names a volume in `spec.disks` is added to the volume's
+//! `status.attachedTo` in the VM's own write (the volume's revision compared), so that two VMs
+//! written at once through any replicas never both hold a volume that is not shareable. The VM's
+//! agent takes it off again once the domain has let go of the disk (or the VM never ran).
 
-use flotilla_store::{RangeRequest, Store};
+use flotilla_store::{Compare, Op, RangeRequest, Store};
 use flotilla_types::registry;
 use flotilla_types::validation::FieldErrors;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::objects::{list_prefix, object_key, parse_stored};
+use crate::objects::{encode, list_prefix, object_key, parse_stored};
 
 /// Refuses (422 at `spec.source.volume`) a clone of a volume the project does not have, or one
 /// in another pool; and one smaller than what it clones.
@@ -133,6 +138,147 @@ pub async fn check_pool_delete(store: &dyn Store, pool: &str) -> Result<(), ApiE
             } else {
                 ""
             }
+        ),
+    ))
+}
+
+/// The VM's volumes, by name, with their position in `spec.disks`.
+fn disk_volumes(vm: Option<&Value>) -> Vec<(usize, String)> {
+    vm.and_then(|v| v["spec"]["disks"].as_array())
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, d)| Some((i, d["volume"].as_str()?.to_string())))
+        .collect()
+}
+
+/// The node a VM is on or bound to, if any.
+fn vm_node(vm: &Value) -> Option<&str> {
+    vm["spec"]["nodeName"]
+        .as_str()
+        .or(vm["status"]["nodeName"].as_str())
+}
+
+/// What a VM's write (`vm`, over `before` when it exists) must also do to the volumes it names:
+/// compares and puts for the same transaction. A volume newly named must exist in the project,
+/// not be deleted, live on the VM's node (a node-local pool), and hold no other VM unless it is
+/// shareable (409 naming the holder); it then lists the VM in `status.attachedTo`. A volume no
+/// longer named by a VM that is on no node is let go at once (nothing holds it).
+pub async fn attach(
+    store: &dyn Store,
+    project: &str,
+    vm: &Value,
+    before: Option<&Value>,
+) -> Result<(Vec<Compare>, Vec<Op>), ApiError> {
+    let (wanted, had) = (disk_volumes(Some(vm)), disk_volumes(before));
+    let (mut compares, mut ops) = (Vec::new(), Vec::new());
+    if wanted.is_empty() && had.is_empty() {
+        return Ok((compares, ops));
+    }
+    let kind = registry::by_kind("Volume").expect("registered");
+    let name = vm["metadata"]["name"].as_str().unwrap_or_default();
+    let uid = vm["metadata"]["uid"].as_str().unwrap_or_default();
+    let mut errs = FieldErrors::default();
+    // The node the VM's disks pin it to: its own, else the first placed volume's.
+    let mut node: Option<(String, String)> =
+        vm_node(vm).map(|n| (n.to_string(), format!("the VM is on node {n:?}")));
+    for (i, volume) in &wanted {
+        let field = format!("spec.disks[{i}].volume");
+        let Some(kv) = store.get(&object_key(kind, Some(project), volume)).await? else {
+            errs.push(
+                field,
+                format!("project {project:?} has no Volume {volume:?}"),
+            );
+            continue;
+        };
+        let mut object = parse_stored(&kv)?;
+        if let Some(on) = object["status"]["node"].as_str() {
+            match &node {
+                Some((n, why)) if n != on => errs.push(
+                    field.clone(),
+                    format!(
+                        "volume {volume:?} lives on node {on:?} but {why}: a volume in a node-local pool attaches only to VMs on its node"
+                    ),
+                ),
+                Some(_) => {}
+                None => node = Some((on.to_string(), format!("volume {volume:?} is on node {on:?}"))),
+            }
+        }
+        if had.iter().any(|(_, v)| v == volume) {
+            continue;
+        }
+        if object["metadata"].get("deletionTimestamp").is_some() {
+            errs.push(field, format!("volume {volume:?} is being deleted"));
+            continue;
+        }
+        let mut holders: Vec<Value> = object["status"]["attachedTo"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if holders.iter().any(|h| h["uid"] == uid) {
+            // Still held from before (being unplugged): named again, it stays.
+            continue;
+        }
+        if let Some(holder) = holders
+            .first()
+            .filter(|_| object["spec"]["shareable"] != true)
+        {
+            return Err(ApiError::new(
+                409,
+                "Conflict",
+                format!(
+                    "volume {volume:?} is attached to VM {}: detach it there first (only a shareable volume attaches to several VMs)",
+                    holder["vm"]
+                ),
+            ));
+        }
+        holders.push(json!({"vm": name, "uid": uid}));
+        object["status"]["attachedTo"] = json!(holders);
+        compares.push(Compare::mod_revision(kv.key.clone(), kv.mod_revision));
+        ops.push(Op::put(&kv.key, encode(&object)));
+    }
+    errs.into_result()
+        .map_err(|errs| ApiError::invalid("VirtualMachine", name, &errs))?;
+    if vm_node(vm).is_none() {
+        for (_, volume) in had
+            .iter()
+            .filter(|(_, v)| !wanted.iter().any(|(_, w)| w == v))
+        {
+            let Some(kv) = store.get(&object_key(kind, Some(project), volume)).await? else {
+                continue;
+            };
+            let mut object = parse_stored(&kv)?;
+            if let Some(holders) = object["status"]["attachedTo"].as_array_mut() {
+                let before = holders.len();
+                holders.retain(|h| h["uid"] != uid);
+                if holders.len() != before {
+                    compares.push(Compare::mod_revision(kv.key.clone(), kv.mod_revision));
+                    ops.push(Op::put(&kv.key, encode(&object)));
+                }
+            }
+        }
+    }
+    Ok((compares, ops))
+}
+
+/// Refuses (409, naming them) deleting a volume attached to VMs.
+pub fn check_volume_detached(volume: &Value) -> Result<(), ApiError> {
+    let holders: Vec<&str> = volume["status"]["attachedTo"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h["vm"].as_str())
+        .collect();
+    if holders.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        409,
+        "Conflict",
+        format!(
+            "volume {} is attached to VM {}: detach it first (remove it from the VM's spec.disks)",
+            volume["metadata"]["name"],
+            holders.join(", ")
         ),
     ))
 }

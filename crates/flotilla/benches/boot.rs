@@ -105,6 +105,7 @@ async fn run() {
             }),
             root_disk: None,
             nics: Vec::new(),
+            disks: Vec::new(),
             seed_iso: Some(seed.clone()),
             openstack_sysinfo: false,
             console_log: raw_dir.join(format!("console-{i}.log")),

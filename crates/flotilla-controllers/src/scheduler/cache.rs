@@ -18,6 +18,7 @@ pub const VMS: &str = "/registry/virtualmachines/";
 pub const NODES: &str = "/registry/nodes/";
 pub const CLASSES: &str = "/registry/vmclasses/";
 pub const POLICIES: &str = "/registry/placementpolicies/";
+pub const VOLUMES: &str = "/registry/volumes/";
 
 /// What the scheduler keeps of a VM: its identity, labels and spec (not its status).
 #[derive(Clone, Debug)]
@@ -53,6 +54,8 @@ pub struct Cache {
     pub vms: HashMap<String, VmRecord>,
     pub classes: HashMap<String, Value>,
     pub policies: HashMap<(String, String), Value>,
+    /// The node each volume lives on (None: not placed yet), by (project, name).
+    pub volumes: HashMap<(String, String), Option<String>>,
     /// Unbound VMs to place, oldest first: (create revision, key).
     pub queue: BTreeSet<(Revision, String)>,
     /// VMs that fit nowhere at their last try, back in the queue when the cluster changes.
@@ -138,6 +141,19 @@ impl Cache {
                 None => self.classes.remove(&name),
             };
             self.recharge();
+        } else if key.starts_with(VOLUMES) {
+            if let Some((ns, name)) = name_in(key, VOLUMES).split_once('/') {
+                let id = (ns.to_string(), name.to_string());
+                let node = value.map(|v| v["status"]["node"].as_str().map(str::to_string));
+                // Only a volume placed (or gone) can change where a VM fits.
+                let before = match &node {
+                    Some(n) => self.volumes.insert(id, n.clone()),
+                    None => self.volumes.remove(&id),
+                };
+                if before != node {
+                    self.changed = true;
+                }
+            }
         } else if key.starts_with(POLICIES) {
             let rest = name_in(key, POLICIES);
             if let Some((ns, name)) = rest.split_once('/') {

@@ -76,11 +76,41 @@ fn add_rules(rules: &mut Rules, affinity: &Value) {
     }
 }
 
-/// What a VM asks for, resolving its VMClass and PlacementPolicy; Err says what is missing.
+/// The node a VM's volumes pin it to (volumes in node-local pools live on one node); Err when
+/// one is missing or not placed yet, or two live on different nodes.
+fn volume_node(
+    vm: &Value,
+    project: &str,
+    volumes: &HashMap<(String, String), Option<String>>,
+) -> Result<Option<String>, String> {
+    let mut pinned: Option<(String, &str)> = None;
+    for disk in vm["spec"]["disks"].as_array().into_iter().flatten() {
+        let name = disk["volume"].as_str().unwrap_or_default();
+        let node = match volumes.get(&(project.to_string(), name.to_string())) {
+            None => return Err(format!("volume {name:?} does not exist")),
+            Some(None) => return Err(format!("volume {name:?} is not placed on a node yet")),
+            Some(Some(node)) => node,
+        };
+        match &pinned {
+            Some((other, by)) if other != node => {
+                return Err(format!(
+                    "volumes {by:?} and {name:?} live on different nodes ({other}, {node})"
+                ))
+            }
+            Some(_) => {}
+            None => pinned = Some((node.clone(), name)),
+        }
+    }
+    Ok(pinned.map(|(node, _)| node))
+}
+
+/// What a VM asks for, resolving its VMClass, PlacementPolicy and volumes; Err says what is
+/// missing.
 fn request(
     vm: &Value,
     classes: &HashMap<String, Value>,
     policies: &HashMap<(String, String), Value>,
+    volumes: &HashMap<(String, String), Option<String>>,
 ) -> Result<Request, String> {
     let spec = &vm["spec"];
     let (cpus, memory) = cache::resources(spec, classes)?;
@@ -100,9 +130,11 @@ fn request(
         add_rules(&mut rules, &p["spec"]["affinity"]);
     }
     let labels = serde_json::from_value(vm["metadata"]["labels"].clone()).unwrap_or_default();
+    let node = volume_node(vm, &project, volumes)?;
     Ok(Request {
         cpus,
         memory,
+        node,
         node_selector,
         project,
         labels,
@@ -161,7 +193,13 @@ impl Scheduler {
         let revision = store.current_revision().await?;
         let mut cache = Cache::default();
         // Classes and policies first: VMs are counted with their class's resources.
-        for prefix in [cache::CLASSES, cache::POLICIES, cache::NODES, cache::VMS] {
+        for prefix in [
+            cache::CLASSES,
+            cache::POLICIES,
+            cache::VOLUMES,
+            cache::NODES,
+            cache::VMS,
+        ] {
             let resp = store
                 .range(RangeRequest::prefix(prefix).at_revision(revision))
                 .await?;
@@ -250,15 +288,21 @@ impl Scheduler {
             if record.node.is_some() || record.deleting {
                 continue;
             }
-            let decision = request(&record.object, &self.cache.classes, &self.cache.policies)
-                .and_then(|r| {
-                    let req = Request {
-                        strategy: self.strategy,
-                        ..r
-                    };
-                    placement::place(&req, &self.cache.fleet, &self.cache.placed)
-                        .map_err(|why| why.to_string())
-                });
+            let cache = &self.cache;
+            let decision = request(
+                &record.object,
+                &cache.classes,
+                &cache.policies,
+                &cache.volumes,
+            )
+            .and_then(|r| {
+                let req = Request {
+                    strategy: self.strategy,
+                    ..r
+                };
+                placement::place(&req, &self.cache.fleet, &self.cache.placed)
+                    .map_err(|why| why.to_string())
+            });
             match decision {
                 Ok(node) => {
                     let revision = record.revision;

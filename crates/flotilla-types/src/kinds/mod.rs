@@ -37,8 +37,9 @@ pub use security_group::{
 };
 pub use storage_pool::{PoolNodeStatus, PoolType, StoragePool, StoragePoolSpec, StoragePoolStatus};
 pub use vm::{
-    CloudInit, InterfaceStatus, KernelBoot, NetworkAttachment, Phase, PowerState, Resources,
-    RootDisk, VirtualMachine, VirtualMachineSpec, VirtualMachineStatus,
+    disk_serial, CloudInit, DiskAttachment, DiskBus, DiskStatus, InterfaceStatus, KernelBoot,
+    NetworkAttachment, Phase, PowerState, Resources, RootDisk, VirtualMachine, VirtualMachineSpec,
+    VirtualMachineStatus,
 };
 pub use vmclass::{VMClass, VMClassSpec, VMClassStatus};
-pub use volume::{CloneMode, Volume, VolumeSource, VolumeSpec, VolumeStatus};
+pub use volume::{Attachment, CloneMode, Volume, VolumeSource, VolumeSpec, VolumeStatus};

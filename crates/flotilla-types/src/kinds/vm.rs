@@ -40,6 +40,12 @@ pub struct VirtualMachineSpec {
     /// The networks the VM is attached to, one NIC each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<NetworkAttachment>,
+    /// Volumes of the project attached as further disks. May change while the VM runs: a new
+    /// entry is hot-plugged, a removed one unplugged (the volume stays attached until the guest
+    /// lets go of it). A volume in a node-local pool pins the VM to its node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub disks: Vec<DiskAttachment>,
     /// Where the guest's cloud-init finds its instance data: `seed` (the default: a NoCloud
     /// seed disk with meta-data, user-data and network-config) or `metadata` (no disk: the
     /// metadata service at 169.254.169.254 on the VM's overlay network, in OpenStack's and EC2's
@@ -174,6 +180,62 @@ pub struct NetworkAttachment {
     pub allowed_address_pairs: Vec<String>,
 }
 
+/// At most this many volumes attach to one VM.
+pub const MAX_DISKS: usize = 16;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiskAttachment {
+    /// The disk's name in the VM (unique among its disks).
+    #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
+    pub name: String,
+    /// The Volume (in the VM's project). The guest finds it as
+    /// `/dev/disk/by-id/virtio-<the first 20 characters of the volume's uid>` (virtio), as
+    /// OpenStack's guests find Cinder volumes.
+    #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
+    pub volume: String,
+    /// `virtio` (the default: virtio-blk, one PCIe slot each) or `scsi` (virtio-scsi).
+    #[serde(default)]
+    pub bus: DiskBus,
+    /// Whether the guest may only read it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskBus {
+    #[default]
+    Virtio,
+    Scsi,
+}
+
+/// The disk serial a guest sees for a volume: the first 20 characters of its uid (virtio-blk
+/// serials hold 20 bytes).
+pub fn disk_serial(volume_uid: &str) -> String {
+    volume_uid.chars().take(20).collect()
+}
+
+/// A volume attached to a VM, as its status reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiskStatus {
+    /// `spec.disks[].name` (empty for a disk being unplugged after its entry went).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// The Volume.
+    pub volume: String,
+    /// The serial the guest sees.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub serial: String,
+    /// The domain's device name (vdb, sdb, ...): a hint only; guests name disks themselves.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub target: String,
+    /// `Attached`, `Detaching` (asked to unplug; the guest has not let go yet) or `Defined`
+    /// (in the definition; the domain is not running).
+    pub state: String,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Phase {
     #[default]
@@ -213,6 +275,9 @@ pub struct VirtualMachineStatus {
     /// The last restart request (annotation `flotilla.dev/restart-requested-at`) carried out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restart_request: Option<String>,
+    /// The volumes the domain has, and those it is letting go of.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskStatus>,
 }
 
 /// One NIC of a VM, as its status reports it.
@@ -418,6 +483,28 @@ impl Validate for VirtualMachineSpec {
                         format!("{mac:?} is used twice"),
                     );
                 }
+            }
+        }
+        if self.disks.len() > MAX_DISKS {
+            errs.push(
+                format!("{path}.disks"),
+                format!("{} disks: at most {MAX_DISKS}", self.disks.len()),
+            );
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            validation::dns_label(errs, &format!("{path}.disks[{i}].name"), &d.name);
+            validation::dns_label(errs, &format!("{path}.disks[{i}].volume"), &d.volume);
+            if self.disks[..i].iter().any(|e| e.name == d.name) {
+                errs.push(
+                    format!("{path}.disks[{i}].name"),
+                    format!("{:?} names two disks", d.name),
+                );
+            }
+            if self.disks[..i].iter().any(|e| e.volume == d.volume) {
+                errs.push(
+                    format!("{path}.disks[{i}].volume"),
+                    format!("volume {:?} is attached twice", d.volume),
+                );
             }
         }
         if self.cloud_init == CloudInit::Metadata && self.networks.is_empty() {

@@ -78,6 +78,20 @@ pub struct VolumeStatus {
     /// Why it is pending or failed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// The VMs it is attached to (the control plane adds a VM when it asks for the volume;
+    /// the VM's agent removes it once the domain has let go of it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attached_to: Vec<Attachment>,
+}
+
+/// A VM a volume is attached to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Attachment {
+    /// The VM's name (in the volume's project).
+    pub vm: String,
+    /// The VM's uid (a VM made again under the same name is another VM).
+    pub uid: String,
 }
 
 impl Validate for VolumeSpec {
