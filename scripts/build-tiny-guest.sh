@@ -17,7 +17,7 @@
 #   FLOTILLA-EC2 <instance-id>
 # In the background it watches its disks (vd*: virtio-blk; the seed is sr0) every half second and
 # prints each one that appears or changes size, with its serial, size in 512-byte sectors and
-# the printable start of its first 64 bytes, and writes "guest-wrote-<name>" at byte 4096 of
+# the printable start of its first 64 bytes (serial "-" when it has none), and writes "guest-wrote-<name>" at byte 4096 of
 # each writable one it has not seen before; and each one that goes:
 #   FLOTILLA-DISK <name> serial=<serial> sectors=<n> head=<text>
 #   FLOTILLA-DISK-GONE <name>
@@ -75,7 +75,8 @@ fi
     : > /tmp/disks.new
     for d in /sys/block/vd*; do
       [ -e "$d" ] || continue
-      echo "${d##*/} $(cat "$d/serial" 2>/dev/null) $(cat "$d/size")" >> /tmp/disks.new
+      serial="$(cat "$d/serial" 2>/dev/null)"
+      echo "${d##*/} ${serial:--} $(cat "$d/size")" >> /tmp/disks.new
     done
     while read -r name serial sectors; do
       grep -qx "$name $serial $sectors" /tmp/disks.old && continue

@@ -193,6 +193,9 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
         ctx.disks
             .create_root_disk(backing.as_deref(), &root_disk, size)
             .await?;
+        if let Some(size) = size {
+            grow_root_disk(ctx, vm, &uid, &root_disk, size).await?;
+        }
     }
     let disks = crate::attach::resolve(ctx, vm).await?;
     let (nics, seed_nics) = nics(ctx, &project, vm).await?;
@@ -268,6 +271,39 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
 
     step("disks and domain ready");
     apply_power(ctx, vm, &uid).await
+}
+
+/// Grows the root disk to `size` bytes when `spec.rootDisk.size` asks for more than it has:
+/// through the running domain (the guest sees it at once), else the file.
+async fn grow_root_disk(
+    ctx: &Context,
+    vm: &VirtualMachine,
+    uid: &str,
+    path: &std::path::Path,
+    size: u128,
+) -> Result<(), AgentError> {
+    let size = u64::try_from(size).unwrap_or(u64::MAX);
+    let storage = |e: flotilla_storage::StorageError| AgentError::Config(e.to_string());
+    let info = flotilla_storage::qemu_img::info(path)
+        .await
+        .map_err(storage)?;
+    if info.virtual_size >= size {
+        return Ok(());
+    }
+    if ctx.libvirt.state(uid).await? == Some(DomainState::Running) {
+        ctx.libvirt.block_resize(uid, "vda", size).await?;
+    } else {
+        flotilla_storage::qemu_img::resize(path, info.format, size)
+            .await
+            .map_err(storage)?;
+    }
+    let message = format!(
+        "the root disk grew from {} to {size} bytes",
+        info.virtual_size
+    );
+    tracing::info!(vm = %vm.metadata.name, from = info.virtual_size, to = size, "grew the root disk");
+    event(ctx, vm, EventType::Normal, "DiskGrown", &message).await;
+    Ok(())
 }
 
 /// The VM's NICs as the control plane gave them (`status.interfaces`, in `spec.networks` order)

@@ -27,7 +27,7 @@ fn tiny_guest() -> PathBuf {
     root.join("target/guests/tiny").canonicalize().unwrap()
 }
 
-/// The serial log of `name` through the API once `done` holds for it.
+/// The serial log of `name` through the API once `done` holds for it (or a panic showing it).
 async fn log_until(
     admin: &flotilla_client::Client,
     name: &str,
@@ -35,16 +35,23 @@ async fn log_until(
     seconds: u64,
     done: impl Fn(&str) -> bool,
 ) -> String {
-    eventually(what, seconds, async || {
-        let mut stream = Box::pin(admin.vm_log("default", name, false).await.ok()?);
-        let mut text = Vec::new();
-        while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
-            text.extend_from_slice(&chunk);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut text = String::new();
+    while Instant::now() < deadline {
+        if let Ok(stream) = admin.vm_log("default", name, false).await {
+            let mut stream = Box::pin(stream);
+            let mut bytes = Vec::new();
+            while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
+                bytes.extend_from_slice(&chunk);
+            }
+            text = String::from_utf8_lossy(&bytes).into_owned();
+            if done(&text) {
+                return text;
+            }
         }
-        let text = String::from_utf8_lossy(&text).into_owned();
-        done(&text).then_some(text)
-    })
-    .await
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out after {seconds} s waiting until {what}; the guest printed:\n{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,6 +104,7 @@ async fn a_running_guest_sees_volumes_plugged_grown_and_unplugged() {
     let vm = json!({"metadata": {"name": name}, "spec": {
         "resources": {"cpus": 1, "memory": "256Mi"},
         "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0 panic=-1"},
+        "rootDisk": {"size": "32Mi"},
     }});
     admin.create(vms, Some("default"), &vm).await.unwrap();
     eventually("the VM is Running", 90, async || {
@@ -105,9 +113,32 @@ async fn a_running_guest_sees_volumes_plugged_grown_and_unplugged() {
     })
     .await;
     log_until(admin, &name, "the guest has booted", 120, |t| {
-        t.contains("FLOTILLA-SEED-FILES")
+        t.contains("FLOTILLA-SEED-FILES") && t.contains("FLOTILLA-DISK vda serial=- sectors=65536")
     })
     .await;
+
+    // The root disk grows online too, and never shrinks.
+    let grown = Instant::now();
+    let root = |size: &str| json!({"spec": {"rootDisk": {"size": size}}});
+    admin
+        .patch(vms, Some("default"), &name, &root("48Mi"), false)
+        .await
+        .unwrap();
+    log_until(admin, &name, "the guest sees its root disk grow", 60, |t| {
+        t.contains("FLOTILLA-DISK vda serial=- sectors=98304")
+    })
+    .await;
+    let root_s = grown.elapsed().as_secs_f64();
+    let refused = admin
+        .patch(vms, Some("default"), &name, &root("16Mi"), false)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(422), "{refused}");
+    assert!(
+        refused.to_string().contains("spec.rootDisk.size")
+            && refused.to_string().contains("shrink"),
+        "{refused}"
+    );
 
     // Plugged in: the guest sees the disk with the volume's serial and the host's bytes.
     let plugged = Instant::now();
@@ -189,7 +220,7 @@ async fn a_running_guest_sees_volumes_plugged_grown_and_unplugged() {
     let vm_now = admin.get(vms, Some("default"), &name).await.unwrap();
     assert!(vm_now["status"].get("disks").is_none(), "{vm_now}");
     println!(
-        "volume on a running guest (dir pool, raw): plugged and seen {attach_s:.1} s, grown and seen {resize_s:.1} s, unplugged and gone {detach_s:.1} s"
+        "volume on a running guest (dir pool, raw): plugged and seen {attach_s:.1} s, grown and seen {resize_s:.1} s, unplugged and gone {detach_s:.1} s; root disk grown and seen {root_s:.1} s"
     );
 
     // What the guest wrote is in the file.

@@ -1633,9 +1633,10 @@ fn merge_for_write(
             keep_set_once(kind, current, &mut wanted)?;
             if kind.kind == "VirtualMachine" {
                 keep_nics(current, &wanted)?;
+                only_grow(kind.kind, "spec.rootDisk.size", current, &wanted)?;
             }
             if kind.kind == "Volume" {
-                only_grow(current, &wanted)?;
+                only_grow(kind.kind, "spec.size", current, &wanted)?;
             }
             wanted
         }
@@ -1671,21 +1672,23 @@ fn keep_set_once(kind: &KindInfo, current: &Value, next: &mut Value) -> Result<(
         .map_err(|errs| ApiError::invalid(kind.kind, name_of(current), &errs))
 }
 
-/// A volume's size may grow, never shrink (the data past the new end would be lost).
-fn only_grow(current: &Value, next: &Value) -> Result<(), ApiError> {
+/// A disk's size (a volume's, a VM's root disk's) may grow, never shrink: the data past the
+/// new end would be lost.
+fn only_grow(kind: &str, field: &str, current: &Value, next: &Value) -> Result<(), ApiError> {
+    let pointer = format!("/{}", field.replace('.', "/"));
     let size = |v: &Value| {
-        v["spec"]["size"]
-            .as_str()
+        v.pointer(&pointer)
+            .and_then(Value::as_str)
             .and_then(|s| flotilla_types::Quantity::parse(s).ok())
     };
     match (size(current), size(next)) {
         (Some(was), Some(now)) if now.value() < was.value() => {
             let mut errs = flotilla_types::FieldErrors::default();
             errs.push(
-                "spec.size",
-                format!("cannot shrink from {was} to {now}: the data past the new end would be lost; volumes only grow"),
+                field,
+                format!("cannot shrink from {was} to {now}: the data past the new end would be lost; disks only grow"),
             );
-            Err(ApiError::invalid("Volume", name_of(current), &errs))
+            Err(ApiError::invalid(kind, name_of(current), &errs))
         }
         _ => Ok(()),
     }
