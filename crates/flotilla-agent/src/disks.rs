@@ -187,6 +187,11 @@ impl Disks {
 
     /// Creates `dest` (once): an overlay on `backing` if given, else a blank disk. `size` grows
     /// the virtual disk (a size below the image's is an error from qemu-img, reported as such).
+    /// A place in the node's disk queue: disk-heavy work (copies, conversions) holds one.
+    pub async fn queued(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.inner.queue.acquire().await.expect("never closed")
+    }
+
     pub async fn create_root_disk(
         &self,
         backing: Option<&Path>,

@@ -148,6 +148,8 @@ async fn reconcile(
                     }
                 },
             };
+            // Copies wait their turn in the node's disk queue, with image downloads.
+            let _queued = ctx.disks.queued().await;
             let started = std::time::Instant::now();
             let made = pool
                 .create(&NewVolume {

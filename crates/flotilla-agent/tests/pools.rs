@@ -150,7 +150,7 @@ async fn nodes_serve_the_pools_that_select_them_and_report_their_space() {
         (422, &["spec.size".to_string()][..]),
         "{message}"
     );
-    assert!(message.contains("volumes only grow"), "{message}");
+    assert!(message.contains("disks only grow"), "{message}");
 
     // Clones, beside their source: linked (an overlay of it) and full (a copy); the source
     // cannot go while a linked clone needs it.
@@ -224,7 +224,7 @@ async fn nodes_serve_the_pools_that_select_them_and_report_their_space() {
     })
     .await;
     // Too big for any node, or in a pool that does not exist: Pending, and why.
-    create("huge", json!({"pool": "fast", "size": "60Ti"}))
+    create("huge", json!({"pool": "fast", "size": "4Ti"}))
         .await
         .unwrap();
     create("lost", json!({"pool": "nowhere", "size": "1Gi"}))
@@ -245,6 +245,22 @@ async fn nodes_serve_the_pools_that_select_them_and_report_their_space() {
         assert_eq!(pending["status"]["phase"], "Pending");
         assert!(pending["status"].get("node").is_none(), "{pending}");
     }
+    // A pool that over-commits (a thousand times) takes it: a thin volume, nothing written.
+    admin
+        .patch(
+            pools,
+            None,
+            "fast",
+            &json!({"spec": {"allocationLimitPercent": 100000}}),
+            false,
+        )
+        .await
+        .unwrap();
+    eventually("the over-committed volume is made", 30, async || {
+        let v = admin.get(volumes, Some("default"), "huge").await.ok()?;
+        (v["status"]["phase"] == "Available").then_some(())
+    })
+    .await;
     // The pool holds volumes: it cannot go before them.
     let (code, message, _) =
         flotilla_controllers::testkit::refused(admin.delete(pools, None, "fast").await);

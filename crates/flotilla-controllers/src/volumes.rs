@@ -5,6 +5,7 @@
 //! the same name), and VMs on no node that no longer name the volume. Runs on every change of a
 //! volume or pool, and every `resync`.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flotilla_server::objects::{ListOptions, Objects};
@@ -24,9 +25,19 @@ pub async fn run(objects: Objects, resync: Duration) {
     .await
 }
 
-/// Where a volume of `size` bytes in `pool` goes: the Ready node with the most free space that
-/// is at least `size`, or why none.
-pub fn place(pool: Option<&StoragePool>, pool_name: &str, size: u64) -> Result<String, String> {
+/// The sizes of a pool's volumes, by node.
+pub type Provisioned = BTreeMap<String, u64>;
+
+/// Where a volume of `size` bytes in `pool` goes: the Ready node with the most free space where
+/// it fits the pool's allocation limit (`size` within that percentage of the free space, and
+/// the sizes already `provisioned` there plus `size` within that percentage of the capacity),
+/// or why none.
+pub fn place(
+    pool: Option<&StoragePool>,
+    pool_name: &str,
+    size: u64,
+    provisioned: &Provisioned,
+) -> Result<String, String> {
     let Some(pool) = pool else {
         return Err(format!("there is no StoragePool {pool_name:?}"));
     };
@@ -39,17 +50,49 @@ pub fn place(pool: Option<&StoragePool>, pool_name: &str, size: u64) -> Result<S
     if ready.is_empty() {
         return Err(format!("no node serves StoragePool {pool_name:?} yet"));
     }
-    ready
+    let limit = u128::from(pool.spec.allocation_limit());
+    let scaled = |bytes: u64| u128::from(bytes) * limit / 100;
+    let used = |name: &str| u128::from(provisioned.get(name).copied().unwrap_or(0));
+    let roomy: Vec<_> = ready
         .iter()
-        .filter(|(_, n)| n.available >= size)
+        .filter(|(_, n)| scaled(n.available) >= u128::from(size))
+        .collect();
+    if roomy.is_empty() {
+        return Err(format!(
+            "no node of StoragePool {pool_name:?} has {size} bytes free (the most: {}; allocationLimitPercent {limit})",
+            ready.iter().map(|(_, n)| n.available).max().unwrap_or(0)
+        ));
+    }
+    roomy
+        .iter()
+        .filter(|(name, n)| used(name) + u128::from(size) <= scaled(n.capacity))
         .max_by_key(|(name, n)| (n.available, std::cmp::Reverse(name.as_str())))
         .map(|(name, _)| name.to_string())
         .ok_or_else(|| {
+            let (name, n) = roomy
+                .iter()
+                .min_by_key(|(name, _)| used(name))
+                .expect("not empty");
             format!(
-                "no node of StoragePool {pool_name:?} has {size} bytes free (the most: {})",
-                ready.iter().map(|(_, n)| n.available).max().unwrap_or(0)
+                "StoragePool {pool_name:?} is fully allocated: its volumes may add up to {limit}% of the capacity, and the least allocated node ({name}) has {} of {} bytes given out; {size} more do not fit (raise spec.allocationLimitPercent to over-commit)",
+                used(name),
+                scaled(n.capacity)
             )
         })
+}
+
+/// The sizes of the volumes on each node, by pool.
+fn provisioned(volumes: &[Volume]) -> BTreeMap<String, Provisioned> {
+    let mut out: BTreeMap<String, Provisioned> = BTreeMap::new();
+    for v in volumes {
+        if let Some(node) = v.status.as_ref().and_then(|s| s.node.clone()) {
+            let size = u64::try_from(v.spec.size.value()).unwrap_or(u64::MAX);
+            let entry = out.entry(v.spec.pool.clone()).or_default();
+            let sum = entry.entry(node).or_default();
+            *sum = sum.saturating_add(size);
+        }
+    }
+    out
 }
 
 /// Where a clone of `from` goes: its source's node, if the pool is Ready there (and, for a full
@@ -100,6 +143,7 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
         .filter_map(|raw| serde_json::from_slice(raw).ok())
         .collect();
     let mut written = release_attachments(objects, &all).await?;
+    let mut given = provisioned(&all);
     for volume in &all {
         let status = volume.status.clone().unwrap_or_default();
         if status.node.is_some() || volume.metadata.deletion_timestamp.is_some() {
@@ -108,7 +152,12 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
         let pool = pools.iter().find(|p| p.metadata.name == volume.spec.pool);
         let size = u64::try_from(volume.spec.size.value()).unwrap_or(u64::MAX);
         let placed = match &volume.spec.source {
-            None => place(pool, &volume.spec.pool, size),
+            None => place(
+                pool,
+                &volume.spec.pool,
+                size,
+                given.entry(volume.spec.pool.clone()).or_default(),
+            ),
             Some(source) => {
                 let from = all.iter().find(|v| {
                     v.metadata.namespace == volume.metadata.namespace
@@ -118,7 +167,13 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
             }
         };
         let patch = match placed {
-            Ok(node) => json!({"status": {"node": node, "phase": "Pending", "message": ""}}),
+            Ok(node) => {
+                // Counted at once: the next volume of this pass sees it.
+                let sums = given.entry(volume.spec.pool.clone()).or_default();
+                let sum = sums.entry(node.clone()).or_default();
+                *sum = sum.saturating_add(size);
+                json!({"status": {"node": node, "phase": "Pending", "message": ""}})
+            }
             Err(why) if status.message == why && status.phase == "Pending" => continue,
             Err(why) => json!({"status": {"phase": "Pending", "message": why}}),
         };
@@ -204,24 +259,48 @@ mod tests {
     #[test]
     fn the_ready_node_with_the_most_room_gets_the_volume() {
         let p = pool(json!({
-            "a": {"phase": "Ready", "available": 100},
-            "b": {"phase": "Ready", "available": 300},
-            "c": {"phase": "Failed", "available": 900, "message": "closed"},
+            "a": {"phase": "Ready", "capacity": 1000, "available": 100},
+            "b": {"phase": "Ready", "capacity": 1000, "available": 300},
+            "c": {"phase": "Failed", "capacity": 1000, "available": 900, "message": "closed"},
         }));
-        assert_eq!(place(Some(&p), "p", 50), Ok("b".into()));
-        assert_eq!(place(Some(&p), "p", 300), Ok("b".into()));
-        let full = place(Some(&p), "p", 301).unwrap_err();
-        assert!(full.contains("301 bytes free (the most: 300)"), "{full}");
+        let none = Provisioned::new();
+        assert_eq!(place(Some(&p), "p", 50, &none), Ok("b".into()));
+        assert_eq!(place(Some(&p), "p", 300, &none), Ok("b".into()));
+        let full = place(Some(&p), "p", 301, &none).unwrap_err();
+        assert!(full.contains("301 bytes free (the most: 300"), "{full}");
         // Equal room: the first name, so replicas agree.
         let tie = pool(
-            json!({"x": {"phase": "Ready", "available": 5}, "w": {"phase": "Ready", "available": 5}}),
+            json!({"x": {"phase": "Ready", "capacity": 9, "available": 5}, "w": {"phase": "Ready", "capacity": 9, "available": 5}}),
         );
-        assert_eq!(place(Some(&tie), "p", 1), Ok("w".into()));
-        assert!(place(Some(&pool(json!({}))), "p", 1)
+        assert_eq!(place(Some(&tie), "p", 1, &none), Ok("w".into()));
+        assert!(place(Some(&pool(json!({}))), "p", 1, &none)
             .unwrap_err()
             .contains("no node serves"));
-        assert!(place(None, "gone", 1)
+        assert!(place(None, "gone", 1, &none)
             .unwrap_err()
             .contains("no StoragePool \"gone\""));
+    }
+
+    #[test]
+    fn volumes_never_add_up_past_the_allocation_limit() {
+        let mut p = pool(json!({
+            "a": {"phase": "Ready", "capacity": 1000, "available": 600},
+            "b": {"phase": "Ready", "capacity": 1000, "available": 500},
+        }));
+        // a has the most room, but 800 of its 1000 bytes are given out: b gets the 300.
+        let given = Provisioned::from([("a".to_string(), 800), ("b".to_string(), 100)]);
+        assert_eq!(place(Some(&p), "p", 300, &given), Ok("b".into()));
+        let full = place(Some(&p), "p", 550, &given).unwrap_err();
+        assert!(
+            full.contains("fully allocated") && full.contains("(a) has 800 of 1000"),
+            "{full}"
+        );
+        // Over-committing thin volumes: twice the capacity, and twice the free space.
+        p.spec.allocation_limit_percent = Some(200);
+        assert_eq!(place(Some(&p), "p", 1100, &given), Ok("a".into()));
+        assert!(
+            place(Some(&p), "p", 1300, &given).is_err(),
+            "more than twice a's 600 free"
+        );
     }
 }

@@ -37,6 +37,20 @@ pub struct StoragePoolSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(schema_with = "crate::validation::labels_schema")]
     pub node_selector: BTreeMap<String, String>,
+    /// How far the sizes of the volumes on a node may add up, in percent of the pool's capacity
+    /// there (and a new volume's size of its free space). 100 (the default): never more than
+    /// the disk holds; more over-commits thin volumes, as Cinder's
+    /// `max_over_subscription_ratio` does (2000 is its 20.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub allocation_limit_percent: Option<u32>,
+}
+
+impl StoragePoolSpec {
+    /// [`Self::allocation_limit_percent`] or its default.
+    pub fn allocation_limit(&self) -> u32 {
+        self.allocation_limit_percent.unwrap_or(100)
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -79,6 +93,14 @@ impl Validate for StoragePoolSpec {
             validation::host_path(errs, &format!("{path}.path"), dir);
         }
         validation::labels(errs, &format!("{path}.nodeSelector"), &self.node_selector);
+        if let Some(pct) = self.allocation_limit_percent {
+            if !(1..=100_000).contains(&pct) {
+                errs.push(
+                    format!("{path}.allocationLimitPercent"),
+                    format!("{pct} is not between 1 and 100000"),
+                );
+            }
+        }
     }
 }
 
