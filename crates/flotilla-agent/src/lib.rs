@@ -24,6 +24,7 @@ pub mod overlays;
 pub mod pools;
 pub mod recorder;
 pub mod routers;
+pub mod snapshots;
 mod tools;
 pub mod vm;
 pub mod volumes;

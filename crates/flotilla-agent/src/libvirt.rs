@@ -341,6 +341,125 @@ impl Libvirt {
         .await
     }
 
+    /// Switches disk `target` of a running domain to the new overlay `overlay` (qcow2, made by
+    /// the caller over the disk's current file, which it leaves frozen): an external disk-only
+    /// snapshot of that one disk, without libvirt's snapshot metadata (Flotilla keeps its own).
+    pub async fn snapshot_disk(
+        &self,
+        uuid: &str,
+        target: &str,
+        overlay: &str,
+    ) -> Result<(), AgentError> {
+        let (uuid, target, overlay) = (uuid.to_string(), target.to_string(), overlay.to_string());
+        self.run(move |c| {
+            use crate::xml::Element;
+            let d = Self::lookup(c, &uuid)
+                .ok_or_else(|| AgentError::Libvirt(format!("domain {uuid} is not defined")))?;
+            // Every other disk is left alone (the default would snapshot them all).
+            let disks = disks_of(&d.get_xml_desc(0)?).into_iter().map(|disk| {
+                let element = Element::new("disk").attr("name", &disk.target);
+                if disk.target == target {
+                    element
+                        .attr("snapshot", "external")
+                        .attr("type", "file")
+                        .child(Element::new("source").attr("file", &overlay))
+                        .child(Element::new("driver").attr("type", "qcow2"))
+                } else {
+                    element.attr("snapshot", "no")
+                }
+            });
+            let xml = Element::new("domainsnapshot")
+                .child(Element::new("disks").children(disks))
+                .render();
+            let flags = virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+                | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+                | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+                | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
+            virt::domain_snapshot::DomainSnapshot::create_xml(&d, &xml, flags)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Merges the active overlay of disk `target` of a running domain into `base`, the file
+    /// right under it, and switches the disk to that file (an active block commit, then a
+    /// pivot); the overlay is left for the caller to delete. (Without a base libvirt would
+    /// merge the whole chain into its bottom file, overwriting older snapshots.)
+    pub async fn commit_active(
+        &self,
+        uuid: &str,
+        target: &str,
+        base: &str,
+    ) -> Result<(), AgentError> {
+        let (uuid, target, base) = (uuid.to_string(), target.to_string(), base.to_string());
+        self.run(move |c| {
+            let d = Self::lookup(c, &uuid)
+                .ok_or_else(|| AgentError::Libvirt(format!("domain {uuid} is not defined")))?;
+            let disk = std::ffi::CString::new(target.clone()).expect("a device name");
+            let base = std::ffi::CString::new(base)
+                .map_err(|_| AgentError::Libvirt("a path with a NUL byte".into()))?;
+            let last = || AgentError::Libvirt(virt::error::Error::last_error().to_string());
+            // SAFETY: a live domain pointer and C strings that outlive the calls; a null top
+            // means the active layer.
+            let started = unsafe {
+                virt::sys::virDomainBlockCommit(
+                    d.as_ptr(),
+                    disk.as_ptr(),
+                    base.as_ptr(),
+                    std::ptr::null(),
+                    0,
+                    virt::sys::VIR_DOMAIN_BLOCK_COMMIT_ACTIVE,
+                )
+            };
+            if started < 0 {
+                return Err(last());
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+            loop {
+                let mut info = virt::sys::virDomainBlockJobInfo {
+                    type_: 0,
+                    bandwidth: 0,
+                    cur: 0,
+                    end: 0,
+                };
+                // SAFETY: as above; `info` is a valid struct for the call to fill.
+                let got = unsafe {
+                    virt::sys::virDomainGetBlockJobInfo(d.as_ptr(), disk.as_ptr(), &mut info, 0)
+                };
+                if got < 0 {
+                    return Err(last());
+                }
+                if got == 0 {
+                    return Err(AgentError::Libvirt(format!(
+                        "the commit job of {target} ended before it could be pivoted"
+                    )));
+                }
+                if info.end > 0 && info.cur == info.end {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(AgentError::Libvirt(format!(
+                        "the commit of {target} did not catch up in 10 minutes"
+                    )));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            // SAFETY: as above.
+            let pivoted = unsafe {
+                virt::sys::virDomainBlockJobAbort(
+                    d.as_ptr(),
+                    disk.as_ptr(),
+                    virt::sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT,
+                )
+            };
+            if pivoted < 0 {
+                return Err(last());
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// The running domains with `path` open as a disk: (UUID, device name) each.
     pub async fn disk_users(&self, path: &str) -> Result<Vec<(String, String)>, AgentError> {
         let path = path.to_string();

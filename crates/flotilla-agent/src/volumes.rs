@@ -1,4 +1,5 @@
-//! The volumes placed on this node (`status.node`): each is made in its pool's directory
+//! The volumes (and their snapshots: [`crate::snapshots`]) placed on this node
+//! (`status.node`): each is made in its pool's directory
 //! (named by its uid, so a name reused after a delete never meets an old file) once this agent
 //! holds its finalizer, reported `Available` with its path and size, and removed from the pool
 //! before the finalizer goes when the volume is deleted. Idempotent: a crash at any point
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use flotilla_client::ListParams;
 use flotilla_storage::{DirPool, Format, NewVolume, Source};
-use flotilla_types::kinds::{CloneMode, ImageFormat, StoragePool, Volume};
+use flotilla_types::kinds::{CloneMode, ImageFormat, StoragePool, Volume, VolumeSnapshot};
 use flotilla_types::registry::lookup;
 use serde_json::json;
 
@@ -20,29 +21,40 @@ use crate::vm::Context;
 /// This agent's finalizer on the volumes it made.
 pub const FINALIZER: &str = "flotilla.dev/volume";
 
-/// Follows the volumes placed here until the task is aborted.
+/// Follows the volumes and snapshots placed here until the task is aborted. One task does all
+/// of this node's volume work, one step at a time: no two steps ever touch one file at once.
 pub async fn run(ctx: Arc<Context>, every: Duration) {
-    let kind = lookup("volume").expect("registered");
     let params = ListParams {
         field_selector: Some(format!("status.node={}", ctx.node)),
         ..Default::default()
     };
-    let mut seen = follow_selected(ctx.client.clone(), kind, params);
+    let (volume_kind, snapshot_kind) = (
+        lookup("volume").expect("registered"),
+        lookup("volumesnapshot").expect("registered"),
+    );
+    let mut seen = follow_selected(ctx.client.clone(), volume_kind, params.clone());
+    let mut seen_snapshots = follow_selected(ctx.client.clone(), snapshot_kind, params);
     let mut volumes = Mirror::<Volume>::new(|v: &Volume| v.metadata.uid.clone());
+    let mut snapshots = Mirror::<VolumeSnapshot>::new(|s: &VolumeSnapshot| s.metadata.uid.clone());
     let mut swept = std::collections::BTreeSet::new();
     let mut tick = tokio::time::interval(every);
     loop {
         // An event re-reconciles only volumes with something to do; a tick looks at every
-        // file too (one gone behind the agent's back is made again).
+        // file too (one gone behind the agent's back is made again, strays are swept).
         let every_file = tokio::select! {
             got = seen.recv() => {
                 let Some(got) = got else { return };
                 volumes.apply(got);
                 false
             }
+            got = seen_snapshots.recv() => {
+                let Some(got) = got else { return };
+                snapshots.apply(got);
+                false
+            }
             _ = tick.tick() => true,
         };
-        if !volumes.listed {
+        if !volumes.listed || !snapshots.listed {
             continue;
         }
         ctx.volumes.update(&volumes.items);
@@ -53,23 +65,163 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
             if !every_file && settled(volume) {
                 continue;
             }
-            if let Err(message) = reconcile(&ctx, volume, &mut swept).await {
+            // Every step works from the object as it is now: the mirror may lag behind what
+            // the last step wrote, and a step taken twice on an old view could drop a file.
+            let Some(volume) = fresh::<Volume>(&ctx, volume_kind, &volume.metadata).await else {
+                continue;
+            };
+            let volume = &volume;
+            let result = reconcile(&ctx, volume, &snapshots.items, &mut swept, every_file).await;
+            if let Err(message) = result {
                 // Written once per new reason: each write wakes this loop again.
                 let status = volume.status.clone().unwrap_or_default();
-                if status.phase != "Failed" || status.message != message {
+                if status.message != message {
                     tracing::warn!(volume = %volume.metadata.name, %message, "cannot reconcile a volume; retrying");
-                    report(&ctx, volume, json!({"phase": "Failed", "message": message})).await;
+                    // A volume that exists stays Available (its guest may be using it).
+                    let phase = if status.phase == "Available" {
+                        "Available"
+                    } else {
+                        "Failed"
+                    };
+                    report(&ctx, volume, json!({"phase": phase, "message": message})).await;
+                }
+            }
+        }
+        for snapshot in snapshots.items.values() {
+            if snapshot.status.as_ref().and_then(|s| s.node.as_deref()) != Some(ctx.node.as_str()) {
+                continue;
+            }
+            if !every_file && snapshot_settled(snapshot) {
+                continue;
+            }
+            let Some(snapshot) =
+                fresh::<VolumeSnapshot>(&ctx, snapshot_kind, &snapshot.metadata).await
+            else {
+                continue;
+            };
+            let snapshot = &snapshot;
+            let volume = match volumes.items.values().find(|v| {
+                v.metadata.namespace == snapshot.metadata.namespace
+                    && v.metadata.name == snapshot.spec.volume
+            }) {
+                Some(v) => fresh::<Volume>(&ctx, volume_kind, &v.metadata).await,
+                None => None,
+            };
+            if let Err(message) =
+                reconcile_snapshot(&ctx, snapshot, volume.as_ref(), &mut swept).await
+            {
+                let status = snapshot.status.clone().unwrap_or_default();
+                if status.message != message {
+                    tracing::warn!(snapshot = %snapshot.metadata.name, %message, "cannot reconcile a snapshot; retrying");
+                    let ns = snapshot.metadata.namespace.clone().unwrap_or_default();
+                    let patch = json!({"status": {"message": message}});
+                    let _ = ctx
+                        .client
+                        .patch(
+                            snapshot_kind,
+                            Some(&ns),
+                            &snapshot.metadata.name,
+                            &patch,
+                            true,
+                        )
+                        .await;
                 }
             }
         }
     }
 }
 
+/// The object as the API has it now (same uid), or None when it is gone or unreadable.
+async fn fresh<T: serde::de::DeserializeOwned>(
+    ctx: &Context,
+    kind: &'static flotilla_types::KindInfo,
+    meta: &flotilla_types::ObjectMeta,
+) -> Option<T> {
+    let now = ctx
+        .client
+        .get(kind, meta.namespace.as_deref(), &meta.name)
+        .await
+        .ok()?;
+    if now["metadata"]["uid"].as_str() != meta.uid.as_deref() {
+        return None;
+    }
+    serde_json::from_value(now).ok()
+}
+
+fn snapshot_settled(snapshot: &VolumeSnapshot) -> bool {
+    snapshot.metadata.deletion_timestamp.is_none()
+        && snapshot.metadata.finalizers.iter().any(|f| f == FINALIZER)
+        && snapshot.status.as_ref().is_some_and(|s| s.phase == "Ready")
+}
+
+async fn reconcile_snapshot(
+    ctx: &Context,
+    snapshot: &VolumeSnapshot,
+    volume: Option<&Volume>,
+    swept: &mut std::collections::BTreeSet<std::path::PathBuf>,
+) -> Result<(), String> {
+    let held = snapshot.metadata.finalizers.iter().any(|f| f == FINALIZER);
+    let kind = lookup("volumesnapshot").expect("registered");
+    if snapshot.metadata.deletion_timestamp.is_some() {
+        if !held {
+            return Ok(());
+        }
+        let pool_name = volume.map(|v| v.spec.pool.clone()).unwrap_or_default();
+        let pool = open_pool_named(ctx, &pool_name, swept).await?;
+        crate::snapshots::delete(ctx, &pool, volume, snapshot).await?;
+        return edit_finalizers(ctx, kind, &snapshot.metadata, false).await;
+    }
+    if !held {
+        return edit_finalizers(ctx, kind, &snapshot.metadata, true).await;
+    }
+    if snapshot.status.as_ref().is_some_and(|s| s.phase == "Ready") {
+        return Ok(());
+    }
+    let Some(volume) = volume.filter(|v| {
+        v.status
+            .as_ref()
+            .is_some_and(|s| s.phase == "Available" && !s.path.is_empty())
+    }) else {
+        return Err(format!(
+            "waiting for volume {:?} to be made",
+            snapshot.spec.volume
+        ));
+    };
+    let pool = open_pool(ctx, volume, swept).await?;
+    let active = active_file(&pool, volume).await?;
+    crate::snapshots::take(ctx, &pool, volume, &active, snapshot).await
+}
+
+/// The volume's current file: the one its status names (an overlay once it has snapshots),
+/// else the one named by its uid.
+async fn active_file(
+    pool: &DirPool,
+    volume: &Volume,
+) -> Result<flotilla_storage::VolumeInfo, String> {
+    let path = volume
+        .status
+        .as_ref()
+        .map(|s| s.path.clone())
+        .unwrap_or_default();
+    let name = std::path::Path::new(&path)
+        .file_name()
+        .and_then(|f| f.to_str())
+        .and_then(|f| f.rsplit_once('.'))
+        .map(|(n, _)| n.to_string())
+        .unwrap_or_else(|| volume.metadata.uid.clone().unwrap_or_default());
+    pool.info(&name).await.map_err(|e| e.to_string())
+}
+
 /// Whether `volume` is as its spec asks, as far as its object says: made, held, its size
 /// reached, not being deleted.
 fn settled(volume: &Volume) -> bool {
     let status = volume.status.clone().unwrap_or_default();
+    let revert = volume
+        .metadata
+        .annotations
+        .get(flotilla_types::kinds::volume_snapshot::REVERT_ANNOTATION);
     volume.metadata.deletion_timestamp.is_none()
+        && (revert.is_none() || revert == status.last_revert.as_ref())
         && volume.metadata.finalizers.iter().any(|f| f == FINALIZER)
         && status.phase == "Available"
         && u128::from(status.capacity) >= volume.spec.size.value()
@@ -82,12 +234,20 @@ async fn open_pool(
     volume: &Volume,
     swept: &mut std::collections::BTreeSet<std::path::PathBuf>,
 ) -> Result<DirPool, String> {
+    open_pool_named(ctx, &volume.spec.pool, swept).await
+}
+
+async fn open_pool_named(
+    ctx: &Context,
+    name: &str,
+    swept: &mut std::collections::BTreeSet<std::path::PathBuf>,
+) -> Result<DirPool, String> {
     let pools = lookup("storagepool").expect("registered");
     let pool: StoragePool = ctx
         .client
-        .get(pools, None, &volume.spec.pool)
+        .get(pools, None, name)
         .await
-        .map_err(|e| format!("StoragePool {:?}: {e}", volume.spec.pool))
+        .map_err(|e| format!("StoragePool {name:?}: {e}"))
         .and_then(|v| serde_json::from_value(v).map_err(|e| e.to_string()))?;
     let dir = crate::pools::pool_dir(&ctx.data_dir, &pool);
     let first = swept.insert(dir.clone());
@@ -108,38 +268,59 @@ async fn open_pool(
 async fn reconcile(
     ctx: &Context,
     volume: &Volume,
+    snapshots: &std::collections::BTreeMap<String, VolumeSnapshot>,
     swept: &mut std::collections::BTreeSet<std::path::PathBuf>,
+    sweep: bool,
 ) -> Result<(), String> {
     let uid = volume.metadata.uid.clone().unwrap_or_default();
     let held = volume.metadata.finalizers.iter().any(|f| f == FINALIZER);
+    let kind = lookup("volume").expect("registered");
     if volume.metadata.deletion_timestamp.is_some() {
         if !held {
             return Ok(());
         }
         let pool = open_pool(ctx, volume, swept).await?;
+        // Its file and whatever else of its uid is left (its snapshots went first).
+        let mut gone = volume.clone();
+        gone.status = None;
+        crate::snapshots::sweep(ctx, &pool, &gone, &Default::default()).await?;
         pool.delete(&uid).await.map_err(|e| e.to_string())?;
-        return edit_finalizers(ctx, volume, false).await;
+        return edit_finalizers(ctx, kind, &volume.metadata, false).await;
     }
     let status = volume.status.clone().unwrap_or_default();
     if !held {
         // Held before the file exists, so a delete always waits for the file to go.
-        return edit_finalizers(ctx, volume, true).await;
+        return edit_finalizers(ctx, kind, &volume.metadata, true).await;
     }
     let pool = open_pool(ctx, volume, swept).await?;
-    let info = match pool.info(&uid).await {
+    let found = if status.path.is_empty() {
+        pool.info(&uid).await
+    } else {
+        active_file(&pool, volume)
+            .await
+            .map_err(|_| flotilla_storage::StorageError::NotFound(status.path.clone()))
+    };
+    let info = match found {
         Ok(info) => info,
+        Err(flotilla_storage::StorageError::NotFound(_))
+            if !status.path.is_empty()
+                && status.path != pool.path(&uid, format(volume)).display().to_string() =>
+        {
+            // Its file is an overlay that is gone: never made again blank behind its back.
+            return Err(format!("its file {} is missing", status.path));
+        }
         Err(flotilla_storage::StorageError::NotFound(_)) => {
             let source = match &volume.spec.source {
                 None => Source::Blank,
-                Some(from) => match source_file(ctx, volume, &from.volume, &pool).await? {
+                Some(from) => match source_file(ctx, volume, from, &pool).await? {
                     Some((path, format)) => Source::Clone {
                         from: path,
                         format,
                         linked: from.mode == CloneMode::Linked,
                     },
                     None => {
-                        let message =
-                            format!("waiting for its source {:?} to be made", from.volume);
+                        let what = from.volume.as_ref().or(from.snapshot.as_ref());
+                        let message = format!("waiting for its source {what:?} to be made");
                         if status.message != message {
                             report(ctx, volume, json!({"phase": "Pending", "message": message}))
                                 .await;
@@ -154,10 +335,7 @@ async fn reconcile(
             let made = pool
                 .create(&NewVolume {
                     name: uid.clone(),
-                    format: match volume.spec.format {
-                        ImageFormat::Qcow2 => Format::Qcow2,
-                        ImageFormat::Raw => Format::Raw,
-                    },
+                    format: format(volume),
                     size: u64::try_from(volume.spec.size.value()).unwrap_or(u64::MAX),
                     source,
                 })
@@ -168,12 +346,21 @@ async fn reconcile(
         }
         Err(e) => return Err(e.to_string()),
     };
+    if crate::snapshots::revert(ctx, &pool, volume, &info, snapshots).await? {
+        // Its status names the new file; the next pass takes it from there.
+        return Ok(());
+    }
     let wanted = u64::try_from(volume.spec.size.value()).unwrap_or(u64::MAX);
     let info = if wanted > info.virtual_size {
         grow(ctx, volume, &pool, &info, wanted).await?
     } else {
         info
     };
+    if sweep {
+        for stray in crate::snapshots::sweep(ctx, &pool, volume, snapshots).await? {
+            tracing::info!(volume = %volume.metadata.name, file = %stray, "removed a file of the volume nothing needs");
+        }
+    }
     let path = info.path.display().to_string();
     if status.phase == "Available" && status.path == path && status.capacity == info.virtual_size {
         return Ok(());
@@ -197,14 +384,15 @@ async fn grow(
     info: &flotilla_storage::VolumeInfo,
     wanted: u64,
 ) -> Result<flotilla_storage::VolumeInfo, String> {
-    let uid = volume.metadata.uid.clone().unwrap_or_default();
     let users = ctx
         .libvirt
         .disk_users(&info.path.display().to_string())
         .await
         .map_err(|e| e.to_string())?;
     let grown = if users.is_empty() {
-        pool.resize(&uid, wanted).await.map_err(|e| e.to_string())?
+        pool.resize(&info.name, wanted)
+            .await
+            .map_err(|e| e.to_string())?
     } else {
         for (domain, target) in &users {
             ctx.libvirt
@@ -212,36 +400,58 @@ async fn grow(
                 .await
                 .map_err(|e| format!("cannot grow it in the running domain {domain}: {e}"))?;
         }
-        pool.info(&uid).await.map_err(|e| e.to_string())?
+        pool.info(&info.name).await.map_err(|e| e.to_string())?
     };
     tracing::info!(volume = %volume.metadata.name, from = info.virtual_size, to = grown.virtual_size, online = !users.is_empty(), "grew a volume");
     Ok(grown)
 }
 
-/// The file and format of the volume `name` (of `volume`'s project) a clone copies, once it is
-/// made here; None while it is not.
+/// The file and format a clone copies: the source volume's current file, or the snapshot's
+/// frozen one, once made here; None while it is not.
 async fn source_file(
     ctx: &Context,
     volume: &Volume,
-    name: &str,
+    source: &flotilla_types::kinds::VolumeSource,
     pool: &DirPool,
 ) -> Result<Option<(std::path::PathBuf, Format)>, String> {
-    let kind = lookup("volume").expect("registered");
     let project = volume.metadata.namespace.clone().unwrap_or_default();
-    let from: Volume = match ctx.client.get(kind, Some(&project), name).await {
-        Ok(v) => serde_json::from_value(v).map_err(|e| e.to_string())?,
+    let (kind, name) = match (&source.volume, &source.snapshot) {
+        (Some(v), _) => (lookup("volume").expect("registered"), v),
+        (None, Some(s)) => (lookup("volumesnapshot").expect("registered"), s),
+        (None, None) => return Ok(None),
+    };
+    let from = match ctx.client.get(kind, Some(&project), name).await {
+        Ok(v) => v,
         // Not here (yet), or gone: nothing to copy from.
         Err(e) if matches!(e.code(), Some(403) | Some(404)) => return Ok(None),
         Err(e) => return Err(e.to_string()),
     };
-    if from.status.as_ref().map(|s| s.phase.as_str()) != Some("Available") {
+    let ready = matches!(
+        from["status"]["phase"].as_str(),
+        Some("Available" | "Ready")
+    );
+    let path = from["status"]["path"].as_str().unwrap_or_default();
+    if !ready || path.is_empty() {
         return Ok(None);
     }
-    let uid = from.metadata.uid.unwrap_or_default();
-    match pool.info(&uid).await {
+    let stem = std::path::Path::new(path)
+        .file_name()
+        .and_then(|f| f.to_str())
+        .and_then(|f| f.rsplit_once('.'))
+        .map(|(n, _)| n.to_string())
+        .unwrap_or_default();
+    match pool.info(&stem).await {
         Ok(info) => Ok(Some((info.path, info.format))),
         Err(flotilla_storage::StorageError::NotFound(_)) => Ok(None),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The format a volume is made in.
+fn format(volume: &Volume) -> Format {
+    match volume.spec.format {
+        ImageFormat::Qcow2 => Format::Qcow2,
+        ImageFormat::Raw => Format::Raw,
     }
 }
 
@@ -263,19 +473,25 @@ async fn report(ctx: &Context, volume: &Volume, status: serde_json::Value) {
     }
 }
 
-/// Adds or removes this agent's finalizer, guarded by the resourceVersion it read.
-async fn edit_finalizers(ctx: &Context, volume: &Volume, hold: bool) -> Result<(), String> {
-    let kind = lookup("volume").expect("registered");
-    let project = volume.metadata.namespace.clone().unwrap_or_default();
-    let mut finalizers = volume.metadata.finalizers.clone();
+/// Adds or removes this agent's finalizer on a volume or snapshot, guarded by the
+/// resourceVersion it read.
+async fn edit_finalizers(
+    ctx: &Context,
+    kind: &'static flotilla_types::KindInfo,
+    meta: &flotilla_types::ObjectMeta,
+    hold: bool,
+) -> Result<(), String> {
+    let project = meta.namespace.clone().unwrap_or_default();
+    let mut finalizers = meta.finalizers.clone();
     finalizers.retain(|f| f != FINALIZER);
     if hold {
         finalizers.push(FINALIZER.to_string());
     }
-    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": volume.metadata.resource_version}});
+    let patch =
+        json!({"metadata": {"finalizers": finalizers, "resourceVersion": meta.resource_version}});
     match ctx
         .client
-        .patch(kind, Some(&project), &volume.metadata.name, &patch, false)
+        .patch(kind, Some(&project), &meta.name, &patch, false)
         .await
     {
         // A conflict or a volume gone: the next pass reads it afresh.

@@ -124,9 +124,13 @@ async fn a_running_guest_sees_volumes_plugged_grown_and_unplugged() {
         .patch(vms, Some("default"), &name, &root("48Mi"), false)
         .await
         .unwrap();
-    log_until(admin, &name, "the guest sees its root disk grow", 60, |t| {
-        t.contains("FLOTILLA-DISK vda serial=- sectors=98304")
-    })
+    log_until(
+        admin,
+        &name,
+        "the guest sees its root disk grow",
+        120,
+        |t| t.contains("FLOTILLA-DISK vda serial=- sectors=98304"),
+    )
     .await;
     let root_s = grown.elapsed().as_secs_f64();
     let refused = admin
@@ -148,7 +152,7 @@ async fn a_running_guest_sees_volumes_plugged_grown_and_unplugged() {
         .await
         .unwrap();
     let seen = format!("serial={serial} sectors=131072 head=hello-{suffix}");
-    let log = log_until(admin, &name, "the guest sees the volume", 60, |t| {
+    let log = log_until(admin, &name, "the guest sees the volume", 120, |t| {
         t.contains(&seen)
     })
     .await;
@@ -183,7 +187,7 @@ async fn a_running_guest_sees_volumes_plugged_grown_and_unplugged() {
         .await
         .unwrap();
     let bigger = format!("FLOTILLA-DISK {device} serial={serial} sectors=262144");
-    log_until(admin, &name, "the guest sees the volume grow", 60, |t| {
+    log_until(admin, &name, "the guest sees the volume grow", 120, |t| {
         t.contains(&bigger)
     })
     .await;
@@ -207,7 +211,7 @@ async fn a_running_guest_sees_volumes_plugged_grown_and_unplugged() {
         .await
         .unwrap();
     let gone = format!("FLOTILLA-DISK-GONE {device}");
-    log_until(admin, &name, "the guest sees the volume go", 60, |t| {
+    log_until(admin, &name, "the guest sees the volume go", 120, |t| {
         t.contains(&gone)
     })
     .await;
@@ -251,6 +255,254 @@ async fn a_running_guest_sees_volumes_plugged_grown_and_unplugged() {
         .unwrap();
     eventually("the volume's file is gone", 30, async || {
         (!path.exists()).then_some(())
+    })
+    .await;
+}
+
+/// Fills the first 64 bytes of a qcow2 file with `byte` (nothing may have it open).
+fn fill(path: &str, byte: u8) {
+    let status = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -q -P {byte} 0 64"),
+            path,
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success(), "qemu-io wrote {path}");
+}
+
+/// Snapshots of a qcow2 volume: taken offline and under a running guest, merged away when
+/// deleted (also under the guest), reverted to (the guest then reads what was there at the
+/// snapshot, not what came after), cloned from; deleting all of it leaves no file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_freeze_revert_merge_and_clone_a_volume() {
+    let guest = tiny_guest();
+    let cluster = TestCluster::start().await;
+    let (server, admin, tmp) = (&cluster.server, &cluster.admin, &cluster.dir);
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let agent_dir = tmp.path().join("agent");
+    let mut agent = AgentConfig::new(vec![server.url.clone()], "snap-node", &agent_dir);
+    agent.join_token = Some(cluster.join_token().await);
+    agent.libvirt_uri = "qemu:///system".into();
+    agent.virt_type = VirtType::Qemu;
+    agent.shutdown_timeout = Duration::from_secs(2);
+    agent.resync = Duration::from_secs(3);
+    let libvirt = Libvirt::open("qemu:///system")
+        .await
+        .expect("libvirtd is running (make test starts it)");
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(flotilla_agent::run_with(agent, libvirt.clone(), rx));
+    let (vms, volumes, snapshots) = (
+        lookup("vm").unwrap(),
+        lookup("volume").unwrap(),
+        lookup("volumesnapshot").unwrap(),
+    );
+    let ns = Some("default");
+    let suffix: u32 = rand::random::<u32>() % 100_000;
+    let snapshot = |name: &str| json!({"metadata": {"name": name}, "spec": {"volume": "data"}});
+    let ready = |name: &'static str| async move {
+        eventually(&format!("snapshot {name} is Ready"), 60, async || {
+            let s = admin.get(snapshots, ns, name).await.ok()?;
+            (s["status"]["phase"] == "Ready").then_some(s)
+        })
+        .await
+    };
+    let path_of = async |name: &str| -> String {
+        let v = admin.get(volumes, ns, name).await.unwrap();
+        v["status"]["path"].as_str().unwrap().to_string()
+    };
+
+    admin
+        .create(
+            volumes,
+            ns,
+            &json!({"metadata": {"name": "data"}, "spec": {"size": "64Mi"}}),
+        )
+        .await
+        .unwrap();
+    eventually("the volume is Available", 60, async || {
+        let v = admin.get(volumes, ns, "data").await.ok()?;
+        (v["status"]["phase"] == "Available").then_some(())
+    })
+    .await;
+    let base = path_of("data").await;
+    let pool = PathBuf::from(&base).parent().unwrap().to_path_buf();
+    fill(&base, b'A');
+
+    // Offline: the file freezes as the snapshot; an overlay takes the writes from now on.
+    let started = Instant::now();
+    admin.create(snapshots, ns, &snapshot("one")).await.unwrap();
+    let one = ready("one").await;
+    let offline_s = started.elapsed().as_secs_f64();
+    assert_eq!(one["status"]["path"], base.as_str());
+    assert_eq!(one["status"]["size"], 64u64 << 20);
+    let overlay = path_of("data").await;
+    assert_ne!(overlay, base, "the volume moved to an overlay");
+    fill(&overlay, b'B');
+
+    // A raw or unknown volume has no snapshots.
+    let refused = admin
+        .create(
+            snapshots,
+            ns,
+            &json!({"metadata": {"name": "x"}, "spec": {"volume": "nope"}}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(422), "{refused}");
+
+    // Attached to a running guest, which reads what came after the snapshot.
+    let name = format!("snaps-{suffix}");
+    let vm = json!({"metadata": {"name": name}, "spec": {
+        "resources": {"cpus": 1, "memory": "256Mi"},
+        "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0 panic=-1"},
+        "disks": [{"name": "data", "volume": "data"}],
+    }});
+    admin.create(vms, ns, &vm).await.unwrap();
+    let b_head = format!("head={}", "B".repeat(64));
+    log_until(admin, &name, "the guest reads the newer data", 120, |t| {
+        t.contains(&b_head)
+    })
+    .await;
+
+    // Online: the guest's disk switches to a new overlay without noticing.
+    let started = Instant::now();
+    admin.create(snapshots, ns, &snapshot("two")).await.unwrap();
+    let two = ready("two").await;
+    let online_s = started.elapsed().as_secs_f64();
+    assert_eq!(two["status"]["path"], overlay.as_str());
+    let live = path_of("data").await;
+    let uid = admin.get(vms, ns, &name).await.unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let xml = libvirt.xml(&uid).await.unwrap().unwrap();
+    assert!(
+        xml.contains(&live),
+        "the running guest writes the new overlay: {xml}"
+    );
+    // The older one cannot go first (it is the newer one's base).
+    let refused = admin.delete(snapshots, ns, "one").await.unwrap_err();
+    assert_eq!(refused.code(), Some(409), "{refused}");
+    assert!(refused.to_string().contains("newest first"), "{refused}");
+    // Deleted under the running guest: merged back, the guest now on the snapshot's file.
+    let started = Instant::now();
+    admin.delete(snapshots, ns, "two").await.unwrap();
+    eventually("snapshot two is gone", 60, async || {
+        admin.get(snapshots, ns, "two").await.is_err().then_some(())
+    })
+    .await;
+    let merge_s = started.elapsed().as_secs_f64();
+    assert_eq!(
+        path_of("data").await,
+        overlay,
+        "the volume is back on the merged file"
+    );
+    assert!(
+        !std::path::Path::new(&live).exists(),
+        "the merged overlay is gone"
+    );
+    let xml = libvirt.xml(&uid).await.unwrap().unwrap();
+    assert!(
+        xml.contains(&overlay),
+        "the guest pivoted to the merged file: {xml}"
+    );
+
+    // Reverting needs the guest to let go; then it reads what the snapshot held.
+    admin
+        .patch(vms, ns, &name, &json!({"spec": {"disks": []}}), false)
+        .await
+        .unwrap();
+    log_until(admin, &name, "the guest lets go of the volume", 120, |t| {
+        t.contains("FLOTILLA-DISK-GONE")
+    })
+    .await;
+    let started = Instant::now();
+    let request = json!({"metadata": {"annotations": {"flotilla.dev/revert-to": "one 1"}}});
+    admin
+        .patch(volumes, ns, "data", &request, false)
+        .await
+        .unwrap();
+    eventually("the volume is reverted", 60, async || {
+        let v = admin.get(volumes, ns, "data").await.ok()?;
+        (v["status"]["lastRevert"] == "one 1").then_some(())
+    })
+    .await;
+    let revert_s = started.elapsed().as_secs_f64();
+    // The file reverted away from goes (at once, or with the volume's strays).
+    eventually("the reverted-away file is gone", 30, async || {
+        (!std::path::Path::new(&overlay).exists()).then_some(())
+    })
+    .await;
+    admin
+        .patch(
+            vms,
+            ns,
+            &name,
+            &json!({"spec": {"disks": [{"name": "data", "volume": "data"}]}}),
+            false,
+        )
+        .await
+        .unwrap();
+    let a_head = format!("head={}", "A".repeat(64));
+    log_until(
+        admin,
+        &name,
+        "the guest reads the snapshot's data",
+        60,
+        |t| t.contains(&a_head),
+    )
+    .await;
+
+    // A clone of the snapshot: an overlay of its file, which then cannot go before it.
+    admin
+        .create(
+            volumes,
+            ns,
+            &json!({"metadata": {"name": "copy"}, "spec": {"size": "64Mi", "source": {"snapshot": "one", "mode": "linked"}}}),
+        )
+        .await
+        .unwrap();
+    eventually("the clone is made", 60, async || {
+        let v = admin.get(volumes, ns, "copy").await.ok()?;
+        (v["status"]["phase"] == "Available").then_some(())
+    })
+    .await;
+    let refused = admin.delete(snapshots, ns, "one").await.unwrap_err();
+    assert_eq!(refused.code(), Some(409), "{refused}");
+    assert!(
+        refused.to_string().contains("linked clone copy"),
+        "{refused}"
+    );
+    let refused = admin.delete(volumes, ns, "data").await.unwrap_err();
+    assert_eq!(refused.code(), Some(409), "{refused}");
+    println!(
+        "volume snapshots (dir pool, qcow2, 64 MiB): offline {offline_s:.1} s, under a running guest {online_s:.1} s, deleted with a live merge {merge_s:.1} s, revert {revert_s:.1} s"
+    );
+
+    // Everything goes, and no file of either volume stays.
+    admin.delete(vms, ns, &name).await.unwrap();
+    admin.delete(volumes, ns, "copy").await.unwrap();
+    eventually("the clone is gone", 60, async || {
+        admin.get(volumes, ns, "copy").await.is_err().then_some(())
+    })
+    .await;
+    admin.delete(snapshots, ns, "one").await.unwrap();
+    eventually("snapshot one is gone", 60, async || {
+        admin.get(snapshots, ns, "one").await.is_err().then_some(())
+    })
+    .await;
+    eventually("the VM is gone", 60, async || {
+        admin.get(vms, ns, &name).await.is_err().then_some(())
+    })
+    .await;
+    admin.delete(volumes, ns, "data").await.unwrap();
+    eventually("the pool holds nothing", 60, async || {
+        let left: Vec<_> = std::fs::read_dir(&pool).ok()?.collect();
+        left.is_empty().then_some(())
     })
     .await;
 }

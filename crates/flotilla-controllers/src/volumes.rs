@@ -10,14 +10,14 @@ use std::time::Duration;
 
 use flotilla_server::objects::{ListOptions, Objects};
 use flotilla_server::ApiError;
-use flotilla_types::kinds::{StoragePool, VirtualMachine, Volume};
+use flotilla_types::kinds::{StoragePool, VirtualMachine, Volume, VolumeSnapshot};
 use flotilla_types::registry::by_kind;
 use serde_json::json;
 
 pub async fn run(objects: Objects, resync: Duration) {
     crate::on_changes(
         objects,
-        &["Volume", "StoragePool"],
+        &["Volume", "StoragePool", "VolumeSnapshot"],
         resync,
         "place volumes",
         |o| async move { sweep(&o).await },
@@ -104,10 +104,8 @@ fn beside(
     size: u64,
 ) -> Result<String, String> {
     let Some(node) = from.and_then(|f| f.status.as_ref()?.node.clone()) else {
-        return Err(format!(
-            "waiting for its source {:?} to be placed",
-            source.volume
-        ));
+        let what = source.volume.as_ref().or(source.snapshot.as_ref());
+        return Err(format!("waiting for its source {what:?} to be placed"));
     };
     let entry = pool
         .and_then(|p| p.status.as_ref()?.nodes.get(&node))
@@ -142,7 +140,19 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
         .iter()
         .filter_map(|raw| serde_json::from_slice(raw).ok())
         .collect();
+    let snapshots: Vec<VolumeSnapshot> = objects
+        .list(
+            by_kind("VolumeSnapshot").expect("registered"),
+            None,
+            &ListOptions::default(),
+        )
+        .await?
+        .items
+        .iter()
+        .filter_map(|raw| serde_json::from_slice(raw).ok())
+        .collect();
     let mut written = release_attachments(objects, &all).await?;
+    written += place_snapshots(objects, &all, &snapshots).await?;
     let mut given = provisioned(&all);
     for volume in &all {
         let status = volume.status.clone().unwrap_or_default();
@@ -159,9 +169,21 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
                 given.entry(volume.spec.pool.clone()).or_default(),
             ),
             Some(source) => {
+                // A snapshot's clone goes beside the snapshot's volume.
+                let of_snapshot = source.snapshot.as_ref().and_then(|name| {
+                    snapshots.iter().find(|s| {
+                        s.metadata.namespace == volume.metadata.namespace
+                            && s.metadata.name == *name
+                    })
+                });
+                let from_name = match (&source.volume, of_snapshot) {
+                    (Some(v), _) => Some(v.clone()),
+                    (None, Some(s)) => Some(s.spec.volume.clone()),
+                    (None, None) => None,
+                };
                 let from = all.iter().find(|v| {
                     v.metadata.namespace == volume.metadata.namespace
-                        && v.metadata.name == source.volume
+                        && Some(&v.metadata.name) == from_name.as_ref()
                 });
                 beside(pool, from, source, size)
             }
@@ -180,6 +202,45 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
         let project = volume.metadata.namespace.clone().unwrap_or_default();
         written +=
             crate::write_status(objects, "Volume", &project, &volume.metadata.name, patch).await?;
+    }
+    Ok(written)
+}
+
+/// A snapshot is taken where its volume lives: it gets the volume's node once it has one.
+async fn place_snapshots(
+    objects: &Objects,
+    volumes: &[Volume],
+    snapshots: &[VolumeSnapshot],
+) -> Result<usize, ApiError> {
+    let mut written = 0;
+    for snapshot in snapshots {
+        let status = snapshot.status.clone().unwrap_or_default();
+        if status.node.is_some() || snapshot.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let volume = volumes.iter().find(|v| {
+            v.metadata.namespace == snapshot.metadata.namespace
+                && v.metadata.name == snapshot.spec.volume
+        });
+        let patch = match volume.and_then(|v| v.status.as_ref()?.node.clone()) {
+            Some(node) => json!({"status": {"node": node, "phase": "Pending", "message": ""}}),
+            None => {
+                let why = format!("waiting for volume {:?} to be placed", snapshot.spec.volume);
+                if status.message == why {
+                    continue;
+                }
+                json!({"status": {"phase": "Pending", "message": why}})
+            }
+        };
+        let project = snapshot.metadata.namespace.clone().unwrap_or_default();
+        written += crate::write_status(
+            objects,
+            "VolumeSnapshot",
+            &project,
+            &snapshot.metadata.name,
+            patch,
+        )
+        .await?;
     }
     Ok(written)
 }

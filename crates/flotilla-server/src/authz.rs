@@ -2,7 +2,7 @@
 //! (user `system:node:<name>`, group `system:nodes`) may read and write its own Node and Lease,
 //! read images, classes, networks, security groups, routers, floating IPs and storage pools
 //! (and write its own entry of an image's or a pool's `status.nodes`), and see and update only
-//! the VMs bound to it (`spec.nodeName`) and the volumes on it (`status.node`): their status
+//! the VMs bound to it (`spec.nodeName`) and the volumes and snapshots on it (`status.node`): their status
 //! and finalizers, never their spec; it may
 //! record Events that name it as their reporting instance. Bootstrap tokens may only join.
 
@@ -111,8 +111,12 @@ pub fn authorize(
         ("VirtualMachine", Verb::Get | Verb::Update | Verb::Patch) => {
             Ok(Scope::BoundTo(node.to_string()))
         }
-        ("Volume", Verb::List | Verb::Watch) if selects("status.node") => Ok(Scope::Unrestricted),
-        ("Volume", Verb::Get | Verb::Update | Verb::Patch) => Ok(Scope::BoundTo(node.to_string())),
+        ("Volume" | "VolumeSnapshot", Verb::List | Verb::Watch) if selects("status.node") => {
+            Ok(Scope::Unrestricted)
+        }
+        ("Volume" | "VolumeSnapshot", Verb::Get | Verb::Update | Verb::Patch) => {
+            Ok(Scope::BoundTo(node.to_string()))
+        }
         ("Event", Verb::Create | Verb::Get | Verb::Update | Verb::Patch) => {
             Ok(Scope::ReportedBy(node.to_string()))
         }
@@ -202,7 +206,7 @@ pub fn guard(scope: &Scope, current: &Value, next: Option<&Value>) -> Result<(),
         },
         Scope::BoundTo(node) => {
             let bound = match current["kind"].as_str() {
-                Some("Volume") => &current["status"]["node"],
+                Some("Volume" | "VolumeSnapshot") => &current["status"]["node"],
                 _ => &current["spec"]["nodeName"],
             };
             if bound.as_str() != Some(node.as_str()) {

@@ -693,6 +693,9 @@ impl Objects {
             if let (Some(project), "Volume") = (&project, kind.kind) {
                 crate::storage::check_source(self.store.as_ref(), project, &object).await?;
             }
+            if let (Some(project), "VolumeSnapshot") = (&project, kind.kind) {
+                crate::storage::check_snapshot(self.store.as_ref(), project, &object).await?;
+            }
             if let (Some(project), "VirtualMachine") = (&project, kind.kind) {
                 crate::security_groups::check_references(
                     self.store.as_ref(),
@@ -1292,6 +1295,14 @@ impl Objects {
         }
         if kind.kind == "StoragePool" {
             crate::storage::check_pool_delete(self.store.as_ref(), name).await?;
+        }
+        if kind.kind == "VolumeSnapshot" {
+            crate::storage::check_snapshot_delete(
+                self.store.as_ref(),
+                namespace.unwrap_or_default(),
+                name,
+            )
+            .await?;
         }
         if kind.kind == "Volume" {
             crate::storage::check_volume_delete(

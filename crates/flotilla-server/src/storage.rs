@@ -24,22 +24,57 @@ pub async fn check_source(
     project: &str,
     volume: &Value,
 ) -> Result<(), ApiError> {
-    let Some(source) = volume["spec"]["source"]["volume"].as_str() else {
-        return Ok(());
-    };
     let kind = registry::by_kind("Volume").expect("registered");
     let name = volume["metadata"]["name"].as_str().unwrap_or_default();
     let mut errs = FieldErrors::default();
+    // A snapshot stands for its volume (its pool, its node), at the size it was taken.
+    let (field, source, taken) = match (
+        volume["spec"]["source"]["volume"].as_str(),
+        volume["spec"]["source"]["snapshot"].as_str(),
+    ) {
+        (Some(v), _) => ("spec.source.volume", Some(v.to_string()), None),
+        (None, Some(snapshot)) => {
+            let snapshots = registry::by_kind("VolumeSnapshot").expect("registered");
+            match store
+                .get(&object_key(snapshots, Some(project), snapshot))
+                .await?
+            {
+                None => {
+                    errs.push(
+                        "spec.source.snapshot",
+                        format!("project {project:?} has no VolumeSnapshot {snapshot:?}"),
+                    );
+                    ("spec.source.snapshot", None, None)
+                }
+                Some(kv) => {
+                    let snap = parse_stored(&kv)?;
+                    let size = snap["status"]["size"].as_u64().filter(|s| *s > 0);
+                    (
+                        "spec.source.snapshot",
+                        snap["spec"]["volume"].as_str().map(str::to_string),
+                        size,
+                    )
+                }
+            }
+        }
+        (None, None) => return Ok(()),
+    };
+    let Some(source) = source else {
+        return errs
+            .into_result()
+            .map_err(|errs| ApiError::invalid("Volume", name, &errs));
+    };
+    let source = source.as_str();
     match store.get(&object_key(kind, Some(project), source)).await? {
         None => errs.push(
-            "spec.source.volume",
+            field,
             format!("project {project:?} has no Volume {source:?}"),
         ),
         Some(kv) => {
             let from = parse_stored(&kv)?;
             if from["spec"]["pool"] != volume["spec"]["pool"] {
                 errs.push(
-                    "spec.source.volume",
+                    field,
                     format!(
                         "{source:?} is in pool {}, not {}: a clone is made beside its source",
                         from["spec"]["pool"], volume["spec"]["pool"]
@@ -51,7 +86,11 @@ pub async fn check_source(
                     .as_str()
                     .and_then(|s| flotilla_types::Quantity::parse(s).ok())
             };
-            if let (Some(want), Some(has)) = (size(volume), size(&from)) {
+            let has = match taken {
+                Some(bytes) => Some(flotilla_types::Quantity::from_bytes(u128::from(bytes))),
+                None => size(&from),
+            };
+            if let (Some(want), Some(has)) = (size(volume), has) {
                 if want.value() < has.value() {
                     errs.push(
                         "spec.size",
@@ -65,12 +104,154 @@ pub async fn check_source(
         .map_err(|errs| ApiError::invalid("Volume", name, &errs))
 }
 
-/// Refuses (409, naming them) deleting a volume that linked clones are overlays of.
+/// The names of the project's objects of `kind` for which `pick` holds.
+async fn names_where(
+    store: &dyn Store,
+    kind: &str,
+    project: &str,
+    pick: impl Fn(&Value) -> bool,
+) -> Result<Vec<String>, ApiError> {
+    let kind = registry::by_kind(kind).expect("registered");
+    let resp = store
+        .range(RangeRequest::prefix(&list_prefix(kind, Some(project))))
+        .await?;
+    let mut names = Vec::new();
+    for kv in &resp.kvs {
+        let v = parse_stored(kv)?;
+        if pick(&v) {
+            names.push(
+                v["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+        }
+    }
+    Ok(names)
+}
+
+/// Refuses (422 at the field) a snapshot of a volume the project lacks, or of one that cannot
+/// have snapshots (raw: no overlay can sit on it shared; shareable: several guests write it).
+pub async fn check_snapshot(
+    store: &dyn Store,
+    project: &str,
+    snapshot: &Value,
+) -> Result<(), ApiError> {
+    let name = snapshot["metadata"]["name"].as_str().unwrap_or_default();
+    let volume = snapshot["spec"]["volume"].as_str().unwrap_or_default();
+    let kind = registry::by_kind("Volume").expect("registered");
+    let mut errs = FieldErrors::default();
+    match store.get(&object_key(kind, Some(project), volume)).await? {
+        None => errs.push(
+            "spec.volume",
+            format!("project {project:?} has no Volume {volume:?}"),
+        ),
+        Some(kv) => {
+            let v = parse_stored(&kv)?;
+            if v["spec"]["format"].as_str() == Some("raw") {
+                errs.push(
+                    "spec.volume",
+                    format!("volume {volume:?} is raw: snapshots need qcow2 (its overlays hold the changes)"),
+                );
+            } else if v["spec"]["shareable"] == true {
+                errs.push(
+                    "spec.volume",
+                    format!("volume {volume:?} is shareable: several guests write it, so no moment is one snapshot"),
+                );
+            } else if v["metadata"].get("deletionTimestamp").is_some() {
+                errs.push("spec.volume", format!("volume {volume:?} is being deleted"));
+            }
+        }
+    }
+    errs.into_result()
+        .map_err(|errs| ApiError::invalid("VolumeSnapshot", name, &errs))
+}
+
+/// Refuses (409, naming them) deleting a snapshot that linked clones are overlays of, or one
+/// with newer snapshots of the same volume (snapshots go newest first: each is the base of the
+/// next).
+pub async fn check_snapshot_delete(
+    store: &dyn Store,
+    project: &str,
+    name: &str,
+) -> Result<(), ApiError> {
+    let kind = registry::by_kind("VolumeSnapshot").expect("registered");
+    let Some(kv) = store.get(&object_key(kind, Some(project), name)).await? else {
+        return Ok(());
+    };
+    let snapshot = parse_stored(&kv)?;
+    let clones = names_where(store, "Volume", project, |v| {
+        v["spec"]["source"]["snapshot"].as_str() == Some(name)
+            && v["spec"]["source"]["mode"].as_str() == Some("linked")
+    })
+    .await?;
+    if !clones.is_empty() {
+        return Err(ApiError::new(
+            409,
+            "Conflict",
+            format!(
+                "snapshot {name:?} backs the linked clone{} {}: delete {} first",
+                if clones.len() == 1 { "" } else { "s" },
+                clones.join(", "),
+                if clones.len() == 1 { "it" } else { "them" }
+            ),
+        ));
+    }
+    let resp = store
+        .range(RangeRequest::prefix(&list_prefix(kind, Some(project))))
+        .await?;
+    let mut newer = Vec::new();
+    for other in &resp.kvs {
+        let s = parse_stored(other)?;
+        if s["spec"]["volume"] == snapshot["spec"]["volume"]
+            && other.create_revision > kv.create_revision
+        {
+            newer.push(
+                s["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+        }
+    }
+    if newer.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        409,
+        "Conflict",
+        format!(
+            "snapshot {name:?} is the base of the newer snapshot{} {} of volume {}: snapshots are deleted newest first",
+            if newer.len() == 1 { "" } else { "s" },
+            newer.join(", "),
+            snapshot["spec"]["volume"]
+        ),
+    ))
+}
+
+/// Refuses (409, naming them) deleting a volume that linked clones are overlays of, or that has
+/// snapshots.
 pub async fn check_volume_delete(
     store: &dyn Store,
     project: &str,
     name: &str,
 ) -> Result<(), ApiError> {
+    let snapshots = names_where(store, "VolumeSnapshot", project, |s| {
+        s["spec"]["volume"].as_str() == Some(name)
+    })
+    .await?;
+    if !snapshots.is_empty() {
+        return Err(ApiError::new(
+            409,
+            "Conflict",
+            format!(
+                "volume {name:?} has the snapshot{} {}: delete {} first",
+                if snapshots.len() == 1 { "" } else { "s" },
+                snapshots.join(", "),
+                if snapshots.len() == 1 { "it" } else { "them" }
+            ),
+        ));
+    }
     let kind = registry::by_kind("Volume").expect("registered");
     let resp = store
         .range(RangeRequest::prefix(&list_prefix(kind, Some(project))))

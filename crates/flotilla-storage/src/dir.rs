@@ -178,6 +178,45 @@ impl DirPool {
         self.info(name).await
     }
 
+    /// Files of the pool whose name starts with `prefix` (a volume's uid: its file, and its
+    /// snapshots' overlays, `<uid>.<snapshot uid>`).
+    pub async fn family(&self, prefix: &str) -> Result<Vec<VolumeInfo>, StorageError> {
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|v| v.name.starts_with(prefix))
+            .collect())
+    }
+
+    /// Merges the overlay `top` into its backing file (see [`qemu_img::commit`]), which then
+    /// holds everything `top` reads; `top` stays for the caller to delete once nothing uses it.
+    pub async fn commit(&self, top: &str) -> Result<VolumeInfo, StorageError> {
+        let info = self.info(top).await?;
+        let Some(backing) = info.backing.clone() else {
+            return Err(StorageError::Command {
+                command: format!("committing {top}"),
+                message: "it has no backing file".into(),
+            });
+        };
+        qemu_img::commit(&info.path).await?;
+        let base = qemu_img::info(&backing).await?;
+        let name = backing
+            .file_name()
+            .and_then(|f| f.to_str())
+            .and_then(|f| f.rsplit_once('.'))
+            .map(|(name, _)| name.to_string())
+            .unwrap_or_default();
+        Ok(VolumeInfo {
+            name,
+            path: backing,
+            format: base.format,
+            virtual_size: base.virtual_size,
+            allocation: base.actual_size,
+            backing: base.backing,
+        })
+    }
+
     /// Removes volume `name` (absent is fine); refused while another volume of the pool is an
     /// overlay of it.
     pub async fn delete(&self, name: &str) -> Result<(), StorageError> {

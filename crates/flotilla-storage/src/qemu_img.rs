@@ -120,6 +120,15 @@ pub async fn resize(path: &Path, format: Format, size: u64) -> Result<(), Storag
         .map(drop)
 }
 
+/// Writes what the overlay `top` (qcow2) holds into its backing file; `top` still reads the
+/// same afterwards (its clusters stay, now equal to the backing file's), so a commit cut short
+/// and run again loses nothing. Only with nothing else open on either file.
+pub async fn commit(top: &Path) -> Result<(), StorageError> {
+    run(&["commit", "-q", "-d", "-f", "qcow2", &text(top)])
+        .await
+        .map(drop)
+}
+
 /// `qemu-img info` of `path` (`-U`: a running QEMU may hold it).
 pub async fn info(path: &Path) -> Result<ImageInfo, StorageError> {
     let out = run(&["info", "-U", "--output=json", &text(path)]).await?;

@@ -15,6 +15,7 @@ pub mod storage_pool;
 pub mod vm;
 pub mod vmclass;
 pub mod volume;
+pub mod volume_snapshot;
 
 pub use event::{Event, EventSource, EventType, ObjectReference};
 pub use floating_ip::{FloatingIP, FloatingIPSpec, FloatingIPStatus};
@@ -43,3 +44,4 @@ pub use vm::{
 };
 pub use vmclass::{VMClass, VMClassSpec, VMClassStatus};
 pub use volume::{Attachment, CloneMode, Volume, VolumeSource, VolumeSpec, VolumeStatus};
+pub use volume_snapshot::{VolumeSnapshot, VolumeSnapshotSpec, VolumeSnapshotStatus};

@@ -27,8 +27,8 @@ pub struct VolumeSpec {
     /// by two guests).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shareable: bool,
-    /// What it starts as: empty (absent), or a clone of another volume of the project in the
-    /// same pool (made on that volume's node).
+    /// What it starts as: empty (absent), or a clone of another volume or of a snapshot of the
+    /// project in the same pool (made on its node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<VolumeSource>,
 }
@@ -36,9 +36,14 @@ pub struct VolumeSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VolumeSource {
-    /// The volume to clone.
+    /// The volume to clone (or set `snapshot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
-    pub volume: String,
+    pub volume: Option<String>,
+    /// The VolumeSnapshot to clone: the volume as it was then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
+    pub snapshot: Option<String>,
     /// `full` (the default: every byte copied, independent) or `linked` (copy-on-write over the
     /// source, qcow2 only; the source cannot be deleted while the clone exists).
     #[serde(default)]
@@ -78,6 +83,9 @@ pub struct VolumeStatus {
     /// Why it is pending or failed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// The last revert carried out (the value of the `flotilla.dev/revert-to` annotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_revert: Option<String>,
     /// The VMs it is attached to (the control plane adds a VM when it asks for the volume;
     /// the VM's agent removes it once the domain has let go of it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -99,7 +107,16 @@ impl Validate for VolumeSpec {
         validation::dns_label(errs, &format!("{path}.pool"), &self.pool);
         validation::disk_size(errs, &format!("{path}.size"), &self.size);
         if let Some(source) = &self.source {
-            validation::dns_label(errs, &format!("{path}.source.volume"), &source.volume);
+            match (&source.volume, &source.snapshot) {
+                (Some(v), None) => validation::dns_label(errs, &format!("{path}.source.volume"), v),
+                (None, Some(s)) => {
+                    validation::dns_label(errs, &format!("{path}.source.snapshot"), s)
+                }
+                _ => errs.push(
+                    format!("{path}.source"),
+                    "set one of volume and snapshot: what to clone",
+                ),
+            }
             if source.mode == CloneMode::Linked && self.format != ImageFormat::Qcow2 {
                 errs.push(
                     format!("{path}.source.mode"),
