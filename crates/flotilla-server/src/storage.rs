@@ -433,6 +433,12 @@ pub async fn attach(
                 let before = holders.len();
                 holders.retain(|h| h["uid"] != uid);
                 if holders.len() != before {
+                    if holders.is_empty() {
+                        // As the typed object writes it: no list rather than an empty one.
+                        if let Some(status) = object["status"].as_object_mut() {
+                            status.remove("attachedTo");
+                        }
+                    }
                     compares.push(Compare::mod_revision(kv.key.clone(), kv.mod_revision));
                     ops.push(Op::put(&kv.key, encode(&object)));
                 }

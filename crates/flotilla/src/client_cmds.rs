@@ -85,7 +85,7 @@ fn kind_of(name: &str) -> anyhow::Result<&'static KindInfo> {
     })
 }
 
-fn project<'a>(flag: &'a Option<String>, ctx: &'a Context) -> &'a str {
+pub(crate) fn project<'a>(flag: &'a Option<String>, ctx: &'a Context) -> &'a str {
     flag.as_deref()
         .or(ctx.project.as_deref())
         .unwrap_or("default")
@@ -369,7 +369,7 @@ pub async fn get(conn: &ConnectionArgs, args: GetArgs) -> anyhow::Result<()> {
     print_objects(kind, &items, args.output, all, true)
 }
 
-fn not_found_hint(e: ClientError, kind: &KindInfo, proj: &str) -> anyhow::Error {
+pub(crate) fn not_found_hint(e: ClientError, kind: &KindInfo, proj: &str) -> anyhow::Error {
     if e.code() == Some(404) && kind.namespaced {
         anyhow!("{e} (in project {proj}; use -p PROJECT or -A to look elsewhere)")
     } else {

@@ -11,6 +11,7 @@ mod client_cmds;
 mod config;
 mod output;
 mod server_cmd;
+mod volume_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +46,13 @@ enum Command {
     Vm {
         #[command(subcommand)]
         cmd: client_cmds::VmCommand,
+        #[command(flatten)]
+        conn: config::ConnectionArgs,
+    },
+    /// Volume operations: create, attach, detach, resize, snapshot, revert.
+    Volume {
+        #[command(subcommand)]
+        cmd: volume_cmd::VolumeCommand,
         #[command(flatten)]
         conn: config::ConnectionArgs,
     },
@@ -112,6 +120,7 @@ fn main() -> ExitCode {
             Command::Up(args) => agent_cmd::up(args).await,
             Command::Node { cmd, conn } => client_cmds::node(&conn, cmd).await,
             Command::Vm { cmd, conn } => client_cmds::vm(&conn, cmd).await,
+            Command::Volume { cmd, conn } => volume_cmd::run(&conn, cmd).await,
             Command::Completion { shell } => {
                 clap_complete::generate(
                     shell,

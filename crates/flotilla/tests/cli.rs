@@ -417,3 +417,87 @@ fn daemons_do_not_offer_client_flags() {
         );
     }
 }
+
+/// `flotilla volume`: made, attached (once; a second VM gets the holder's name), detached (a
+/// VM on no node lets go at once), grown but not shrunk, snapshotted and reverted.
+#[test]
+fn volume_verbs() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_server(dir.path());
+    let vms = "apiVersion: flotilla.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: web}\nspec: {resources: {cpus: 1, memory: 1Gi}, boot: {kernel: /k}}\n---\napiVersion: flotilla.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: db}\nspec: {resources: {cpus: 1, memory: 1Gi}, boot: {kernel: /k}}\n";
+    ok(cli_stdin(&s, &["apply", "-f", "-"], vms));
+    let out = ok(cli(&s, &["volume", "create", "data", "--size", "1Gi"]));
+    assert!(out.contains("volume/data created"), "{out}");
+    let out = ok(cli(&s, &["volume", "attach", "data", "--to", "web"]));
+    assert!(out.contains("attached to virtualmachine/web"), "{out}");
+    let web = ok(cli(&s, &["get", "vm", "web", "-o", "json"]));
+    assert!(web.contains("\"volume\": \"data\""), "{web}");
+    let again = cli(&s, &["volume", "attach", "data", "--to", "web"]);
+    assert!(
+        !again.status.success() && stderr(&again).contains("already"),
+        "{}",
+        stderr(&again)
+    );
+    let other = cli(&s, &["volume", "attach", "data", "--to", "db"]);
+    assert!(!other.status.success(), "a second VM cannot attach it");
+    assert!(
+        stderr(&other).contains("attached to VM \"web\""),
+        "{}",
+        stderr(&other)
+    );
+    ok(cli(&s, &["volume", "detach", "data", "--from", "web"]));
+    let data = ok(cli(&s, &["get", "volume", "data", "-o", "json"]));
+    assert!(
+        !data.contains("attachedTo"),
+        "web never ran, so it let go at once: {data}"
+    );
+    ok(cli(
+        &s,
+        &["volume", "attach", "data", "--to", "db", "--read-only"],
+    ));
+    ok(cli(&s, &["volume", "resize", "data", "2Gi"]));
+    let shrink = cli(&s, &["volume", "resize", "data", "1Gi"]);
+    assert!(
+        !shrink.status.success() && stderr(&shrink).contains("shrink"),
+        "{}",
+        stderr(&shrink)
+    );
+    let out = ok(cli(&s, &["volume", "snapshot", "data", "before"]));
+    assert!(
+        out.contains("volumesnapshot/before of volume/data created"),
+        "{out}"
+    );
+    let listed = ok(cli(&s, &["get", "snapshots"]));
+    assert!(
+        listed.contains("before") && listed.contains("data"),
+        "{listed}"
+    );
+    ok(cli(&s, &["volume", "revert", "data", "before"]));
+    let data = ok(cli(&s, &["get", "volume", "data", "-o", "json"]));
+    assert!(
+        data.contains("\"flotilla.dev/revert-to\": \"before "),
+        "{data}"
+    );
+    let linked = cli(
+        &s,
+        &["volume", "create", "copy", "--size", "1Gi", "--linked"],
+    );
+    assert!(
+        !linked.status.success() && stderr(&linked).contains("--from"),
+        "{}",
+        stderr(&linked)
+    );
+    ok(cli(
+        &s,
+        &[
+            "volume",
+            "create",
+            "copy",
+            "--size",
+            "2Gi",
+            "--from-snapshot",
+            "before",
+            "--linked",
+        ],
+    ));
+}

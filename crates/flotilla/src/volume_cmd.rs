@@ -1,0 +1,251 @@
+//! `flotilla volume ...`: volumes and what is done with them — made, attached to and detached
+//! from VMs (the VM's `spec.disks`), grown, snapshotted and reverted. Each verb is one API
+//! change; the agents do the rest, and `flotilla get` shows where it stands.
+
+use anyhow::anyhow;
+use flotilla_client::Client;
+use flotilla_types::kinds::volume_snapshot::REVERT_ANNOTATION;
+use flotilla_types::registry;
+use serde_json::{json, Value};
+
+use crate::client_cmds::{not_found_hint, project};
+use crate::config::{self, ConnectionArgs};
+
+#[derive(clap::Subcommand)]
+pub enum VolumeCommand {
+    /// Make a volume: blank, or a clone of a volume or snapshot (--from, --from-snapshot).
+    Create {
+        name: String,
+        /// Its size, e.g. 10Gi (a clone: at least its source's).
+        #[arg(long)]
+        size: String,
+        /// The StoragePool (default: `default`).
+        #[arg(long)]
+        pool: Option<String>,
+        /// qcow2 (default) or raw.
+        #[arg(long)]
+        format: Option<String>,
+        /// Several VMs may attach it (raw only).
+        #[arg(long)]
+        shareable: bool,
+        /// Clone this volume.
+        #[arg(long, conflicts_with = "from_snapshot")]
+        from: Option<String>,
+        /// Clone this VolumeSnapshot.
+        #[arg(long)]
+        from_snapshot: Option<String>,
+        /// A linked clone (an overlay of its source) rather than a full copy.
+        #[arg(long)]
+        linked: bool,
+        #[arg(short = 'p', long)]
+        project: Option<String>,
+    },
+    /// Attach a volume to a VM (hot-plugged when it runs).
+    Attach {
+        volume: String,
+        /// The VM.
+        #[arg(long)]
+        to: String,
+        /// The disk's name in the VM (default: the volume's).
+        #[arg(long)]
+        name: Option<String>,
+        /// virtio (default) or scsi.
+        #[arg(long)]
+        bus: Option<String>,
+        #[arg(long)]
+        read_only: bool,
+        #[arg(short = 'p', long)]
+        project: Option<String>,
+    },
+    /// Detach a volume from a VM (unplugged when it runs; the guest lets go first).
+    Detach {
+        volume: String,
+        /// The VM.
+        #[arg(long)]
+        from: String,
+        #[arg(short = 'p', long)]
+        project: Option<String>,
+    },
+    /// Grow a volume (a running guest sees the new size at once); shrinking is refused.
+    Resize {
+        volume: String,
+        /// The new size, e.g. 20Gi.
+        size: String,
+        #[arg(short = 'p', long)]
+        project: Option<String>,
+    },
+    /// Take a snapshot of a volume (also while a guest writes it).
+    Snapshot {
+        volume: String,
+        /// The snapshot's name.
+        snapshot: String,
+        #[arg(short = 'p', long)]
+        project: Option<String>,
+    },
+    /// Put a volume back to a snapshot (what was written since is lost; no running VM may
+    /// have it).
+    Revert {
+        volume: String,
+        snapshot: String,
+        #[arg(short = 'p', long)]
+        project: Option<String>,
+    },
+}
+
+pub async fn run(conn: &ConnectionArgs, cmd: VolumeCommand) -> anyhow::Result<()> {
+    let (client, ctx) = config::client(conn)?;
+    let volumes = registry::by_kind("Volume").expect("registered");
+    match cmd {
+        VolumeCommand::Create {
+            name,
+            size,
+            pool,
+            format,
+            shareable,
+            from,
+            from_snapshot,
+            linked,
+            project: p,
+        } => {
+            let proj = project(&p, &ctx).to_string();
+            let mut spec = json!({"size": size});
+            if let Some(pool) = pool {
+                spec["pool"] = json!(pool);
+            }
+            if let Some(format) = format {
+                spec["format"] = json!(format);
+            }
+            if shareable {
+                spec["shareable"] = json!(true);
+            }
+            let mode = if linked { "linked" } else { "full" };
+            match (from, from_snapshot) {
+                (Some(v), _) => spec["source"] = json!({"volume": v, "mode": mode}),
+                (None, Some(s)) => spec["source"] = json!({"snapshot": s, "mode": mode}),
+                (None, None) if linked => {
+                    return Err(anyhow!("--linked needs --from or --from-snapshot"))
+                }
+                (None, None) => {}
+            }
+            let body = json!({"metadata": {"name": name}, "spec": spec});
+            client.create(volumes, Some(&proj), &body).await?;
+            println!("volume/{name} created");
+        }
+        VolumeCommand::Attach {
+            volume,
+            to,
+            name,
+            bus,
+            read_only,
+            project: p,
+        } => {
+            let proj = project(&p, &ctx).to_string();
+            let mut disk =
+                json!({"name": name.unwrap_or_else(|| volume.clone()), "volume": volume});
+            if let Some(bus) = bus {
+                disk["bus"] = json!(bus);
+            }
+            if read_only {
+                disk["readOnly"] = json!(true);
+            }
+            edit_disks(&client, &proj, &to, |disks| {
+                if disks.iter().any(|d| d["volume"] == volume.as_str()) {
+                    return Err(anyhow!("volume {volume} is attached to {to} already"));
+                }
+                disks.push(disk.clone());
+                Ok(())
+            })
+            .await?;
+            println!("volume/{volume} attached to virtualmachine/{to}");
+        }
+        VolumeCommand::Detach {
+            volume,
+            from,
+            project: p,
+        } => {
+            let proj = project(&p, &ctx).to_string();
+            edit_disks(&client, &proj, &from, |disks| {
+                let before = disks.len();
+                disks.retain(|d| d["volume"] != volume.as_str());
+                if disks.len() == before {
+                    return Err(anyhow!("virtualmachine/{from} has no volume {volume}"));
+                }
+                Ok(())
+            })
+            .await?;
+            println!(
+                "volume/{volume} detached from virtualmachine/{from} (it is free once the guest lets go: see status.attachedTo)"
+            );
+        }
+        VolumeCommand::Resize {
+            volume,
+            size,
+            project: p,
+        } => {
+            let proj = project(&p, &ctx).to_string();
+            let patch = json!({"spec": {"size": size}});
+            client
+                .patch(volumes, Some(&proj), &volume, &patch, false)
+                .await
+                .map_err(|e| not_found_hint(e, volumes, &proj))?;
+            println!("volume/{volume} resized to {size}");
+        }
+        VolumeCommand::Snapshot {
+            volume,
+            snapshot,
+            project: p,
+        } => {
+            let proj = project(&p, &ctx).to_string();
+            let snapshots = registry::by_kind("VolumeSnapshot").expect("registered");
+            let body = json!({"metadata": {"name": snapshot}, "spec": {"volume": volume}});
+            client.create(snapshots, Some(&proj), &body).await?;
+            println!("volumesnapshot/{snapshot} of volume/{volume} created");
+        }
+        VolumeCommand::Revert {
+            volume,
+            snapshot,
+            project: p,
+        } => {
+            let proj = project(&p, &ctx).to_string();
+            // A new value each time, so that reverting to the same snapshot again is a request.
+            let request = format!("{snapshot} {}", flotilla_types::meta::now());
+            let patch = json!({"metadata": {"annotations": {REVERT_ANNOTATION: request}}});
+            client
+                .patch(volumes, Some(&proj), &volume, &patch, false)
+                .await
+                .map_err(|e| not_found_hint(e, volumes, &proj))?;
+            println!("volume/{volume} revert to {snapshot} requested (done when status.lastRevert says {request:?})");
+        }
+    }
+    Ok(())
+}
+
+/// Changes a VM's `spec.disks` on its latest version, guarded by its resourceVersion (a
+/// conflict is retried with the newer one).
+async fn edit_disks(
+    client: &Client,
+    project: &str,
+    vm: &str,
+    edit: impl Fn(&mut Vec<Value>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let vms = registry::by_kind("VirtualMachine").expect("registered");
+    for _ in 0..10 {
+        let current = client
+            .get(vms, Some(project), vm)
+            .await
+            .map_err(|e| not_found_hint(e, vms, project))?;
+        let mut disks: Vec<Value> = current["spec"]["disks"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        edit(&mut disks)?;
+        let patch = json!({"metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
+                           "spec": {"disks": disks}});
+        match client.patch(vms, Some(project), vm, &patch, false).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.code() == Some(409) && !e.to_string().contains("attached to") => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(anyhow!("virtualmachine/{vm} kept changing; try again"))
+}
