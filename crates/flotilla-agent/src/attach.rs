@@ -22,14 +22,44 @@ use crate::vm::Context;
 pub struct NodeVolumes {
     items: Mutex<BTreeMap<String, Volume>>,
     wake: tokio::sync::mpsc::UnboundedSender<String>,
+    /// One lock per volume (by project and name): a VM reads a volume's file and starts its
+    /// domain on it under the lock, and a snapshot, revert or merge moves the file under it, so
+    /// a guest never starts on a file that has just been frozen.
+    locks: Mutex<BTreeMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 }
+
+/// What holds volumes' locks until dropped.
+pub type Held = Vec<tokio::sync::OwnedMutexGuard<()>>;
 
 impl NodeVolumes {
     pub fn new(wake: tokio::sync::mpsc::UnboundedSender<String>) -> Self {
         NodeVolumes {
             items: Default::default(),
             wake,
+            locks: Default::default(),
         }
+    }
+
+    /// Takes the locks of the named volumes of `project`, in one order (no two holders wait
+    /// on each other).
+    pub async fn lock(&self, project: &str, names: impl IntoIterator<Item = String>) -> Held {
+        let mut keys: Vec<String> = names
+            .into_iter()
+            .map(|n| format!("{project}/{n}"))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let mut held = Vec::new();
+        for key in keys {
+            let lock = {
+                let mut locks = self.locks.lock().expect("locks lock");
+                // Locks nobody holds or waits for are dropped as others are made.
+                locks.retain(|_, l| std::sync::Arc::strong_count(l) > 1);
+                locks.entry(key).or_default().clone()
+            };
+            held.push(lock.lock_owned().await);
+        }
+        held
     }
 
     /// Takes in the volumes now known; wakes the VMs attached to those that changed.

@@ -52,28 +52,38 @@ fn of<'a>(
     })
 }
 
-async fn report(ctx: &Context, kind: &str, ns: &str, name: &str, status: serde_json::Value) {
+/// Writes a status; the step stops here when it cannot (it is taken again from the start).
+async fn report(
+    ctx: &Context,
+    kind: &str,
+    ns: &str,
+    name: &str,
+    status: serde_json::Value,
+) -> Result<(), String> {
     let kind = lookup(kind).expect("registered");
     let patch = json!({"status": status});
-    if let Err(e) = ctx.client.patch(kind, Some(ns), name, &patch, true).await {
-        tracing::debug!(name, error = %e, "cannot report status");
-    }
+    ctx.client
+        .patch(kind, Some(ns), name, &patch, true)
+        .await
+        .map(drop)
+        .map_err(|e| format!("cannot record the step: {e}"))
 }
 
-/// Writes the volume's new file (its path, and what it now holds) before anything else moves.
+/// Records the volume's new file (its path, and what it now holds) before anything else moves:
+/// the snapshot is not Ready, nor the old file removed, before the volume names its new file.
 async fn switch_volume(
     ctx: &Context,
     volume: &Volume,
     file: &VolumeInfo,
     extra: serde_json::Value,
-) {
+) -> Result<(), String> {
     let ns = volume.metadata.namespace.clone().unwrap_or_default();
     let mut status = json!({"path": file.path.display().to_string(), "capacity": file.virtual_size,
                             "allocation": file.allocation});
     if let (Some(status), Some(extra)) = (status.as_object_mut(), extra.as_object()) {
         status.extend(extra.clone());
     }
-    report(ctx, "volume", &ns, &volume.metadata.name, status).await;
+    report(ctx, "volume", &ns, &volume.metadata.name, status).await
 }
 
 /// Takes snapshot `snapshot` of `volume` (whose current file is `active`), or finishes taking
@@ -124,14 +134,13 @@ pub async fn take(
                 .map_err(|e| format!("the running guest's disk could not be switched: {e}"))?;
         }
         tracing::info!(volume = %volume.metadata.name, snapshot = %snapshot.metadata.name, online = !users.is_empty(), "took a snapshot");
-        switch_volume(ctx, volume, &overlay, json!({})).await;
+        switch_volume(ctx, volume, &overlay, json!({})).await?;
         active.clone()
     };
     let ns = snapshot.metadata.namespace.clone().unwrap_or_default();
     let status = json!({"phase": "Ready", "path": frozen.path.display().to_string(),
                         "size": frozen.virtual_size, "message": ""});
-    report(ctx, "volumesnapshot", &ns, &snapshot.metadata.name, status).await;
-    Ok(())
+    report(ctx, "volumesnapshot", &ns, &snapshot.metadata.name, status).await
 }
 
 /// Deletes `snapshot`'s file: gone when nothing sits on it; merged with the volume's current
@@ -196,7 +205,7 @@ pub async fn delete(
                 }
             }
             let base = pool.info(&frozen.name).await.map_err(text)?;
-            switch_volume(ctx, volume, &base, json!({})).await;
+            switch_volume(ctx, volume, &base, json!({})).await?;
             pool.delete(&top.name).await.map_err(text)?;
             tracing::info!(volume = %volume.metadata.name, snapshot = %snapshot.metadata.name, "merged a deleted snapshot into its volume");
             Ok(())
@@ -290,7 +299,7 @@ pub async fn revert(
         &fresh,
         json!({"lastRevert": request, "message": ""}),
     )
-    .await;
+    .await?;
     tracing::info!(volume = %volume.metadata.name, snapshot = wanted, "reverted a volume to a snapshot");
     // The old file, unless it is a snapshot's (the sweep takes it otherwise, after a crash).
     let keep = of(volume, snapshots).any(|s| s.status.as_ref().is_some_and(|st| st.path == path));

@@ -197,6 +197,11 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
             grow_root_disk(ctx, vm, &uid, &root_disk, size).await?;
         }
     }
+    // Held until the domain runs on the files read here (see attach::NodeVolumes).
+    let _volumes = ctx
+        .volumes
+        .lock(&project, vm.spec.disks.iter().map(|d| d.volume.clone()))
+        .await;
     let disks = crate::attach::resolve(ctx, vm).await?;
     let (nics, seed_nics) = nics(ctx, &project, vm).await?;
     if let Some(firewall) = ctx.firewall.as_ref().filter(|_| !nics.is_empty()) {

@@ -162,6 +162,11 @@ async fn reconcile_snapshot(
 ) -> Result<(), String> {
     let held = snapshot.metadata.finalizers.iter().any(|f| f == FINALIZER);
     let kind = lookup("volumesnapshot").expect("registered");
+    let project = snapshot.metadata.namespace.clone().unwrap_or_default();
+    let _moving = ctx
+        .volumes
+        .lock(&project, [snapshot.spec.volume.clone()])
+        .await;
     if snapshot.metadata.deletion_timestamp.is_some() {
         if !held {
             return Ok(());
@@ -275,6 +280,11 @@ async fn reconcile(
     let uid = volume.metadata.uid.clone().unwrap_or_default();
     let held = volume.metadata.finalizers.iter().any(|f| f == FINALIZER);
     let kind = lookup("volume").expect("registered");
+    let project = volume.metadata.namespace.clone().unwrap_or_default();
+    let _moving = ctx
+        .volumes
+        .lock(&project, [volume.metadata.name.clone()])
+        .await;
     if volume.metadata.deletion_timestamp.is_some() {
         if !held {
             return Ok(());

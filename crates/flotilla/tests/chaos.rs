@@ -19,8 +19,10 @@
 //!   placed and running in its namespace on the host, and its floating IP is bound to the first
 //!   VM; once both are deleted, the namespace is gone and neither network holds their
 //!   addresses;
-//! - each round's volume (in the default pool, made during the kills) becomes Available with
-//!   its file there; once deleted, the pool directory holds nothing — no volume, no temporary.
+//! - each round's volume (in the default pool, made during the kills, attached to the first VM)
+//!   becomes Available with its file there, its snapshot (also taken during the kills) Ready
+//!   on the file the volume had, and a running first VM has the volume's current file; once
+//!   all are deleted, the pool directory holds nothing — no volume, overlay or temporary.
 //!
 //! `CHAOS_ROUNDS` (3 in `make test`, hundreds in `make chaos`), `CHAOS_SEED` (random unless
 //! given; printed, so a failing run can be repeated) and `CHAOS_VMS` (4) shape the run;
@@ -237,7 +239,8 @@ async fn chaos() {
             .success());
     }
     let (routers, fips) = (lookup("router").unwrap(), lookup("floatingip").unwrap());
-    let volume_kind = lookup("volume").unwrap();
+    let (volume_kind, snapshot_kind) =
+        (lookup("volume").unwrap(), lookup("volumesnapshot").unwrap());
     let ext = json!({"metadata": {"name": "chaos-ext"}, "spec": {"type": "bridged", "bridge": lan,
         "cidr": "203.0.113.0/24", "gateway": "203.0.113.1"}});
     persist("create external network", || {
@@ -304,14 +307,28 @@ async fn chaos() {
         })
         .await;
         done_before(409, created).unwrap();
+        // The round's volume, attached to its first VM, and a snapshot of it, made during the
+        // kills too.
+        let volume = format!("vol-{round}");
+        let volume_object = json!({"metadata": {"name": volume}, "spec": {"size": "64Mi"}});
+        let created = persist("create volume", || {
+            admin.create(volume_kind, Some("default"), &volume_object)
+        })
+        .await;
+        done_before(409, created).unwrap();
+        let snapshot = format!("snap-{round}");
+        let snapshot_object = json!({"metadata": {"name": snapshot}, "spec": {"volume": volume}});
         let names: Vec<String> = (0..per_round)
             .map(|i| format!("{tag}-{round}-{i}"))
             .collect();
-        let creates = names.iter().zip(&powers).map(|(name, power)| {
-            let vm = json!({"metadata": {"name": name}, "spec": {
+        let creates = names.iter().zip(&powers).enumerate().map(|(i, (name, power))| {
+            let mut vm = json!({"metadata": {"name": name}, "spec": {
                 "image": image, "powerState": power, "resources": {"cpus": 1, "memory": "96Mi"},
                 "networks": [{"network": "chaos"}],
                 "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0"}}});
+            if i == 0 {
+                vm["spec"]["disks"] = json!([{"name": "data", "volume": volume}]);
+            }
             let admin = &admin;
             async move {
                 let created = persist("create vm", || admin.create(vms, Some("default"), &vm)).await;
@@ -319,6 +336,11 @@ async fn chaos() {
             }
         });
         futures::future::join_all(creates).await;
+        let created = persist("create snapshot", || {
+            admin.create(snapshot_kind, Some("default"), &snapshot_object)
+        })
+        .await;
+        done_before(409, created).unwrap();
         let acked = names.clone();
         // The round's router and a floating IP for its first VM, made during the kills too.
         let router = format!("rt-{round}");
@@ -326,13 +348,6 @@ async fn chaos() {
             "external": {"network": "chaos-ext"}, "networks": ["chaos"]}});
         let created = persist("create router", || {
             admin.create(routers, Some("default"), &router_object)
-        })
-        .await;
-        done_before(409, created).unwrap();
-        let volume = format!("vol-{round}");
-        let volume_object = json!({"metadata": {"name": volume}, "spec": {"size": "64Mi"}});
-        let created = persist("create volume", || {
-            admin.create(volume_kind, Some("default"), &volume_object)
         })
         .await;
         done_before(409, created).unwrap();
@@ -424,14 +439,40 @@ async fn chaos() {
             .await
             .unwrap();
             let path = v["status"]["path"].as_str().unwrap_or_default();
-            if v["status"]["phase"] == "Available" && std::path::Path::new(path).exists() {
+            let snap = persist("get snapshot", || {
+                admin.get(snapshot_kind, Some("default"), &snapshot)
+            })
+            .await
+            .unwrap();
+            let frozen = snap["status"]["path"].as_str().unwrap_or_default();
+            // A running first VM writes the volume's current file (the overlay on the snapshot).
+            let first = persist("get", || admin.get(vms, Some("default"), &names[0]))
+                .await
+                .unwrap();
+            let uid = first["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let live = if first["status"]["phase"] == "Running" {
+                support::domain_xml(&uid).contains(&format!("'{path}'"))
+            } else {
+                true
+            };
+            let made = v["status"]["phase"] == "Available"
+                && std::path::Path::new(path).exists()
+                && snap["status"]["phase"] == "Ready"
+                && std::path::Path::new(frozen).exists()
+                && frozen != path
+                && live;
+            if made {
                 break;
             }
             let fleet = fleet.lock().unwrap();
             assert!(
                 last_restart.elapsed() < CONVERGE,
-                "round {round} (seed {seed}): the volume is not made: {}\nagent log:\n{}",
+                "round {round} (seed {seed}): the volume is not made, its snapshot not taken or the running VM not on it (live {live}): {} / {}\nagent log:\n{}",
                 v["status"],
+                snap["status"],
                 fleet.agent.tail(40)
             );
             drop(fleet);
@@ -490,7 +531,7 @@ async fn chaos() {
 
         // Delete everything (perhaps with one more kill), then nothing may be left.
         let chaos = tokio::spawn(monkey(fleet.clone(), delete_kill.into_iter().collect()));
-        for (kind, name) in [(fips, &fip), (routers, &router), (volume_kind, &volume)] {
+        for (kind, name) in [(fips, &fip), (routers, &router), (snapshot_kind, &snapshot)] {
             let deleted = persist("delete", || admin.delete(kind, Some("default"), name)).await;
             done_before(404, deleted).unwrap();
         }
@@ -539,6 +580,21 @@ async fn chaos() {
                     held["items"]
                 );
                 tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        // The volume goes once its snapshot is gone and its VM has let go (409 until then).
+        loop {
+            let deleted = persist("delete volume", || {
+                admin.delete(volume_kind, Some("default"), &volume)
+            })
+            .await;
+            match deleted {
+                Ok(_) => break,
+                Err(e) if e.code() == Some(404) => break,
+                Err(e) if e.code() == Some(409) && deleted_at.elapsed() < CONVERGE => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("round {round} (seed {seed}): the volume cannot be deleted: {e}"),
             }
         }
         let pool_dir = data.join("pools/default");

@@ -284,6 +284,15 @@ pub fn domain_uuids() -> Vec<String> {
         .collect()
 }
 
+/// The live XML of a domain on qemu:///system (empty when it has none).
+pub fn domain_xml(uuid: &str) -> String {
+    Command::new("virsh")
+        .args(["-c", "qemu:///system", "dumpxml", uuid])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 /// Removes, when dropped, every domain on qemu:///system whose name contains `tag`: a failed
 /// test leaves no guests running for the next one.
 pub struct DomainSweeper(pub String);
