@@ -21,6 +21,8 @@ as "valid data rejected". This hook makes generated requests keep them, and noth
   Networks that exist (cross-object: generated VMs have none);
 - a security group rule has ports only for tcp and udp (a port, or a range start first), and a
   remote names a cidr (host bits zero) or a group, not both (cross-field);
+- a VM's disks name volumes that exist and are free (cross-object: generated VMs have none), a
+  snapshot's volume exists and is qcow2 (cross-object: the run makes st-vol);
 - a router's and a floating IP's networks exist (cross-object: the run makes st-ext, bridged
   with a cidr, and st-lan), a router leaves through a network or the node's uplink (cross-field), a floating IP's address is a free one of its network, a route's
   destination is a network narrower than the default route (cross-field);
@@ -118,6 +120,9 @@ def keep_vm_rules(spec):
     # cloud-init reads the seed (the metadata service is on a VM's networks).
     if "networks" in spec:
         spec["networks"] = []
+    # Disks name Volumes, which must exist and be free (cross-object): generated VMs have none.
+    if "disks" in spec:
+        spec["disks"] = []
     if spec.get("cloudInit") == "metadata":
         spec["cloudInit"] = "seed"
     affinity = spec.get("affinity")
@@ -257,6 +262,9 @@ def keep_spec_rules(kind_path, spec):
             spec["format"] = "raw"
         # A clone's source must exist (cross-object): generated volumes are blank.
         spec["source"] = None
+    elif kind_path == "volumesnapshots" and isinstance(spec, dict):
+        # Its volume must exist and be qcow2 (cross-object): the run makes st-vol.
+        spec["volume"] = "st-vol"
     elif kind_path == "placementpolicies" and isinstance(spec, dict):
         if isinstance(spec.get("affinity"), dict):
             keep_affinity_rules(spec["affinity"])

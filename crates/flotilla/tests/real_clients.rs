@@ -571,6 +571,13 @@ async fn schemathesis_finds_nothing() {
     ] {
         admin.create(nets, Some("default"), &body).await.unwrap();
     }
+    // Snapshots name a qcow2 volume that must exist: the hooks point generated ones at it.
+    let volumes = flotilla_types::registry::lookup("volume").unwrap();
+    let volume = json!({"metadata": {"name": "st-vol"}, "spec": {"size": "16Mi"}});
+    admin
+        .create(volumes, Some("default"), &volume)
+        .await
+        .unwrap();
     let scratch = traversable_tempdir();
     let examples = std::env::var("FLOTILLA_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "10".into());
     for path in [
