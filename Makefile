@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 VIRT_TYPE ?= qemu
 export FLOTILLA_VIRT_TYPE := $(VIRT_TYPE)
 
-.PHONY: run test build lint chaos bench-api bench-boot bench-scale bench-scheduler bench-ipam bench-firewall bench-router openapi
+.PHONY: run test build lint chaos bench-api bench-boot bench-scale bench-scheduler bench-ipam bench-firewall bench-router bench-storage openapi
 
 run:
 	scripts/install-deps.sh run
@@ -68,6 +68,11 @@ bench-firewall:
 bench-router:
 	scripts/install-deps.sh test
 	$(CARGO) bench --locked -p flotilla-dataplane --bench router
+
+# Linked and full clones of a 1 GiB volume in a dir pool, beside cp of the same file; prints a
+# JSON line.
+bench-storage:
+	$(CARGO) bench --locked -p flotilla-storage --bench clones
 
 # Rewrites the OpenAPI documents under openapi/ after an API change (a test fails until they are committed).
 openapi:
