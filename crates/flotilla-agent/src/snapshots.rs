@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use flotilla_storage::{DirPool, Format, NewVolume, Source, VolumeInfo};
+use flotilla_storage::{volume_name, DirPool, Format, NewVolume, Source, VolumeInfo};
 use flotilla_types::kinds::volume_snapshot::REVERT_ANNOTATION;
 use flotilla_types::kinds::{Volume, VolumeSnapshot};
 use flotilla_types::registry::lookup;
@@ -28,13 +28,9 @@ fn text(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-/// The name of a file of the pool (its stem).
-fn stem(path: &Path) -> String {
-    path.file_name()
-        .and_then(|f| f.to_str())
-        .and_then(|f| f.rsplit_once('.'))
-        .map(|(name, _)| name.to_string())
-        .unwrap_or_default()
+/// Whether a running guest has the file open.
+async fn in_use(ctx: &Context, path: &str) -> Result<bool, String> {
+    Ok(!ctx.libvirt.disk_users(path).await.map_err(text)?.is_empty())
 }
 
 /// The overlay a snapshot puts on its volume.
@@ -105,7 +101,7 @@ pub async fn take(
         let Some(backing) = active.backing.clone() else {
             return Err(format!("the overlay {name} has no backing file"));
         };
-        pool.info(&stem(&backing)).await.map_err(text)?
+        pool.info(&volume_name(&backing)).await.map_err(text)?
     } else {
         let overlay = match pool.info(&name).await {
             Ok(made) => made,
@@ -165,7 +161,7 @@ pub async fn delete(
         // Never taken, or merged already (the volume uses its file now): nothing to remove.
         return Ok(());
     }
-    let frozen = match pool.info(&stem(Path::new(&path))).await {
+    let frozen = match pool.info(&volume_name(Path::new(&path))).await {
         Ok(info) => info,
         Err(flotilla_storage::StorageError::NotFound(_)) => return Ok(()),
         Err(e) => return Err(text(e)),
@@ -185,12 +181,7 @@ pub async fn delete(
             let top_text = top.path.display().to_string();
             // A guest already switched back to the frozen file (a crash after the pivot)
             // holds it open: the merge is done.
-            let merged = !ctx
-                .libvirt
-                .disk_users(&frozen_text)
-                .await
-                .map_err(text)?
-                .is_empty();
+            let merged = in_use(ctx, &frozen_text).await?;
             if !merged {
                 let users = ctx.libvirt.disk_users(&top_text).await.map_err(text)?;
                 if users.is_empty() {
@@ -256,13 +247,7 @@ pub async fn revert(
         ));
     }
     let path = active.path.display().to_string();
-    if !ctx
-        .libvirt
-        .disk_users(&path)
-        .await
-        .map_err(text)?
-        .is_empty()
-    {
+    if in_use(ctx, &path).await? {
         return Err(format!(
             "cannot revert to {wanted:?} while a running VM has the volume: stop the VM (or detach the volume) first"
         ));
@@ -277,7 +262,10 @@ pub async fn revert(
     let fresh = match pool.info(&name).await {
         Ok(made) => made,
         Err(flotilla_storage::StorageError::NotFound(_)) => {
-            let base = pool.info(&stem(Path::new(&frozen))).await.map_err(text)?;
+            let base = pool
+                .info(&volume_name(Path::new(&frozen)))
+                .await
+                .map_err(text)?;
             pool.create(&NewVolume {
                 name: name.clone(),
                 format: Format::Qcow2,
@@ -373,13 +361,7 @@ pub async fn sweep(
     strays.sort_by_key(|f| std::cmp::Reverse(chain_depth(f, &by_path)));
     for stray in strays {
         let path = stray.path.display().to_string();
-        if !ctx
-            .libvirt
-            .disk_users(&path)
-            .await
-            .map_err(text)?
-            .is_empty()
-        {
+        if in_use(ctx, &path).await? {
             tracing::warn!(file = %path, "a running guest has a file its volume does not name; keeping it");
             continue;
         }

@@ -208,12 +208,10 @@ async fn active_file(
         .as_ref()
         .map(|s| s.path.clone())
         .unwrap_or_default();
-    let name = std::path::Path::new(&path)
-        .file_name()
-        .and_then(|f| f.to_str())
-        .and_then(|f| f.rsplit_once('.'))
-        .map(|(n, _)| n.to_string())
-        .unwrap_or_else(|| volume.metadata.uid.clone().unwrap_or_default());
+    let name = match flotilla_storage::volume_name(std::path::Path::new(&path)) {
+        name if name.is_empty() => volume.metadata.uid.clone().unwrap_or_default(),
+        name => name,
+    };
     pool.info(&name).await.map_err(|e| e.to_string())
 }
 
@@ -444,13 +442,10 @@ async fn source_file(
     if !ready || path.is_empty() {
         return Ok(None);
     }
-    let stem = std::path::Path::new(path)
-        .file_name()
-        .and_then(|f| f.to_str())
-        .and_then(|f| f.rsplit_once('.'))
-        .map(|(n, _)| n.to_string())
-        .unwrap_or_default();
-    match pool.info(&stem).await {
+    match pool
+        .info(&flotilla_storage::volume_name(std::path::Path::new(path)))
+        .await
+    {
         Ok(info) => Ok(Some((info.path, info.format))),
         Err(flotilla_storage::StorageError::NotFound(_)) => Ok(None),
         Err(e) => Err(e.to_string()),

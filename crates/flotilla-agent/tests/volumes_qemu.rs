@@ -54,14 +54,19 @@ async fn log_until(
     panic!("timed out after {seconds} s waiting until {what}; the guest printed:\n{text}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_running_guest_sees_volumes_plugged_grown_and_unplugged() {
-    let guest = tiny_guest();
-    let cluster = TestCluster::start().await;
-    let (server, admin, tmp) = (&cluster.server, &cluster.admin, &cluster.dir);
+/// A cluster's agent `node` on the host's libvirtd (QEMU, TCG), its data in the cluster's
+/// directory; it runs until the returned sender is dropped.
+async fn start_agent(
+    cluster: &TestCluster,
+    node: &str,
+) -> (Libvirt, tokio::sync::watch::Sender<bool>) {
+    let tmp = &cluster.dir;
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let agent_dir = tmp.path().join("agent");
-    let mut agent = AgentConfig::new(vec![server.url.clone()], "vol-node", &agent_dir);
+    let mut agent = AgentConfig::new(
+        vec![cluster.server.url.clone()],
+        node,
+        tmp.path().join("agent"),
+    );
     agent.join_token = Some(cluster.join_token().await);
     agent.libvirt_uri = "qemu:///system".into();
     agent.virt_type = VirtType::Qemu;
@@ -70,8 +75,17 @@ async fn a_running_guest_sees_volumes_plugged_grown_and_unplugged() {
     let libvirt = Libvirt::open("qemu:///system")
         .await
         .expect("libvirtd is running (make test starts it)");
-    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let (stop, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(flotilla_agent::run_with(agent, libvirt.clone(), rx));
+    (libvirt, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_guest_sees_volumes_plugged_grown_and_unplugged() {
+    let guest = tiny_guest();
+    let cluster = TestCluster::start().await;
+    let admin = &cluster.admin;
+    let (_libvirt, _stop) = start_agent(&cluster, "vol-node").await;
     let (vms, volumes) = (lookup("vm").unwrap(), lookup("volume").unwrap());
     let suffix: u32 = rand::random::<u32>() % 100_000;
 
@@ -281,20 +295,8 @@ fn fill(path: &str, byte: u8) {
 async fn snapshots_freeze_revert_merge_and_clone_a_volume() {
     let guest = tiny_guest();
     let cluster = TestCluster::start().await;
-    let (server, admin, tmp) = (&cluster.server, &cluster.admin, &cluster.dir);
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let agent_dir = tmp.path().join("agent");
-    let mut agent = AgentConfig::new(vec![server.url.clone()], "snap-node", &agent_dir);
-    agent.join_token = Some(cluster.join_token().await);
-    agent.libvirt_uri = "qemu:///system".into();
-    agent.virt_type = VirtType::Qemu;
-    agent.shutdown_timeout = Duration::from_secs(2);
-    agent.resync = Duration::from_secs(3);
-    let libvirt = Libvirt::open("qemu:///system")
-        .await
-        .expect("libvirtd is running (make test starts it)");
-    let (_stop, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(flotilla_agent::run_with(agent, libvirt.clone(), rx));
+    let admin = &cluster.admin;
+    let (libvirt, _stop) = start_agent(&cluster, "snap-node").await;
     let (vms, volumes, snapshots) = (
         lookup("vm").unwrap(),
         lookup("volume").unwrap(),

@@ -120,37 +120,26 @@ fn beside(
     Ok(node)
 }
 
+/// Every object of `kind` (those that do not decode as `T` left out).
+async fn list_all<T: serde::de::DeserializeOwned>(
+    objects: &Objects,
+    kind: &str,
+) -> Result<Vec<T>, ApiError> {
+    let kind = by_kind(kind).expect("registered");
+    Ok(objects
+        .list(kind, None, &ListOptions::default())
+        .await?
+        .items
+        .iter()
+        .filter_map(|raw| serde_json::from_slice(raw).ok())
+        .collect())
+}
+
 /// One pass; returns how many volumes were written.
 pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
-    let (volume_kind, pool_kind) = (
-        by_kind("Volume").expect("registered"),
-        by_kind("StoragePool").expect("registered"),
-    );
-    let pools: Vec<StoragePool> = objects
-        .list(pool_kind, None, &ListOptions::default())
-        .await?
-        .items
-        .iter()
-        .filter_map(|raw| serde_json::from_slice(raw).ok())
-        .collect();
-    let all: Vec<Volume> = objects
-        .list(volume_kind, None, &ListOptions::default())
-        .await?
-        .items
-        .iter()
-        .filter_map(|raw| serde_json::from_slice(raw).ok())
-        .collect();
-    let snapshots: Vec<VolumeSnapshot> = objects
-        .list(
-            by_kind("VolumeSnapshot").expect("registered"),
-            None,
-            &ListOptions::default(),
-        )
-        .await?
-        .items
-        .iter()
-        .filter_map(|raw| serde_json::from_slice(raw).ok())
-        .collect();
+    let pools: Vec<StoragePool> = list_all(objects, "StoragePool").await?;
+    let all: Vec<Volume> = list_all(objects, "Volume").await?;
+    let snapshots: Vec<VolumeSnapshot> = list_all(objects, "VolumeSnapshot").await?;
     let mut written = release_attachments(objects, &all).await?;
     written += place_snapshots(objects, &all, &snapshots).await?;
     let mut given = provisioned(&all);
@@ -266,17 +255,7 @@ async fn release_attachments(objects: &Objects, volumes: &[Volume]) -> Result<us
     if attached.is_empty() {
         return Ok(0);
     }
-    let vms: Vec<VirtualMachine> = objects
-        .list(
-            by_kind("VirtualMachine").expect("registered"),
-            None,
-            &ListOptions::default(),
-        )
-        .await?
-        .items
-        .iter()
-        .filter_map(|raw| serde_json::from_slice(raw).ok())
-        .collect();
+    let vms: Vec<VirtualMachine> = list_all(objects, "VirtualMachine").await?;
     let mut written = 0;
     for volume in attached {
         let holders = &volume.status.as_ref().expect("filtered").attached_to;

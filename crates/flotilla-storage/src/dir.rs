@@ -60,7 +60,7 @@ impl DirPool {
         &self.root
     }
 
-    /// Where volume `name` of `format` lives.
+    /// Where volume `name` of `format` lives (see [`volume_name`] for the way back).
     pub fn path(&self, name: &str, format: Format) -> PathBuf {
         self.root.join(format!("{name}.{}", format.as_str()))
     }
@@ -201,12 +201,7 @@ impl DirPool {
         };
         qemu_img::commit(&info.path).await?;
         let base = qemu_img::info(&backing).await?;
-        let name = backing
-            .file_name()
-            .and_then(|f| f.to_str())
-            .and_then(|f| f.rsplit_once('.'))
-            .map(|(name, _)| name.to_string())
-            .unwrap_or_default();
+        let name = volume_name(&backing);
         Ok(VolumeInfo {
             name,
             path: backing,
@@ -267,4 +262,14 @@ fn statvfs(path: &Path) -> Result<(u64, u64), StorageError> {
     }
     let block = s.f_frsize as u64;
     Ok((s.f_blocks as u64 * block, s.f_bavail as u64 * block))
+}
+
+/// The name of the volume a file of a pool holds: its file name without the format's extension
+/// (empty for a path that is not a file name).
+pub fn volume_name(path: &Path) -> String {
+    path.file_name()
+        .and_then(|f| f.to_str())
+        .map(|f| f.rsplit_once('.').map_or(f, |(name, _)| name))
+        .unwrap_or_default()
+        .to_string()
 }

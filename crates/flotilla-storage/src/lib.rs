@@ -7,7 +7,7 @@
 mod dir;
 pub mod qemu_img;
 
-pub use dir::DirPool;
+pub use dir::{volume_name, DirPool};
 pub use qemu_img::{Format, ImageInfo};
 
 use std::path::PathBuf;
