@@ -285,10 +285,30 @@ pub async fn release(
         }
     }
     let kind = lookup("volume").expect("registered");
+    // The VM as it is now: one that names a volume again since this reconcile began keeps it.
+    let now = if all {
+        None
+    } else {
+        let vms = lookup("vm").expect("registered");
+        match ctx.client.get(vms, Some(project), &vm.metadata.name).await {
+            Ok(v) if v["metadata"]["uid"].as_str() == Some(uid) => Some(v),
+            Ok(_) => None,
+            Err(e) if e.code() == Some(404) => None,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let named_now = |name: &str| {
+        now.as_ref().is_some_and(|v| {
+            v["spec"]["disks"]
+                .as_array()
+                .is_some_and(|ds| ds.iter().any(|d| d["volume"] == name))
+        })
+    };
     for name in names {
         let kept = !all
             && (vm.spec.disks.iter().any(|d| d.volume == name)
-                || has.iter().any(|d| d.volume == name));
+                || has.iter().any(|d| d.volume == name)
+                || named_now(&name));
         if kept {
             continue;
         }

@@ -454,7 +454,7 @@ async fn snapshots_freeze_revert_merge_and_clone_a_volume() {
         admin,
         &name,
         "the guest reads the snapshot's data",
-        60,
+        120,
         |t| t.contains(&a_head),
     )
     .await;

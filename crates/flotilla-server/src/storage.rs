@@ -397,7 +397,11 @@ pub async fn attach(
             .cloned()
             .unwrap_or_default();
         if holders.iter().any(|h| h["uid"] == uid) {
-            // Still held from before (being unplugged): named again, it stays.
+            // Still held from before (being unplugged): named again, it stays — written again
+            // all the same, so that an agent letting go of it meanwhile (a write guarded by the
+            // volume's revision) and this write cannot both succeed.
+            compares.push(Compare::mod_revision(kv.key.clone(), kv.mod_revision));
+            ops.push(Op::put(&kv.key, encode(&object)));
             continue;
         }
         if let Some(holder) = holders
