@@ -73,6 +73,25 @@ pub async fn write_status(
     }
 }
 
+/// Every object of `kind`, as `T` (those that do not decode are left out).
+pub(crate) async fn list_all<T: flotilla_types::Resource>(
+    objects: &Objects,
+    kind: &str,
+) -> Result<Vec<T>, flotilla_server::ApiError> {
+    let kind = flotilla_types::registry::by_kind(kind).expect("registered");
+    Ok(objects
+        .list(
+            kind,
+            None,
+            &flotilla_server::objects::ListOptions::default(),
+        )
+        .await?
+        .items
+        .iter()
+        .filter_map(|raw| serde_json::from_slice(raw).ok())
+        .collect())
+}
+
 /// Starts every controller; they run until the runtime stops.
 pub fn spawn_all(objects: Objects, config: ControllerConfig) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = vec![

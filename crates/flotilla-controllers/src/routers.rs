@@ -10,11 +10,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla_server::objects::{ListOptions, Objects};
+use flotilla_server::objects::Objects;
 use flotilla_server::ApiError;
 use flotilla_types::kinds::FloatingMapping;
 use flotilla_types::meta::{Condition, ConditionStatus};
-use flotilla_types::registry::by_kind;
 use flotilla_types::{FloatingIP, Router, VirtualMachine};
 use serde_json::json;
 
@@ -36,24 +35,10 @@ struct NodeView {
     labels: BTreeMap<String, String>,
 }
 
-async fn list<T: flotilla_types::Resource>(
-    objects: &Objects,
-    kind: &str,
-) -> Result<Vec<T>, ApiError> {
-    let kind = by_kind(kind).expect("registered");
-    Ok(objects
-        .list(kind, None, &ListOptions::default())
-        .await?
-        .items
-        .iter()
-        .filter_map(|raw| serde_json::from_slice(raw).ok())
-        .collect())
-}
-
 /// One pass; returns how many routers and floating IPs had their status written.
 pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
     let mut nodes: BTreeMap<String, NodeView> = BTreeMap::new();
-    for node in list::<flotilla_types::Node>(objects, "Node").await? {
+    for node in crate::list_all::<flotilla_types::Node>(objects, "Node").await? {
         let ready = node.status.as_ref().is_some_and(|s| {
             s.conditions
                 .iter()
@@ -68,9 +53,9 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
             },
         );
     }
-    let routers: Vec<Router> = list(objects, "Router").await?;
-    let fips: Vec<FloatingIP> = list(objects, "FloatingIP").await?;
-    let vms: Vec<VirtualMachine> = list(objects, "VirtualMachine").await?;
+    let routers: Vec<Router> = crate::list_all(objects, "Router").await?;
+    let fips: Vec<FloatingIP> = crate::list_all(objects, "FloatingIP").await?;
+    let vms: Vec<VirtualMachine> = crate::list_all(objects, "VirtualMachine").await?;
     let mut written = 0;
 
     // Floating IPs first: what each router carries follows from them.

@@ -8,10 +8,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla_server::objects::{ListOptions, Objects};
+use flotilla_server::objects::Objects;
 use flotilla_server::ApiError;
 use flotilla_types::kinds::{StoragePool, VirtualMachine, Volume, VolumeSnapshot};
-use flotilla_types::registry::by_kind;
 use serde_json::json;
 
 pub async fn run(objects: Objects, resync: Duration) {
@@ -120,26 +119,11 @@ fn beside(
     Ok(node)
 }
 
-/// Every object of `kind` (those that do not decode as `T` left out).
-async fn list_all<T: serde::de::DeserializeOwned>(
-    objects: &Objects,
-    kind: &str,
-) -> Result<Vec<T>, ApiError> {
-    let kind = by_kind(kind).expect("registered");
-    Ok(objects
-        .list(kind, None, &ListOptions::default())
-        .await?
-        .items
-        .iter()
-        .filter_map(|raw| serde_json::from_slice(raw).ok())
-        .collect())
-}
-
 /// One pass; returns how many volumes were written.
 pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
-    let pools: Vec<StoragePool> = list_all(objects, "StoragePool").await?;
-    let all: Vec<Volume> = list_all(objects, "Volume").await?;
-    let snapshots: Vec<VolumeSnapshot> = list_all(objects, "VolumeSnapshot").await?;
+    let pools: Vec<StoragePool> = crate::list_all(objects, "StoragePool").await?;
+    let all: Vec<Volume> = crate::list_all(objects, "Volume").await?;
+    let snapshots: Vec<VolumeSnapshot> = crate::list_all(objects, "VolumeSnapshot").await?;
     let mut written = release_attachments(objects, &all).await?;
     written += place_snapshots(objects, &all, &snapshots).await?;
     let mut given = provisioned(&all);
@@ -255,7 +239,7 @@ async fn release_attachments(objects: &Objects, volumes: &[Volume]) -> Result<us
     if attached.is_empty() {
         return Ok(0);
     }
-    let vms: Vec<VirtualMachine> = list_all(objects, "VirtualMachine").await?;
+    let vms: Vec<VirtualMachine> = crate::list_all(objects, "VirtualMachine").await?;
     let mut written = 0;
     for volume in attached {
         let holders = &volume.status.as_ref().expect("filtered").attached_to;
