@@ -284,34 +284,30 @@ pub async fn release(
             names.push(d.volume.clone());
         }
     }
-    let kind = lookup("volume").expect("registered");
-    // The VM as it is now: one that names a volume again since this reconcile began keeps it.
-    let now = if all {
-        None
-    } else {
+    if !all {
+        names.retain(|name| {
+            !vm.spec.disks.iter().any(|d| d.volume == *name)
+                && !has.iter().any(|d| d.volume == *name)
+        });
+        if names.is_empty() {
+            // The common case, every resync of every VM: nothing to let go of, nothing to read.
+            return Ok(());
+        }
+        // The VM as it is now: one that names a volume again since this reconcile began keeps it.
         let vms = lookup("vm").expect("registered");
-        match ctx.client.get(vms, Some(project), &vm.metadata.name).await {
+        let now = match ctx.client.get(vms, Some(project), &vm.metadata.name).await {
             Ok(v) if v["metadata"]["uid"].as_str() == Some(uid) => Some(v),
             Ok(_) => None,
             Err(e) if e.code() == Some(404) => None,
             Err(e) => return Err(e.into()),
-        }
-    };
-    let named_now = |name: &str| {
-        now.as_ref().is_some_and(|v| {
-            v["spec"]["disks"]
-                .as_array()
-                .is_some_and(|ds| ds.iter().any(|d| d["volume"] == name))
-        })
-    };
+        };
+        let disks = now.as_ref().and_then(|v| v["spec"]["disks"].as_array());
+        names.retain(|name| {
+            !disks.is_some_and(|ds| ds.iter().any(|d| d["volume"] == name.as_str()))
+        });
+    }
+    let kind = lookup("volume").expect("registered");
     for name in names {
-        let kept = !all
-            && (vm.spec.disks.iter().any(|d| d.volume == name)
-                || has.iter().any(|d| d.volume == name)
-                || named_now(&name));
-        if kept {
-            continue;
-        }
         for _ in 0..5 {
             let volume = match ctx.client.get(kind, Some(project), &name).await {
                 Ok(v) => v,

@@ -118,7 +118,7 @@ async fn nodes_serve_the_pools_that_select_them_and_report_their_space() {
         json!(["flotilla.dev/volume"])
     );
     assert!(file.exists());
-    // Grown (offline: nothing attaches volumes yet); shrinking is refused at the field.
+    // Grown (offline: no VM has it); shrinking is refused at the field.
     admin
         .patch(
             volumes,
