@@ -218,7 +218,8 @@ pub async fn run_with(
             crate::metadata::VmIndex::default(),
         )))
     });
-    // A volume changed: the VMs it is attached to look again (it became available, or grew).
+    // A volume changed: the VMs it is attached to look again (it became available, or grew);
+    // a VM snapshot changed: its VM looks again.
     let (volume_changed, mut attached_vms) = mpsc::unbounded_channel::<String>();
     let ctx = Arc::new(Context {
         metadata: metadata.clone(),
@@ -236,6 +237,9 @@ pub async fn run_with(
         data_dir: config.data_dir.clone(),
         shutdown_timeout: config.shutdown_timeout,
         defined: Default::default(),
+        vm_snapshots: Arc::new(crate::vmsnapshots::NodeSnapshots::new(
+            volume_changed.clone(),
+        )),
         volumes: Arc::new(crate::attach::NodeVolumes::new(volume_changed)),
     });
     if !config.labels.is_empty() {
@@ -308,6 +312,7 @@ pub async fn run_with(
     let pools = tokio::spawn(crate::pools::run(ctx.clone(), config.resync));
     // The volumes placed on this node.
     let volumes = tokio::spawn(crate::volumes::run(ctx.clone(), config.resync));
+    let vm_snapshots = tokio::spawn(crate::vmsnapshots::follow(ctx.clone()));
     // The routers placed on this node (with overlays: a router joins overlay networks).
     let routers = ctx.overlays.is_some().then(|| {
         tokio::spawn(crate::routers::run(
@@ -365,6 +370,7 @@ pub async fn run_with(
             routers,
             Some(pools),
             Some(volumes),
+            Some(vm_snapshots),
         ]
         .into_iter()
         .flatten()

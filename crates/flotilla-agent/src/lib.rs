@@ -27,6 +27,7 @@ pub mod routers;
 pub mod snapshots;
 mod tools;
 pub mod vm;
+pub mod vmsnapshots;
 pub mod volumes;
 pub mod xml;
 

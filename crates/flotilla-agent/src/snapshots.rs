@@ -67,7 +67,7 @@ async fn report(
 
 /// Records the volume's new file (its path, and what it now holds) before anything else moves:
 /// the snapshot is not Ready, nor the old file removed, before the volume names its new file.
-async fn switch_volume(
+pub(crate) async fn switch_volume(
     ctx: &Context,
     volume: &Volume,
     file: &VolumeInfo,
@@ -157,13 +157,39 @@ pub async fn delete(
         .and_then(|v| v.status.as_ref())
         .map(|s| s.path.clone())
         .unwrap_or_default();
-    if path.is_empty() || path == active_path {
-        // Never taken, or merged already (the volume uses its file now): nothing to remove.
-        return Ok(());
+    if let Some(base) = merge_away(ctx, pool, &path, &active_path).await? {
+        let volume = volume.expect("the active file is a volume's");
+        switch_volume(ctx, volume, &base, json!({})).await?;
+        pool.delete(&volume_name(Path::new(&active_path)))
+            .await
+            .map_err(text)?;
+        tracing::info!(volume = %volume.metadata.name, snapshot = %snapshot.metadata.name, "merged a deleted snapshot into its volume");
     }
-    let frozen = match pool.info(&volume_name(Path::new(&path))).await {
+    Ok(())
+}
+
+/// Removes the frozen file `frozen` of a snapshot from a disk whose current file is `active`:
+/// deleted when nothing sits on it; when `active` is the only overlay on it, `active` is merged
+/// into it (a block commit: live through libvirt when a guest has the disk open, else
+/// qemu-img) and the frozen file is returned — the disk's file from now on, which the caller
+/// records before deleting `active`. Err says why it must wait (newer snapshots sit on it).
+pub async fn merge_away(
+    ctx: &Context,
+    pool: &DirPool,
+    frozen: &str,
+    active: &str,
+) -> Result<Option<VolumeInfo>, String> {
+    if frozen.is_empty() {
+        // Never taken: nothing to remove.
+        return Ok(None);
+    }
+    if frozen == active {
+        // Merged already; the caller recorded it, and may not have deleted the old top.
+        return Ok(None);
+    }
+    let frozen = match pool.info(&volume_name(Path::new(frozen))).await {
         Ok(info) => info,
-        Err(flotilla_storage::StorageError::NotFound(_)) => return Ok(()),
+        Err(flotilla_storage::StorageError::NotFound(_)) => return Ok(None),
         Err(e) => return Err(text(e)),
     };
     let children: Vec<VolumeInfo> = pool
@@ -174,16 +200,14 @@ pub async fn delete(
         .filter(|v| v.backing.as_deref() == Some(frozen.path.as_path()))
         .collect();
     match children.as_slice() {
-        [] => pool.delete(&frozen.name).await.map_err(text),
-        [top] if top.path.display().to_string() == active_path => {
-            let volume = volume.expect("the active file is a volume's");
+        [] => pool.delete(&frozen.name).await.map(|()| None).map_err(text),
+        [top] if top.path.display().to_string() == active => {
             let frozen_text = frozen.path.display().to_string();
-            let top_text = top.path.display().to_string();
             // A guest already switched back to the frozen file (a crash after the pivot)
             // holds it open: the merge is done.
             let merged = in_use(ctx, &frozen_text).await?;
             if !merged {
-                let users = ctx.libvirt.disk_users(&top_text).await.map_err(text)?;
+                let users = ctx.libvirt.disk_users(active).await.map_err(text)?;
                 if users.is_empty() {
                     pool.commit(&top.name).await.map_err(text)?;
                 } else {
@@ -195,11 +219,7 @@ pub async fn delete(
                     }
                 }
             }
-            let base = pool.info(&frozen.name).await.map_err(text)?;
-            switch_volume(ctx, volume, &base, json!({})).await?;
-            pool.delete(&top.name).await.map_err(text)?;
-            tracing::info!(volume = %volume.metadata.name, snapshot = %snapshot.metadata.name, "merged a deleted snapshot into its volume");
-            Ok(())
+            pool.info(&frozen.name).await.map(Some).map_err(text)
         }
         others => Err(format!(
             "its file is the base of {} other file(s) ({}): newer snapshots go first",
@@ -290,7 +310,8 @@ pub async fn revert(
     .await?;
     tracing::info!(volume = %volume.metadata.name, snapshot = wanted, "reverted a volume to a snapshot");
     // The old file, unless it is a snapshot's (the sweep takes it otherwise, after a crash).
-    let keep = of(volume, snapshots).any(|s| s.status.as_ref().is_some_and(|st| st.path == path));
+    let keep = of(volume, snapshots).any(|s| s.status.as_ref().is_some_and(|st| st.path == path))
+        || ctx.vm_snapshots.keeps(&path) != Some(false);
     if !keep && active.name != name {
         pool.delete(&active.name).await.map_err(text)?;
     }
@@ -341,6 +362,17 @@ pub async fn sweep(
                 .map(|f| f.path.display().to_string()),
         );
     }
+    // Frozen files of VM snapshots (the sweep waits until they are known).
+    let Some(()) = family.iter().try_for_each(|f| {
+        let path = f.path.display().to_string();
+        ctx.vm_snapshots.keeps(&path).map(|kept| {
+            if kept {
+                keep.push(path);
+            }
+        })
+    }) else {
+        return Ok(Vec::new());
+    };
     // Under what stays: its backing chain.
     let mut i = 0;
     while i < keep.len() {

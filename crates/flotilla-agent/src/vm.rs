@@ -42,6 +42,8 @@ pub struct Context {
     pub unused_overlays: Arc<tokio::sync::Notify>,
     /// The volumes placed on this node, as the volumes task hears them.
     pub volumes: Arc<crate::attach::NodeVolumes>,
+    /// The VM snapshots placed on this node, as their follower hears them.
+    pub vm_snapshots: Arc<crate::vmsnapshots::NodeSnapshots>,
     pub data_dir: PathBuf,
     pub shutdown_timeout: Duration,
     /// The XML this agent last defined for each domain (by UUID): an unchanged definition of a
@@ -172,7 +174,9 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
             ))
         }
     };
-    let root_disk = dir.join("root.qcow2");
+    // The root disk's current file: `root`, or the overlay a snapshot or revert put on it.
+    let root_name = crate::vmsnapshots::active_root(&dir).await;
+    let mut root_disk = dir.join(format!("{root_name}.qcow2"));
     let backing = match &vm.spec.image {
         Some(image) => {
             let img: Image = get(
@@ -190,9 +194,11 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
     let has_root = backing.is_some() || vm.spec.root_disk.is_some();
     if has_root {
         let size = vm.spec.root_disk.as_ref().map(|d| d.size.value());
-        ctx.disks
-            .create_root_disk(backing.as_deref(), &root_disk, size)
-            .await?;
+        if root_name == crate::vmsnapshots::ROOT {
+            ctx.disks
+                .create_root_disk(backing.as_deref(), &root_disk, size)
+                .await?;
+        }
         if let Some(size) = size {
             grow_root_disk(ctx, vm, &uid, &root_disk, size).await?;
         }
@@ -202,7 +208,13 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
         .volumes
         .lock(&project, vm.spec.disks.iter().map(|d| d.volume.clone()))
         .await;
-    let disks = crate::attach::resolve(ctx, vm).await?;
+    let mut disks = crate::attach::resolve(ctx, vm).await?;
+    // Snapshots taken, merged away or reverted to move the disks to other files.
+    if crate::vmsnapshots::reconcile(ctx, vm, &uid, &dir, has_root, &disks).await? {
+        disks = crate::attach::resolve(ctx, vm).await?;
+        let root_name = crate::vmsnapshots::active_root(&dir).await;
+        root_disk = dir.join(format!("{root_name}.qcow2"));
+    }
     let (nics, seed_nics) = nics(ctx, &project, vm).await?;
     if let Some(firewall) = ctx.firewall.as_ref().filter(|_| !nics.is_empty()) {
         // Its NICs' rules are in place before QEMU opens their taps.

@@ -508,3 +508,310 @@ async fn snapshots_freeze_revert_merge_and_clone_a_volume() {
     })
     .await;
 }
+
+/// Whether the first 64 bytes of the qcow2 file at `path` are all `byte` (qemu-io verifies).
+fn holds(path: &str, byte: u8) -> bool {
+    let out = std::process::Command::new("qemu-io")
+        .args([
+            "-r",
+            "-U",
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("read -P {byte} 0 64"),
+            path,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    out.status.success() && !text.contains("verification failed") && text.contains("read 64/64")
+}
+
+/// VM snapshots on a real guest: taken with its memory while it runs (it pauses for it and
+/// goes on), reverted to — the guest resumes where it was without booting, and its disks hold
+/// what they held then, not what came after — taken of its disks while stopped, merged away
+/// when deleted; neither the VM nor its volume goes while a snapshot holds them, and nothing
+/// stays behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_snapshots_keep_memory_and_disks_and_revert_a_running_guest() {
+    let guest = tiny_guest();
+    let cluster = TestCluster::start().await;
+    let admin = &cluster.admin;
+    let (libvirt, _stop) = start_agent(&cluster, "vmsnap-node").await;
+    let (vms, volumes, vm_snapshots) = (
+        lookup("vm").unwrap(),
+        lookup("volume").unwrap(),
+        lookup("vmsnapshot").unwrap(),
+    );
+    let ns = Some("default");
+    let suffix: u32 = rand::random::<u32>() % 100_000;
+    let path_of = async |name: &str| -> String {
+        let v = admin.get(volumes, ns, name).await.unwrap();
+        v["status"]["path"].as_str().unwrap().to_string()
+    };
+    let ready = async |name: &str| {
+        eventually(&format!("VM snapshot {name} is Ready"), 90, async || {
+            let s = admin.get(vm_snapshots, ns, name).await.ok()?;
+            (s["status"]["phase"] == "Ready").then_some(s)
+        })
+        .await
+    };
+    let set_disks = async |name: &str, disks: serde_json::Value| {
+        admin
+            .patch(vms, ns, name, &json!({"spec": {"disks": disks}}), false)
+            .await
+            .unwrap();
+    };
+    let attached = json!([{"name": "state", "volume": "state"}]);
+
+    admin
+        .create(
+            volumes,
+            ns,
+            &json!({"metadata": {"name": "state"}, "spec": {"size": "64Mi"}}),
+        )
+        .await
+        .unwrap();
+    eventually("the volume is Available", 60, async || {
+        let v = admin.get(volumes, ns, "state").await.ok()?;
+        (v["status"]["phase"] == "Available").then_some(())
+    })
+    .await;
+    let base = path_of("state").await;
+    let pool = PathBuf::from(&base).parent().unwrap().to_path_buf();
+    fill(&base, b'A');
+
+    let name = format!("vmsnap-{suffix}");
+    let vm = json!({"metadata": {"name": name}, "spec": {
+        "resources": {"cpus": 1, "memory": "256Mi"},
+        "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0 panic=-1"},
+        "rootDisk": {"size": "32Mi"},
+        "disks": attached,
+    }});
+    admin.create(vms, ns, &vm).await.unwrap();
+    let a_head = format!("head={}", "A".repeat(64));
+    log_until(admin, &name, "the guest reads the volume", 180, |t| {
+        t.contains(&a_head)
+    })
+    .await;
+    let uid = admin.get(vms, ns, &name).await.unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vm_dir = cluster.dir.path().join("agent/vms").join(&uid);
+
+    // A snapshot of a VM the project lacks is refused at the field.
+    let refused = admin
+        .create(
+            vm_snapshots,
+            ns,
+            &json!({"metadata": {"name": "x"}, "spec": {"vm": "nope"}}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(422), "{refused}");
+    assert!(refused.to_string().contains("spec.vm"), "{refused}");
+
+    // With memory, while the guest runs.
+    let started = Instant::now();
+    admin
+        .create(
+            vm_snapshots,
+            ns,
+            &json!({"metadata": {"name": "warm"}, "spec": {"vm": name}}),
+        )
+        .await
+        .unwrap();
+    let warm = ready("warm").await;
+    let warm_s = started.elapsed().as_secs_f64();
+    assert_eq!(warm["status"]["vmState"], "Running", "{warm}");
+    let memory = warm["status"]["memoryPath"].as_str().unwrap().to_string();
+    assert!(std::path::Path::new(&memory).is_file(), "{warm}");
+    let disks = warm["status"]["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2, "the root disk and the volume: {warm}");
+    assert!(
+        disks[0]["path"].as_str().unwrap().ends_with("/root.qcow2"),
+        "{warm}"
+    );
+    assert_eq!(disks[1]["path"], base.as_str(), "{warm}");
+    let overlay = path_of("state").await;
+    assert_ne!(overlay, base, "the volume moved to an overlay");
+    let xml = libvirt.xml(&uid).await.unwrap().unwrap();
+    assert!(
+        xml.contains(&overlay),
+        "the guest writes the overlay: {xml}"
+    );
+
+    // What came after: the guest lets go, the host writes B, the guest reads B.
+    set_disks(&name, json!([])).await;
+    log_until(admin, &name, "the guest lets go of the volume", 120, |t| {
+        t.contains("FLOTILLA-DISK-GONE")
+    })
+    .await;
+    fill(&path_of("state").await, b'B');
+    set_disks(&name, attached.clone()).await;
+    let b_head = format!("head={}", "B".repeat(64));
+    log_until(admin, &name, "the guest reads the newer data", 120, |t| {
+        t.contains(&b_head)
+    })
+    .await;
+    // A revert to a snapshot the VM lacks says why, and leaves the guest running.
+    let request = json!({"metadata": {"annotations": {"flotilla.dev/revert-to": "nope"}}});
+    admin.patch(vms, ns, &name, &request, false).await.unwrap();
+    let events = lookup("event").unwrap();
+    eventually("the VM says it cannot revert", 60, async || {
+        let list = admin.list(events, ns, &Default::default()).await.ok()?;
+        list["items"]
+            .as_array()?
+            .iter()
+            .any(|e| {
+                e["reason"] == "RevertFailed"
+                    && e["message"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("no such snapshot")
+            })
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        admin.get(vms, ns, &name).await.unwrap()["status"]["phase"],
+        "Running"
+    );
+
+    // Revert: the guest resumes from the snapshot, on its disks as they were.
+    let started = Instant::now();
+    let request = json!({"metadata": {"annotations": {"flotilla.dev/revert-to": "warm 1"}}});
+    admin.patch(vms, ns, &name, &request, false).await.unwrap();
+    eventually("the VM is reverted", 90, async || {
+        let v = admin.get(vms, ns, &name).await.ok()?;
+        (v["status"]["lastRevert"] == "warm 1" && v["status"]["phase"] == "Running").then_some(())
+    })
+    .await;
+    let revert_s = started.elapsed().as_secs_f64();
+    let reverted = path_of("state").await;
+    assert_ne!(reverted, overlay, "the volume is on a fresh overlay");
+    assert!(
+        !std::path::Path::new(&overlay).exists() || {
+            // Swept with the volume's strays at the next pass.
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            !std::path::Path::new(&overlay).exists()
+        },
+        "the overlay reverted away from is gone"
+    );
+    // The resumed guest reads the snapshot's data through the fresh overlay (grown, it reads
+    // the disk's start again): the whole chain is under it, not an empty overlay.
+    admin
+        .patch(volumes, ns, "state", &json!({"spec": {"size": "80Mi"}}), false)
+        .await
+        .unwrap();
+    log_until(admin, &name, "the resumed guest reads the old data", 120, |t| {
+        t.contains(&format!("sectors=163840 {a_head}"))
+    })
+    .await;
+    // Alive and as it was: it reacts to the volume going (which it had seen before the
+    // snapshot, so it prints no new sighting of it), and it never booted again.
+    set_disks(&name, json!([])).await;
+    let text = log_until(admin, &name, "the resumed guest lets go", 120, |t| {
+        t.matches("FLOTILLA-DISK-GONE").count() >= 2
+    })
+    .await;
+    assert_eq!(
+        text.matches("FLOTILLA-BOOTED").count(),
+        1,
+        "the guest resumed rather than booted:\n{text}"
+    );
+    assert!(
+        holds(&path_of("state").await, b'A'),
+        "the volume holds what it held at the snapshot"
+    );
+
+    // Disks only, while stopped.
+    admin
+        .patch(
+            vms,
+            ns,
+            &name,
+            &json!({"spec": {"powerState": "Stopped"}}),
+            false,
+        )
+        .await
+        .unwrap();
+    eventually("the VM is Stopped", 90, async || {
+        let v = admin.get(vms, ns, &name).await.ok()?;
+        (v["status"]["phase"] == "Stopped").then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    admin
+        .create(
+            vm_snapshots,
+            ns,
+            &json!({"metadata": {"name": "cold"}, "spec": {"vm": name}}),
+        )
+        .await
+        .unwrap();
+    let cold = ready("cold").await;
+    let cold_s = started.elapsed().as_secs_f64();
+    assert_eq!(cold["status"]["vmState"], "Stopped", "{cold}");
+    assert!(cold["status"].get("memoryPath").is_none(), "{cold}");
+    assert_eq!(
+        cold["status"]["disks"].as_array().unwrap().len(),
+        1,
+        "{cold}"
+    );
+
+    // Snapshots hold the VM and the volume, and go newest first.
+    for (kind, what) in [(vms, name.as_str()), (volumes, "state")] {
+        let refused = admin.delete(kind, ns, what).await.unwrap_err();
+        assert_eq!(refused.code(), Some(409), "{refused}");
+        assert!(refused.to_string().contains("VM snapshot"), "{refused}");
+    }
+    let refused = admin.delete(vm_snapshots, ns, "warm").await.unwrap_err();
+    assert_eq!(refused.code(), Some(409), "{refused}");
+    assert!(refused.to_string().contains("newest first"), "{refused}");
+    let started = Instant::now();
+    for snapshot in ["cold", "warm"] {
+        admin.delete(vm_snapshots, ns, snapshot).await.unwrap();
+        eventually(&format!("VM snapshot {snapshot} is gone"), 90, async || {
+            admin
+                .get(vm_snapshots, ns, snapshot)
+                .await
+                .is_err()
+                .then_some(())
+        })
+        .await;
+    }
+    let delete_s = started.elapsed().as_secs_f64();
+    assert!(
+        !std::path::Path::new(&memory).exists(),
+        "the memory file went"
+    );
+    let roots: Vec<String> = std::fs::read_dir(&vm_dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("root") && n.ends_with(".qcow2"))
+        .collect();
+    assert_eq!(roots, ["root.qcow2"], "merged back into one root file");
+    assert_eq!(path_of("state").await, base, "merged back into its file");
+    assert!(holds(&base, b'A'));
+    println!(
+        "VM snapshots (tiny guest, 256 MiB, root disk and one volume): with memory {warm_s:.1} s, revert with memory {revert_s:.1} s, disks only while stopped {cold_s:.1} s, two deleted (merged) {delete_s:.1} s"
+    );
+
+    admin.delete(vms, ns, &name).await.unwrap();
+    eventually("the VM is gone", 90, async || {
+        admin.get(vms, ns, &name).await.is_err().then_some(())
+    })
+    .await;
+    admin.delete(volumes, ns, "state").await.unwrap();
+    eventually(
+        "the pool and the VM's directory hold nothing",
+        60,
+        async || {
+            let left: Vec<_> = std::fs::read_dir(&pool).ok()?.collect();
+            (left.is_empty() && !vm_dir.exists()).then_some(())
+        },
+    )
+    .await;
+}

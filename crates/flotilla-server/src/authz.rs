@@ -111,10 +111,12 @@ pub fn authorize(
         ("VirtualMachine", Verb::Get | Verb::Update | Verb::Patch) => {
             Ok(Scope::BoundTo(node.to_string()))
         }
-        ("Volume" | "VolumeSnapshot", Verb::List | Verb::Watch) if selects("status.node") => {
+        ("Volume" | "VolumeSnapshot" | "VMSnapshot", Verb::List | Verb::Watch)
+            if selects("status.node") =>
+        {
             Ok(Scope::Unrestricted)
         }
-        ("Volume" | "VolumeSnapshot", Verb::Get | Verb::Update | Verb::Patch) => {
+        ("Volume" | "VolumeSnapshot" | "VMSnapshot", Verb::Get | Verb::Update | Verb::Patch) => {
             Ok(Scope::BoundTo(node.to_string()))
         }
         ("Event", Verb::Create | Verb::Get | Verb::Update | Verb::Patch) => {
@@ -206,7 +208,7 @@ pub fn guard(scope: &Scope, current: &Value, next: Option<&Value>) -> Result<(),
         },
         Scope::BoundTo(node) => {
             let bound = match current["kind"].as_str() {
-                Some("Volume" | "VolumeSnapshot") => &current["status"]["node"],
+                Some("Volume" | "VolumeSnapshot" | "VMSnapshot") => &current["status"]["node"],
                 _ => &current["spec"]["nodeName"],
             };
             if bound.as_str() != Some(node.as_str()) {

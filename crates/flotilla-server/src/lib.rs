@@ -31,6 +31,7 @@ mod request;
 mod resource;
 pub mod security_groups;
 mod storage;
+mod vm_snapshots;
 pub mod watch;
 pub mod watch_cache;
 

@@ -696,6 +696,9 @@ impl Objects {
             if let (Some(project), "VolumeSnapshot") = (&project, kind.kind) {
                 crate::storage::check_snapshot(self.store.as_ref(), project, &object).await?;
             }
+            if let (Some(project), "VMSnapshot") = (&project, kind.kind) {
+                crate::vm_snapshots::admit(self.store.as_ref(), project, &mut object).await?;
+            }
             if let (Some(project), "VirtualMachine") = (&project, kind.kind) {
                 crate::security_groups::check_references(
                     self.store.as_ref(),
@@ -1300,6 +1303,23 @@ impl Objects {
             crate::storage::check_snapshot_delete(
                 self.store.as_ref(),
                 namespace.unwrap_or_default(),
+                name,
+            )
+            .await?;
+        }
+        if kind.kind == "VMSnapshot" {
+            crate::vm_snapshots::check_delete(
+                self.store.as_ref(),
+                namespace.unwrap_or_default(),
+                name,
+            )
+            .await?;
+        }
+        if matches!(kind.kind, "VirtualMachine" | "Volume") {
+            crate::vm_snapshots::check_holder_delete(
+                self.store.as_ref(),
+                namespace.unwrap_or_default(),
+                kind.kind,
                 name,
             )
             .await?;

@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use crate::kinds::{
     Event, FloatingIP, Image, Lease, Network, Node, PlacementPolicy, Project, Router,
-    SecurityGroup, StoragePool, VMClass, VirtualMachine, Volume, VolumeSnapshot,
+    SecurityGroup, StoragePool, VMClass, VMSnapshot, VirtualMachine, Volume, VolumeSnapshot,
 };
 use crate::resource::{decode, Column, Resource};
 use crate::validation::FieldErrors;
@@ -74,6 +74,7 @@ pub static KINDS: &[KindInfo] = &[
     kind_info!(StoragePool),
     kind_info!(Volume),
     kind_info!(VolumeSnapshot),
+    kind_info!(VMSnapshot),
     kind_info!(Event),
 ];
 

@@ -495,6 +495,22 @@ pub enum VmCommand {
         #[arg(short = 'p', long)]
         project: Option<String>,
     },
+    /// Snapshot the VM: every disk, and its memory when it runs (a VMSnapshot).
+    Snapshot {
+        #[command(flatten)]
+        target: VmTarget,
+        /// The snapshot's name.
+        snapshot: String,
+        /// Disks only: a revert then boots the guest from them.
+        #[arg(long)]
+        no_memory: bool,
+    },
+    /// Revert the VM to one of its snapshots (with memory: the guest resumes where it was).
+    Revert {
+        #[command(flatten)]
+        target: VmTarget,
+        snapshot: String,
+    },
     /// Print the VM's serial console log.
     Log {
         #[command(flatten)]
@@ -630,6 +646,40 @@ pub async fn vm(conn: &ConnectionArgs, cmd: VmCommand) -> anyhow::Result<()> {
                 json!({"metadata": {"annotations": {flotilla_types::kinds::vm::RESTART_ANNOTATION: at}}}),
                 "restart requested",
             )
+        }
+        VmCommand::Snapshot {
+            target,
+            snapshot,
+            no_memory,
+        } => {
+            let proj = project(&target.project, &ctx).to_string();
+            let kind = flotilla_types::registry::by_kind("VMSnapshot").expect("registered");
+            let mut body = json!({"metadata": {"name": snapshot}, "spec": {"vm": target.name}});
+            if no_memory {
+                body["spec"]["memory"] = json!(false);
+            }
+            client.create(kind, Some(&proj), &body).await?;
+            println!(
+                "vmsnapshot/{snapshot} of virtualmachine/{} created",
+                target.name
+            );
+            return Ok(());
+        }
+        VmCommand::Revert { target, snapshot } => {
+            // A new value each time, so that reverting to the same snapshot again is a request.
+            let request = format!("{snapshot} {}", flotilla_types::meta::now());
+            let done = format!(
+                "revert to {snapshot} requested (done when status.lastRevert says {request:?})"
+            );
+            let patch = json!({"metadata": {"annotations": {
+                flotilla_types::kinds::volume_snapshot::REVERT_ANNOTATION: request}}});
+            let proj = project(&target.project, &ctx).to_string();
+            client
+                .patch(vms, Some(&proj), &target.name, &patch, false)
+                .await
+                .map_err(|e| not_found_hint(e, vms, &proj))?;
+            println!("virtualmachine/{} {done}", target.name);
+            return Ok(());
         }
         VmCommand::Log { .. } | VmCommand::Adopt { .. } => unreachable!("handled above"),
     };

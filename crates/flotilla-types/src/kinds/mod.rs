@@ -13,6 +13,7 @@ pub mod router;
 pub mod security_group;
 pub mod storage_pool;
 pub mod vm;
+pub mod vm_snapshot;
 pub mod vmclass;
 pub mod volume;
 pub mod volume_snapshot;
@@ -42,6 +43,7 @@ pub use vm::{
     NetworkAttachment, Phase, PowerState, Resources, RootDisk, VirtualMachine, VirtualMachineSpec,
     VirtualMachineStatus,
 };
+pub use vm_snapshot::{VMSnapshot, VMSnapshotDisk, VMSnapshotSpec, VMSnapshotStatus};
 pub use vmclass::{VMClass, VMClassSpec, VMClassStatus};
 pub use volume::{Attachment, CloneMode, Volume, VolumeSource, VolumeSpec, VolumeStatus};
 pub use volume_snapshot::{VolumeSnapshot, VolumeSnapshotSpec, VolumeSnapshotStatus};

@@ -278,6 +278,9 @@ pub struct VirtualMachineStatus {
     /// The volumes the domain has, and those it is letting go of.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskStatus>,
+    /// The last revert to a VMSnapshot (annotation `flotilla.dev/revert-to`) carried out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_revert: Option<String>,
 }
 
 /// One NIC of a VM, as its status reports it.
