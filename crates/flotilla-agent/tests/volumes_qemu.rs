@@ -702,12 +702,22 @@ async fn vm_snapshots_keep_memory_and_disks_and_revert_a_running_guest() {
     // The resumed guest reads the snapshot's data through the fresh overlay (grown, it reads
     // the disk's start again): the whole chain is under it, not an empty overlay.
     admin
-        .patch(volumes, ns, "state", &json!({"spec": {"size": "80Mi"}}), false)
+        .patch(
+            volumes,
+            ns,
+            "state",
+            &json!({"spec": {"size": "80Mi"}}),
+            false,
+        )
         .await
         .unwrap();
-    log_until(admin, &name, "the resumed guest reads the old data", 120, |t| {
-        t.contains(&format!("sectors=163840 {a_head}"))
-    })
+    log_until(
+        admin,
+        &name,
+        "the resumed guest reads the old data",
+        120,
+        |t| t.contains(&format!("sectors=163840 {a_head}")),
+    )
     .await;
     // Alive and as it was: it reacts to the volume going (which it had seen before the
     // snapshot, so it prints no new sighting of it), and it never booted again.

@@ -418,6 +418,44 @@ fn daemons_do_not_offer_client_flags() {
     }
 }
 
+/// `flotilla vm snapshot|revert`: a snapshot is placed on its VM's node (one on no node is
+/// refused, saying so), a revert is a request on the VM, and the VM stays while it has one.
+#[test]
+fn vm_snapshot_verbs() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_server(dir.path());
+    let vms = "apiVersion: flotilla.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: web}\nspec: {resources: {cpus: 1, memory: 1Gi}, boot: {kernel: /k}, nodeName: n1}\n---\napiVersion: flotilla.dev/v1alpha1\nkind: VirtualMachine\nmetadata: {name: db}\nspec: {resources: {cpus: 1, memory: 1Gi}, boot: {kernel: /k}}\n";
+    ok(cli_stdin(&s, &["apply", "-f", "-"], vms));
+    let out = ok(cli(&s, &["vm", "snapshot", "web", "before"]));
+    assert!(
+        out.contains("vmsnapshot/before of virtualmachine/web created"),
+        "{out}"
+    );
+    let listed = ok(cli(&s, &["get", "vmsnap", "-o", "wide"]));
+    assert!(
+        listed.contains("before") && listed.contains("web") && listed.contains("n1"),
+        "placed on the VM's node: {listed}"
+    );
+    let unplaced = cli(&s, &["vm", "snapshot", "db", "x", "--no-memory"]);
+    assert!(
+        !unplaced.status.success() && stderr(&unplaced).contains("not on a node yet"),
+        "{}",
+        stderr(&unplaced)
+    );
+    ok(cli(&s, &["vm", "revert", "web", "before"]));
+    let web = ok(cli(&s, &["get", "vm", "web", "-o", "json"]));
+    assert!(
+        web.contains("\"flotilla.dev/revert-to\": \"before "),
+        "{web}"
+    );
+    let held = cli(&s, &["delete", "vm", "web"]);
+    assert!(
+        !held.status.success() && stderr(&held).contains("VM snapshot"),
+        "{}",
+        stderr(&held)
+    );
+}
+
 /// `flotilla volume`: made, attached (once; a second VM gets the holder's name), detached (a
 /// VM on no node lets go at once), grown but not shrunk, snapshotted and reverted.
 #[test]
