@@ -194,10 +194,17 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
     let has_root = backing.is_some() || vm.spec.root_disk.is_some();
     if has_root {
         let size = vm.spec.root_disk.as_ref().map(|d| d.size.value());
-        if root_name == crate::vmsnapshots::ROOT {
-            ctx.disks
-                .create_root_disk(backing.as_deref(), &root_disk, size)
-                .await?;
+        let source = vm.spec.root_disk.as_ref().and_then(|d| d.source.as_ref());
+        match source {
+            _ if root_name != crate::vmsnapshots::ROOT => {}
+            Some(source) => {
+                crate::vmsnapshots::clone_root(ctx, vm, source, &root_disk, size).await?;
+            }
+            None => {
+                ctx.disks
+                    .create_root_disk(backing.as_deref(), &root_disk, size)
+                    .await?
+            }
         }
         if let Some(size) = size {
             grow_root_disk(ctx, vm, &uid, &root_disk, size).await?;

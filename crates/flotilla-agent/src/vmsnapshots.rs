@@ -690,6 +690,86 @@ async fn revert(
     Ok(true)
 }
 
+/// Makes the root disk `dest` of a VM cloned from another's (`spec.rootDisk.source`), unless
+/// made already: an overlay of a snapshot's frozen root file (linked), or a copy of every byte
+/// of it or of a stopped VM's current root (full, in the node's disk queue), grown to `size`.
+pub async fn clone_root(
+    ctx: &Context,
+    vm: &VirtualMachine,
+    source: &flotilla_types::kinds::RootDiskSource,
+    dest: &Path,
+    size: Option<u128>,
+) -> Result<(), AgentError> {
+    if tokio::fs::try_exists(dest).await.unwrap_or(false) {
+        return Ok(());
+    }
+    let project = vm.metadata.namespace.as_deref().unwrap_or("default");
+    let fail = AgentError::Config;
+    let from = match (&source.vm_snapshot, &source.vm) {
+        (Some(name), _) => {
+            let kind = lookup("vmsnapshot").expect("registered");
+            let snapshot: VMSnapshot =
+                serde_json::from_value(ctx.client.get(kind, Some(project), name).await?)
+                    .map_err(|e| fail(format!("the VMSnapshot cannot be read: {e}")))?;
+            let status = snapshot.status.unwrap_or_default();
+            let root = status.disks.iter().find(|d| d.volume.is_none());
+            match root {
+                Some(root) if status.phase == "Ready" => PathBuf::from(&root.path),
+                _ => {
+                    return Err(fail(format!(
+                        "snapshot {name:?} has no root disk ready to clone"
+                    )))
+                }
+            }
+        }
+        (None, Some(name)) => {
+            let kind = lookup("vm").expect("registered");
+            let other: VirtualMachine =
+                serde_json::from_value(ctx.client.get(kind, Some(project), name).await?)
+                    .map_err(|e| fail(format!("the VM cannot be read: {e}")))?;
+            let other_uid = other.metadata.uid.clone().unwrap_or_default();
+            if ctx
+                .libvirt
+                .state(&other_uid)
+                .await?
+                .is_some_and(|s| s != DomainState::Stopped)
+            {
+                return Err(fail(format!(
+                    "VM {name:?} must be stopped for its root disk to be copied"
+                )));
+            }
+            let dir = ctx.vm_dir(&other_uid);
+            dir.join(format!("{}.qcow2", active_root(&dir).await))
+        }
+        (None, None) => return Err(fail("rootDisk.source names nothing".into())),
+    };
+    let storage = |e: StorageError| fail(e.to_string());
+    if source.mode == flotilla_types::kinds::CloneMode::Linked {
+        return ctx.disks.create_root_disk(Some(&from), dest, size).await;
+    }
+    let _permit = ctx.disks.queued().await;
+    let tmp = flotilla_files::temp_path(dest);
+    let copied = async {
+        flotilla_storage::qemu_img::convert(&from, Format::Qcow2, &tmp, Format::Qcow2).await?;
+        let info = flotilla_storage::qemu_img::info(&tmp).await?;
+        match size.and_then(|s| u64::try_from(s).ok()) {
+            Some(size) if size > info.virtual_size => {
+                flotilla_storage::qemu_img::resize(&tmp, Format::Qcow2, size).await
+            }
+            _ => Ok(()),
+        }
+    };
+    if let Err(e) = copied.await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(storage(e));
+    }
+    tokio::fs::rename(&tmp, dest)
+        .await
+        .map_err(crate::error::io(dest))?;
+    tracing::info!(vm = %vm.metadata.name, from = %from.display(), "copied a root disk");
+    Ok(())
+}
+
 /// The definition a memory image was saved with, its disks `files` (device name, file)
 /// pointed at the files given, and every `<backingStore>` under them dropped: libvirt reads
 /// the chain from the files (an empty `<backingStore/>` would mean "no backing file").

@@ -283,9 +283,13 @@ fn fill(path: &str, byte: u8) {
             &format!("write -q -P {byte} 0 64"),
             path,
         ])
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success(), "qemu-io wrote {path}");
+    assert!(
+        status.status.success(),
+        "qemu-io wrote {path}: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
 }
 
 /// Snapshots of a qcow2 volume: taken offline and under a running guest, merged away when
@@ -771,6 +775,100 @@ async fn vm_snapshots_keep_memory_and_disks_and_revert_a_running_guest() {
         "{cold}"
     );
 
+    // New VMs from it: linked to the snapshot's root, and a full copy of the stopped VM's. They
+    // are made on its node without being told.
+    let clone = |n: &str, source: serde_json::Value| {
+        json!({"metadata": {"name": n}, "spec": {
+            "powerState": "Stopped",
+            "resources": {"cpus": 1, "memory": "256Mi"},
+            "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz")},
+            "rootDisk": {"size": "32Mi", "source": source},
+        }})
+    };
+    let refused = admin
+        .create(vms, ns, &clone("x", json!({"vm": name, "mode": "linked"})))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(422), "{refused}");
+    assert!(
+        refused.to_string().contains("rootDisk.source.mode"),
+        "{refused}"
+    );
+    let cold_root = cold["status"]["disks"][0]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let started = Instant::now();
+    let mut roots = Vec::new();
+    for (clone_name, source) in [
+        ("linked", json!({"vmSnapshot": "cold", "mode": "linked"})),
+        ("copy", json!({"vm": name})),
+    ] {
+        let made = admin
+            .create(vms, ns, &clone(clone_name, source))
+            .await
+            .unwrap();
+        assert_eq!(made["spec"]["nodeName"], "vmsnap-node", "{made}");
+        let clone_uid = made["metadata"]["uid"].as_str().unwrap().to_string();
+        let root = cluster
+            .dir
+            .path()
+            .join("agent/vms")
+            .join(clone_uid)
+            .join("root.qcow2");
+        eventually(
+            &format!("{clone_name}'s root disk is made"),
+            90,
+            async || {
+                let v = admin.get(vms, ns, clone_name).await.ok()?;
+                (v["status"]["phase"] == "Stopped" && root.exists()).then_some(())
+            },
+        )
+        .await;
+        roots.push(root);
+    }
+    let clones_s = started.elapsed().as_secs_f64();
+    let info = |path: &std::path::Path| -> serde_json::Value {
+        let out = std::process::Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(path)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(info(&roots[0])["backing-filename"], cold_root.as_str());
+    assert!(
+        info(&roots[1]).get("backing-filename").is_none(),
+        "a copy stands alone"
+    );
+    let dump = std::process::Command::new("qemu-io")
+        .args(["-r", "-U", "-f", "qcow2", "-c", "read -v 4096 16"])
+        .arg(&roots[1])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&dump.stdout).contains("guest.wrote.vda"),
+        "the copy holds what the guest wrote on its root disk: {}",
+        String::from_utf8_lossy(&dump.stdout)
+    );
+    let refused = admin.delete(vm_snapshots, ns, "cold").await.unwrap_err();
+    assert_eq!(refused.code(), Some(409), "{refused}");
+    assert!(
+        refused
+            .to_string()
+            .contains("backs the root disk of VM linked"),
+        "{refused}"
+    );
+    for clone_name in ["linked", "copy"] {
+        admin.delete(vms, ns, clone_name).await.unwrap();
+    }
+    for clone_name in ["linked", "copy"] {
+        eventually(&format!("{clone_name} is gone"), 90, async || {
+            admin.get(vms, ns, clone_name).await.is_err().then_some(())
+        })
+        .await;
+    }
+
     // Snapshots hold the VM and the volume, and go newest first.
     for (kind, what) in [(vms, name.as_str()), (volumes, "state")] {
         let refused = admin.delete(kind, ns, what).await.unwrap_err();
@@ -806,7 +904,7 @@ async fn vm_snapshots_keep_memory_and_disks_and_revert_a_running_guest() {
     assert_eq!(path_of("state").await, base, "merged back into its file");
     assert!(holds(&base, b'A'));
     println!(
-        "VM snapshots (tiny guest, 256 MiB, root disk and one volume): with memory {warm_s:.1} s, revert with memory {revert_s:.1} s, disks only while stopped {cold_s:.1} s, two deleted (merged) {delete_s:.1} s"
+        "VM snapshots (tiny guest, 256 MiB, root disk and one volume): with memory {warm_s:.1} s, revert with memory {revert_s:.1} s, disks only while stopped {cold_s:.1} s, two deleted (merged) {delete_s:.1} s; a linked clone and a full copy of a 32 MiB root disk as new VMs {clones_s:.1} s"
     );
 
     admin.delete(vms, ns, &name).await.unwrap();

@@ -700,6 +700,7 @@ impl Objects {
                 crate::vm_snapshots::admit(self.store.as_ref(), project, &mut object).await?;
             }
             if let (Some(project), "VirtualMachine") = (&project, kind.kind) {
+                crate::vm_snapshots::place_clone(self.store.as_ref(), project, &mut object).await?;
                 crate::security_groups::check_references(
                     self.store.as_ref(),
                     project,

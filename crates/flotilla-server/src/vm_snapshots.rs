@@ -1,7 +1,8 @@
 //! Admission for VM snapshots: one names a VM of its project that runs on a node and whose
 //! volumes can carry overlays (qcow2, not shareable); they are deleted newest first (each is
-//! the base of the next); a VM or a volume with VM snapshots is not deleted (their files live
-//! in the VM's directory and in the volume's chain).
+//! the base of the next) and not while a VM's root disk is a linked clone of one; a VM or a
+//! volume with VM snapshots is not deleted (their files live in the VM's directory and in the
+//! volume's chain). A VM cloned from a snapshot or another VM is made on their node.
 
 use flotilla_store::{RangeRequest, Store};
 use flotilla_types::registry;
@@ -108,8 +109,140 @@ pub async fn admit(store: &dyn Store, project: &str, snapshot: &mut Value) -> Re
     Ok(())
 }
 
-/// Refuses (409, naming them) deleting a VM snapshot with newer ones of the same VM.
+/// Places a VM whose root disk is cloned (`spec.rootDisk.source`) on its source's node, or
+/// refuses it (422 at the field): a source the project lacks, a snapshot not Ready or without a
+/// root disk, a size under the source's, a `nodeName` elsewhere.
+pub async fn place_clone(store: &dyn Store, project: &str, vm: &mut Value) -> Result<(), ApiError> {
+    let source = vm["spec"]["rootDisk"]["source"].clone();
+    if source.is_null() {
+        return Ok(());
+    }
+    let name = vm["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut errs = FieldErrors::default();
+    let (node, size) = match (source["vmSnapshot"].as_str(), source["vm"].as_str()) {
+        (Some(snapshot), _) => {
+            let field = "spec.rootDisk.source.vmSnapshot";
+            let kind = registry::by_kind("VMSnapshot").expect("registered");
+            match store
+                .get(&object_key(kind, Some(project), snapshot))
+                .await?
+            {
+                None => {
+                    errs.push(
+                        field,
+                        format!("project {project:?} has no VMSnapshot {snapshot:?}"),
+                    );
+                    (Value::Null, None)
+                }
+                Some(kv) => {
+                    let s = parse_stored(&kv)?;
+                    let root = s["status"]["disks"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|d| d["volume"].is_null())
+                        .cloned();
+                    if s["status"]["phase"] != "Ready" {
+                        errs.push(field, format!("snapshot {snapshot:?} is not Ready yet"));
+                    } else if root.is_none() {
+                        errs.push(field, format!("snapshot {snapshot:?} has no root disk"));
+                    }
+                    (
+                        s["status"]["node"].clone(),
+                        root.and_then(|r| r["size"].as_u64()),
+                    )
+                }
+            }
+        }
+        (None, Some(source_vm)) => {
+            let kind = registry::by_kind("VirtualMachine").expect("registered");
+            match store
+                .get(&object_key(kind, Some(project), source_vm))
+                .await?
+            {
+                None => {
+                    errs.push(
+                        "spec.rootDisk.source.vm",
+                        format!("project {project:?} has no VirtualMachine {source_vm:?}"),
+                    );
+                    (Value::Null, None)
+                }
+                Some(kv) => {
+                    let v = parse_stored(&kv)?;
+                    if !v["spec"]["nodeName"].is_string() {
+                        errs.push(
+                            "spec.rootDisk.source.vm",
+                            format!("VM {source_vm:?} is not on a node yet"),
+                        );
+                    }
+                    (v["spec"]["nodeName"].clone(), None)
+                }
+            }
+        }
+        _ => (Value::Null, None),
+    };
+    let asked =
+        flotilla_types::Quantity::parse(vm["spec"]["rootDisk"]["size"].as_str().unwrap_or("0"))
+            .map(|q| q.value())
+            .unwrap_or(0);
+    if let Some(size) = size.filter(|s| u128::from(*s) > asked) {
+        errs.push(
+            "spec.rootDisk.size",
+            format!("is smaller than the source's root disk ({size} bytes)"),
+        );
+    }
+    if let (Some(node), Some(wanted)) = (node.as_str(), vm["spec"]["nodeName"].as_str()) {
+        if node != wanted {
+            errs.push(
+                "spec.nodeName",
+                format!("is {wanted:?}, but the root disk's source is on node {node:?}"),
+            );
+        }
+    }
+    errs.into_result()
+        .map_err(|errs| ApiError::invalid("VirtualMachine", &name, &errs))?;
+    if node.is_string() {
+        vm["spec"]["nodeName"] = node;
+    }
+    Ok(())
+}
+
+/// Refuses (409, naming them) deleting a VM snapshot with newer ones of the same VM, or one
+/// that VMs' root disks are linked clones of.
 pub async fn check_delete(store: &dyn Store, project: &str, name: &str) -> Result<(), ApiError> {
+    let vms = registry::by_kind("VirtualMachine").expect("registered");
+    let resp = store
+        .range(RangeRequest::prefix(&list_prefix(vms, Some(project))))
+        .await?;
+    let mut clones = Vec::new();
+    for kv in &resp.kvs {
+        let vm = parse_stored(kv)?;
+        let source = &vm["spec"]["rootDisk"]["source"];
+        if source["vmSnapshot"].as_str() == Some(name) && source["mode"] == "linked" {
+            clones.push(
+                vm["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+        }
+    }
+    if !clones.is_empty() {
+        return Err(ApiError::new(
+            409,
+            "Conflict",
+            format!(
+                "VM snapshot {name:?} backs the root disk{} of VM{} {}: delete {} first",
+                if clones.len() == 1 { "" } else { "s" },
+                if clones.len() == 1 { "" } else { "s" },
+                clones.join(", "),
+                if clones.len() == 1 { "it" } else { "them" }
+            ),
+        ));
+    }
     let snapshots = all(store, project).await?;
     let Some((revision, snapshot)) = snapshots
         .iter()

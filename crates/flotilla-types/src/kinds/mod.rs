@@ -40,8 +40,8 @@ pub use security_group::{
 pub use storage_pool::{PoolNodeStatus, PoolType, StoragePool, StoragePoolSpec, StoragePoolStatus};
 pub use vm::{
     disk_serial, CloudInit, DiskAttachment, DiskBus, DiskStatus, InterfaceStatus, KernelBoot,
-    NetworkAttachment, Phase, PowerState, Resources, RootDisk, VirtualMachine, VirtualMachineSpec,
-    VirtualMachineStatus,
+    NetworkAttachment, Phase, PowerState, Resources, RootDisk, RootDiskSource, VirtualMachine,
+    VirtualMachineSpec, VirtualMachineStatus,
 };
 pub use vm_snapshot::{VMSnapshot, VMSnapshotDisk, VMSnapshotSpec, VMSnapshotStatus};
 pub use vmclass::{VMClass, VMClassSpec, VMClassStatus};

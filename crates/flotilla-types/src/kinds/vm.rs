@@ -137,8 +137,31 @@ pub struct KernelBoot {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RootDisk {
-    /// The root disk's size, as a quantity (e.g. 20Gi); at least the image's.
+    /// The root disk's size, as a quantity (e.g. 20Gi); at least the image's (or the source's).
     pub size: Quantity,
+    /// Start from another VM's root disk instead of an image (the VM is then made on that
+    /// VM's node). Set once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<RootDiskSource>,
+}
+
+/// Where a cloned root disk comes from: one of `vmSnapshot` and `vm`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RootDiskSource {
+    /// A VMSnapshot of the project: its root disk as it was then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
+    pub vm_snapshot: Option<String>,
+    /// A stopped VM of the project: a full copy of its root disk as it is now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
+    pub vm: Option<String>,
+    /// `full` (the default: a copy of every byte) or `linked` (an overlay of the snapshot's
+    /// frozen file, made at once; the snapshot then stays while the VM does). A VM can only be
+    /// copied: its disk goes on changing.
+    #[serde(default)]
+    pub mode: crate::kinds::volume::CloneMode,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -404,7 +427,12 @@ impl Validate for VirtualMachineSpec {
                 );
             }
         }
-        if self.image.is_none() && self.boot.is_none() && self.adopted_domain.is_none() {
+        let source = self.root_disk.as_ref().and_then(|d| d.source.as_ref());
+        if self.image.is_none()
+            && self.boot.is_none()
+            && self.adopted_domain.is_none()
+            && source.is_none()
+        {
             errs.push(
                 format!("{path}.image"),
                 "is required: name an Image, or set boot {kernel, initrd, cmdline}",
@@ -412,6 +440,28 @@ impl Validate for VirtualMachineSpec {
         }
         if let Some(disk) = &self.root_disk {
             validation::disk_size(errs, &format!("{path}.rootDisk.size"), &disk.size);
+        }
+        if let Some(source) = source {
+            let at = format!("{path}.rootDisk.source");
+            match (&source.vm_snapshot, &source.vm) {
+                (Some(s), None) => validation::dns_label(errs, &format!("{at}.vmSnapshot"), s),
+                (None, Some(vm)) => {
+                    validation::dns_label(errs, &format!("{at}.vm"), vm);
+                    if source.mode == crate::kinds::volume::CloneMode::Linked {
+                        errs.push(
+                            format!("{at}.mode"),
+                            "a VM's disk can only be copied (full): it goes on changing; snapshot it and clone the snapshot linked",
+                        );
+                    }
+                }
+                _ => errs.push(at.clone(), "name one of vmSnapshot and vm"),
+            }
+            if self.image.is_some() {
+                errs.push(
+                    format!("{path}.image"),
+                    "cannot be set with rootDisk.source: the cloned disk is the VM's system",
+                );
+            }
         }
         let mut seen = std::collections::HashSet::new();
         let mut names = std::collections::HashSet::new();
@@ -585,6 +635,6 @@ crate::define_kind! {
             "IMAGE" => "spec.image" (wide),
             "IPS" => "status.ips" (wide)
         ],
-        set_once: ["spec.nodeName", "spec.adoptedDomain"],
+        set_once: ["spec.nodeName", "spec.adoptedDomain", "spec.rootDisk.source"],
     }
 }
