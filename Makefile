@@ -73,6 +73,7 @@ bench-router:
 # JSON line.
 bench-storage:
 	$(CARGO) bench --locked -p flotilla-storage --bench clones
+	$(CARGO) bench --locked -p flotilla-agent --bench upload
 
 # Rewrites the OpenAPI documents under openapi/ after an API change (a test fails until they are committed).
 openapi:

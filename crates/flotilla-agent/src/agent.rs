@@ -221,6 +221,7 @@ pub async fn run_with(
     // A volume changed: the VMs it is attached to look again (it became available, or grew);
     // a VM snapshot changed: its VM looks again.
     let (volume_changed, mut attached_vms) = mpsc::unbounded_channel::<String>();
+    disks.fetch_uploads_with(client.clone());
     let ctx = Arc::new(Context {
         metadata: metadata.clone(),
         firewall: firewall.clone(),

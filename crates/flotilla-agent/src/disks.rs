@@ -65,6 +65,8 @@ struct Inner {
     /// Keys whose cached file this process has verified.
     verified: Mutex<HashSet<String>>,
     notify: Mutex<Option<Notify>>,
+    /// The API, for images uploaded to it (set once the agent has its client).
+    api: std::sync::OnceLock<Arc<flotilla_client::Client>>,
 }
 
 /// What is recorded about a cached file when it is made, and checked before it is first used.
@@ -112,8 +114,14 @@ impl Disks {
                 inflight: Mutex::new(HashMap::new()),
                 verified: Mutex::new(HashSet::new()),
                 notify: Mutex::new(None),
+                api: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Fetches uploaded images (`source: {upload: {}}`) through `client`.
+    pub fn fetch_uploads_with(&self, client: Arc<flotilla_client::Client>) {
+        let _ = self.inner.api.set(client);
     }
 
     /// Calls `f` for every [`CacheNotice`].
@@ -297,6 +305,18 @@ impl Inner {
                 }
                 (path, false)
             }
+            (None, None) if spec.source.upload.is_some() => {
+                let part = flotilla_files::temp_path(&self.images.join(format!("{key}.download")));
+                let checked = match self.fetch_upload(project, name, &part).await {
+                    Ok(sum) => verify_checksum(name, spec, &sum),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = checked {
+                    let _ = tokio::fs::remove_file(&part).await;
+                    return Err(e);
+                }
+                (part, true)
+            }
             (None, None) => return Err(image_err(name, "has no source")),
         };
         let fmt = match spec.format {
@@ -414,6 +434,42 @@ impl Inner {
             }
         }
         Ok(Checked::Sound)
+    }
+
+    /// Fetches the uploaded file of Image `project/name` from the API into `dest`; returns its
+    /// SHA-256.
+    async fn fetch_upload(
+        &self,
+        project: &str,
+        name: &str,
+        dest: &Path,
+    ) -> Result<String, AgentError> {
+        let Some(api) = self.api.get() else {
+            return Err(image_err(
+                name,
+                "is uploaded, and this agent has no API client to fetch it",
+            ));
+        };
+        let body = api
+            .image_data(project, name)
+            .await
+            .map_err(|e| image_err(name, format!("cannot fetch the upload: {e}")))?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dest)
+            .await
+            .map_err(io(dest))?;
+        let mut hasher = Sha256::new();
+        let mut body = std::pin::pin!(body);
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk
+                .map_err(|e| image_err(name, format!("fetching the upload broke off: {e}")))?;
+            hasher.update(&chunk);
+            file.write_all(&chunk).await.map_err(io(dest))?;
+        }
+        file.sync_all().await.map_err(io(dest))?;
+        Ok(hex::encode(hasher.finalize()))
     }
 
     async fn download(&self, name: &str, url: &str, dest: &Path) -> Result<String, AgentError> {
@@ -543,6 +599,7 @@ mod tests {
             source: flotilla_types::ImageSource {
                 url: Some(url.into()),
                 path: None,
+                upload: None,
             },
             format: ImageFormat::Qcow2,
             sha256: sha.map(str::to_string),

@@ -185,7 +185,8 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
                     .await?,
                 "the Image",
             )?;
-            let cached = ctx.disks.cached_image(&project, image, &img.spec).await;
+            let spec = fetchable(image, &img)?;
+            let cached = ctx.disks.cached_image(&project, image, &spec).await;
             report_image(ctx, &project, image, &img, &cached).await;
             Some(cached?)
         }
@@ -295,6 +296,28 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
 
     step("disks and domain ready");
     apply_power(ctx, vm, &uid).await
+}
+
+/// The spec an image is fetched by: an uploaded one's once the upload is Ready, with the
+/// SHA-256 the server found (the cache is keyed and checked by it).
+fn fetchable(name: &str, image: &Image) -> Result<flotilla_types::ImageSpec, AgentError> {
+    let mut spec = image.spec.clone();
+    if spec.source.upload.is_none() {
+        return Ok(spec);
+    }
+    let upload = image
+        .status
+        .as_ref()
+        .and_then(|s| s.upload.clone())
+        .unwrap_or_default();
+    if upload.phase != "Ready" {
+        return Err(AgentError::Image {
+            image: name.to_string(),
+            message: "is not uploaded yet (flotilla image upload)".into(),
+        });
+    }
+    spec.sha256 = spec.sha256.or(Some(upload.sha256));
+    Ok(spec)
 }
 
 /// Grows the root disk to `size` bytes when `spec.rootDisk.size` asks for more than it has:

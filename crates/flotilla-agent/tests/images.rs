@@ -46,6 +46,7 @@ async fn downloads_verify_convert_and_cache() {
         source: ImageSource {
             url: Some(url.clone()),
             path: None,
+            upload: None,
         },
         format: ImageFormat::Raw,
         sha256: sha,
@@ -139,6 +140,7 @@ async fn the_disk_queue_bounds_concurrent_work() {
                 source: ImageSource {
                     url: Some(format!("http://{addr}/img-{i}")),
                     path: None,
+                    upload: None,
                 },
                 format: ImageFormat::Raw,
                 sha256: None,
@@ -181,6 +183,7 @@ async fn damaged_entries_are_noticed_and_made_again() {
         source: ImageSource {
             url: None,
             path: Some(source.display().to_string()),
+            upload: None,
         },
         format: ImageFormat::Qcow2,
         sha256: Some(sum),
@@ -243,4 +246,187 @@ async fn damaged_entries_are_noticed_and_made_again() {
         manifest.exists(),
         "the manifest is written for the adopted entry"
     );
+}
+
+fn qemu(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Uploaded images: streamed to the server, refused (and not kept) when the checksum, the
+/// format or a backing file says the file is not what it should be, kept once, read back
+/// byte for byte, fetched and cached by a node for a VM, and removed when the image goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploaded_images_are_checked_kept_once_and_cached_by_the_nodes() {
+    use flotilla_controllers::testkit::{eventually, TestCluster};
+    use flotilla_types::registry::lookup;
+    use futures::StreamExt;
+    use serde_json::json;
+
+    let cluster = TestCluster::start().await;
+    let (server, admin, tmp) = (&cluster.server, &cluster.admin, &cluster.dir);
+    let mut config = flotilla_agent::AgentConfig::new(
+        vec![server.url.clone()],
+        "up-node",
+        tmp.path().join("agent"),
+    );
+    config.join_token = Some(cluster.join_token().await);
+    config.libvirt_uri = "test:///default".into();
+    config.resync = std::time::Duration::from_secs(1);
+    let libvirt = flotilla_agent::libvirt::Libvirt::open("test:///default")
+        .await
+        .unwrap();
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(flotilla_agent::run_with(config, libvirt, stop_rx));
+
+    // A 64 MiB qcow2 with 8 MiB of data, and a qcow2 on top of it (a backing file).
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("disk.qcow2");
+    let file_text = file.display().to_string();
+    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", &file_text, "64M"]);
+    qemu(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -q -P 0x5a 1M 8M",
+        &file_text,
+    ]);
+    let overlay = work.path().join("overlay.qcow2");
+    let overlay_text = overlay.display().to_string();
+    qemu(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        &file_text,
+        &overlay_text,
+        "64M",
+    ]);
+    let bytes = std::fs::read(&file).unwrap();
+    let sum = hex::encode(sha2::Sha256::digest(&bytes));
+    let images = lookup("image").unwrap();
+    let ns = Some("default");
+    let upload = async |name: &str, spec: serde_json::Value, path: &std::path::Path| {
+        let image = json!({"metadata": {"name": name}, "spec": spec});
+        admin.create(images, ns, &image).await.unwrap();
+        let data = std::fs::read(path).unwrap();
+        let len = data.len() as u64;
+        let started = std::time::Instant::now();
+        let result = admin
+            .upload_image("default", name, reqwest::Body::from(data), len)
+            .await;
+        (result, started.elapsed())
+    };
+    let uploads = tmp.path().join("server/uploads");
+    let kept = || -> Vec<String> {
+        std::fs::read_dir(&uploads)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    // Not what it says: refused at the field, nothing kept.
+    let wrong = "0".repeat(64);
+    let (refused, _) = upload(
+        "bad-sum",
+        json!({"source": {"upload": {}}, "sha256": wrong}),
+        &file,
+    )
+    .await;
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.code(), Some(422), "{refused}");
+    assert!(refused.to_string().contains("spec.sha256"), "{refused}");
+    let status = admin.get(images, ns, "bad-sum").await.unwrap()["status"]["upload"].clone();
+    assert_eq!(status["phase"], "Failed", "{status}");
+    let (refused, _) = upload(
+        "bad-format",
+        json!({"source": {"upload": {}}, "format": "raw"}),
+        &file,
+    )
+    .await;
+    let refused = refused.unwrap_err();
+    assert!(refused.to_string().contains("spec.format"), "{refused}");
+    let (refused, _) = upload("backed", json!({"source": {"upload": {}}}), &overlay).await;
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.code(), Some(422), "{refused}");
+    assert!(refused.to_string().contains("backing file"), "{refused}");
+    assert!(kept().is_empty(), "nothing refused is kept: {:?}", kept());
+    // An image fetched from a URL has no file to upload.
+    let fetched =
+        json!({"metadata": {"name": "fetched"}, "spec": {"source": {"path": "/nope.qcow2"}}});
+    admin.create(images, ns, &fetched).await.unwrap();
+    let refused = admin
+        .upload_image("default", "fetched", reqwest::Body::from(vec![0u8; 16]), 16)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(422), "{refused}");
+
+    // What it says: kept, once.
+    let (uploaded, took) = upload("good", json!({"source": {"upload": {}}}), &file).await;
+    let uploaded = uploaded.unwrap();
+    assert_eq!(uploaded["status"]["upload"]["phase"], "Ready", "{uploaded}");
+    assert_eq!(uploaded["status"]["upload"]["sha256"], sum.as_str());
+    assert_eq!(uploaded["status"]["upload"]["bytes"], bytes.len() as u64);
+    println!(
+        "upload of a {} MiB qcow2 through the API: {:.2} s ({:.0} MiB/s)",
+        bytes.len() >> 20,
+        took.as_secs_f64(),
+        bytes.len() as f64 / (1 << 20) as f64 / took.as_secs_f64()
+    );
+    let again = admin
+        .upload_image(
+            "default",
+            "good",
+            reqwest::Body::from(bytes.clone()),
+            bytes.len() as u64,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Some(409), "{again}");
+    let mut read = Vec::new();
+    let mut stream = std::pin::pin!(admin.image_data("default", "good").await.unwrap());
+    while let Some(chunk) = stream.next().await {
+        read.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(read == bytes, "read back byte for byte");
+
+    // A VM's node fetches it with its own credentials and caches it.
+    let vms = lookup("vm").unwrap();
+    let vm = json!({"metadata": {"name": "from-upload"}, "spec": {
+        "powerState": "Stopped", "resources": {"cpus": 1, "memory": "64Mi"}, "image": "good"}});
+    admin.create(vms, ns, &vm).await.unwrap();
+    eventually("the node caches the uploaded image", 60, async || {
+        let image = admin.get(images, ns, "good").await.ok()?;
+        (image["status"]["nodes"]["up-node"]["phase"] == "Ready").then_some(())
+    })
+    .await;
+    let cached: Vec<_> = std::fs::read_dir(tmp.path().join("agent/images"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "qcow2"))
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    let cached_text = cached[0].display().to_string();
+    qemu(&["qemu-img", "compare", "-q", "-U", &file_text, &cached_text]);
+
+    // Gone with its image.
+    admin.delete(vms, ns, "from-upload").await.unwrap();
+    assert_eq!(kept().len(), 1, "{:?}", kept());
+    admin.delete(images, ns, "good").await.unwrap();
+    eventually("the uploaded file is removed", 30, async || {
+        kept().is_empty().then_some(())
+    })
+    .await;
 }

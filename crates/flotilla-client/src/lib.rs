@@ -438,6 +438,54 @@ fn lines(
 
 impl Client {
     /// A VM's serial console log, proxied by the server from its node; `follow` keeps streaming.
+    /// Sends the file of an uploaded Image (`source: {upload: {}}`), streamed from `body`
+    /// (`len` bytes); returns the Image as the server has it after checking the file. Only the
+    /// server in use is tried: a stream cannot be sent twice.
+    pub async fn upload_image(
+        &self,
+        namespace: &str,
+        name: &str,
+        body: reqwest::Body,
+        len: u64,
+    ) -> Result<Value, ClientError> {
+        let kind = flotilla_types::registry::by_kind("Image").expect("registered");
+        let p = format!("{}/data", path(kind, Some(namespace), Some(name), false));
+        let idx = self.active.load(Ordering::Relaxed) % self.urls.len();
+        let mut req = self
+            .http
+            .put(format!("{}{p}", self.urls[idx]))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(body);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|e| ClientError::Transport {
+            url: self.urls[idx].clone(),
+            message: e.to_string(),
+        })?;
+        if !resp.status().is_success() {
+            return Err(error_from(resp).await);
+        }
+        resp.json()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// The file of an uploaded Image, as a stream.
+    pub async fn image_data(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<impl Stream<Item = Result<Bytes, ClientError>>, ClientError> {
+        let kind = flotilla_types::registry::by_kind("Image").expect("registered");
+        let p = format!("{}/data", path(kind, Some(namespace), Some(name), false));
+        let resp = self.send(Method::GET, &p, &[], None).await?;
+        Ok(resp
+            .bytes_stream()
+            .map(|c| c.map_err(|e| ClientError::Decode(format!("the image stream broke: {e}")))))
+    }
+
     pub async fn vm_log(
         &self,
         namespace: &str,

@@ -50,6 +50,7 @@ impl TestCluster {
         .expect("chmod");
         let mut config = ServerConfig::new(dir.path().join("server"));
         config.listen = listen;
+        config.upload_sweep = Duration::from_secs(1);
         let server = flotilla_server::start(config)
             .await
             .expect("the server starts");

@@ -35,6 +35,8 @@ pub struct AppState {
     pub client_key_pem: Arc<String>,
     /// This cluster's identity (see [`Objects::ensure_cluster_id`]).
     pub cluster_id: Arc<String>,
+    /// Where uploaded images are kept.
+    pub uploads: Arc<std::path::PathBuf>,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -31,6 +31,7 @@ mod request;
 mod resource;
 pub mod security_groups;
 mod storage;
+mod uploads;
 mod vm_snapshots;
 pub mod watch;
 pub mod watch_cache;
@@ -52,6 +53,8 @@ pub struct ServerConfig {
     pub store: Option<Arc<dyn Store>>,
     /// Client connections held at once (default: what the open-file limit allows).
     pub max_connections: Option<usize>,
+    /// How often uploaded files of deleted images are removed.
+    pub upload_sweep: Duration,
 }
 
 impl ServerConfig {
@@ -63,6 +66,7 @@ impl ServerConfig {
             bookmark_interval: Duration::from_secs(10),
             store: None,
             max_connections: None,
+            upload_sweep: Duration::from_secs(60),
         }
     }
 }
@@ -250,9 +254,18 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         client_cert_pem: Arc::new(pki.client_cert_pem.clone()),
         client_key_pem: Arc::new(pki.client_key_pem.clone()),
         cluster_id: Arc::new(cluster_id.clone()),
+        uploads: Arc::new(dir.join("uploads")),
     };
     let app = http::router(state);
     let (shutdown, rx) = tokio::sync::watch::channel(false);
+    let mut stop = rx.clone();
+    let sweeper = uploads::run_sweeper(objects.clone(), dir.join("uploads"), config.upload_sweep);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sweeper => {}
+            _ = stop.changed() => {}
+        }
+    });
     let mut limits = flotilla_tls::Limits::for_this_process();
     if let Some(n) = config.max_connections {
         limits.max_connections = n;

@@ -101,6 +101,25 @@ async fn handle(
         }
         return crate::logs::proxy(&state, &principal, &ns, &name, query.as_deref()).await;
     }
+    if params.get("sub").map(String::as_str) == Some("data")
+        && params.get("plural").map(String::as_str) == Some("images")
+    {
+        let (ns, name) = (
+            params.get("ns").cloned().unwrap_or_default(),
+            params.get("name").cloned().unwrap_or_default(),
+        );
+        let (objects, dir) = (&state.objects, state.uploads.as_path());
+        return match method {
+            Method::PUT => {
+                crate::uploads::receive(objects, dir, &principal, (&ns, &name), body).await
+            }
+            Method::GET => crate::uploads::send(objects, dir, &principal, (&ns, &name)).await,
+            _ => Err(ApiError::method_not_allowed(
+                "an image's file is sent with PUT and read with GET",
+                "GET, PUT",
+            )),
+        };
+    }
     if params.get("sub").map(String::as_str) == Some("addresses")
         && params.get("plural").map(String::as_str) == Some("networks")
     {

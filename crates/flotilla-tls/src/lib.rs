@@ -200,6 +200,7 @@ async fn serve_with(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_streams)
+        .adaptive_window(true)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);

@@ -9,6 +9,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 mod agent_cmd;
 mod client_cmds;
 mod config;
+mod image_cmd;
 mod output;
 mod server_cmd;
 mod volume_cmd;
@@ -46,6 +47,13 @@ enum Command {
     Vm {
         #[command(subcommand)]
         cmd: client_cmds::VmCommand,
+        #[command(flatten)]
+        conn: config::ConnectionArgs,
+    },
+    /// Image operations: upload.
+    Image {
+        #[command(subcommand)]
+        cmd: image_cmd::ImageCommand,
         #[command(flatten)]
         conn: config::ConnectionArgs,
     },
@@ -121,6 +129,7 @@ fn main() -> ExitCode {
             Command::Node { cmd, conn } => client_cmds::node(&conn, cmd).await,
             Command::Vm { cmd, conn } => client_cmds::vm(&conn, cmd).await,
             Command::Volume { cmd, conn } => volume_cmd::run(&conn, cmd).await,
+            Command::Image { cmd, conn } => image_cmd::run(&conn, cmd).await,
             Command::Completion { shell } => {
                 clap_complete::generate(
                     shell,

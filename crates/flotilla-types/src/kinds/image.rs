@@ -36,6 +36,32 @@ pub struct ImageSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex = "crate::validation::HOST_PATH_PATTERN", length(max = 4096))]
     pub path: Option<String>,
+    /// The file is uploaded through the API (`PUT .../images/NAME/data`, `flotilla image
+    /// upload`), once; the server keeps it and the nodes fetch it from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<ImageUpload>,
+}
+
+/// An uploaded image's source: nothing to say (`upload: {}`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageUpload {}
+
+/// How far an upload is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UploadStatus {
+    /// `Uploading`, `Ready` or `Failed`.
+    pub phase: String,
+    /// Bytes received so far (all of them when Ready).
+    #[serde(default)]
+    pub bytes: u64,
+    /// Hex SHA-256 of what was received (when Ready).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sha256: String,
+    /// Why it failed, if it did.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -56,6 +82,9 @@ pub struct ImageStatus {
     /// merges in its own entry without touching the others'.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub nodes: std::collections::BTreeMap<String, ImageNodeStatus>,
+    /// An uploaded image's upload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<UploadStatus>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -74,7 +103,12 @@ pub struct ImageNodeStatus {
 impl Validate for ImageSpec {
     fn validate(&self, path: &str, errs: &mut FieldErrors) {
         let src = format!("{path}.source");
+        let upload = self.source.upload.is_some();
+        if upload && (self.source.url.is_some() || self.source.path.is_some()) {
+            errs.push(src.clone(), "set one of url, path and upload");
+        }
         match (&self.source.url, &self.source.path) {
+            (None, None) if upload => {}
             (Some(url), None) => {
                 let ok = (url.starts_with("http://") || url.starts_with("https://"))
                     && url.chars().count() <= 4096
@@ -88,7 +122,10 @@ impl Validate for ImageSpec {
             }
             (None, Some(p)) => validation::host_path(errs, &format!("{src}.path"), p),
             (Some(_), Some(_)) => errs.push(src, "set either url or path, not both"),
-            (None, None) => errs.push(src, "set url (http or https) or path (a file on the nodes)"),
+            (None, None) => errs.push(
+                src,
+                "set url (http or https), path (a file on the nodes) or upload ({}: send the file through the API)",
+            ),
         }
         if let Some(sum) = &self.sha256 {
             if sum.len() != 64 || !sum.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -115,6 +152,11 @@ crate::define_kind! {
         short_names: ["img"],
         namespaced: true,
         field_selectors: [],
-        columns: ["FORMAT" => "spec.format", "URL" => "spec.source.url", "PATH" => "spec.source.path"],
+        columns: [
+            "FORMAT" => "spec.format",
+            "URL" => "spec.source.url",
+            "PATH" => "spec.source.path",
+            "UPLOAD" => "status.upload.phase"
+        ],
     }
 }

@@ -20,7 +20,10 @@ pub mod volume_snapshot;
 
 pub use event::{Event, EventSource, EventType, ObjectReference};
 pub use floating_ip::{FloatingIP, FloatingIPSpec, FloatingIPStatus};
-pub use image::{Image, ImageFormat, ImageNodeStatus, ImageSource, ImageSpec, ImageStatus};
+pub use image::{
+    Image, ImageFormat, ImageNodeStatus, ImageSource, ImageSpec, ImageStatus, ImageUpload,
+    UploadStatus,
+};
 pub use lease::{Lease, LeaseSpec, LeaseStatus};
 pub use network::{
     Network, NetworkAddress, NetworkAddressList, NetworkDns, NetworkSpec, NetworkStatus,
