@@ -141,11 +141,13 @@ pub async fn run_with(
         crate::identity::cluster_id(&client, &config.data_dir)
     })
     .await?;
+    let late = crate::export::Late::default();
     let logs = crate::logserver::start(
         config.listen,
         config.advertise.as_deref(),
         &ca_pem,
         config.data_dir.clone(),
+        late.clone(),
     )
     .await?;
     let virt_type = if config.libvirt_uri.starts_with("test:") {
@@ -243,6 +245,7 @@ pub async fn run_with(
         )),
         volumes: Arc::new(crate::attach::NodeVolumes::new(volume_changed)),
     });
+    let _ = late.set(ctx.clone());
     if !config.labels.is_empty() {
         let patch = json!({"metadata": {"labels": config.labels}});
         let node = lookup("node").expect("registered");

@@ -76,6 +76,11 @@ impl NodeVolumes {
         *items = volumes.clone();
     }
 
+    /// The volume with `uid` placed on this node, as last heard.
+    pub fn by_uid(&self, uid: &str) -> Option<Volume> {
+        self.items.lock().expect("volumes lock").get(uid).cloned()
+    }
+
     /// The names of the volumes (of `project`) whose attachments list the VM `uid`.
     fn held_by(&self, project: &str, uid: &str) -> Vec<String> {
         let items = self.items.lock().expect("volumes lock");

@@ -12,6 +12,7 @@ pub mod disks;
 pub mod domain;
 pub mod error;
 mod events;
+pub mod export;
 pub mod firewall;
 mod follow;
 pub mod identity;

@@ -1,4 +1,5 @@
-//! The agent's HTTPS endpoint for the API server: VM console logs. Its certificate is
+//! The agent's HTTPS endpoint for the API server: VM console logs and volume exports
+//! ([`crate::export`]). Its certificate is
 //! self-signed and pinned by the server through the SHA-256 published in Node status; clients
 //! must present a certificate signed by the Flotilla CA (only the API server has one).
 
@@ -84,6 +85,7 @@ pub async fn start(
     advertise: Option<&str>,
     ca_pem: &str,
     data_dir: PathBuf,
+    late: crate::export::Late,
 ) -> Result<LogServer, AgentError> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -129,9 +131,13 @@ pub async fn start(
         .with_single_cert(vec![cert.der().clone()], key_der)
         .map_err(|e| tls_err(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let exports = Router::new()
+        .route("/v1/volumes/{uid}/data", get(crate::export::export))
+        .with_state(late);
     let app = Router::new()
         .route("/v1/vms/{uid}/log", get(log))
-        .with_state(Arc::new(data_dir.join("vms")));
+        .with_state(Arc::new(data_dir.join("vms")))
+        .merge(exports);
     let (stop, rx) = tokio::sync::watch::channel(false);
     // Only the API server (or its replicas) connects here.
     let mut limits = flotilla_tls::Limits::for_this_process();

@@ -194,3 +194,135 @@ async fn a_volume_holds_one_vm_pins_it_and_is_let_go_of() {
     )
     .await;
 }
+
+/// Downloading a volume: its whole chain (here a snapshot under the current overlay) comes
+/// back as one standalone file, qcow2 or raw, with the same content; not while a running VM
+/// writes it; nothing is left beside the volume afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_downloads_as_one_standalone_file() {
+    use futures::StreamExt;
+    let cluster = TestCluster::start().await;
+    let (server, admin, tmp) = (&cluster.server, &cluster.admin, &cluster.dir);
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut config = AgentConfig::new(vec![server.url.clone()], "dl-node", tmp.path().join("a"));
+    config.join_token = Some(cluster.join_token().await);
+    config.libvirt_uri = "test:///default".into();
+    config.resync = Duration::from_secs(1);
+    let libvirt = flotilla_agent::libvirt::Libvirt::open("test:///default")
+        .await
+        .unwrap();
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(flotilla_agent::run_with(config, libvirt, stop_rx));
+    let (vms, volumes, snapshots) = (
+        lookup("vm").unwrap(),
+        lookup("volume").unwrap(),
+        lookup("volumesnapshot").unwrap(),
+    );
+    let ns = Some("default");
+    let volume = json!({"metadata": {"name": "src"}, "spec": {"size": "16Mi"}});
+    admin.create(volumes, ns, &volume).await.unwrap();
+    let path_when = async |what: &str, done: fn(&Value) -> bool| -> String {
+        eventually(what, 60, async || {
+            let v = admin.get(volumes, ns, "src").await.ok()?;
+            done(&v).then(|| v["status"]["path"].as_str().unwrap().to_string())
+        })
+        .await
+    };
+    let base = path_when("the volume is Available", |v| {
+        v["status"]["phase"] == "Available"
+    })
+    .await;
+    let io = |path: &str, command: &str| {
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", command, path])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    io(&base, "write -q -P 0x11 0 1M");
+    let snapshot = json!({"metadata": {"name": "s"}, "spec": {"volume": "src"}});
+    admin.create(snapshots, ns, &snapshot).await.unwrap();
+    let base_clone = base.clone();
+    let top = eventually("the volume moved onto an overlay", 60, async || {
+        let v = admin.get(volumes, ns, "src").await.ok()?;
+        let p = v["status"]["path"].as_str()?.to_string();
+        (p != base_clone).then_some(p)
+    })
+    .await;
+    io(&top, "write -q -P 0x22 2M 1M");
+
+    let download =
+        async |format: &str| -> Result<std::path::PathBuf, flotilla_client::ClientError> {
+            let stream = admin.volume_data("default", "src", format).await?;
+            let mut stream = std::pin::pin!(stream);
+            let file = tmp.path().join(format!("download.{format}"));
+            let mut bytes = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                bytes.extend_from_slice(&chunk?);
+            }
+            std::fs::write(&file, bytes).unwrap();
+            Ok(file)
+        };
+    let info = |path: &std::path::Path| -> Value {
+        let out = std::process::Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(path)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let compare = |format: &str, path: &std::path::Path| {
+        let out = std::process::Command::new("qemu-img")
+            .args(["compare", "-U", "-F", format, "-f", "qcow2", &top])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{format}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+    for format in ["qcow2", "raw"] {
+        let file = download(format).await.unwrap();
+        let got = info(&file);
+        assert_eq!(got["format"], format, "{got}");
+        assert!(got.get("backing-filename").is_none(), "standalone: {got}");
+        assert_eq!(got["virtual-size"], 16u64 << 20, "{got}");
+        compare(format, &file);
+    }
+    let refused = admin
+        .volume_data("default", "src", "vmdk")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(refused.code(), Some(422), "{refused}");
+    let pool = std::path::Path::new(&top).parent().unwrap().to_path_buf();
+    let files = || std::fs::read_dir(&pool).unwrap().count();
+    assert_eq!(
+        files(),
+        2,
+        "the snapshot's file and the overlay, no export copy left"
+    );
+
+    // A running VM writes it: refused, saying what to do.
+    let mut running = vm("writer", &["src"]);
+    running["spec"]["powerState"] = json!("Running");
+    admin.create(vms, ns, &running).await.unwrap();
+    eventually("the writer runs", 60, async || {
+        let v = admin.get(vms, ns, "writer").await.ok()?;
+        (v["status"]["phase"] == "Running").then_some(())
+    })
+    .await;
+    let refused = admin
+        .volume_data("default", "src", "qcow2")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(refused.code(), Some(409), "{refused}");
+    assert!(refused.to_string().contains("running VM"), "{refused}");
+}

@@ -17,6 +17,7 @@ async fn only_ca_signed_clients_read_logs() {
         None,
         &pki.ca_pem,
         dir.path().to_path_buf(),
+        Default::default(),
     )
     .await
     .unwrap();

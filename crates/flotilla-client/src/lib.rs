@@ -472,6 +472,23 @@ impl Client {
             .map_err(|e| ClientError::Decode(e.to_string()))
     }
 
+    /// A volume's content as one standalone `format` (qcow2 or raw) file, as a stream.
+    pub async fn volume_data(
+        &self,
+        namespace: &str,
+        name: &str,
+        format: &str,
+    ) -> Result<impl Stream<Item = Result<Bytes, ClientError>>, ClientError> {
+        let kind = flotilla_types::registry::by_kind("Volume").expect("registered");
+        let p = format!("{}/data", path(kind, Some(namespace), Some(name), false));
+        let resp = self
+            .send(Method::GET, &p, &[("format", format.to_string())], None)
+            .await?;
+        Ok(resp
+            .bytes_stream()
+            .map(|c| c.map_err(|e| ClientError::Decode(format!("the volume stream broke: {e}")))))
+    }
+
     /// The file of an uploaded Image, as a stream.
     pub async fn image_data(
         &self,

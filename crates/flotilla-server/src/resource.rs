@@ -102,6 +102,21 @@ async fn handle(
         return crate::logs::proxy(&state, &principal, &ns, &name, query.as_deref()).await;
     }
     if params.get("sub").map(String::as_str) == Some("data")
+        && params.get("plural").map(String::as_str) == Some("volumes")
+    {
+        let (ns, name) = (
+            params.get("ns").cloned().unwrap_or_default(),
+            params.get("name").cloned().unwrap_or_default(),
+        );
+        if method != Method::GET {
+            return Err(ApiError::method_not_allowed(
+                "a volume's content is read with GET",
+                "GET",
+            ));
+        }
+        return crate::logs::export_volume(&state, &principal, &ns, &name, query.as_deref()).await;
+    }
+    if params.get("sub").map(String::as_str) == Some("data")
         && params.get("plural").map(String::as_str) == Some("images")
     {
         let (ns, name) = (

@@ -113,17 +113,12 @@ pub async fn receive(
             "is not set: this image is fetched from its url or path, not uploaded".into(),
         ));
     }
-    match image["status"]["upload"]["phase"].as_str() {
-        Some("Ready") => {
-            return Err(ApiError::new(
-                409,
-                "Conflict",
-                format!(
-                    "image {name:?} is uploaded already; create another image for another file"
-                ),
-            ))
-        }
-        _ => {}
+    if image["status"]["upload"]["phase"] == "Ready" {
+        return Err(ApiError::new(
+            409,
+            "Conflict",
+            format!("image {name:?} is uploaded already; create another image for another file"),
+        ));
     }
     let uid = image["metadata"]["uid"]
         .as_str()

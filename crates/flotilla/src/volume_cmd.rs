@@ -90,6 +90,17 @@ pub enum VolumeCommand {
         #[arg(short = 'p', long)]
         project: Option<String>,
     },
+    /// Download a volume's content as one standalone file (no running VM may write it).
+    Download {
+        volume: String,
+        /// Where to write it (- for stdout).
+        file: String,
+        /// qcow2 (default) or raw.
+        #[arg(long, default_value = "qcow2")]
+        format: String,
+        #[arg(short = 'p', long)]
+        project: Option<String>,
+    },
 }
 
 pub async fn run(conn: &ConnectionArgs, cmd: VolumeCommand) -> anyhow::Result<()> {
@@ -200,6 +211,36 @@ pub async fn run(conn: &ConnectionArgs, cmd: VolumeCommand) -> anyhow::Result<()
             let body = json!({"metadata": {"name": snapshot}, "spec": {"volume": volume}});
             client.create(snapshots, Some(&proj), &body).await?;
             println!("volumesnapshot/{snapshot} of volume/{volume} created");
+        }
+        VolumeCommand::Download {
+            volume,
+            file,
+            format,
+            project: p,
+        } => {
+            use futures::StreamExt;
+            use tokio::io::AsyncWriteExt;
+            let proj = project(&p, &ctx).to_string();
+            let stream = client
+                .volume_data(&proj, &volume, &format)
+                .await
+                .map_err(|e| not_found_hint(e, volumes, &proj))?;
+            let mut stream = std::pin::pin!(stream);
+            let mut out: Box<dyn tokio::io::AsyncWrite + Unpin> = if file == "-" {
+                Box::new(tokio::io::stdout())
+            } else {
+                Box::new(tokio::fs::File::create(&file).await?)
+            };
+            let mut bytes = 0u64;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk?;
+                bytes += chunk.len() as u64;
+                out.write_all(&chunk).await?;
+            }
+            out.flush().await?;
+            if file != "-" {
+                println!("volume/{volume} downloaded to {file} ({bytes} bytes, {format})");
+            }
         }
         VolumeCommand::Revert {
             volume,
