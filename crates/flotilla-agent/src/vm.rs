@@ -300,7 +300,10 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
 
 /// The spec an image is fetched by: an uploaded one's once the upload is Ready, with the
 /// SHA-256 the server found (the cache is keyed and checked by it).
-fn fetchable(name: &str, image: &Image) -> Result<flotilla_types::ImageSpec, AgentError> {
+pub(crate) fn fetchable(
+    name: &str,
+    image: &Image,
+) -> Result<flotilla_types::ImageSpec, AgentError> {
     let mut spec = image.spec.clone();
     if spec.source.upload.is_none() {
         return Ok(spec);

@@ -320,6 +320,14 @@ async fn reconcile(
         Err(flotilla_storage::StorageError::NotFound(_)) => {
             let source = match &volume.spec.source {
                 None => Source::Blank,
+                // Fetched (or found) in the node's image cache before the copy takes its place
+                // in the disk queue (the fetch takes one of its own).
+                Some(from) if from.image.is_some() => Source::Clone {
+                    from: image_file(ctx, volume, from.image.as_deref().unwrap_or_default())
+                        .await?,
+                    format: Format::Qcow2,
+                    linked: false,
+                },
                 Some(from) => match source_file(ctx, volume, from, &pool).await? {
                     Some((path, format)) => Source::Clone {
                         from: path,
@@ -412,6 +420,27 @@ async fn grow(
     };
     tracing::info!(volume = %volume.metadata.name, from = info.virtual_size, to = grown.virtual_size, online = !users.is_empty(), "grew a volume");
     Ok(grown)
+}
+
+/// The node's cached copy (qcow2) of Image `name` of the volume's project, fetched if need be.
+async fn image_file(
+    ctx: &Context,
+    volume: &Volume,
+    name: &str,
+) -> Result<std::path::PathBuf, String> {
+    let project = volume.metadata.namespace.clone().unwrap_or_default();
+    let image: flotilla_types::Image = serde_json::from_value(
+        ctx.client
+            .get(lookup("image").expect("registered"), Some(&project), name)
+            .await
+            .map_err(|e| format!("cannot read image {name:?}: {e}"))?,
+    )
+    .map_err(|e| format!("cannot read image {name:?}: {e}"))?;
+    let spec = crate::vm::fetchable(name, &image).map_err(|e| e.to_string())?;
+    ctx.disks
+        .cached_image(&project, name, &spec)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// The file and format a clone copies: the source volume's current file, or the snapshot's

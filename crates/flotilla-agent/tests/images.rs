@@ -421,6 +421,31 @@ async fn uploaded_images_are_checked_kept_once_and_cached_by_the_nodes() {
     let cached_text = cached[0].display().to_string();
     qemu(&["qemu-img", "compare", "-q", "-U", &file_text, &cached_text]);
 
+    // A volume starts as a copy of it (not linked: the cache is not the clone's to keep).
+    let volumes = lookup("volume").unwrap();
+    let linked = json!({"metadata": {"name": "x"}, "spec": {"size": "64Mi",
+        "source": {"image": "good", "mode": "linked"}}});
+    let refused = admin.create(volumes, ns, &linked).await.unwrap_err();
+    assert_eq!(refused.code(), Some(422), "{refused}");
+    let missing =
+        json!({"metadata": {"name": "x"}, "spec": {"size": "64Mi", "source": {"image": "nope"}}});
+    let refused = admin.create(volumes, ns, &missing).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("spec.source.image"),
+        "{refused}"
+    );
+    let copy = json!({"metadata": {"name": "from-image"}, "spec": {"size": "96Mi", "source": {"image": "good"}}});
+    admin.create(volumes, ns, &copy).await.unwrap();
+    let made = eventually("the volume is made from the image", 60, async || {
+        let v = admin.get(volumes, ns, "from-image").await.ok()?;
+        (v["status"]["phase"] == "Available").then_some(v)
+    })
+    .await;
+    assert_eq!(made["status"]["capacity"], 96u64 << 20, "{made}");
+    let copied = made["status"]["path"].as_str().unwrap().to_string();
+    // The first 64 MiB are the image's (the rest is the growth).
+    qemu(&["qemu-img", "compare", "-q", "-U", &file_text, &copied]);
+
     // Gone with its image.
     admin.delete(vms, ns, "from-upload").await.unwrap();
     assert_eq!(kept().len(), 1, "{:?}", kept());

@@ -135,6 +135,13 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
         let pool = pools.iter().find(|p| p.metadata.name == volume.spec.pool);
         let size = u64::try_from(volume.spec.size.value()).unwrap_or(u64::MAX);
         let placed = match &volume.spec.source {
+            // A copy of an image goes wherever a blank volume would: every node can fetch it.
+            Some(source) if source.image.is_some() => place(
+                pool,
+                &volume.spec.pool,
+                size,
+                given.entry(volume.spec.pool.clone()).or_default(),
+            ),
             None => place(
                 pool,
                 &volume.spec.pool,

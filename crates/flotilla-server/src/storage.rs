@@ -57,7 +57,24 @@ pub async fn check_source(
                 }
             }
         }
-        (None, None) => return Ok(()),
+        (None, None) => {
+            if let Some(image) = volume["spec"]["source"]["image"].as_str() {
+                let images = registry::by_kind("Image").expect("registered");
+                if store
+                    .get(&object_key(images, Some(project), image))
+                    .await?
+                    .is_none()
+                {
+                    errs.push(
+                        "spec.source.image",
+                        format!("project {project:?} has no Image {image:?}"),
+                    );
+                }
+            }
+            return errs
+                .into_result()
+                .map_err(|errs| ApiError::invalid("Volume", name, &errs));
+        }
     };
     let Some(source) = source else {
         return errs

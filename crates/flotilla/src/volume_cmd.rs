@@ -13,7 +13,8 @@ use crate::config::{self, ConnectionArgs};
 
 #[derive(clap::Subcommand)]
 pub enum VolumeCommand {
-    /// Make a volume: blank, or a clone of a volume or snapshot (--from, --from-snapshot).
+    /// Make a volume: blank, a clone of a volume or snapshot (--from, --from-snapshot), or a
+    /// copy of an image (--from-image).
     Create {
         name: String,
         /// Its size, e.g. 10Gi (a clone: at least its source's).
@@ -29,11 +30,14 @@ pub enum VolumeCommand {
         #[arg(long)]
         shareable: bool,
         /// Clone this volume.
-        #[arg(long, conflicts_with = "from_snapshot")]
+        #[arg(long, conflicts_with_all = ["from_snapshot", "from_image"])]
         from: Option<String>,
         /// Clone this VolumeSnapshot.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "from_image")]
         from_snapshot: Option<String>,
+        /// Start as a copy of this Image.
+        #[arg(long, conflicts_with = "linked")]
+        from_image: Option<String>,
         /// A linked clone (an overlay of its source) rather than a full copy.
         #[arg(long)]
         linked: bool,
@@ -115,6 +119,7 @@ pub async fn run(conn: &ConnectionArgs, cmd: VolumeCommand) -> anyhow::Result<()
             shareable,
             from,
             from_snapshot,
+            from_image,
             linked,
             project: p,
         } => {
@@ -130,6 +135,9 @@ pub async fn run(conn: &ConnectionArgs, cmd: VolumeCommand) -> anyhow::Result<()
                 spec["shareable"] = json!(true);
             }
             let mode = if linked { "linked" } else { "full" };
+            if let Some(image) = from_image {
+                spec["source"] = json!({"image": image});
+            }
             match (from, from_snapshot) {
                 (Some(v), _) => spec["source"] = json!({"volume": v, "mode": mode}),
                 (None, Some(s)) => spec["source"] = json!({"snapshot": s, "mode": mode}),

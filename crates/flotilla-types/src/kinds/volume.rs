@@ -44,6 +44,11 @@ pub struct VolumeSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
     pub snapshot: Option<String>,
+    /// The Image (of the project) to copy: a volume that starts as the image (full only: the
+    /// node's cached copy of an image is not kept for clones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
+    pub image: Option<String>,
     /// `full` (the default: every byte copied, independent) or `linked` (copy-on-write over the
     /// source, qcow2 only; the source cannot be deleted while the clone exists).
     #[serde(default)]
@@ -107,14 +112,25 @@ impl Validate for VolumeSpec {
         validation::dns_label(errs, &format!("{path}.pool"), &self.pool);
         validation::disk_size(errs, &format!("{path}.size"), &self.size);
         if let Some(source) = &self.source {
-            match (&source.volume, &source.snapshot) {
-                (Some(v), None) => validation::dns_label(errs, &format!("{path}.source.volume"), v),
-                (None, Some(s)) => {
+            match (&source.volume, &source.snapshot, &source.image) {
+                (Some(v), None, None) => {
+                    validation::dns_label(errs, &format!("{path}.source.volume"), v)
+                }
+                (None, Some(s), None) => {
                     validation::dns_label(errs, &format!("{path}.source.snapshot"), s)
+                }
+                (None, None, Some(i)) => {
+                    validation::dns_label(errs, &format!("{path}.source.image"), i);
+                    if source.mode == CloneMode::Linked {
+                        errs.push(
+                            format!("{path}.source.mode"),
+                            "an image is copied (full): the node's cached copy of it is not kept for clones",
+                        );
+                    }
                 }
                 _ => errs.push(
                     format!("{path}.source"),
-                    "set one of volume and snapshot: what to clone",
+                    "set one of volume, snapshot and image: what to start from",
                 ),
             }
             if source.mode == CloneMode::Linked && self.format != ImageFormat::Qcow2 {
