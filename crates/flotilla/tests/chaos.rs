@@ -22,7 +22,10 @@
 //! - each round's volume (in the default pool, made during the kills, attached to the first VM)
 //!   becomes Available with its file there, its snapshot (also taken during the kills) Ready
 //!   on the file the volume had, and a running first VM has the volume's current file; once
-//!   all are deleted, the pool directory holds nothing — no volume, overlay or temporary.
+//!   all are deleted, the pool directory holds nothing — no volume, overlay or temporary;
+//! - each round's VM snapshot of its second VM (taken during the kills, as soon as the VM has a
+//!   node; with memory if it runs) becomes Ready with its frozen root file there, a running VM
+//!   writes the overlay on it, and once deleted (merged) the VM is back on one root file.
 //!
 //! `CHAOS_ROUNDS` (3 in `make test`, hundreds in `make chaos`), `CHAOS_SEED` (random unless
 //! given; printed, so a failing run can be repeated) and `CHAOS_VMS` (4) shape the run;
@@ -241,6 +244,7 @@ async fn chaos() {
     let (routers, fips) = (lookup("router").unwrap(), lookup("floatingip").unwrap());
     let (volume_kind, snapshot_kind) =
         (lookup("volume").unwrap(), lookup("volumesnapshot").unwrap());
+    let vm_snapshot_kind = lookup("vmsnapshot").unwrap();
     let ext = json!({"metadata": {"name": "chaos-ext"}, "spec": {"type": "bridged", "bridge": lan,
         "cidr": "203.0.113.0/24", "gateway": "203.0.113.1"}});
     persist("create external network", || {
@@ -341,6 +345,24 @@ async fn chaos() {
         })
         .await;
         done_before(409, created).unwrap();
+        // A VM snapshot of the second VM, as soon as it has a node (refused until then).
+        let vm_snapshot = format!("vmsnap-{round}");
+        let vm_snapshot_object =
+            json!({"metadata": {"name": vm_snapshot}, "spec": {"vm": names[1]}});
+        let asked = Instant::now();
+        loop {
+            let created = persist("create VM snapshot", || {
+                admin.create(vm_snapshot_kind, Some("default"), &vm_snapshot_object)
+            })
+            .await;
+            match done_before(409, created) {
+                Ok(()) => break,
+                Err(e) if e.code() == Some(422) && asked.elapsed() < CONVERGE => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("round {round} (seed {seed}): the VM snapshot is refused: {e}"),
+            }
+        }
         let acked = names.clone();
         // The round's router and a floating IP for its first VM, made during the kills too.
         let router = format!("rt-{round}");
@@ -478,6 +500,42 @@ async fn chaos() {
             drop(fleet);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // Invariant: the VM snapshot is taken, its frozen root file there, and a running VM on
+        // the overlay above it.
+        let second_uid = persist("get", || admin.get(vms, Some("default"), &names[1]))
+            .await
+            .unwrap()["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        loop {
+            let snap = persist("get VM snapshot", || {
+                admin.get(vm_snapshot_kind, Some("default"), &vm_snapshot)
+            })
+            .await
+            .unwrap();
+            let frozen = snap["status"]["disks"][0]["path"]
+                .as_str()
+                .unwrap_or_default();
+            let second = persist("get", || admin.get(vms, Some("default"), &names[1]))
+                .await
+                .unwrap();
+            let suid = snap["metadata"]["uid"].as_str().unwrap_or_default();
+            let live = second["status"]["phase"] != "Running"
+                || support::domain_xml(&second_uid).contains(&format!("root.{suid}.qcow2"));
+            if snap["status"]["phase"] == "Ready" && std::path::Path::new(frozen).exists() && live {
+                break;
+            }
+            let fleet = fleet.lock().unwrap();
+            assert!(
+                last_restart.elapsed() < CONVERGE,
+                "round {round} (seed {seed}): the VM snapshot is not taken or the running VM not on its overlay (live {live}): {}\nagent log:\n{}",
+                snap["status"],
+                fleet.agent.tail(40)
+            );
+            drop(fleet);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         // Invariant: the router runs on the host, and the floating IP forwards to the first VM.
         let router_uid = persist("get router", || {
             admin.get(routers, Some("default"), &router)
@@ -535,6 +593,42 @@ async fn chaos() {
             let deleted = persist("delete", || admin.delete(kind, Some("default"), name)).await;
             done_before(404, deleted).unwrap();
         }
+        // The VM snapshot is merged away before its VM can go (409 until then).
+        let deleted = persist("delete VM snapshot", || {
+            admin.delete(vm_snapshot_kind, Some("default"), &vm_snapshot)
+        })
+        .await;
+        done_before(404, deleted).unwrap();
+        let asked = Instant::now();
+        while persist("get VM snapshot", || {
+            admin.get(vm_snapshot_kind, Some("default"), &vm_snapshot)
+        })
+        .await
+        .is_ok()
+        {
+            let fleet = fleet.lock().unwrap();
+            assert!(
+                asked.elapsed() < CONVERGE,
+                "round {round} (seed {seed}): the VM snapshot is not merged away\nagent log:\n{}",
+                fleet.agent.tail(40)
+            );
+            drop(fleet);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let roots: Vec<String> = std::fs::read_dir(data.join("vms").join(&second_uid))
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| {
+                        n.starts_with("root") && n.ends_with(".qcow2") || n.ends_with(".mem")
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(
+            roots,
+            ["root.qcow2"],
+            "round {round} (seed {seed}): the merged VM is not back on one root file"
+        );
         for name in &acked {
             let deleted = persist("delete", || admin.delete(vms, Some("default"), name)).await;
             done_before(404, deleted).unwrap();
