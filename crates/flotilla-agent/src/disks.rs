@@ -284,11 +284,16 @@ impl Inner {
         tokio::fs::create_dir_all(&self.images)
             .await
             .map_err(io(&self.images))?;
-        let (input, downloaded) = match (&spec.source.url, &spec.source.path) {
-            (Some(url), _) => {
+        let remote = match (&spec.source.url, &spec.source.upload) {
+            (Some(url), _) => Some(Remote::Url(url)),
+            (None, Some(_)) => Some(Remote::Upload),
+            (None, None) => None,
+        };
+        let (input, downloaded) = match (remote, &spec.source.path) {
+            (Some(remote), _) => {
                 let part = flotilla_files::temp_path(&self.images.join(format!("{key}.download")));
                 // A failed or unverifiable download leaves nothing behind.
-                let checked = match self.download(name, url, &part).await {
+                let checked = match self.fetch(project, name, remote, &part).await {
                     Ok(sum) => verify_checksum(name, spec, &sum),
                     Err(e) => Err(e),
                 };
@@ -304,18 +309,6 @@ impl Inner {
                     verify_checksum(name, spec, &hash_file(&path).await?)?;
                 }
                 (path, false)
-            }
-            (None, None) if spec.source.upload.is_some() => {
-                let part = flotilla_files::temp_path(&self.images.join(format!("{key}.download")));
-                let checked = match self.fetch_upload(project, name, &part).await {
-                    Ok(sum) => verify_checksum(name, spec, &sum),
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = checked {
-                    let _ = tokio::fs::remove_file(&part).await;
-                    return Err(e);
-                }
-                (part, true)
             }
             (None, None) => return Err(image_err(name, "has no source")),
         };
@@ -436,24 +429,47 @@ impl Inner {
         Ok(Checked::Sound)
     }
 
-    /// Fetches the uploaded file of Image `project/name` from the API into `dest`; returns its
-    /// SHA-256.
-    async fn fetch_upload(
+    /// Fetches an image's file into `dest` (from its URL, or the API for an upload); returns
+    /// its SHA-256.
+    async fn fetch(
         &self,
         project: &str,
         name: &str,
+        remote: Remote<'_>,
         dest: &Path,
     ) -> Result<String, AgentError> {
-        let Some(api) = self.api.get() else {
-            return Err(image_err(
-                name,
-                "is uploaded, and this agent has no API client to fetch it",
-            ));
+        type Chunks =
+            std::pin::Pin<Box<dyn futures::Stream<Item = Result<bytes::Bytes, String>> + Send>>;
+        let body: Chunks = match remote {
+            Remote::Url(url) => {
+                let resp = self
+                    .http
+                    .get(url)
+                    .send()
+                    .await
+                    .map_err(|e| image_err(name, format!("download failed: {e}")))?;
+                if !resp.status().is_success() {
+                    return Err(image_err(
+                        name,
+                        format!("download failed: {url} answered {}", resp.status()),
+                    ));
+                }
+                Box::pin(resp.bytes_stream().map(|c| c.map_err(|e| e.to_string())))
+            }
+            Remote::Upload => {
+                let Some(api) = self.api.get() else {
+                    return Err(image_err(
+                        name,
+                        "is uploaded, and this agent has no API client to fetch it",
+                    ));
+                };
+                let body = api
+                    .image_data(project, name)
+                    .await
+                    .map_err(|e| image_err(name, format!("cannot fetch the upload: {e}")))?;
+                Box::pin(body.map(|c| c.map_err(|e| e.to_string())))
+            }
         };
-        let body = api
-            .image_data(project, name)
-            .await
-            .map_err(|e| image_err(name, format!("cannot fetch the upload: {e}")))?;
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -461,38 +477,7 @@ impl Inner {
             .await
             .map_err(io(dest))?;
         let mut hasher = Sha256::new();
-        let mut body = std::pin::pin!(body);
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk
-                .map_err(|e| image_err(name, format!("fetching the upload broke off: {e}")))?;
-            hasher.update(&chunk);
-            file.write_all(&chunk).await.map_err(io(dest))?;
-        }
-        file.sync_all().await.map_err(io(dest))?;
-        Ok(hex::encode(hasher.finalize()))
-    }
-
-    async fn download(&self, name: &str, url: &str, dest: &Path) -> Result<String, AgentError> {
-        let resp = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| image_err(name, format!("download failed: {e}")))?;
-        if !resp.status().is_success() {
-            return Err(image_err(
-                name,
-                format!("download failed: {url} answered {}", resp.status()),
-            ));
-        }
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(dest)
-            .await
-            .map_err(io(dest))?;
-        let mut hasher = Sha256::new();
-        let mut body = resp.bytes_stream();
+        let mut body = body;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| image_err(name, format!("download broke off: {e}")))?;
             hasher.update(&chunk);
@@ -501,6 +486,13 @@ impl Inner {
         file.sync_all().await.map_err(io(dest))?;
         Ok(hex::encode(hasher.finalize()))
     }
+}
+
+/// Where an image's file is fetched from.
+enum Remote<'a> {
+    Url(&'a str),
+    /// The API, which keeps uploaded images.
+    Upload,
 }
 
 /// What verification found.

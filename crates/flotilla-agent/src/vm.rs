@@ -218,7 +218,14 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
         .await;
     let mut disks = crate::attach::resolve(ctx, vm).await?;
     // Snapshots taken, merged away or reverted to move the disks to other files.
-    if crate::vmsnapshots::reconcile(ctx, vm, &uid, &dir, has_root, &disks).await? {
+    let subject = crate::vmsnapshots::Subject {
+        vm,
+        uid: &uid,
+        dir: &dir,
+        has_root,
+        volumes: &disks,
+    };
+    if crate::vmsnapshots::reconcile(ctx, &subject).await? {
         disks = crate::attach::resolve(ctx, vm).await?;
         let root_name = crate::vmsnapshots::active_root(&dir).await;
         root_disk = dir.join(format!("{root_name}.qcow2"));

@@ -156,6 +156,16 @@ fn text(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
+/// The VM a snapshot step works on: its object, its domain's uid, its directory, whether it
+/// has a root disk, and its volumes as resolved for its definition.
+pub struct Subject<'a> {
+    pub vm: &'a VirtualMachine,
+    pub uid: &'a str,
+    pub dir: &'a Path,
+    pub has_root: bool,
+    pub volumes: &'a [VolumeDisk],
+}
+
 /// One disk of the VM, as a snapshot step sees it.
 struct Part {
     /// `root` or the disk's name in `spec.disks`.
@@ -192,13 +202,8 @@ impl Part {
 }
 
 /// The VM's disks: its root disk (if it has one) and its volumes, each with its current file.
-async fn parts(
-    ctx: &Context,
-    vm: &VirtualMachine,
-    dir: &Path,
-    has_root: bool,
-    volumes: &[VolumeDisk],
-) -> Result<Vec<Part>, String> {
+async fn parts(ctx: &Context, subject: &Subject<'_>) -> Result<Vec<Part>, String> {
+    let (vm, dir, has_root, volumes) = (subject.vm, subject.dir, subject.has_root, subject.volumes);
     let mut parts = Vec::new();
     if has_root {
         let pool = DirPool::open(dir).map_err(text)?;
@@ -304,15 +309,9 @@ async fn fresh(ctx: &Context, snapshot: &VMSnapshot) -> Option<VMSnapshot> {
 /// first) and a revert its annotation asks for; returns whether a disk moved to another file
 /// (the caller reads the disks again). A snapshot's own failure is reported on it; a revert's
 /// fails the VM's reconcile.
-pub async fn reconcile(
-    ctx: &Context,
-    vm: &VirtualMachine,
-    uid: &str,
-    dir: &Path,
-    has_root: bool,
-    volumes: &[VolumeDisk],
-) -> Result<bool, AgentError> {
-    let snapshots = ctx.vm_snapshots.of_vm(uid);
+pub async fn reconcile(ctx: &Context, subject: &Subject<'_>) -> Result<bool, AgentError> {
+    let vm = subject.vm;
+    let snapshots = ctx.vm_snapshots.of_vm(subject.uid);
     let mut moved = false;
     let deleting = snapshots
         .iter()
@@ -327,9 +326,9 @@ pub async fn reconcile(
             continue;
         };
         let result = if snapshot.metadata.deletion_timestamp.is_some() {
-            delete(ctx, vm, dir, has_root, volumes, &snapshot).await
+            delete(ctx, subject, &snapshot).await
         } else {
-            take(ctx, vm, uid, dir, has_root, volumes, &snapshot).await
+            take(ctx, subject, &snapshot).await
         };
         match result {
             Ok(m) => moved |= m,
@@ -343,7 +342,7 @@ pub async fn reconcile(
         }
     }
     // A revert that cannot be carried out says why and blocks nothing else of the VM.
-    match revert(ctx, vm, uid, dir, has_root, volumes, &snapshots).await {
+    match revert(ctx, subject, &snapshots).await {
         Ok(m) => moved |= m,
         Err(AgentError::Config(message)) => {
             tracing::warn!(vm = %vm.metadata.name, %message, "cannot revert");
@@ -355,30 +354,14 @@ pub async fn reconcile(
 }
 
 /// Takes `snapshot` (or finishes taking it).
-async fn take(
-    ctx: &Context,
-    vm: &VirtualMachine,
-    uid: &str,
-    dir: &Path,
-    has_root: bool,
-    volumes: &[VolumeDisk],
-    snapshot: &VMSnapshot,
-) -> Result<bool, String> {
+async fn take(ctx: &Context, subject: &Subject<'_>, snapshot: &VMSnapshot) -> Result<bool, String> {
+    let (vm, uid, dir) = (subject.vm, subject.uid, subject.dir);
     if !snapshot.metadata.finalizers.iter().any(|f| f == FINALIZER) {
         // Before any file is made, so that a deletion cannot leave one behind.
-        let kind = lookup("vmsnapshot").expect("registered");
-        let ns = snapshot.metadata.namespace.clone().unwrap_or_default();
-        let mut finalizers = snapshot.metadata.finalizers.clone();
-        finalizers.push(FINALIZER.into());
-        let patch = json!({"metadata": {"finalizers": finalizers,
-                                        "resourceVersion": snapshot.metadata.resource_version}});
-        ctx.client
-            .patch(kind, Some(&ns), &snapshot.metadata.name, &patch, false)
-            .await
-            .map_err(|e| format!("cannot add the agent's finalizer: {e}"))?;
+        set_finalizer(ctx, snapshot, true).await?;
     }
     let suid = snapshot.metadata.uid.clone().unwrap_or_default();
-    let parts = parts(ctx, vm, dir, has_root, volumes).await?;
+    let parts = parts(ctx, subject).await?;
     if parts.is_empty() {
         return Err("the VM has no disk to snapshot".into());
     }
@@ -484,25 +467,19 @@ async fn pool_info(pool: &DirPool, path: &Path) -> Result<VolumeInfo, String> {
 /// Merges `snapshot`'s files away, removes its memory file, and lets the object go.
 async fn delete(
     ctx: &Context,
-    vm: &VirtualMachine,
-    dir: &Path,
-    has_root: bool,
-    volumes: &[VolumeDisk],
+    subject: &Subject<'_>,
     snapshot: &VMSnapshot,
 ) -> Result<bool, String> {
+    let (vm, dir) = (subject.vm, subject.dir);
     if !snapshot.metadata.finalizers.iter().any(|f| f == FINALIZER) {
         return Ok(false);
     }
     let status = snapshot.status.clone().unwrap_or_default();
     let suid = snapshot.metadata.uid.clone().unwrap_or_default();
-    let parts = parts(ctx, vm, dir, has_root, volumes).await?;
+    let parts = parts(ctx, subject).await?;
     let mut moved = false;
     for disk in &status.disks {
-        let part = parts.iter().find(|p| match (&p.volume, &disk.volume) {
-            (None, None) => true,
-            (Some(v), Some(name)) => v.metadata.name == *name,
-            _ => false,
-        });
+        let part = part_of(&parts, disk);
         // A volume detached since: its own lock (not the VM's to hold), not waited for long —
         // a VM attaching it may hold it while waiting for this VM's.
         let (_held, detached);
@@ -543,34 +520,51 @@ async fn delete(
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(text(e)),
         _ => {}
     }
+    set_finalizer(ctx, snapshot, false).await?;
+    tracing::info!(vm = %vm.metadata.name, snapshot = %snapshot.metadata.name, "deleted a VM snapshot");
+    Ok(moved)
+}
+
+/// Adds the agent's finalizer to `snapshot`, or takes it off, on the version read (a newer
+/// one makes this a conflict, and the step is taken again).
+async fn set_finalizer(ctx: &Context, snapshot: &VMSnapshot, present: bool) -> Result<(), String> {
     let kind = lookup("vmsnapshot").expect("registered");
     let ns = snapshot.metadata.namespace.clone().unwrap_or_default();
-    let finalizers: Vec<&String> = snapshot
+    let mut finalizers: Vec<String> = snapshot
         .metadata
         .finalizers
         .iter()
         .filter(|f| *f != FINALIZER)
+        .cloned()
         .collect();
+    if present {
+        finalizers.push(FINALIZER.into());
+    }
     let patch = json!({"metadata": {"finalizers": finalizers,
                                     "resourceVersion": snapshot.metadata.resource_version}});
     ctx.client
         .patch(kind, Some(&ns), &snapshot.metadata.name, &patch, false)
         .await
-        .map_err(|e| format!("cannot remove the agent's finalizer: {e}"))?;
-    tracing::info!(vm = %vm.metadata.name, snapshot = %snapshot.metadata.name, "deleted a VM snapshot");
-    Ok(moved)
+        .map(drop)
+        .map_err(|e| format!("cannot change the agent's finalizer: {e}"))
+}
+
+/// The part of `parts` that is the snapshot's `disk`: the root disk, or the same volume.
+fn part_of<'p>(parts: &'p [Part], disk: &VMSnapshotDisk) -> Option<&'p Part> {
+    parts.iter().find(|p| match (&p.volume, &disk.volume) {
+        (None, None) => true,
+        (Some(v), Some(name)) => v.metadata.name == *name,
+        _ => false,
+    })
 }
 
 /// Carries out a revert the VM's annotation asks for and its status has not recorded.
 async fn revert(
     ctx: &Context,
-    vm: &VirtualMachine,
-    uid: &str,
-    dir: &Path,
-    has_root: bool,
-    volumes: &[VolumeDisk],
+    subject: &Subject<'_>,
     snapshots: &[VMSnapshot],
 ) -> Result<bool, AgentError> {
+    let (vm, uid, dir) = (subject.vm, subject.uid, subject.dir);
     let Some(request) = vm.metadata.annotations.get(REVERT_ANNOTATION) else {
         return Ok(false);
     };
@@ -592,16 +586,12 @@ async fn revert(
         )));
     }
     let memory = !taken.memory_path.is_empty();
-    let parts = parts(ctx, vm, dir, has_root, volumes).await.map_err(fail)?;
+    let parts = parts(ctx, subject).await.map_err(fail)?;
     // Every disk of the snapshot must be a disk of the VM now (and, with memory, no other:
     // the guest resumes with the devices it had).
     let mut plan = Vec::new();
     for disk in &taken.disks {
-        let part = parts.iter().find(|p| match (&p.volume, &disk.volume) {
-            (None, None) => true,
-            (Some(v), Some(name)) => v.metadata.name == *name,
-            _ => false,
-        });
+        let part = part_of(&parts, disk);
         let Some(part) = part else {
             return Err(fail(format!(
                 "cannot revert to {wanted:?}: its disk {:?} (volume {:?}) is not attached to the VM; attach it again first",

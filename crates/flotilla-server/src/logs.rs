@@ -43,14 +43,13 @@ pub async fn proxy(
     let (endpoint, client) = agent(state, node_name).await?;
     let follow = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .any(|(k, v)| k == "follow" && (v == "true" || v == "1"));
-    let url = format!("{endpoint}/v1/vms/{uid}/log?follow={follow}");
-    let resp = client.get(&url).send().await.map_err(|e| {
-        ApiError::new(
-            502,
-            "BadGateway",
-            format!("cannot reach the agent of node {node_name:?} at {endpoint}: {e}"),
-        )
-    })?;
+    let resp = ask(
+        &client,
+        &endpoint,
+        node_name,
+        &format!("/v1/vms/{uid}/log?follow={follow}"),
+    )
+    .await?;
     match resp.status().as_u16() {
         200 => {}
         404 => return Err(ApiError::not_found("log of VirtualMachine", name)),
@@ -100,6 +99,26 @@ async fn agent(state: &AppState, node_name: &str) -> Result<(String, reqwest::Cl
     Ok((endpoint.to_string(), client))
 }
 
+/// GETs `path` from the agent at `endpoint` (502 when it cannot be reached).
+async fn ask(
+    client: &reqwest::Client,
+    endpoint: &str,
+    node_name: &str,
+    path: &str,
+) -> Result<reqwest::Response, ApiError> {
+    client
+        .get(format!("{endpoint}{path}"))
+        .send()
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                502,
+                "BadGateway",
+                format!("cannot reach the agent of node {node_name:?} at {endpoint}: {e}"),
+            )
+        })
+}
+
 /// `GET .../volumes/NAME/data`: the volume's content, flattened by its node's agent.
 pub async fn export_volume(
     state: &AppState,
@@ -142,14 +161,8 @@ pub async fn export_volume(
         ));
     };
     let (endpoint, client) = agent(state, node_name).await?;
-    let url = format!("{endpoint}/v1/volumes/{uid}/data?format={format}");
-    let resp = client.get(&url).send().await.map_err(|e| {
-        ApiError::new(
-            502,
-            "BadGateway",
-            format!("cannot reach the agent of node {node_name:?} at {endpoint}: {e}"),
-        )
-    })?;
+    let path = format!("/v1/volumes/{uid}/data?format={format}");
+    let resp = ask(&client, &endpoint, node_name, &path).await?;
     match resp.status().as_u16() {
         200 => {}
         404 => return Err(ApiError::not_found("file of Volume", name)),

@@ -600,17 +600,19 @@ async fn chaos() {
         .await;
         done_before(404, deleted).unwrap();
         let asked = Instant::now();
-        while persist("get VM snapshot", || {
+        while let Ok(snap) = persist("get VM snapshot", || {
             admin.get(vm_snapshot_kind, Some("default"), &vm_snapshot)
         })
         .await
-        .is_ok()
         {
+            let vm = persist("get", || admin.get(vms, Some("default"), &names[1])).await;
             let fleet = fleet.lock().unwrap();
             assert!(
                 asked.elapsed() < CONVERGE,
-                "round {round} (seed {seed}): the VM snapshot is not merged away\nagent log:\n{}",
-                fleet.agent.tail(40)
+                "round {round} (seed {seed}): the VM snapshot is not merged away: {}\nits VM: {:?}\nagent log:\n{}",
+                snap,
+                vm.map(|v| v["status"].clone()),
+                fleet.agent.tail(60)
             );
             drop(fleet);
             tokio::time::sleep(Duration::from_millis(200)).await;
