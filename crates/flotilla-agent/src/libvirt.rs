@@ -399,33 +399,40 @@ impl Libvirt {
             let base = std::ffi::CString::new(base)
                 .map_err(|_| AgentError::Libvirt("a path with a NUL byte".into()))?;
             let last = || AgentError::Libvirt(virt::error::Error::last_error().to_string());
-            // SAFETY: a live domain pointer and C strings that outlive the calls; a null top
-            // means the active layer.
-            let started = unsafe {
-                virt::sys::virDomainBlockCommit(
-                    d.as_ptr(),
-                    disk.as_ptr(),
-                    base.as_ptr(),
-                    std::ptr::null(),
-                    0,
-                    virt::sys::VIR_DOMAIN_BLOCK_COMMIT_ACTIVE,
-                )
+            let job = |info: &mut virt::sys::virDomainBlockJobInfo| {
+                // SAFETY: a live domain pointer, a C string that outlives the call and a valid
+                // struct for it to fill.
+                unsafe { virt::sys::virDomainGetBlockJobInfo(d.as_ptr(), disk.as_ptr(), info, 0) }
             };
-            if started < 0 {
-                return Err(last());
+            let mut info = virt::sys::virDomainBlockJobInfo {
+                type_: 0,
+                bandwidth: 0,
+                cur: 0,
+                end: 0,
+            };
+            // A commit a crash left unpivoted runs (or waits, caught up) in QEMU still: it is
+            // taken up where it is rather than refused as a second job on the disk.
+            let resumed = job(&mut info) > 0
+                && info.type_ == virt::sys::VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT as i32;
+            if !resumed {
+                // SAFETY: as above; a null top means the active layer.
+                let started = unsafe {
+                    virt::sys::virDomainBlockCommit(
+                        d.as_ptr(),
+                        disk.as_ptr(),
+                        base.as_ptr(),
+                        std::ptr::null(),
+                        0,
+                        virt::sys::VIR_DOMAIN_BLOCK_COMMIT_ACTIVE,
+                    )
+                };
+                if started < 0 {
+                    return Err(last());
+                }
             }
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
             loop {
-                let mut info = virt::sys::virDomainBlockJobInfo {
-                    type_: 0,
-                    bandwidth: 0,
-                    cur: 0,
-                    end: 0,
-                };
-                // SAFETY: as above; `info` is a valid struct for the call to fill.
-                let got = unsafe {
-                    virt::sys::virDomainGetBlockJobInfo(d.as_ptr(), disk.as_ptr(), &mut info, 0)
-                };
+                let got = job(&mut info);
                 if got < 0 {
                     return Err(last());
                 }

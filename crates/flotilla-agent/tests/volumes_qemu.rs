@@ -394,7 +394,23 @@ async fn snapshots_freeze_revert_merge_and_clone_a_volume() {
     let refused = admin.delete(snapshots, ns, "one").await.unwrap_err();
     assert_eq!(refused.code(), Some(409), "{refused}");
     assert!(refused.to_string().contains("newest first"), "{refused}");
-    // Deleted under the running guest: merged back, the guest now on the snapshot's file.
+    // Deleted under the running guest: merged back, the guest now on the snapshot's file —
+    // also when a merge was started and never pivoted (an agent killed in the middle): the job
+    // left in QEMU is taken up, not refused as a second one. (virsh starts it here.)
+    let target = flotilla_agent::libvirt::disks_of(&xml)
+        .into_iter()
+        .find(|d| d.volume.as_deref() == Some("data"))
+        .unwrap()
+        .target;
+    let started_job = std::process::Command::new("virsh")
+        .args(["blockcommit", &uid, &target, "--active", "--base", &overlay])
+        .output()
+        .unwrap();
+    assert!(
+        started_job.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started_job.stderr)
+    );
     let started = Instant::now();
     admin.delete(snapshots, ns, "two").await.unwrap();
     eventually("snapshot two is gone", 60, async || {
