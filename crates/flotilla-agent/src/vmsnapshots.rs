@@ -585,7 +585,10 @@ async fn revert(
             "cannot revert to {wanted:?} yet: the snapshot is not Ready"
         )));
     }
-    let memory = !taken.memory_path.is_empty();
+    // The declared power state wins: a VM meant to be stopped gets its disks back and stays
+    // stopped (its guest is not resumed only to be shut down).
+    let memory =
+        !taken.memory_path.is_empty() && vm.spec.power_state == flotilla_types::PowerState::Running;
     let parts = parts(ctx, subject).await.map_err(fail)?;
     // Every disk of the snapshot must be a disk of the VM now (and, with memory, no other:
     // the guest resumes with the devices it had).
