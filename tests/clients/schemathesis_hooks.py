@@ -26,6 +26,12 @@ as "valid data rejected". This hook makes generated requests keep them, and noth
 - a router's and a floating IP's networks exist (cross-object: the run makes st-ext, bridged
   with a cidr, and st-lan), a router leaves through a network or the node's uplink (cross-field), a floating IP's address is a free one of its network, a route's
   destination is a network narrower than the default route (cross-field);
+- a VM snapshot's VM exists on a node (cross-object: the run makes st-vm), a VM's cloned root
+  disk names a source that exists (cross-object: generated root disks are new), an image has
+  one of url, path and upload (cross-field);
+- a JSON patch's paths lead into its target (cross-object: a drawn patch becomes a test of
+  the name), and a merge patch has no unknown top-level fields (fieldValidation=Strict, a rule of the
+  parameter);
 - label and field selectors follow their grammar (not a regular language for labels' sets);
 - continue tokens are the server's own (opaque; a made-up one is rightly 400);
 - numbers fit a 64-bit float (JSON has no limit; the server reads JSON numbers as 64-bit integers
@@ -123,6 +129,10 @@ def keep_vm_rules(spec):
     # Disks name Volumes, which must exist and be free (cross-object): generated VMs have none.
     if "disks" in spec:
         spec["disks"] = []
+    # A cloned root disk names a VM snapshot or a VM that must exist (cross-object): generated
+    # root disks are new.
+    if isinstance(spec.get("rootDisk"), dict):
+        spec["rootDisk"]["source"] = None
     if spec.get("cloudInit") == "metadata":
         spec["cloudInit"] = "seed"
     affinity = spec.get("affinity")
@@ -241,9 +251,11 @@ def keep_spec_rules(kind_path, spec):
     elif kind_path == "images" and isinstance(spec, dict):
         source = spec.get("source")
         if isinstance(source, dict):
-            if source.get("url") is not None and source.get("path") is not None:
-                source["path"] = None
-            if source.get("url") is None and source.get("path") is None:
+            # One of url, path and upload.
+            given = [k for k in ("url", "path", "upload") if source.get(k) is not None]
+            for extra in given[1:]:
+                source[extra] = None
+            if not given:
                 source["url"] = "https://images.invalid/base.qcow2"
     elif kind_path == "networks" and isinstance(spec, dict):
         keep_network_rules(spec)
@@ -265,6 +277,9 @@ def keep_spec_rules(kind_path, spec):
     elif kind_path == "volumesnapshots" and isinstance(spec, dict):
         # Its volume must exist and be qcow2 (cross-object): the run makes st-vol.
         spec["volume"] = "st-vol"
+    elif kind_path == "vmsnapshots" and isinstance(spec, dict):
+        # Its VM must exist on a node (cross-object): the run makes st-vm, pinned to one.
+        spec["vm"] = "st-vm"
     elif kind_path == "placementpolicies" and isinstance(spec, dict):
         if isinstance(spec.get("affinity"), dict):
             keep_affinity_rules(spec["affinity"])
@@ -331,6 +346,19 @@ def map_case(context, case):
     if negative_body or not isinstance(case.body, (dict, list)):
         return case
     body = case.body = representable(copy.deepcopy(case.body))
+    if case.media_type == "application/json-patch+json" and isinstance(body, list):
+        # A JSON patch's paths must lead into the object it patches (cross-object: one drawn
+        # without knowing the target removes or moves what is not there, rightly refused): it
+        # becomes a test of the name the path gives, which the server applies as a patch
+        # (what patches change is covered by the API tests and the real clients).
+        case.body = [{"op": "test", "path": "/metadata/name", "value": unquote(params.get("name", ""))}]
+        return case
+    if case.media_type == "application/merge-patch+json" and isinstance(body, dict):
+        # Unknown fields are refused under fieldValidation=Strict, the default (a rule of the
+        # parameter, which the body's schema cannot state).
+        for key in list(body):
+            if key not in ("apiVersion", "kind", "metadata", "spec", "status"):
+                del body[key]
     if (method in ("POST", "PUT") or apply) and isinstance(body, dict):
         meta = body.get("metadata")
         if isinstance(meta, dict):

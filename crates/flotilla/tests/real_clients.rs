@@ -578,6 +578,11 @@ async fn schemathesis_finds_nothing() {
         .create(volumes, Some("default"), &volume)
         .await
         .unwrap();
+    // VM snapshots name a VM on a node: the hooks point generated ones at this one.
+    let vms = flotilla_types::registry::lookup("vm").unwrap();
+    let vm = json!({"metadata": {"name": "st-vm"}, "spec": {"nodeName": "st-node",
+        "resources": {"cpus": 1, "memory": "64Mi"}, "boot": {"kernel": "/k"}}});
+    admin.create(vms, Some("default"), &vm).await.unwrap();
     let scratch = traversable_tempdir();
     let examples = std::env::var("FLOTILLA_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "10".into());
     for path in [
