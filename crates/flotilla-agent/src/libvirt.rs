@@ -431,6 +431,7 @@ impl Libvirt {
                 }
             }
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+            let mut said = std::time::Instant::now();
             loop {
                 let got = job(&mut info);
                 if got < 0 {
@@ -443,6 +444,10 @@ impl Libvirt {
                 }
                 if info.end > 0 && info.cur == info.end {
                     break;
+                }
+                if said.elapsed() >= std::time::Duration::from_secs(30) {
+                    said = std::time::Instant::now();
+                    tracing::info!(domain = %uuid, disk = %target, done = info.cur, of = info.end, "a merge is still catching up");
                 }
                 if std::time::Instant::now() > deadline {
                     return Err(AgentError::Libvirt(format!(
