@@ -421,6 +421,47 @@ async fn uploaded_images_are_checked_kept_once_and_cached_by_the_nodes() {
     let cached_text = cached[0].display().to_string();
     qemu(&["qemu-img", "compare", "-q", "-U", &file_text, &cached_text]);
 
+    // A raw image of 32 MiB with 1 MiB of data is kept sparse: its zeros take no room.
+    let raw = work.path().join("disk.raw");
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::File::create(&raw).unwrap();
+        f.seek(SeekFrom::Start(8 << 20)).unwrap();
+        f.write_all(&vec![0x5a; 1 << 20]).unwrap();
+        f.set_len(32 << 20).unwrap();
+    }
+    let raw_bytes = std::fs::read(&raw).unwrap();
+    let (sparse, _) = upload(
+        "sparse",
+        json!({"source": {"upload": {}}, "format": "raw"}),
+        &raw,
+    )
+    .await;
+    let sparse = sparse.unwrap();
+    let kept_file = uploads.join(format!(
+        "{}.img",
+        sparse["metadata"]["uid"].as_str().unwrap()
+    ));
+    let meta = std::fs::metadata(&kept_file).unwrap();
+    assert_eq!(meta.len(), 32 << 20);
+    let dir_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&uploads).unwrap().permissions(),
+    );
+    assert_eq!(dir_mode & 0o777, 0o700, "uploads are the server's alone");
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&meta) * 512 < 4 << 20,
+        "the zeros are holes: {} bytes allocated",
+        std::os::unix::fs::MetadataExt::blocks(&meta) * 512
+    );
+    assert!(std::fs::read(&kept_file).unwrap() == raw_bytes);
+    admin.delete(images, ns, "sparse").await.unwrap();
+    eventually(
+        "the sparse upload is removed with its image",
+        30,
+        async || (!kept_file.exists()).then_some(()),
+    )
+    .await;
+
     // A volume starts as a copy of it (not linked: the cache is not the clone's to keep).
     let volumes = lookup("volume").unwrap();
     let linked = json!({"metadata": {"name": "x"}, "spec": {"size": "64Mi",

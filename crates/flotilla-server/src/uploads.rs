@@ -1,6 +1,6 @@
 //! Uploaded images: `PUT .../images/NAME/data` streams the file of an Image whose source is
 //! `upload: {}` into the server's data directory (never whole in memory), hashing it as it
-//! comes and reporting progress in `status.upload`; `GET .../images/NAME/data` streams it back
+//! comes (runs of zeros kept as holes) and reporting progress in `status.upload`; `GET .../images/NAME/data` streams it back
 //! (to the nodes, which cache it as they cache downloads). An upload happens once: the file is
 //! checked (the `spec.sha256` given, the format qemu-img finds, no backing file — a qcow2
 //! naming one would read a file of the server's host) before it is kept, and a refused or
@@ -16,7 +16,7 @@ use flotilla_types::registry;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use sha2::Digest;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use crate::auth::Principal;
 use crate::authz::{self, Verb};
@@ -133,7 +133,10 @@ pub async fn receive(
             format!("image {name:?} is being uploaded; wait for it to finish or fail"),
         ));
     };
-    tokio::fs::create_dir_all(dir)
+    // The server's alone: images may hold what their owners would not show other local users.
+    let mut made = tokio::fs::DirBuilder::new();
+    made.recursive(true).mode(0o700);
+    made.create(dir)
         .await
         .map_err(|e| ApiError::internal(format!("cannot make {}: {e}", dir.display())))?;
     let dest = file_of(dir, &uid);
@@ -227,7 +230,14 @@ async fn write(
             )));
         }
         hasher.update(&chunk);
-        file.write_all(&chunk).await.map_err(io)?;
+        // Runs of zeros stay holes (a raw image is mostly zeros); the length is set at the end.
+        if chunk.iter().all(|b| *b == 0) {
+            file.seek(std::io::SeekFrom::Current(chunk.len() as i64))
+                .await
+                .map_err(io)?;
+        } else {
+            file.write_all(&chunk).await.map_err(io)?;
+        }
         if reported.elapsed() >= PROGRESS_EVERY {
             reported = Instant::now();
             report(
@@ -239,6 +249,7 @@ async fn write(
             .await;
         }
     }
+    file.set_len(bytes).await.map_err(io)?;
     file.sync_all().await.map_err(io)?;
     Ok((bytes, hex::encode(hasher.finalize())))
 }
