@@ -372,6 +372,25 @@ async fn uploaded_images_are_checked_kept_once_and_cached_by_the_nodes() {
         .unwrap_err();
     assert_eq!(refused.code(), Some(422), "{refused}");
 
+    // One that says it will not fit is refused before a byte is read.
+    let huge =
+        json!({"metadata": {"name": "huge"}, "spec": {"source": {"upload": {}}, "format": "raw"}});
+    admin.create(images, ns, &huge).await.unwrap();
+    let never = futures::stream::pending::<Result<Vec<u8>, std::io::Error>>();
+    let refused = admin
+        .upload_image(
+            "default",
+            "huge",
+            reqwest::Body::wrap_stream(never),
+            1 << 60,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(413), "{refused}");
+    assert!(refused.to_string().contains("bytes free"), "{refused}");
+    let status = admin.get(images, ns, "huge").await.unwrap()["status"].clone();
+    assert!(status.get("upload").is_none(), "nothing started: {status}");
+
     // What it says: kept, once.
     let (uploaded, took) = upload("good", json!({"source": {"upload": {}}}), &file).await;
     let uploaded = uploaded.unwrap();

@@ -126,7 +126,11 @@ async fn handle(
         let (objects, dir) = (&state.objects, state.uploads.as_path());
         return match method {
             Method::PUT => {
-                crate::uploads::receive(objects, dir, &principal, (&ns, &name), body).await
+                let length = headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok());
+                let sent = (length, body);
+                crate::uploads::receive(objects, dir, &principal, (&ns, &name), sent).await
             }
             Method::GET => crate::uploads::send(objects, dir, &principal, (&ns, &name)).await,
             _ => Err(ApiError::method_not_allowed(

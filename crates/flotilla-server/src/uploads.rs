@@ -86,7 +86,7 @@ pub async fn receive(
     dir: &Path,
     principal: &Principal,
     (namespace, name): (&str, &str),
-    body: Body,
+    (length, body): (Option<u64>, Body),
 ) -> Result<Response, ApiError> {
     // Nodes may write their entry of an image's status, never its file.
     if !matches!(
@@ -139,6 +139,14 @@ pub async fn receive(
     made.create(dir)
         .await
         .map_err(|e| ApiError::internal(format!("cannot make {}: {e}", dir.display())))?;
+    // Refused before a byte is read when it cannot fit (a file that says its size).
+    if let (Some(length), Ok((_, free))) = (length, flotilla_files::space(dir)) {
+        if length > free {
+            return Err(ApiError::too_large(format!(
+                "the upload is {length} bytes and the server has {free} bytes free for it"
+            )));
+        }
+    }
     let dest = file_of(dir, &uid);
     let part = flotilla_files::temp_path(&dest);
     report(
@@ -197,7 +205,17 @@ async fn write(
     body: Body,
     part: &Path,
 ) -> Result<(u64, String), ApiError> {
-    let io = |e: std::io::Error| ApiError::internal(format!("cannot write the upload: {e}"));
+    let io = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::StorageFull {
+            ApiError::new(
+                507,
+                "InsufficientStorage",
+                "the server ran out of space for the upload; nothing of it is kept",
+            )
+        } else {
+            ApiError::internal(format!("cannot write the upload: {e}"))
+        }
+    };
     let mut file = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

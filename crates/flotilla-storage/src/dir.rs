@@ -248,20 +248,7 @@ impl DirPool {
 
 /// Total and available bytes of the filesystem holding `path`.
 fn statvfs(path: &Path) -> Result<(u64, u64), StorageError> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
-        StorageError::Unusable {
-            path: path.display().to_string(),
-            message: "has a NUL byte".into(),
-        }
-    })?;
-    // SAFETY: a valid C string and a zeroed struct the call fills.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return Err(io(path)(std::io::Error::last_os_error()));
-    }
-    let block = s.f_frsize as u64;
-    Ok((s.f_blocks as u64 * block, s.f_bavail as u64 * block))
+    flotilla_files::space(path).map_err(io(path))
 }
 
 /// The name of the volume a file of a pool holds: its file name without the format's extension
