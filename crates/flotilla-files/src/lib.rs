@@ -129,6 +129,21 @@ pub fn first_untraversable(dir: &Path) -> Option<(PathBuf, u32)> {
     None
 }
 
+/// The size of the filesystem holding `path` and the bytes an unprivileged writer may still
+/// use there.
+pub fn space(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL byte"))?;
+    // SAFETY: a valid C string and a zeroed struct the call fills.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let block = s.f_frsize;
+    Ok((s.f_blocks * block, s.f_bavail * block))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,19 +217,4 @@ mod tests {
             .unwrap()
             .is_empty());
     }
-}
-
-/// The size of the filesystem holding `path` and the bytes an unprivileged writer may still
-/// use there.
-pub fn space(path: &Path) -> std::io::Result<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL byte"))?;
-    // SAFETY: a valid C string and a zeroed struct the call fills.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let block = s.f_frsize;
-    Ok((s.f_blocks * block, s.f_bavail * block))
 }
