@@ -49,18 +49,7 @@ async fn run() {
         .await
         .unwrap();
     let opened = tokio::fs::File::open(&file).await.unwrap();
-    let chunks = futures::stream::unfold(opened, |mut f| async move {
-        use tokio::io::AsyncReadExt;
-        let mut buf = vec![0u8; 1 << 20];
-        match f.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(buf), f))
-            }
-            Err(e) => Some((Err(e), f)),
-        }
-    });
+    let chunks = flotilla_files::chunks(opened, 1 << 20);
     let started = Instant::now();
     let uploaded = cluster
         .admin

@@ -13,7 +13,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use flotilla_storage::Format;
-use tokio::io::AsyncReadExt;
 
 use crate::vm::Context;
 
@@ -102,17 +101,7 @@ pub async fn export(
         Err(e) => return answer(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
-    let chunks = futures::stream::unfold(file, |mut file| async move {
-        let mut buf = vec![0u8; 1 << 20];
-        match file.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(buf), file))
-            }
-            Err(e) => Some((Err(e), file)),
-        }
-    });
+    let chunks = flotilla_files::chunks(file, 1 << 20);
     tracing::info!(volume = %volume.metadata.name, bytes = len, format = format.as_str(), "exporting a volume");
     Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")

@@ -144,6 +144,26 @@ pub fn space(path: &Path) -> std::io::Result<(u64, u64)> {
     Ok((s.f_blocks * block, s.f_bavail * block))
 }
 
+/// An open file as a stream of chunks of at most `size` bytes, for a response or request
+/// body (the file is read as the stream is, never whole into memory).
+pub fn chunks(
+    file: tokio::fs::File,
+    size: usize,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send {
+    futures::stream::unfold(file, move |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; size];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(bytes::Bytes::from(buf)), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

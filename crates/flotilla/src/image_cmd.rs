@@ -60,19 +60,7 @@ pub async fn run(conn: &ConnectionArgs, cmd: ImageCommand) -> anyhow::Result<()>
     let started = Instant::now();
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counter = sent.clone();
-    let chunks = futures::stream::unfold(opened, |mut file| async move {
-        use tokio::io::AsyncReadExt;
-        let mut buf = vec![0u8; 1 << 20];
-        match file.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), file))
-            }
-            Err(e) => Some((Err(e), file)),
-        }
-    })
-    .inspect(move |chunk| {
+    let chunks = flotilla_files::chunks(opened, 1 << 20).inspect(move |chunk| {
         if let Ok(c) = chunk {
             counter.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }

@@ -418,6 +418,36 @@ fn daemons_do_not_offer_client_flags() {
     }
 }
 
+/// `flotilla image upload`: makes the Image and streams the file; the server checks it (a
+/// checksum that differs is refused, saying which field) and reports it Ready.
+#[test]
+fn image_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_server(dir.path());
+    let file = dir.path().join("disk.raw");
+    std::fs::write(&file, vec![7u8; 3 << 20]).unwrap();
+    let path = file.display().to_string();
+    let wrong = "0".repeat(64);
+    let refused = cli(
+        &s,
+        &[
+            "image", "upload", "bad", &path, "--format", "raw", "--sha256", &wrong,
+        ],
+    );
+    assert!(
+        !refused.status.success() && stderr(&refused).contains("spec.sha256"),
+        "{}",
+        stderr(&refused)
+    );
+    let out = ok(cli(
+        &s,
+        &["image", "upload", "disk", &path, "--format", "raw"],
+    ));
+    assert!(out.contains("image/disk uploaded: 3145728 bytes"), "{out}");
+    let image = ok(cli(&s, &["get", "image", "disk", "-o", "json"]));
+    assert!(image.contains("\"phase\": \"Ready\""), "{image}");
+}
+
 /// `flotilla vm snapshot|revert`: a snapshot is placed on its VM's node (one on no node is
 /// refused, saying so), a revert is a request on the VM, and the VM stays while it has one.
 #[test]
