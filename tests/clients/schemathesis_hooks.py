@@ -26,6 +26,7 @@ as "valid data rejected". This hook makes generated requests keep them, and noth
 - a router's and a floating IP's networks exist (cross-object: the run makes st-ext, bridged
   with a cidr, and st-lan), a router leaves through a network or the node's uplink (cross-field), a floating IP's address is a free one of its network, a route's
   destination is a network narrower than the default route (cross-field);
+- a pool's type decides its fields (lvm: a volume group, no path; dir: no volume group);
 - a VM snapshot's VM exists on a node (cross-object: the run makes st-vm), a VM's cloned root
   disk names a source that exists (cross-object: generated root disks are new), an image has
   one of url, path and upload (cross-field);
@@ -268,6 +269,13 @@ def keep_spec_rules(kind_path, spec):
         keep_security_group_rules(spec)
     elif kind_path == "storagepools" and isinstance(spec, dict):
         only_qualified_keys(spec, "nodeSelector")
+        # The type decides the fields: lvm a volume group and no path, dir no volume group.
+        if spec.get("type") == "lvm":
+            spec["path"] = None
+            if not spec.get("volumeGroup"):
+                spec["volumeGroup"] = "vg0"
+        else:
+            spec["volumeGroup"] = None
     elif kind_path == "volumes" and isinstance(spec, dict):
         in_range(spec, "size", 2**20, 64 * 2**40, "1Gi")
         if spec.get("shareable") is True:

@@ -25,8 +25,64 @@ pub fn pool_dir(data_dir: &std::path::Path, pool: &StoragePool) -> PathBuf {
     }
 }
 
+/// This node's entry for an `lvm` pool: its volume group's size and free space, or why it
+/// cannot be used (no device-mapper in the kernel, no lvm2, no such group).
+async fn inspect_lvm(vg: &str) -> PoolNodeStatus {
+    let failed = |message: String| PoolNodeStatus {
+        phase: "Failed".into(),
+        path: vg.to_string(),
+        message,
+        ..Default::default()
+    };
+    if !std::path::Path::new("/dev/mapper/control").exists() {
+        return failed(
+            "this node's kernel has no device-mapper (/dev/mapper/control is missing): LVM volumes cannot be made here".into(),
+        );
+    }
+    let out = tokio::process::Command::new("vgs")
+        .args([
+            "--noheadings",
+            "--units",
+            "b",
+            "--nosuffix",
+            "-o",
+            "vg_size,vg_free",
+            "--",
+        ])
+        .arg(vg)
+        .output()
+        .await;
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => return failed(format!("cannot run vgs (is lvm2 installed?): {e}")),
+    };
+    if !out.status.success() {
+        return failed(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let numbers: Vec<u64> = text
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    match numbers.as_slice() {
+        [size, free] => PoolNodeStatus {
+            phase: "Ready".into(),
+            path: vg.to_string(),
+            capacity: *size,
+            allocation: size.saturating_sub(*free),
+            available: *free,
+            volumes: 0,
+            message: String::new(),
+        },
+        _ => failed(format!("vgs answered {:?}", text.trim())),
+    }
+}
+
 /// This node's entry for `pool`: opened, with its space, or why it cannot be used.
 pub async fn inspect(data_dir: &std::path::Path, pool: &StoragePool) -> PoolNodeStatus {
+    if pool.spec.pool_type == flotilla_types::kinds::PoolType::Lvm {
+        return inspect_lvm(pool.spec.volume_group.as_deref().unwrap_or_default()).await;
+    }
     let dir = pool_dir(data_dir, pool);
     let failed = |message: String| PoolNodeStatus {
         phase: "Failed".into(),

@@ -252,6 +252,11 @@ async fn open_pool_named(
         .await
         .map_err(|e| format!("StoragePool {name:?}: {e}"))
         .and_then(|v| serde_json::from_value(v).map_err(|e| e.to_string()))?;
+    if pool.spec.pool_type == flotilla_types::kinds::PoolType::Lvm {
+        return Err(format!(
+            "StoragePool {name:?} is an lvm pool: making volumes in LVM is not done yet (only dir pools hold volumes)"
+        ));
+    }
     let dir = crate::pools::pool_dir(&ctx.data_dir, &pool);
     let first = swept.insert(dir.clone());
     tokio::task::spawn_blocking(move || {

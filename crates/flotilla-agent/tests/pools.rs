@@ -333,3 +333,58 @@ async fn nodes_serve_the_pools_that_select_them_and_report_their_space() {
         "a pool this node does not serve is not made here"
     );
 }
+
+/// An `lvm` pool at the configuration level: its nodes say whether they can serve it — on this
+/// machine the kernel has no device-mapper, which the node says; elsewhere what `vgs` says of a
+/// group that does not exist — and a volume in it is refused at once, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_lvm_pool_says_why_its_nodes_cannot_serve_it() {
+    let cluster = TestCluster::start().await;
+    let (server, admin, tmp) = (&cluster.server, &cluster.admin, &cluster.dir);
+    let (pools, volumes) = (lookup("storagepool").unwrap(), lookup("volume").unwrap());
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut config = AgentConfig::new(vec![server.url.clone()], "lvm-node", tmp.path().join("a"));
+    config.join_token = Some(cluster.join_token().await);
+    config.libvirt_uri = "test:///default".into();
+    config.resync = Duration::from_secs(1);
+    let libvirt = flotilla_agent::libvirt::Libvirt::open("test:///default")
+        .await
+        .unwrap();
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(flotilla_agent::run_with(config, libvirt, stop_rx));
+
+    let refused = admin
+        .create(
+            pools,
+            None,
+            &json!({"metadata": {"name": "vg"}, "spec": {"type": "lvm"}}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("spec.volumeGroup"),
+        "{refused}"
+    );
+    let pool = json!({"metadata": {"name": "vg"}, "spec": {"type": "lvm", "volumeGroup": "flotilla-test-absent"}});
+    admin.create(pools, None, &pool).await.unwrap();
+    let entry = eventually("the node reports the lvm pool", 60, async || {
+        let p = admin.get(pools, None, "vg").await.ok()?;
+        let entry = p["status"]["nodes"]["lvm-node"].clone();
+        (!entry.is_null()).then_some(entry)
+    })
+    .await;
+    assert_eq!(entry["phase"], "Failed", "{entry}");
+    let message = entry["message"].as_str().unwrap();
+    if std::path::Path::new("/dev/mapper/control").exists() {
+        assert!(message.contains("flotilla-test-absent"), "{message}");
+    } else {
+        assert!(message.contains("device-mapper"), "{message}");
+    }
+    let volume = json!({"metadata": {"name": "lv"}, "spec": {"pool": "vg", "size": "16Mi"}});
+    let refused = admin
+        .create(volumes, Some("default"), &volume)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(422), "{refused}");
+    assert!(refused.to_string().contains("spec.pool"), "{refused}");
+}

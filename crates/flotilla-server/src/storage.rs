@@ -27,6 +27,20 @@ pub async fn check_source(
     let kind = registry::by_kind("Volume").expect("registered");
     let name = volume["metadata"]["name"].as_str().unwrap_or_default();
     let mut errs = FieldErrors::default();
+    // Pools that hold no volumes yet say so now, not by leaving the volume Pending.
+    let pools = registry::by_kind("StoragePool").expect("registered");
+    let pool_name = volume["spec"]["pool"].as_str().unwrap_or_default();
+    if let Some(kv) = store.get(&object_key(pools, None, pool_name)).await? {
+        if parse_stored(&kv)?["spec"]["type"] == "lvm" {
+            errs.push(
+                "spec.pool",
+                format!("{pool_name:?} is an lvm pool: making volumes in LVM is not done yet (use a dir pool)"),
+            );
+            return errs
+                .into_result()
+                .map_err(|errs| ApiError::invalid("Volume", name, &errs));
+        }
+    }
     // A snapshot stands for its volume (its pool, its node), at the size it was taken.
     let (field, source, taken) = match (
         volume["spec"]["source"]["volume"].as_str(),

@@ -20,12 +20,16 @@ pub enum PoolType {
     /// A directory on each selected node.
     #[default]
     Dir,
+    /// An LVM volume group on each selected node. Its nodes report the group's size and free
+    /// space; making volumes in it is not done yet (the development machines have no
+    /// device-mapper to test it on), so its volumes are refused with that reason.
+    Lvm,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StoragePoolSpec {
-    /// The backend: `dir`.
+    /// The backend: `dir` or `lvm`.
     #[serde(rename = "type", default)]
     pub pool_type: PoolType,
     /// For `dir`: an absolute directory on each node (made if missing; every directory above it
@@ -33,6 +37,10 @@ pub struct StoragePoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex = "crate::validation::HOST_PATH_PATTERN", length(max = 4096))]
     pub path: Option<String>,
+    /// For `lvm`: the volume group on each node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$"))]
+    pub volume_group: Option<String>,
     /// Labels a node must have to serve the pool; empty: every node.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(schema_with = "crate::validation::labels_schema")]
@@ -92,6 +100,33 @@ impl Validate for StoragePoolSpec {
         if let Some(dir) = &self.path {
             validation::host_path(errs, &format!("{path}.path"), dir);
         }
+        match (self.pool_type, &self.volume_group) {
+            (PoolType::Lvm, None) => errs.push(
+                format!("{path}.volumeGroup"),
+                "is required for an lvm pool: the volume group on each node",
+            ),
+            (PoolType::Lvm, Some(vg)) => {
+                let ok = vg.len() <= 127
+                    && !vg.starts_with('-')
+                    && vg
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"+_.-".contains(&b));
+                if !ok {
+                    errs.push(
+                        format!("{path}.volumeGroup"),
+                        format!("{vg:?} is not a volume group name (letters, digits, + _ . -)"),
+                    );
+                }
+                if self.path.is_some() {
+                    errs.push(format!("{path}.path"), "is for dir pools, not lvm ones");
+                }
+            }
+            (PoolType::Dir, Some(_)) => errs.push(
+                format!("{path}.volumeGroup"),
+                "is for lvm pools, not dir ones",
+            ),
+            (PoolType::Dir, None) => {}
+        }
         validation::labels(errs, &format!("{path}.nodeSelector"), &self.node_selector);
         if let Some(pct) = self.allocation_limit_percent {
             if !(1..=100_000).contains(&pct) {
@@ -118,7 +153,7 @@ crate::define_kind! {
         short_names: ["pool", "pools", "sp"],
         namespaced: false,
         field_selectors: [],
-        columns: ["TYPE" => "spec.type", "PATH" => "spec.path"],
-        set_once: ["spec.type", "spec.path"],
+        columns: ["TYPE" => "spec.type", "PATH" => "spec.path", "VG" => "spec.volumeGroup"],
+        set_once: ["spec.type", "spec.path", "spec.volumeGroup"],
     }
 }
