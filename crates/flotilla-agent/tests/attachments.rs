@@ -5,6 +5,8 @@
 //! when the VM drops it, is deleted, or is deleted before it ever reached a node. The guest's
 //! side (plug, grow, unplug on a running VM): tests/volumes_qemu.rs.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -202,17 +204,9 @@ async fn a_volume_holds_one_vm_pins_it_and_is_let_go_of() {
 async fn a_volume_downloads_as_one_standalone_file() {
     use futures::StreamExt;
     let cluster = TestCluster::start().await;
-    let (server, admin, tmp) = (&cluster.server, &cluster.admin, &cluster.dir);
+    let (admin, tmp) = (&cluster.admin, &cluster.dir);
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut config = AgentConfig::new(vec![server.url.clone()], "dl-node", tmp.path().join("a"));
-    config.join_token = Some(cluster.join_token().await);
-    config.libvirt_uri = "test:///default".into();
-    config.resync = Duration::from_secs(1);
-    let libvirt = flotilla_agent::libvirt::Libvirt::open("test:///default")
-        .await
-        .unwrap();
-    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(flotilla_agent::run_with(config, libvirt, stop_rx));
+    let _stop = common::test_driver_agent(&cluster, "dl-node", tmp.path().join("a")).await;
     let (vms, volumes, snapshots) = (
         lookup("vm").unwrap(),
         lookup("volume").unwrap(),

@@ -1,5 +1,7 @@
 //! Images from URLs: streamed download, SHA-256 verification, raw -> qcow2 conversion, caching.
 
+mod common;
+
 use std::process::Command;
 
 use flotilla_agent::disks::Disks;
@@ -268,20 +270,8 @@ async fn uploaded_images_are_checked_kept_once_and_cached_by_the_nodes() {
     use serde_json::json;
 
     let cluster = TestCluster::start().await;
-    let (server, admin, tmp) = (&cluster.server, &cluster.admin, &cluster.dir);
-    let mut config = flotilla_agent::AgentConfig::new(
-        vec![server.url.clone()],
-        "up-node",
-        tmp.path().join("agent"),
-    );
-    config.join_token = Some(cluster.join_token().await);
-    config.libvirt_uri = "test:///default".into();
-    config.resync = std::time::Duration::from_secs(1);
-    let libvirt = flotilla_agent::libvirt::Libvirt::open("test:///default")
-        .await
-        .unwrap();
-    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(flotilla_agent::run_with(config, libvirt, stop_rx));
+    let (admin, tmp) = (&cluster.admin, &cluster.dir);
+    let _stop = common::test_driver_agent(&cluster, "up-node", tmp.path().join("agent")).await;
 
     // A 64 MiB qcow2 with 8 MiB of data, and a qcow2 on top of it (a backing file).
     let work = tempfile::tempdir().unwrap();

@@ -6,6 +6,8 @@
 //! reason. (Node
 //! credentials writing only their own entry: flotilla-server's tests/nodes.rs.)
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -340,18 +342,10 @@ async fn nodes_serve_the_pools_that_select_them_and_report_their_space() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_lvm_pool_says_why_its_nodes_cannot_serve_it() {
     let cluster = TestCluster::start().await;
-    let (server, admin, tmp) = (&cluster.server, &cluster.admin, &cluster.dir);
+    let (admin, tmp) = (&cluster.admin, &cluster.dir);
     let (pools, volumes) = (lookup("storagepool").unwrap(), lookup("volume").unwrap());
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut config = AgentConfig::new(vec![server.url.clone()], "lvm-node", tmp.path().join("a"));
-    config.join_token = Some(cluster.join_token().await);
-    config.libvirt_uri = "test:///default".into();
-    config.resync = Duration::from_secs(1);
-    let libvirt = flotilla_agent::libvirt::Libvirt::open("test:///default")
-        .await
-        .unwrap();
-    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(flotilla_agent::run_with(config, libvirt, stop_rx));
+    let _stop = common::test_driver_agent(&cluster, "lvm-node", tmp.path().join("a")).await;
 
     let refused = admin
         .create(
