@@ -17,6 +17,24 @@ use serde_json::{json, Value};
 use crate::error::ApiError;
 use crate::objects::{encode, list_prefix, object_key, parse_stored};
 
+/// Object `name` of `kind` in `project` as stored, or None with "project P has no KIND N" at
+/// `field` in `errs` (a reference admission checks).
+pub(crate) async fn referenced(
+    store: &dyn Store,
+    (kind, project, name): (&str, &str, &str),
+    field: &str,
+    errs: &mut FieldErrors,
+) -> Result<Option<Value>, ApiError> {
+    let info = registry::by_kind(kind).expect("registered");
+    match store.get(&object_key(info, Some(project), name)).await? {
+        Some(kv) => Ok(Some(parse_stored(&kv)?)),
+        None => {
+            errs.push(field, format!("project {project:?} has no {kind} {name:?}"));
+            Ok(None)
+        }
+    }
+}
+
 /// Refuses (422 at `spec.source.volume`) a clone of a volume the project does not have, or one
 /// in another pool; and one smaller than what it clones.
 pub async fn check_source(
@@ -73,17 +91,8 @@ pub async fn check_source(
         }
         (None, None) => {
             if let Some(image) = volume["spec"]["source"]["image"].as_str() {
-                let images = registry::by_kind("Image").expect("registered");
-                if store
-                    .get(&object_key(images, Some(project), image))
-                    .await?
-                    .is_none()
-                {
-                    errs.push(
-                        "spec.source.image",
-                        format!("project {project:?} has no Image {image:?}"),
-                    );
-                }
+                let what = ("Image", project, image);
+                referenced(store, what, "spec.source.image", &mut errs).await?;
             }
             return errs
                 .into_result()

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::objects::{list_prefix, object_key, parse_stored};
+use crate::storage::referenced;
 
 /// Every VM snapshot of `project`, with the revision that created it.
 async fn all(store: &dyn Store, project: &str) -> Result<Vec<(i64, Value)>, ApiError> {
@@ -45,16 +46,12 @@ pub async fn admit(store: &dyn Store, project: &str, snapshot: &mut Value) -> Re
         .unwrap_or_default()
         .to_string();
     let (mut node, mut vm_uid) = (Value::Null, Value::Null);
-    let vms = registry::by_kind("VirtualMachine").expect("registered");
     let mut errs = FieldErrors::default();
     let field = "spec.vm";
-    match store.get(&object_key(vms, Some(project), &vm_name)).await? {
-        None => errs.push(
-            field,
-            format!("project {project:?} has no VirtualMachine {vm_name:?}"),
-        ),
-        Some(kv) => {
-            let vm = parse_stored(&kv)?;
+    let what = ("VirtualMachine", project, vm_name.as_str());
+    match referenced(store, what, field, &mut errs).await? {
+        None => {}
+        Some(vm) => {
             if vm["metadata"].get("deletionTimestamp").is_some() {
                 errs.push(field, format!("VM {vm_name:?} is being deleted"));
             } else if vm["spec"]["adoptedDomain"].is_string() {
@@ -125,20 +122,10 @@ pub async fn place_clone(store: &dyn Store, project: &str, vm: &mut Value) -> Re
     let (node, size) = match (source["vmSnapshot"].as_str(), source["vm"].as_str()) {
         (Some(snapshot), _) => {
             let field = "spec.rootDisk.source.vmSnapshot";
-            let kind = registry::by_kind("VMSnapshot").expect("registered");
-            match store
-                .get(&object_key(kind, Some(project), snapshot))
-                .await?
-            {
-                None => {
-                    errs.push(
-                        field,
-                        format!("project {project:?} has no VMSnapshot {snapshot:?}"),
-                    );
-                    (Value::Null, None)
-                }
-                Some(kv) => {
-                    let s = parse_stored(&kv)?;
+            let what = ("VMSnapshot", project, snapshot);
+            match referenced(store, what, field, &mut errs).await? {
+                None => (Value::Null, None),
+                Some(s) => {
                     let root = s["status"]["disks"]
                         .as_array()
                         .into_iter()
@@ -158,20 +145,10 @@ pub async fn place_clone(store: &dyn Store, project: &str, vm: &mut Value) -> Re
             }
         }
         (None, Some(source_vm)) => {
-            let kind = registry::by_kind("VirtualMachine").expect("registered");
-            match store
-                .get(&object_key(kind, Some(project), source_vm))
-                .await?
-            {
-                None => {
-                    errs.push(
-                        "spec.rootDisk.source.vm",
-                        format!("project {project:?} has no VirtualMachine {source_vm:?}"),
-                    );
-                    (Value::Null, None)
-                }
-                Some(kv) => {
-                    let v = parse_stored(&kv)?;
+            let what = ("VirtualMachine", project, source_vm);
+            match referenced(store, what, "spec.rootDisk.source.vm", &mut errs).await? {
+                None => (Value::Null, None),
+                Some(v) => {
                     if !v["spec"]["nodeName"].is_string() {
                         errs.push(
                             "spec.rootDisk.source.vm",
