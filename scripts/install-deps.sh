@@ -19,7 +19,11 @@ case "$purpose" in
   # seed ISOs back with xorriso and run real etcd clusters; the Python clients (the Kubernetes
   # client, schemathesis) live in a virtual environment; the dataplane tests build namespaces
   # with iproute2 (ip, bridge); the router benchmark measures with iperf3.
-  test) packages+=(debootstrap e2fsprogs xorriso etcd-server python3-venv iproute2 iperf3) ;;
+  # The RBD tests start a throwaway single-node Ceph (scripts/ceph-up.sh; ceph-common comes with
+  # it: the rbd and ceph tools the agent drives) and guests open RBD images through QEMU's rbd
+  # block driver (qemu-block-extra) — what every node serving an rbd pool needs.
+  test) packages+=(debootstrap e2fsprogs xorriso etcd-server python3-venv iproute2 iperf3)
+        packages+=(ceph-mon ceph-osd ceph-mgr ceph-common qemu-block-extra) ;;
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac
 

@@ -26,7 +26,8 @@ as "valid data rejected". This hook makes generated requests keep them, and noth
 - a router's and a floating IP's networks exist (cross-object: the run makes st-ext, bridged
   with a cidr, and st-lan), a router leaves through a network or the node's uplink (cross-field), a floating IP's address is a free one of its network, a route's
   destination is a network narrower than the default route (cross-field);
-- a pool's type decides its fields (lvm: a volume group, no path; dir: no volume group);
+- a pool's type decides its fields (lvm: a volume group, no path; rbd: a Ceph cluster, no path,
+  a keyring path without QEMU's separators; dir: neither);
 - a VM snapshot's VM exists on a node (cross-object: the run makes st-vm), a VM's cloned root
   disk names a source that exists (cross-object: generated root disks are new), an image has
   one of url, path and upload (cross-field);
@@ -269,13 +270,25 @@ def keep_spec_rules(kind_path, spec):
         keep_security_group_rules(spec)
     elif kind_path == "storagepools" and isinstance(spec, dict):
         only_qualified_keys(spec, "nodeSelector")
-        # The type decides the fields: lvm a volume group and no path, dir no volume group.
+        # The type decides the fields: lvm a volume group and no path, rbd its Ceph cluster and
+        # no path, dir neither a volume group nor a Ceph cluster.
         if spec.get("type") == "lvm":
             spec["path"] = None
+            spec["rbd"] = None
             if not spec.get("volumeGroup"):
                 spec["volumeGroup"] = "vg0"
+        elif spec.get("type") == "rbd":
+            spec["path"] = None
+            spec["volumeGroup"] = None
+            if not isinstance(spec.get("rbd"), dict):
+                spec["rbd"] = {"monitors": ["127.0.0.1:6789"], "pool": "rbd"}
+            # The keyring path reaches QEMU's option syntax, whose separators it must not hold.
+            keyring = spec["rbd"].get("keyring")
+            if isinstance(keyring, str) and any(c in keyring for c in ":\\@,="):
+                spec["rbd"]["keyring"] = None
         else:
             spec["volumeGroup"] = None
+            spec["rbd"] = None
     elif kind_path == "volumes" and isinstance(spec, dict):
         in_range(spec, "size", 2**20, 64 * 2**40, "1Gi")
         if spec.get("shareable") is True:

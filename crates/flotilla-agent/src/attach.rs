@@ -12,7 +12,7 @@ use flotilla_types::registry::lookup;
 use flotilla_types::{EventType, VirtualMachine, Volume};
 use serde_json::json;
 
-use crate::domain::{disk_target, VolumeDisk};
+use crate::domain::{disk_target, NetworkSource, VolumeDisk};
 use crate::error::AgentError;
 use crate::libvirt::LiveDisk;
 use crate::vm::Context;
@@ -146,6 +146,10 @@ pub async fn resolve(ctx: &Context, vm: &VirtualMachine) -> Result<Vec<VolumeDis
                 disk.volume
             )));
         }
+        let network = match status.path.strip_prefix("rbd:") {
+            Some(image) if status.shared => Some(rbd_source(ctx, &volume, image).await?),
+            _ => None,
+        };
         let is_virtio = disk.bus == DiskBus::Virtio;
         let target = if is_virtio {
             virtio += 1;
@@ -166,9 +170,36 @@ pub async fn resolve(ctx: &Context, vm: &VirtualMachine) -> Result<Vec<VolumeDis
             serial: disk_serial(volume.metadata.uid.as_deref().unwrap_or_default()),
             read_only: disk.read_only,
             shareable: volume.spec.shareable,
+            network,
         });
     }
     Ok(disks)
+}
+
+/// The network disk of an RBD volume (`image` is `pool/name`): the pool's monitors and user,
+/// and the libvirt secret with this node's key (defined now if it is not yet).
+async fn rbd_source(
+    ctx: &Context,
+    volume: &Volume,
+    image: &str,
+) -> Result<NetworkSource, AgentError> {
+    let pools = lookup("storagepool").expect("registered");
+    let pool: flotilla_types::kinds::StoragePool = ctx
+        .client
+        .get(pools, None, &volume.spec.pool)
+        .await
+        .map_err(AgentError::from)
+        .and_then(|v| serde_json::from_value(v).map_err(|e| AgentError::Config(e.to_string())))?;
+    let rbd = crate::pools::rbd_pool(&pool).map_err(AgentError::Config)?;
+    let secret = crate::pools::rbd_secret(ctx, &pool, &rbd)
+        .await
+        .map_err(AgentError::Config)?;
+    Ok(NetworkSource {
+        protocol: "rbd",
+        name: image.to_string(),
+        hosts: rbd.config().monitors.clone(),
+        auth: Some((rbd.config().user.clone(), secret)),
+    })
 }
 
 /// Plugs the wanted volumes the running domain lacks and asks it to unplug those it has but
@@ -228,9 +259,11 @@ fn unplug_xml(disk: &LiveDisk) -> String {
     Element::new("disk")
         .attr("type", "file")
         .attr("device", "disk")
+        // libvirt finds the disk by its target; a network disk's name is no file to name.
         .children(
             disk.source
                 .as_ref()
+                .filter(|s| s.starts_with('/'))
                 .map(|s| Element::new("source").attr("file", s)),
         )
         .child(

@@ -62,13 +62,77 @@ pub struct VolumeDisk {
     pub read_only: bool,
     /// Attached to several VMs: QEMU must not lock it for itself.
     pub shareable: bool,
+    /// Set when QEMU opens the volume over the network (RBD) instead of the file `path`.
+    pub network: Option<NetworkSource>,
+}
+
+/// A volume QEMU opens itself over the network: an RBD image through librbd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkSource {
+    /// `rbd`.
+    pub protocol: &'static str,
+    /// What the protocol calls the volume (`pool/image` for RBD).
+    pub name: String,
+    /// The servers to ask (Ceph monitors), `host` or `host:port` (`[v6]:port`).
+    pub hosts: Vec<String>,
+    /// The user and the libvirt secret (by UUID) holding its key.
+    pub auth: Option<(String, String)>,
+}
+
+impl NetworkSource {
+    fn host_element(host: &str) -> Element {
+        let (name, port) = match host.rsplit_once(':') {
+            Some((name, port))
+                if port.bytes().all(|b| b.is_ascii_digit())
+                    && (!name.contains(':') || name.starts_with('[')) =>
+            {
+                (name, Some(port))
+            }
+            _ => (host, None),
+        };
+        let name = name.trim_start_matches('[').trim_end_matches(']');
+        let host = Element::new("host").attr("name", name);
+        match port {
+            Some(port) => host.attr("port", port),
+            None => host,
+        }
+    }
+
+    fn source(&self) -> Element {
+        Element::new("source")
+            .attr("protocol", self.protocol)
+            .attr("name", &self.name)
+            .children(self.hosts.iter().map(|h| Self::host_element(h)))
+    }
+
+    fn auth(&self) -> Option<Element> {
+        let (user, secret) = self.auth.as_ref()?;
+        Some(
+            Element::new("auth").attr("username", user).child(
+                Element::new("secret")
+                    .attr("type", "ceph")
+                    .attr("uuid", secret),
+            ),
+        )
+    }
 }
 
 impl VolumeDisk {
     pub fn to_element(&self) -> Element {
         let bus = if self.virtio { "virtio" } else { "scsi" };
+        let source = match &self.network {
+            Some(net) => net.source(),
+            None => Element::new("source").attr("file", self.path.display()),
+        };
         Element::new("disk")
-            .attr("type", "file")
+            .attr(
+                "type",
+                if self.network.is_some() {
+                    "network"
+                } else {
+                    "file"
+                },
+            )
             .attr("device", "disk")
             .child(
                 Element::new("driver")
@@ -76,7 +140,8 @@ impl VolumeDisk {
                     .attr("type", self.format)
                     .attr("discard", "unmap"),
             )
-            .child(Element::new("source").attr("file", self.path.display()))
+            .children(self.network.as_ref().and_then(NetworkSource::auth))
+            .child(source)
             .child(
                 Element::new("target")
                     .attr("dev", &self.target)

@@ -23,6 +23,7 @@ pub mod metadata;
 mod networks;
 pub mod overlays;
 pub mod pools;
+pub mod rbd_volumes;
 pub mod recorder;
 pub mod routers;
 pub mod snapshots;

@@ -73,8 +73,9 @@ pub fn disks_of(xml: &str) -> Vec<LiveDisk> {
             Some(LiveDisk {
                 target: target.attribute("dev")?.to_string(),
                 bus: target.attribute("bus").unwrap_or_default().to_string(),
+                // A file, or a network disk's name (`pool/image` for RBD).
                 source: child(n, "source")
-                    .and_then(|s| s.attribute("file"))
+                    .and_then(|s| s.attribute("file").or_else(|| s.attribute("name")))
                     .map(str::to_string),
                 serial: child(n, "serial")
                     .and_then(|s| s.text())
@@ -555,7 +556,72 @@ impl Libvirt {
         .await
     }
 
-    /// The running domains with `path` open as a disk: (UUID, device name) each.
+    /// Defines (or redefines) the private libvirt secret `uuid` for Ceph user keys, usage
+    /// `usage`, and sets its value (the key, decoded from base64 as libvirt keeps it). Domains
+    /// name it in their RBD disks' `<auth>`; the value never leaves libvirtd again.
+    pub async fn ceph_secret(
+        &self,
+        uuid: &str,
+        usage: &str,
+        key_base64: &str,
+    ) -> Result<(), AgentError> {
+        use base64::Engine;
+        let value = base64::engine::general_purpose::STANDARD
+            .decode(key_base64.trim())
+            .map_err(|_| AgentError::Config("the Ceph key is not base64".into()))?;
+        // Ephemeral: kept in libvirtd's memory only; the agent sets it again after a restart.
+        let xml = crate::xml::Element::new("secret")
+            .attr("ephemeral", "yes")
+            .attr("private", "yes")
+            .child(crate::xml::Element::new("uuid").text(uuid))
+            .child(
+                crate::xml::Element::new("usage")
+                    .attr("type", "ceph")
+                    .child(crate::xml::Element::new("name").text(usage)),
+            )
+            .render();
+        self.run(move |c| {
+            let secret = virt::secret::Secret::define_xml(c, &xml, 0)?;
+            secret.set_value(&value, 0)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes the Ceph secrets whose usage starts with `prefix` but that are not in `keep` (by
+    /// UUID): those of pools deleted since.
+    pub async fn remove_ceph_secrets(
+        &self,
+        prefix: &str,
+        keep: Vec<String>,
+    ) -> Result<Vec<String>, AgentError> {
+        let prefix = prefix.to_string();
+        self.run(move |c| {
+            let mut removed = Vec::new();
+            for secret in c.list_all_secrets(0)? {
+                // Not get_usage_id: virt 0.4.3 frees the string libvirt keeps (a double free).
+                let xml = secret.get_xml_desc(0)?;
+                let usage = roxmltree::Document::parse(&xml)
+                    .ok()
+                    .and_then(|doc| {
+                        let usage = doc.descendants().find(|n| n.has_tag_name("usage"))?;
+                        let name = usage.children().find(|n| n.has_tag_name("name"))?;
+                        name.text().map(str::to_string)
+                    })
+                    .unwrap_or_default();
+                let uuid = secret.get_uuid_string()?;
+                if usage.starts_with(&prefix) && !keep.contains(&uuid) {
+                    secret.undefine()?;
+                    removed.push(usage);
+                }
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
+    /// The running domains with `path` open as a disk: (UUID, device name) each; `path` is a
+    /// file, or a network disk's name.
     pub async fn disk_users(&self, path: &str) -> Result<Vec<(String, String)>, AgentError> {
         let path = path.to_string();
         self.run(move |c| {

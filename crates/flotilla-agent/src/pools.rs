@@ -1,6 +1,7 @@
 //! The storage pools this node serves: every StoragePool whose `nodeSelector` matches this
 //! node's labels is opened here (a `dir` pool's directory made if missing and checked for
-//! QEMU's reach) and its space reported in this node's entry of `status.nodes`; a pool that
+//! QEMU's reach; an `rbd` pool's cluster asked, and its key given to libvirtd as a secret)
+//! and its space reported in this node's entry of `status.nodes`; a pool that
 //! stops matching loses this node's entry. On every change of a pool or of this node's labels,
 //! and every `every` (space changes without anyone saying so).
 
@@ -9,8 +10,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_storage::DirPool;
-use flotilla_types::kinds::{PoolNodeStatus, StoragePool};
+use flotilla_storage::{keyring_key, DirPool, RbdConfig, RbdPool};
+use flotilla_types::kinds::{PoolNodeStatus, PoolType, StoragePool};
 use flotilla_types::registry::lookup;
 use serde_json::json;
 
@@ -78,12 +79,125 @@ async fn inspect_lvm(vg: &str) -> PoolNodeStatus {
     }
 }
 
-/// This node's entry for `pool`: opened, with its space, or why it cannot be used.
-pub async fn inspect(data_dir: &std::path::Path, pool: &StoragePool) -> PoolNodeStatus {
-    if pool.spec.pool_type == flotilla_types::kinds::PoolType::Lvm {
-        return inspect_lvm(pool.spec.volume_group.as_deref().unwrap_or_default()).await;
+/// The RBD pool of StoragePool `pool` as this node reaches it (its keyring file checked).
+pub fn rbd_pool(pool: &StoragePool) -> Result<RbdPool, String> {
+    let spec = pool
+        .spec
+        .rbd
+        .as_ref()
+        .ok_or_else(|| format!("StoragePool {:?} has no spec.rbd", pool.metadata.name))?;
+    RbdPool::new(RbdConfig {
+        monitors: spec.monitors.clone(),
+        pool: spec.pool.clone(),
+        user: spec.user.clone(),
+        keyring: spec.keyring_path().into(),
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// The libvirt secret holding the pool's Ceph key on this node: named by the pool's uid, its
+/// value (re)set from the node's keyring file, so a key rotated in the file is taken up.
+pub async fn rbd_secret(
+    ctx: &Context,
+    pool: &StoragePool,
+    rbd: &RbdPool,
+) -> Result<String, String> {
+    let uuid = pool.metadata.uid.clone().unwrap_or_default();
+    let config = rbd.config().clone();
+    let key = tokio::task::spawn_blocking(move || keyring_key(&config.keyring, &config.user))
+        .await
+        .expect("reading a keyring does not panic")
+        .map_err(|e| e.to_string())?;
+    let usage = format!("{}{uuid}", secret_prefix(ctx));
+    ctx.libvirt
+        .ceph_secret(&uuid, &usage, &key)
+        .await
+        .map_err(|e| format!("cannot give libvirtd the pool's key: {e}"))?;
+    Ok(uuid)
+}
+
+/// The start of the usage of this cluster's Ceph secrets in libvirtd (another cluster's agent
+/// may share the libvirtd).
+fn secret_prefix(ctx: &Context) -> String {
+    format!("flotilla-{}-storagepool-", ctx.cluster_id)
+}
+
+/// Whether this node's QEMU opens RBD images (its rbd block driver, `qemu-block-extra` on
+/// Debian, is installed).
+async fn qemu_has_rbd() -> bool {
+    let Ok(out) = tokio::process::Command::new("qemu-img")
+        .arg("--help")
+        .output()
+        .await
+    else {
+        return false;
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("Supported formats:"))
+        .any(|l| l.split_whitespace().any(|f| f == "rbd"))
+}
+
+/// This node's entry for an `rbd` pool: the Ceph pool's space, or why this node cannot use it
+/// (no tools, no keyring, the cluster unreachable, QEMU without RBD).
+async fn inspect_rbd(ctx: &Context, pool: &StoragePool) -> PoolNodeStatus {
+    let name = pool
+        .spec
+        .rbd
+        .as_ref()
+        .map(|r| r.pool.clone())
+        .unwrap_or_default();
+    let failed = |message: String| PoolNodeStatus {
+        phase: "Failed".into(),
+        path: format!("rbd:{name}"),
+        message,
+        ..Default::default()
+    };
+    let rbd = match rbd_pool(pool) {
+        Ok(rbd) => rbd,
+        Err(e) => return failed(e),
+    };
+    if !qemu_has_rbd().await {
+        return failed(
+            "this node's QEMU cannot open RBD images (install its rbd block driver: qemu-block-extra on Debian)".into(),
+        );
     }
-    let dir = pool_dir(data_dir, pool);
+    let space = match rbd.capacity().await {
+        Ok(space) => space,
+        Err(flotilla_storage::StorageError::Tool { program, source }) => {
+            return failed(format!(
+                "cannot run {program} ({source}): install the Ceph client tools (ceph-common)"
+            ))
+        }
+        Err(e) => return failed(e.to_string()),
+    };
+    if let Err(e) = rbd_secret(ctx, pool, &rbd).await {
+        return failed(e);
+    }
+    match rbd.list().await {
+        Ok(images) => PoolNodeStatus {
+            phase: "Ready".into(),
+            path: format!("rbd:{name}"),
+            capacity: space.capacity,
+            allocation: space.allocation,
+            available: space.available,
+            volumes: images.len() as u32,
+            message: String::new(),
+        },
+        Err(e) => failed(e.to_string()),
+    }
+}
+
+/// This node's entry for `pool`: opened, with its space, or why it cannot be used.
+pub async fn inspect(ctx: &Context, pool: &StoragePool) -> PoolNodeStatus {
+    match pool.spec.pool_type {
+        PoolType::Lvm => {
+            return inspect_lvm(pool.spec.volume_group.as_deref().unwrap_or_default()).await
+        }
+        PoolType::Rbd => return inspect_rbd(ctx, pool).await,
+        PoolType::Dir => {}
+    }
+    let dir = pool_dir(&ctx.data_dir, pool);
     let failed = |message: String| PoolNodeStatus {
         phase: "Failed".into(),
         path: dir.display().to_string(),
@@ -139,6 +253,8 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
     let mut seen = follow(ctx.client.clone(), kind);
     let mut pools = Mirror::<StoragePool>::new(|p: &StoragePool| Some(p.metadata.name.clone()));
     let mut tick = tokio::time::interval(every);
+    let mut asked: std::collections::HashMap<_, (std::time::Instant, PoolNodeStatus)> =
+        Default::default();
     loop {
         tokio::select! {
             got = seen.recv() => {
@@ -160,12 +276,53 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
                     continue;
                 }
             };
-        for pool in pools.items.values() {
+        let rbd_pools: Vec<String> = pools
+            .items
+            .values()
+            .filter(|p| p.spec.pool_type == PoolType::Rbd)
+            .filter_map(|p| p.metadata.uid.clone())
+            .collect();
+        match ctx
+            .libvirt
+            .remove_ceph_secrets(&secret_prefix(&ctx), rbd_pools)
+            .await
+        {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(?removed, "removed the Ceph secrets of deleted pools")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot list libvirt's secrets"),
+        }
+        // All at once: a cluster that does not answer (seconds) holds up no other pool.
+        let served = |pool: &StoragePool| {
+            serves(&pool.spec.node_selector, &labels) && pool.metadata.deletion_timestamp.is_none()
+        };
+        let entries = futures::future::join_all(pools.items.values().map(|pool| async {
+            if !served(pool) {
+                return None;
+            }
+            // A network pool is asked again only when its spec changed or every `every`:
+            // other pools' events do not wait on its cluster.
+            let key = (pool.metadata.uid.clone(), pool.metadata.generation);
+            if let Some((at, entry)) = asked.get(&key) {
+                if pool.spec.shared() && at.elapsed() < every {
+                    return Some((entry.clone(), false));
+                }
+            }
+            Some((inspect(&ctx, pool).await, true))
+        }))
+        .await;
+        asked.retain(|(uid, _), _| pools.items.values().any(|p| p.metadata.uid == *uid));
+        for (pool, entry) in pools.items.values().zip(&entries) {
+            if let Some((entry, true)) = entry.as_ref().filter(|_| pool.spec.shared()) {
+                let key = (pool.metadata.uid.clone(), pool.metadata.generation);
+                asked.insert(key, (std::time::Instant::now(), entry.clone()));
+            }
+        }
+        let entries = entries.into_iter().map(|e| e.map(|(entry, _)| entry));
+        for (pool, entry) in pools.items.values().zip(entries) {
             let current = pool.status.as_ref().and_then(|s| s.nodes.get(&ctx.node));
-            let entry = if serves(&pool.spec.node_selector, &labels)
-                && pool.metadata.deletion_timestamp.is_none()
-            {
-                let entry = inspect(&ctx.data_dir, pool).await;
+            let entry = if let Some(entry) = entry {
                 if current.is_some_and(|c| same(c, &entry)) {
                     continue;
                 }

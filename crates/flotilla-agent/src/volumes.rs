@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use flotilla_client::ListParams;
 use flotilla_storage::{DirPool, Format, NewVolume, Source};
-use flotilla_types::kinds::{CloneMode, ImageFormat, StoragePool, Volume, VolumeSnapshot};
+use flotilla_types::kinds::{
+    CloneMode, ImageFormat, PoolType, StoragePool, Volume, VolumeSnapshot,
+};
 use flotilla_types::registry::lookup;
 use serde_json::json;
 
@@ -240,22 +242,30 @@ async fn open_pool(
     open_pool_named(ctx, &volume.spec.pool, swept).await
 }
 
+/// StoragePool `name` as the API has it now.
+async fn storage_pool(ctx: &Context, name: &str) -> Result<StoragePool, String> {
+    let pools = lookup("storagepool").expect("registered");
+    ctx.client
+        .get(pools, None, name)
+        .await
+        .map_err(|e| format!("StoragePool {name:?}: {e}"))
+        .and_then(|v| serde_json::from_value(v).map_err(|e| e.to_string()))
+}
+
 async fn open_pool_named(
     ctx: &Context,
     name: &str,
     swept: &mut std::collections::BTreeSet<std::path::PathBuf>,
 ) -> Result<DirPool, String> {
-    let pools = lookup("storagepool").expect("registered");
-    let pool: StoragePool = ctx
-        .client
-        .get(pools, None, name)
-        .await
-        .map_err(|e| format!("StoragePool {name:?}: {e}"))
-        .and_then(|v| serde_json::from_value(v).map_err(|e| e.to_string()))?;
-    if pool.spec.pool_type == flotilla_types::kinds::PoolType::Lvm {
-        return Err(format!(
+    let pool = storage_pool(ctx, name).await?;
+    match pool.spec.pool_type {
+        PoolType::Dir => {}
+        PoolType::Lvm => return Err(format!(
             "StoragePool {name:?} is an lvm pool: making volumes in LVM is not done yet (only dir pools hold volumes)"
-        ));
+        )),
+        PoolType::Rbd => return Err(format!(
+            "StoragePool {name:?} is an rbd pool: its volumes have no snapshots (they are raw)"
+        )),
     }
     let dir = crate::pools::pool_dir(&ctx.data_dir, &pool);
     let first = swept.insert(dir.clone());
@@ -288,6 +298,10 @@ async fn reconcile(
         .volumes
         .lock(&project, [volume.metadata.name.clone()])
         .await;
+    if volume.status.as_ref().is_some_and(|s| s.shared) {
+        let pool = storage_pool(ctx, &volume.spec.pool).await?;
+        return crate::rbd_volumes::reconcile(ctx, volume, &pool).await;
+    }
     if volume.metadata.deletion_timestamp.is_some() {
         if !held {
             return Ok(());
@@ -428,7 +442,7 @@ async fn grow(
 }
 
 /// The node's cached copy (qcow2) of Image `name` of the volume's project, fetched if need be.
-async fn image_file(
+pub(crate) async fn image_file(
     ctx: &Context,
     volume: &Volume,
     name: &str,
@@ -494,7 +508,7 @@ fn format(volume: &Volume) -> Format {
     }
 }
 
-async fn report(ctx: &Context, volume: &Volume, status: serde_json::Value) {
+pub(crate) async fn report(ctx: &Context, volume: &Volume, status: serde_json::Value) {
     let kind = lookup("volume").expect("registered");
     let project = volume.metadata.namespace.clone().unwrap_or_default();
     if let Err(e) = ctx
@@ -514,7 +528,7 @@ async fn report(ctx: &Context, volume: &Volume, status: serde_json::Value) {
 
 /// Adds or removes this agent's finalizer on a volume or snapshot, guarded by the
 /// resourceVersion it read.
-async fn edit_finalizers(
+pub(crate) async fn edit_finalizers(
     ctx: &Context,
     kind: &'static flotilla_types::KindInfo,
     meta: &flotilla_types::ObjectMeta,

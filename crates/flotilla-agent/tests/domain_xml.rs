@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use flotilla_agent::domain::{
-    disk_target, flotilla_uid, owner, DomainSpec, KernelBoot, Nic, Owner, VirtType, VolumeDisk,
+    disk_target, flotilla_uid, owner, DomainSpec, KernelBoot, NetworkSource, Nic, Owner, VirtType,
+    VolumeDisk,
 };
 use flotilla_agent::libvirt::Libvirt;
 
@@ -43,6 +44,30 @@ fn spec(virt_type: VirtType, hostile: bool) -> DomainSpec {
                 serial: flotilla_types::kinds::disk_serial("0b7e2f4c-1d3a-4e5f-8a9b-0c1d2e3f4a5b"),
                 read_only: false,
                 shareable: false,
+                network: None,
+            },
+            VolumeDisk {
+                volume: "ceph".into(),
+                path: PathBuf::new(),
+                format: "raw",
+                virtio: true,
+                target: disk_target("vd", 2),
+                serial: flotilla_types::kinds::disk_serial("5e6f7a8b-9c0d-4e1f-a2b3-c4d5e6f7a8b9"),
+                read_only: false,
+                shareable: false,
+                network: Some(NetworkSource {
+                    protocol: "rbd",
+                    name: "flotilla/5e6f7a8b-9c0d-4e1f-a2b3-c4d5e6f7a8b9".into(),
+                    hosts: vec![
+                        "10.0.0.1:6789".into(),
+                        "mon2".into(),
+                        "[fd00::3]:3300".into(),
+                    ],
+                    auth: Some((
+                        "flotilla".into(),
+                        "1b2c3d4e-5f60-4a7b-8c9d-0e1f2a3b4c5d".into(),
+                    )),
+                }),
             },
             VolumeDisk {
                 volume: "shared".into(),
@@ -53,6 +78,7 @@ fn spec(virt_type: VirtType, hostile: bool) -> DomainSpec {
                 serial: "7c8d9e0f-2a3b-4c5d-9".into(),
                 read_only: true,
                 shareable: true,
+                network: None,
             },
         ],
         seed_iso: Some(PathBuf::from("/var/lib/flotilla/vms/6f1c2a9e/seed.iso")),
@@ -110,7 +136,7 @@ fn hostile_strings_stay_text() {
         .children()
         .filter(|n| n.has_tag_name("disk"))
         .collect();
-    assert_eq!(disks.len(), 4, "no disk was injected");
+    assert_eq!(disks.len(), 5, "no disk was injected");
     assert!(
         !xml.contains("/etc/shadow'/>"),
         "the injected element is text, not markup"
@@ -236,6 +262,14 @@ async fn qemu_libvirt_keeps_volume_disks_and_spare_root_ports() {
                 source: Some("/var/lib/flotilla/pools/default/0b7e2f4c-1d3a.qcow2".into()),
                 serial: Some("0b7e2f4c-1d3a-4e5f-8".into()),
                 volume: Some("data".into()),
+            },
+            // An RBD volume's source is the image's name: what growing it looks for.
+            &LiveDisk {
+                target: "vdc".into(),
+                bus: "virtio".into(),
+                source: Some("flotilla/5e6f7a8b-9c0d-4e1f-a2b3-c4d5e6f7a8b9".into()),
+                serial: Some("5e6f7a8b-9c0d-4e1f-a".into()),
+                volume: Some("ceph".into()),
             },
             &LiveDisk {
                 target: "sdb".into(),

@@ -382,3 +382,113 @@ async fn an_lvm_pool_says_why_its_nodes_cannot_serve_it() {
     assert_eq!(refused.code(), Some(422), "{refused}");
     assert!(refused.to_string().contains("spec.pool"), "{refused}");
 }
+
+/// An `rbd` pool is checked at the door (its type's fields, monitor addresses and a keyring
+/// path that reaches QEMU's option syntax), a node says why it cannot reach the cluster — a
+/// keyring it lacks, monitors that do not answer (within seconds, not minutes) — and a qcow2
+/// volume has no place in it. The real cluster is in `volumes_rbd`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rbd_pool_is_checked_and_its_nodes_say_why_they_cannot_reach_it() {
+    let cluster = TestCluster::start().await;
+    let (admin, tmp) = (&cluster.admin, &cluster.dir);
+    let (pools, volumes) = (lookup("storagepool").unwrap(), lookup("volume").unwrap());
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _stop = common::test_driver_agent(&cluster, "rbd-node", tmp.path().join("a")).await;
+
+    let bad = [
+        (json!({"type": "rbd"}), "spec.rbd"),
+        (
+            json!({"type": "rbd", "path": "/srv/x", "rbd": {"monitors": ["m"], "pool": "p"}}),
+            "spec.path",
+        ),
+        (
+            json!({"type": "rbd", "rbd": {"monitors": ["m1,m2"], "pool": "p"}}),
+            "spec.rbd.monitors[0]",
+        ),
+        (
+            json!({"type": "rbd", "rbd": {"monitors": ["m"], "pool": "p", "keyring": "/etc/a:b"}}),
+            "spec.rbd.keyring",
+        ),
+        (
+            json!({"type": "dir", "rbd": {"monitors": ["m"], "pool": "p"}}),
+            "spec.rbd",
+        ),
+    ];
+    for (spec, field) in bad {
+        let refused = admin
+            .create(
+                pools,
+                None,
+                &json!({"metadata": {"name": "bad"}, "spec": spec}),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Some(422), "{spec}: {refused}");
+        assert!(refused.to_string().contains(field), "{spec}: {refused}");
+    }
+
+    let keyring = tmp.path().join("ceph.client.flotilla.keyring");
+    let pool = |name: &str, monitor: &str| {
+        json!({"metadata": {"name": name}, "spec": {"type": "rbd", "rbd": {
+            "monitors": [monitor], "pool": "flotilla", "user": "flotilla", "keyring": keyring}}})
+    };
+    std::fs::write(
+        &keyring,
+        "[client.flotilla]\n\tkey = AQA2tQ9rs8S6DhAAyVnxmm11y7PfjwwJ0xS3GA==\n",
+    )
+    .unwrap();
+    let entry = |name: &'static str| async move {
+        eventually("the node reports the rbd pool", 60, async || {
+            let p = admin.get(pools, None, name).await.ok()?;
+            let entry = p["status"]["nodes"]["rbd-node"].clone();
+            (entry["phase"] == "Failed").then_some(entry)
+        })
+        .await
+    };
+    let started = std::time::Instant::now();
+    admin
+        .create(pools, None, &pool("unreachable", "127.0.0.1:1"))
+        .await
+        .unwrap();
+    let failed = entry("unreachable").await;
+    let message = failed["message"].as_str().unwrap();
+    assert!(message.contains("timed out"), "{message}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(45));
+    admin
+        .create(
+            pools,
+            None,
+            &json!({"metadata": {"name": "missing"}, "spec": {"type": "rbd", "rbd": {
+                "monitors": ["127.0.0.1:1"], "pool": "flotilla", "keyring": "/nonexistent/k"}}}),
+        )
+        .await
+        .unwrap();
+    let missing = entry("missing").await;
+    assert!(
+        missing["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot read the keyring"),
+        "{missing}"
+    );
+
+    let qcow2 = json!({"metadata": {"name": "q"}, "spec": {"pool": "unreachable", "size": "16Mi"}});
+    let refused = admin
+        .create(volumes, Some("default"), &qcow2)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(422), "{refused}");
+    assert!(refused.to_string().contains("spec.format"), "{refused}");
+    // In a dir pool a linked clone is a qcow2 overlay: a raw one is refused, saying why.
+    let raw_linked = json!({"metadata": {"name": "r"}, "spec": {"size": "16Mi", "format": "raw",
+        "source": {"volume": "nothing", "mode": "linked"}}});
+    let refused = admin
+        .create(volumes, Some("default"), &raw_linked)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(422), "{refused}");
+    assert!(
+        refused.to_string().contains("spec.source.mode"),
+        "{refused}"
+    );
+}

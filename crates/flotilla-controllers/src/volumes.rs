@@ -1,7 +1,9 @@
 //! Volume placement: a volume in a node-local pool gets a node (`status.node`) among those
 //! where the pool is Ready with room for it, the one with the most free space (a clone: its
 //! source's node); its agent then makes it. Until one has room the volume stays Pending and says
-//! why. It also lets go of attachments nothing holds any more: VMs gone (or made again under
+//! why. A volume of a shared pool (rbd) is managed by one node too, which follows the VM it is
+//! attached to (whose QEMU grows it) and, until it is made, its source. It also lets go of
+//! attachments nothing holds any more: VMs gone (or made again under
 //! the same name), and VMs on no node that no longer name the volume. Runs on every change of a
 //! volume or pool, and every `resync`.
 
@@ -51,7 +53,12 @@ pub fn place(
     }
     let limit = u128::from(pool.spec.allocation_limit());
     let scaled = |bytes: u64| u128::from(bytes) * limit / 100;
-    let used = |name: &str| u128::from(provisioned.get(name).copied().unwrap_or(0));
+    // A shared pool's space is one: every volume in it counts against each node's view.
+    let everywhere: u128 = provisioned.values().map(|&b| u128::from(b)).sum();
+    let used = |name: &str| match pool.spec.shared() {
+        true => everywhere,
+        false => u128::from(provisioned.get(name).copied().unwrap_or(0)),
+    };
     let roomy: Vec<_> = ready
         .iter()
         .filter(|(_, n)| scaled(n.available) >= u128::from(size))
@@ -125,11 +132,16 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
     let all: Vec<Volume> = crate::list_all(objects, "Volume").await?;
     let snapshots: Vec<VolumeSnapshot> = crate::list_all(objects, "VolumeSnapshot").await?;
     let mut written = release_attachments(objects, &all).await?;
+    written += follow_vms(objects, &pools, &all).await?;
     written += place_snapshots(objects, &all, &snapshots).await?;
     let mut given = provisioned(&all);
     for volume in &all {
         let status = volume.status.clone().unwrap_or_default();
-        if status.node.is_some() || volume.metadata.deletion_timestamp.is_some() {
+        if volume.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        if status.node.is_some() {
+            written += follow_source(objects, volume, &all).await?;
             continue;
         }
         let pool = pools.iter().find(|p| p.metadata.name == volume.spec.pool);
@@ -168,13 +180,14 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
                 beside(pool, from, source, size)
             }
         };
+        let shared = pool.is_some_and(|p| p.spec.shared());
         let patch = match placed {
             Ok(node) => {
                 // Counted at once: the next volume of this pass sees it.
                 let sums = given.entry(volume.spec.pool.clone()).or_default();
                 let sum = sums.entry(node.clone()).or_default();
                 *sum = sum.saturating_add(size);
-                json!({"status": {"node": node, "phase": "Pending", "message": ""}})
+                json!({"status": {"node": node, "shared": shared, "phase": "Pending", "message": ""}})
             }
             Err(why) if status.message == why && status.phase == "Pending" => continue,
             Err(why) => json!({"status": {"phase": "Pending", "message": why}}),
@@ -187,6 +200,94 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
 }
 
 /// A snapshot is taken where its volume lives: it gets the volume's node once it has one.
+/// Hands each attached volume of a shared pool to the node of the VM using it, so that the
+/// node whose QEMU has it open also grows it (the guest sees the size) and follows it. Only a
+/// made volume moves (no create is in flight), and only to a node the pool is Ready on.
+async fn follow_vms(
+    objects: &Objects,
+    pools: &[StoragePool],
+    volumes: &[Volume],
+) -> Result<usize, ApiError> {
+    let moving: Vec<&Volume> = volumes
+        .iter()
+        .filter(|v| v.metadata.deletion_timestamp.is_none())
+        .filter(|v| {
+            v.status
+                .as_ref()
+                .is_some_and(|s| s.shared && s.phase == "Available" && !s.attached_to.is_empty())
+        })
+        .collect();
+    if moving.is_empty() {
+        return Ok(0);
+    }
+    let vms: Vec<VirtualMachine> = crate::list_all(objects, "VirtualMachine").await?;
+    let mut written = 0;
+    for volume in moving {
+        let status = volume.status.as_ref().expect("filtered");
+        let holder = &status.attached_to[0];
+        let Some(node) = vms
+            .iter()
+            .find(|vm| vm.metadata.uid.as_deref() == Some(holder.uid.as_str()))
+            .and_then(|vm| {
+                vm.status
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .or_else(|| vm.spec.node_name.clone())
+            })
+        else {
+            continue;
+        };
+        let ready = pools
+            .iter()
+            .find(|p| p.metadata.name == volume.spec.pool)
+            .and_then(|p| p.status.as_ref()?.nodes.get(&node))
+            .is_some_and(|n| n.phase == "Ready");
+        if status.node.as_deref() == Some(node.as_str()) || !ready {
+            continue;
+        }
+        tracing::info!(volume = %volume.metadata.name, from = ?status.node, to = %node, "a shared volume follows its VM's node");
+        let patch = json!({"metadata": {"resourceVersion": volume.metadata.resource_version},
+                           "status": {"node": node}});
+        let project = volume.metadata.namespace.clone().unwrap_or_default();
+        match crate::write_status(objects, "Volume", &project, &volume.metadata.name, patch).await {
+            Ok(n) => written += n,
+            Err(e) if e.code() == 409 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
+/// A shared clone not made yet is made by the node managing its source (which reads the source
+/// volume); when the source has moved to another node since, the clone follows it.
+async fn follow_source(
+    objects: &Objects,
+    volume: &Volume,
+    all: &[Volume],
+) -> Result<usize, ApiError> {
+    let status = volume.status.clone().unwrap_or_default();
+    let Some(name) = volume.spec.source.as_ref().and_then(|s| s.volume.as_ref()) else {
+        return Ok(0);
+    };
+    if !status.shared || status.phase == "Available" {
+        return Ok(0);
+    }
+    let source_node = all
+        .iter()
+        .find(|v| v.metadata.namespace == volume.metadata.namespace && v.metadata.name == *name)
+        .and_then(|v| v.status.as_ref()?.node.clone());
+    let Some(node) = source_node.filter(|n| Some(n) != status.node.as_ref()) else {
+        return Ok(0);
+    };
+    let patch = json!({"metadata": {"resourceVersion": volume.metadata.resource_version},
+                       "status": {"node": node}});
+    let project = volume.metadata.namespace.clone().unwrap_or_default();
+    match crate::write_status(objects, "Volume", &project, &volume.metadata.name, patch).await {
+        Err(e) if e.code() == 409 => Ok(0),
+        other => other,
+    }
+}
+
 async fn place_snapshots(
     objects: &Objects,
     volumes: &[Volume],

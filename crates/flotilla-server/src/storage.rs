@@ -48,16 +48,35 @@ pub async fn check_source(
     // Pools that hold no volumes yet say so now, not by leaving the volume Pending.
     let pools = registry::by_kind("StoragePool").expect("registered");
     let pool_name = volume["spec"]["pool"].as_str().unwrap_or_default();
-    if let Some(kv) = store.get(&object_key(pools, None, pool_name)).await? {
-        if parse_stored(&kv)?["spec"]["type"] == "lvm" {
-            errs.push(
-                "spec.pool",
-                format!("{pool_name:?} is an lvm pool: making volumes in LVM is not done yet (use a dir pool)"),
-            );
-            return errs
-                .into_result()
-                .map_err(|errs| ApiError::invalid("Volume", name, &errs));
-        }
+    let pool_type = match store.get(&object_key(pools, None, pool_name)).await? {
+        Some(kv) => parse_stored(&kv)?["spec"]["type"]
+            .as_str()
+            .unwrap_or("dir")
+            .to_string(),
+        None => String::new(),
+    };
+    let format = volume["spec"]["format"].as_str().unwrap_or("qcow2");
+    let linked = volume["spec"]["source"]["mode"] == "linked";
+    match pool_type.as_str() {
+        "lvm" => errs.push(
+            "spec.pool",
+            format!("{pool_name:?} is an lvm pool: making volumes in LVM is not done yet (use a dir pool)"),
+        ),
+        "rbd" if format != "raw" => errs.push(
+            "spec.format",
+            format!("{pool_name:?} is an rbd pool: its volumes are raw RBD images (thin and copy-on-write on their own); set format: raw"),
+        ),
+        "rbd" => {}
+        _ if linked && format != "qcow2" => errs.push(
+            "spec.source.mode",
+            "a linked clone in a dir pool must be qcow2: a raw file cannot have a backing file",
+        ),
+        _ => {}
+    }
+    if !errs.is_empty() {
+        return errs
+            .into_result()
+            .map_err(|errs| ApiError::invalid("Volume", name, &errs));
     }
     // A snapshot stands for its volume (its pool, its node), at the size it was taken.
     let (field, source, taken) = match (
@@ -413,12 +432,17 @@ pub async fn attach(
             continue;
         };
         let mut object = parse_stored(&kv)?;
-        if let Some(on) = object["status"]["node"].as_str() {
+        // A shared volume (rbd) follows the VM using it: it pins only while other VMs hold it.
+        let held_elsewhere = object["status"]["attachedTo"]
+            .as_array()
+            .is_some_and(|hs| hs.iter().any(|h| h["uid"] != uid));
+        let pins = object["status"]["shared"] != true || held_elsewhere;
+        if let Some(on) = object["status"]["node"].as_str().filter(|_| pins) {
             match &node {
                 Some((n, why)) if n != on => errs.push(
                     field.clone(),
                     format!(
-                        "volume {volume:?} lives on node {on:?} but {why}: a volume in a node-local pool attaches only to VMs on its node"
+                        "volume {volume:?} lives on node {on:?} but {why}: a volume in a node-local pool (or a shared one other VMs hold) attaches only to VMs on its node"
                     ),
                 ),
                 Some(_) => {}

@@ -112,6 +112,29 @@ pub async fn convert(
     run(&args).await.map(drop)
 }
 
+/// Writes every byte of `from` (of `from_format`) into `target`, which exists already and is
+/// at least as large: a raw volume of another backend, named as QEMU's block layer names it
+/// (`rbd:pool/image:...`).
+pub async fn convert_into(
+    from: &Path,
+    from_format: Format,
+    target: &str,
+) -> Result<(), StorageError> {
+    let from = text(from);
+    let args = [
+        "convert",
+        "-q",
+        "-n",
+        "-f",
+        from_format.as_str(),
+        "-O",
+        "raw",
+        from.as_str(),
+        target,
+    ];
+    run(&args).await.map(drop)
+}
+
 /// Grows `path` to `size` bytes (the caller refuses shrinking: data would be lost).
 pub async fn resize(path: &Path, format: Format, size: u64) -> Result<(), StorageError> {
     let (path, size) = (text(path), size.to_string());

@@ -20,6 +20,41 @@ pub const CLASSES: &str = "/registry/vmclasses/";
 pub const POLICIES: &str = "/registry/placementpolicies/";
 pub const VOLUMES: &str = "/registry/volumes/";
 
+/// Where a volume is, as far as placing a VM goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VolumePlace {
+    /// Not on a node yet.
+    Unplaced,
+    /// Lives on this node (node-local pools).
+    Node(String),
+    /// In a pool every node reaches; `holders` are the VMs (uids) attached to it, and `node`
+    /// the node managing it (theirs, once attached).
+    Shared {
+        node: Option<String>,
+        holders: Vec<String>,
+    },
+}
+
+impl VolumePlace {
+    pub fn of(volume: &Value) -> VolumePlace {
+        let status = &volume["status"];
+        let node = status["node"].as_str().map(str::to_string);
+        if status["shared"] == true {
+            let holders = status["attachedTo"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|h| h["uid"].as_str().map(str::to_string))
+                .collect();
+            return VolumePlace::Shared { node, holders };
+        }
+        match node {
+            Some(node) => VolumePlace::Node(node),
+            None => VolumePlace::Unplaced,
+        }
+    }
+}
+
 /// What the scheduler keeps of a VM: its identity, labels and spec (not its status).
 #[derive(Clone, Debug)]
 pub struct VmRecord {
@@ -55,7 +90,7 @@ pub struct Cache {
     pub classes: HashMap<String, Value>,
     pub policies: HashMap<(String, String), Value>,
     /// The node each volume lives on (None: not placed yet), by (project, name).
-    pub volumes: HashMap<(String, String), Option<String>>,
+    pub volumes: HashMap<(String, String), VolumePlace>,
     /// Unbound VMs to place, oldest first: (create revision, key).
     pub queue: BTreeSet<(Revision, String)>,
     /// VMs that fit nowhere at their last try, back in the queue when the cluster changes.
@@ -144,7 +179,7 @@ impl Cache {
         } else if key.starts_with(VOLUMES) {
             if let Some((ns, name)) = name_in(key, VOLUMES).split_once('/') {
                 let id = (ns.to_string(), name.to_string());
-                let node = value.map(|v| v["status"]["node"].as_str().map(str::to_string));
+                let node = value.map(|v| VolumePlace::of(&v));
                 // Only a volume placed (or gone) can change where a VM fits.
                 let before = match &node {
                     Some(n) => self.volumes.insert(id, n.clone()),

@@ -17,6 +17,8 @@ pub mod cache;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use cache::VolumePlace;
+
 use flotilla_server::binding::{claim_key, Binding, CLAIMS_PREFIX};
 use flotilla_server::objects::{Objects, PatchBody};
 use flotilla_server::Subresource;
@@ -76,20 +78,30 @@ fn add_rules(rules: &mut Rules, affinity: &Value) {
     }
 }
 
-/// The node a VM's volumes pin it to (volumes in node-local pools live on one node); Err when
-/// one is missing or not placed yet, or two live on different nodes.
+/// The node a VM's volumes pin it to (volumes in node-local pools live on one node; a shared
+/// volume pins only while other VMs hold it, to their node); Err when one is missing or not
+/// placed yet, or two live on different nodes.
 fn volume_node(
     vm: &Value,
     project: &str,
-    volumes: &HashMap<(String, String), Option<String>>,
+    volumes: &HashMap<(String, String), VolumePlace>,
 ) -> Result<Option<String>, String> {
+    let uid = vm["metadata"]["uid"].as_str().unwrap_or_default();
     let mut pinned: Option<(String, &str)> = None;
     for disk in vm["spec"]["disks"].as_array().into_iter().flatten() {
         let name = disk["volume"].as_str().unwrap_or_default();
         let node = match volumes.get(&(project.to_string(), name.to_string())) {
             None => return Err(format!("volume {name:?} does not exist")),
-            Some(None) => return Err(format!("volume {name:?} is not placed on a node yet")),
-            Some(Some(node)) => node,
+            Some(VolumePlace::Unplaced) => {
+                return Err(format!("volume {name:?} is not placed on a node yet"))
+            }
+            Some(VolumePlace::Node(node)) => node,
+            Some(VolumePlace::Shared { node, holders }) => {
+                match node.as_ref().filter(|_| holders.iter().any(|h| h != uid)) {
+                    Some(node) => node,
+                    None => continue,
+                }
+            }
         };
         match &pinned {
             Some((other, by)) if other != node => {
@@ -110,7 +122,7 @@ fn request(
     vm: &Value,
     classes: &HashMap<String, Value>,
     policies: &HashMap<(String, String), Value>,
-    volumes: &HashMap<(String, String), Option<String>>,
+    volumes: &HashMap<(String, String), VolumePlace>,
 ) -> Result<Request, String> {
     let spec = &vm["spec"];
     let (cpus, memory) = cache::resources(spec, classes)?;
@@ -605,5 +617,53 @@ pub async fn run(objects: Objects, resync: Duration, strategy: placement::Strate
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn vm(uid: &str, volumes: &[&str]) -> Value {
+        let disks: Vec<Value> = volumes
+            .iter()
+            .map(|v| json!({"name": v, "volume": v}))
+            .collect();
+        json!({"metadata": {"uid": uid}, "spec": {"disks": disks}})
+    }
+
+    fn place(volume: &str, status: Value) -> ((String, String), VolumePlace) {
+        let id = ("p".to_string(), volume.to_string());
+        (id, VolumePlace::of(&json!({ "status": status })))
+    }
+
+    #[test]
+    fn node_local_volumes_pin_and_shared_ones_only_while_another_vm_holds_them() {
+        let volumes: HashMap<_, _> = [
+            place("local", json!({"node": "a"})),
+            place("unplaced", json!({})),
+            place("free", json!({"node": "b", "shared": true})),
+            place(
+                "mine",
+                json!({"node": "b", "shared": true, "attachedTo": [{"vm": "v", "uid": "u1"}]}),
+            ),
+            place(
+                "theirs",
+                json!({"node": "c", "shared": true, "attachedTo": [{"vm": "w", "uid": "u2"}]}),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let pin = |uid: &str, names: &[&str]| volume_node(&vm(uid, names), "p", &volumes);
+        assert_eq!(pin("u1", &["local"]), Ok(Some("a".into())));
+        assert!(pin("u1", &["unplaced"]).unwrap_err().contains("not placed"));
+        // A shared volume goes where its VM goes, also when only this VM holds it...
+        assert_eq!(pin("u1", &["free"]), Ok(None));
+        assert_eq!(pin("u1", &["mine", "local"]), Ok(Some("a".into())));
+        // ...but while another VM holds it (shareable), its VMs share that VM's node.
+        assert_eq!(pin("u1", &["theirs"]), Ok(Some("c".into())));
+        let split = pin("u1", &["theirs", "local"]).unwrap_err();
+        assert!(split.contains("different nodes"), "{split}");
     }
 }

@@ -40,7 +40,9 @@ pub use security_group::{
     Direction, RuleProtocol, RuleRemote, SecurityGroup, SecurityGroupMember, SecurityGroupRule,
     SecurityGroupSpec, SecurityGroupStatus,
 };
-pub use storage_pool::{PoolNodeStatus, PoolType, StoragePool, StoragePoolSpec, StoragePoolStatus};
+pub use storage_pool::{
+    PoolNodeStatus, PoolType, RbdPoolSpec, StoragePool, StoragePoolSpec, StoragePoolStatus,
+};
 pub use vm::{
     disk_serial, CloudInit, DiskAttachment, DiskBus, DiskStatus, InterfaceStatus, KernelBoot,
     NetworkAttachment, Phase, PowerState, Resources, RootDisk, RootDiskSource, VirtualMachine,

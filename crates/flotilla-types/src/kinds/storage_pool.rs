@@ -1,7 +1,8 @@
 //! StoragePool: where volumes live. Cluster-scoped. A `dir` pool is a directory on each node its
 //! `nodeSelector` picks (made there if missing); every node also serves the `default` pool, a
-//! directory in its data directory. Each node's agent reports its own entry of `status.nodes`:
-//! whether the pool is usable there and its space. (Network backends come with volumes.)
+//! directory in its data directory. An `rbd` pool is a Ceph pool every selected node reaches.
+//! Each node's agent reports its own entry of `status.nodes`: whether the pool is usable there
+//! and its space.
 
 use std::collections::BTreeMap;
 
@@ -24,12 +25,112 @@ pub enum PoolType {
     /// space; making volumes in it is not done yet (the development machines have no
     /// device-mapper to test it on), so its volumes are refused with that reason.
     Lvm,
+    /// A pool of a Ceph cluster (RBD images) that every selected node reaches: shared, so a
+    /// volume in it is not tied to a node. QEMU opens the images itself (librbd); each node
+    /// authenticates with its own keyring file, so the key never passes through the API.
+    Rbd,
+}
+
+/// Where a Ceph pool is and who the nodes are to it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RbdPoolSpec {
+    /// The cluster's monitors, `host` or `host:port` (`[v6]:port`).
+    #[schemars(
+        length(min = 1, max = 16),
+        inner(regex(pattern = r"^[A-Za-z0-9.:\[\]][A-Za-z0-9.:\[\]-]{0,254}$"))
+    )]
+    pub monitors: Vec<String>,
+    /// The Ceph pool holding the images.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,127}$"))]
+    pub pool: String,
+    /// The cephx user the nodes act as, without `client.` (default `admin`, as Ceph's tools);
+    /// give it `profile rbd` on the pool only.
+    #[serde(default = "default_ceph_user")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,127}$"))]
+    pub user: String,
+    /// The keyring file holding the user's key on each node (default
+    /// `/etc/ceph/ceph.client.<user>.keyring`; no `:`, `\`, `@`, `,` or `=` in it). Each node
+    /// reads it and gives the key to its libvirtd as a private secret; it is never sent to the
+    /// API or logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "crate::validation::HOST_PATH_PATTERN", length(max = 4096))]
+    pub keyring: Option<String>,
+}
+
+fn default_ceph_user() -> String {
+    "admin".into()
+}
+
+impl RbdPoolSpec {
+    /// [`Self::keyring`] or its default.
+    pub fn keyring_path(&self) -> String {
+        self.keyring
+            .clone()
+            .unwrap_or_else(|| format!("/etc/ceph/ceph.client.{}.keyring", self.user))
+    }
+
+    fn validate(&self, path: &str, errs: &mut FieldErrors) {
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 128
+                && !s.starts_with('-')
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        };
+        if self.monitors.is_empty() || self.monitors.len() > 16 {
+            errs.push(
+                format!("{path}.monitors"),
+                "name 1 to 16 monitors (host or host:port)",
+            );
+        }
+        for (i, m) in self.monitors.iter().enumerate() {
+            let ok = !m.is_empty()
+                && m.len() <= 255
+                && !m.starts_with('-')
+                && m.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+            if !ok {
+                errs.push(
+                    format!("{path}.monitors[{i}]"),
+                    format!("{m:?} is not a monitor address (host or host:port)"),
+                );
+            }
+        }
+        if !plain(&self.pool) {
+            errs.push(
+                format!("{path}.pool"),
+                format!(
+                    "{:?} is not a Ceph pool name (letters, digits, _ . -)",
+                    self.pool
+                ),
+            );
+        }
+        if !plain(&self.user) {
+            errs.push(
+                format!("{path}.user"),
+                format!(
+                    "{:?} is not a cephx user name (letters, digits, _ . -)",
+                    self.user
+                ),
+            );
+        }
+        if let Some(keyring) = &self.keyring {
+            validation::host_path(errs, &format!("{path}.keyring"), keyring);
+            if keyring.contains([':', '\\', '@', ',', '=']) {
+                errs.push(
+                    format!("{path}.keyring"),
+                    "must not contain : \\ @ , or = (QEMU's option syntax)",
+                );
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StoragePoolSpec {
-    /// The backend: `dir` or `lvm`.
+    /// The backend: `dir`, `lvm` or `rbd`.
     #[serde(rename = "type", default)]
     pub pool_type: PoolType,
     /// For `dir`: an absolute directory on each node (made if missing; every directory above it
@@ -41,6 +142,9 @@ pub struct StoragePoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$"))]
     pub volume_group: Option<String>,
+    /// For `rbd`: the Ceph cluster and pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd: Option<RbdPoolSpec>,
     /// Labels a node must have to serve the pool; empty: every node.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(schema_with = "crate::validation::labels_schema")]
@@ -55,6 +159,11 @@ pub struct StoragePoolSpec {
 }
 
 impl StoragePoolSpec {
+    /// Whether every node it selects reaches the same volumes (no volume is tied to a node).
+    pub fn shared(&self) -> bool {
+        self.pool_type == PoolType::Rbd
+    }
+
     /// [`Self::allocation_limit_percent`] or its default.
     pub fn allocation_limit(&self) -> u32 {
         self.allocation_limit_percent.unwrap_or(100)
@@ -121,11 +230,22 @@ impl Validate for StoragePoolSpec {
                     errs.push(format!("{path}.path"), "is for dir pools, not lvm ones");
                 }
             }
-            (PoolType::Dir, Some(_)) => errs.push(
-                format!("{path}.volumeGroup"),
-                "is for lvm pools, not dir ones",
+            (_, Some(_)) => errs.push(format!("{path}.volumeGroup"), "is for lvm pools only"),
+            (_, None) => {}
+        }
+        match (self.pool_type, &self.rbd) {
+            (PoolType::Rbd, None) => errs.push(
+                format!("{path}.rbd"),
+                "is required for an rbd pool: its monitors and Ceph pool",
             ),
-            (PoolType::Dir, None) => {}
+            (PoolType::Rbd, Some(rbd)) => {
+                rbd.validate(&format!("{path}.rbd"), errs);
+                if self.path.is_some() {
+                    errs.push(format!("{path}.path"), "is for dir pools, not rbd ones");
+                }
+            }
+            (_, Some(_)) => errs.push(format!("{path}.rbd"), "is for rbd pools only"),
+            (_, None) => {}
         }
         validation::labels(errs, &format!("{path}.nodeSelector"), &self.node_selector);
         if let Some(pct) = self.allocation_limit_percent {
@@ -144,7 +264,7 @@ impl Validate for StoragePoolStatus {
 }
 
 crate::define_kind! {
-    /// Where volumes live: a directory on each selected node.
+    /// Where volumes live: a directory on each selected node, or a Ceph pool they all reach.
     StoragePool {
         spec: StoragePoolSpec, spec_default: true,
         status: StoragePoolStatus,
@@ -154,6 +274,6 @@ crate::define_kind! {
         namespaced: false,
         field_selectors: [],
         columns: ["TYPE" => "spec.type", "PATH" => "spec.path", "VG" => "spec.volumeGroup"],
-        set_once: ["spec.type", "spec.path", "spec.volumeGroup"],
+        set_once: ["spec.type", "spec.path", "spec.volumeGroup", "spec.rbd.pool"],
     }
 }

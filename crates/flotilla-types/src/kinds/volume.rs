@@ -1,7 +1,8 @@
 //! Volume: a disk of a project, in a storage pool, that outlives VMs. A volume in a node-local
 //! pool (`dir`) lives on one node, which the control plane picks among the nodes where the pool
 //! is Ready with room (`status.node`); that node's agent makes it, and removes it before the
-//! object goes (a finalizer).
+//! object goes (a finalizer). A volume in a shared pool (rbd) is managed by one node too, the
+//! node of the VM using it once attached, but any node of the pool can open it.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -50,7 +51,8 @@ pub struct VolumeSource {
     #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
     pub image: Option<String>,
     /// `full` (the default: every byte copied, independent) or `linked` (copy-on-write over the
-    /// source, qcow2 only; the source cannot be deleted while the clone exists).
+    /// source: qcow2 in a dir pool, RBD's own clone in an rbd pool; the source cannot be
+    /// deleted while the clone exists).
     #[serde(default)]
     pub mode: CloneMode,
 }
@@ -73,10 +75,14 @@ pub struct VolumeStatus {
     /// `Pending` (waiting for a node with room, or to be made), `Available`, or `Failed`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub phase: String,
-    /// The node it lives on (node-local pools).
+    /// The node it lives on (node-local pools); in a shared pool, the node that manages it
+    /// (the node of the VM using it, once attached).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// Its file on that node.
+    /// In a pool every node reaches (rbd): not tied to `node`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
+    /// Its file on that node, or `rbd:<ceph pool>/<image>`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub path: String,
     /// Its size in bytes, as made.
@@ -132,12 +138,6 @@ impl Validate for VolumeSpec {
                     format!("{path}.source"),
                     "set one of volume, snapshot and image: what to start from",
                 ),
-            }
-            if source.mode == CloneMode::Linked && self.format != ImageFormat::Qcow2 {
-                errs.push(
-                    format!("{path}.source.mode"),
-                    "a linked clone must be qcow2: a raw file cannot have a backing file",
-                );
             }
         }
         if self.shareable && self.format != ImageFormat::Raw {
