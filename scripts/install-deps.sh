@@ -23,7 +23,10 @@ case "$purpose" in
   # it: the rbd and ceph tools the agent drives) and guests open RBD images through QEMU's rbd
   # block driver (qemu-block-extra) — what every node serving an rbd pool needs.
   test) packages+=(debootstrap e2fsprogs xorriso etcd-server python3-venv iproute2 iperf3)
-        packages+=(ceph-mon ceph-osd ceph-mgr ceph-common qemu-block-extra) ;;
+        packages+=(ceph-mon ceph-osd ceph-mgr ceph-common qemu-block-extra)
+        # The iSCSI tests run a userspace target (tgt) and list its LUNs with libiscsi's tools,
+        # as nodes serving an iscsi pool do.
+        packages+=(tgt libiscsi-bin) ;;
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac
 

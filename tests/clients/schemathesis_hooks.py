@@ -27,7 +27,8 @@ as "valid data rejected". This hook makes generated requests keep them, and noth
   with a cidr, and st-lan), a router leaves through a network or the node's uplink (cross-field), a floating IP's address is a free one of its network, a route's
   destination is a network narrower than the default route (cross-field);
 - a pool's type decides its fields (lvm: a volume group, no path; rbd: a Ceph cluster, no path,
-  a keyring path without QEMU's separators; dir: neither);
+  a keyring path without QEMU's separators; iscsi: a target, no path; dir: none of them), and a
+  volume names a LUN only in an iscsi pool (cross-object: generated volumes have none);
 - a VM snapshot's VM exists on a node (cross-object: the run makes st-vm), a VM's cloned root
   disk names a source that exists (cross-object: generated root disks are new), an image has
   one of url, path and upload (cross-field);
@@ -272,7 +273,15 @@ def keep_spec_rules(kind_path, spec):
         only_qualified_keys(spec, "nodeSelector")
         # The type decides the fields: lvm a volume group and no path, rbd its Ceph cluster and
         # no path, dir neither a volume group nor a Ceph cluster.
-        if spec.get("type") == "lvm":
+        if spec.get("type") != "iscsi":
+            spec["iscsi"] = None
+        elif not isinstance(spec.get("iscsi"), dict):
+            spec["iscsi"] = {"portal": "127.0.0.1", "target": "iqn.2026-12.dev.flotilla:t"}
+        if spec.get("type") == "iscsi":
+            spec["path"] = None
+            spec["volumeGroup"] = None
+            spec["rbd"] = None
+        elif spec.get("type") == "lvm":
             spec["path"] = None
             spec["rbd"] = None
             if not spec.get("volumeGroup"):
@@ -293,8 +302,10 @@ def keep_spec_rules(kind_path, spec):
         in_range(spec, "size", 2**20, 64 * 2**40, "1Gi")
         if spec.get("shareable") is True:
             spec["format"] = "raw"
-        # A clone's source must exist (cross-object): generated volumes are blank.
+        # A clone's source must exist (cross-object): generated volumes are blank; a LUN is for
+        # volumes in iscsi pools (cross-object: generated volumes are in others).
         spec["source"] = None
+        spec["lun"] = None
     elif kind_path == "volumesnapshots" and isinstance(spec, dict):
         # Its volume must exist and be qcow2 (cross-object): the run makes st-vol.
         spec["volume"] = "st-vol"

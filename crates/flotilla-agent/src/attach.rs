@@ -146,8 +146,9 @@ pub async fn resolve(ctx: &Context, vm: &VirtualMachine) -> Result<Vec<VolumeDis
                 disk.volume
             )));
         }
-        let network = match status.path.strip_prefix("rbd:") {
-            Some(image) if status.shared => Some(rbd_source(ctx, &volume, image).await?),
+        let network = match (status.path.strip_prefix("rbd:"), volume.spec.lun) {
+            (Some(image), _) if status.shared => Some(rbd_source(ctx, &volume, image).await?),
+            (None, Some(lun)) if status.shared => Some(iscsi_source(ctx, &volume, lun).await?),
             _ => None,
         };
         let is_virtio = disk.bus == DiskBus::Virtio;
@@ -199,6 +200,30 @@ async fn rbd_source(
         name: image.to_string(),
         hosts: rbd.config().monitors.clone(),
         auth: Some((rbd.config().user.clone(), secret)),
+        initiator: None,
+    })
+}
+
+/// The network disk of an iSCSI volume: LUN `lun` of the pool's target.
+async fn iscsi_source(
+    ctx: &Context,
+    volume: &Volume,
+    lun: u32,
+) -> Result<NetworkSource, AgentError> {
+    let pools = lookup("storagepool").expect("registered");
+    let pool: flotilla_types::kinds::StoragePool = ctx
+        .client
+        .get(pools, None, &volume.spec.pool)
+        .await
+        .map_err(AgentError::from)
+        .and_then(|v| serde_json::from_value(v).map_err(|e| AgentError::Config(e.to_string())))?;
+    let iscsi = crate::pools::iscsi_pool(&pool).map_err(AgentError::Config)?;
+    Ok(NetworkSource {
+        protocol: "iscsi",
+        name: format!("{}/{lun}", iscsi.config().target),
+        hosts: vec![iscsi.portal()],
+        auth: None,
+        initiator: iscsi.config().initiator.clone(),
     })
 }
 

@@ -66,17 +66,20 @@ pub struct VolumeDisk {
     pub network: Option<NetworkSource>,
 }
 
-/// A volume QEMU opens itself over the network: an RBD image through librbd.
+/// A volume QEMU opens itself over the network: an RBD image through librbd, an iSCSI LUN
+/// through libiscsi.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetworkSource {
-    /// `rbd`.
+    /// `rbd` or `iscsi`.
     pub protocol: &'static str,
-    /// What the protocol calls the volume (`pool/image` for RBD).
+    /// What the protocol calls the volume (`pool/image` for RBD, `target/lun` for iSCSI).
     pub name: String,
     /// The servers to ask (Ceph monitors), `host` or `host:port` (`[v6]:port`).
     pub hosts: Vec<String>,
     /// The user and the libvirt secret (by UUID) holding its key.
     pub auth: Option<(String, String)>,
+    /// The iSCSI initiator name QEMU logs in as.
+    pub initiator: Option<String>,
 }
 
 impl NetworkSource {
@@ -103,6 +106,11 @@ impl NetworkSource {
             .attr("protocol", self.protocol)
             .attr("name", &self.name)
             .children(self.hosts.iter().map(|h| Self::host_element(h)))
+            .children(
+                self.initiator.as_ref().map(|iqn| {
+                    Element::new("initiator").child(Element::new("iqn").attr("name", iqn))
+                }),
+            )
     }
 
     fn auth(&self) -> Option<Element> {

@@ -16,6 +16,7 @@ pub mod export;
 pub mod firewall;
 mod follow;
 pub mod identity;
+pub mod iscsi_volumes;
 pub mod iso9660;
 pub mod libvirt;
 pub mod logserver;

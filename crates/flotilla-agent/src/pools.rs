@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_storage::{keyring_key, DirPool, RbdConfig, RbdPool};
+use flotilla_storage::{keyring_key, DirPool, IscsiConfig, IscsiPool, RbdConfig, RbdPool};
 use flotilla_types::kinds::{PoolNodeStatus, PoolType, StoragePool};
 use flotilla_types::registry::lookup;
 use serde_json::json;
@@ -122,9 +122,9 @@ fn secret_prefix(ctx: &Context) -> String {
     format!("flotilla-{}-storagepool-", ctx.cluster_id)
 }
 
-/// Whether this node's QEMU opens RBD images (its rbd block driver, `qemu-block-extra` on
-/// Debian, is installed).
-async fn qemu_has_rbd() -> bool {
+/// Whether this node's QEMU has block driver `driver` (rbd and iscsi come with
+/// `qemu-block-extra` on Debian).
+async fn qemu_has_driver(driver: &str) -> bool {
     let Ok(out) = tokio::process::Command::new("qemu-img")
         .arg("--help")
         .output()
@@ -135,7 +135,7 @@ async fn qemu_has_rbd() -> bool {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.contains("Supported formats:"))
-        .any(|l| l.split_whitespace().any(|f| f == "rbd"))
+        .any(|l| l.split_whitespace().any(|f| f == driver))
 }
 
 /// This node's entry for an `rbd` pool: the Ceph pool's space, or why this node cannot use it
@@ -157,7 +157,7 @@ async fn inspect_rbd(ctx: &Context, pool: &StoragePool) -> PoolNodeStatus {
         Ok(rbd) => rbd,
         Err(e) => return failed(e),
     };
-    if !qemu_has_rbd().await {
+    if !qemu_has_driver("rbd").await {
         return failed(
             "this node's QEMU cannot open RBD images (install its rbd block driver: qemu-block-extra on Debian)".into(),
         );
@@ -188,6 +188,65 @@ async fn inspect_rbd(ctx: &Context, pool: &StoragePool) -> PoolNodeStatus {
     }
 }
 
+/// The iSCSI target of StoragePool `pool`.
+pub fn iscsi_pool(pool: &StoragePool) -> Result<IscsiPool, String> {
+    let spec = pool
+        .spec
+        .iscsi
+        .as_ref()
+        .ok_or_else(|| format!("StoragePool {:?} has no spec.iscsi", pool.metadata.name))?;
+    IscsiPool::new(IscsiConfig {
+        portal: spec.portal.clone(),
+        target: spec.target.clone(),
+        initiator: spec.initiator.clone(),
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// This node's entry for an `iscsi` pool: the target's LUNs (their number and total size), or
+/// why this node cannot reach it (no tools, QEMU without iSCSI, no such target).
+async fn inspect_iscsi(pool: &StoragePool) -> PoolNodeStatus {
+    let target = pool
+        .spec
+        .iscsi
+        .as_ref()
+        .map(|i| i.target.clone())
+        .unwrap_or_default();
+    let failed = |message: String| PoolNodeStatus {
+        phase: "Failed".into(),
+        path: target.clone(),
+        message,
+        ..Default::default()
+    };
+    let iscsi = match iscsi_pool(pool) {
+        Ok(iscsi) => iscsi,
+        Err(e) => return failed(e),
+    };
+    if !qemu_has_driver("iscsi").await {
+        return failed(
+            "this node's QEMU cannot open iSCSI LUNs (install its iscsi block driver: qemu-block-extra on Debian)".into(),
+        );
+    }
+    match iscsi.luns().await {
+        Ok(luns) => {
+            let total = luns.iter().map(|l| l.size).sum();
+            PoolNodeStatus {
+                phase: "Ready".into(),
+                path: format!("iscsi://{}/{}", iscsi.portal(), target),
+                capacity: total,
+                allocation: 0,
+                available: total,
+                volumes: luns.len() as u32,
+                message: String::new(),
+            }
+        }
+        Err(flotilla_storage::StorageError::Tool { program, source }) => failed(format!(
+            "cannot run {program} ({source}): install the iSCSI tools (libiscsi-bin)"
+        )),
+        Err(e) => failed(e.to_string()),
+    }
+}
+
 /// This node's entry for `pool`: opened, with its space, or why it cannot be used.
 pub async fn inspect(ctx: &Context, pool: &StoragePool) -> PoolNodeStatus {
     match pool.spec.pool_type {
@@ -195,6 +254,7 @@ pub async fn inspect(ctx: &Context, pool: &StoragePool) -> PoolNodeStatus {
             return inspect_lvm(pool.spec.volume_group.as_deref().unwrap_or_default()).await
         }
         PoolType::Rbd => return inspect_rbd(ctx, pool).await,
+        PoolType::Iscsi => return inspect_iscsi(pool).await,
         PoolType::Dir => {}
     }
     let dir = pool_dir(&ctx.data_dir, pool);

@@ -263,8 +263,8 @@ async fn open_pool_named(
         PoolType::Lvm => return Err(format!(
             "StoragePool {name:?} is an lvm pool: making volumes in LVM is not done yet (only dir pools hold volumes)"
         )),
-        PoolType::Rbd => return Err(format!(
-            "StoragePool {name:?} is an rbd pool: its volumes have no snapshots (they are raw)"
+        PoolType::Rbd | PoolType::Iscsi => return Err(format!(
+            "StoragePool {name:?} is a shared pool: its volumes have no snapshots (they are raw)"
         )),
     }
     let dir = crate::pools::pool_dir(&ctx.data_dir, &pool);
@@ -300,7 +300,10 @@ async fn reconcile(
         .await;
     if volume.status.as_ref().is_some_and(|s| s.shared) {
         let pool = storage_pool(ctx, &volume.spec.pool).await?;
-        return crate::rbd_volumes::reconcile(ctx, volume, &pool).await;
+        return match pool.spec.pool_type {
+            PoolType::Iscsi => crate::iscsi_volumes::reconcile(ctx, volume, &pool).await,
+            _ => crate::rbd_volumes::reconcile(ctx, volume, &pool).await,
+        };
     }
     if volume.metadata.deletion_timestamp.is_some() {
         if !held {

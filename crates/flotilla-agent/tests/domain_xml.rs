@@ -67,6 +67,24 @@ fn spec(virt_type: VirtType, hostile: bool) -> DomainSpec {
                         "flotilla".into(),
                         "1b2c3d4e-5f60-4a7b-8c9d-0e1f2a3b4c5d".into(),
                     )),
+                    initiator: None,
+                }),
+            },
+            VolumeDisk {
+                volume: "lun".into(),
+                path: PathBuf::new(),
+                format: "raw",
+                virtio: true,
+                target: disk_target("vd", 3),
+                serial: flotilla_types::kinds::disk_serial("9a8b7c6d-5e4f-4a3b-9c2d-1e0f9a8b7c6d"),
+                read_only: false,
+                shareable: false,
+                network: Some(NetworkSource {
+                    protocol: "iscsi",
+                    name: "iqn.2026-12.dev.flotilla:array/3".into(),
+                    hosts: vec!["10.0.0.9:3260".into()],
+                    auth: None,
+                    initiator: Some("iqn.2026-12.dev.flotilla:nodes".into()),
                 }),
             },
             VolumeDisk {
@@ -136,7 +154,7 @@ fn hostile_strings_stay_text() {
         .children()
         .filter(|n| n.has_tag_name("disk"))
         .collect();
-    assert_eq!(disks.len(), 5, "no disk was injected");
+    assert_eq!(disks.len(), 6, "no disk was injected");
     assert!(
         !xml.contains("/etc/shadow'/>"),
         "the injected element is text, not markup"
@@ -270,6 +288,13 @@ async fn qemu_libvirt_keeps_volume_disks_and_spare_root_ports() {
                 source: Some("flotilla/5e6f7a8b-9c0d-4e1f-a2b3-c4d5e6f7a8b9".into()),
                 serial: Some("5e6f7a8b-9c0d-4e1f-a".into()),
                 volume: Some("ceph".into()),
+            },
+            &LiveDisk {
+                target: "vdd".into(),
+                bus: "virtio".into(),
+                source: Some("iqn.2026-12.dev.flotilla:array/3".into()),
+                serial: Some("9a8b7c6d-5e4f-4a3b-9".into()),
+                volume: Some("lun".into()),
             },
             &LiveDisk {
                 target: "sdb".into(),

@@ -383,7 +383,7 @@ async fn an_lvm_pool_says_why_its_nodes_cannot_serve_it() {
     assert!(refused.to_string().contains("spec.pool"), "{refused}");
 }
 
-/// An `rbd` pool is checked at the door (its type's fields, monitor addresses and a keyring
+/// An `rbd` pool (and an `iscsi` one) is checked at the door (its type's fields, monitor addresses and a keyring
 /// path that reaches QEMU's option syntax), a node says why it cannot reach the cluster — a
 /// keyring it lacks, monitors that do not answer (within seconds, not minutes) — and a qcow2
 /// volume has no place in it. The real cluster is in `volumes_rbd`.
@@ -412,6 +412,16 @@ async fn an_rbd_pool_is_checked_and_its_nodes_say_why_they_cannot_reach_it() {
         (
             json!({"type": "dir", "rbd": {"monitors": ["m"], "pool": "p"}}),
             "spec.rbd",
+        ),
+        (json!({"type": "iscsi"}), "spec.iscsi"),
+        (
+            json!({"type": "iscsi", "iscsi": {"portal": "10.0.0.1", "target": "not-an-iqn"}}),
+            "spec.iscsi.target",
+        ),
+        (
+            json!({"type": "iscsi", "iscsi": {"portal": "10.0.0.1,file.driver=file",
+                   "target": "iqn.2026-12.dev.flotilla:t"}}),
+            "spec.iscsi.portal",
         ),
     ];
     for (spec, field) in bad {

@@ -145,6 +145,25 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
             continue;
         }
         let pool = pools.iter().find(|p| p.metadata.name == volume.spec.pool);
+        // A LUN is one volume: of two claims (creates racing through two replicas both
+        // passed admission), only the older is placed.
+        if let Some(first) = lun_holder(volume, &all).filter(|h| *h != volume) {
+            let why = format!(
+                "LUN {} of pool {:?} is volume {}/{} already",
+                volume.spec.lun.unwrap_or_default(),
+                volume.spec.pool,
+                first.metadata.namespace.as_deref().unwrap_or_default(),
+                first.metadata.name
+            );
+            if status.message != why {
+                let patch = json!({"status": {"phase": "Failed", "message": why}});
+                let project = volume.metadata.namespace.clone().unwrap_or_default();
+                written +=
+                    crate::write_status(objects, "Volume", &project, &volume.metadata.name, patch)
+                        .await?;
+            }
+            continue;
+        }
         let size = u64::try_from(volume.spec.size.value()).unwrap_or(u64::MAX);
         let placed = match &volume.spec.source {
             // A copy of an image goes wherever a blank volume would: every node can fetch it.
@@ -256,6 +275,21 @@ async fn follow_vms(
         }
     }
     Ok(written)
+}
+
+/// The oldest volume (not being deleted) that claims the same LUN of the same pool as `volume`.
+fn lun_holder<'a>(volume: &Volume, all: &'a [Volume]) -> Option<&'a Volume> {
+    let lun = volume.spec.lun?;
+    all.iter()
+        .filter(|v| v.spec.pool == volume.spec.pool && v.spec.lun == Some(lun))
+        .filter(|v| v.metadata.deletion_timestamp.is_none())
+        .min_by_key(|v| {
+            (
+                v.metadata.creation_timestamp,
+                v.metadata.namespace.clone(),
+                v.metadata.name.clone(),
+            )
+        })
 }
 
 /// A shared clone not made yet is made by the node managing its source (which reads the source
@@ -411,6 +445,44 @@ mod tests {
         assert!(place(None, "gone", 1, &none)
             .unwrap_err()
             .contains("no StoragePool \"gone\""));
+    }
+
+    #[test]
+    fn a_shared_pool_counts_every_volume_against_its_one_space() {
+        let mut p = pool(json!({
+            "a": {"phase": "Ready", "capacity": 1000, "available": 900},
+            "b": {"phase": "Ready", "capacity": 1000, "available": 900},
+        }));
+        p.spec.pool_type = flotilla_types::kinds::PoolType::Rbd;
+        // 600 given out by a's volumes and 300 by b's: 900 of the cluster's 1000.
+        let given = Provisioned::from([("a".to_string(), 600), ("b".to_string(), 300)]);
+        assert_eq!(place(Some(&p), "p", 100, &given), Ok("a".into()));
+        let full = place(Some(&p), "p", 101, &given).unwrap_err();
+        assert!(full.contains("fully allocated"), "{full}");
+    }
+
+    #[test]
+    fn the_oldest_claim_of_a_lun_holds_it() {
+        let volume = |name: &str, at: &str, lun: Option<u32>, deleting: bool| -> Volume {
+            let mut v = json!({"metadata": {"name": name, "namespace": "p", "creationTimestamp": at},
+                               "spec": {"pool": "san", "size": "1Gi", "format": "raw", "lun": lun}});
+            if deleting {
+                v["metadata"]["deletionTimestamp"] = json!("2026-12-02T00:00:09Z");
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let all = vec![
+            volume("young", "2026-12-02T00:00:05Z", Some(3), false),
+            volume("old", "2026-12-02T00:00:01Z", Some(3), false),
+            volume("gone", "2026-12-02T00:00:00Z", Some(3), true),
+            volume("other", "2026-12-02T00:00:00Z", Some(4), false),
+            volume("plain", "2026-12-02T00:00:00Z", None, false),
+        ];
+        let holder = |i: usize| lun_holder(&all[i], &all).map(|v| v.metadata.name.clone());
+        assert_eq!(holder(0), Some("old".into()));
+        assert_eq!(holder(1), Some("old".into()));
+        assert_eq!(holder(3), Some("other".into()));
+        assert_eq!(holder(4), None);
     }
 
     #[test]

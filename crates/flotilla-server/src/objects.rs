@@ -1207,6 +1207,9 @@ impl Objects {
                     crate::storage::attach(self.store.as_ref(), project, &next, Some(current))
                         .await?;
             }
+            if next["kind"] == "Volume" {
+                crate::storage::check_resize(self.store.as_ref(), current, &next).await?;
+            }
         }
         guard(current, Some(&next))?;
         if next == *current {

@@ -57,6 +57,32 @@ pub async fn check_source(
     };
     let format = volume["spec"]["format"].as_str().unwrap_or("qcow2");
     let linked = volume["spec"]["source"]["mode"] == "linked";
+    let lun = volume["spec"]["lun"].as_u64();
+    match (pool_type.as_str(), lun) {
+        ("iscsi", None) => errs.push(
+            "spec.lun",
+            format!("is required in iscsi pool {pool_name:?}: the target's LUN this volume is"),
+        ),
+        ("iscsi", Some(lun)) => {
+            let holders = luns_claimed(store, pool_name, lun).await?;
+            if let Some(holder) = holders.first() {
+                errs.push(
+                    "spec.lun",
+                    format!("LUN {lun} of pool {pool_name:?} is volume {holder} already"),
+                );
+            }
+            let source = &volume["spec"]["source"];
+            if source["volume"].is_string() || source["snapshot"].is_string() {
+                errs.push(
+                    "spec.source",
+                    "a volume in an iscsi pool starts blank or as an image (LUNs are not cloned)",
+                );
+            }
+        }
+        ("", _) => {}
+        (_, Some(_)) => errs.push("spec.lun", "is for volumes in iscsi pools"),
+        (_, None) => {}
+    }
     match pool_type.as_str() {
         "lvm" => errs.push(
             "spec.pool",
@@ -66,7 +92,11 @@ pub async fn check_source(
             "spec.format",
             format!("{pool_name:?} is an rbd pool: its volumes are raw RBD images (thin and copy-on-write on their own); set format: raw"),
         ),
-        "rbd" => {}
+        "iscsi" if format != "raw" => errs.push(
+            "spec.format",
+            format!("{pool_name:?} is an iscsi pool: its volumes are LUNs, raw block devices; set format: raw"),
+        ),
+        "rbd" | "iscsi" => {}
         _ if linked && format != "qcow2" => errs.push(
             "spec.source.mode",
             "a linked clone in a dir pool must be qcow2: a raw file cannot have a backing file",
@@ -159,6 +189,54 @@ pub async fn check_source(
             }
         }
     }
+    errs.into_result()
+        .map_err(|errs| ApiError::invalid("Volume", name, &errs))
+}
+
+/// The volumes (`project/name`) of any project that are LUN `lun` of pool `pool`.
+async fn luns_claimed(store: &dyn Store, pool: &str, lun: u64) -> Result<Vec<String>, ApiError> {
+    let kind = registry::by_kind("Volume").expect("registered");
+    let resp = store
+        .range(RangeRequest::prefix(&list_prefix(kind, None)))
+        .await?;
+    let mut holders = Vec::new();
+    for kv in &resp.kvs {
+        let v = parse_stored(kv)?;
+        if v["spec"]["pool"] == pool && v["spec"]["lun"].as_u64() == Some(lun) {
+            holders.push(format!(
+                "{}/{}",
+                v["metadata"]["namespace"].as_str().unwrap_or_default(),
+                v["metadata"]["name"].as_str().unwrap_or_default()
+            ));
+        }
+    }
+    Ok(holders)
+}
+
+/// Refuses (422 at `spec.size`) growing a volume its backend cannot grow: an iSCSI LUN is sized
+/// on the target.
+pub async fn check_resize(
+    store: &dyn Store,
+    current: &Value,
+    next: &Value,
+) -> Result<(), ApiError> {
+    if current["spec"]["size"] == next["spec"]["size"] {
+        return Ok(());
+    }
+    let pools = registry::by_kind("StoragePool").expect("registered");
+    let pool_name = next["spec"]["pool"].as_str().unwrap_or_default();
+    let Some(kv) = store.get(&object_key(pools, None, pool_name)).await? else {
+        return Ok(());
+    };
+    if parse_stored(&kv)?["spec"]["type"] != "iscsi" {
+        return Ok(());
+    }
+    let mut errs = FieldErrors::default();
+    errs.push(
+        "spec.size",
+        format!("{pool_name:?} is an iscsi pool: its LUNs are sized on the target and cannot grow from here (QEMU cannot grow iSCSI devices); grow the LUN on the target instead"),
+    );
+    let name = next["metadata"]["name"].as_str().unwrap_or_default();
     errs.into_result()
         .map_err(|errs| ApiError::invalid("Volume", name, &errs))
 }

@@ -41,7 +41,8 @@ pub use security_group::{
     SecurityGroupSpec, SecurityGroupStatus,
 };
 pub use storage_pool::{
-    PoolNodeStatus, PoolType, RbdPoolSpec, StoragePool, StoragePoolSpec, StoragePoolStatus,
+    IscsiPoolSpec, PoolNodeStatus, PoolType, RbdPoolSpec, StoragePool, StoragePoolSpec,
+    StoragePoolStatus,
 };
 pub use vm::{
     disk_serial, CloudInit, DiskAttachment, DiskBus, DiskStatus, InterfaceStatus, KernelBoot,

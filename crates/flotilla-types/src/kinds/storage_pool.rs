@@ -29,6 +29,94 @@ pub enum PoolType {
     /// volume in it is not tied to a node. QEMU opens the images itself (librbd); each node
     /// authenticates with its own keyring file, so the key never passes through the API.
     Rbd,
+    /// The LUNs of an iSCSI target that every selected node reaches: shared. QEMU opens the
+    /// LUNs itself (libiscsi); a volume in it is one LUN the administrator made on the target
+    /// (`spec.lun`), sized there, zeroed when the volume is deleted.
+    Iscsi,
+}
+
+/// An iSCSI target and the initiator name the nodes use with it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IscsiPoolSpec {
+    /// The target's portal, `host` or `host:port` (default port 3260).
+    #[schemars(regex(pattern = r"^[A-Za-z0-9.:\[\]][A-Za-z0-9.:\[\]-]{0,254}$"))]
+    pub portal: String,
+    /// The target's name (`iqn.YYYY-MM.reversed.domain[:name]`).
+    #[schemars(regex = "IQN_PATTERN")]
+    pub target: String,
+    /// The initiator name every node (and its QEMU) logs in as, for the target's ACL; absent:
+    /// the tools' own defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "IQN_PATTERN")]
+    pub initiator: Option<String>,
+}
+
+/// An iSCSI qualified name as Flotilla takes it (RFC 3720's `iqn.` form, plain characters).
+pub const IQN_PATTERN: &str =
+    r"^iqn\.[0-9]{4}-[0-9]{2}\.[a-z0-9][a-z0-9.-]{0,200}(:[A-Za-z0-9.:_-]{1,200})?$";
+
+impl IscsiPoolSpec {
+    fn validate(&self, path: &str, errs: &mut FieldErrors) {
+        let portal_ok = !self.portal.is_empty()
+            && self.portal.len() <= 255
+            && !self.portal.starts_with('-')
+            && self
+                .portal
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+        if !portal_ok {
+            errs.push(
+                format!("{path}.portal"),
+                format!("{:?} is not a portal (host or host:port)", self.portal),
+            );
+        }
+        let iqn = regex_lite_iqn;
+        if !iqn(&self.target) {
+            errs.push(
+                format!("{path}.target"),
+                format!(
+                    "{:?} is not an iSCSI name (iqn.YYYY-MM.domain[:name])",
+                    self.target
+                ),
+            );
+        }
+        if let Some(initiator) = self.initiator.as_deref().filter(|i| !iqn(i)) {
+            errs.push(
+                format!("{path}.initiator"),
+                format!("{initiator:?} is not an iSCSI name (iqn.YYYY-MM.domain[:name])"),
+            );
+        }
+    }
+}
+
+/// Whether `s` matches [`IQN_PATTERN`] (checked by hand: the pattern is for the schema).
+fn regex_lite_iqn(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("iqn.") else {
+        return false;
+    };
+    let b = rest.as_bytes();
+    if b.len() < 8 || !b[..4].iter().all(u8::is_ascii_digit) || b[4] != b'-' {
+        return false;
+    }
+    if !b[5..7].iter().all(u8::is_ascii_digit) || b[7] != b'.' {
+        return false;
+    }
+    let (domain, name) = match rest[8..].split_once(':') {
+        Some((d, n)) => (d, Some(n)),
+        None => (&rest[8..], None),
+    };
+    let domain_ok = (1..=201).contains(&domain.len())
+        && domain.as_bytes()[0].is_ascii_alphanumeric()
+        && domain
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-');
+    let name_ok = name.is_none_or(|n| {
+        (1..=200).contains(&n.len())
+            && n.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b".:_-".contains(&c))
+    });
+    domain_ok && name_ok
 }
 
 /// Where a Ceph pool is and who the nodes are to it.
@@ -130,7 +218,7 @@ impl RbdPoolSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StoragePoolSpec {
-    /// The backend: `dir`, `lvm` or `rbd`.
+    /// The backend: `dir`, `lvm`, `rbd` or `iscsi`.
     #[serde(rename = "type", default)]
     pub pool_type: PoolType,
     /// For `dir`: an absolute directory on each node (made if missing; every directory above it
@@ -145,6 +233,9 @@ pub struct StoragePoolSpec {
     /// For `rbd`: the Ceph cluster and pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rbd: Option<RbdPoolSpec>,
+    /// For `iscsi`: the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iscsi: Option<IscsiPoolSpec>,
     /// Labels a node must have to serve the pool; empty: every node.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(schema_with = "crate::validation::labels_schema")]
@@ -161,7 +252,7 @@ pub struct StoragePoolSpec {
 impl StoragePoolSpec {
     /// Whether every node it selects reaches the same volumes (no volume is tied to a node).
     pub fn shared(&self) -> bool {
-        self.pool_type == PoolType::Rbd
+        matches!(self.pool_type, PoolType::Rbd | PoolType::Iscsi)
     }
 
     /// [`Self::allocation_limit_percent`] or its default.
@@ -247,6 +338,20 @@ impl Validate for StoragePoolSpec {
             (_, Some(_)) => errs.push(format!("{path}.rbd"), "is for rbd pools only"),
             (_, None) => {}
         }
+        match (self.pool_type, &self.iscsi) {
+            (PoolType::Iscsi, None) => errs.push(
+                format!("{path}.iscsi"),
+                "is required for an iscsi pool: its target's portal and name",
+            ),
+            (PoolType::Iscsi, Some(iscsi)) => {
+                iscsi.validate(&format!("{path}.iscsi"), errs);
+                if self.path.is_some() {
+                    errs.push(format!("{path}.path"), "is for dir pools, not iscsi ones");
+                }
+            }
+            (_, Some(_)) => errs.push(format!("{path}.iscsi"), "is for iscsi pools only"),
+            (_, None) => {}
+        }
         validation::labels(errs, &format!("{path}.nodeSelector"), &self.node_selector);
         if let Some(pct) = self.allocation_limit_percent {
             if !(1..=100_000).contains(&pct) {
@@ -274,6 +379,41 @@ crate::define_kind! {
         namespaced: false,
         field_selectors: [],
         columns: ["TYPE" => "spec.type", "PATH" => "spec.path", "VG" => "spec.volumeGroup"],
-        set_once: ["spec.type", "spec.path", "spec.volumeGroup", "spec.rbd.pool"],
+        set_once: ["spec.type", "spec.path", "spec.volumeGroup", "spec.rbd.pool", "spec.iscsi.target"],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The check by hand and the schema's pattern agree: what the pattern draws passes,
+        /// and near misses are judged alike.
+        #[test]
+        fn iqn_check_and_pattern_agree(
+            drawn in IQN_PATTERN.trim_matches(['^', '$']),
+            near in "(iqn\\.)?[0-9]{0,5}-?[0-9]{0,3}\\.?[a-zA-Z0-9.:_ ,=-]{0,20}",
+        ) {
+            let pattern = regex::Regex::new(IQN_PATTERN).unwrap();
+            prop_assert!(regex_lite_iqn(&drawn), "{drawn:?}");
+            prop_assert_eq!(regex_lite_iqn(&near), pattern.is_match(&near), "{:?}", near);
+        }
+    }
+
+    #[test]
+    fn iqns() {
+        assert!(regex_lite_iqn("iqn.2026-12.dev.flotilla:array-1"));
+        assert!(regex_lite_iqn("iqn.2008-11.org.linux-kvm"));
+        for bad in [
+            "iqn.26-12.dev:x",
+            "eui.02004567A425678D",
+            "iqn.2026-12.Dev:x",
+            "iqn.2026-12.dev:",
+            "iqn.2026-12.dev:a,b",
+        ] {
+            assert!(!regex_lite_iqn(bad), "{bad}");
+        }
     }
 }

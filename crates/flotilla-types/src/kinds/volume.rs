@@ -28,6 +28,11 @@ pub struct VolumeSpec {
     /// by two guests).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shareable: bool,
+    /// For an iscsi pool: the target's LUN this volume is (made by the target's administrator;
+    /// its size is the volume's, at least `size`). Zeroed when the volume is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 16383))]
+    pub lun: Option<u32>,
     /// What it starts as: empty (absent), or a clone of another volume or of a snapshot of the
     /// project in the same pool (made on its node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -117,6 +122,9 @@ impl Validate for VolumeSpec {
     fn validate(&self, path: &str, errs: &mut FieldErrors) {
         validation::dns_label(errs, &format!("{path}.pool"), &self.pool);
         validation::disk_size(errs, &format!("{path}.size"), &self.size);
+        if self.lun.is_some_and(|l| l > 16383) {
+            errs.push(format!("{path}.lun"), "is a LUN number, 0 to 16383");
+        }
         if let Some(source) = &self.source {
             match (&source.volume, &source.snapshot, &source.image) {
                 (Some(v), None, None) => {
@@ -169,6 +177,6 @@ crate::define_kind! {
             "PHASE" => "status.phase",
             "NODE" => "status.node"
         ],
-        set_once: ["spec.pool", "spec.format", "spec.shareable", "spec.source"],
+        set_once: ["spec.pool", "spec.format", "spec.shareable", "spec.source", "spec.lun"],
     }
 }

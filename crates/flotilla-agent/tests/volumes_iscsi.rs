@@ -1,0 +1,406 @@
+//! Volumes in an iSCSI pool, on a real target (tgtd, userspace, on 127.0.0.1:3261:
+//! scripts/iscsi-target-up.sh) and a real guest (libvirtd, QEMU TCG with libiscsi, the tiny
+//! guest), on a VM of the other of two nodes: each volume is one LUN of the target. The guest
+//! sees it plugged with its serial and the bytes the target's file held, its writes land in the
+//! file, the initiator name is the pool's, growing is refused (a LUN is sized on the target), a
+//! LUN is one volume, a volume from an image is written into its LUN, and deleting a volume
+//! zeroes its LUN.
+//!
+//! One target per run: everything that needs it is in this one test. Needs tgt, libiscsi-bin,
+//! qemu-block-extra, libvirtd and the tiny guest; `make test` provides all of them.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use flotilla_agent::domain::VirtType;
+use flotilla_agent::libvirt::Libvirt;
+use flotilla_agent::AgentConfig;
+use flotilla_controllers::testkit::{eventually, TestCluster};
+use flotilla_types::registry::lookup;
+use serde_json::json;
+
+const TARGET: &str = "iqn.2026-12.dev.flotilla:test-target";
+const INITIATOR: &str = "iqn.2026-12.dev.flotilla:test-nodes";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tiny_guest() -> PathBuf {
+    let status = Command::new(repo().join("scripts/build-tiny-guest.sh"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the tiny guest failed");
+    repo().join("target/guests/tiny").canonicalize().unwrap()
+}
+
+/// A throwaway target with LUNs of the given sizes, stopped when dropped.
+struct Target(PathBuf);
+
+impl Target {
+    fn start(dir: &Path, sizes: &[&str]) -> Target {
+        let out = Command::new(repo().join("scripts/iscsi-target-up.sh"))
+            .arg(dir)
+            .arg(TARGET)
+            .args(sizes)
+            .output()
+            .expect("scripts/iscsi-target-up.sh runs");
+        let target = Target(dir.to_path_buf());
+        assert!(
+            out.status.success(),
+            "the iSCSI target did not start (is tgt installed? make test installs it): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        target
+    }
+
+    fn lun(&self, n: u32) -> PathBuf {
+        self.0.join(format!("lun{n}.img"))
+    }
+
+    fn read(&self, n: u32, offset: u64, len: usize) -> Vec<u8> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = std::fs::File::open(self.lun(n)).unwrap();
+        file.seek(SeekFrom::Start(offset)).unwrap();
+        let mut bytes = vec![0u8; len];
+        file.read_exact(&mut bytes).unwrap();
+        bytes
+    }
+
+    /// The initiator names logged in to the target now.
+    fn initiators(&self) -> String {
+        let out = Command::new("tgtadm")
+            .args([
+                "-C", "7", "--lld", "iscsi", "--op", "show", "--mode", "conn", "--tid", "1",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/iscsi-target-down.sh"))
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The serial log of `name` through the API once `done` holds for it (or a panic showing it).
+async fn log_until(
+    admin: &flotilla_client::Client,
+    name: &str,
+    what: &str,
+    seconds: u64,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut text = String::new();
+    while Instant::now() < deadline {
+        if let Ok(stream) = admin.vm_log("default", name, false).await {
+            let mut stream = Box::pin(stream);
+            let mut bytes = Vec::new();
+            while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
+                bytes.extend_from_slice(&chunk);
+            }
+            text = String::from_utf8_lossy(&bytes).into_owned();
+            if done(&text) {
+                return text;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out after {seconds} s waiting until {what}; the guest printed:\n{text}");
+}
+
+/// Agent `node` of the cluster on the host's libvirtd, its data in the cluster's directory; it
+/// runs until the returned sender is dropped.
+async fn start_agent(cluster: &TestCluster, node: &str) -> tokio::sync::watch::Sender<bool> {
+    let mut agent = AgentConfig::new(
+        vec![cluster.server.url.clone()],
+        node,
+        cluster.dir.path().join(node),
+    );
+    agent.join_token = Some(cluster.join_token().await);
+    agent.libvirt_uri = "qemu:///system".into();
+    agent.virt_type = VirtType::Qemu;
+    agent.shutdown_timeout = Duration::from_secs(2);
+    agent.resync = Duration::from_secs(3);
+    let libvirt = Libvirt::open("qemu:///system")
+        .await
+        .expect("libvirtd is running (make test starts it)");
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(flotilla_agent::run_with(agent, libvirt, rx));
+    stop
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iscsi_luns_are_volumes_a_guest_reads_and_writes() {
+    let guest = tiny_guest();
+    let cluster = TestCluster::start().await;
+    std::fs::set_permissions(cluster.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let target = Target::start(&cluster.dir.path().join("iscsi"), &["64M", "32M"]);
+    let admin = &cluster.admin;
+    let _a = start_agent(&cluster, "iscsi-a").await;
+    let _b = start_agent(&cluster, "iscsi-b").await;
+    let (pools, vms, volumes, images) = (
+        lookup("storagepool").unwrap(),
+        lookup("vm").unwrap(),
+        lookup("volume").unwrap(),
+        lookup("image").unwrap(),
+    );
+
+    admin
+        .create(
+            pools,
+            None,
+            &json!({"metadata": {"name": "san"}, "spec": {"type": "iscsi", "iscsi": {
+                "portal": "127.0.0.1:3261", "target": TARGET, "initiator": INITIATOR}}}),
+        )
+        .await
+        .unwrap();
+    let pool = eventually("both nodes serve the iscsi pool", 60, async || {
+        let p = admin.get(pools, None, "san").await.ok()?;
+        let ready = |n: &str| p["status"]["nodes"][n]["phase"] == "Ready";
+        (ready("iscsi-a") && ready("iscsi-b")).then_some(p)
+    })
+    .await;
+    let entry = &pool["status"]["nodes"]["iscsi-a"];
+    assert_eq!(entry["volumes"], 2, "{pool}");
+    assert_eq!(entry["capacity"], 96u64 << 20, "{pool}");
+
+    // A LUN is named, raw, and one volume.
+    let lun_volume = |name: &str, lun: u32, extra: serde_json::Value| {
+        let mut spec = json!({"pool": "san", "size": "64Mi", "format": "raw", "lun": lun});
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        json!({"metadata": {"name": name}, "spec": spec})
+    };
+    for (body, field) in [
+        (
+            json!({"metadata": {"name": "x"}, "spec": {"pool": "san", "size": "64Mi", "format": "raw"}}),
+            "spec.lun",
+        ),
+        (
+            lun_volume("x", 1, json!({"format": "qcow2"})),
+            "spec.format",
+        ),
+        (lun_volume("x", 1, json!({"pool": "default"})), "spec.lun"),
+    ] {
+        let refused = admin
+            .create(volumes, Some("default"), &body)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Some(422), "{body}: {refused}");
+        assert!(refused.to_string().contains(field), "{body}: {refused}");
+    }
+
+    // The target's bytes at the LUN's start, before it is claimed.
+    let suffix: u32 = rand::random::<u32>() % 100_000;
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(target.lun(1))
+            .unwrap();
+        write!(file, "hello-{suffix}").unwrap();
+    }
+    admin
+        .create(volumes, Some("default"), &lun_volume("data", 1, json!({})))
+        .await
+        .unwrap();
+    let volume = eventually("the LUN's volume is Available", 60, async || {
+        let v = admin.get(volumes, Some("default"), "data").await.ok()?;
+        (v["status"]["phase"] == "Available").then_some(v)
+    })
+    .await;
+    assert_eq!(volume["status"]["shared"], true, "{volume}");
+    assert_eq!(volume["status"]["capacity"], 64u64 << 20, "{volume}");
+    assert_eq!(
+        volume["status"]["path"],
+        format!("iscsi://127.0.0.1:3261/{TARGET}/1"),
+        "{volume}"
+    );
+    let taken = admin
+        .create(volumes, Some("default"), &lun_volume("again", 1, json!({})))
+        .await
+        .unwrap_err();
+    assert_eq!(taken.code(), Some(422), "{taken}");
+    assert!(taken.to_string().contains("default/data"), "{taken}");
+    let grow = admin
+        .patch(
+            volumes,
+            Some("default"),
+            "data",
+            &json!({"spec": {"size": "128Mi"}}),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(grow.code(), Some(422), "{grow}");
+    assert!(
+        grow.to_string().contains("spec.size") && grow.to_string().contains("target"),
+        "{grow}"
+    );
+
+    // A VM on the other node; the LUN plugged in, seen with its serial and the target's bytes.
+    let name = format!("iscsi-{suffix}");
+    let vm = json!({"metadata": {"name": name}, "spec": {
+        "nodeName": "iscsi-b",
+        "resources": {"cpus": 1, "memory": "256Mi"},
+        "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0 panic=-1"},
+        "rootDisk": {"size": "32Mi"},
+    }});
+    admin.create(vms, Some("default"), &vm).await.unwrap();
+    log_until(admin, &name, "the guest has booted", 180, |t| {
+        t.contains("FLOTILLA-DISK vda serial=- sectors=65536")
+    })
+    .await;
+    let plugged = Instant::now();
+    admin
+        .patch(
+            vms,
+            Some("default"),
+            &name,
+            &json!({"spec": {"disks": [{"name": "data", "volume": "data"}]}}),
+            false,
+        )
+        .await
+        .unwrap();
+    let uid = volume["metadata"]["uid"].as_str().unwrap();
+    let serial: String = uid.chars().take(20).collect();
+    let seen = format!("serial={serial} sectors=131072 head=hello-{suffix}");
+    let log = log_until(admin, &name, "the guest sees the LUN", 120, |t| {
+        t.contains(&seen)
+    })
+    .await;
+    let attach_s = plugged.elapsed().as_secs_f64();
+    let device = log
+        .lines()
+        .find(|l| l.contains(&seen))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert!(
+        target.initiators().contains(INITIATOR),
+        "QEMU logs in as the pool's initiator: {}",
+        target.initiators()
+    );
+    let wanted = format!("guest-wrote-{device}");
+    eventually("the guest's write is in the LUN", 30, async || {
+        (target.read(1, 4096, wanted.len()) == wanted.as_bytes()).then_some(())
+    })
+    .await;
+    let unplugged = Instant::now();
+    admin
+        .patch(
+            vms,
+            Some("default"),
+            &name,
+            &json!({"spec": {"disks": []}}),
+            false,
+        )
+        .await
+        .unwrap();
+    log_until(admin, &name, "the guest sees the LUN go", 120, |t| {
+        t.contains(&format!("FLOTILLA-DISK-GONE {device}"))
+    })
+    .await;
+    let detach_s = unplugged.elapsed().as_secs_f64();
+    println!(
+        "iscsi volume on a running guest: plugged and seen {attach_s:.1} s, unplugged and gone {detach_s:.1} s"
+    );
+
+    // A volume from an image, written into its LUN.
+    let qcow2 = cluster.dir.path().join("seedling.qcow2");
+    for args in [
+        vec![
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            qcow2.to_str().unwrap(),
+            "16M",
+        ],
+        vec![
+            "qemu-io",
+            "-c",
+            "write -P 0x5a 0 1M",
+            qcow2.to_str().unwrap(),
+        ],
+    ] {
+        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    admin
+        .create(
+            images,
+            Some("default"),
+            &json!({"metadata": {"name": "seedling"}, "spec": {"source": {"path": qcow2}}}),
+        )
+        .await
+        .unwrap();
+    admin
+        .create(
+            volumes,
+            Some("default"),
+            &lun_volume(
+                "from-image",
+                2,
+                json!({"size": "32Mi", "source": {"image": "seedling"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    eventually("the volume from the image is Available", 90, async || {
+        let v = admin
+            .get(volumes, Some("default"), "from-image")
+            .await
+            .ok()?;
+        (v["status"]["phase"] == "Available").then_some(())
+    })
+    .await;
+    assert_eq!(target.read(2, 0, 4096), vec![0x5a; 4096]);
+
+    // Deleting a volume zeroes its LUN.
+    admin.delete(vms, Some("default"), &name).await.unwrap();
+    eventually("the VM is gone", 60, async || {
+        admin
+            .get(vms, Some("default"), &name)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    for v in ["data", "from-image"] {
+        admin.delete(volumes, Some("default"), v).await.unwrap();
+    }
+    eventually("the volumes are gone", 60, async || {
+        let left = admin
+            .list(volumes, Some("default"), &Default::default())
+            .await
+            .ok()?;
+        left["items"].as_array()?.is_empty().then_some(())
+    })
+    .await;
+    assert!(
+        target.read(1, 0, 8192).iter().all(|b| *b == 0),
+        "LUN 1 is zeroed"
+    );
+    assert!(
+        target.read(2, 0, 8192).iter().all(|b| *b == 0),
+        "LUN 2 is zeroed"
+    );
+}
