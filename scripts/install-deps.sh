@@ -26,7 +26,10 @@ case "$purpose" in
         packages+=(ceph-mon ceph-osd ceph-mgr ceph-common qemu-block-extra)
         # The iSCSI tests run a userspace target (tgt) and list its LUNs with libiscsi's tools,
         # as nodes serving an iscsi pool do.
-        packages+=(tgt libiscsi-bin) ;;
+        packages+=(tgt libiscsi-bin)
+        # The NFS tests run a userspace NFS server (nfs-ganesha with its VFS backend; rpcbind
+        # comes with it) in a network namespace of their own.
+        packages+=(nfs-ganesha nfs-ganesha-vfs) ;;
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac
 

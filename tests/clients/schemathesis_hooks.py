@@ -27,7 +27,8 @@ as "valid data rejected". This hook makes generated requests keep them, and noth
   with a cidr, and st-lan), a router leaves through a network or the node's uplink (cross-field), a floating IP's address is a free one of its network, a route's
   destination is a network narrower than the default route (cross-field);
 - a pool's type decides its fields (lvm: a volume group, no path; rbd: a Ceph cluster, no path,
-  a keyring path without QEMU's separators; iscsi: a target, no path; dir: none of them), and a
+  a keyring path without QEMU's separators; iscsi: a target, no path; nfs: an export that does
+  not climb with "..", no path; dir: none of them), and a
   volume names a LUN only in an iscsi pool (cross-object: generated volumes have none);
 - a VM snapshot's VM exists on a node (cross-object: the run makes st-vm), a VM's cloned root
   disk names a source that exists (cross-object: generated root disks are new), an image has
@@ -271,33 +272,30 @@ def keep_spec_rules(kind_path, spec):
         keep_security_group_rules(spec)
     elif kind_path == "storagepools" and isinstance(spec, dict):
         only_qualified_keys(spec, "nodeSelector")
-        # The type decides the fields: lvm a volume group and no path, rbd its Ceph cluster and
-        # no path, dir neither a volume group nor a Ceph cluster.
-        if spec.get("type") != "iscsi":
-            spec["iscsi"] = None
-        elif not isinstance(spec.get("iscsi"), dict):
-            spec["iscsi"] = {"portal": "127.0.0.1", "target": "iqn.2026-12.dev.flotilla:t"}
-        if spec.get("type") == "iscsi":
+        # The type decides the fields: dir a path; lvm a volume group; rbd, iscsi and nfs their
+        # own object — and none of the others.
+        kind = spec.get("type") or "dir"
+        defaults = {
+            "lvm": ("volumeGroup", "vg0"),
+            "rbd": ("rbd", {"monitors": ["127.0.0.1:6789"], "pool": "rbd"}),
+            "iscsi": ("iscsi", {"portal": "127.0.0.1", "target": "iqn.2026-12.dev.flotilla:t"}),
+            "nfs": ("nfs", {"server": "nfs1", "export": "/export"}),
+        }
+        for other, (field, default) in defaults.items():
+            if other != kind:
+                spec[field] = None
+            elif not spec.get(field):
+                spec[field] = default
+        if kind != "dir":
             spec["path"] = None
-            spec["volumeGroup"] = None
-            spec["rbd"] = None
-        elif spec.get("type") == "lvm":
-            spec["path"] = None
-            spec["rbd"] = None
-            if not spec.get("volumeGroup"):
-                spec["volumeGroup"] = "vg0"
-        elif spec.get("type") == "rbd":
-            spec["path"] = None
-            spec["volumeGroup"] = None
-            if not isinstance(spec.get("rbd"), dict):
-                spec["rbd"] = {"monitors": ["127.0.0.1:6789"], "pool": "rbd"}
+        if kind == "rbd":
             # The keyring path reaches QEMU's option syntax, whose separators it must not hold.
             keyring = spec["rbd"].get("keyring")
             if isinstance(keyring, str) and any(c in keyring for c in ":\\@,="):
                 spec["rbd"]["keyring"] = None
-        else:
-            spec["volumeGroup"] = None
-            spec["rbd"] = None
+        if kind == "nfs" and ".." in str(spec["nfs"].get("export", "")).split("/"):
+            # An export path never climbs out of itself (OpenAPI cannot forbid a "..").
+            spec["nfs"]["export"] = "/export"
     elif kind_path == "volumes" and isinstance(spec, dict):
         in_range(spec, "size", 2**20, 64 * 2**40, "1Gi")
         if spec.get("shareable") is True:

@@ -147,9 +147,10 @@ pub async fn resolve(ctx: &Context, vm: &VirtualMachine) -> Result<Vec<VolumeDis
             )));
         }
         let network = match (status.path.strip_prefix("rbd:"), volume.spec.lun) {
-            (Some(image), _) if status.shared => Some(rbd_source(ctx, &volume, image).await?),
-            (None, Some(lun)) if status.shared => Some(iscsi_source(ctx, &volume, lun).await?),
-            _ => None,
+            _ if !status.shared => None,
+            (Some(image), _) => Some(rbd_source(ctx, &volume, image).await?),
+            (None, Some(lun)) => Some(iscsi_source(ctx, &volume, lun).await?),
+            (None, None) => Some(nfs_source(ctx, &volume).await?),
         };
         let is_virtio = disk.bus == DiskBus::Virtio;
         let target = if is_virtio {
@@ -201,6 +202,32 @@ async fn rbd_source(
         hosts: rbd.config().monitors.clone(),
         auth: Some((rbd.config().user.clone(), secret)),
         initiator: None,
+        identity: None,
+    })
+}
+
+/// The network disk of a volume in an NFS pool: its file on the export, opened as the pool's
+/// user and group.
+async fn nfs_source(ctx: &Context, volume: &Volume) -> Result<NetworkSource, AgentError> {
+    let pools = lookup("storagepool").expect("registered");
+    let pool: flotilla_types::kinds::StoragePool = ctx
+        .client
+        .get(pools, None, &volume.spec.pool)
+        .await
+        .map_err(AgentError::from)
+        .and_then(|v| serde_json::from_value(v).map_err(|e| AgentError::Config(e.to_string())))?;
+    let nfs = crate::pools::nfs_pool(&pool).map_err(AgentError::Config)?;
+    let file = crate::nfs_volumes::file_name(volume);
+    Ok(NetworkSource {
+        protocol: "nfs",
+        name: nfs.path(&file),
+        hosts: vec![nfs.config().server.clone()],
+        auth: None,
+        initiator: None,
+        identity: Some((
+            format!("+{}", nfs.config().uid),
+            format!("+{}", nfs.config().gid),
+        )),
     })
 }
 
@@ -224,6 +251,7 @@ async fn iscsi_source(
         hosts: vec![iscsi.portal()],
         auth: None,
         initiator: iscsi.config().initiator.clone(),
+        identity: None,
     })
 }
 

@@ -67,12 +67,13 @@ pub struct VolumeDisk {
 }
 
 /// A volume QEMU opens itself over the network: an RBD image through librbd, an iSCSI LUN
-/// through libiscsi.
+/// through libiscsi, a file on an NFS export through libnfs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetworkSource {
-    /// `rbd` or `iscsi`.
+    /// `rbd`, `iscsi` or `nfs`.
     pub protocol: &'static str,
-    /// What the protocol calls the volume (`pool/image` for RBD, `target/lun` for iSCSI).
+    /// What the protocol calls the volume (`pool/image` for RBD, `target/lun` for iSCSI, the
+    /// file's path on the server for NFS).
     pub name: String,
     /// The servers to ask (Ceph monitors), `host` or `host:port` (`[v6]:port`).
     pub hosts: Vec<String>,
@@ -80,6 +81,8 @@ pub struct NetworkSource {
     pub auth: Option<(String, String)>,
     /// The iSCSI initiator name QEMU logs in as.
     pub initiator: Option<String>,
+    /// The user and group QEMU acts as on an NFS server (`+uid`, `+gid`).
+    pub identity: Option<(String, String)>,
 }
 
 impl NetworkSource {
@@ -111,6 +114,11 @@ impl NetworkSource {
                     Element::new("initiator").child(Element::new("iqn").attr("name", iqn))
                 }),
             )
+            .children(self.identity.as_ref().map(|(user, group)| {
+                Element::new("identity")
+                    .attr("user", user)
+                    .attr("group", group)
+            }))
     }
 
     fn auth(&self) -> Option<Element> {

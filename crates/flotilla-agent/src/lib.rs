@@ -22,6 +22,7 @@ pub mod libvirt;
 pub mod logserver;
 pub mod metadata;
 mod networks;
+pub mod nfs_volumes;
 pub mod overlays;
 pub mod pools;
 pub mod rbd_volumes;

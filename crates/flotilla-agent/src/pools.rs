@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_storage::{keyring_key, DirPool, IscsiConfig, IscsiPool, RbdConfig, RbdPool};
+use flotilla_storage::{
+    keyring_key, DirPool, IscsiConfig, IscsiPool, NfsConfig, NfsPool, RbdConfig, RbdPool,
+};
 use flotilla_types::kinds::{PoolNodeStatus, PoolType, StoragePool};
 use flotilla_types::registry::lookup;
 use serde_json::json;
@@ -247,6 +249,67 @@ async fn inspect_iscsi(pool: &StoragePool) -> PoolNodeStatus {
     }
 }
 
+/// The NFS export of StoragePool `pool`.
+pub fn nfs_pool(pool: &StoragePool) -> Result<NfsPool, String> {
+    let spec = pool
+        .spec
+        .nfs
+        .as_ref()
+        .ok_or_else(|| format!("StoragePool {:?} has no spec.nfs", pool.metadata.name))?;
+    NfsPool::new(NfsConfig {
+        server: spec.server.clone(),
+        export: spec.export.clone(),
+        uid: spec.uid.unwrap_or(QEMU_ID),
+        gid: spec.gid.unwrap_or(QEMU_ID),
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Debian's libvirt-qemu user and group: whom QEMU runs as, so whom NFS volume files belong to
+/// unless the pool says otherwise.
+pub const QEMU_ID: u32 = 64055;
+
+/// This node's entry for an `nfs` pool: the export's space and files, or why this node cannot
+/// reach it (QEMU without NFS, the server not answering within seconds, the export refused).
+async fn inspect_nfs(pool: &StoragePool) -> PoolNodeStatus {
+    let name = pool
+        .spec
+        .nfs
+        .as_ref()
+        .map(|n| format!("nfs://{}{}", n.server, n.export))
+        .unwrap_or_default();
+    let failed = |message: String| PoolNodeStatus {
+        phase: "Failed".into(),
+        path: name.clone(),
+        message,
+        ..Default::default()
+    };
+    let nfs = match nfs_pool(pool) {
+        Ok(nfs) => nfs,
+        Err(e) => return failed(e),
+    };
+    if !qemu_has_driver("nfs").await {
+        return failed(
+            "this node's QEMU cannot open NFS files (install its nfs block driver: qemu-block-extra on Debian)".into(),
+        );
+    }
+    match (nfs.capacity().await, nfs.list().await) {
+        (Ok(space), Ok(files)) => PoolNodeStatus {
+            phase: "Ready".into(),
+            path: name.clone(),
+            capacity: space.capacity,
+            allocation: space.allocation,
+            available: space.available,
+            volumes: files
+                .iter()
+                .filter(|f| f.ends_with(".qcow2") || f.ends_with(".raw"))
+                .count() as u32,
+            message: String::new(),
+        },
+        (Err(e), _) | (_, Err(e)) => failed(e.to_string()),
+    }
+}
+
 /// This node's entry for `pool`: opened, with its space, or why it cannot be used.
 pub async fn inspect(ctx: &Context, pool: &StoragePool) -> PoolNodeStatus {
     match pool.spec.pool_type {
@@ -255,6 +318,7 @@ pub async fn inspect(ctx: &Context, pool: &StoragePool) -> PoolNodeStatus {
         }
         PoolType::Rbd => return inspect_rbd(ctx, pool).await,
         PoolType::Iscsi => return inspect_iscsi(pool).await,
+        PoolType::Nfs => return inspect_nfs(pool).await,
         PoolType::Dir => {}
     }
     let dir = pool_dir(&ctx.data_dir, pool);

@@ -263,8 +263,8 @@ async fn open_pool_named(
         PoolType::Lvm => return Err(format!(
             "StoragePool {name:?} is an lvm pool: making volumes in LVM is not done yet (only dir pools hold volumes)"
         )),
-        PoolType::Rbd | PoolType::Iscsi => return Err(format!(
-            "StoragePool {name:?} is a shared pool: its volumes have no snapshots (they are raw)"
+        PoolType::Rbd | PoolType::Iscsi | PoolType::Nfs => return Err(format!(
+            "StoragePool {name:?} is a shared pool: snapshots are offered in dir pools only"
         )),
     }
     let dir = crate::pools::pool_dir(&ctx.data_dir, &pool);
@@ -302,6 +302,7 @@ async fn reconcile(
         let pool = storage_pool(ctx, &volume.spec.pool).await?;
         return match pool.spec.pool_type {
             PoolType::Iscsi => crate::iscsi_volumes::reconcile(ctx, volume, &pool).await,
+            PoolType::Nfs => crate::nfs_volumes::reconcile(ctx, volume, &pool).await,
             _ => crate::rbd_volumes::reconcile(ctx, volume, &pool).await,
         };
     }
@@ -504,7 +505,7 @@ async fn source_file(
 }
 
 /// The format a volume is made in.
-fn format(volume: &Volume) -> Format {
+pub(crate) fn format(volume: &Volume) -> Format {
     match volume.spec.format {
         ImageFormat::Qcow2 => Format::Qcow2,
         ImageFormat::Raw => Format::Raw,

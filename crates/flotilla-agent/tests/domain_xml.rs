@@ -68,6 +68,7 @@ fn spec(virt_type: VirtType, hostile: bool) -> DomainSpec {
                         "1b2c3d4e-5f60-4a7b-8c9d-0e1f2a3b4c5d".into(),
                     )),
                     initiator: None,
+                    identity: None,
                 }),
             },
             VolumeDisk {
@@ -85,6 +86,25 @@ fn spec(virt_type: VirtType, hostile: bool) -> DomainSpec {
                     hosts: vec!["10.0.0.9:3260".into()],
                     auth: None,
                     initiator: Some("iqn.2026-12.dev.flotilla:nodes".into()),
+                    identity: None,
+                }),
+            },
+            VolumeDisk {
+                volume: "nfs".into(),
+                path: PathBuf::new(),
+                format: "qcow2",
+                virtio: true,
+                target: disk_target("vd", 4),
+                serial: flotilla_types::kinds::disk_serial("3c4d5e6f-7a8b-4c9d-8e0f-1a2b3c4d5e6f"),
+                read_only: false,
+                shareable: false,
+                network: Some(NetworkSource {
+                    protocol: "nfs",
+                    name: "/srv/vms/3c4d5e6f-7a8b-4c9d-8e0f-1a2b3c4d5e6f.qcow2".into(),
+                    hosts: vec!["nfs1".into()],
+                    auth: None,
+                    initiator: None,
+                    identity: Some(("+64055".into(), "+64055".into())),
                 }),
             },
             VolumeDisk {
@@ -154,7 +174,7 @@ fn hostile_strings_stay_text() {
         .children()
         .filter(|n| n.has_tag_name("disk"))
         .collect();
-    assert_eq!(disks.len(), 6, "no disk was injected");
+    assert_eq!(disks.len(), 7, "no disk was injected");
     assert!(
         !xml.contains("/etc/shadow'/>"),
         "the injected element is text, not markup"
@@ -295,6 +315,13 @@ async fn qemu_libvirt_keeps_volume_disks_and_spare_root_ports() {
                 source: Some("iqn.2026-12.dev.flotilla:array/3".into()),
                 serial: Some("9a8b7c6d-5e4f-4a3b-9".into()),
                 volume: Some("lun".into()),
+            },
+            &LiveDisk {
+                target: "vde".into(),
+                bus: "virtio".into(),
+                source: Some("/srv/vms/3c4d5e6f-7a8b-4c9d-8e0f-1a2b3c4d5e6f.qcow2".into()),
+                serial: Some("3c4d5e6f-7a8b-4c9d-8".into()),
+                volume: Some("nfs".into()),
             },
             &LiveDisk {
                 target: "sdb".into(),

@@ -414,6 +414,15 @@ async fn an_rbd_pool_is_checked_and_its_nodes_say_why_they_cannot_reach_it() {
             "spec.rbd",
         ),
         (json!({"type": "iscsi"}), "spec.iscsi"),
+        (json!({"type": "nfs"}), "spec.nfs"),
+        (
+            json!({"type": "nfs", "nfs": {"server": "nfs1", "export": "/a/../etc"}}),
+            "spec.nfs.export",
+        ),
+        (
+            json!({"type": "nfs", "nfs": {"server": "nfs1 -o", "export": "/export"}}),
+            "spec.nfs.server",
+        ),
         (
             json!({"type": "iscsi", "iscsi": {"portal": "10.0.0.1", "target": "not-an-iqn"}}),
             "spec.iscsi.target",

@@ -46,15 +46,8 @@ pub async fn check_source(
     let name = volume["metadata"]["name"].as_str().unwrap_or_default();
     let mut errs = FieldErrors::default();
     // Pools that hold no volumes yet say so now, not by leaving the volume Pending.
-    let pools = registry::by_kind("StoragePool").expect("registered");
     let pool_name = volume["spec"]["pool"].as_str().unwrap_or_default();
-    let pool_type = match store.get(&object_key(pools, None, pool_name)).await? {
-        Some(kv) => parse_stored(&kv)?["spec"]["type"]
-            .as_str()
-            .unwrap_or("dir")
-            .to_string(),
-        None => String::new(),
-    };
+    let pool_type = pool_type(store, pool_name).await?;
     let format = volume["spec"]["format"].as_str().unwrap_or("qcow2");
     let linked = volume["spec"]["source"]["mode"] == "linked";
     let lun = volume["spec"]["lun"].as_u64();
@@ -97,6 +90,10 @@ pub async fn check_source(
             format!("{pool_name:?} is an iscsi pool: its volumes are LUNs, raw block devices; set format: raw"),
         ),
         "rbd" | "iscsi" => {}
+        "nfs" if linked => errs.push(
+            "spec.source.mode",
+            format!("{pool_name:?} is an nfs pool: its clones are full copies (linked clones are offered in dir and rbd pools)"),
+        ),
         _ if linked && format != "qcow2" => errs.push(
             "spec.source.mode",
             "a linked clone in a dir pool must be qcow2: a raw file cannot have a backing file",
@@ -193,6 +190,38 @@ pub async fn check_source(
         .map_err(|errs| ApiError::invalid("Volume", name, &errs))
 }
 
+/// The type of StoragePool `name` (`dir`, `nfs`, ...), or "" when there is no such pool.
+pub(crate) async fn pool_type(store: &dyn Store, name: &str) -> Result<String, ApiError> {
+    let pools = registry::by_kind("StoragePool").expect("registered");
+    Ok(match store.get(&object_key(pools, None, name)).await? {
+        Some(kv) => parse_stored(&kv)?["spec"]["type"]
+            .as_str()
+            .unwrap_or("dir")
+            .to_string(),
+        None => String::new(),
+    })
+}
+
+/// Why a volume cannot have its disk frozen by a snapshot, if it cannot.
+pub(crate) async fn unsnapshottable(
+    store: &dyn Store,
+    volume: &Value,
+) -> Result<Option<String>, ApiError> {
+    let pool = volume["spec"]["pool"].as_str().unwrap_or_default();
+    let kind = pool_type(store, pool).await?;
+    Ok(if volume["spec"]["format"].as_str() == Some("raw") {
+        Some("is raw: snapshots need qcow2 (its overlays hold the changes)".into())
+    } else if volume["spec"]["shareable"] == true {
+        Some("is shareable: several guests write it, so no moment is one snapshot".into())
+    } else if !matches!(kind.as_str(), "dir" | "") {
+        Some(format!(
+            "is in {kind} pool {pool:?}: snapshots are offered for volumes in dir pools only"
+        ))
+    } else {
+        None
+    })
+}
+
 /// The volumes (`project/name`) of any project that are LUN `lun` of pool `pool`.
 async fn luns_claimed(store: &dyn Store, pool: &str, lun: u64) -> Result<Vec<String>, ApiError> {
     let kind = registry::by_kind("Volume").expect("registered");
@@ -285,16 +314,8 @@ pub async fn check_snapshot(
         ),
         Some(kv) => {
             let v = parse_stored(&kv)?;
-            if v["spec"]["format"].as_str() == Some("raw") {
-                errs.push(
-                    "spec.volume",
-                    format!("volume {volume:?} is raw: snapshots need qcow2 (its overlays hold the changes)"),
-                );
-            } else if v["spec"]["shareable"] == true {
-                errs.push(
-                    "spec.volume",
-                    format!("volume {volume:?} is shareable: several guests write it, so no moment is one snapshot"),
-                );
+            if let Some(why) = unsnapshottable(store, &v).await? {
+                errs.push("spec.volume", format!("volume {volume:?} {why}"));
             } else if v["metadata"].get("deletionTimestamp").is_some() {
                 errs.push("spec.volume", format!("volume {volume:?} is being deleted"));
             }

@@ -86,11 +86,7 @@ pub async fn admit(store: &dyn Store, project: &str, snapshot: &mut Value) -> Re
                     continue;
                 };
                 let v = parse_stored(&kv)?;
-                let why = if v["spec"]["format"].as_str() == Some("raw") {
-                    "is raw: snapshots need qcow2 (its overlays hold the changes)"
-                } else if v["spec"]["shareable"] == true {
-                    "is shareable: several guests write it, so no moment is one snapshot"
-                } else {
+                let Some(why) = crate::storage::unsnapshottable(store, &v).await? else {
                     continue;
                 };
                 errs.push(

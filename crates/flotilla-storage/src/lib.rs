@@ -1,16 +1,18 @@
 //! Storage backends: where a node's volumes live, and how they are made, grown, cloned and
-//! removed. A pool is one backend instance (a directory on a node, or a Ceph RBD pool or an
-//! iSCSI target that every node reaches); the agent drives it and renders what [`Pool::disk`] says into the
+//! removed. A pool is one backend instance (a directory on a node, or an NFS export, a Ceph
+//! RBD pool or an iSCSI target that every node reaches); the agent drives it and renders what [`Pool::disk`] says into the
 //! domain. Everything runs external tools (`qemu-img`) with argument vectors, never a shell,
 //! and volume names are checked before they reach a path.
 
 mod dir;
 mod iscsi;
+mod nfs;
 pub mod qemu_img;
 mod rbd;
 
 pub use dir::{volume_name, DirPool};
 pub use iscsi::{IscsiConfig, IscsiPool, Lun};
+pub use nfs::{NfsConfig, NfsPool, NfsSource, NfsVolume};
 pub use qemu_img::{Format, ImageInfo};
 pub use rbd::{keyring_key, RbdConfig, RbdImage, RbdPool, RbdSource};
 

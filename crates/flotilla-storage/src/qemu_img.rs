@@ -176,3 +176,61 @@ pub async fn info(path: &Path) -> Result<ImageInfo, StorageError> {
         corrupt: v["format-specific"]["data"]["corrupt"].as_bool() == Some(true),
     })
 }
+
+/// `qemu-img info` of a file QEMU's block layer names by URL (`nfs://...`), read as `format`
+/// (never probed: a raw file could claim to be anything).
+pub async fn info_of(target: &str, format: Format) -> Result<ImageInfo, StorageError> {
+    let out = run(&["info", "-U", "--output=json", "-f", format.as_str(), target]).await?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| StorageError::Command {
+        command: "qemu-img info".into(),
+        message: format!("unreadable answer: {e}"),
+    })?;
+    Ok(ImageInfo {
+        format,
+        virtual_size: v["virtual-size"].as_u64().unwrap_or(0),
+        actual_size: v["actual-size"].as_u64().unwrap_or(0),
+        backing: v["backing-filename"].as_str().map(PathBuf::from),
+        corrupt: v["format-specific"]["data"]["corrupt"].as_bool() == Some(true),
+    })
+}
+
+/// Makes a blank file at a URL (qcow2 as compat 1.1).
+pub async fn create_at(target: &str, format: Format, size: u64) -> Result<(), StorageError> {
+    let size = size.to_string();
+    let mut args = vec!["create", "-q", "-f", format.as_str()];
+    if format == Format::Qcow2 {
+        args.extend(["-o", "compat=1.1"]);
+    }
+    args.extend([target, size.as_str()]);
+    run(&args).await.map(drop)
+}
+
+/// Copies every byte of `from` (a path or URL) into a new file `to` (a URL) of `format`.
+pub async fn convert_to(
+    from: &str,
+    from_format: Format,
+    to: &str,
+    format: Format,
+) -> Result<(), StorageError> {
+    let mut args = vec![
+        "convert",
+        "-q",
+        "-f",
+        from_format.as_str(),
+        "-O",
+        format.as_str(),
+    ];
+    if format == Format::Qcow2 {
+        args.extend(["-o", "compat=1.1"]);
+    }
+    args.extend([from, to]);
+    run(&args).await.map(drop)
+}
+
+/// Grows the file at a URL to `size` bytes.
+pub async fn resize_at(target: &str, format: Format, size: u64) -> Result<(), StorageError> {
+    let size = size.to_string();
+    run(&["resize", "-q", "-f", format.as_str(), target, &size])
+        .await
+        .map(drop)
+}

@@ -41,8 +41,8 @@ pub use security_group::{
     SecurityGroupSpec, SecurityGroupStatus,
 };
 pub use storage_pool::{
-    IscsiPoolSpec, PoolNodeStatus, PoolType, RbdPoolSpec, StoragePool, StoragePoolSpec,
-    StoragePoolStatus,
+    IscsiPoolSpec, NfsPoolSpec, PoolNodeStatus, PoolType, RbdPoolSpec, StoragePool,
+    StoragePoolSpec, StoragePoolStatus,
 };
 pub use vm::{
     disk_serial, CloudInit, DiskAttachment, DiskBus, DiskStatus, InterfaceStatus, KernelBoot,

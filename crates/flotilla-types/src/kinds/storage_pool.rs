@@ -33,6 +33,62 @@ pub enum PoolType {
     /// LUNs itself (libiscsi); a volume in it is one LUN the administrator made on the target
     /// (`spec.lun`), sized there, zeroed when the volume is deleted.
     Iscsi,
+    /// An NFS export that every selected node reaches: shared. QEMU opens the volume files
+    /// itself (libnfs), no mount needed; the files belong to QEMU's user (`uid`, `gid`).
+    Nfs,
+}
+
+/// An NFS export and the owner of the volume files on it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NfsPoolSpec {
+    /// The server's host name or address.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9.:\[\]][A-Za-z0-9.:\[\]-]{0,252}$"))]
+    pub server: String,
+    /// The export's path (NFSv3; absolute, plain characters).
+    #[schemars(regex(pattern = r"^/[A-Za-z0-9/._-]{0,1023}$"))]
+    pub export: String,
+    /// The user the volume files are made as and QEMU opens them as: QEMU's user on the nodes
+    /// (default 64055, Debian's libvirt-qemu; the export must not squash it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// The group (default 64055).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+}
+
+impl NfsPoolSpec {
+    fn validate(&self, path: &str, errs: &mut FieldErrors) {
+        let host_ok = !self.server.is_empty()
+            && self.server.len() <= 253
+            && !self.server.starts_with('-')
+            && self
+                .server
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+        if !host_ok {
+            errs.push(
+                format!("{path}.server"),
+                format!("{:?} is not a host name or address", self.server),
+            );
+        }
+        let export_ok = self.export.starts_with('/')
+            && self.export.len() <= 1024
+            && !self.export.split('/').any(|p| p == "..")
+            && self
+                .export
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b));
+        if !export_ok {
+            errs.push(
+                format!("{path}.export"),
+                format!(
+                    "{:?} is not an absolute export path of letters, digits and / . _ -",
+                    self.export
+                ),
+            );
+        }
+    }
 }
 
 /// An iSCSI target and the initiator name the nodes use with it.
@@ -218,7 +274,7 @@ impl RbdPoolSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StoragePoolSpec {
-    /// The backend: `dir`, `lvm`, `rbd` or `iscsi`.
+    /// The backend: `dir`, `lvm`, `nfs`, `rbd` or `iscsi`.
     #[serde(rename = "type", default)]
     pub pool_type: PoolType,
     /// For `dir`: an absolute directory on each node (made if missing; every directory above it
@@ -236,6 +292,9 @@ pub struct StoragePoolSpec {
     /// For `iscsi`: the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iscsi: Option<IscsiPoolSpec>,
+    /// For `nfs`: the export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nfs: Option<NfsPoolSpec>,
     /// Labels a node must have to serve the pool; empty: every node.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(schema_with = "crate::validation::labels_schema")]
@@ -252,7 +311,10 @@ pub struct StoragePoolSpec {
 impl StoragePoolSpec {
     /// Whether every node it selects reaches the same volumes (no volume is tied to a node).
     pub fn shared(&self) -> bool {
-        matches!(self.pool_type, PoolType::Rbd | PoolType::Iscsi)
+        matches!(
+            self.pool_type,
+            PoolType::Rbd | PoolType::Iscsi | PoolType::Nfs
+        )
     }
 
     /// [`Self::allocation_limit_percent`] or its default.
@@ -352,6 +414,20 @@ impl Validate for StoragePoolSpec {
             (_, Some(_)) => errs.push(format!("{path}.iscsi"), "is for iscsi pools only"),
             (_, None) => {}
         }
+        match (self.pool_type, &self.nfs) {
+            (PoolType::Nfs, None) => errs.push(
+                format!("{path}.nfs"),
+                "is required for an nfs pool: its server and export",
+            ),
+            (PoolType::Nfs, Some(nfs)) => {
+                nfs.validate(&format!("{path}.nfs"), errs);
+                if self.path.is_some() {
+                    errs.push(format!("{path}.path"), "is for dir pools, not nfs ones");
+                }
+            }
+            (_, Some(_)) => errs.push(format!("{path}.nfs"), "is for nfs pools only"),
+            (_, None) => {}
+        }
         validation::labels(errs, &format!("{path}.nodeSelector"), &self.node_selector);
         if let Some(pct) = self.allocation_limit_percent {
             if !(1..=100_000).contains(&pct) {
@@ -379,7 +455,7 @@ crate::define_kind! {
         namespaced: false,
         field_selectors: [],
         columns: ["TYPE" => "spec.type", "PATH" => "spec.path", "VG" => "spec.volumeGroup"],
-        set_once: ["spec.type", "spec.path", "spec.volumeGroup", "spec.rbd.pool", "spec.iscsi.target"],
+        set_once: ["spec.type", "spec.path", "spec.volumeGroup", "spec.rbd.pool", "spec.iscsi.target", "spec.nfs.export", "spec.nfs.server"],
     }
 }
 
