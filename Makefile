@@ -69,11 +69,16 @@ bench-router:
 	scripts/install-deps.sh test
 	$(CARGO) bench --locked -p flotilla-dataplane --bench router
 
-# Linked and full clones of a 1 GiB volume in a dir pool, beside cp of the same file; prints a
-# JSON line.
+# Linked and full clones of a 1 GiB volume in a dir pool, beside cp of the same file; image
+# upload against cp; and every backend (dir, NFS, Ceph RBD, iSCSI) on real servers started for
+# the run (root). Each prints a JSON line. The times from an API call to the guest seeing a
+# volume per backend are printed by the volumes_* tests (make test, or
+# cargo nextest run -p flotilla-agent --no-capture -E 'binary(/volumes_/)').
 bench-storage:
+	scripts/install-deps.sh test
 	$(CARGO) bench --locked -p flotilla-storage --bench clones
 	$(CARGO) bench --locked -p flotilla-agent --bench upload
+	$(CARGO) bench --locked -p flotilla-storage --bench backends
 
 # Rewrites the OpenAPI documents under openapi/ after an API change (a test fails until they are committed).
 openapi:

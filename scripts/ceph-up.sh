@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts a throwaway single-node Ceph 16.2 for the RBD tests: one monitor, one manager and one
-# memstore OSD (its data in RAM), cephx on, every daemon on 127.0.0.1 only. About 11 s.
+# memstore OSD (its data in RAM: CEPH_MEMSTORE_BYTES, default 1 GiB), cephx on, every daemon
+# on 127.0.0.1 only. About 11 s.
 #   scripts/ceph-up.sh DIR [POOL]
 # leaves in DIR: ceph.conf, the admin keyring, ceph.client.flotilla.keyring (a client that may
 # use POOL only, as a node would be given), the daemons' pid files (*.pid) and logs (log/).
@@ -43,7 +44,7 @@ mon data = $C/mon/\$cluster-\$id
 osd data = $C/osd/\$cluster-\$id
 mgr data = $C/mgr/\$cluster-\$id
 osd objectstore = memstore
-memstore device bytes = 1073741824
+memstore device bytes = ${CEPH_MEMSTORE_BYTES:-1073741824}
 [client.admin]
 keyring = $C/ceph.client.admin.keyring
 CONF

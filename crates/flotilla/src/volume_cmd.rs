@@ -41,6 +41,9 @@ pub enum VolumeCommand {
         /// A linked clone (an overlay of its source) rather than a full copy.
         #[arg(long)]
         linked: bool,
+        /// In an iscsi pool: the target's LUN it is.
+        #[arg(long)]
+        lun: Option<u32>,
         #[arg(short = 'p', long)]
         project: Option<String>,
     },
@@ -121,10 +124,14 @@ pub async fn run(conn: &ConnectionArgs, cmd: VolumeCommand) -> anyhow::Result<()
             from_snapshot,
             from_image,
             linked,
+            lun,
             project: p,
         } => {
             let proj = project(&p, &ctx).to_string();
             let mut spec = json!({"size": size});
+            if let Some(lun) = lun {
+                spec["lun"] = json!(lun);
+            }
             if let Some(pool) = pool {
                 spec["pool"] = json!(pool);
             }
