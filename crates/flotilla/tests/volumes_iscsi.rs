@@ -4,37 +4,26 @@
 //! sees it plugged with its serial and the bytes the target's file held, its writes land in the
 //! file, the initiator name is the pool's, growing is refused (a LUN is sized on the target), a
 //! LUN is one volume, a volume from an image is written into its LUN, and deleting a volume
-//! zeroes its LUN.
+//! zeroes its LUN; `kill -9` of the real agents at several moments of claiming, attaching,
+//! detaching and deleting a LUN's volume converges, and the LUN ends zeroed.
 //!
 //! One target per run: everything that needs it is in this one test. Needs tgt, libiscsi-bin,
 //! qemu-block-extra, libvirtd and the tiny guest; `make test` provides all of them.
+
+mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use flotilla_agent::domain::VirtType;
-use flotilla_agent::libvirt::Libvirt;
-use flotilla_agent::AgentConfig;
 use flotilla_controllers::testkit::{eventually, TestCluster};
 use flotilla_types::registry::lookup;
 use serde_json::json;
+use support::{repo, tiny_guest, Process};
 
 const TARGET: &str = "iqn.2026-12.dev.flotilla:test-target";
 const INITIATOR: &str = "iqn.2026-12.dev.flotilla:test-nodes";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn tiny_guest() -> PathBuf {
-    let status = Command::new(repo().join("scripts/build-tiny-guest.sh"))
-        .status()
-        .unwrap();
-    assert!(status.success(), "building the tiny guest failed");
-    repo().join("target/guests/tiny").canonicalize().unwrap()
-}
 
 /// A throwaway target with LUNs of the given sizes, stopped when dropped.
 struct Target(PathBuf);
@@ -117,25 +106,13 @@ async fn log_until(
     panic!("timed out after {seconds} s waiting until {what}; the guest printed:\n{text}");
 }
 
-/// Agent `node` of the cluster on the host's libvirtd, its data in the cluster's directory; it
-/// runs until the returned sender is dropped.
-async fn start_agent(cluster: &TestCluster, node: &str) -> tokio::sync::watch::Sender<bool> {
-    let mut agent = AgentConfig::new(
-        vec![cluster.server.url.clone()],
-        node,
-        cluster.dir.path().join(node),
-    );
-    agent.join_token = Some(cluster.join_token().await);
-    agent.libvirt_uri = "qemu:///system".into();
-    agent.virt_type = VirtType::Qemu;
-    agent.shutdown_timeout = Duration::from_secs(2);
-    agent.resync = Duration::from_secs(3);
-    let libvirt = Libvirt::open("qemu:///system")
-        .await
-        .expect("libvirtd is running (make test starts it)");
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(flotilla_agent::run_with(agent, libvirt, rx));
-    stop
+/// Kills both agents `delay_ms` after a step was asked for, and starts them again.
+async fn crash(agents: [&mut Process; 2], delay_ms: u64) {
+    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    for agent in agents {
+        agent.kill9();
+        agent.start();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,10 +120,11 @@ async fn iscsi_luns_are_volumes_a_guest_reads_and_writes() {
     let guest = tiny_guest();
     let cluster = TestCluster::start().await;
     std::fs::set_permissions(cluster.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let target = Target::start(&cluster.dir.path().join("iscsi"), &["64M", "32M"]);
+    let target = Target::start(&cluster.dir.path().join("iscsi"), &["64M", "32M", "16M"]);
     let admin = &cluster.admin;
-    let _a = start_agent(&cluster, "iscsi-a").await;
-    let _b = start_agent(&cluster, "iscsi-b").await;
+    let token = cluster.join_token().await;
+    let mut agent_a = support::agent(&cluster.server.url, &token, "iscsi-a", cluster.dir.path());
+    let mut agent_b = support::agent(&cluster.server.url, &token, "iscsi-b", cluster.dir.path());
     let (pools, vms, volumes, images) = (
         lookup("storagepool").unwrap(),
         lookup("vm").unwrap(),
@@ -170,8 +148,8 @@ async fn iscsi_luns_are_volumes_a_guest_reads_and_writes() {
     })
     .await;
     let entry = &pool["status"]["nodes"]["iscsi-a"];
-    assert_eq!(entry["volumes"], 2, "{pool}");
-    assert_eq!(entry["capacity"], 96u64 << 20, "{pool}");
+    assert_eq!(entry["volumes"], 3, "{pool}");
+    assert_eq!(entry["capacity"], 112u64 << 20, "{pool}");
 
     // A LUN is named, raw, and one volume.
     let lun_volume = |name: &str, lun: u32, extra: serde_json::Value| {
@@ -373,6 +351,73 @@ async fn iscsi_luns_are_volumes_a_guest_reads_and_writes() {
     })
     .await;
     assert_eq!(target.read(2, 0, 4096), vec![0x5a; 4096]);
+
+    // kill -9 of both agents at several moments of each step of LUN 3's volume: each
+    // converges, and the LUN ends zeroed.
+    for (i, delay_ms) in [0u64, 80, 200, 500].into_iter().enumerate() {
+        {
+            use std::io::Write;
+            let mut lun = std::fs::OpenOptions::new()
+                .write(true)
+                .open(target.lun(3))
+                .unwrap();
+            write!(lun, "round-{i}").unwrap();
+        }
+        let v = format!("crash-{i}");
+        let step = |what: &str| format!("{v}: {what} after the agents were killed");
+        admin
+            .create(
+                volumes,
+                Some("default"),
+                &lun_volume(&v, 3, json!({"size": "16Mi"})),
+            )
+            .await
+            .unwrap();
+        crash([&mut agent_a, &mut agent_b], delay_ms).await;
+        eventually(&step("made"), 90, async || {
+            let v = admin.get(volumes, Some("default"), &v).await.ok()?;
+            (v["status"]["phase"] == "Available").then_some(())
+        })
+        .await;
+        let disks = json!({"spec": {"disks": [{"name": "c", "volume": v}]}});
+        admin
+            .patch(vms, Some("default"), &name, &disks, false)
+            .await
+            .unwrap();
+        crash([&mut agent_a, &mut agent_b], delay_ms).await;
+        eventually(&step("attached"), 90, async || {
+            let vm = admin.get(vms, Some("default"), &name).await.ok()?;
+            (vm["status"]["disks"][0]["state"] == "Attached"
+                && vm["status"]["disks"][0]["volume"] == v.as_str())
+            .then_some(())
+        })
+        .await;
+        let none = json!({"spec": {"disks": []}});
+        admin
+            .patch(vms, Some("default"), &name, &none, false)
+            .await
+            .unwrap();
+        crash([&mut agent_a, &mut agent_b], delay_ms).await;
+        eventually(&step("let go of"), 90, async || {
+            let v = admin.get(volumes, Some("default"), &v).await.ok()?;
+            v["status"].get("attachedTo").is_none().then_some(())
+        })
+        .await;
+        admin.delete(volumes, Some("default"), &v).await.unwrap();
+        crash([&mut agent_a, &mut agent_b], delay_ms).await;
+        eventually(&step("deleted"), 90, async || {
+            admin
+                .get(volumes, Some("default"), &v)
+                .await
+                .is_err()
+                .then_some(())
+        })
+        .await;
+        assert!(
+            target.read(3, 0, 4096).iter().all(|b| *b == 0),
+            "{v}: LUN 3 is zeroed"
+        );
+    }
 
     // Deleting a volume zeroes its LUN.
     admin.delete(vms, Some("default"), &name).await.unwrap();

@@ -5,35 +5,25 @@
 //! guest sees the volume plugged with its serial and the host's bytes, grown at once, and
 //! unplugged; Ceph's own copy-on-write clones and full copies, a volume from an image, the
 //! refusals (qcow2 in an rbd pool, deleting a cloned volume), what a crash mid-clone leaves
-//! being cleaned up, and nothing left in the Ceph pool at the end.
+//! being cleaned up; then `kill -9` of the real agent at several moments of making, attaching,
+//! detaching and deleting a volume, each converging; and nothing left in the Ceph pool at the
+//! end. The agents are the real `flotilla agent` binary.
 //!
 //! One Ceph per run: everything that needs it is in this one test. Needs the Ceph daemons,
 //! qemu-block-extra, libvirtd and the tiny guest; `make test` provides all of them. Prints the
 //! times from the API call to the guest seeing the change.
+
+mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use flotilla_agent::domain::VirtType;
-use flotilla_agent::libvirt::Libvirt;
-use flotilla_agent::AgentConfig;
 use flotilla_controllers::testkit::{eventually, TestCluster};
 use flotilla_types::registry::lookup;
 use serde_json::{json, Value};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn tiny_guest() -> PathBuf {
-    let status = Command::new(repo().join("scripts/build-tiny-guest.sh"))
-        .status()
-        .unwrap();
-    assert!(status.success(), "building the tiny guest failed");
-    repo().join("target/guests/tiny").canonicalize().unwrap()
-}
+use support::{repo, tiny_guest, Process};
 
 /// A throwaway Ceph, stopped (and its directory removed) when dropped.
 struct Ceph(PathBuf);
@@ -143,25 +133,13 @@ async fn log_until(
     panic!("timed out after {seconds} s waiting until {what}; the guest printed:\n{text}");
 }
 
-/// Agent `node` of the cluster on the host's libvirtd, its data in the cluster's directory; it
-/// runs until the returned sender is dropped.
-async fn start_agent(cluster: &TestCluster, node: &str) -> tokio::sync::watch::Sender<bool> {
-    let mut agent = AgentConfig::new(
-        vec![cluster.server.url.clone()],
-        node,
-        cluster.dir.path().join(node),
-    );
-    agent.join_token = Some(cluster.join_token().await);
-    agent.libvirt_uri = "qemu:///system".into();
-    agent.virt_type = VirtType::Qemu;
-    agent.shutdown_timeout = Duration::from_secs(2);
-    agent.resync = Duration::from_secs(3);
-    let libvirt = Libvirt::open("qemu:///system")
-        .await
-        .expect("libvirtd is running (make test starts it)");
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(flotilla_agent::run_with(agent, libvirt, rx));
-    stop
+/// Kills both agents `delay_ms` after a step was asked for, and starts them again.
+async fn crash(agents: [&mut Process; 2], delay_ms: u64) {
+    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    for agent in agents {
+        agent.kill9();
+        agent.start();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,8 +149,9 @@ async fn rbd_volumes_are_shared_plugged_grown_cloned_and_removed() {
     std::fs::set_permissions(cluster.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let ceph = Ceph::start(&cluster.dir.path().join("flotilla-test-ceph"));
     let admin = &cluster.admin;
-    let _a = start_agent(&cluster, "rbd-a").await;
-    let _b = start_agent(&cluster, "rbd-b").await;
+    let token = cluster.join_token().await;
+    let mut agent_a = support::agent(&cluster.server.url, &token, "rbd-a", cluster.dir.path());
+    let mut agent_b = support::agent(&cluster.server.url, &token, "rbd-b", cluster.dir.path());
     let (pools, vms, volumes, images) = (
         lookup("storagepool").unwrap(),
         lookup("vm").unwrap(),
@@ -461,6 +440,54 @@ async fn rbd_volumes_are_shared_plugged_grown_cloned_and_removed() {
     ceph.rbd(&["create", "--size", "8M", &format!("{linked_image}.tmp")]);
     ceph.rbd(&["snap", "create", &format!("{image}@flotilla-clone-ghost")]);
     ceph.rbd(&["snap", "protect", &format!("{image}@flotilla-clone-ghost")]);
+
+    // kill -9 of both agents at several moments of each step of a volume's life: each converges.
+    for (i, delay_ms) in [0u64, 80, 200, 500].into_iter().enumerate() {
+        let v = format!("crash-{i}");
+        let step = |what: &str| format!("{v}: {what} after the agents were killed");
+        let body = json!({"metadata": {"name": v}, "spec": {"pool": "ceph", "size": "32Mi", "format": "raw"}});
+        admin.create(volumes, Some("default"), &body).await.unwrap();
+        crash([&mut agent_a, &mut agent_b], delay_ms).await;
+        eventually(&step("made"), 90, async || {
+            let v = admin.get(volumes, Some("default"), &v).await.ok()?;
+            (v["status"]["phase"] == "Available").then_some(())
+        })
+        .await;
+        let disks = json!({"spec": {"disks": [{"name": "c", "volume": v}]}});
+        admin
+            .patch(vms, Some("default"), &name, &disks, false)
+            .await
+            .unwrap();
+        crash([&mut agent_a, &mut agent_b], delay_ms).await;
+        eventually(&step("attached"), 90, async || {
+            let vm = admin.get(vms, Some("default"), &name).await.ok()?;
+            (vm["status"]["disks"][0]["state"] == "Attached"
+                && vm["status"]["disks"][0]["volume"] == v.as_str())
+            .then_some(())
+        })
+        .await;
+        let none = json!({"spec": {"disks": []}});
+        admin
+            .patch(vms, Some("default"), &name, &none, false)
+            .await
+            .unwrap();
+        crash([&mut agent_a, &mut agent_b], delay_ms).await;
+        eventually(&step("let go of"), 90, async || {
+            let v = admin.get(volumes, Some("default"), &v).await.ok()?;
+            v["status"].get("attachedTo").is_none().then_some(())
+        })
+        .await;
+        admin.delete(volumes, Some("default"), &v).await.unwrap();
+        crash([&mut agent_a, &mut agent_b], delay_ms).await;
+        eventually(&step("deleted"), 90, async || {
+            admin
+                .get(volumes, Some("default"), &v)
+                .await
+                .is_err()
+                .then_some(())
+        })
+        .await;
+    }
 
     // Deleting everything leaves nothing in the Ceph pool.
     admin.delete(vms, Some("default"), &name).await.unwrap();
