@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use flotilla_agent::domain::VirtType;
 use flotilla_agent::libvirt::Libvirt;
 use flotilla_agent::AgentConfig;
-use flotilla_controllers::testkit::{eventually, TestCluster};
+use flotilla_controllers::testkit::{eventually, log_until, TestCluster};
 use flotilla_types::registry::lookup;
 use serde_json::json;
 
@@ -25,33 +25,6 @@ fn tiny_guest() -> PathBuf {
         .unwrap();
     assert!(status.success(), "building the tiny guest failed");
     root.join("target/guests/tiny").canonicalize().unwrap()
-}
-
-/// The serial log of `name` through the API once `done` holds for it (or a panic showing it).
-async fn log_until(
-    admin: &flotilla_client::Client,
-    name: &str,
-    what: &str,
-    seconds: u64,
-    done: impl Fn(&str) -> bool,
-) -> String {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let mut text = String::new();
-    while Instant::now() < deadline {
-        if let Ok(stream) = admin.vm_log("default", name, false).await {
-            let mut stream = Box::pin(stream);
-            let mut bytes = Vec::new();
-            while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
-                bytes.extend_from_slice(&chunk);
-            }
-            text = String::from_utf8_lossy(&bytes).into_owned();
-            if done(&text) {
-                return text;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("timed out after {seconds} s waiting until {what}; the guest printed:\n{text}");
 }
 
 /// A cluster's agent `node` on the host's libvirtd (QEMU, TCG), its data in the cluster's

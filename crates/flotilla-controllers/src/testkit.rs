@@ -109,6 +109,34 @@ pub async fn eventually<T>(what: &str, secs: u64, mut check: impl AsyncFnMut() -
     }
 }
 
+/// The serial log of VM `name` (project `default`) through the API once `done` holds for it;
+/// panics naming `what` and showing what the guest printed after `secs`.
+pub async fn log_until(
+    admin: &Client,
+    name: &str,
+    what: &str,
+    secs: u64,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut text = String::new();
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(stream) = admin.vm_log("default", name, false).await {
+            let mut stream = Box::pin(stream);
+            let mut bytes = Vec::new();
+            while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
+                bytes.extend_from_slice(&chunk);
+            }
+            text = String::from_utf8_lossy(&bytes).into_owned();
+            if done(&text) {
+                return text;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out after {secs} s waiting until {what}; the guest printed:\n{text}");
+}
+
 /// Makes a blank qcow2 image of `size` (e.g. `64M`) at `path` with qemu-img.
 pub fn blank_qcow2(path: &Path, size: &str) {
     let made = std::process::Command::new("qemu-img")

@@ -9,13 +9,15 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use flotilla_controllers::testkit::TestCluster;
 use flotilla_types::registry::lookup;
 use serde_json::{json, Value};
-use support::{agent_dir, tiny_guest, Process};
+use support::guests::crash;
+use support::nfs::{NfsServer, SERVER};
+use support::{agent_dir, tiny_guest};
 
 async fn eventually(what: &str, secs: u64, mut check: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
@@ -25,33 +27,6 @@ async fn eventually(what: &str, secs: u64, mut check: impl AsyncFnMut() -> bool)
             "timed out after {secs}s waiting until {what}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// A throwaway NFS server, stopped when dropped.
-struct Nfs(PathBuf);
-
-impl Nfs {
-    fn start(dir: &Path) -> Nfs {
-        let out = std::process::Command::new(support::repo().join("scripts/nfs-server-up.sh"))
-            .arg(dir)
-            .output()
-            .unwrap();
-        let nfs = Nfs(dir.to_path_buf());
-        assert!(
-            out.status.success(),
-            "the NFS server starts: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        nfs
-    }
-}
-
-impl Drop for Nfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(support::repo().join("scripts/nfs-server-down.sh"))
-            .arg(&self.0)
-            .status();
     }
 }
 
@@ -68,13 +43,6 @@ fn files(dir: &Path) -> Vec<String> {
     names
 }
 
-/// Kills the agent `delay_ms` after a step was asked for, and starts it again.
-async fn crash(agent: &mut Process, delay_ms: u64) {
-    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-    agent.kill9();
-    agent.start();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_volume_steps_converges_and_leaks_nothing() {
     let guest = tiny_guest();
@@ -85,7 +53,7 @@ async fn kill_9_during_volume_steps_converges_and_leaks_nothing() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let nfs = Nfs::start(&tmp.path().join("nfs"));
+    let nfs = NfsServer::start(&tmp.path().join("nfs"));
     let token = cluster.join_token().await;
     let node = "crash-storage";
     let mut agent = support::agent(&server.url, &token, node, tmp.path());
@@ -100,7 +68,7 @@ async fn kill_9_during_volume_steps_converges_and_leaks_nothing() {
             pools,
             None,
             &json!({"metadata": {"name": "shared"}, "spec": {"type": "nfs",
-                    "nfs": {"server": "198.18.253.2", "export": "/export"}}}),
+                    "nfs": {"server": SERVER, "export": "/export"}}}),
         )
         .await
         .unwrap();
@@ -123,7 +91,7 @@ async fn kill_9_during_volume_steps_converges_and_leaks_nothing() {
 
     for (pool, dir) in [
         ("default", agent_dir(tmp.path(), node).join("pools/default")),
-        ("shared", nfs.0.join("export")),
+        ("shared", nfs.export()),
     ] {
         for (i, delay_ms) in [0u64, 60, 150, 300, 600].into_iter().enumerate() {
             let name = format!("{pool}-{i}");
@@ -136,7 +104,7 @@ async fn kill_9_during_volume_steps_converges_and_leaks_nothing() {
                 )
                 .await
                 .unwrap();
-            crash(&mut agent, delay_ms).await;
+            crash(&mut [&mut agent], delay_ms).await;
             eventually(&step("made"), 90, async || {
                 get(volumes, &name)
                     .await
@@ -149,7 +117,7 @@ async fn kill_9_during_volume_steps_converges_and_leaks_nothing() {
                 .patch(vms, Some("default"), &vm_name, &disks, false)
                 .await
                 .unwrap();
-            crash(&mut agent, delay_ms).await;
+            crash(&mut [&mut agent], delay_ms).await;
             eventually(&step("attached"), 90, async || {
                 get(vms, &vm_name).await.is_some_and(|v| {
                     v["status"]["disks"][0]["state"] == "Attached"
@@ -165,7 +133,7 @@ async fn kill_9_during_volume_steps_converges_and_leaks_nothing() {
                     .create(snapshots, Some("default"), &body)
                     .await
                     .unwrap();
-                crash(&mut agent, delay_ms).await;
+                crash(&mut [&mut agent], delay_ms).await;
                 eventually(&step("snapshot taken"), 90, async || {
                     get(snapshots, &snap)
                         .await
@@ -176,7 +144,7 @@ async fn kill_9_during_volume_steps_converges_and_leaks_nothing() {
                     .delete(snapshots, Some("default"), &snap)
                     .await
                     .unwrap();
-                crash(&mut agent, delay_ms).await;
+                crash(&mut [&mut agent], delay_ms).await;
                 eventually(&step("snapshot merged away"), 90, async || {
                     get(snapshots, &snap).await.is_none()
                 })
@@ -188,7 +156,7 @@ async fn kill_9_during_volume_steps_converges_and_leaks_nothing() {
                 .patch(vms, Some("default"), &vm_name, &none, false)
                 .await
                 .unwrap();
-            crash(&mut agent, delay_ms).await;
+            crash(&mut [&mut agent], delay_ms).await;
             eventually(&step("detached and let go of"), 90, async || {
                 get(volumes, &name)
                     .await
@@ -197,7 +165,7 @@ async fn kill_9_during_volume_steps_converges_and_leaks_nothing() {
             .await;
 
             admin.delete(volumes, Some("default"), &name).await.unwrap();
-            crash(&mut agent, delay_ms).await;
+            crash(&mut [&mut agent], delay_ms).await;
             eventually(&step("deleted"), 90, async || {
                 get(volumes, &name).await.is_none()
             })

@@ -15,12 +15,12 @@ mod support;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use flotilla_controllers::testkit::{eventually, TestCluster};
 use flotilla_types::registry::lookup;
 use serde_json::json;
-use support::{repo, tiny_guest, Process};
+use support::guests::{self, boot_tiny_vm};
+use support::repo;
 
 const TARGET: &str = "iqn.2026-12.dev.flotilla:test-target";
 const INITIATOR: &str = "iqn.2026-12.dev.flotilla:test-nodes";
@@ -79,45 +79,8 @@ impl Drop for Target {
     }
 }
 
-/// The serial log of `name` through the API once `done` holds for it (or a panic showing it).
-async fn log_until(
-    admin: &flotilla_client::Client,
-    name: &str,
-    what: &str,
-    seconds: u64,
-    done: impl Fn(&str) -> bool,
-) -> String {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let mut text = String::new();
-    while Instant::now() < deadline {
-        if let Ok(stream) = admin.vm_log("default", name, false).await {
-            let mut stream = Box::pin(stream);
-            let mut bytes = Vec::new();
-            while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
-                bytes.extend_from_slice(&chunk);
-            }
-            text = String::from_utf8_lossy(&bytes).into_owned();
-            if done(&text) {
-                return text;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("timed out after {seconds} s waiting until {what}; the guest printed:\n{text}");
-}
-
-/// Kills both agents `delay_ms` after a step was asked for, and starts them again.
-async fn crash(agents: [&mut Process; 2], delay_ms: u64) {
-    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-    for agent in agents {
-        agent.kill9();
-        agent.start();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iscsi_luns_are_volumes_a_guest_reads_and_writes() {
-    let guest = tiny_guest();
     let cluster = TestCluster::start().await;
     std::fs::set_permissions(cluster.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let target = Target::start(&cluster.dir.path().join("iscsi"), &["64M", "32M", "16M"]);
@@ -228,72 +191,22 @@ async fn iscsi_luns_are_volumes_a_guest_reads_and_writes() {
 
     // A VM on the other node; the LUN plugged in, seen with its serial and the target's bytes.
     let name = format!("iscsi-{suffix}");
-    let vm = json!({"metadata": {"name": name}, "spec": {
-        "nodeName": "iscsi-b",
-        "resources": {"cpus": 1, "memory": "256Mi"},
-        "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0 panic=-1"},
-        "rootDisk": {"size": "32Mi"},
-    }});
-    admin.create(vms, Some("default"), &vm).await.unwrap();
-    log_until(admin, &name, "the guest has booted", 180, |t| {
-        t.contains("FLOTILLA-DISK vda serial=- sectors=65536")
-    })
-    .await;
-    let plugged = Instant::now();
-    admin
-        .patch(
-            vms,
-            Some("default"),
-            &name,
-            &json!({"spec": {"disks": [{"name": "data", "volume": "data"}]}}),
-            false,
-        )
-        .await
-        .unwrap();
-    let uid = volume["metadata"]["uid"].as_str().unwrap();
-    let serial: String = uid.chars().take(20).collect();
-    let seen = format!("serial={serial} sectors=131072 head=hello-{suffix}");
-    let log = log_until(admin, &name, "the guest sees the LUN", 120, |t| {
-        t.contains(&seen)
-    })
-    .await;
-    let attach_s = plugged.elapsed().as_secs_f64();
-    let device = log
-        .lines()
-        .find(|l| l.contains(&seen))
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_string();
+    boot_tiny_vm(admin, &name, "iscsi-b").await;
+    let seen = guests::plug(admin, &name, "data", 131072, &format!("hello-{suffix}")).await;
     assert!(
         target.initiators().contains(INITIATOR),
         "QEMU logs in as the pool's initiator: {}",
         target.initiators()
     );
-    let wanted = format!("guest-wrote-{device}");
+    let wanted = format!("guest-wrote-{}", seen.device);
     eventually("the guest's write is in the LUN", 30, async || {
         (target.read(1, 4096, wanted.len()) == wanted.as_bytes()).then_some(())
     })
     .await;
-    let unplugged = Instant::now();
-    admin
-        .patch(
-            vms,
-            Some("default"),
-            &name,
-            &json!({"spec": {"disks": []}}),
-            false,
-        )
-        .await
-        .unwrap();
-    log_until(admin, &name, "the guest sees the LUN go", 120, |t| {
-        t.contains(&format!("FLOTILLA-DISK-GONE {device}"))
-    })
-    .await;
-    let detach_s = unplugged.elapsed().as_secs_f64();
+    let detach_s = guests::unplug(admin, &name, "data", &seen).await;
     println!(
-        "iscsi volume on a running guest: plugged and seen {attach_s:.1} s, unplugged and gone {detach_s:.1} s"
+        "iscsi volume on a running guest: plugged and seen {:.1} s, unplugged and gone {detach_s:.1} s",
+        seen.seconds
     );
 
     // A volume from an image, written into its LUN.
@@ -354,70 +267,30 @@ async fn iscsi_luns_are_volumes_a_guest_reads_and_writes() {
 
     // kill -9 of both agents at several moments of each step of LUN 3's volume: each
     // converges, and the LUN ends zeroed.
-    for (i, delay_ms) in [0u64, 80, 200, 500].into_iter().enumerate() {
-        {
-            use std::io::Write;
-            let mut lun = std::fs::OpenOptions::new()
-                .write(true)
-                .open(target.lun(3))
-                .unwrap();
-            write!(lun, "round-{i}").unwrap();
-        }
-        let v = format!("crash-{i}");
-        let step = |what: &str| format!("{v}: {what} after the agents were killed");
-        admin
-            .create(
-                volumes,
-                Some("default"),
-                &lun_volume(&v, 3, json!({"size": "16Mi"})),
-            )
-            .await
+    let mark = |round: &str| {
+        use std::io::Write;
+        let mut lun = std::fs::OpenOptions::new()
+            .write(true)
+            .open(target.lun(3))
             .unwrap();
-        crash([&mut agent_a, &mut agent_b], delay_ms).await;
-        eventually(&step("made"), 90, async || {
-            let v = admin.get(volumes, Some("default"), &v).await.ok()?;
-            (v["status"]["phase"] == "Available").then_some(())
-        })
-        .await;
-        let disks = json!({"spec": {"disks": [{"name": "c", "volume": v}]}});
-        admin
-            .patch(vms, Some("default"), &name, &disks, false)
-            .await
-            .unwrap();
-        crash([&mut agent_a, &mut agent_b], delay_ms).await;
-        eventually(&step("attached"), 90, async || {
-            let vm = admin.get(vms, Some("default"), &name).await.ok()?;
-            (vm["status"]["disks"][0]["state"] == "Attached"
-                && vm["status"]["disks"][0]["volume"] == v.as_str())
-            .then_some(())
-        })
-        .await;
-        let none = json!({"spec": {"disks": []}});
-        admin
-            .patch(vms, Some("default"), &name, &none, false)
-            .await
-            .unwrap();
-        crash([&mut agent_a, &mut agent_b], delay_ms).await;
-        eventually(&step("let go of"), 90, async || {
-            let v = admin.get(volumes, Some("default"), &v).await.ok()?;
-            v["status"].get("attachedTo").is_none().then_some(())
-        })
-        .await;
-        admin.delete(volumes, Some("default"), &v).await.unwrap();
-        crash([&mut agent_a, &mut agent_b], delay_ms).await;
-        eventually(&step("deleted"), 90, async || {
-            admin
-                .get(volumes, Some("default"), &v)
-                .await
-                .is_err()
-                .then_some(())
-        })
-        .await;
-        assert!(
-            target.read(3, 0, 4096).iter().all(|b| *b == 0),
-            "{v}: LUN 3 is zeroed"
-        );
-    }
+        write!(lun, "{round}").unwrap();
+    };
+    mark("before");
+    guests::crash_rounds(
+        admin,
+        &mut [&mut agent_a, &mut agent_b],
+        &name,
+        &[0, 80, 200, 500],
+        |v| lun_volume(v, 3, json!({"size": "16Mi"})),
+        |v| {
+            assert!(
+                target.read(3, 0, 4096).iter().all(|b| *b == 0),
+                "{v}: LUN 3 is zeroed"
+            );
+            mark(v);
+        },
+    )
+    .await;
 
     // Deleting a volume zeroes its LUN.
     admin.delete(vms, Some("default"), &name).await.unwrap();

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use flotilla_controllers::testkit::{eventually, TestCluster};
 use flotilla_types::registry::lookup;
 use serde_json::{json, Value};
-use support::{repo, tiny_guest, Process};
+use support::guests::{self, boot_tiny_vm};
+use support::repo;
 
 /// A throwaway Ceph, stopped (and its directory removed) when dropped.
 struct Ceph(PathBuf);
@@ -106,45 +107,8 @@ impl Drop for Ceph {
     }
 }
 
-/// The serial log of `name` through the API once `done` holds for it (or a panic showing it).
-async fn log_until(
-    admin: &flotilla_client::Client,
-    name: &str,
-    what: &str,
-    seconds: u64,
-    done: impl Fn(&str) -> bool,
-) -> String {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let mut text = String::new();
-    while Instant::now() < deadline {
-        if let Ok(stream) = admin.vm_log("default", name, false).await {
-            let mut stream = Box::pin(stream);
-            let mut bytes = Vec::new();
-            while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
-                bytes.extend_from_slice(&chunk);
-            }
-            text = String::from_utf8_lossy(&bytes).into_owned();
-            if done(&text) {
-                return text;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("timed out after {seconds} s waiting until {what}; the guest printed:\n{text}");
-}
-
-/// Kills both agents `delay_ms` after a step was asked for, and starts them again.
-async fn crash(agents: [&mut Process; 2], delay_ms: u64) {
-    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-    for agent in agents {
-        agent.kill9();
-        agent.start();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rbd_volumes_are_shared_plugged_grown_cloned_and_removed() {
-    let guest = tiny_guest();
     let cluster = TestCluster::start().await;
     std::fs::set_permissions(cluster.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let ceph = Ceph::start(&cluster.dir.path().join("flotilla-test-ceph"));
@@ -249,58 +213,17 @@ async fn rbd_volumes_are_shared_plugged_grown_cloned_and_removed() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // A VM on the other node.
+    // A VM on the other node; plugged in, the volume follows the VM's node, and the guest sees
+    // it with its serial and the host's bytes, through librbd.
     let name = format!("rbd-{suffix}");
-    let vm = json!({"metadata": {"name": name}, "spec": {
-        "nodeName": "rbd-b",
-        "resources": {"cpus": 1, "memory": "256Mi"},
-        "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0 panic=-1"},
-        "rootDisk": {"size": "32Mi"},
-    }});
-    admin.create(vms, Some("default"), &vm).await.unwrap();
-    log_until(admin, &name, "the guest has booted", 180, |t| {
-        t.contains("FLOTILLA-DISK vda serial=- sectors=65536")
-    })
-    .await;
-
-    // Plugged in: the volume follows the VM's node, and the guest sees it with its serial and
-    // the host's bytes, through librbd.
-    let plugged = Instant::now();
-    let disks = json!({"spec": {"disks": [{"name": "data", "volume": "data"}]}});
-    admin
-        .patch(vms, Some("default"), &name, &disks, false)
-        .await
-        .unwrap();
-    let serial: String = uid.chars().take(20).collect();
-    let seen = format!("serial={serial} sectors=131072 head=hello-{suffix}");
-    let log = log_until(admin, &name, "the guest sees the RBD volume", 120, |t| {
-        t.contains(&seen)
-    })
-    .await;
-    let attach_s = plugged.elapsed().as_secs_f64();
-    let line = log.lines().find(|l| l.contains(&seen)).unwrap();
-    let device = line.split_whitespace().nth(1).unwrap().to_string();
+    boot_tiny_vm(admin, &name, "rbd-b").await;
+    let seen = guests::plug(admin, &name, "data", 131072, &format!("hello-{suffix}")).await;
     let volume = admin.get(volumes, Some("default"), "data").await.unwrap();
     assert_eq!(volume["status"]["node"], "rbd-b", "{volume}");
+    assert!(seen.serial.starts_with(&uid[..8]));
 
     // Grown online through the guest's QEMU: seen at once, and the image is bigger.
-    let grown = Instant::now();
-    admin
-        .patch(
-            volumes,
-            Some("default"),
-            "data",
-            &json!({"spec": {"size": "128Mi"}}),
-            false,
-        )
-        .await
-        .unwrap();
-    let bigger = format!("FLOTILLA-DISK {device} serial={serial} sectors=262144");
-    log_until(admin, &name, "the guest sees the volume grow", 120, |t| {
-        t.contains(&bigger)
-    })
-    .await;
-    let resize_s = grown.elapsed().as_secs_f64();
+    let resize_s = guests::grow(admin, &name, "data", &seen, "128Mi", 262144).await;
     assert_eq!(ceph.info(&image)["size"], 128u64 << 20);
     eventually("the volume reports its new size", 30, async || {
         let v = admin.get(volumes, Some("default"), "data").await.ok()?;
@@ -309,36 +232,17 @@ async fn rbd_volumes_are_shared_plugged_grown_cloned_and_removed() {
     .await;
 
     // What the guest wrote is in the image.
-    let wanted = format!("guest-wrote-{device}");
+    let wanted = format!("guest-wrote-{}", seen.device);
     eventually("the guest's write is in the image", 30, async || {
         (ceph.read(&image, 4096, wanted.len()) == wanted.as_bytes()).then_some(())
     })
     .await;
 
     // Unplugged: the guest lets go, then the volume is free again.
-    let unplugged = Instant::now();
-    admin
-        .patch(
-            vms,
-            Some("default"),
-            &name,
-            &json!({"spec": {"disks": []}}),
-            false,
-        )
-        .await
-        .unwrap();
-    log_until(admin, &name, "the guest sees the volume go", 120, |t| {
-        t.contains(&format!("FLOTILLA-DISK-GONE {device}"))
-    })
-    .await;
-    let detach_s = unplugged.elapsed().as_secs_f64();
-    eventually("the volume is let go of", 30, async || {
-        let v = admin.get(volumes, Some("default"), "data").await.ok()?;
-        v["status"].get("attachedTo").is_none().then_some(())
-    })
-    .await;
+    let detach_s = guests::unplug(admin, &name, "data", &seen).await;
     println!(
-        "rbd volume: made {create_s:.1} s; on a running guest: plugged and seen {attach_s:.1} s, grown and seen {resize_s:.1} s, unplugged and gone {detach_s:.1} s"
+        "rbd volume: made {create_s:.1} s; on a running guest: plugged and seen {:.1} s, grown and seen {resize_s:.1} s, unplugged and gone {detach_s:.1} s",
+        seen.seconds
     );
 
     // Clones: Ceph's copy-on-write clone (linked) and a full copy, both holding the volume's
@@ -442,52 +346,15 @@ async fn rbd_volumes_are_shared_plugged_grown_cloned_and_removed() {
     ceph.rbd(&["snap", "protect", &format!("{image}@flotilla-clone-ghost")]);
 
     // kill -9 of both agents at several moments of each step of a volume's life: each converges.
-    for (i, delay_ms) in [0u64, 80, 200, 500].into_iter().enumerate() {
-        let v = format!("crash-{i}");
-        let step = |what: &str| format!("{v}: {what} after the agents were killed");
-        let body = json!({"metadata": {"name": v}, "spec": {"pool": "ceph", "size": "32Mi", "format": "raw"}});
-        admin.create(volumes, Some("default"), &body).await.unwrap();
-        crash([&mut agent_a, &mut agent_b], delay_ms).await;
-        eventually(&step("made"), 90, async || {
-            let v = admin.get(volumes, Some("default"), &v).await.ok()?;
-            (v["status"]["phase"] == "Available").then_some(())
-        })
-        .await;
-        let disks = json!({"spec": {"disks": [{"name": "c", "volume": v}]}});
-        admin
-            .patch(vms, Some("default"), &name, &disks, false)
-            .await
-            .unwrap();
-        crash([&mut agent_a, &mut agent_b], delay_ms).await;
-        eventually(&step("attached"), 90, async || {
-            let vm = admin.get(vms, Some("default"), &name).await.ok()?;
-            (vm["status"]["disks"][0]["state"] == "Attached"
-                && vm["status"]["disks"][0]["volume"] == v.as_str())
-            .then_some(())
-        })
-        .await;
-        let none = json!({"spec": {"disks": []}});
-        admin
-            .patch(vms, Some("default"), &name, &none, false)
-            .await
-            .unwrap();
-        crash([&mut agent_a, &mut agent_b], delay_ms).await;
-        eventually(&step("let go of"), 90, async || {
-            let v = admin.get(volumes, Some("default"), &v).await.ok()?;
-            v["status"].get("attachedTo").is_none().then_some(())
-        })
-        .await;
-        admin.delete(volumes, Some("default"), &v).await.unwrap();
-        crash([&mut agent_a, &mut agent_b], delay_ms).await;
-        eventually(&step("deleted"), 90, async || {
-            admin
-                .get(volumes, Some("default"), &v)
-                .await
-                .is_err()
-                .then_some(())
-        })
-        .await;
-    }
+    guests::crash_rounds(
+        admin,
+        &mut [&mut agent_a, &mut agent_b],
+        &name,
+        &[0, 80, 200, 500],
+        |v| json!({"metadata": {"name": v}, "spec": {"pool": "ceph", "size": "32Mi", "format": "raw"}}),
+        |_| {},
+    )
+    .await;
 
     // Deleting everything leaves nothing in the Ceph pool.
     admin.delete(vms, Some("default"), &name).await.unwrap();

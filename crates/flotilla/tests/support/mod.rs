@@ -3,6 +3,9 @@
 //! for failure messages; and the libvirt domains a test made, removed however it ends.
 #![allow(dead_code)]
 
+pub mod guests;
+pub mod nfs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -5,159 +5,33 @@
 //! plugged with its serial and the bytes the host put there, grown at once, and unplugged; its
 //! writes are in the file; a full copy (to raw) and a volume from an image are made on the
 //! export; linked clones and snapshots are refused, saying why; nothing is left on the export.
+//! The agents are the real `flotilla agent` binary (kill -9 of it: crash_storage.rs).
 //!
 //! One server per run: everything that needs it is in this one test. Needs nfs-ganesha,
 //! nfs-ganesha-vfs, rpcbind, qemu-block-extra, libvirtd and the tiny guest; `make test`
 //! provides all of them.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+mod support;
 
-use flotilla_agent::domain::VirtType;
-use flotilla_agent::libvirt::Libvirt;
-use flotilla_agent::AgentConfig;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::Command;
+use std::time::Instant;
+
 use flotilla_controllers::testkit::{eventually, TestCluster};
 use flotilla_types::registry::lookup;
 use serde_json::json;
-
-const SERVER: &str = "198.18.253.2";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn tiny_guest() -> PathBuf {
-    let status = Command::new(repo().join("scripts/build-tiny-guest.sh"))
-        .status()
-        .unwrap();
-    assert!(status.success(), "building the tiny guest failed");
-    repo().join("target/guests/tiny").canonicalize().unwrap()
-}
-
-/// A throwaway NFS server, stopped (its namespace and directory removed) when dropped.
-struct Server(PathBuf);
-
-impl Server {
-    fn start(dir: &Path) -> Server {
-        let out = Command::new(repo().join("scripts/nfs-server-up.sh"))
-            .arg(dir)
-            .output()
-            .expect("scripts/nfs-server-up.sh runs");
-        let server = Server(dir.to_path_buf());
-        assert!(
-            out.status.success(),
-            "the NFS server did not start (are nfs-ganesha and nfs-ganesha-vfs installed? make test installs them): {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        server
-    }
-
-    fn export(&self) -> PathBuf {
-        self.0.join("export")
-    }
-
-    fn files(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.export())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-
-    /// QEMU's URL of `file` on the export, as QEMU's user.
-    fn url(&self, file: &str) -> String {
-        format!("nfs://{SERVER}/export/{file}?uid=64055&gid=64055")
-    }
-
-    /// `len` bytes at `offset` of volume file `file` (of `format`), read through libnfs.
-    fn read(&self, file: &str, format: &str, offset: u64, len: usize) -> Vec<u8> {
-        let out_file = self.0.join("read.bin");
-        let _ = std::fs::remove_file(&out_file);
-        let out = Command::new("qemu-img")
-            .args(["dd", "-f", format, "-O", "raw", "bs=512"])
-            .arg(format!("count={}", (offset as usize + len).div_ceil(512)))
-            .arg(format!("if={}", self.url(file)))
-            .arg(format!("of={}", out_file.display()))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::fs::read(&out_file).unwrap()[offset as usize..offset as usize + len].to_vec()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = Command::new(repo().join("scripts/nfs-server-down.sh"))
-            .arg(&self.0)
-            .status();
-    }
-}
-
-/// The serial log of `name` through the API once `done` holds for it (or a panic showing it).
-async fn log_until(
-    admin: &flotilla_client::Client,
-    name: &str,
-    what: &str,
-    seconds: u64,
-    done: impl Fn(&str) -> bool,
-) -> String {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let mut text = String::new();
-    while Instant::now() < deadline {
-        if let Ok(stream) = admin.vm_log("default", name, false).await {
-            let mut stream = Box::pin(stream);
-            let mut bytes = Vec::new();
-            while let Some(Ok(chunk)) = futures::StreamExt::next(&mut stream).await {
-                bytes.extend_from_slice(&chunk);
-            }
-            text = String::from_utf8_lossy(&bytes).into_owned();
-            if done(&text) {
-                return text;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("timed out after {seconds} s waiting until {what}; the guest printed:\n{text}");
-}
-
-/// Agent `node` of the cluster on the host's libvirtd, its data in the cluster's directory; it
-/// runs until the returned sender is dropped.
-async fn start_agent(cluster: &TestCluster, node: &str) -> tokio::sync::watch::Sender<bool> {
-    let mut agent = AgentConfig::new(
-        vec![cluster.server.url.clone()],
-        node,
-        cluster.dir.path().join(node),
-    );
-    agent.join_token = Some(cluster.join_token().await);
-    agent.libvirt_uri = "qemu:///system".into();
-    agent.virt_type = VirtType::Qemu;
-    agent.shutdown_timeout = Duration::from_secs(2);
-    agent.resync = Duration::from_secs(3);
-    let libvirt = Libvirt::open("qemu:///system")
-        .await
-        .expect("libvirtd is running (make test starts it)");
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(flotilla_agent::run_with(agent, libvirt, rx));
-    stop
-}
+use support::guests::{self, boot_tiny_vm};
+use support::nfs::{NfsServer, SERVER};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nfs_volumes_are_shared_plugged_grown_copied_and_removed() {
-    let guest = tiny_guest();
     let cluster = TestCluster::start().await;
     std::fs::set_permissions(cluster.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let server = Server::start(&cluster.dir.path().join("nfs"));
+    let server = NfsServer::start(&cluster.dir.path().join("nfs"));
     let admin = &cluster.admin;
-    let _a = start_agent(&cluster, "nfs-a").await;
-    let _b = start_agent(&cluster, "nfs-b").await;
+    let token = cluster.join_token().await;
+    let _a = support::agent(&cluster.server.url, &token, "nfs-a", cluster.dir.path());
+    let _b = support::agent(&cluster.server.url, &token, "nfs-b", cluster.dir.path());
     let (pools, vms, volumes, images, snapshots) = (
         lookup("storagepool").unwrap(),
         lookup("vm").unwrap(),
@@ -260,93 +134,27 @@ async fn nfs_volumes_are_shared_plugged_grown_copied_and_removed() {
 
     // A VM on the other node: the volume follows it, and the guest sees it.
     let name = format!("nfs-{suffix}");
-    let vm = json!({"metadata": {"name": name}, "spec": {
-        "nodeName": "nfs-b",
-        "resources": {"cpus": 1, "memory": "256Mi"},
-        "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0 panic=-1"},
-        "rootDisk": {"size": "32Mi"},
-    }});
-    admin.create(vms, Some("default"), &vm).await.unwrap();
-    log_until(admin, &name, "the guest has booted", 180, |t| {
-        t.contains("FLOTILLA-DISK vda serial=- sectors=65536")
-    })
-    .await;
-    let plugged = Instant::now();
-    admin
-        .patch(
-            vms,
-            Some("default"),
-            &name,
-            &json!({"spec": {"disks": [{"name": "data", "volume": "data"}]}}),
-            false,
-        )
-        .await
-        .unwrap();
-    let serial: String = uid.chars().take(20).collect();
-    let seen = format!("serial={serial} sectors=131072 head=hello-{suffix}");
-    let log = log_until(admin, &name, "the guest sees the NFS volume", 120, |t| {
-        t.contains(&seen)
-    })
-    .await;
-    let attach_s = plugged.elapsed().as_secs_f64();
-    let device = log
-        .lines()
-        .find(|l| l.contains(&seen))
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_string();
+    boot_tiny_vm(admin, &name, "nfs-b").await;
+    let seen = guests::plug(admin, &name, "data", 131072, &format!("hello-{suffix}")).await;
     let volume = admin.get(volumes, Some("default"), "data").await.unwrap();
     assert_eq!(volume["status"]["node"], "nfs-b", "{volume}");
 
     // Grown online through the guest's QEMU.
-    let grown = Instant::now();
-    admin
-        .patch(
-            volumes,
-            Some("default"),
-            "data",
-            &json!({"spec": {"size": "128Mi"}}),
-            false,
-        )
-        .await
-        .unwrap();
-    let bigger = format!("FLOTILLA-DISK {device} serial={serial} sectors=262144");
-    log_until(admin, &name, "the guest sees the volume grow", 120, |t| {
-        t.contains(&bigger)
-    })
-    .await;
-    let resize_s = grown.elapsed().as_secs_f64();
+    let resize_s = guests::grow(admin, &name, "data", &seen, "128Mi", 262144).await;
     eventually("the volume reports its new size", 30, async || {
         let v = admin.get(volumes, Some("default"), "data").await.ok()?;
         (v["status"]["capacity"] == 128u64 << 20).then_some(())
     })
     .await;
-    let wanted = format!("guest-wrote-{device}");
+    let wanted = format!("guest-wrote-{}", seen.device);
     eventually("the guest's write is in the file", 30, async || {
         (server.read(&file, "qcow2", 4096, wanted.len()) == wanted.as_bytes()).then_some(())
     })
     .await;
-
-    let unplugged = Instant::now();
-    admin
-        .patch(
-            vms,
-            Some("default"),
-            &name,
-            &json!({"spec": {"disks": []}}),
-            false,
-        )
-        .await
-        .unwrap();
-    log_until(admin, &name, "the guest sees the volume go", 120, |t| {
-        t.contains(&format!("FLOTILLA-DISK-GONE {device}"))
-    })
-    .await;
-    let detach_s = unplugged.elapsed().as_secs_f64();
+    let detach_s = guests::unplug(admin, &name, "data", &seen).await;
     println!(
-        "nfs volume: made {create_s:.1} s; on a running guest: plugged and seen {attach_s:.1} s, grown and seen {resize_s:.1} s, unplugged and gone {detach_s:.1} s"
+        "nfs volume: made {create_s:.1} s; on a running guest: plugged and seen {:.1} s, grown and seen {resize_s:.1} s, unplugged and gone {detach_s:.1} s",
+        seen.seconds
     );
 
     // A full copy, to raw, holds the volume's bytes; a volume from an image holds the image's.
