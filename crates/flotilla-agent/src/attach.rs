@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use flotilla_types::kinds::{disk_serial, DiskBus, DiskStatus, ImageFormat};
+use flotilla_types::kinds::{disk_serial, DiskBus, DiskStatus, ImageFormat, PoolType, StoragePool};
 use flotilla_types::registry::lookup;
 use flotilla_types::{EventType, VirtualMachine, Volume};
 use serde_json::json;
@@ -146,11 +146,9 @@ pub async fn resolve(ctx: &Context, vm: &VirtualMachine) -> Result<Vec<VolumeDis
                 disk.volume
             )));
         }
-        let network = match (status.path.strip_prefix("rbd:"), volume.spec.lun) {
-            _ if !status.shared => None,
-            (Some(image), _) => Some(rbd_source(ctx, &volume, image).await?),
-            (None, Some(lun)) => Some(iscsi_source(ctx, &volume, lun).await?),
-            (None, None) => Some(nfs_source(ctx, &volume).await?),
+        let network = match status.shared {
+            true => Some(network_source(ctx, &volume, &status.path).await?),
+            false => None,
         };
         let is_virtio = disk.bus == DiskBus::Virtio;
         let target = if is_virtio {
@@ -178,81 +176,65 @@ pub async fn resolve(ctx: &Context, vm: &VirtualMachine) -> Result<Vec<VolumeDis
     Ok(disks)
 }
 
-/// The network disk of an RBD volume (`image` is `pool/name`): the pool's monitors and user,
-/// and the libvirt secret with this node's key (defined now if it is not yet).
-async fn rbd_source(
+/// The network disk of a volume in a shared pool, by the pool's type: an RBD image
+/// (`path` is `rbd:pool/name`; the pool's monitors and user, and the libvirt secret with this
+/// node's key, defined now if it is not yet), an iSCSI LUN (the pool's target, with its
+/// initiator name), or a file on an NFS export (opened as the pool's user and group).
+async fn network_source(
     ctx: &Context,
     volume: &Volume,
-    image: &str,
+    path: &str,
 ) -> Result<NetworkSource, AgentError> {
     let pools = lookup("storagepool").expect("registered");
-    let pool: flotilla_types::kinds::StoragePool = ctx
+    let pool: StoragePool = ctx
         .client
         .get(pools, None, &volume.spec.pool)
         .await
         .map_err(AgentError::from)
         .and_then(|v| serde_json::from_value(v).map_err(|e| AgentError::Config(e.to_string())))?;
-    let rbd = crate::pools::rbd_pool(&pool).map_err(AgentError::Config)?;
-    let secret = crate::pools::rbd_secret(ctx, &pool, &rbd)
-        .await
-        .map_err(AgentError::Config)?;
-    Ok(NetworkSource {
-        protocol: "rbd",
-        name: image.to_string(),
-        hosts: rbd.config().monitors.clone(),
-        auth: Some((rbd.config().user.clone(), secret)),
-        initiator: None,
-        identity: None,
-    })
-}
-
-/// The network disk of a volume in an NFS pool: its file on the export, opened as the pool's
-/// user and group.
-async fn nfs_source(ctx: &Context, volume: &Volume) -> Result<NetworkSource, AgentError> {
-    let pools = lookup("storagepool").expect("registered");
-    let pool: flotilla_types::kinds::StoragePool = ctx
-        .client
-        .get(pools, None, &volume.spec.pool)
-        .await
-        .map_err(AgentError::from)
-        .and_then(|v| serde_json::from_value(v).map_err(|e| AgentError::Config(e.to_string())))?;
-    let nfs = crate::pools::nfs_pool(&pool).map_err(AgentError::Config)?;
-    let file = crate::nfs_volumes::file_name(volume);
-    Ok(NetworkSource {
-        protocol: "nfs",
-        name: nfs.path(&file),
-        hosts: vec![nfs.config().server.clone()],
+    let source = |protocol, name, hosts| NetworkSource {
+        protocol,
+        name,
+        hosts,
         auth: None,
         initiator: None,
-        identity: Some((
-            format!("+{}", nfs.config().uid),
-            format!("+{}", nfs.config().gid),
-        )),
-    })
-}
-
-/// The network disk of an iSCSI volume: LUN `lun` of the pool's target.
-async fn iscsi_source(
-    ctx: &Context,
-    volume: &Volume,
-    lun: u32,
-) -> Result<NetworkSource, AgentError> {
-    let pools = lookup("storagepool").expect("registered");
-    let pool: flotilla_types::kinds::StoragePool = ctx
-        .client
-        .get(pools, None, &volume.spec.pool)
-        .await
-        .map_err(AgentError::from)
-        .and_then(|v| serde_json::from_value(v).map_err(|e| AgentError::Config(e.to_string())))?;
-    let iscsi = crate::pools::iscsi_pool(&pool).map_err(AgentError::Config)?;
-    Ok(NetworkSource {
-        protocol: "iscsi",
-        name: format!("{}/{lun}", iscsi.config().target),
-        hosts: vec![iscsi.portal()],
-        auth: None,
-        initiator: iscsi.config().initiator.clone(),
         identity: None,
-    })
+    };
+    match pool.spec.pool_type {
+        PoolType::Rbd => {
+            let rbd = crate::pools::rbd_pool(&pool).map_err(AgentError::Config)?;
+            let secret = crate::pools::rbd_secret(ctx, &pool, &rbd)
+                .await
+                .map_err(AgentError::Config)?;
+            let image = path.strip_prefix("rbd:").unwrap_or(path).to_string();
+            Ok(NetworkSource {
+                auth: Some((rbd.config().user.clone(), secret)),
+                ..source("rbd", image, rbd.config().monitors.clone())
+            })
+        }
+        PoolType::Iscsi => {
+            let iscsi = crate::pools::iscsi_pool(&pool).map_err(AgentError::Config)?;
+            let lun = volume.spec.lun.unwrap_or_default();
+            let name = format!("{}/{lun}", iscsi.config().target);
+            Ok(NetworkSource {
+                initiator: iscsi.config().initiator.clone(),
+                ..source("iscsi", name, vec![iscsi.portal()])
+            })
+        }
+        PoolType::Nfs => {
+            let nfs = crate::pools::nfs_pool(&pool).map_err(AgentError::Config)?;
+            let file = nfs.path(&crate::nfs_volumes::file_name(volume));
+            let (uid, gid) = (nfs.config().uid, nfs.config().gid);
+            Ok(NetworkSource {
+                identity: Some((format!("+{uid}"), format!("+{gid}"))),
+                ..source("nfs", file, vec![nfs.config().server.clone()])
+            })
+        }
+        PoolType::Dir | PoolType::Lvm => Err(AgentError::Config(format!(
+            "volume {:?} says it is shared, but pool {:?} is node-local",
+            volume.metadata.name, volume.spec.pool
+        ))),
+    }
 }
 
 /// Plugs the wanted volumes the running domain lacks and asks it to unplug those it has but

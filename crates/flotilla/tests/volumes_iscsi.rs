@@ -88,11 +88,10 @@ async fn iscsi_luns_are_volumes_a_guest_reads_and_writes() {
     let token = cluster.join_token().await;
     let mut agent_a = support::agent(&cluster.server.url, &token, "iscsi-a", cluster.dir.path());
     let mut agent_b = support::agent(&cluster.server.url, &token, "iscsi-b", cluster.dir.path());
-    let (pools, vms, volumes, images) = (
+    let (pools, vms, volumes) = (
         lookup("storagepool").unwrap(),
         lookup("vm").unwrap(),
         lookup("volume").unwrap(),
-        lookup("image").unwrap(),
     );
 
     admin
@@ -210,39 +209,7 @@ async fn iscsi_luns_are_volumes_a_guest_reads_and_writes() {
     );
 
     // A volume from an image, written into its LUN.
-    let qcow2 = cluster.dir.path().join("seedling.qcow2");
-    for args in [
-        vec![
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            qcow2.to_str().unwrap(),
-            "16M",
-        ],
-        vec![
-            "qemu-io",
-            "-c",
-            "write -P 0x5a 0 1M",
-            qcow2.to_str().unwrap(),
-        ],
-    ] {
-        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    admin
-        .create(
-            images,
-            Some("default"),
-            &json!({"metadata": {"name": "seedling"}, "spec": {"source": {"path": qcow2}}}),
-        )
-        .await
-        .unwrap();
+    guests::seedling_image(admin, cluster.dir.path()).await;
     admin
         .create(
             volumes,

@@ -32,11 +32,10 @@ async fn nfs_volumes_are_shared_plugged_grown_copied_and_removed() {
     let token = cluster.join_token().await;
     let _a = support::agent(&cluster.server.url, &token, "nfs-a", cluster.dir.path());
     let _b = support::agent(&cluster.server.url, &token, "nfs-b", cluster.dir.path());
-    let (pools, vms, volumes, images, snapshots) = (
+    let (pools, vms, volumes, snapshots) = (
         lookup("storagepool").unwrap(),
         lookup("vm").unwrap(),
         lookup("volume").unwrap(),
-        lookup("image").unwrap(),
         lookup("volumesnapshot").unwrap(),
     );
 
@@ -178,39 +177,7 @@ async fn nfs_volumes_are_shared_plugged_grown_copied_and_removed() {
         server.read(&copy_file, "raw", 0, head.len()),
         head.as_bytes()
     );
-    let qcow2 = cluster.dir.path().join("seedling.qcow2");
-    for args in [
-        vec![
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            qcow2.to_str().unwrap(),
-            "16M",
-        ],
-        vec![
-            "qemu-io",
-            "-c",
-            "write -P 0x5a 0 1M",
-            qcow2.to_str().unwrap(),
-        ],
-    ] {
-        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    admin
-        .create(
-            images,
-            Some("default"),
-            &json!({"metadata": {"name": "seedling"}, "spec": {"source": {"path": qcow2}}}),
-        )
-        .await
-        .unwrap();
+    guests::seedling_image(admin, cluster.dir.path()).await;
     admin
         .create(
             volumes,

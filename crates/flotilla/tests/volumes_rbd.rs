@@ -116,11 +116,10 @@ async fn rbd_volumes_are_shared_plugged_grown_cloned_and_removed() {
     let token = cluster.join_token().await;
     let mut agent_a = support::agent(&cluster.server.url, &token, "rbd-a", cluster.dir.path());
     let mut agent_b = support::agent(&cluster.server.url, &token, "rbd-b", cluster.dir.path());
-    let (pools, vms, volumes, images) = (
+    let (pools, vms, volumes) = (
         lookup("storagepool").unwrap(),
         lookup("vm").unwrap(),
         lookup("volume").unwrap(),
-        lookup("image").unwrap(),
     );
     let keyring = ceph.0.join("ceph.client.flotilla.keyring");
     let key = std::fs::read_to_string(&keyring).unwrap();
@@ -289,28 +288,7 @@ async fn rbd_volumes_are_shared_plugged_grown_cloned_and_removed() {
     assert!(held.to_string().contains("linked"), "{held}");
 
     // A volume from an image: the node's cached copy written into a new RBD image.
-    let qcow2 = cluster.dir.path().join("seedling.qcow2");
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&qcow2)
-        .arg("16M")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let out = Command::new("qemu-io")
-        .args(["-c", "write -P 0x5a 0 1M"])
-        .arg(&qcow2)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    admin
-        .create(
-            images,
-            Some("default"),
-            &json!({"metadata": {"name": "seedling"}, "spec": {"source": {"path": qcow2}}}),
-        )
-        .await
-        .unwrap();
+    guests::seedling_image(admin, cluster.dir.path()).await;
     admin
         .create(
             volumes,

@@ -204,3 +204,28 @@ pub async fn crash_rounds(
         after(&v);
     }
 }
+
+/// Image `seedling` of project `default`: a 16 MiB qcow2 file in `dir` whose first MiB is 0x5a.
+pub async fn seedling_image(admin: &Client, dir: &std::path::Path) {
+    let qcow2 = dir.join("seedling.qcow2");
+    let path = qcow2.to_str().unwrap();
+    for args in [
+        vec!["qemu-img", "create", "-q", "-f", "qcow2", path, "16M"],
+        vec!["qemu-io", "-c", "write -P 0x5a 0 1M", path],
+    ] {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let image = json!({"metadata": {"name": "seedling"}, "spec": {"source": {"path": qcow2}}});
+    admin
+        .create(lookup("image").unwrap(), Some("default"), &image)
+        .await
+        .unwrap();
+}
