@@ -31,7 +31,6 @@ pub enum ImageCommand {
 
 pub async fn run(conn: &ConnectionArgs, cmd: ImageCommand) -> anyhow::Result<()> {
     let (client, ctx) = config::client(conn)?;
-    let images = registry::by_kind("Image").expect("registered");
     let ImageCommand::Upload {
         name,
         file,
@@ -40,6 +39,20 @@ pub async fn run(conn: &ConnectionArgs, cmd: ImageCommand) -> anyhow::Result<()>
         project: p,
     } = cmd;
     let proj = project(&p, &ctx).to_string();
+    upload(&client, &proj, &name, &file, format, sha256).await
+}
+
+/// Makes Image `name` of project `proj` from an upload (unless it exists) and streams `file`
+/// into it, printing progress.
+pub async fn upload(
+    client: &flotilla_client::Client,
+    proj: &str,
+    name: &str,
+    file: &std::path::Path,
+    format: Option<String>,
+    sha256: Option<String>,
+) -> anyhow::Result<()> {
+    let images = registry::by_kind("Image").expect("registered");
     let opened = tokio::fs::File::open(&file)
         .await
         .with_context(|| format!("cannot open {}", file.display()))?;
@@ -52,7 +65,7 @@ pub async fn run(conn: &ConnectionArgs, cmd: ImageCommand) -> anyhow::Result<()>
         spec["sha256"] = json!(s);
     }
     let body = json!({"metadata": {"name": name}, "spec": spec});
-    match client.create(images, Some(&proj), &body).await {
+    match client.create(images, Some(proj), &body).await {
         Ok(_) => eprintln!("image/{name} created"),
         Err(e) if e.code() == Some(409) => {}
         Err(e) => return Err(e.into()),
@@ -78,7 +91,7 @@ pub async fn run(conn: &ConnectionArgs, cmd: ImageCommand) -> anyhow::Result<()>
         }
     });
     let result = client
-        .upload_image(&proj, &name, reqwest::Body::wrap_stream(chunks), len)
+        .upload_image(proj, name, reqwest::Body::wrap_stream(chunks), len)
         .await;
     progress.abort();
     let image = result.map_err(|e| anyhow!("{e}"))?;

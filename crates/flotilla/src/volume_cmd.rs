@@ -2,7 +2,7 @@
 //! from VMs (the VM's `spec.disks`), grown, snapshotted and reverted. Each verb is one API
 //! change; the agents do the rest, and `flotilla get` shows where it stands.
 
-use anyhow::anyhow;
+use anyhow::{anyhow, Context as _};
 use flotilla_client::Client;
 use flotilla_types::kinds::volume_snapshot::REVERT_ANNOTATION;
 use flotilla_types::registry;
@@ -94,6 +94,26 @@ pub enum VolumeCommand {
     Revert {
         volume: String,
         snapshot: String,
+        #[arg(short = 'p', long)]
+        project: Option<String>,
+    },
+    /// Make a volume from a disk image file (qcow2 or raw) on this machine: the file is
+    /// uploaded as a temporary Image, the volume made from it (in any pool), the Image deleted.
+    Upload {
+        volume: String,
+        file: std::path::PathBuf,
+        /// Its size (default: the file's virtual size; never less).
+        #[arg(long)]
+        size: Option<String>,
+        /// The StoragePool (default: `default`).
+        #[arg(long)]
+        pool: Option<String>,
+        /// The volume's format: qcow2 (default) or raw (the file's is found from its header).
+        #[arg(long)]
+        format: Option<String>,
+        /// In an iscsi pool: the target's LUN it is.
+        #[arg(long)]
+        lun: Option<u32>,
         #[arg(short = 'p', long)]
         project: Option<String>,
     },
@@ -257,6 +277,64 @@ pub async fn run(conn: &ConnectionArgs, cmd: VolumeCommand) -> anyhow::Result<()
                 println!("volume/{volume} downloaded to {file} ({bytes} bytes, {format})");
             }
         }
+        VolumeCommand::Upload {
+            volume,
+            file,
+            size,
+            pool,
+            format,
+            lun,
+            project: p,
+        } => {
+            let proj = project(&p, &ctx).to_string();
+            let (file_format, virtual_size) = disk_file(&file)?;
+            let image = format!("upload-{}", &volume[..volume.len().min(56)]);
+            crate::image_cmd::upload(
+                &client,
+                &proj,
+                &image,
+                &file,
+                Some(file_format.to_string()),
+                None,
+            )
+            .await?;
+            let mut spec = json!({
+                "size": size.unwrap_or_else(|| virtual_size.to_string()),
+                "source": {"image": image},
+            });
+            for (key, value) in [
+                ("pool", pool.map(|v| json!(v))),
+                ("format", format.map(|v| json!(v))),
+                ("lun", lun.map(|v| json!(v))),
+            ] {
+                if let Some(value) = value {
+                    spec[key] = value;
+                }
+            }
+            let body = json!({"metadata": {"name": volume}, "spec": spec});
+            let images = registry::by_kind("Image").expect("registered");
+            let made = async {
+                client.create(volumes, Some(&proj), &body).await?;
+                loop {
+                    let v = client.get(volumes, Some(&proj), &volume).await?;
+                    match v["status"]["phase"].as_str() {
+                        Some("Available") => return Ok(()),
+                        Some("Failed") => {
+                            return Err(anyhow!(
+                                "volume/{volume} failed: {}",
+                                v["status"]["message"].as_str().unwrap_or_default()
+                            ))
+                        }
+                        _ => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+                    }
+                }
+            };
+            let result: anyhow::Result<()> = made.await;
+            // The Image was only the way in: the volume holds its own copy.
+            let _ = client.delete(images, Some(&proj), &image).await;
+            result?;
+            println!("volume/{volume} made from {}", file.display());
+        }
         VolumeCommand::Revert {
             volume,
             snapshot,
@@ -274,6 +352,22 @@ pub async fn run(conn: &ConnectionArgs, cmd: VolumeCommand) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+/// The format of a disk image file and its virtual size: qcow2 by its header (the size at
+/// byte 24, big-endian), else raw (its length).
+fn disk_file(file: &std::path::Path) -> anyhow::Result<(&'static str, u64)> {
+    use std::io::Read;
+    let mut f =
+        std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let len = f.metadata()?.len();
+    let mut header = [0u8; 32];
+    let read = f.read(&mut header)?;
+    if read == 32 && header[..4] == *b"QFI\xfb" {
+        let size = u64::from_be_bytes(header[24..32].try_into().expect("8 bytes"));
+        return Ok(("qcow2", size));
+    }
+    Ok(("raw", len))
 }
 
 /// Changes a VM's `spec.disks` on its latest version, guarded by its resourceVersion (a
