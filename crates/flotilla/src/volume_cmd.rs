@@ -288,8 +288,11 @@ pub async fn run(conn: &ConnectionArgs, cmd: VolumeCommand) -> anyhow::Result<()
         } => {
             let proj = project(&p, &ctx).to_string();
             let (file_format, virtual_size) = disk_file(&file)?;
-            let image = format!("upload-{}", &volume[..volume.len().min(56)]);
-            crate::image_cmd::upload(
+            let images = registry::by_kind("Image").expect("registered");
+            // A name of its own: never an Image someone else made.
+            let suffix = rand::random::<u32>() % 1_000_000;
+            let image = format!("upload-{}-{suffix}", &volume[..volume.len().min(48)]);
+            let uploaded = crate::image_cmd::upload(
                 &client,
                 &proj,
                 &image,
@@ -297,7 +300,11 @@ pub async fn run(conn: &ConnectionArgs, cmd: VolumeCommand) -> anyhow::Result<()
                 Some(file_format.to_string()),
                 None,
             )
-            .await?;
+            .await;
+            if let Err(e) = uploaded {
+                let _ = client.delete(images, Some(&proj), &image).await;
+                return Err(e);
+            }
             let mut spec = json!({
                 "size": size.unwrap_or_else(|| virtual_size.to_string()),
                 "source": {"image": image},
@@ -312,7 +319,6 @@ pub async fn run(conn: &ConnectionArgs, cmd: VolumeCommand) -> anyhow::Result<()
                 }
             }
             let body = json!({"metadata": {"name": volume}, "spec": spec});
-            let images = registry::by_kind("Image").expect("registered");
             let made = async {
                 client.create(volumes, Some(&proj), &body).await?;
                 loop {
