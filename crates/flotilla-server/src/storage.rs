@@ -242,8 +242,8 @@ async fn luns_claimed(store: &dyn Store, pool: &str, lun: u64) -> Result<Vec<Str
     Ok(holders)
 }
 
-/// Refuses (422 at `spec.size`) growing a volume its backend cannot grow: an iSCSI LUN is sized
-/// on the target.
+/// Refuses (422 at `spec.size`) growing a volume past what its backend can give it: an iSCSI
+/// LUN is sized on the target, so a volume in an iscsi pool grows only within its LUN.
 pub async fn check_resize(
     store: &dyn Store,
     current: &Value,
@@ -252,18 +252,27 @@ pub async fn check_resize(
     if current["spec"]["size"] == next["spec"]["size"] {
         return Ok(());
     }
-    let pools = registry::by_kind("StoragePool").expect("registered");
     let pool_name = next["spec"]["pool"].as_str().unwrap_or_default();
-    let Some(kv) = store.get(&object_key(pools, None, pool_name)).await? else {
-        return Ok(());
-    };
-    if parse_stored(&kv)?["spec"]["type"] != "iscsi" {
+    if pool_type(store, pool_name).await? != "iscsi" {
         return Ok(());
     }
+    let wanted = next["spec"]["size"]
+        .as_str()
+        .and_then(|s| flotilla_types::Quantity::parse(s).ok())
+        .map(|q| q.value());
+    let lun = current["status"]["capacity"].as_u64().filter(|c| *c > 0);
+    if let (Some(wanted), Some(lun)) = (wanted, lun) {
+        if wanted <= u128::from(lun) {
+            return Ok(());
+        }
+    }
     let mut errs = FieldErrors::default();
+    let holds = lun
+        .map(|b| format!(" (its LUN holds {b} bytes)"))
+        .unwrap_or_default();
     errs.push(
         "spec.size",
-        format!("{pool_name:?} is an iscsi pool: its LUNs are sized on the target and cannot grow from here (QEMU cannot grow iSCSI devices); grow the LUN on the target instead"),
+        format!("{pool_name:?} is an iscsi pool: a LUN is sized on the target and cannot grow from here{holds}; grow the LUN on the target instead"),
     );
     let name = next["metadata"]["name"].as_str().unwrap_or_default();
     errs.into_result()

@@ -151,7 +151,11 @@ async fn iscsi_luns_are_volumes_a_guest_reads_and_writes() {
         write!(file, "hello-{suffix}").unwrap();
     }
     admin
-        .create(volumes, Some("default"), &lun_volume("data", 1, json!({})))
+        .create(
+            volumes,
+            Some("default"),
+            &lun_volume("data", 1, json!({"size": "32Mi"})),
+        )
         .await
         .unwrap();
     let volume = eventually("the LUN's volume is Available", 60, async || {
@@ -172,6 +176,17 @@ async fn iscsi_luns_are_volumes_a_guest_reads_and_writes() {
         .unwrap_err();
     assert_eq!(taken.code(), Some(422), "{taken}");
     assert!(taken.to_string().contains("default/data"), "{taken}");
+    // It grows within its LUN, not past it.
+    admin
+        .patch(
+            volumes,
+            Some("default"),
+            "data",
+            &json!({"spec": {"size": "64Mi"}}),
+            false,
+        )
+        .await
+        .unwrap();
     let grow = admin
         .patch(
             volumes,
