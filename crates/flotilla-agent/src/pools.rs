@@ -436,7 +436,12 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
             Some((inspect(&ctx, pool).await, true))
         }))
         .await;
-        asked.retain(|(uid, _), _| pools.items.values().any(|p| p.metadata.uid == *uid));
+        asked.retain(|(uid, generation), _| {
+            pools
+                .items
+                .values()
+                .any(|p| p.metadata.uid == *uid && p.metadata.generation == *generation)
+        });
         for (pool, entry) in pools.items.values().zip(&entries) {
             if let Some((entry, true)) = entry.as_ref().filter(|_| pool.spec.shared()) {
                 let key = (pool.metadata.uid.clone(), pool.metadata.generation);
