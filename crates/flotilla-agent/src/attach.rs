@@ -223,7 +223,7 @@ async fn network_source(
         }
         PoolType::Nfs => {
             let nfs = crate::pools::nfs_pool(&pool).map_err(AgentError::Config)?;
-            let file = nfs.path(&crate::nfs_volumes::file_name(volume));
+            let file = nfs.path(&crate::shared_volumes::file_name(volume));
             let (uid, gid) = (nfs.config().uid, nfs.config().gid);
             Ok(NetworkSource {
                 identity: Some((format!("+{uid}"), format!("+{gid}"))),

@@ -302,8 +302,14 @@ async fn reconcile(
         let pool = storage_pool(ctx, &volume.spec.pool).await?;
         return match pool.spec.pool_type {
             PoolType::Iscsi => crate::iscsi_volumes::reconcile(ctx, volume, &pool).await,
-            PoolType::Nfs => crate::nfs_volumes::reconcile(ctx, volume, &pool).await,
-            _ => crate::rbd_volumes::reconcile(ctx, volume, &pool).await,
+            PoolType::Nfs => {
+                let nfs = crate::pools::nfs_pool(&pool)?;
+                crate::shared_volumes::reconcile(ctx, volume, &nfs).await
+            }
+            _ => {
+                let rbd = crate::pools::rbd_pool(&pool)?;
+                crate::shared_volumes::reconcile(ctx, volume, &rbd).await
+            }
         };
     }
     if volume.metadata.deletion_timestamp.is_some() {
