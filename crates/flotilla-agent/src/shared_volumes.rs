@@ -37,8 +37,10 @@ pub(crate) trait Backend {
     fn disk_name(&self, name: &str) -> String;
     /// Its `status.path`.
     fn status_path(&self, name: &str) -> String;
-    /// Its size and the bytes it takes; `NotFound` when it does not exist.
-    async fn sizes(&self, volume: &Volume, name: &str) -> Result<(u64, u64), StorageError>;
+    /// Its size; `NotFound` when it does not exist.
+    async fn size(&self, volume: &Volume, name: &str) -> Result<u64, StorageError>;
+    /// The bytes it takes in the pool (asked only when reported: it may cost a round trip).
+    async fn allocation(&self, volume: &Volume, name: &str) -> u64;
     async fn create(
         &self,
         volume: &Volume,
@@ -74,8 +76,8 @@ pub(crate) async fn reconcile(
     }
     let status = volume.status.clone().unwrap_or_default();
     let wanted = u64::try_from(volume.spec.size.value()).unwrap_or(u64::MAX);
-    let (size, allocation) = match pool.sizes(volume, &name).await {
-        Ok(sizes) => sizes,
+    let size = match pool.size(volume, &name).await {
+        Ok(size) => size,
         Err(StorageError::NotFound(_)) if status.phase == "Available" => {
             // Made once and gone behind Flotilla's back: never made again blank.
             return Err(format!("{} is missing", pool.status_path(&name)));
@@ -94,7 +96,7 @@ pub(crate) async fn reconcile(
                 .await
                 .map_err(|e| e.to_string())?;
             tracing::info!(volume = %volume.metadata.name, ms = started.elapsed().as_millis() as u64, "made a volume in its shared pool");
-            pool.sizes(volume, &name).await.map_err(|e| e.to_string())?
+            pool.size(volume, &name).await.map_err(|e| e.to_string())?
         }
         Err(e) => return Err(e.to_string()),
     };
@@ -107,6 +109,7 @@ pub(crate) async fn reconcile(
     if status.phase == "Available" && status.path == path && status.capacity == size {
         return Ok(());
     }
+    let allocation = pool.allocation(volume, &name).await;
     report(
         ctx,
         volume,
@@ -188,9 +191,12 @@ impl Backend for RbdPool {
         format!("rbd:{}", self.disk_name(name))
     }
 
-    async fn sizes(&self, _: &Volume, name: &str) -> Result<(u64, u64), StorageError> {
-        let image = self.info(name).await?;
-        Ok((image.size, self.used(name).await.unwrap_or(0)))
+    async fn size(&self, _: &Volume, name: &str) -> Result<u64, StorageError> {
+        Ok(self.info(name).await?.size)
+    }
+
+    async fn allocation(&self, _: &Volume, name: &str) -> u64 {
+        self.used(name).await.unwrap_or(0)
     }
 
     async fn create(
@@ -237,9 +243,15 @@ impl Backend for NfsPool {
         format!("nfs://{}{}", self.config().server, self.path(name))
     }
 
-    async fn sizes(&self, volume: &Volume, name: &str) -> Result<(u64, u64), StorageError> {
-        let file = self.info(name, format(volume)).await?;
-        Ok((file.virtual_size, file.allocation))
+    async fn size(&self, volume: &Volume, name: &str) -> Result<u64, StorageError> {
+        Ok(self.info(name, format(volume)).await?.virtual_size)
+    }
+
+    async fn allocation(&self, volume: &Volume, name: &str) -> u64 {
+        self.info(name, format(volume))
+            .await
+            .map(|f| f.allocation)
+            .unwrap_or(0)
     }
 
     async fn create(
