@@ -126,7 +126,14 @@ fn secret_prefix(ctx: &Context) -> String {
 
 /// Whether this node's QEMU has block driver `driver` (rbd and iscsi come with
 /// `qemu-block-extra` on Debian).
+/// QEMU's drivers are asked once per agent life (`qemu-img --help`) while every driver a pool
+/// needs is there; a missing one is asked again, so installing it needs no restart.
 async fn qemu_has_driver(driver: &str) -> bool {
+    static FORMATS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let has = |formats: &[String]| formats.iter().any(|f| f == driver);
+    if FORMATS.get().is_some_and(|f| has(f)) {
+        return true;
+    }
     let Ok(out) = tokio::process::Command::new("qemu-img")
         .arg("--help")
         .output()
@@ -134,10 +141,16 @@ async fn qemu_has_driver(driver: &str) -> bool {
     else {
         return false;
     };
-    String::from_utf8_lossy(&out.stdout)
+    let formats: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.contains("Supported formats:"))
-        .any(|l| l.split_whitespace().any(|f| f == driver))
+        .flat_map(|l| l.split_whitespace().map(str::to_string))
+        .collect();
+    let found = has(&formats);
+    if found && FORMATS.get().is_none_or(|f| !has(f)) {
+        let _ = FORMATS.set(formats);
+    }
+    found
 }
 
 /// This node's entry for an `rbd` pool: the Ceph pool's space, or why this node cannot use it
@@ -377,6 +390,7 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
     let mut seen = follow(ctx.client.clone(), kind);
     let mut pools = Mirror::<StoragePool>::new(|p: &StoragePool| Some(p.metadata.name.clone()));
     let mut tick = tokio::time::interval(every);
+    let mut secrets_kept: Option<Vec<String>> = None;
     let mut asked: std::collections::HashMap<_, (std::time::Instant, PoolNodeStatus)> =
         Default::default();
     loop {
@@ -400,22 +414,28 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
                     continue;
                 }
             };
+        // libvirtd's secrets are listed when the set of rbd pools changed (and at the first
+        // pass, for what an earlier life left), not on every pool event.
         let rbd_pools: Vec<String> = pools
             .items
             .values()
             .filter(|p| p.spec.pool_type == PoolType::Rbd)
             .filter_map(|p| p.metadata.uid.clone())
             .collect();
-        match ctx
-            .libvirt
-            .remove_ceph_secrets(&secret_prefix(&ctx), rbd_pools)
-            .await
-        {
-            Ok(removed) if !removed.is_empty() => {
-                tracing::info!(?removed, "removed the Ceph secrets of deleted pools")
+        if secrets_kept.as_ref() != Some(&rbd_pools) {
+            match ctx
+                .libvirt
+                .remove_ceph_secrets(&secret_prefix(&ctx), rbd_pools.clone())
+                .await
+            {
+                Ok(removed) => {
+                    if !removed.is_empty() {
+                        tracing::info!(?removed, "removed the Ceph secrets of deleted pools");
+                    }
+                    secrets_kept = Some(rbd_pools);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list libvirt's secrets"),
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot list libvirt's secrets"),
         }
         // All at once: a cluster that does not answer (seconds) holds up no other pool.
         let served = |pool: &StoragePool| {
