@@ -31,6 +31,50 @@ struct TokenRecord {
     groups: Vec<String>,
     #[serde(default)]
     expires: Option<chrono::DateTime<chrono::Utc>>,
+    /// The account a service-account token belongs to: the token works while that very
+    /// account (same uid) exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    service_account: Option<AccountRef>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AccountRef {
+    project: String,
+    name: String,
+    uid: String,
+}
+
+/// Where the token of `id` is kept.
+pub fn token_key(id: &str) -> String {
+    format!("{PREFIX}{id}")
+}
+
+/// A new service-account token: the token to show once, its id, and the record to store
+/// under [`token_key`].
+pub fn service_account_token(
+    project: &str,
+    name: &str,
+    uid: &str,
+    expires: chrono::DateTime<chrono::Utc>,
+) -> (String, String, Vec<u8>) {
+    let id = format!("sa-{}", random_hex(8));
+    let secret = random_hex(32);
+    let record = TokenRecord {
+        sha256: hex::encode(sha256(secret.as_bytes())),
+        user: crate::rbac::service_account_user(project, name),
+        groups: vec![
+            "system:serviceaccounts".to_string(),
+            format!("system:serviceaccounts:{project}"),
+        ],
+        expires: Some(expires),
+        service_account: Some(AccountRef {
+            project: project.to_string(),
+            name: name.to_string(),
+            uid: uid.to_string(),
+        }),
+    };
+    let token = format!("flt.{id}.{secret}");
+    (token, id, serde_json::to_vec(&record).expect("serialises"))
 }
 
 pub struct Authenticator {
@@ -89,6 +133,7 @@ impl Authenticator {
                 chrono::Utc::now()
                     + chrono::Duration::from_std(t).unwrap_or(chrono::Duration::days(3650))
             }),
+            service_account: None,
         };
         self.store
             .put(
@@ -195,6 +240,18 @@ impl Authenticator {
         }
         if record.expires.is_some_and(|e| e < chrono::Utc::now()) {
             return Err(invalid());
+        }
+        if let Some(account) = &record.service_account {
+            let kind = flotilla_types::registry::by_kind("ServiceAccount").expect("registered");
+            let key = crate::objects::object_key(kind, Some(&account.project), &account.name);
+            let current = self.store.get(&key).await?;
+            let uid = current
+                .as_ref()
+                .and_then(|kv| serde_json::from_slice::<serde_json::Value>(&kv.value).ok())
+                .and_then(|v| v["metadata"]["uid"].as_str().map(str::to_string));
+            if uid.as_deref() != Some(account.uid.as_str()) {
+                return Err(invalid());
+            }
         }
         let principal = Principal {
             user: record.user,

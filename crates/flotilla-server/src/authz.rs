@@ -50,6 +50,8 @@ impl Principal {
 /// What a permitted request may touch, checked again on the object itself.
 pub enum Scope {
     Unrestricted,
+    /// Only these projects (listing projects as someone bound in a few of them).
+    BoundProjects(Vec<String>),
     /// Only objects whose `spec.nodeName` (VMs) or `status.node` (volumes) is this node, and
     /// only their status and finalizers.
     BoundTo(String),
@@ -61,32 +63,140 @@ pub enum Scope {
     ReportedBy(String),
 }
 
-fn forbidden(p: &Principal, verb: Verb, kind: &KindInfo, what: &str) -> ApiError {
-    let verb = format!("{verb:?}").to_lowercase();
-    ApiError::forbidden(format!("{} may not {verb} {}{what}", p.user, kind.plural))
+/// What is asked of the API, as [`authorize`] decides on it.
+#[derive(Clone, Copy)]
+pub struct Request<'a> {
+    pub verb: Verb,
+    pub kind: &'static KindInfo,
+    /// `status`, `log`, `data`, `addresses`, `token`, `console`.
+    pub sub: Option<&'a str>,
+    pub project: Option<&'a str>,
+    pub name: Option<&'a str>,
+    pub field_selector: &'a str,
 }
 
-/// Decides a request from its shape; object-level checks follow through [`guard`].
-pub fn authorize(
+impl<'a> Request<'a> {
+    pub fn new(
+        verb: Verb,
+        kind: &'static KindInfo,
+        project: Option<&'a str>,
+        name: Option<&'a str>,
+    ) -> Self {
+        Request {
+            verb,
+            kind,
+            sub: None,
+            project,
+            name,
+            field_selector: "",
+        }
+    }
+
+    pub fn on(mut self, sub: &'a str) -> Self {
+        self.sub = Some(sub);
+        self
+    }
+
+    /// The resource as RBAC names it: `virtualmachines` or `virtualmachines/log`.
+    pub fn resource(&self) -> String {
+        match self.sub {
+            Some(s) => format!("{}/{s}", self.kind.plural),
+            None => self.kind.plural.to_string(),
+        }
+    }
+}
+
+impl Verb {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Get => "get",
+            Verb::List => "list",
+            Verb::Watch => "watch",
+            Verb::Create => "create",
+            Verb::Update => "update",
+            Verb::Patch => "patch",
+            Verb::Delete => "delete",
+            Verb::DeleteCollection => "deletecollection",
+        }
+    }
+}
+
+/// The refusal of `r`: the same words whether or not the object (or its project) exists, so
+/// that a refusal tells nothing about another project.
+pub fn forbidden(p: &Principal, r: &Request<'_>) -> ApiError {
+    let name = r.name.map(|n| format!(" {n:?}")).unwrap_or_default();
+    let place = match r.project {
+        Some(ns) if r.kind.namespaced => format!(" in project {ns:?}"),
+        None if r.kind.namespaced => " in every project".to_string(),
+        _ => String::new(),
+    };
+    ApiError::forbidden(format!(
+        "{} may not {} {}{name}{place}",
+        p.user,
+        r.verb.as_str(),
+        r.resource()
+    ))
+}
+
+/// Decides a request from its shape; object-level checks follow through [`guard`]. Admins may
+/// do anything; node agents have their narrow rules; everyone else is asked of RBAC.
+pub async fn authorize(
+    store: &dyn flotilla_store::Store,
     p: &Principal,
-    verb: Verb,
-    kind: &KindInfo,
-    name: Option<&str>,
-    field_selector: &str,
+    r: &Request<'_>,
 ) -> Result<Scope, ApiError> {
     if p.is_admin() {
         return Ok(Scope::Unrestricted);
     }
-    let Some(node) = p.node_name() else {
+    if let Some(node) = p.node_name() {
+        return node_scope(p, node, r);
+    }
+    if p.is_bootstrapper() {
         return Err(ApiError::forbidden(format!(
-            "{} may not use the resource API",
+            "{} is a join token: it may only join a node",
             p.user
         )));
-    };
+    }
+    let attributes = crate::rbac::Attributes::of(r.verb.as_str(), r.kind, r.sub, r.project, r.name);
+    let grants = crate::rbac::grants(store, p, attributes.project).await?;
+    if grants.allows(&attributes) {
+        return Ok(Scope::Unrestricted);
+    }
+    // Anyone bound to a role in a project may read that project itself.
+    if r.kind.kind == "Project" && r.sub.is_none() && r.verb == Verb::Get {
+        if let Some(name) = r.name {
+            if crate::rbac::bound_projects(store, p)
+                .await?
+                .iter()
+                .any(|ns| ns == name)
+            {
+                return Ok(Scope::Unrestricted);
+            }
+        }
+    }
+    if r.kind.kind == "Project" && r.sub.is_none() && r.verb == Verb::List {
+        return Ok(Scope::BoundProjects(
+            crate::rbac::bound_projects(store, p).await?,
+        ));
+    }
+    Err(forbidden(p, r))
+}
+
+/// A node agent's narrow rights.
+fn node_scope(p: &Principal, node: &str, r: &Request<'_>) -> Result<Scope, ApiError> {
+    let (verb, kind, name) = (r.verb, r.kind, r.name);
+    // What a VM's owner reads through the server (logs, consoles, volume content, tokens) is
+    // not for nodes; an uploaded image's file is (the node caches it).
+    if r.sub == Some("data") && kind.kind == "Image" && verb == Verb::Get {
+        return Ok(Scope::Unrestricted);
+    }
+    if r.sub.is_some_and(|s| s != "status") {
+        return Err(forbidden(p, r));
+    }
     let selects = |field: &str| {
-        field_selector
+        r.field_selector
             .split(',')
-            .any(|r| r.trim() == format!("{field}={node}"))
+            .any(|s| s.trim() == format!("{field}={node}"))
     };
     match (kind.kind, verb) {
         (
@@ -122,16 +232,15 @@ pub fn authorize(
         ("Event", Verb::Create | Verb::Get | Verb::Update | Verb::Patch) => {
             Ok(Scope::ReportedBy(node.to_string()))
         }
-        _ => Err(forbidden(
-            p,
-            verb,
-            kind,
-            match name {
-                Some(n) => format!(" {n:?}"),
-                None => " (nodes list only with fieldSelector=spec.nodeName=<node>)".into(),
-            }
-            .as_str(),
-        )),
+        _ => Err(match name {
+            Some(_) => forbidden(p, r),
+            None => ApiError::forbidden(format!(
+                "{} may not {} {} (nodes list only what is theirs, with a fieldSelector naming the node)",
+                p.user,
+                verb.as_str(),
+                kind.plural
+            )),
+        }),
     }
 }
 
@@ -139,6 +248,7 @@ pub fn authorize(
 pub fn guard_create(scope: &Scope, object: &Value) -> Result<(), ApiError> {
     match scope {
         Scope::Unrestricted | Scope::OwnObject => Ok(()),
+        Scope::BoundProjects(_) => Err(ApiError::forbidden("listing projects allows no create")),
         Scope::ReportedBy(node) => reported_by(node, object),
         Scope::BoundTo(_) | Scope::NodeEntry(_) => {
             Err(ApiError::forbidden("a node may not create these objects"))
@@ -161,6 +271,15 @@ fn reported_by(node: &str, event: &Value) -> Result<(), ApiError> {
 pub fn guard(scope: &Scope, current: &Value, next: Option<&Value>) -> Result<(), ApiError> {
     match scope {
         Scope::Unrestricted => Ok(()),
+        Scope::BoundProjects(names) => {
+            let name = current["metadata"]["name"].as_str().unwrap_or_default();
+            match next.is_none() && names.iter().any(|n| n == name) {
+                true => Ok(()),
+                false => Err(ApiError::forbidden(format!(
+                    "project {name:?} is not yours to see"
+                ))),
+            }
+        }
         Scope::ReportedBy(node) => {
             reported_by(node, current)?;
             next.map_or(Ok(()), |next| reported_by(node, next))

@@ -50,8 +50,20 @@ pub fn router(state: AppState) -> Router {
         .route("/api", get(core_versions))
         .route("/api/v1", get(|| api_resources("v1")))
         .route("/apis", get(api_groups))
-        .route("/apis/flotilla.dev", get(api_group))
         .route(base, get(|| api_resources(flotilla_types::API_VERSION)))
+        .route(
+            "/apis/{group}",
+            get(|Path(group): Path<String>| async move { api_group(&group) }),
+        )
+        .route(RBAC_ROOT, get(|| api_resources(RBAC_API_VERSION)))
+        .route(
+            "/apis/authorization.k8s.io/v1",
+            get(crate::access_review::api_resources),
+        )
+        .route(
+            "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+            axum::routing::post(crate::access_review::review),
+        )
         .route(
             "/openapi/v3",
             get(|State(s): State<AppState>, h: HeaderMap| async move {
@@ -88,6 +100,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/flotilla/v1/join", axum::routing::post(crate::join::join));
     let api = with_resources(api, base, crate::resource::group_resource);
+    let api = with_resources(api, RBAC_ROOT, crate::resource::rbac_resource);
     let api = with_resources(api, "/api/v1", crate::resource::core_resource)
         .fallback(not_found)
         .route_layer(middleware::from_fn_with_state(
@@ -259,24 +272,42 @@ fn serve_document(doc: &crate::openapi::Served, headers: &HeaderMap) -> Response
     response
 }
 
-async fn api_groups() -> Response {
-    let gv =
-        json!({"groupVersion": flotilla_types::API_VERSION, "version": flotilla_types::VERSION});
-    axum::Json(json!({
-        "kind": "APIGroupList", "apiVersion": "v1",
-        "groups": [{"name": flotilla_types::GROUP, "versions": [gv.clone()], "preferredVersion": gv}]
-    }))
-    .into_response()
+const RBAC_ROOT: &str = "/apis/rbac.authorization.k8s.io/v1";
+const RBAC_API_VERSION: &str = flotilla_types::kinds::rbac::RBAC_API_VERSION;
+
+/// The API groups served under `/apis`, each with its one version.
+const GROUPS: &[(&str, &str)] = &[
+    (flotilla_types::GROUP, flotilla_types::VERSION),
+    (flotilla_types::kinds::rbac::RBAC_GROUP, "v1"),
+    ("authorization.k8s.io", "v1"),
+];
+
+fn group_json(name: &str, version: &str) -> serde_json::Value {
+    let gv = json!({"groupVersion": format!("{name}/{version}"), "version": version});
+    json!({"name": name, "versions": [gv.clone()], "preferredVersion": gv})
 }
 
-async fn api_group() -> Response {
-    let gv =
-        json!({"groupVersion": flotilla_types::API_VERSION, "version": flotilla_types::VERSION});
-    axum::Json(json!({
-        "kind": "APIGroup", "apiVersion": "v1", "name": flotilla_types::GROUP,
-        "versions": [gv.clone()], "preferredVersion": gv
-    }))
-    .into_response()
+async fn api_groups() -> Response {
+    let groups: Vec<_> = GROUPS.iter().map(|(n, v)| group_json(n, v)).collect();
+    axum::Json(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
+        .into_response()
+}
+
+fn api_group(name: &str) -> Response {
+    match GROUPS.iter().find(|(n, _)| *n == name) {
+        Some((n, v)) => {
+            let mut g = group_json(n, v);
+            g["kind"] = json!("APIGroup");
+            g["apiVersion"] = json!("v1");
+            axum::Json(g).into_response()
+        }
+        None => ApiError::new(
+            404,
+            "NotFound",
+            format!("no API group {name:?}; the groups are listed at /apis"),
+        )
+        .into_response(),
+    }
 }
 
 /// Kubernetes' core group: only `v1`, where Flotilla serves Event.
@@ -296,6 +327,12 @@ async fn api_resources(group_version: &'static str) -> Response {
             "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
             "shortNames": k.short_names,
         }));
+        if k.kind == "ServiceAccount" {
+            resources.push(json!({
+                "name": "serviceaccounts/token", "singularName": "", "namespaced": true,
+                "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest", "verbs": ["create"],
+            }));
+        }
         if k.has_status {
             resources.push(json!({
                 "name": format!("{}/status", k.plural), "singularName": "", "namespaced": k.namespaced,

@@ -94,7 +94,7 @@ impl IpamState {
 pub(crate) struct RecordLocks(#[allow(dead_code)] Vec<tokio::sync::OwnedMutexGuard<()>>);
 
 /// Locks (in key order, so that two creates cannot wait on each other) what a create of `body`
-/// will take from: its networks, or the VNI record.
+/// will take from: its networks, or the VNI record, and its project's quota use.
 pub(crate) async fn lock_records(
     state: &IpamState,
     kind: &KindInfo,
@@ -126,6 +126,11 @@ pub(crate) async fn lock_records(
             .collect(),
         _ => BTreeSet::new(),
     };
+    // Counted creates of one project queue here too: they all write the project's quota use.
+    let mut keys = keys;
+    if let (true, Some(ns)) = (crate::quota::counted(kind.kind), namespace) {
+        keys.insert(format!("quota:{ns}"));
+    }
     let mut guards = Vec::new();
     for key in keys {
         let lock = state

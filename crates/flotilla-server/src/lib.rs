@@ -13,6 +13,7 @@ use std::time::Duration;
 use flotilla_store::{SqliteStore, Store, StoreError};
 use flotilla_types::clientconfig::{ClientConfig, Context};
 
+pub mod access_review;
 pub mod apply;
 pub mod auth;
 pub mod authz;
@@ -27,9 +28,12 @@ pub mod objects;
 pub mod openapi;
 pub mod pinned;
 pub mod pki;
+pub mod quota;
+pub mod rbac;
 mod request;
 mod resource;
 pub mod security_groups;
+mod service_accounts;
 mod storage;
 mod uploads;
 mod vm_snapshots;
@@ -38,6 +42,9 @@ pub mod watch_cache;
 
 pub use error::ApiError;
 pub use objects::{Objects, Stored, Subresource};
+
+/// How often each project's quota use is counted again from its objects (see [`quota::recount`]).
+const QUOTA_RECOUNT: Duration = Duration::from_secs(300);
 
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7443);
 
@@ -185,6 +192,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let objects = Objects::new(store.clone());
     objects.ensure_default_project().await?;
     objects.ensure_default_pool().await?;
+    rbac::ensure_builtin(&objects).await?;
     let cluster_id = objects.ensure_cluster_id().await?;
     // One shared store watch per kind, ready before the first client watches.
     for kind in flotilla_types::registry::KINDS {
@@ -260,9 +268,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let (shutdown, rx) = tokio::sync::watch::channel(false);
     let mut stop = rx.clone();
     let sweeper = uploads::run_sweeper(objects.clone(), dir.join("uploads"), config.upload_sweep);
+    let recounter = quota::run_recounter(store.clone(), QUOTA_RECOUNT);
     tokio::spawn(async move {
         tokio::select! {
             _ = sweeper => {}
+            _ = recounter => {}
             _ = stop.changed() => {}
         }
     });

@@ -21,13 +21,10 @@ pub async fn proxy(
     name: &str,
     query: Option<&str>,
 ) -> Result<Response, ApiError> {
-    if !principal.is_admin() {
-        return Err(ApiError::forbidden(format!(
-            "{} may not read VM logs",
-            principal.user
-        )));
-    }
     let vms = registry::by_kind("VirtualMachine").expect("registered");
+    let asked =
+        crate::authz::Request::new(crate::authz::Verb::Get, vms, Some(namespace), Some(name));
+    crate::authz::authorize(state.objects.store().as_ref(), principal, &asked.on("log")).await?;
     let vm = state
         .objects
         .get(vms, Some(namespace), name)
@@ -128,16 +125,14 @@ pub async fn export_volume(
     query: Option<&str>,
 ) -> Result<Response, ApiError> {
     let volumes = registry::by_kind("Volume").expect("registered");
-    // Reading a volume's bytes is more than reading the object: nodes may do the latter only.
-    if !matches!(
-        crate::authz::authorize(principal, crate::authz::Verb::Get, volumes, Some(name), "")?,
-        crate::authz::Scope::Unrestricted
-    ) {
-        return Err(ApiError::forbidden(format!(
-            "{} may not export volumes",
-            principal.user
-        )));
-    }
+    // Reading a volume's bytes is more than reading the object (`volumes/data`).
+    let asked = crate::authz::Request::new(
+        crate::authz::Verb::Get,
+        volumes,
+        Some(namespace),
+        Some(name),
+    );
+    crate::authz::authorize(state.objects.store().as_ref(), principal, &asked.on("data")).await?;
     let volume = state
         .objects
         .get(volumes, Some(namespace), name)

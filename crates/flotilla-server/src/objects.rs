@@ -709,6 +709,27 @@ impl Objects {
                 )
                 .await?;
             }
+            // The project: not being deleted, compared by the write (so that neither its
+            // deletion nor another counted create can slip in), and charged for the object.
+            let mut project_ops = Vec::new();
+            if let Some(ns) = &project {
+                let p = crate::quota::project_kv(self.store.as_ref(), ns).await?;
+                let p = p.ok_or_else(|| ApiError::not_found("Project", ns))?;
+                if parse_stored(&p)?["metadata"]
+                    .get("deletionTimestamp")
+                    .is_some()
+                {
+                    return Err(ApiError::forbidden(format!(
+                        "project {ns:?} is being deleted; nothing new can be created in it"
+                    )));
+                }
+                let usage = crate::quota::usage_of(self.store.as_ref(), &object).await?;
+                match crate::quota::charge(&p, usage, Default::default())? {
+                    Some((compare, op)) => project_ops.push((compare, Some(op))),
+                    None => project_ops
+                        .push((Compare::mod_revision(p.key.clone(), p.mod_revision), None)),
+                }
+            }
             let attached = match (&project, kind.kind) {
                 (Some(project), "VirtualMachine") => {
                     crate::storage::attach(self.store.as_ref(), project, &object, None).await?
@@ -731,23 +752,16 @@ impl Objects {
             for compare in admission.compares.into_iter().chain(attached.0) {
                 txn = txn.when(compare);
             }
-            if let Some(ns) = &project {
-                let project_kind = registry::by_kind("Project").expect("registered");
-                let p = self.store.get(&object_key(project_kind, None, ns)).await?;
-                let p = p.ok_or_else(|| ApiError::not_found("Project", ns))?;
-                if parse_stored(&p)?["metadata"]
-                    .get("deletionTimestamp")
-                    .is_some()
-                {
-                    return Err(ApiError::forbidden(format!(
-                        "project {ns:?} is being deleted; nothing new can be created in it"
-                    )));
-                }
-                // Guard against the project being deleted at the same moment.
-                txn = txn.when(Compare::mod_revision(p.key.clone(), p.mod_revision));
+            let mut charges = Vec::new();
+            for (compare, op) in project_ops {
+                txn = txn.when(compare);
+                charges.extend(op);
             }
             let raw = encode(&object);
             let mut txn = txn.and_then(Op::put(&key, raw.clone()));
+            for op in charges {
+                txn = txn.and_then(op);
+            }
             if kind.kind == "Project" {
                 // Every project has its default security group from the start.
                 let (group_key, group) = crate::security_groups::default_group(&name);
@@ -1210,6 +1224,27 @@ impl Objects {
             if next["kind"] == "Volume" {
                 crate::storage::check_resize(self.store.as_ref(), current, &next).await?;
             }
+            if crate::quota::counted(next["kind"].as_str().unwrap_or_default()) {
+                let store = self.store.as_ref();
+                let (was, will) = (
+                    crate::quota::usage_of(store, current).await?,
+                    crate::quota::usage_of(store, &next).await?,
+                );
+                let project = next["metadata"]["namespace"].as_str().unwrap_or("default");
+                if let Some(p) = crate::quota::project_kv(store, project).await? {
+                    if let Some((compare, op)) = crate::quota::charge(&p, will, was)? {
+                        attached.0.push(compare);
+                        attached.1.push(op);
+                    }
+                }
+            }
+            if next["kind"] == "Project" && next["spec"]["quota"] != current["spec"]["quota"] {
+                // A new quota starts from what the project holds (the write compares the
+                // project's revision, which every counted change moves).
+                let name = next["metadata"]["name"].as_str().unwrap_or_default();
+                let total = crate::quota::total(self.store.as_ref(), name).await?;
+                crate::quota::set_used(&mut next, total);
+            }
         }
         guard(current, Some(&next))?;
         if next == *current {
@@ -1248,14 +1283,12 @@ impl Objects {
         }
         if finalized {
             txn = txn.and_then(Op::delete(&current.key));
-            if crate::ipam::holds_ports(next["kind"].as_str().unwrap_or_default()) {
-                let (compares, ops) = crate::ipam::release_with(self.store.as_ref(), next).await?;
-                for c in compares {
-                    txn = txn.when(c);
-                }
-                for op in ops {
-                    txn = txn.and_then(op);
-                }
+            let (compares, ops) = self.removal_effects(next).await?;
+            for c in compares {
+                txn = txn.when(c);
+            }
+            for op in ops {
+                txn = txn.and_then(op);
             }
         } else {
             txn = txn.and_then(Op::put(&current.key, raw.clone()));
@@ -1265,6 +1298,35 @@ impl Objects {
             raw,
             revision: resp.revision,
         }))
+    }
+
+    /// What goes with an object when it is finally removed, in the same transaction: the
+    /// addresses its NICs hold, a service account's tokens.
+    async fn removal_effects(&self, object: &Value) -> Result<(Vec<Compare>, Vec<Op>), ApiError> {
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let (compares, mut ops) = if crate::ipam::holds_ports(kind) {
+            crate::ipam::release_with(self.store.as_ref(), object).await?
+        } else {
+            Default::default()
+        };
+        let mut compares = compares;
+        if kind == "ServiceAccount" {
+            ops.extend(crate::service_accounts::removal_ops(object));
+        }
+        if crate::quota::counted(kind) {
+            let store = self.store.as_ref();
+            let project = object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default");
+            if let Some(p) = crate::quota::project_kv(store, project).await? {
+                let usage = crate::quota::usage_of(store, object).await?;
+                if let Some((compare, op)) = crate::quota::charge(&p, Default::default(), usage)? {
+                    compares.push(compare);
+                    ops.push(op);
+                }
+            }
+        }
+        Ok((compares, ops))
     }
 
     /// DELETE: immediate without finalizers, else marks the object with `deletionTimestamp` and
@@ -1372,15 +1434,12 @@ impl Objects {
                 let mut txn = Txn::new()
                     .when(Compare::mod_revision(&kv.key, kv.mod_revision))
                     .and_then(Op::delete(&kv.key));
-                if crate::ipam::holds_ports(kind.kind) {
-                    let (compares, ops) =
-                        crate::ipam::release_with(self.store.as_ref(), &current).await?;
-                    for c in compares {
-                        txn = txn.when(c);
-                    }
-                    for op in ops {
-                        txn = txn.and_then(op);
-                    }
+                let (compares, ops) = self.removal_effects(&current).await?;
+                for c in compares {
+                    txn = txn.when(c);
+                }
+                for op in ops {
+                    txn = txn.and_then(op);
                 }
                 let resp = self.store.txn(txn).await?;
                 if resp.succeeded {

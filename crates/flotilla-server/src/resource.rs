@@ -57,6 +57,21 @@ pub(crate) async fn group_resource(
     .await
 }
 
+/// Kubernetes' RBAC kinds, under `/apis/rbac.authorization.k8s.io/v1`.
+pub(crate) async fn rbac_resource(
+    State(state): State<AppState>,
+    axum::Extension(principal): axum::Extension<Principal>,
+    Path(params): Path<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let request = (method, headers, body);
+    let api_version = flotilla_types::kinds::rbac::RBAC_API_VERSION;
+    handle(api_version, state, principal, params, query, request).await
+}
+
 /// Resources of Kubernetes' core group that Flotilla serves (Event), under `/api/v1`.
 pub(crate) async fn core_resource(
     State(state): State<AppState>,
@@ -139,6 +154,28 @@ async fn handle(
             )),
         };
     }
+    if params.get("sub").map(String::as_str) == Some("token")
+        && params.get("plural").map(String::as_str) == Some("serviceaccounts")
+        && api_version == "v1"
+    {
+        let ns = params.get("ns").cloned().unwrap_or_default();
+        let name = params.get("name").cloned().unwrap_or_default();
+        let objects = &state.objects;
+        return match method {
+            Method::POST => {
+                let body = read_body(&headers, body).await?;
+                crate::service_accounts::issue(objects, &principal, (&ns, &name), &body).await
+            }
+            Method::DELETE => {
+                crate::service_accounts::revoke(objects, &principal, (&ns, &name), query.as_deref())
+                    .await
+            }
+            _ => Err(ApiError::method_not_allowed(
+                "a token is made with POST and revoked with DELETE ?id=<id>",
+                "POST, DELETE",
+            )),
+        };
+    }
     if params.get("sub").map(String::as_str) == Some("addresses")
         && params.get("plural").map(String::as_str) == Some("networks")
     {
@@ -153,7 +190,8 @@ async fn handle(
             ));
         }
         let kind = flotilla_types::registry::by_kind("Network").expect("registered");
-        authz::authorize(&principal, Verb::Get, kind, Some(&name), "")?;
+        let asked = authz::Request::new(Verb::Get, kind, Some(&ns), Some(&name)).on("addresses");
+        authz::authorize(state.objects.store().as_ref(), &principal, &asked).await?;
         let list = crate::ipam::network_addresses(&state.objects, &ns, &name).await?;
         return Ok(json_response(
             StatusCode::OK,
@@ -176,13 +214,34 @@ async fn handle(
         Some(doc) => doc["metadata"]["name"].as_str().map(str::to_string),
         None => target.name.clone(),
     };
-    let scope = authz::authorize(
-        &principal,
+    let asked = authz::Request {
         verb,
-        target.kind,
-        name_for_authz.as_deref(),
-        &q.field_selector,
-    )?;
+        kind: target.kind,
+        sub: target.sub.and_then(|s| match s {
+            Subresource::Main => None,
+            Subresource::Status => Some("status"),
+        }),
+        project: target.namespace.as_deref(),
+        name: name_for_authz.as_deref(),
+        field_selector: &q.field_selector,
+    };
+    let scope = authz::authorize(state.objects.store().as_ref(), &principal, &asked).await?;
+    if let Some(doc) = &create_body {
+        crate::rbac::check_escalation(
+            state.objects.store(),
+            &principal,
+            &with_project(doc, &target),
+        )
+        .await?;
+    }
+    let update_check = match (verb, &target.name) {
+        (Verb::Update | Verb::Patch, Some(name)) => {
+            let ns = target.namespace.as_deref();
+            crate::rbac::UpdateCheck::prepare(&state.objects, &principal, target.kind, ns, name)
+                .await?
+        }
+        _ => None,
+    };
     let dry_run = match verb {
         Verb::Delete | Verb::DeleteCollection => delete_options(&q, &headers, &body)?.1,
         _ => q.dry_run,
@@ -204,7 +263,7 @@ async fn handle(
         &headers,
         &body,
         create_body,
-        &scope,
+        (&scope, update_check.as_ref()),
         (table, bookmarks),
     )
     .await?;
@@ -232,10 +291,16 @@ async fn serve(
     headers: &HeaderMap,
     body: &[u8],
     create_body: Option<Value>,
-    scope: &authz::Scope,
+    (scope, update_check): (&authz::Scope, Option<&crate::rbac::UpdateCheck>),
     (table, bookmarks): (Option<IncludeObject>, Option<Duration>),
 ) -> Result<Response, ApiError> {
-    let guard = |current: &Value, next: Option<&Value>| authz::guard(scope, current, next);
+    let guard = |current: &Value, next: Option<&Value>| {
+        authz::guard(scope, current, next)?;
+        match (update_check, next) {
+            (Some(check), Some(next)) => check.check(current, next),
+            _ => Ok(()),
+        }
+    };
     let (kind, ns) = (target.kind, target.namespace.as_deref());
     let sub = target.sub.unwrap_or(Subresource::Main);
     let delete = match verb {
@@ -243,6 +308,9 @@ async fn serve(
         _ => Default::default(),
     };
     match verb {
+        Verb::Watch if matches!(scope, authz::Scope::BoundProjects(_)) => Err(ApiError::forbidden(
+            "watching projects needs a role that lists every project; list them instead",
+        )),
         Verb::Watch => {
             let rv = q.resource_version.filter(|rv| *rv > 0);
             if let Some(rv) = rv {
@@ -277,7 +345,12 @@ async fn serve(
                 wait_for_revision(objects, rv).await?;
             }
             // A project that does not exist simply has nothing in it, as in Kubernetes.
-            let list = objects.list(kind, ns, &list_options(kind, q)?).await?;
+            let mut list = objects.list(kind, ns, &list_options(kind, q)?).await?;
+            if let authz::Scope::BoundProjects(_) = scope {
+                list.items.retain(|raw| {
+                    serde_json::from_slice::<Value>(raw).is_ok_and(|v| guard(&v, None).is_ok())
+                });
+            }
             match table {
                 Some(include) => {
                     let items: Vec<Value> = list
@@ -515,4 +588,21 @@ async fn ensure_project(objects: &Objects, namespace: Option<&str>) -> Result<()
         })?;
     }
     Ok(())
+}
+
+/// A document to be created, with the kind and project of its path (what RBAC checks judge it
+/// by; the body may leave both out).
+fn with_project(doc: &Value, target: &Target) -> Value {
+    let mut doc = doc.clone();
+    if let Some(obj) = doc.as_object_mut() {
+        obj.insert("kind".into(), Value::String(target.kind.kind.to_string()));
+    }
+    if let (Some(ns), Some(meta)) = (
+        &target.namespace,
+        doc.get_mut("metadata").and_then(Value::as_object_mut),
+    ) {
+        meta.entry("namespace")
+            .or_insert_with(|| Value::String(ns.clone()));
+    }
+    doc
 }

@@ -88,16 +88,8 @@ pub async fn receive(
     (namespace, name): (&str, &str),
     (length, body): (Option<u64>, Body),
 ) -> Result<Response, ApiError> {
-    // Nodes may write their entry of an image's status, never its file.
-    if !matches!(
-        authz::authorize(principal, Verb::Update, image_kind(), Some(name), "")?,
-        authz::Scope::Unrestricted
-    ) {
-        return Err(ApiError::forbidden(format!(
-            "{} may not upload images",
-            principal.user
-        )));
-    }
+    let asked = authz::Request::new(Verb::Update, image_kind(), Some(namespace), Some(name));
+    authz::authorize(objects.store().as_ref(), principal, &asked.on("data")).await?;
     let image = objects
         .get(image_kind(), Some(namespace), name)
         .await?
@@ -321,7 +313,8 @@ pub async fn send(
     principal: &Principal,
     (namespace, name): (&str, &str),
 ) -> Result<Response, ApiError> {
-    authz::authorize(principal, Verb::Get, image_kind(), Some(name), "")?;
+    let asked = authz::Request::new(Verb::Get, image_kind(), Some(namespace), Some(name));
+    authz::authorize(objects.store().as_ref(), principal, &asked.on("data")).await?;
     let image = objects
         .get(image_kind(), Some(namespace), name)
         .await?

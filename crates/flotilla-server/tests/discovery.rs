@@ -56,11 +56,56 @@ async fn discovery_lists_every_kind_for_kubernetes_tooling() {
         (events["name"].as_str(), events["kind"].as_str()),
         (Some("events"), Some("Event"))
     );
+    let core_names: Vec<&str> = v1["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
     assert_eq!(
-        v1["resources"].as_array().unwrap().len(),
-        1,
+        core_names,
+        [
+            "events",
+            "serviceaccounts",
+            "serviceaccounts/token",
+            "serviceaccounts/status"
+        ],
         "no events/status: {v1}"
     );
+    // Kubernetes' RBAC and access-review groups, where kubectl looks for them.
+    let groups = get(&t, "/apis").await;
+    let group_names: Vec<&str> = groups["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        group_names,
+        [
+            "flotilla.dev",
+            "rbac.authorization.k8s.io",
+            "authorization.k8s.io"
+        ]
+    );
+    let rbac = get(&t, "/apis/rbac.authorization.k8s.io/v1").await;
+    let rbac_names: Vec<&str> = rbac["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rbac_names,
+        [
+            "roles",
+            "clusterroles",
+            "rolebindings",
+            "clusterrolebindings"
+        ]
+    );
+    let review = get(&t, "/apis/authorization.k8s.io/v1").await;
+    assert_eq!(review["resources"][0]["name"], "selfsubjectaccessreviews");
     let list = get(&t, "/api/v1/namespaces/default/events").await;
     assert_eq!(
         (list["apiVersion"].as_str(), list["kind"].as_str()),
@@ -98,7 +143,11 @@ async fn the_openapi_documents_are_served_as_kubernetes_serves_them_and_match_th
     let t = start().await;
     let index = get(&t, "/openapi/v3").await;
     let mut served = vec![("openapi/v2.json".to_string(), get(&t, "/openapi/v2").await)];
-    for gv in ["apis/flotilla.dev/v1alpha1", "api/v1"] {
+    for gv in [
+        "apis/flotilla.dev/v1alpha1",
+        "api/v1",
+        "apis/rbac.authorization.k8s.io/v1",
+    ] {
         let url = index["paths"][gv]["serverRelativeURL"]
             .as_str()
             .unwrap()

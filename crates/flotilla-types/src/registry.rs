@@ -4,8 +4,9 @@
 use serde_json::Value;
 
 use crate::kinds::{
-    Event, FloatingIP, Image, Lease, Network, Node, PlacementPolicy, Project, Router,
-    SecurityGroup, StoragePool, VMClass, VMSnapshot, VirtualMachine, Volume, VolumeSnapshot,
+    ClusterRole, ClusterRoleBinding, Event, FloatingIP, Image, Lease, Network, Node,
+    PlacementPolicy, Project, Role, RoleBinding, Router, SecurityGroup, ServiceAccount,
+    StoragePool, VMClass, VMSnapshot, VirtualMachine, Volume, VolumeSnapshot,
 };
 use crate::resource::{decode, Column, Resource};
 use crate::validation::FieldErrors;
@@ -76,6 +77,11 @@ pub static KINDS: &[KindInfo] = &[
     kind_info!(VolumeSnapshot),
     kind_info!(VMSnapshot),
     kind_info!(Event),
+    kind_info!(ServiceAccount),
+    kind_info!(Role),
+    kind_info!(ClusterRole),
+    kind_info!(RoleBinding),
+    kind_info!(ClusterRoleBinding),
 ];
 
 /// Finds a kind by plural (`virtualmachines`), singular, kind (`VirtualMachine`) or short name

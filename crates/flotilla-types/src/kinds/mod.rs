@@ -9,6 +9,7 @@ pub mod network;
 pub mod node;
 pub mod placement;
 pub mod project;
+pub mod rbac;
 pub mod router;
 pub mod security_group;
 pub mod storage_pool;
@@ -34,7 +35,11 @@ pub use placement::{
     Affinity, AffinityRules, AffinityTerm, PlacementPolicy, PlacementPolicySpec,
     WeightedAffinityTerm,
 };
-pub use project::{Project, ProjectSpec, ProjectStatus};
+pub use project::{Project, ProjectQuota, ProjectSpec, ProjectStatus};
+pub use rbac::{
+    ClusterRole, ClusterRoleBinding, IssuedToken, PolicyRule, Role, RoleBinding, RoleRef,
+    ServiceAccount, ServiceAccountStatus, Subject,
+};
 pub use router::{FloatingMapping, Router, RouterExternal, RouterSpec, RouterStatus, StaticRoute};
 pub use security_group::{
     Direction, RuleProtocol, RuleRemote, SecurityGroup, SecurityGroupMember, SecurityGroupRule,
