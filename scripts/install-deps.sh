@@ -29,7 +29,10 @@ case "$purpose" in
         packages+=(tgt libiscsi-bin)
         # The NFS tests run a userspace NFS server (nfs-ganesha with its VFS backend; rpcbind
         # comes with it) in a network namespace of their own.
-        packages+=(nfs-ganesha nfs-ganesha-vfs) ;;
+        packages+=(nfs-ganesha nfs-ganesha-vfs)
+        # The identity tests run a real OpenID provider on Node.js (tests/oidc), unless the
+        # machine has Node.js already.
+        if ! command -v npm >/dev/null; then packages+=(nodejs npm); fi ;;
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac
 
@@ -99,5 +102,13 @@ if [ "$purpose" = test ]; then
     /usr/bin/python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check --require-virtualenv -r tests/clients/requirements.txt
     echo "$stamp" > "$venv/.requirements"
+  fi
+  # The OpenID provider of the identity tests (tests/oidc: panva's oidc-provider), pinned in
+  # its package-lock.json; reinstalled only when the lock changes.
+  stamp="$(sha256sum tests/oidc/package-lock.json | cut -d' ' -f1)"
+  if [ "$(cat tests/oidc/node_modules/.flotilla-lock 2>/dev/null)" != "$stamp" ]; then
+    echo "installing the test OpenID provider into tests/oidc/node_modules"
+    (cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error)
+    echo "$stamp" > tests/oidc/node_modules/.flotilla-lock
   fi
 fi

@@ -69,6 +69,7 @@ pub async fn load_or_join(
         certificate_authority_data: Some(ca),
         token: Some(node_token.to_string()),
         project: None,
+        oidc: None,
     };
     let config = ClientConfig {
         current_context: Some(ctx.name.clone()),

@@ -79,6 +79,8 @@ pub fn service_account_token(
 
 pub struct Authenticator {
     store: Arc<dyn Store>,
+    /// Verifies people's tokens from the OIDC issuer, when one is configured.
+    oidc: Option<Arc<flotilla_oidc::Verifier>>,
     cache: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
     failures: Mutex<HashMap<std::net::IpAddr, Failures>>,
 }
@@ -108,8 +110,13 @@ fn random_hex(bytes: usize) -> String {
 
 impl Authenticator {
     pub fn new(store: Arc<dyn Store>) -> Self {
+        Self::with_oidc(store, None)
+    }
+
+    pub fn with_oidc(store: Arc<dyn Store>, oidc: Option<Arc<flotilla_oidc::Verifier>>) -> Self {
         Authenticator {
             store,
+            oidc,
             cache: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
         }
@@ -219,6 +226,9 @@ impl Authenticator {
         let invalid = || {
             ApiError::unauthorized("the bearer token is not valid (unknown, revoked or expired)")
         };
+        if let (Some(oidc), true) = (&self.oidc, flotilla_oidc::verify::looks_like_jwt(token)) {
+            return self.authenticate_oidc(oidc, token, digest).await;
+        }
         let mut parts = token.splitn(3, '.');
         let (Some("flt"), Some(id), Some(secret)) = (parts.next(), parts.next(), parts.next())
         else {
@@ -262,5 +272,45 @@ impl Authenticator {
             .unwrap_or_else(|p| p.into_inner())
             .insert(digest, (principal.clone(), Instant::now()));
         Ok(principal)
+    }
+
+    /// A person's token from the OIDC issuer.
+    async fn authenticate_oidc(
+        &self,
+        oidc: &flotilla_oidc::Verifier,
+        token: &str,
+        digest: [u8; 32],
+    ) -> Result<Principal, ApiError> {
+        use flotilla_oidc::OidcError;
+        match oidc.verify(token).await {
+            Ok(identity) => {
+                let principal = Principal {
+                    user: identity.username,
+                    groups: identity.groups,
+                };
+                // Trusted without a check until CACHE_FOR passes, never past its expiry.
+                let left = (identity.expires - chrono::Utc::now())
+                    .to_std()
+                    .unwrap_or_default();
+                if left > CACHE_FOR {
+                    self.cache
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(digest, (principal.clone(), Instant::now()));
+                }
+                Ok(principal)
+            }
+            Err(OidcError::Rejected(why)) => Err(ApiError::unauthorized(format!(
+                "the bearer token is not valid: {why}"
+            ))),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot verify an OIDC token");
+                Err(ApiError::new(
+                    503,
+                    "ServiceUnavailable",
+                    format!("cannot verify the token now: {e}"),
+                ))
+            }
+        }
     }
 }

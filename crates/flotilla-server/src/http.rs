@@ -37,6 +37,8 @@ pub struct AppState {
     pub cluster_id: Arc<String>,
     /// Where uploaded images are kept.
     pub uploads: Arc<std::path::PathBuf>,
+    /// The OIDC issuer and client ID people sign in with (for `flotilla login` and the UI).
+    pub login: Arc<Option<(String, String)>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -111,6 +113,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/flotilla/v1/login", get(login_config))
         .route(
             "/cacerts",
             get(|State(s): State<AppState>| async move { s.ca_pem.as_ref().clone() }),
@@ -210,6 +213,22 @@ async fn authenticate(
             next.run(req).await
         }
         Err(e) => e.into_response(),
+    }
+}
+
+/// Where people sign in: public, like the issuer's own discovery document, so that `flotilla
+/// login` and the web UI need nothing but the server's URL.
+async fn login_config(State(state): State<AppState>) -> Response {
+    match state.login.as_ref() {
+        Some((issuer, client_id)) => {
+            axum::Json(json!({"issuer": issuer, "clientID": client_id})).into_response()
+        }
+        None => ApiError::new(
+            404,
+            "NotFound",
+            "this server has no OIDC issuer: sign in with a token (flotilla server --oidc-issuer enables people's logins)",
+        )
+        .into_response(),
     }
 }
 

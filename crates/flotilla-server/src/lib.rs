@@ -62,6 +62,8 @@ pub struct ServerConfig {
     pub max_connections: Option<usize>,
     /// How often uploaded files of deleted images are removed.
     pub upload_sweep: Duration,
+    /// People sign in with tokens of this OpenID issuer (none: tokens of this server only).
+    pub oidc: Option<flotilla_oidc::VerifierConfig>,
 }
 
 impl ServerConfig {
@@ -74,6 +76,7 @@ impl ServerConfig {
             store: None,
             max_connections: None,
             upload_sweep: Duration::from_secs(60),
+            oidc: None,
         }
     }
 }
@@ -98,6 +101,8 @@ pub enum ServerError {
     Tls(#[from] flotilla_tls::TlsError),
     #[error("cannot initialise the API: {0}")]
     Api(#[from] ApiError),
+    #[error("OIDC: {0}")]
+    Oidc(String),
 }
 
 /// A server that is serving. Dropping it does not stop it; call [`RunningServer::shutdown`].
@@ -141,6 +146,7 @@ fn admin_config(url: &str, ca_pem: &str, token: &str) -> ClientConfig {
             certificate_authority_data: Some(ca_pem.to_string()),
             token: Some(token.to_string()),
             project: Some("default".into()),
+            oidc: None,
         }],
     }
 }
@@ -224,7 +230,25 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let url = format!("https://{host}:{}", addr.port());
 
     // Reuse the admin token from admin.yaml while it is valid; otherwise issue a new one.
-    let auth = Arc::new(auth::Authenticator::new(store.clone()));
+    let oidc = match &config.oidc {
+        Some(c) => {
+            let verifier = Arc::new(
+                flotilla_oidc::Verifier::new(c.clone())
+                    .map_err(|e| ServerError::Oidc(e.to_string()))?,
+            );
+            // Discovered now so that a wrong issuer shows in the log at once; verification
+            // tries again while it fails.
+            let early = verifier.clone();
+            tokio::spawn(async move {
+                if let Err(e) = early.prefetch().await {
+                    tracing::warn!(error = %e, "the OIDC issuer is not usable yet; people cannot sign in until it is");
+                }
+            });
+            Some(verifier)
+        }
+        None => None,
+    };
+    let auth = Arc::new(auth::Authenticator::with_oidc(store.clone(), oidc));
     let admin_path = dir.join("admin.yaml");
     let existing = std::fs::read_to_string(&admin_path)
         .ok()
@@ -263,6 +287,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         client_key_pem: Arc::new(pki.client_key_pem.clone()),
         cluster_id: Arc::new(cluster_id.clone()),
         uploads: Arc::new(dir.join("uploads")),
+        login: Arc::new(
+            config
+                .oidc
+                .as_ref()
+                .map(|c| (c.issuer.clone(), c.client_id.clone())),
+        ),
     };
     let app = http::router(state);
     let (shutdown, rx) = tokio::sync::watch::channel(false);

@@ -30,6 +30,24 @@ pub struct Context {
     /// The project used when a command does not name one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<String>,
+    /// Set by `flotilla login`: `token` is this login's ID token, refreshed when it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc: Option<OidcLogin>,
+}
+
+/// A person's OIDC login, kept so that the CLI can refresh its token without asking again.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OidcLogin {
+    pub issuer: String,
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    /// Kept secret like the token (the file is 0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+    /// When the ID token expires (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry: Option<String>,
 }
 
 impl Context {

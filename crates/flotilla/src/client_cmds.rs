@@ -97,7 +97,7 @@ fn namespace_for<'a>(kind: &KindInfo, project: &'a str) -> Option<&'a str> {
 
 pub async fn version(conn: &ConnectionArgs) -> anyhow::Result<()> {
     println!("Client: {}", env!("CARGO_PKG_VERSION"));
-    match config::client(conn) {
+    match config::client(conn).await {
         Ok((client, _)) => {
             let v = client
                 .request_json(reqwest::Method::GET, "/version", &[], None)
@@ -166,7 +166,7 @@ pub async fn apply(conn: &ConnectionArgs, args: ApplyArgs) -> anyhow::Result<()>
     if docs.is_empty() {
         bail!("no objects found in {}", args.files.join(", "));
     }
-    let (client, ctx) = config::client(conn)?;
+    let (client, ctx) = config::client(conn).await?;
     let mut failures = 0;
     for (origin, doc) in docs {
         match apply_one(&client, &ctx, &args, &doc).await {
@@ -297,7 +297,7 @@ fn print_document(value: &Value, format: OutputFormat) -> anyhow::Result<()> {
 
 pub async fn get(conn: &ConnectionArgs, args: GetArgs) -> anyhow::Result<()> {
     let kind = kind_of(&args.kind)?;
-    let (client, ctx) = config::client(conn)?;
+    let (client, ctx) = config::client(conn).await?;
     let all = args.all_projects && kind.namespaced;
     let proj = project(&args.project, &ctx).to_string();
     let ns = if all {
@@ -379,7 +379,7 @@ pub(crate) fn not_found_hint(e: ClientError, kind: &KindInfo, proj: &str) -> any
 
 pub async fn describe(conn: &ConnectionArgs, args: DescribeArgs) -> anyhow::Result<()> {
     let kind = kind_of(&args.kind)?;
-    let (client, ctx) = config::client(conn)?;
+    let (client, ctx) = config::client(conn).await?;
     let proj = project(&args.project, &ctx).to_string();
     let obj = client
         .get(kind, namespace_for(kind, &proj), &args.name)
@@ -412,7 +412,7 @@ pub async fn describe(conn: &ConnectionArgs, args: DescribeArgs) -> anyhow::Resu
 
 pub async fn delete(conn: &ConnectionArgs, args: DeleteArgs) -> anyhow::Result<()> {
     let kind = kind_of(&args.kind)?;
-    let (client, ctx) = config::client(conn)?;
+    let (client, ctx) = config::client(conn).await?;
     let proj = project(&args.project, &ctx).to_string();
     let ns = namespace_for(kind, &proj);
     let what = format!("{}/{}", kind.singular, args.name);
@@ -529,7 +529,7 @@ pub struct VmTarget {
 }
 
 pub async fn node(conn: &ConnectionArgs, cmd: NodeCommand) -> anyhow::Result<()> {
-    let (client, _) = config::client(conn)?;
+    let (client, _) = config::client(conn).await?;
 
     match cmd {
         NodeCommand::Token(TokenCommand::Create { ttl }) => {
@@ -583,7 +583,7 @@ async fn set_unschedulable(client: &Client, name: &str, unschedulable: bool) -> 
 }
 
 pub async fn vm(conn: &ConnectionArgs, cmd: VmCommand) -> anyhow::Result<()> {
-    let (client, ctx) = config::client(conn)?;
+    let (client, ctx) = config::client(conn).await?;
     let vms = registry::by_kind("VirtualMachine").expect("registered");
     if let VmCommand::Adopt {
         node,

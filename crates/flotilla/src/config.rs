@@ -133,8 +133,93 @@ pub fn resolve(args: &ConnectionArgs) -> anyhow::Result<Context> {
     Ok(ctx)
 }
 
-pub fn client(args: &ConnectionArgs) -> anyhow::Result<(Client, Context)> {
-    let ctx = resolve(args)?;
+/// A client for the effective context; a login's ID token about to expire is refreshed first
+/// (and the config file updated) unless a token was given on the command line.
+pub async fn client(args: &ConnectionArgs) -> anyhow::Result<(Client, Context)> {
+    let mut ctx = resolve(args)?;
+    if args.token.is_none() {
+        refresh_if_needed(args, &mut ctx).await?;
+    }
     let client = Client::from_context(&ctx)?;
     Ok((client, ctx))
+}
+
+/// How long before its expiry an ID token is replaced.
+const REFRESH_MARGIN: chrono::Duration = chrono::Duration::seconds(30);
+
+/// Refreshes `ctx`'s ID token through its OIDC login when it expires within a few seconds.
+pub async fn refresh_if_needed(args: &ConnectionArgs, ctx: &mut Context) -> anyhow::Result<()> {
+    let Some(login) = ctx.oidc.clone() else {
+        return Ok(());
+    };
+    let fresh = login
+        .expiry
+        .as_deref()
+        .and_then(|e| chrono::DateTime::parse_from_rfc3339(e).ok())
+        .is_some_and(|e| e.with_timezone(&chrono::Utc) - REFRESH_MARGIN > chrono::Utc::now());
+    if fresh {
+        return Ok(());
+    }
+    let Some(refresh_token) = login.refresh_token.as_deref() else {
+        bail!(
+            "the login of context {:?} has expired: run flotilla login",
+            ctx.name
+        );
+    };
+    let config = flotilla_oidc::LoginConfig::new(&login.issuer, &login.client_id);
+    let tokens = flotilla_oidc::login::refresh(&config, refresh_token)
+        .await
+        .with_context(|| format!("refreshing the login of context {:?}", ctx.name))?;
+    ctx.token = Some(tokens.id_token.clone());
+    ctx.oidc = Some(flotilla_types::clientconfig::OidcLogin {
+        refresh_token: tokens.refresh_token.clone(),
+        expiry: Some(tokens.expires.to_rfc3339()),
+        ..login
+    });
+    if let Some(path) = config_path(args) {
+        save_context(&path, ctx.clone(), false)?;
+    }
+    Ok(())
+}
+
+/// Writes `ctx` into the config file at `path` (replacing a context of its name), as the
+/// current context if `current`. The file is written whole and atomically, 0600; a symbolic
+/// link (to a server's admin.yaml) is replaced by a file of its own rather than written through.
+pub fn save_context(path: &Path, ctx: Context, current: bool) -> anyhow::Result<()> {
+    let mut config: ClientConfig = match std::fs::read_to_string(path) {
+        Ok(text) => serde_yaml::from_str(&text)
+            .with_context(|| format!("{} is not a valid Flotilla client config", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ClientConfig::default(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    if current {
+        config.current_context = Some(ctx.name.clone());
+    }
+    match config.contexts.iter_mut().find(|c| c.name == ctx.name) {
+        Some(c) => *c = ctx,
+        None => config.contexts.push(ctx),
+    }
+    if path
+        .symlink_metadata()
+        .is_ok_and(|m| m.file_type().is_symlink())
+    {
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot replace the link {}", path.display()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    }
+    let text = format!(
+        "# Flotilla client configuration. It holds credentials: keep it secret.\n{}",
+        serde_yaml::to_string(&config)?
+    );
+    flotilla_files::write_atomic(path, text.as_bytes(), 0o600)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Where `flotilla login` writes: the config file in use, else the user's.
+pub fn login_config_path(args: &ConnectionArgs) -> anyhow::Result<PathBuf> {
+    config_path(args)
+        .or_else(user_config_path)
+        .ok_or_else(|| anyhow::anyhow!("no config file: pass --config or set HOME"))
 }

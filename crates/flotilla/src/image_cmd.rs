@@ -30,7 +30,7 @@ pub enum ImageCommand {
 }
 
 pub async fn run(conn: &ConnectionArgs, cmd: ImageCommand) -> anyhow::Result<()> {
-    let (client, ctx) = config::client(conn)?;
+    let (client, ctx) = config::client(conn).await?;
     let ImageCommand::Upload {
         name,
         file,

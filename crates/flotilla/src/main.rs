@@ -10,6 +10,7 @@ mod agent_cmd;
 mod client_cmds;
 mod config;
 mod image_cmd;
+mod login_cmd;
 mod output;
 mod server_cmd;
 mod volume_cmd;
@@ -92,6 +93,27 @@ enum Command {
         #[command(flatten)]
         conn: config::ConnectionArgs,
     },
+    /// Sign in as a person through the server's OIDC issuer (browser with PKCE, or --device).
+    Login {
+        #[command(flatten)]
+        args: login_cmd::LoginArgs,
+        #[command(flatten)]
+        conn: config::ConnectionArgs,
+    },
+    /// Credentials: kubectl's exec plugin, and whether you may do something.
+    Auth {
+        #[command(subcommand)]
+        cmd: login_cmd::AuthCommand,
+        #[command(flatten)]
+        conn: config::ConnectionArgs,
+    },
+    /// Service-account tokens: create, list, revoke.
+    Token {
+        #[command(subcommand)]
+        cmd: login_cmd::TokenCommand,
+        #[command(flatten)]
+        conn: config::ConnectionArgs,
+    },
     /// Print the client and server versions.
     Version {
         #[command(flatten)]
@@ -140,6 +162,9 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Version { conn } => client_cmds::version(&conn).await,
+            Command::Login { args, conn } => login_cmd::login(&conn, args).await,
+            Command::Auth { cmd, conn } => login_cmd::auth(&conn, cmd).await,
+            Command::Token { cmd, conn } => login_cmd::token(&conn, cmd).await,
             Command::Apply { args, conn } => client_cmds::apply(&conn, args).await,
             Command::Get { args, conn } => client_cmds::get(&conn, args).await,
             Command::Describe { args, conn } => client_cmds::describe(&conn, args).await,

@@ -42,6 +42,47 @@ pub struct ServerArgs {
     pub etcd_cert: Option<PathBuf>,
     #[arg(long, requires = "etcd_cert")]
     pub etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub oidc: OidcArgs,
+}
+
+/// People sign in through an OpenID Connect issuer (Keycloak, Dex, Authentik, Google...).
+#[derive(Args, Clone, Default)]
+pub struct OidcArgs {
+    /// The issuer's URL (https; http only on loopback), as its tokens carry it in `iss`.
+    #[arg(long, requires = "oidc_client_id")]
+    pub oidc_issuer: Option<String>,
+    /// This API's client ID at the issuer: tokens must be issued for it (`aud`).
+    #[arg(long, requires = "oidc_issuer")]
+    pub oidc_client_id: Option<String>,
+    /// The claim that names the user in RBAC bindings.
+    #[arg(long, default_value = "email")]
+    pub oidc_username_claim: String,
+    /// The claim that lists the user's groups.
+    #[arg(long, default_value = "groups")]
+    pub oidc_groups_claim: String,
+    /// PEM CA for the issuer's certificate, when the system's CAs do not cover it.
+    #[arg(long)]
+    pub oidc_ca_file: Option<PathBuf>,
+}
+
+impl OidcArgs {
+    pub fn verifier_config(&self) -> anyhow::Result<Option<flotilla_oidc::VerifierConfig>> {
+        let (Some(issuer), Some(client_id)) = (&self.oidc_issuer, &self.oidc_client_id) else {
+            return Ok(None);
+        };
+        let mut config = flotilla_oidc::VerifierConfig::new(issuer, client_id);
+        config.username_claim = self.oidc_username_claim.clone();
+        config.groups_claim = self.oidc_groups_claim.clone();
+        if let Some(ca) = &self.oidc_ca_file {
+            config.ca_pem = Some(
+                std::fs::read_to_string(ca)
+                    .map_err(|e| anyhow::anyhow!("--oidc-ca-file {}: {e}", ca.display()))?,
+            );
+        }
+        flotilla_oidc::check_issuer_url(&config.issuer)?;
+        Ok(Some(config))
+    }
 }
 
 /// The etcd options for `--store etcd://a:2379,b:2379`, or None for SQLite.
@@ -113,6 +154,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     config.listen = args.listen;
     config.tls_names = args.tls_sans.clone();
     config.max_connections = args.max_connections;
+    config.oidc = args.oidc.verifier_config()?;
     if let Some(etcd) = etcd_options(&args)? {
         let endpoints = etcd.endpoints.join(",");
         let store = flotilla_store::EtcdStore::connect(etcd)

@@ -131,7 +131,7 @@ pub enum VolumeCommand {
 }
 
 pub async fn run(conn: &ConnectionArgs, cmd: VolumeCommand) -> anyhow::Result<()> {
-    let (client, ctx) = config::client(conn)?;
+    let (client, ctx) = config::client(conn).await?;
     let volumes = registry::by_kind("Volume").expect("registered");
     match cmd {
         VolumeCommand::Create {

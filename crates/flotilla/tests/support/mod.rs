@@ -5,6 +5,7 @@
 
 pub mod guests;
 pub mod nfs;
+pub mod oidc;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
