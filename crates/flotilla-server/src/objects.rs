@@ -1528,11 +1528,21 @@ impl Objects {
         if !resp.succeeded {
             return Err(ApiError::conflict(kind.kind, name));
         }
-        let marked_stored = Stored {
+        let mut marked_stored = Stored {
             raw,
             revision: resp.revision,
         };
-        let contents = self.project_contents(name).await?;
+        let mut contents = self.project_contents(name).await?;
+        if !contents.is_empty() && contents.iter().all(|c| GO_WITH_PROJECT.contains(c)) {
+            // Who may use the project, and what happened in it, go with it (as in a Kubernetes
+            // namespace); its workloads never do. Nothing new can appear meanwhile: creates
+            // refuse a marked project.
+            self.delete_all_in(name, &contents).await?;
+            contents = self.project_contents(name).await?;
+            if let Some(kv) = self.store.get(&object_key(kind, None, name)).await? {
+                marked_stored.revision = kv.mod_revision;
+            }
+        }
         let key = object_key(kind, None, name);
         if contents.is_empty() {
             // The default security group goes with the project (nothing else may be left).
@@ -1560,6 +1570,29 @@ impl Objects {
         Err(project_not_empty(name, &contents))
     }
 
+    /// Deletes every object of the kinds `plurals` in project `name`.
+    async fn delete_all_in(&self, name: &str, plurals: &[&str]) -> Result<(), ApiError> {
+        for plural in plurals {
+            let kind = registry::by_plural(plural).expect("a served kind");
+            let kvs = self
+                .store
+                .range(RangeRequest::prefix(&list_prefix(kind, Some(name))))
+                .await?
+                .kvs;
+            for kv in kvs {
+                let object = parse_stored(&kv)?;
+                // Boxed: a project's deletion deletes (not projects, but through the same call).
+                let deletion = Box::pin(self.delete(kind, Some(name), name_of(&object)));
+                match deletion.await {
+                    Ok(_) => {}
+                    Err(e) if e.code() == 404 => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The kinds (plural) that have objects in project `name`.
     async fn project_contents(&self, name: &str) -> Result<Vec<&'static str>, ApiError> {
         let mut contents = Vec::new();
@@ -1578,7 +1611,21 @@ impl Objects {
     }
 }
 
+/// What a project's deletion deletes with it; anything else in it refuses the deletion.
+const GO_WITH_PROJECT: &[&str] = &["serviceaccounts", "roles", "rolebindings", "events"];
+
 fn project_not_empty(name: &str, contents: &[&str]) -> ApiError {
+    // Only what blocks the deletion: the rest would go with the project.
+    let blocking: Vec<&str> = contents
+        .iter()
+        .copied()
+        .filter(|c| !GO_WITH_PROJECT.contains(c))
+        .collect();
+    let contents = if blocking.is_empty() {
+        contents
+    } else {
+        &blocking
+    };
     ApiError::new(
         409,
         "Conflict",

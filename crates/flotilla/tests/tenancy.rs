@@ -534,6 +534,58 @@ async fn service_account_tokens_are_hashed_revocable_and_die_with_their_account(
             .0,
         401
     );
+    // Accounts, roles, bindings and events go with their project; workloads refuse it.
+    let third = admin.ok("POST", tokens, None).await["status"]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    admin
+        .ok(
+            "POST",
+            &format!("{RBAC}/namespaces/ci/roles"),
+            Some(json!({"metadata": {"name": "r"}, "rules": []})),
+        )
+        .await;
+    let vm = json!({"metadata": {"name": "keep"}, "spec": {"resources": {"cpus": 1, "memory": "256Mi"}, "image": "img", "powerState": "Stopped"}});
+    admin
+        .ok(
+            "POST",
+            &format!("{API}/namespaces/ci/virtualmachines"),
+            Some(vm),
+        )
+        .await;
+    let (code, v) = admin
+        .call("DELETE", &format!("{API}/projects/ci"), None)
+        .await;
+    assert_eq!(code, 409, "{v}");
+    assert_eq!(
+        v["message"],
+        "project \"ci\" is not empty (it still has virtualmachines); delete those first"
+    );
+    admin
+        .ok(
+            "DELETE",
+            &format!("{API}/namespaces/ci/virtualmachines/keep"),
+            None,
+        )
+        .await;
+    admin
+        .ok("DELETE", &format!("{API}/projects/ci"), None)
+        .await;
+    wait_for_401(&robot(&third)).await;
+    let left = server
+        .objects
+        .store()
+        .range(RangeRequest::prefix("/"))
+        .await
+        .unwrap();
+    let about_ci: Vec<&String> = left
+        .kvs
+        .iter()
+        .map(|k| &k.key)
+        .filter(|k| k.contains("/ci/") || k.ends_with("/ci") || k.contains("/tokens/sa-"))
+        .collect();
+    assert!(about_ci.is_empty(), "left of project ci: {about_ci:?}");
     server.shutdown().await;
 }
 
