@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use flotilla_client::{Client, ClientError, ListParams};
 use flotilla_types::registry::lookup;
@@ -712,7 +713,7 @@ async fn actor(
         // `changed()` below, or a state delivered during the reconcile would be skipped.
         let mut overtaker = desired.clone();
         let reconciled = tokio::select! {
-            r = vm::reconcile(&ctx, &vm) => Some(r),
+            r = vm::reconcile(&ctx, &vm).instrument(request_span(&vm.metadata)) => Some(r),
             r = overtaker.wait_for(|newest| more_urgent(newest, &vm)) => {
                 if r.is_err() {
                     return Some(vm);
@@ -774,7 +775,10 @@ async fn actor(
 }
 
 /// Whether `newest` asks for a deletion that should not wait for work on `current`: the VM is
-/// gone, or being deleted when `current` was not, or with a shorter grace period.
+/// gone, or being deleted when `current` was not, or with a shorter grace period. A VM that
+/// disappears while `current` deletes it does not overtake: that is most often the deletion's
+/// own finalizer removal coming back, and dropping the work then would lose its last steps (the
+/// log line and the Deleted event).
 fn more_urgent(newest: &Desired, current: &VirtualMachine) -> bool {
     let grace = |vm: &VirtualMachine| {
         vm.metadata
@@ -782,7 +786,7 @@ fn more_urgent(newest: &Desired, current: &VirtualMachine) -> bool {
             .map(|_| vm.metadata.deletion_grace_period_seconds.unwrap_or(0))
     };
     match newest {
-        None => true,
+        None => current.metadata.deletion_timestamp.is_none(),
         Some(newest) => match (grace(newest), grace(current)) {
             (Some(_), None) => true,
             (Some(new), Some(old)) => new < old,
@@ -949,6 +953,15 @@ async fn heartbeat(client: Arc<Client>, node: String, every: Duration) {
         if let Err(e) = result {
             tracing::warn!(error = %e, "heartbeat failed");
         }
+    }
+}
+
+/// A span naming the request that last changed the object's spec (stamped by the API server),
+/// so that the agent's log lines about it can be found from the server's audit log.
+pub(crate) fn request_span(meta: &flotilla_types::meta::ObjectMeta) -> tracing::Span {
+    match meta.annotations.get("flotilla.dev/request-id") {
+        Some(id) => tracing::info_span!("request", id = %id),
+        None => tracing::Span::none(),
     }
 }
 

@@ -137,7 +137,8 @@ pub async fn start(
     let app = Router::new()
         .route("/v1/vms/{uid}/log", get(log))
         .with_state(Arc::new(data_dir.join("vms")))
-        .merge(exports);
+        .merge(exports)
+        .layer(axum::middleware::from_fn(log_request));
     let (stop, rx) = tokio::sync::watch::channel(false);
     // Only the API server (or its replicas) connects here.
     let mut limits = flotilla_tls::Limits::for_this_process();
@@ -159,4 +160,27 @@ pub async fn start(
         cert_sha256,
         _stop: stop,
     })
+}
+
+/// Logs each request of the API server with the id it carries (the one in the server's audit
+/// log), so that a user's request can be followed onto the node.
+async fn log_request(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        })
+        .unwrap_or("-")
+        .to_string();
+    let path = req.uri().path().to_string();
+    let response = next.run(req).await;
+    tracing::info!(request_id = %id, %path, status = response.status().as_u16(), "served the API server");
+    response
 }

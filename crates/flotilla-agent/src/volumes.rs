@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use flotilla_client::ListParams;
 use flotilla_storage::{DirPool, Format, NewVolume, Source};
@@ -73,7 +74,10 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
                 continue;
             };
             let volume = &volume;
-            let result = reconcile(&ctx, volume, &snapshots.items, &mut swept, every_file).await;
+            let span = crate::agent::request_span(&volume.metadata);
+            let result = reconcile(&ctx, volume, &snapshots.items, &mut swept, every_file)
+                .instrument(span)
+                .await;
             if let Err(message) = result {
                 // Written once per new reason: each write wakes this loop again.
                 let status = volume.status.clone().unwrap_or_default();
@@ -109,8 +113,9 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
                 Some(v) => fresh::<Volume>(&ctx, volume_kind, &v.metadata).await,
                 None => None,
             };
-            if let Err(message) =
-                reconcile_snapshot(&ctx, snapshot, volume.as_ref(), &mut swept).await
+            if let Err(message) = reconcile_snapshot(&ctx, snapshot, volume.as_ref(), &mut swept)
+                .instrument(crate::agent::request_span(&snapshot.metadata))
+                .await
             {
                 let status = snapshot.status.clone().unwrap_or_default();
                 if status.message != message {

@@ -186,9 +186,13 @@ pub async fn authorize(
 fn node_scope(p: &Principal, node: &str, r: &Request<'_>) -> Result<Scope, ApiError> {
     let (verb, kind, name) = (r.verb, r.kind, r.name);
     // What a VM's owner reads through the server (logs, consoles, volume content, tokens) is
-    // not for nodes; an uploaded image's file is (the node caches it).
-    if r.sub == Some("data") && kind.kind == "Image" && verb == Verb::Get {
-        return Ok(Scope::Unrestricted);
+    // not for nodes; an uploaded image's file is (the node caches it), and so are a network's
+    // addresses (the node builds DHCP and routes from them).
+    match (r.sub, kind.kind, verb) {
+        (Some("data"), "Image", Verb::Get) | (Some("addresses"), "Network", Verb::Get) => {
+            return Ok(Scope::Unrestricted)
+        }
+        _ => {}
     }
     if r.sub.is_some_and(|s| s != "status") {
         return Err(forbidden(p, r));
@@ -352,6 +356,51 @@ pub fn guard(scope: &Scope, current: &Value, next: Option<&Value>) -> Result<(),
                 }
             }
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_types::registry::by_kind;
+
+    /// Nodes read what they serve (image files, network addresses) and nothing their users own.
+    #[tokio::test]
+    async fn nodes_reach_only_the_subresources_they_serve() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = flotilla_store::SqliteStore::open(dir.path().join("s.db"))
+            .await
+            .unwrap();
+        let node = Principal {
+            user: format!("{NODE_USER_PREFIX}n1"),
+            groups: vec![NODES.to_string()],
+        };
+        let ask = |kind: &str, verb: Verb, sub: &'static str| {
+            Request::new(verb, by_kind(kind).unwrap(), Some("p"), Some("x")).on(sub)
+        };
+        for allowed in [
+            ask("Image", Verb::Get, "data"),
+            ask("Network", Verb::Get, "addresses"),
+        ] {
+            assert!(
+                authorize(&store, &node, &allowed).await.is_ok(),
+                "{}",
+                allowed.resource()
+            );
+        }
+        for refused in [
+            ask("Image", Verb::Update, "data"),
+            ask("VirtualMachine", Verb::Get, "log"),
+            ask("Volume", Verb::Get, "data"),
+            ask("ServiceAccount", Verb::Create, "token"),
+            ask("VirtualMachine", Verb::Get, "console"),
+        ] {
+            let e = authorize(&store, &node, &refused)
+                .await
+                .err()
+                .expect("refused");
+            assert_eq!(e.code(), 403, "{}", refused.resource());
         }
     }
 }

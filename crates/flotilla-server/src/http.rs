@@ -39,6 +39,7 @@ pub struct AppState {
     pub uploads: Arc<std::path::PathBuf>,
     /// The OIDC issuer and client ID people sign in with (for `flotilla login` and the UI).
     pub login: Arc<Option<(String, String)>>,
+    pub audit: crate::audit::AuditLog,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -108,6 +109,11 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(
             state.auth.clone(),
             authenticate,
+        ))
+        // Outside authentication, so that refusals are recorded too.
+        .layer(middleware::from_fn_with_state(
+            state.audit.clone(),
+            crate::audit::record,
         ));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -209,6 +215,9 @@ async fn authenticate(
 ) -> Response {
     match check_token(&auth, credentials(&req)).await {
         Ok(principal) => {
+            if let Some(caller) = req.extensions().get::<crate::audit::Caller>() {
+                caller.set(&principal);
+            }
             req.extensions_mut().insert(principal);
             next.run(req).await
         }

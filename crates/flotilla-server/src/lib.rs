@@ -15,6 +15,7 @@ use flotilla_types::clientconfig::{ClientConfig, Context};
 
 pub mod access_review;
 pub mod apply;
+pub mod audit;
 pub mod auth;
 pub mod authz;
 pub mod binding;
@@ -64,12 +65,15 @@ pub struct ServerConfig {
     pub upload_sweep: Duration,
     /// People sign in with tokens of this OpenID issuer (none: tokens of this server only).
     pub oidc: Option<flotilla_oidc::VerifierConfig>,
+    /// Where the audit log goes (default: `<data-dir>/audit.log`; None: nowhere).
+    pub audit: Option<audit::AuditConfig>,
 }
 
 impl ServerConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
         ServerConfig {
-            data_dir: data_dir.into(),
+            data_dir: data_dir.clone(),
             listen: DEFAULT_LISTEN,
             tls_names: Vec::new(),
             bookmark_interval: Duration::from_secs(10),
@@ -77,6 +81,7 @@ impl ServerConfig {
             max_connections: None,
             upload_sweep: Duration::from_secs(60),
             oidc: None,
+            audit: Some(audit::AuditConfig::in_dir(&data_dir)),
         }
     }
 }
@@ -293,6 +298,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                 .as_ref()
                 .map(|c| (c.issuer.clone(), c.client_id.clone())),
         ),
+        audit: match &config.audit {
+            Some(a) => audit::AuditLog::start(a.clone()).map_err(|source| ServerError::Io {
+                path: a.path.clone().unwrap_or_default(),
+                source,
+            })?,
+            None => audit::AuditLog::default(),
+        },
     };
     let app = http::router(state);
     let (shutdown, rx) = tokio::sync::watch::channel(false);

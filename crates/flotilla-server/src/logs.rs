@@ -19,7 +19,7 @@ pub async fn proxy(
     principal: &Principal,
     namespace: &str,
     name: &str,
-    query: Option<&str>,
+    (query, request_id): (Option<&str>, Option<&str>),
 ) -> Result<Response, ApiError> {
     let vms = registry::by_kind("VirtualMachine").expect("registered");
     let asked =
@@ -45,6 +45,7 @@ pub async fn proxy(
         &endpoint,
         node_name,
         &format!("/v1/vms/{uid}/log?follow={follow}"),
+        request_id,
     )
     .await?;
     match resp.status().as_u16() {
@@ -102,18 +103,20 @@ async fn ask(
     endpoint: &str,
     node_name: &str,
     path: &str,
+    request_id: Option<&str>,
 ) -> Result<reqwest::Response, ApiError> {
-    client
-        .get(format!("{endpoint}{path}"))
-        .send()
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                502,
-                "BadGateway",
-                format!("cannot reach the agent of node {node_name:?} at {endpoint}: {e}"),
-            )
-        })
+    let mut req = client.get(format!("{endpoint}{path}"));
+    if let Some(id) = request_id {
+        // The agent logs it: one id from the audit log to the node.
+        req = req.header(crate::audit::REQUEST_ID_HEADER, id);
+    }
+    req.send().await.map_err(|e| {
+        ApiError::new(
+            502,
+            "BadGateway",
+            format!("cannot reach the agent of node {node_name:?} at {endpoint}: {e}"),
+        )
+    })
 }
 
 /// `GET .../volumes/NAME/data`: the volume's content, flattened by its node's agent.
@@ -122,7 +125,7 @@ pub async fn export_volume(
     principal: &Principal,
     namespace: &str,
     name: &str,
-    query: Option<&str>,
+    (query, request_id): (Option<&str>, Option<&str>),
 ) -> Result<Response, ApiError> {
     let volumes = registry::by_kind("Volume").expect("registered");
     // Reading a volume's bytes is more than reading the object (`volumes/data`).
@@ -157,7 +160,7 @@ pub async fn export_volume(
     };
     let (endpoint, client) = agent(state, node_name).await?;
     let path = format!("/v1/volumes/{uid}/data?format={format}");
-    let resp = ask(&client, &endpoint, node_name, &path).await?;
+    let resp = ask(&client, &endpoint, node_name, &path, request_id).await?;
     match resp.status().as_u16() {
         200 => {}
         404 => return Err(ApiError::not_found("file of Volume", name)),

@@ -388,7 +388,13 @@ pub struct Objects {
     force: bool,
     /// This server's IPAM locks and view of held addresses.
     ipam: Arc<crate::ipam::IpamState>,
+    /// The id of the request writing, stamped on the objects agents act on.
+    request_id: Option<String>,
 }
+
+/// Kinds whose spec an agent acts on: a change of their spec carries its request's id to the
+/// agent (see [`crate::audit`]).
+const TRACED_KINDS: &[&str] = &["VirtualMachine", "Volume", "VolumeSnapshot", "VMSnapshot"];
 
 /// The manager of writes that name none (controllers inside the server).
 const DEFAULT_MANAGER: &str = "flotilla";
@@ -416,6 +422,30 @@ impl Objects {
             manager: None,
             force: false,
             ipam: Default::default(),
+            request_id: None,
+        }
+    }
+
+    /// Writes through these objects stamp `id` on the objects agents act on when their spec
+    /// changes.
+    pub fn with_request_id(&self, id: Option<String>) -> Objects {
+        Objects {
+            request_id: id,
+            ..self.clone()
+        }
+    }
+
+    fn stamp_request_id(&self, object: &mut Value) {
+        let Some(id) = &self.request_id else { return };
+        if !TRACED_KINDS.contains(&object["kind"].as_str().unwrap_or_default()) {
+            return;
+        }
+        let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) else {
+            return;
+        };
+        let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
+        if let Some(a) = annotations.as_object_mut() {
+            a.insert(crate::audit::REQUEST_ID_ANNOTATION.into(), json!(id));
         }
     }
 
@@ -690,6 +720,7 @@ impl Objects {
             if let Some(m) = &managed {
                 set_managed_fields(&mut object, m.clone());
             }
+            self.stamp_request_id(&mut object);
             if let (Some(project), "Volume") = (&project, kind.kind) {
                 crate::storage::check_source(self.store.as_ref(), project, &object).await?;
             }
@@ -1205,9 +1236,11 @@ impl Objects {
         guard: Guard<'_>,
     ) -> Result<Option<Stored>, ApiError> {
         let mut attached = (Vec::new(), Vec::new());
+        keep_request_id(current, &mut next);
         if next.get("spec") != current.get("spec") {
             let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
             next["metadata"]["generation"] = json!(generation + 1);
+            self.stamp_request_id(&mut next);
             if next["kind"] == "VirtualMachine" {
                 let project = next["metadata"]["namespace"].as_str().unwrap_or("default");
                 crate::security_groups::check_references(
@@ -1463,6 +1496,7 @@ impl Objects {
             }
             if !marked {
                 current["metadata"]["deletionTimestamp"] = json!(now());
+                self.stamp_request_id(&mut current);
                 let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
                 current["metadata"]["generation"] = json!(generation + 1);
                 changed = true;
@@ -1608,6 +1642,32 @@ impl Objects {
             }
         }
         Ok(contents)
+    }
+}
+
+/// The request id stamped on an object is the server's: a write that leaves it out (a manifest
+/// applied again) keeps it, and only a change of the spec replaces it.
+fn keep_request_id(current: &Value, next: &mut Value) {
+    let key = crate::audit::REQUEST_ID_ANNOTATION;
+    let kept = current["metadata"]["annotations"].get(key).cloned();
+    let Some(meta) = next.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    match kept {
+        Some(id) => {
+            let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
+            if let Some(a) = annotations.as_object_mut() {
+                a.insert(key.into(), id);
+            }
+        }
+        None => {
+            if let Some(a) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
+                a.remove(key);
+                if a.is_empty() {
+                    meta.remove("annotations");
+                }
+            }
+        }
     }
 }
 

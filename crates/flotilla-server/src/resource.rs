@@ -35,10 +35,33 @@ const COLLECTION_METHODS: &str = "GET, POST, DELETE";
 const OBJECT_METHODS: &str = "GET, PUT, PATCH, DELETE";
 const STATUS_METHODS: &str = "GET, PUT, PATCH";
 
+/// The caller (set by authentication) and the request's id (set by the audit layer).
+pub(crate) struct Who(Principal, Option<String>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Who {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        let principal = parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .ok_or_else(|| ApiError::unauthorized("authentication required"))?;
+        let id = parts
+            .extensions
+            .get::<crate::audit::RequestId>()
+            .map(|r| r.0.clone());
+        Ok(Who(principal, id))
+    }
+}
+
 /// Resources of Flotilla's group, under `/apis/flotilla.dev/v1alpha1`.
 pub(crate) async fn group_resource(
     State(state): State<AppState>,
-    axum::Extension(principal): axum::Extension<Principal>,
+    who: Who,
     Path(params): Path<HashMap<String, String>>,
     RawQuery(query): RawQuery,
     method: Method,
@@ -46,6 +69,7 @@ pub(crate) async fn group_resource(
     body: Body,
 ) -> Result<Response, ApiError> {
     let request = (method, headers, body);
+    let principal = (who.0, who.1);
     handle(
         flotilla_types::API_VERSION,
         state,
@@ -60,7 +84,7 @@ pub(crate) async fn group_resource(
 /// Kubernetes' RBAC kinds, under `/apis/rbac.authorization.k8s.io/v1`.
 pub(crate) async fn rbac_resource(
     State(state): State<AppState>,
-    axum::Extension(principal): axum::Extension<Principal>,
+    who: Who,
     Path(params): Path<HashMap<String, String>>,
     RawQuery(query): RawQuery,
     method: Method,
@@ -69,19 +93,21 @@ pub(crate) async fn rbac_resource(
 ) -> Result<Response, ApiError> {
     let request = (method, headers, body);
     let api_version = flotilla_types::kinds::rbac::RBAC_API_VERSION;
+    let principal = (who.0, who.1);
     handle(api_version, state, principal, params, query, request).await
 }
 
 /// Resources of Kubernetes' core group that Flotilla serves (Event), under `/api/v1`.
 pub(crate) async fn core_resource(
     State(state): State<AppState>,
-    axum::Extension(principal): axum::Extension<Principal>,
+    who: Who,
     Path(params): Path<HashMap<String, String>>,
     RawQuery(query): RawQuery,
     method: Method,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let principal = (who.0, who.1);
     handle(
         "v1",
         state,
@@ -96,7 +122,7 @@ pub(crate) async fn core_resource(
 async fn handle(
     api_version: &str,
     state: AppState,
-    principal: Principal,
+    (principal, request_id): (Principal, Option<String>),
     params: HashMap<String, String>,
     query: Option<String>,
     (method, headers, body): (Method, HeaderMap, Body),
@@ -114,7 +140,14 @@ async fn handle(
                 "GET",
             ));
         }
-        return crate::logs::proxy(&state, &principal, &ns, &name, query.as_deref()).await;
+        return crate::logs::proxy(
+            &state,
+            &principal,
+            &ns,
+            &name,
+            (query.as_deref(), request_id.as_deref()),
+        )
+        .await;
     }
     if params.get("sub").map(String::as_str) == Some("data")
         && params.get("plural").map(String::as_str) == Some("volumes")
@@ -129,7 +162,14 @@ async fn handle(
                 "GET",
             ));
         }
-        return crate::logs::export_volume(&state, &principal, &ns, &name, query.as_deref()).await;
+        return crate::logs::export_volume(
+            &state,
+            &principal,
+            &ns,
+            &name,
+            (query.as_deref(), request_id.as_deref()),
+        )
+        .await;
     }
     if params.get("sub").map(String::as_str) == Some("data")
         && params.get("plural").map(String::as_str) == Some("images")
@@ -251,7 +291,10 @@ async fn handle(
         .as_ref()
         .unwrap_or(&state.objects)
         .with_field_validation(q.field_validation)
-        .as_manager(field_manager(&q, &headers), q.force);
+        .as_manager(field_manager(&q, &headers), q.force)
+        // What people and automation change is traced to the agents; agents' own writes are
+        // the tracing's far end.
+        .with_request_id(request_id.filter(|_| principal.node_name().is_none()));
     let objects = &objects;
     let table = wants_table(&headers).then(|| q.include_object.unwrap_or(IncludeObject::Metadata));
     let bookmarks = q.bookmarks.then_some(state.bookmark_interval);

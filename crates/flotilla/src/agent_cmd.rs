@@ -130,6 +130,10 @@ pub struct UpArgs {
     pub listen: std::net::SocketAddr,
     #[command(flatten)]
     pub node: NodeArgs,
+    #[command(flatten)]
+    pub oidc: crate::server_cmd::OidcArgs,
+    #[command(flatten)]
+    pub audit: crate::server_cmd::AuditArgs,
 }
 
 pub(crate) fn hostname() -> String {
@@ -193,6 +197,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let data_dir = args.data_dir.unwrap_or_else(crate::default_data_dir);
     let mut config = flotilla_server::ServerConfig::new(&data_dir);
     config.listen = args.listen;
+    config.oidc = args.oidc.verifier_config()?;
+    config.audit = args.audit.config(&data_dir);
     let server = flotilla_server::start(config).await?;
     flotilla_controllers::spawn_all(server.objects.clone(), Default::default());
     let admin = flotilla_client::Client::new(

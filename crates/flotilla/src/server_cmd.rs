@@ -44,6 +44,50 @@ pub struct ServerArgs {
     pub etcd_key: Option<PathBuf>,
     #[command(flatten)]
     pub oidc: OidcArgs,
+    #[command(flatten)]
+    pub audit: AuditArgs,
+}
+
+/// The audit log: a JSON line per request that changed something or was refused.
+#[derive(Args, Clone, Default)]
+pub struct AuditArgs {
+    /// The audit log file (default: <data-dir>/audit.log).
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+    /// Write no audit log file.
+    #[arg(long, conflicts_with = "audit_log")]
+    pub no_audit_log: bool,
+    /// Also print each audit line on stdout.
+    #[arg(long)]
+    pub audit_stdout: bool,
+    /// Rotate the file when it reaches this many MiB.
+    #[arg(long, default_value_t = 100)]
+    pub audit_log_max_size: u64,
+    /// Rotated files to keep.
+    #[arg(long, default_value_t = 5)]
+    pub audit_log_max_files: u32,
+}
+
+impl AuditArgs {
+    pub fn config(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> Option<flotilla_server::audit::AuditConfig> {
+        let path = match (self.no_audit_log, &self.audit_log) {
+            (true, _) => None,
+            (false, Some(p)) => Some(p.clone()),
+            (false, None) => Some(data_dir.join("audit.log")),
+        };
+        if path.is_none() && !self.audit_stdout {
+            return None;
+        }
+        Some(flotilla_server::audit::AuditConfig {
+            path,
+            stdout: self.audit_stdout,
+            max_bytes: self.audit_log_max_size.max(1) * 1024 * 1024,
+            max_files: self.audit_log_max_files,
+        })
+    }
 }
 
 /// People sign in through an OpenID Connect issuer (Keycloak, Dex, Authentik, Google...).
@@ -155,6 +199,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     config.tls_names = args.tls_sans.clone();
     config.max_connections = args.max_connections;
     config.oidc = args.oidc.verifier_config()?;
+    config.audit = args.audit.config(&data_dir);
     if let Some(etcd) = etcd_options(&args)? {
         let endpoints = etcd.endpoints.join(",");
         let store = flotilla_store::EtcdStore::connect(etcd)

@@ -729,3 +729,186 @@ async fn concurrent_creates_through_two_replicas_never_exceed_a_quota() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// One request of a scripted session: caller, method, path, body, the expected answer, and
+/// whether the audit log records it.
+type Step<'a> = (&'a Caller, &'a str, String, Option<Value>, u16, bool);
+
+/// A scripted session: every request that changed something or was refused is in the audit
+/// log once, with who, what, the answer and the request's id; reads are not; no token is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_records_each_change_and_refusal_once_and_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = start(&data, None).await;
+    let admin = Caller::new(&server, &server.admin_token);
+    project(&admin, "a", json!({})).await;
+    project(&admin, "b", json!({})).await;
+    let dev = account(&admin, "a", "dev", "member").await;
+    let member = Caller::new(&server, &dev);
+    let stranger = Caller::new(&server, "flt.nobody.0000");
+    // (caller, method, path, body, expected code, recorded)
+    let vms = format!("{API}/namespaces/a/virtualmachines");
+    let script: Vec<Step> = vec![
+        (
+            &member,
+            "POST",
+            vms.clone(),
+            Some(sample("virtualmachines", "web")),
+            201,
+            true,
+        ),
+        (&member, "GET", format!("{vms}/web"), None, 200, false),
+        (&member, "GET", vms.clone(), None, 200, false),
+        (
+            &member,
+            "PATCH",
+            format!("{vms}/web"),
+            Some(json!({"metadata": {"labels": {"tier": "front"}}})),
+            200,
+            true,
+        ),
+        (
+            &member,
+            "GET",
+            format!("{API}/namespaces/b/virtualmachines"),
+            None,
+            403,
+            true,
+        ),
+        (
+            &member,
+            "POST",
+            format!("{RBAC}/namespaces/a/rolebindings"),
+            Some(
+                json!({"metadata": {"name": "x"}, "roleRef": {"kind": "ClusterRole", "name": "admin"}}),
+            ),
+            403,
+            true,
+        ),
+        (&stranger, "GET", vms.clone(), None, 401, true),
+        (
+            &member,
+            "POST",
+            vms.clone(),
+            Some(json!({"metadata": {"name": "Bad Name"}})),
+            422,
+            true,
+        ),
+        (&member, "DELETE", format!("{vms}/web"), None, 200, true),
+    ];
+    let mut expected = Vec::new();
+    for (i, (caller, method, path, body, code, recorded)) in script.into_iter().enumerate() {
+        let id = format!("step-{i}");
+        let mut req = caller
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", caller.base))
+            .bearer_auth(&caller.token)
+            .header("x-request-id", &id);
+        if let Some(b) = body {
+            let ct = if method == "PATCH" {
+                "application/merge-patch+json"
+            } else {
+                "application/json"
+            };
+            req = req.header("content-type", ct).body(b.to_string());
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), code, "{method} {path}");
+        assert_eq!(
+            resp.headers()["x-request-id"],
+            id.as_str(),
+            "the answer carries the id"
+        );
+        if recorded {
+            expected.push((id, method, code));
+        }
+        if i == 0 {
+            // The object agents act on carries the id of the request that made it.
+            let vm = admin.ok("GET", &format!("{vms}/web"), None).await;
+            assert_eq!(
+                vm["metadata"]["annotations"]["flotilla.dev/request-id"],
+                "step-0"
+            );
+        }
+    }
+    // A request without an id gets one.
+    let resp = admin
+        .http
+        .get(format!("{}{API}/namespaces/a/virtualmachines", admin.base))
+        .bearer_auth(&admin.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"].len(), 36);
+    server.shutdown().await;
+    // Lines reach the file through the writer's queue: wait for the last one.
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = std::fs::read_to_string(data.join("audit.log")).unwrap();
+        if text.contains("\"step-8\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (id, method, code) in &expected {
+        let found: Vec<&Value> = lines
+            .iter()
+            .filter(|l| l["requestID"] == id.as_str())
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "{id} ({method}) once in the audit log:\n{text}"
+        );
+        let line = found[0];
+        assert_eq!(line["code"], *code, "{line}");
+        assert_eq!(line["source"], "127.0.0.1");
+        assert!(line["time"].is_string());
+        if *code == 401 {
+            assert!(line["user"].is_null(), "{line}");
+        } else {
+            assert_eq!(line["user"], "system:serviceaccount:a:dev", "{line}");
+            assert_eq!(
+                line["project"],
+                if *code == 403 && line["resource"] == "virtualmachines" {
+                    "b"
+                } else {
+                    "a"
+                },
+                "{line}"
+            );
+        }
+    }
+    let web = lines.iter().find(|l| l["requestID"] == "step-0").unwrap();
+    assert_eq!(
+        (web["verb"].as_str(), web["resource"].as_str()),
+        (Some("create"), Some("virtualmachines"))
+    );
+    let deleted = lines.iter().find(|l| l["requestID"] == "step-8").unwrap();
+    assert_eq!(
+        (deleted["verb"].as_str(), deleted["name"].as_str()),
+        (Some("delete"), Some("web"))
+    );
+    for read in ["step-1", "step-2"] {
+        assert!(!text.contains(read), "reads are not audited: {read}");
+    }
+    // The admin's setup was recorded too (its token creation among it), but no secret is.
+    assert!(lines
+        .iter()
+        .any(|l| l["resource"] == "serviceaccounts/token" && l["user"] == "admin"));
+    for secret in [&server_secret(&dev), &server_secret(&admin.token)] {
+        assert!(
+            !text.contains(secret.as_str()),
+            "a token's secret is in the audit log"
+        );
+    }
+}
+
+fn server_secret(token: &str) -> String {
+    token.rsplit('.').next().unwrap().to_string()
+}
