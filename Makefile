@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 VIRT_TYPE ?= qemu
 export FLOTILLA_VIRT_TYPE := $(VIRT_TYPE)
 
-.PHONY: run test build lint chaos bench-api bench-boot bench-scale bench-scheduler bench-ipam bench-firewall bench-router bench-storage openapi
+.PHONY: run test build lint chaos bench-api bench-tenancy bench-boot bench-scale bench-scheduler bench-ipam bench-firewall bench-router bench-storage openapi
 
 run:
 	scripts/install-deps.sh run
@@ -39,6 +39,11 @@ chaos:
 bench-api:
 	scripts/install-deps.sh run
 	$(CARGO) bench --locked -p flotilla --bench api
+
+# What RBAC, quotas and the audit log cost per request; prints a JSON summary line.
+bench-tenancy:
+	scripts/install-deps.sh run
+	$(CARGO) bench --locked -p flotilla --bench tenancy
 
 # API-accepted -> domain running for 20 tiny VMs on real QEMU, beside raw libvirt define+start.
 bench-boot:

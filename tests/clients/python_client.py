@@ -5,7 +5,8 @@ set; exits non-zero (with the failed assertion) when the server answers differen
 Kubernetes API server. Covers: discovery through DynamicClient, create/get/list with selectors,
 merge and JSON patches, replace, dry run (nothing stored: the object unchanged, no watch event),
 watch, server-side apply with conflicts and force, core/v1 Events through the typed
-CoreV1Api, deletion with preconditions, and errors as Kubernetes Status objects.
+CoreV1Api, deletion with preconditions, errors as Kubernetes Status objects, and RBAC through
+the typed clients (RoleBinding, ServiceAccount, TokenRequest, SelfSubjectAccessReview).
 """
 
 import os
@@ -25,11 +26,11 @@ GROUP_VERSION = "flotilla.dev/v1alpha1"
 NS = "default"
 
 
-def api_client():
+def api_client(token=None):
     conf = client.Configuration()
     conf.host = os.environ["FLOTILLA_URL"]
     conf.ssl_ca_cert = os.environ["FLOTILLA_CA"]
-    conf.api_key = {"authorization": os.environ["FLOTILLA_TOKEN"]}
+    conf.api_key = {"authorization": token or os.environ["FLOTILLA_TOKEN"]}
     conf.api_key_prefix = {"authorization": "Bearer"}
     return client.ApiClient(conf)
 
@@ -192,6 +193,53 @@ def main():
     vms.delete(namespace=NS, label_selector="app=db")
     names = sorted(i.metadata.name for i in vms.get(namespace=NS).items)
     assert "py-db" not in names, names
+
+    # RBAC through the typed clients: a service account, a token for it (TokenRequest), a
+    # RoleBinding to the built-in viewer role; then, as the account, "may I?" and a refusal.
+    rbac = client.RbacAuthorizationV1Api(api)
+    roles = {r.metadata.name for r in rbac.list_cluster_role().items}
+    assert {"cluster-admin", "admin", "member", "viewer"} <= roles, roles
+    core.create_namespaced_service_account(
+        NS, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="py-ci"))
+    )
+    rbac.create_namespaced_role_binding(
+        NS,
+        client.V1RoleBinding(
+            metadata=client.V1ObjectMeta(name="py-ci-viewer"),
+            role_ref=client.V1RoleRef(
+                api_group="rbac.authorization.k8s.io", kind="ClusterRole", name="viewer"
+            ),
+            subjects=[client.RbacV1Subject(kind="ServiceAccount", name="py-ci", namespace=NS)],
+        ),
+    )
+    request = client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
+    )
+    token = core.create_namespaced_service_account_token("py-ci", NS, request).status.token
+    as_ci = api_client(token)
+
+    def may(verb, resource, subresource=None):
+        attributes = client.V1ResourceAttributes(
+            namespace=NS, verb=verb, group="flotilla.dev", resource=resource, subresource=subresource
+        )
+        review = client.V1SelfSubjectAccessReview(
+            spec=client.V1SelfSubjectAccessReviewSpec(resource_attributes=attributes)
+        )
+        return client.AuthorizationV1Api(as_ci).create_self_subject_access_review(review).status.allowed
+
+    assert may("list", "virtualmachines") and may("get", "virtualmachines", "log")
+    assert not may("create", "virtualmachines") and not may("delete", "volumes")
+    custom = client.CustomObjectsApi(as_ci)
+    custom.list_namespaced_custom_object("flotilla.dev", "v1alpha1", NS, "virtualmachines")
+    e = expect(
+        ApiException,
+        lambda: custom.create_namespaced_custom_object(
+            "flotilla.dev", "v1alpha1", NS, "virtualmachines", vm("py-denied")
+        ),
+    )
+    assert e.status == 403 and "may not create virtualmachines" in e.body, (e.status, e.body)
+    core.delete_namespaced_service_account("py-ci", NS)
+    rbac.delete_namespaced_role_binding("py-ci-viewer", NS)
     print("python kubernetes client: all checks passed")
 
 

@@ -270,7 +270,32 @@ fn version(cluster_id: &str) -> Response {
     .into_response()
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+/// Metrics count every project's objects: for admins and for callers granted `get` on
+/// `metrics` cluster-wide (a ClusterRoleBinding, e.g. to `cluster-admin`, for a scraper's
+/// service account).
+async fn metrics(
+    State(state): State<AppState>,
+    axum::Extension(principal): axum::Extension<crate::auth::Principal>,
+) -> Response {
+    if !principal.is_admin() {
+        let asked = crate::rbac::Attributes {
+            verb: "get",
+            group: "",
+            resource: "metrics".into(),
+            project: None,
+            name: None,
+            namespaced: false,
+        };
+        let allowed =
+            match crate::rbac::grants(state.objects.store().as_ref(), &principal, None).await {
+                Ok(g) => g.allows(&asked),
+                Err(e) => return e.into_response(),
+            };
+        if !allowed {
+            return ApiError::forbidden(format!("{} may not get metrics", principal.user))
+                .into_response();
+        }
+    }
     state.metrics.refresh(&state.objects).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

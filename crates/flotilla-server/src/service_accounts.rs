@@ -46,7 +46,12 @@ fn lifetime(body: &[u8]) -> Result<(i64, Value), ApiError> {
         );
         return Err(ApiError::invalid("TokenRequest", "", &errs));
     }
-    Ok((seconds, request["spec"]["audiences"].clone()))
+    // Clients read `audiences` back as a list (the Python client insists on it).
+    let audiences = match &request["spec"]["audiences"] {
+        Value::Array(a) => Value::Array(a.clone()),
+        _ => json!([]),
+    };
+    Ok((seconds, audiences))
 }
 
 /// `POST`: a new token for the account.
