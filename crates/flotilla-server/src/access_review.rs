@@ -73,7 +73,7 @@ pub async fn review(
                     name,
                     field_selector: "",
                 };
-                match authz::authorize(state.objects.store().as_ref(), &principal, &asked).await {
+                match authz::authorize(&state.objects, &principal, &asked).await {
                     Ok(_) => (true, String::new()),
                     Err(e) if e.code() == 403 => (false, e.0.message.clone()),
                     Err(e) => return Err(e),

@@ -141,7 +141,7 @@ pub fn forbidden(p: &Principal, r: &Request<'_>) -> ApiError {
 /// Decides a request from its shape; object-level checks follow through [`guard`]. Admins may
 /// do anything; node agents have their narrow rules; everyone else is asked of RBAC.
 pub async fn authorize(
-    store: &dyn flotilla_store::Store,
+    objects: &crate::objects::Objects,
     p: &Principal,
     r: &Request<'_>,
 ) -> Result<Scope, ApiError> {
@@ -158,7 +158,8 @@ pub async fn authorize(
         )));
     }
     let attributes = crate::rbac::Attributes::of(r.verb.as_str(), r.kind, r.sub, r.project, r.name);
-    let grants = crate::rbac::grants(store, p, attributes.project).await?;
+    let grants = crate::rbac::grants_cached(objects, p, attributes.project).await?;
+    let store = objects.store().as_ref();
     if grants.allows(&attributes) {
         return Ok(Scope::Unrestricted);
     }
@@ -372,6 +373,7 @@ mod tests {
         let store = flotilla_store::SqliteStore::open(dir.path().join("s.db"))
             .await
             .unwrap();
+        let store = crate::objects::Objects::new(std::sync::Arc::new(store));
         let node = Principal {
             user: format!("{NODE_USER_PREFIX}n1"),
             groups: vec![NODES.to_string()],

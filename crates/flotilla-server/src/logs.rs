@@ -24,7 +24,7 @@ pub async fn proxy(
     let vms = registry::by_kind("VirtualMachine").expect("registered");
     let asked =
         crate::authz::Request::new(crate::authz::Verb::Get, vms, Some(namespace), Some(name));
-    crate::authz::authorize(state.objects.store().as_ref(), principal, &asked.on("log")).await?;
+    crate::authz::authorize(&state.objects, principal, &asked.on("log")).await?;
     let vm = state
         .objects
         .get(vms, Some(namespace), name)
@@ -135,7 +135,7 @@ pub async fn export_volume(
         Some(namespace),
         Some(name),
     );
-    crate::authz::authorize(state.objects.store().as_ref(), principal, &asked.on("data")).await?;
+    crate::authz::authorize(&state.objects, principal, &asked.on("data")).await?;
     let volume = state
         .objects
         .get(volumes, Some(namespace), name)

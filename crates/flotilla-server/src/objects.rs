@@ -390,6 +390,8 @@ pub struct Objects {
     ipam: Arc<crate::ipam::IpamState>,
     /// The id of the request writing, stamped on the objects agents act on.
     request_id: Option<String>,
+    /// Callers' RBAC grants, read recently.
+    grants: Arc<crate::rbac::GrantsCache>,
 }
 
 /// Kinds whose spec an agent acts on: a change of their spec carries its request's id to the
@@ -423,7 +425,13 @@ impl Objects {
             force: false,
             ipam: Default::default(),
             request_id: None,
+            grants: Default::default(),
         }
+    }
+
+    /// Callers' grants read recently (see [`crate::rbac::grants_cached`]).
+    pub fn grants_cache(&self) -> &crate::rbac::GrantsCache {
+        &self.grants
     }
 
     /// Writes through these objects stamp `id` on the objects agents act on when their spec

@@ -199,6 +199,51 @@ fn binding_parts(b: &Value) -> Option<(Vec<Subject>, RoleRef)> {
     Some((subjects, role_ref))
 }
 
+/// How long a caller's grants are reused without reading the bindings again. Writes of roles
+/// and bindings through this server forget them at once; other replicas follow within this
+/// time (verified tokens are trusted for 5 s, so revocation was never instant either).
+pub const GRANTS_CACHE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+type GrantsKey = (String, Vec<String>, Option<String>);
+
+/// Recently read grants, per caller and project.
+#[derive(Default)]
+pub struct GrantsCache(
+    std::sync::Mutex<std::collections::HashMap<GrantsKey, (Arc<Grants>, std::time::Instant)>>,
+);
+
+impl GrantsCache {
+    pub fn forget(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+/// [`grants`], reused for [`GRANTS_CACHE_FOR`].
+pub async fn grants_cached(
+    objects: &Objects,
+    p: &Principal,
+    project: Option<&str>,
+) -> Result<Arc<Grants>, ApiError> {
+    let key = (
+        p.user.clone(),
+        p.groups.clone(),
+        project.map(str::to_string),
+    );
+    let cache = objects.grants_cache();
+    if let Some((g, at)) = cache.0.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if at.elapsed() < GRANTS_CACHE_FOR {
+            return Ok(g.clone());
+        }
+    }
+    let fresh = Arc::new(grants(objects.store().as_ref(), p, project).await?);
+    let mut map = cache.0.lock().unwrap_or_else(|e| e.into_inner());
+    if map.len() > 10_000 {
+        map.retain(|_, (_, at)| at.elapsed() < GRANTS_CACHE_FOR);
+    }
+    map.insert(key, (fresh.clone(), std::time::Instant::now()));
+    Ok(fresh)
+}
+
 /// Reads what `p` is granted, cluster-wide and in `project`.
 pub async fn grants(
     store: &dyn Store,
@@ -410,7 +455,7 @@ async fn put_if_changed(
     }
 }
 
-fn is_rbac_kind(kind: Option<&str>) -> bool {
+pub(crate) fn is_rbac_kind(kind: Option<&str>) -> bool {
     matches!(
         kind,
         Some("Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding")

@@ -231,7 +231,7 @@ async fn handle(
         }
         let kind = flotilla_types::registry::by_kind("Network").expect("registered");
         let asked = authz::Request::new(Verb::Get, kind, Some(&ns), Some(&name)).on("addresses");
-        authz::authorize(state.objects.store().as_ref(), &principal, &asked).await?;
+        authz::authorize(&state.objects, &principal, &asked).await?;
         let list = crate::ipam::network_addresses(&state.objects, &ns, &name).await?;
         return Ok(json_response(
             StatusCode::OK,
@@ -265,7 +265,7 @@ async fn handle(
         name: name_for_authz.as_deref(),
         field_selector: &q.field_selector,
     };
-    let scope = authz::authorize(state.objects.store().as_ref(), &principal, &asked).await?;
+    let scope = authz::authorize(&state.objects, &principal, &asked).await?;
     if let Some(doc) = &create_body {
         crate::rbac::check_escalation(
             state.objects.store(),
@@ -310,6 +310,11 @@ async fn handle(
         (table, bookmarks),
     )
     .await?;
+    let writes = !matches!(verb, Verb::Get | Verb::List | Verb::Watch);
+    if writes && crate::rbac::is_rbac_kind(Some(target.kind.kind)) {
+        // Grants read before this write are stale now.
+        state.objects.grants_cache().forget();
+    }
     Ok(with_warnings(response, objects.warnings()))
 }
 

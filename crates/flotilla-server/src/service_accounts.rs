@@ -62,7 +62,7 @@ pub async fn issue(
     body: &[u8],
 ) -> Result<Response, ApiError> {
     let asked = authz::Request::new(Verb::Create, accounts(), Some(project), Some(name));
-    authz::authorize(objects.store().as_ref(), principal, &asked.on("token")).await?;
+    authz::authorize(objects, principal, &asked.on("token")).await?;
     let (seconds, audiences) = lifetime(body)?;
     for _ in 0..20 {
         let kv = objects.get_kv(accounts(), Some(project), name).await?;
@@ -129,7 +129,7 @@ pub async fn revoke(
     query: Option<&str>,
 ) -> Result<Response, ApiError> {
     let asked = authz::Request::new(Verb::Delete, accounts(), Some(project), Some(name));
-    authz::authorize(objects.store().as_ref(), principal, &asked.on("token")).await?;
+    authz::authorize(objects, principal, &asked.on("token")).await?;
     let id = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .find(|(k, _)| k == "id")
         .map(|(_, v)| v.into_owned())

@@ -89,7 +89,7 @@ pub async fn receive(
     (length, body): (Option<u64>, Body),
 ) -> Result<Response, ApiError> {
     let asked = authz::Request::new(Verb::Update, image_kind(), Some(namespace), Some(name));
-    authz::authorize(objects.store().as_ref(), principal, &asked.on("data")).await?;
+    authz::authorize(objects, principal, &asked.on("data")).await?;
     let image = objects
         .get(image_kind(), Some(namespace), name)
         .await?
@@ -314,7 +314,7 @@ pub async fn send(
     (namespace, name): (&str, &str),
 ) -> Result<Response, ApiError> {
     let asked = authz::Request::new(Verb::Get, image_kind(), Some(namespace), Some(name));
-    authz::authorize(objects.store().as_ref(), principal, &asked.on("data")).await?;
+    authz::authorize(objects, principal, &asked.on("data")).await?;
     let image = objects
         .get(image_kind(), Some(namespace), name)
         .await?
