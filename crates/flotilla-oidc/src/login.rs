@@ -86,12 +86,13 @@ fn expiry_of(jwt: &str) -> chrono::DateTime<chrono::Utc> {
         .unwrap_or_else(chrono::Utc::now)
 }
 
-async fn token_request(
+/// POSTs `form` to the issuer's `endpoint` as the client (its ID, and its secret if it has one).
+async fn post_form(
     http: &reqwest::Client,
     config: &LoginConfig,
     endpoint: &str,
     mut form: Vec<(&str, String)>,
-) -> Result<Result<Tokens, (String, String)>, OidcError> {
+) -> Result<reqwest::Response, OidcError> {
     form.push(("client_id", config.client_id.clone()));
     if let Some(secret) = &config.client_secret {
         form.push(("client_secret", secret.clone()));
@@ -99,8 +100,7 @@ async fn token_request(
     let body: String = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(form.iter().map(|(k, v)| (*k, v.as_str())))
         .finish();
-    let resp = http
-        .post(endpoint)
+    http.post(endpoint)
         .header("content-type", "application/x-www-form-urlencoded")
         .body(body)
         .send()
@@ -108,7 +108,16 @@ async fn token_request(
         .map_err(|e| OidcError::Unreachable {
             url: endpoint.to_string(),
             message: e.to_string(),
-        })?;
+        })
+}
+
+async fn token_request(
+    http: &reqwest::Client,
+    config: &LoginConfig,
+    endpoint: &str,
+    form: Vec<(&str, String)>,
+) -> Result<Result<Tokens, (String, String)>, OidcError> {
+    let resp = post_form(http, config, endpoint, form).await?;
     let status = resp.status();
     let answer: TokenResponse = resp.json().await.map_err(|e| OidcError::Issuer {
         url: endpoint.to_string(),
@@ -304,26 +313,8 @@ pub async fn device(
     let endpoint = d
         .device_authorization_endpoint
         .ok_or_else(|| OidcError::Config("the issuer does not offer the device flow".into()))?;
-    let mut form = vec![
-        ("client_id", config.client_id.clone()),
-        ("scope", config.scopes.join(" ")),
-    ];
-    if let Some(secret) = &config.client_secret {
-        form.push(("client_secret", secret.clone()));
-    }
-    let body: String = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(form.iter().map(|(k, v)| (*k, v.as_str())))
-        .finish();
-    let resp = http
-        .post(&endpoint)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| OidcError::Unreachable {
-            url: endpoint.clone(),
-            message: e.to_string(),
-        })?;
+    let form = vec![("scope", config.scopes.join(" "))];
+    let resp = post_form(&http, config, &endpoint, form).await?;
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
     let auth: DeviceAuthorization = serde_json::from_str(&text).map_err(|_| OidcError::Issuer {

@@ -301,16 +301,7 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
 }
 
 const READ: &[&str] = &["get", "list", "watch"];
-const WRITE: &[&str] = &[
-    "get",
-    "list",
-    "watch",
-    "create",
-    "update",
-    "patch",
-    "delete",
-    "deletecollection",
-];
+const WRITE: &[&str] = flotilla_types::kinds::rbac::VERBS;
 const FLOTILLA: &[&str] = &["flotilla.dev"];
 
 /// What a project's members make and run.
