@@ -796,6 +796,10 @@ impl Objects {
                 txn = txn.when(compare);
                 charges.extend(op);
             }
+            if kind.kind == "Project" {
+                // A new project holds nothing yet: its use starts at zero, shown from the start.
+                crate::quota::set_used(&mut object, Default::default());
+            }
             let raw = encode(&object);
             let mut txn = txn.and_then(Op::put(&key, raw.clone()));
             for op in charges {

@@ -636,6 +636,13 @@ async fn concurrent_creates_through_two_replicas_never_exceed_a_quota() {
         json!({"vms": 5, "cpus": 8, "memory": "4Gi"}),
     )
     .await;
+    let fresh = admin_a
+        .ok("GET", &format!("{API}/projects/team"), None)
+        .await;
+    assert_eq!(
+        fresh["status"]["used"]["vms"], 0,
+        "a new project shows its use: {fresh}"
+    );
     let dev = account(&admin_a, "team", "dev", "member").await;
     let callers = [Caller::new(&a, &dev), Caller::new(&b, &dev)];
     let vm = |i: usize| {
