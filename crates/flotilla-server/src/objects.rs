@@ -1660,6 +1660,9 @@ impl Objects {
 /// The request id stamped on an object is the server's: a write that leaves it out (a manifest
 /// applied again) keeps it, and only a change of the spec replaces it.
 fn keep_request_id(current: &Value, next: &mut Value) {
+    if !TRACED_KINDS.contains(&current["kind"].as_str().unwrap_or_default()) {
+        return;
+    }
     let key = crate::audit::REQUEST_ID_ANNOTATION;
     let kept = current["metadata"]["annotations"].get(key).cloned();
     let Some(meta) = next.get_mut("metadata").and_then(Value::as_object_mut) else {
