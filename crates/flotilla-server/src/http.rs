@@ -40,6 +40,8 @@ pub struct AppState {
     /// The OIDC issuer and client ID people sign in with (for `flotilla login` and the UI).
     pub login: Arc<Option<(String, String)>>,
     pub audit: crate::audit::AuditLog,
+    /// Where the web UI's files come from.
+    pub ui: crate::ui::UiSource,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -120,6 +122,13 @@ pub fn router(state: AppState) -> Router {
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/flotilla/v1/login", get(login_config))
+        .route("/", get(root))
+        .route(
+            "/ui",
+            get(|| async { axum::response::Redirect::permanent("/ui/") }),
+        )
+        .route("/ui/", get(crate::ui::serve))
+        .route("/ui/{*path}", get(crate::ui::serve))
         .route(
             "/cacerts",
             get(|State(s): State<AppState>| async move { s.ca_pem.as_ref().clone() }),
@@ -172,6 +181,14 @@ where
         .fold(router, |r, tail| {
             r.route(&format!("{root}/{tail}"), get(watch.clone()))
         })
+}
+
+/// `/`: browsers go to the web UI; anything else is answered as an unknown path.
+async fn root(state: State<AppState>, req: Request) -> Response {
+    if crate::ui::wants_html(&req) {
+        return axum::response::Redirect::to("/ui/").into_response();
+    }
+    not_found(state, req).await.into_response()
 }
 
 /// Unknown paths need a token too, so nothing can be probed anonymously.

@@ -36,6 +36,7 @@ mod resource;
 pub mod security_groups;
 mod service_accounts;
 mod storage;
+pub mod ui;
 mod uploads;
 mod vm_snapshots;
 pub mod watch;
@@ -67,6 +68,8 @@ pub struct ServerConfig {
     pub oidc: Option<flotilla_oidc::VerifierConfig>,
     /// Where the audit log goes (default: `<data-dir>/audit.log`; None: nowhere).
     pub audit: Option<audit::AuditConfig>,
+    /// Where the web UI's files come from (default: built in).
+    pub ui: ui::UiSource,
 }
 
 impl ServerConfig {
@@ -82,6 +85,7 @@ impl ServerConfig {
             upload_sweep: Duration::from_secs(60),
             oidc: None,
             audit: Some(audit::AuditConfig::in_dir(&data_dir)),
+            ui: ui::UiSource::Embedded,
         }
     }
 }
@@ -305,6 +309,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             })?,
             None => audit::AuditLog::default(),
         },
+        ui: config.ui.clone(),
     };
     let app = http::router(state);
     let (shutdown, rx) = tokio::sync::watch::channel(false);

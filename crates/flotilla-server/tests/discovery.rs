@@ -237,3 +237,98 @@ async fn metrics_count_requests_with_latency() {
     assert!(line.ends_with(" 3"), "{line}");
     assert!(text.contains("flotilla_http_request_duration_seconds_bucket"));
 }
+
+/// The web UI at /ui/: public pages with a strict content policy, the SPA's routes answered with
+/// its index, missing files 404, and `/` sending browsers there while API clients still need a
+/// token. `--ui-dir` serves a directory (UI development).
+#[tokio::test]
+async fn the_web_ui_is_served_at_ui_and_browsers_are_sent_there() {
+    let ui = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(ui.path().join("assets")).unwrap();
+    std::fs::write(
+        ui.path().join("index.html"),
+        "<!doctype html><p>flotilla ui</p>",
+    )
+    .unwrap();
+    std::fs::write(ui.path().join("assets/app-1a2b.js"), "console.log(1)").unwrap();
+    let dir = ui.path().to_path_buf();
+    let t = common::start_with(move |c| c.ui = flotilla_server::ui::UiSource::Dir(dir)).await;
+    let http = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(t.server.ca_pem.as_bytes()).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let get = |path: &str| http.get(t.url(path));
+    let page = get("/ui/").send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("default-src 'self'"));
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    assert!(page.text().await.unwrap().contains("flotilla ui"));
+    // A route of the SPA (a deep link) is its index; a file that is not there is a 404.
+    let deep = get("/ui/projects/default/virtualmachines/web/console")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deep.status(), 200);
+    assert!(deep.text().await.unwrap().contains("flotilla ui"));
+    assert_eq!(
+        get("/ui/assets/missing.js").send().await.unwrap().status(),
+        404
+    );
+    let js = get("/ui/assets/app-1a2b.js").send().await.unwrap();
+    assert_eq!(
+        js.headers()["content-type"],
+        "text/javascript; charset=utf-8"
+    );
+    assert!(js.headers()["cache-control"]
+        .to_str()
+        .unwrap()
+        .contains("immutable"));
+    // Nothing outside the UI's directory, however the path is spelled.
+    assert_eq!(
+        get("/ui/..%2Fadmin.yaml").send().await.unwrap().status(),
+        404
+    );
+    assert_eq!(
+        get("/ui/..%2F..%2Fetc%2Fpasswd")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    // Browsers asking for / go to the UI; API clients without a token still get 401.
+    let root = get("/")
+        .header("accept", "text/html,application/xhtml+xml")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            root.status().as_u16(),
+            root.headers()["location"].to_str().unwrap()
+        ),
+        (303, "/ui/")
+    );
+    assert_eq!(get("/").send().await.unwrap().status(), 401);
+    assert_eq!(get("/ui").send().await.unwrap().status(), 308);
+    // Built in: the UI, or (a binary built without ui/dist) a page that says how to get it.
+    let built_in = start().await;
+    let page = built_in
+        .http()
+        .get(built_in.url("/ui/"))
+        .send()
+        .await
+        .unwrap();
+    let page = page.text().await.unwrap();
+    if flotilla_server::ui::UI_FILES.is_empty() {
+        assert!(page.contains("built without its web UI"), "{page}");
+    } else {
+        assert!(page.to_lowercase().starts_with("<!doctype html"), "{page}");
+    }
+}

@@ -134,6 +134,9 @@ pub struct UpArgs {
     pub oidc: crate::server_cmd::OidcArgs,
     #[command(flatten)]
     pub audit: crate::server_cmd::AuditArgs,
+    /// Serve the web UI from this directory instead of the one built in.
+    #[arg(long)]
+    pub ui_dir: Option<PathBuf>,
 }
 
 pub(crate) fn hostname() -> String {
@@ -199,6 +202,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     config.listen = args.listen;
     config.oidc = args.oidc.verifier_config()?;
     config.audit = args.audit.config(&data_dir);
+    config.ui = crate::server_cmd::ui_source(&args.ui_dir);
     let server = flotilla_server::start(config).await?;
     flotilla_controllers::spawn_all(server.objects.clone(), Default::default());
     let admin = flotilla_client::Client::new(

@@ -46,6 +46,18 @@ pub struct ServerArgs {
     pub oidc: OidcArgs,
     #[command(flatten)]
     pub audit: AuditArgs,
+    /// Serve the web UI from this directory instead of the one built in (UI development:
+    /// point it at ui/dist and rebuild the UI while the server runs).
+    #[arg(long)]
+    pub ui_dir: Option<PathBuf>,
+}
+
+/// The web UI's source for `--ui-dir`.
+pub fn ui_source(dir: &Option<PathBuf>) -> flotilla_server::ui::UiSource {
+    match dir {
+        Some(d) => flotilla_server::ui::UiSource::Dir(d.clone()),
+        None => flotilla_server::ui::UiSource::Embedded,
+    }
 }
 
 /// The audit log: a JSON line per request that changed something or was refused.
@@ -200,6 +212,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     config.max_connections = args.max_connections;
     config.oidc = args.oidc.verifier_config()?;
     config.audit = args.audit.config(&data_dir);
+    config.ui = ui_source(&args.ui_dir);
     if let Some(etcd) = etcd_options(&args)? {
         let endpoints = etcd.endpoints.join(",");
         let store = flotilla_store::EtcdStore::connect(etcd)
