@@ -76,7 +76,9 @@ struct Keys {
 pub struct Verifier {
     config: VerifierConfig,
     http: reqwest::Client,
-    keys: Mutex<Keys>,
+    keys: std::sync::Mutex<Keys>,
+    /// Held while the keys are fetched: one fetch at a time.
+    fetching: Mutex<()>,
 }
 
 /// Whether `token` looks like a JWT (three base64url parts, the first a JSON header).
@@ -90,11 +92,12 @@ impl Verifier {
         Ok(Verifier {
             http: http_client(config.ca_pem.as_deref())?,
             config,
-            keys: Mutex::new(Keys {
+            keys: std::sync::Mutex::new(Keys {
                 discovery: None,
                 by_kid: HashMap::new(),
                 fetched: None,
             }),
+            fetching: Mutex::new(()),
         })
     }
 
@@ -105,17 +108,28 @@ impl Verifier {
     /// Discovers the issuer and fetches its keys now (the server does it at start, so that a
     /// misconfiguration shows in its log at once; verification tries again when it failed).
     pub async fn prefetch(&self) -> Result<(), OidcError> {
-        let mut keys = self.keys.lock().await;
-        self.refresh(&mut keys).await
+        let _fetching = self.fetching.lock().await;
+        self.refresh().await
     }
 
-    async fn refresh(&self, keys: &mut Keys) -> Result<(), OidcError> {
-        keys.fetched = Some(Instant::now());
-        let discovery = match &keys.discovery {
-            Some(d) => d.clone(),
+    fn keys(&self) -> std::sync::MutexGuard<'_, Keys> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fetches the issuer's keys (discovering it first if that has not worked yet). Callers
+    /// hold `fetching`; the key table is locked only to read and replace it, never across the
+    /// network, so verifications with known keys never wait for a fetch.
+    async fn refresh(&self) -> Result<(), OidcError> {
+        let known = {
+            let mut keys = self.keys();
+            keys.fetched = Some(Instant::now());
+            keys.discovery.clone()
+        };
+        let discovery = match known {
+            Some(d) => d,
             None => {
                 let d = discover(&self.http, &self.config.issuer).await?;
-                keys.discovery = Some(d.clone());
+                self.keys().discovery = Some(d.clone());
                 d
             }
         };
@@ -135,21 +149,29 @@ impl Verifier {
             }
         }
         tracing::info!(issuer = %self.config.issuer, keys = by_kid.len(), "fetched the OIDC issuer's signing keys");
-        keys.by_kid = by_kid;
+        self.keys().by_kid = by_kid;
         Ok(())
     }
 
-    /// The key for `kid`, fetching the issuer's keys again if it is new (rate-limited).
+    /// The key for `kid`, fetching the issuer's keys again if it is new (one fetch at a time,
+    /// at most every [`REFETCH_EVERY`]).
     async fn key(&self, kid: &str) -> Result<DecodingKey, OidcError> {
-        let mut keys = self.keys.lock().await;
-        if let Some(k) = keys.by_kid.get(kid) {
+        if let Some(k) = self.keys().by_kid.get(kid) {
             return Ok(k.clone());
         }
-        let may_fetch = keys.fetched.is_none_or(|t| t.elapsed() >= REFETCH_EVERY);
+        let _fetching = self.fetching.lock().await;
+        let may_fetch = {
+            let keys = self.keys();
+            if let Some(k) = keys.by_kid.get(kid) {
+                // Fetched while this one waited.
+                return Ok(k.clone());
+            }
+            keys.fetched.is_none_or(|t| t.elapsed() >= REFETCH_EVERY)
+        };
         if may_fetch {
-            self.refresh(&mut keys).await?;
+            self.refresh().await?;
         }
-        keys.by_kid.get(kid).cloned().ok_or_else(|| {
+        self.keys().by_kid.get(kid).cloned().ok_or_else(|| {
             OidcError::Rejected(format!(
                 "the token is signed with key {kid:?}, which the issuer does not publish"
             ))
