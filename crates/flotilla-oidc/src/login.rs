@@ -294,15 +294,6 @@ fn five() -> u64 {
     5
 }
 
-/// Whether the issuer offers the device flow.
-pub async fn offers_device_flow(config: &LoginConfig) -> Result<bool, OidcError> {
-    let http = http_client(config.ca_pem.as_deref())?;
-    Ok(discover(&http, &config.issuer)
-        .await?
-        .device_authorization_endpoint
-        .is_some())
-}
-
 /// The device flow. `show` gets what to tell the person (a code and where to enter it).
 pub async fn device(
     config: &LoginConfig,

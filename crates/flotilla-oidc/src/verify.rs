@@ -101,10 +101,6 @@ impl Verifier {
         })
     }
 
-    pub fn config(&self) -> &VerifierConfig {
-        &self.config
-    }
-
     /// Discovers the issuer and fetches its keys now (the server does it at start, so that a
     /// misconfiguration shows in its log at once; verification tries again when it failed).
     pub async fn prefetch(&self) -> Result<(), OidcError> {

@@ -104,9 +104,9 @@ pub fn router(state: AppState) -> Router {
             axum::routing::post(crate::join::create_join_token),
         )
         .route("/flotilla/v1/join", axum::routing::post(crate::join::join));
-    let api = with_resources(api, base, crate::resource::group_resource);
-    let api = with_resources(api, RBAC_ROOT, crate::resource::rbac_resource);
-    let api = with_resources(api, "/api/v1", crate::resource::core_resource)
+    let api = with_resources(api, base, crate::resource::resource);
+    let api = with_resources(api, RBAC_ROOT, crate::resource::resource);
+    let api = with_resources(api, "/api/v1", crate::resource::resource)
         .fallback(not_found)
         .route_layer(middleware::from_fn_with_state(
             state.auth.clone(),

@@ -58,65 +58,30 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Who {
     }
 }
 
-/// Resources of Flotilla's group, under `/apis/flotilla.dev/v1alpha1`.
-pub(crate) async fn group_resource(
+/// Every resource path: Flotilla's group (`/apis/flotilla.dev/v1alpha1`), Kubernetes' RBAC
+/// group (`/apis/rbac.authorization.k8s.io/v1`) and the core kinds Flotilla serves (`/api/v1`).
+/// The group and version are those of the path.
+pub(crate) async fn resource(
     State(state): State<AppState>,
     who: Who,
     Path(params): Path<HashMap<String, String>>,
     RawQuery(query): RawQuery,
-    method: Method,
-    headers: HeaderMap,
-    body: Body,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let request = (method, headers, body);
-    let principal = (who.0, who.1);
-    handle(
-        flotilla_types::API_VERSION,
-        state,
-        principal,
-        params,
-        query,
-        request,
-    )
-    .await
+    let (parts, body) = request.into_parts();
+    let api_version = api_version_of(parts.uri.path());
+    let request = (parts.method, parts.headers, body);
+    handle(&api_version, state, (who.0, who.1), params, query, request).await
 }
 
-/// Kubernetes' RBAC kinds, under `/apis/rbac.authorization.k8s.io/v1`.
-pub(crate) async fn rbac_resource(
-    State(state): State<AppState>,
-    who: Who,
-    Path(params): Path<HashMap<String, String>>,
-    RawQuery(query): RawQuery,
-    method: Method,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let request = (method, headers, body);
-    let api_version = flotilla_types::kinds::rbac::RBAC_API_VERSION;
-    let principal = (who.0, who.1);
-    handle(api_version, state, principal, params, query, request).await
-}
-
-/// Resources of Kubernetes' core group that Flotilla serves (Event), under `/api/v1`.
-pub(crate) async fn core_resource(
-    State(state): State<AppState>,
-    who: Who,
-    Path(params): Path<HashMap<String, String>>,
-    RawQuery(query): RawQuery,
-    method: Method,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let principal = (who.0, who.1);
-    handle(
-        "v1",
-        state,
-        principal,
-        params,
-        query,
-        (method, headers, body),
-    )
-    .await
+/// `flotilla.dev/v1alpha1` of `/apis/flotilla.dev/v1alpha1/...`, `v1` of `/api/v1/...`.
+fn api_version_of(path: &str) -> String {
+    let mut parts = path.trim_start_matches('/').split('/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("api"), Some(version), _) => version.to_string(),
+        (Some("apis"), Some(group), Some(version)) => format!("{group}/{version}"),
+        _ => String::new(),
+    }
 }
 
 async fn handle(

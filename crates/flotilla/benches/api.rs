@@ -5,29 +5,17 @@
 //! and watch fan-out latency to 100 watchers. Prints a summary line of JSON at the end.
 //! Sizes can be changed with FLOTILLA_BENCH_VMS, FLOTILLA_BENCH_WATCHERS.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{env_usize, percentile};
 use flotilla_client::{Client, ListParams};
 use flotilla_types::registry::lookup;
 use futures::StreamExt;
 use reqwest::Method;
 use serde_json::json;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx].as_secs_f64() * 1000.0
-}
 
 fn vm(i: usize) -> serde_json::Value {
     json!({

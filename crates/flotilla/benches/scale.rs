@@ -17,11 +17,15 @@
 //! test driver has no host devices: no bridge, VXLAN device or dnsmasq is made for them).
 //! Sizes: FLOTILLA_BENCH_NODES (1000), FLOTILLA_BENCH_VMS (10000), FLOTILLA_BENCH_ZONES (4).
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use common::{env_usize, percentile};
 
 use flotilla_client::{Client, ListParams};
 use flotilla_store::etcd_cluster::{free_port, KillOnDrop};
@@ -35,21 +39,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 const ZONE: &str = "topology.flotilla.dev/zone";
 const NODE_CPUS: u64 = 32;
 const NODE_MEMORY: &str = "128Gi";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx].as_secs_f64() * 1000.0
-}
 
 /// Resident memory of a process in bytes: `VmHWM` (peak) or `VmRSS` (now).
 fn memory_of(pid: u32, field: &str) -> u64 {

@@ -6,25 +6,16 @@
 //! moves in the same transaction) against creates that do not; SelfSubjectAccessReview latency.
 //! Prints a summary line of JSON at the end. FLOTILLA_BENCH_REQUESTS sets the request count.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::sync::Arc;
+use std::time::Instant;
+
+use common::{env_usize, percentile};
 use flotilla_client::Client;
 use flotilla_types::registry::lookup;
 use reqwest::Method;
 use serde_json::json;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx].as_secs_f64() * 1000.0
-}
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
