@@ -144,7 +144,8 @@ SCRIPT
     done
   fi
 fi
-while true; do sleep 3600; done
+# An interactive shell on the serial console (the console tests type into it).
+while true; do setsid cttyhack sh -i; sleep 1; done
 INIT
 chmod +x "$work/init"
 mkdir -p "$out"

@@ -22,6 +22,18 @@ pub fn prepare(data_dir: &Path, libvirt_uri: &str) -> Result<DirLock, AgentError
         .mode(0o711)
         .create(data_dir)
         .map_err(io(data_dir))?;
+    // The consoles are unix sockets in each VM's directory, and a socket path has at most
+    // 107 bytes: a data directory deeper than that leaves every VM without a console.
+    // (The serial socket's name is the longer of the two.)
+    let socket = crate::consoles::serial_socket(&data_dir.join("vms").join(EXAMPLE_UID));
+    if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(AgentError::Config(format!(
+            "the data directory {} is too long for the VMs' console sockets ({} bytes of at most {MAX_SOCKET_PATH} in {}): choose a shorter --data-dir",
+            data_dir.display(),
+            socket.as_os_str().len(),
+            socket.display()
+        )));
+    }
     let path = data_dir.join("agent.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -49,6 +61,11 @@ pub fn prepare(data_dir: &Path, libvirt_uri: &str) -> Result<DirLock, AgentError
     }
     Ok(DirLock { _file: file })
 }
+
+/// A VM uid as long as any (the paths under a VM's directory are this long).
+const EXAMPLE_UID: &str = "00000000-0000-4000-8000-000000000000";
+/// `sun_path` holds 108 bytes with the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
 
 /// Writes a file atomically and durably (see [`flotilla_files::write_atomic`]), off the async
 /// workers. Every file the agent writes goes through here or [`flotilla_files`].

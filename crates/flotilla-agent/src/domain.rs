@@ -219,7 +219,10 @@ pub struct DomainSpec {
     pub openstack_sysinfo: bool,
     pub nics: Vec<Nic>,
     pub console_log: PathBuf,
-    pub vnc_password: String,
+    /// The unix socket QEMU serves the serial console on; VNC is on a unix socket too, in
+    /// libvirt's directory for the domain ([`crate::consoles`]). No TCP port: nothing but
+    /// the agent reaches them.
+    pub serial_socket: PathBuf,
 }
 
 pub fn domain_name(project: &str, vm: &str) -> String {
@@ -332,10 +335,16 @@ impl DomainSpec {
                         .attr("model", "pcie-root-port"),
                 );
             }
-            // A pty for interactive consoles, with everything also written to the log file.
+            // The serial console on a unix socket, with everything also written to the log file.
+            let serial_source = || {
+                Element::new("source")
+                    .attr("mode", "bind")
+                    .attr("path", self.serial_socket.display())
+            };
             devices.push(
                 Element::new("serial")
-                    .attr("type", "pty")
+                    .attr("type", "unix")
+                    .child(serial_source())
                     .child(
                         Element::new("log")
                             .attr("file", self.console_log.display())
@@ -344,23 +353,19 @@ impl DomainSpec {
                     .child(Element::new("target").attr("port", 0)),
             );
             devices.push(
-                Element::new("console").attr("type", "pty").child(
-                    Element::new("target")
-                        .attr("type", "serial")
-                        .attr("port", 0),
-                ),
+                Element::new("console")
+                    .attr("type", "unix")
+                    .child(serial_source())
+                    .child(
+                        Element::new("target")
+                            .attr("type", "serial")
+                            .attr("port", 0),
+                    ),
             );
             devices.push(
                 Element::new("graphics")
                     .attr("type", "vnc")
-                    .attr("autoport", "yes")
-                    .attr("listen", "127.0.0.1")
-                    .attr("passwd", &self.vnc_password)
-                    .child(
-                        Element::new("listen")
-                            .attr("type", "address")
-                            .attr("address", "127.0.0.1"),
-                    ),
+                    .child(Element::new("listen").attr("type", "socket")),
             );
             devices.push(
                 Element::new("rng")

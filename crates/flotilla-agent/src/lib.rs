@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod attach;
 pub mod cloudinit;
+pub mod consoles;
 pub mod datadir;
 pub mod dhcp;
 pub mod disks;

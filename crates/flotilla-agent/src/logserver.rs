@@ -1,5 +1,5 @@
-//! The agent's HTTPS endpoint for the API server: VM console logs and volume exports
-//! ([`crate::export`]). Its certificate is
+//! The agent's HTTPS endpoint for the API server: VM console logs, consoles
+//! ([`crate::consoles`]) and volume exports ([`crate::export`]). Its certificate is
 //! self-signed and pinned by the server through the SHA-256 published in Node status; clients
 //! must present a certificate signed by the Flotilla CA (only the API server has one).
 
@@ -133,10 +133,16 @@ pub async fn start(
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let exports = Router::new()
         .route("/v1/volumes/{uid}/data", get(crate::export::export))
-        .with_state(late);
+        .with_state(late.clone());
+    let consoles = crate::consoles::Consoles::new(&data_dir, late);
+    let consoles = Router::new()
+        .route("/v1/vms/{uid}/serial", get(crate::consoles::serial))
+        .route("/v1/vms/{uid}/vnc", get(crate::consoles::vnc))
+        .with_state(consoles);
     let app = Router::new()
         .route("/v1/vms/{uid}/log", get(log))
         .with_state(Arc::new(data_dir.join("vms")))
+        .merge(consoles)
         .merge(exports)
         .layer(axum::middleware::from_fn(log_request));
     let (stop, rx) = tokio::sync::watch::channel(false);

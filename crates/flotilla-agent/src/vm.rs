@@ -264,7 +264,6 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
         crate::datadir::write_file(&stamp, fingerprint.into_bytes(), 0o644).await?;
     }
     step("seed ready");
-    let vnc_password = vnc_password(&dir).await?;
     let spec = DomainSpec {
         virt_type: ctx.virt_type,
         name: domain_name(&project, &name),
@@ -286,7 +285,7 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
         openstack_sysinfo: !seeded,
         nics,
         console_log: dir.join("console.log"),
-        vnc_password,
+        serial_socket: crate::consoles::serial_socket(&dir),
     };
     // Redefining is idempotent; on a running domain the new definition applies at next boot.
     let xml = spec.to_xml();
@@ -722,23 +721,6 @@ async fn create_traversable_dir(dir: &std::path::Path) -> Result<(), AgentError>
     .await
     .map_err(|e| AgentError::Config(e.to_string()))?
     .map_err(io(dir))
-}
-
-/// The VM's VNC password (made once, kept in a 0600 file).
-async fn vnc_password(dir: &std::path::Path) -> Result<String, AgentError> {
-    let path = dir.join("vnc-password");
-    if let Ok(p) = tokio::fs::read_to_string(&path).await {
-        if !p.trim().is_empty() {
-            return Ok(p.trim().to_string());
-        }
-    }
-    // VNC passwords are at most 8 characters.
-    const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
-    let password: String = (0..8)
-        .map(|_| ALPHABET[rand::random::<usize>() % ALPHABET.len()] as char)
-        .collect();
-    crate::datadir::write_file(&path, password.clone().into_bytes(), 0o600).await?;
-    Ok(password)
 }
 
 /// A reference to the VM, for the Events about it.

@@ -138,7 +138,7 @@ fn spec(virt_type: VirtType, hostile: bool) -> DomainSpec {
             },
         ],
         console_log: PathBuf::from("/var/lib/flotilla/vms/6f1c2a9e/console.log"),
-        vnc_password: "s3cr3t&<".into(),
+        serial_socket: PathBuf::from("/var/lib/flotilla/vms/6f1c2a9e/serial.sock"),
     }
 }
 
@@ -355,5 +355,43 @@ async fn qemu_libvirt_keeps_volume_disks_and_spare_root_ports() {
         free >= flotilla_agent::domain::SPARE_ROOT_PORTS,
         "{free} free root ports of {}: {xml}",
         ports.len()
+    );
+}
+
+/// The consoles listen on unix sockets only: no VNC port, no address, no password on the wire,
+/// and the serial console is a socket the agent shares (not a pty anyone on the host opens).
+#[test]
+fn consoles_are_unix_sockets_only() {
+    let xml = spec(VirtType::Qemu, false).to_xml();
+    let doc = roxmltree::Document::parse(&xml).unwrap();
+    let graphics: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("graphics"))
+        .collect();
+    assert_eq!(graphics.len(), 1);
+    for attr in ["port", "autoport", "listen", "passwd", "websocket"] {
+        assert_eq!(graphics[0].attribute(attr), None, "graphics has no {attr}");
+    }
+    let listens: Vec<_> = graphics[0]
+        .children()
+        .filter(|n| n.has_tag_name("listen"))
+        .map(|n| n.attribute("type"))
+        .collect();
+    assert_eq!(listens, vec![Some("socket")]);
+    for device in ["serial", "console"] {
+        let node = doc
+            .descendants()
+            .find(|n| n.has_tag_name(device) && n.parent().unwrap().has_tag_name("devices"))
+            .unwrap();
+        assert_eq!(node.attribute("type"), Some("unix"), "{device}");
+        let source = node.children().find(|n| n.has_tag_name("source")).unwrap();
+        assert_eq!(source.attribute("mode"), Some("bind"));
+        assert!(source.attribute("path").unwrap().ends_with("/serial.sock"));
+    }
+    assert_eq!(
+        flotilla_agent::consoles::vnc_socket_of(
+            "<domain><devices><graphics type='vnc' socket='/var/lib/libvirt/qemu/domain-3-x/vnc.sock'><listen type='socket'/></graphics></devices></domain>"
+        ),
+        Some("/var/lib/libvirt/qemu/domain-3-x/vnc.sock".into())
     );
 }

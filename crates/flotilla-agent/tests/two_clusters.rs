@@ -52,7 +52,7 @@ fn domain(name: &str, uuid: &str, cluster: &str, node: &str) -> String {
         openstack_sysinfo: false,
         nics: Vec::new(),
         console_log: "/dev/null".into(),
-        vnc_password: "x".into(),
+        serial_socket: "/tmp/unused-serial.sock".into(),
     }
     .to_xml()
 }

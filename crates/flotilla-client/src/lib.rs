@@ -1,6 +1,9 @@
 //! Rust client for the Flotilla API: one [`Client`] per server (or set of replicas), generic
 //! over kinds through the type registry, with watch streams.
 
+mod console;
+pub use console::{ConsoleKind, ConsoleSocket};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -76,6 +79,8 @@ pub struct Client {
     http: reqwest::Client,
     urls: Vec<String>,
     token: Option<String>,
+    /// The CA the server's certificate is checked against (the system's roots without one).
+    ca_pem: Option<String>,
     /// The URL that answered last; tried first.
     active: AtomicUsize,
 }
@@ -136,6 +141,7 @@ impl Client {
             http,
             urls,
             token,
+            ca_pem: ca_pem.map(str::to_string),
             active: AtomicUsize::new(0),
         })
     }
@@ -388,12 +394,17 @@ fn list_path(kind: &KindInfo, namespace: Option<&str>) -> String {
 async fn error_from(resp: reqwest::Response) -> ClientError {
     let code = resp.status().as_u16();
     let bytes = resp.bytes().await.unwrap_or_default();
-    match serde_json::from_slice::<Status>(&bytes) {
+    status_error(code, &bytes)
+}
+
+/// The server's `Status`, or its words as one when the answer is not JSON.
+fn status_error(code: u16, bytes: &[u8]) -> ClientError {
+    match serde_json::from_slice::<Status>(bytes) {
         Ok(status) => ClientError::Api(Box::new(status)),
         Err(_) => ClientError::Api(Box::new(Status::failure(
             code,
             "Unknown",
-            String::from_utf8_lossy(&bytes).trim().to_string(),
+            String::from_utf8_lossy(bytes).trim().to_string(),
         ))),
     }
 }

@@ -255,7 +255,9 @@ pub async fn record(State(log): State<AuditLog>, mut req: Request, next: Next) -
     let code = response.status().as_u16();
     let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
     let denied = code == 401 || code == 403;
-    if log.0.is_none() || !(mutating || denied) {
+    // A console opened (a WebSocket upgrade) is an action, though its verb reads.
+    let opened = code == 101;
+    if log.0.is_none() || !(mutating || denied || opened) {
         return response;
     }
     let principal = caller.get();

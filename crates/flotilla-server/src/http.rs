@@ -117,6 +117,15 @@ pub fn router(state: AppState) -> Router {
             state.audit.clone(),
             crate::audit::record,
         ));
+    // Consoles authenticate themselves: a browser's WebSocket carries a ticket, not a token.
+    let vm = format!("{base}/namespaces/{{ns}}/virtualmachines/{{name}}");
+    let consoles = Router::new()
+        .route(&format!("{vm}/console"), any(crate::console::serial))
+        .route(&format!("{vm}/vnc"), any(crate::console::vnc))
+        .layer(middleware::from_fn_with_state(
+            state.audit.clone(),
+            crate::audit::record,
+        ));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/livez", get(|| async { "ok" }))
@@ -133,6 +142,7 @@ pub fn router(state: AppState) -> Router {
             "/cacerts",
             get(|State(s): State<AppState>| async move { s.ca_pem.as_ref().clone() }),
         )
+        .merge(consoles)
         .merge(api)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
@@ -204,7 +214,7 @@ async fn not_found(State(state): State<AppState>, req: Request) -> ApiError {
 }
 
 /// The bearer token and the client address of a request.
-fn credentials(req: &Request) -> (Option<String>, Option<std::net::IpAddr>) {
+pub(crate) fn credentials(req: &Request) -> (Option<String>, Option<std::net::IpAddr>) {
     let token = req
         .headers()
         .get(header::AUTHORIZATION)

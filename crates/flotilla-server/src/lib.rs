@@ -19,6 +19,7 @@ pub mod audit;
 pub mod auth;
 pub mod authz;
 pub mod binding;
+pub mod console;
 pub mod error;
 pub mod http;
 pub mod ipam;

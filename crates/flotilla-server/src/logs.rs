@@ -71,6 +71,18 @@ pub async fn proxy(
 
 /// The endpoint of `node_name`'s agent and a client that trusts only its certificate.
 async fn agent(state: &AppState, node_name: &str) -> Result<(String, reqwest::Client), ApiError> {
+    let (endpoint, fingerprint) = agent_endpoint(state, node_name).await?;
+    let client =
+        crate::pinned::agent_client(&fingerprint, &state.client_cert_pem, &state.client_key_pem)
+            .map_err(|e| ApiError::internal(format!("cannot build the agent client: {e}")))?;
+    Ok((endpoint, client))
+}
+
+/// The endpoint of `node_name`'s agent and the SHA-256 of its certificate, from its Node.
+pub(crate) async fn agent_endpoint(
+    state: &AppState,
+    node_name: &str,
+) -> Result<(String, String), ApiError> {
     let node: Value = state
         .objects
         .get(
@@ -91,10 +103,7 @@ async fn agent(state: &AppState, node_name: &str) -> Result<(String, reqwest::Cl
             format!("the agent of node {node_name:?} has not published its endpoint yet"),
         ));
     };
-    let client =
-        crate::pinned::agent_client(fingerprint, &state.client_cert_pem, &state.client_key_pem)
-            .map_err(|e| ApiError::internal(format!("cannot build the agent client: {e}")))?;
-    Ok((endpoint.to_string(), client))
+    Ok((endpoint.to_string(), fingerprint.to_string()))
 }
 
 /// GETs `path` from the agent at `endpoint` (502 when it cannot be reached).

@@ -73,6 +73,20 @@ pub fn agent_client(
     client_cert_pem: &str,
     client_key_pem: &str,
 ) -> Result<reqwest::Client, String> {
+    let config = agent_tls(cert_sha256, client_cert_pem, client_key_pem)?;
+    reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// TLS to one agent: its certificate pinned, the server's client certificate presented.
+pub fn agent_tls(
+    cert_sha256: &str,
+    client_cert_pem: &str,
+    client_key_pem: &str,
+) -> Result<rustls::ClientConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = rustls_pemfile::certs(&mut client_cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
@@ -90,9 +104,5 @@ pub fn agent_client(
         }))
         .with_client_auth_cert(certs, key)
         .map_err(|e| e.to_string())?;
-    reqwest::Client::builder()
-        .use_preconfigured_tls(config)
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .build()
-        .map_err(|e| e.to_string())
+    Ok(config)
 }

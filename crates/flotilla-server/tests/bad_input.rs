@@ -181,7 +181,7 @@ async fn each_kind_of_bad_input_gets_a_clear_4xx_and_writes_nothing() {
         ),
         (
             "unknown subresource",
-            format!("{VMS}/web/console"),
+            format!("{VMS}/web/frobnicate"),
             "application/json",
             good.into(),
             404,

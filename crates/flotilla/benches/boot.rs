@@ -109,7 +109,7 @@ async fn run() {
             seed_iso: Some(seed.clone()),
             openstack_sysinfo: false,
             console_log: raw_dir.join(format!("console-{i}.log")),
-            vnc_password: "bench".into(),
+            serial_socket: raw_dir.join(format!("serial-{i}.sock")),
         };
         let t = Instant::now();
         libvirt.define(spec.to_xml()).await.unwrap();

@@ -511,6 +511,8 @@ pub enum VmCommand {
         target: VmTarget,
         snapshot: String,
     },
+    /// Attach to the VM's serial console (interactive; Ctrl-] leaves).
+    Console(VmTarget),
     /// Print the VM's serial console log.
     Log {
         #[command(flatten)]
@@ -613,6 +615,10 @@ pub async fn vm(conn: &ConnectionArgs, cmd: VmCommand) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    if let VmCommand::Console(target) = cmd {
+        let proj = project(&target.project, &ctx).to_string();
+        return crate::console_cmd::run(&client, &proj, &target.name).await;
+    }
     if let VmCommand::Log { target, follow } = cmd {
         let proj = project(&target.project, &ctx).to_string();
         let mut stream = Box::pin(
@@ -681,7 +687,9 @@ pub async fn vm(conn: &ConnectionArgs, cmd: VmCommand) -> anyhow::Result<()> {
             println!("virtualmachine/{} {done}", target.name);
             return Ok(());
         }
-        VmCommand::Log { .. } | VmCommand::Adopt { .. } => unreachable!("handled above"),
+        VmCommand::Log { .. } | VmCommand::Adopt { .. } | VmCommand::Console(_) => {
+            unreachable!("handled above")
+        }
     };
     let proj = project(&target.project, &ctx).to_string();
     client

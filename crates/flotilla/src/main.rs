@@ -9,6 +9,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 mod agent_cmd;
 mod client_cmds;
 mod config;
+mod console_cmd;
 mod image_cmd;
 mod login_cmd;
 mod output;
