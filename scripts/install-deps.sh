@@ -13,6 +13,8 @@ packages+=(linux-image-cloud-amd64 busybox-static cpio kmod)
 # The agent's network dataplane: dnsmasq serves DHCP and DNS on each overlay network,
 # dhcp_release (dnsmasq-utils) frees a deleted port's lease, nftables for the firewall rules.
 packages+=(dnsmasq-base dnsmasq-utils nftables)
+# The web UI is built with Node.js (scripts/build-ui.sh) unless the machine has it already.
+if ! command -v npm >/dev/null; then packages+=(nodejs npm); fi
 case "$purpose" in
   run) ;;
   # The Debian guest of the cloud-init end-to-end test is built with debootstrap; tests read
@@ -30,9 +32,9 @@ case "$purpose" in
         # The NFS tests run a userspace NFS server (nfs-ganesha with its VFS backend; rpcbind
         # comes with it) in a network namespace of their own.
         packages+=(nfs-ganesha nfs-ganesha-vfs)
-        # The identity tests run a real OpenID provider on Node.js (tests/oidc), unless the
-        # machine has Node.js already.
-        if ! command -v npm >/dev/null; then packages+=(nodejs npm); fi ;;
+        # The identity tests run a real OpenID provider on Node.js (tests/oidc).
+        # The web UI's browser suite drives Debian's Chromium (playwright-core, no download).
+        packages+=(chromium fonts-dejavu-core) ;;
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac
 

@@ -30,8 +30,18 @@ const PLACEHOLDER: &str = "<!doctype html><html lang=\"en\"><head><meta charset=
 directory with <code>--ui-dir</code>. The API is at <code>/apis</code>.</p></body></html>";
 
 /// What a browser may do with the UI's pages: only this server's scripts, styles and API.
-const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
-img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+/// The UI talks to this server only, and to the OIDC issuer (discovery and the token
+/// exchange of the PKCE sign-in) when there is one.
+fn csp(issuer: Option<&str>) -> String {
+    let issuer = issuer
+        .and_then(|i| url::Url::parse(i).ok())
+        .map(|u| format!(" {}", u.origin().ascii_serialization()))
+        .unwrap_or_default();
+    format!(
+        "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+img-src 'self' data:; connect-src 'self'{issuer}; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    )
+}
 
 fn content_type(path: &str) -> &'static str {
     match path.rsplit('.').next().unwrap_or_default() {
@@ -71,14 +81,14 @@ fn read(source: &UiSource, path: &str) -> Option<Vec<u8>> {
     }
 }
 
-fn respond(path: &str, bytes: Vec<u8>) -> Response {
+fn respond(path: &str, bytes: Vec<u8>, issuer: Option<&str>) -> Response {
     let mut response = (StatusCode::OK, bytes).into_response();
     let h = response.headers_mut();
     let value = |v: &str| HeaderValue::from_str(v).expect("a valid header");
     h.insert(header::CONTENT_TYPE, value(content_type(path)));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, value("nosniff"));
     h.insert(header::REFERRER_POLICY, value("no-referrer"));
-    h.insert(header::CONTENT_SECURITY_POLICY, value(CSP));
+    h.insert(header::CONTENT_SECURITY_POLICY, value(&csp(issuer)));
     // Bundles carry their hash in their names; the page that names them must be asked for again.
     let cache = if path.starts_with("assets/") {
         "public, max-age=31536000, immutable"
@@ -102,8 +112,13 @@ pub async fn serve(State(state): State<AppState>, req: Request) -> Response {
     } else {
         path
     };
+    let issuer = state
+        .login
+        .as_ref()
+        .as_ref()
+        .map(|(issuer, _)| issuer.as_str());
     if let Some(bytes) = read(&state.ui, &path) {
-        return respond(&path, bytes);
+        return respond(&path, bytes, issuer);
     }
     // A missing file (a name with an extension) is a 404; anything else is a route of the SPA.
     let last = path.rsplit('/').next().unwrap_or_default();
@@ -111,7 +126,7 @@ pub async fn serve(State(state): State<AppState>, req: Request) -> Response {
         return (StatusCode::NOT_FOUND, "no such file in the web UI").into_response();
     }
     match read(&state.ui, "index.html") {
-        Some(bytes) => respond("index.html", bytes),
+        Some(bytes) => respond("index.html", bytes, issuer),
         None => (
             StatusCode::NOT_FOUND,
             "the web UI directory has no index.html",
