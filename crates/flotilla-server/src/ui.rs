@@ -170,16 +170,35 @@ mod tests {
             content_type("assets/index-abc.js"),
             "text/javascript; charset=utf-8"
         );
-        let r = respond("assets/index-abc.js", Vec::new());
+        let r = respond("assets/index-abc.js", Vec::new(), None);
         assert!(r.headers()[header::CACHE_CONTROL]
             .to_str()
             .unwrap()
             .contains("immutable"));
-        let r = respond("index.html", Vec::new());
+        let r = respond("index.html", Vec::new(), None);
         assert_eq!(r.headers()[header::CACHE_CONTROL], "no-cache");
-        assert!(r.headers()[header::CONTENT_SECURITY_POLICY]
+        let csp = r.headers()[header::CONTENT_SECURITY_POLICY]
             .to_str()
-            .unwrap()
-            .contains("frame-ancestors 'none'"));
+            .unwrap();
+        assert!(csp.contains("frame-ancestors 'none'"));
+        assert!(csp.contains("connect-src 'self';"), "{csp}");
+    }
+
+    /// The browser trades the sign-in code for a token at the issuer: only that origin is
+    /// added to where the page may connect.
+    #[test]
+    fn the_issuer_is_the_only_other_origin_the_page_reaches() {
+        let r = respond(
+            "index.html",
+            Vec::new(),
+            Some("https://login.example.com/realms/x"),
+        );
+        let csp = r.headers()[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap();
+        assert!(
+            csp.contains("connect-src 'self' https://login.example.com;"),
+            "{csp}"
+        );
     }
 }
