@@ -6,7 +6,8 @@
 //   PORT=N [ID_TOKEN_TTL=seconds] node provider.mjs     prints "ready <issuer>" when serving
 //
 // Users: alice (alice@example.com, group dev), bob (bob@example.com, group ops); any password.
-// Clients: flotilla and other (public, PKCE, loopback redirects, device flow, refresh tokens).
+// Clients: flotilla and other (public, PKCE, loopback redirects, device flow, refresh tokens),
+// and flotilla-ui for the web UI when UI_REDIRECT_URIS is set.
 
 import http from 'node:http';
 import crypto from 'node:crypto';
@@ -34,8 +35,22 @@ const client = (id) => ({
   response_types: ['code'],
 });
 
+// The web UI signs in from the browser: a public web client whose redirect URIs the test
+// gives (UI_REDIRECT_URIS, comma-separated), allowed to call the token endpoint from their
+// origins (CORS), as Keycloak's "web origins" allow.
+const uiRedirects = (process.env.UI_REDIRECT_URIS || '').split(',').filter(Boolean);
+const webClients = uiRedirects.length ? [{
+  client_id: 'flotilla-ui',
+  application_type: 'web',
+  token_endpoint_auth_method: 'none',
+  redirect_uris: uiRedirects,
+  grant_types: ['authorization_code'],
+  response_types: ['code'],
+}] : [];
+
 const provider = new Provider(issuer, {
-  clients: [client('flotilla'), client('other')],
+  clients: [client('flotilla'), client('other'), ...webClients],
+  clientBasedCORS: (ctx, origin, c) => (c.redirectUris || []).some((u) => new URL(u).origin === origin),
   jwks: { keys: [jwk] },
   scopes: ['openid', 'email', 'groups', 'offline_access'],
   claims: { email: ['email', 'email_verified'], groups: ['groups'] },

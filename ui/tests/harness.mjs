@@ -24,7 +24,7 @@ export const CHROMIUM_ARGS = [
   "--no-first-run",
 ];
 
-async function freePort() {
+export async function freePort() {
   return new Promise((ok) => {
     const s = net.createServer();
     s.listen(0, "127.0.0.1", () => {
@@ -41,17 +41,18 @@ export function tinyGuest() {
 }
 
 /** `flotilla up` in a fresh data directory; `agent: false` runs `flotilla server` alone. */
-export async function startFlotilla({ agent = true } = {}) {
+export async function startFlotilla({ agent = true, port: chosen, extra = [] } = {}) {
   const bin = process.env.FLOTILLA_BIN ?? join(REPO, "target/debug/flotilla");
   if (!existsSync(bin)) throw new Error(`no flotilla binary at ${bin}: cargo build -p flotilla (or set FLOTILLA_BIN)`);
   const dir = mkdtempSync(join(tmpdir(), "flotilla-ui-"));
   chmodSync(dir, 0o711); // QEMU (another user) reaches the VMs' files through it.
-  const port = await freePort();
+  const port = chosen ?? (await freePort());
   const tag = Math.random().toString(16).slice(2, 6);
   const node = `ui-${tag}`;
   const args = agent
     ? ["up", "--data-dir", dir, "--listen", `127.0.0.1:${port}`, "--node-name", node, "--virt-type", "qemu", "--cpu-overcommit", "32", "--ui-dir", join(REPO, "ui/dist")]
     : ["server", "--data-dir", dir, "--listen", `127.0.0.1:${port}`, "--ui-dir", join(REPO, "ui/dist")];
+  args.push(...extra);
   const log = openSync(join(dir, "flotilla.log"), "a");
   const child = spawn(bin, args, { stdio: ["ignore", log, log] });
   const url = `https://127.0.0.1:${port}`;
