@@ -172,3 +172,45 @@ test("bulk stop stops every selected VM behind a confirmation", async () => {
     vms.items.map(() => "Stopped"),
   );
 });
+
+test("the list filters, sorts and shows chosen columns; the project switcher changes the URL", async () => {
+  await page.goto(`${flotilla.url}/ui/p/default/virtualmachines`);
+  const rows = page.locator("tbody tr");
+  await rows.nth(1).waitFor();
+  await page.getByLabel("Filter").fill("api");
+  await assertEventually(async () => (await rows.count()) === 1 && (await rows.first().getAttribute("data-name")) === vmName("api"));
+  await page.getByLabel("Filter").fill("");
+  await page.getByRole("columnheader", { name: /^Name/ }).click(); // descending now
+  await assertEventually(async () => (await rows.first().getAttribute("data-name")) === vmName("wizard"));
+  await page.getByRole("columnheader", { name: /^Name/ }).click();
+  await assertEventually(async () => (await rows.first().getAttribute("data-name")) === vmName("api"));
+  assert.equal(await page.getByRole("columnheader", { name: /^Power/ }).count(), 0);
+  await page.getByRole("button", { name: "Columns" }).click();
+  await page.getByRole("menu").getByLabel("Power").check();
+  await page.getByRole("columnheader", { name: /^Power/ }).waitFor();
+  // The choice is kept across a reload.
+  await page.reload();
+  await page.getByRole("columnheader", { name: /^Power/ }).waitFor();
+  await call(flotilla, "POST", "/apis/flotilla.dev/v1alpha1/projects", { metadata: { name: `${flotilla.tag}-other` } });
+  await page.getByLabel("Project").locator(`option[value="${flotilla.tag}-other"]`).waitFor({ state: "attached" });
+  await page.getByLabel("Project").selectOption(`${flotilla.tag}-other`);
+  await page.waitForURL(`**/ui/p/${flotilla.tag}-other/virtualmachines`);
+  await page.getByText(`No virtual machines in ${flotilla.tag}-other`).waitFor();
+});
+
+test("a node is cordoned and uncordoned from the node view", async () => {
+  await page.goto(`${flotilla.url}/ui/nodes/${flotilla.node}`);
+  const row = page.locator(`tr[data-name="${flotilla.node}"]`);
+  await row.getByRole("button", { name: "Cordon" }).click();
+  await row.getByText("cordoned").waitFor();
+  const node = await call(flotilla, "GET", `/apis/flotilla.dev/v1alpha1/nodes/${flotilla.node}`);
+  assert.equal(node.spec.unschedulable, true);
+  await row.getByRole("button", { name: "Uncordon" }).click();
+  await row.getByRole("button", { name: "Cordon" }).waitFor();
+  const again = await call(flotilla, "GET", `/apis/flotilla.dev/v1alpha1/nodes/${flotilla.node}`);
+  assert.ok(!again.spec?.unschedulable);
+});
+
+async function assertEventually(check) {
+  await eventually("the list shows it", 10, check);
+}
