@@ -25,5 +25,7 @@ type ${FLOTILLA_VIRT_TYPE}); data in $data_dir. In another terminal:
   flotilla apply -f examples/tiny-vm.yaml
   flotilla get vms -w              # Ctrl-C once it is Running
   flotilla vm log tiny
+  flotilla vm console tiny         # interactive; Ctrl-] leaves
+The web UI is at https://${FLOTILLA_LISTEN:-127.0.0.1:7443}/ui/ (the token is in $data_dir/admin.yaml).
 MSG
 exec "$bin_dir/flotilla" up --data-dir "$data_dir" --virt-type "${FLOTILLA_VIRT_TYPE}" ${FLOTILLA_LISTEN:+--listen "$FLOTILLA_LISTEN"}

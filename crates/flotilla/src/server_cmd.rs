@@ -245,6 +245,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     }
     eprintln!("Flotilla API server listening on {}", server.url);
     eprintln!(
+        "Web UI: {}/ui/ (sign in with the token in {})",
+        server.url,
+        server.admin_config_path.display()
+    );
+    eprintln!(
         "Client configuration (admin): {}",
         server.admin_config_path.display()
     );
