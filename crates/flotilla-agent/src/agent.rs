@@ -130,12 +130,14 @@ pub async fn run_with(
     for leftover in disks.sweep_leftovers()? {
         tracing::info!(path = %leftover.display(), "removed what an interrupted write left behind");
     }
-    let (client, ca_pem) = crate::identity::load_or_join(
-        &config.data_dir,
-        &config.servers,
-        config.join_token.as_deref(),
-        &config.node_name,
-    )
+    let (client, ca_pem) = until_answered(&mut stop, "joining the cluster", || {
+        crate::identity::load_or_join(
+            &config.data_dir,
+            &config.servers,
+            config.join_token.as_deref(),
+            &config.node_name,
+        )
+    })
     .await?;
     let client = Arc::new(client);
     let cluster_id = until_answered(&mut stop, "reading the cluster's identity", || {

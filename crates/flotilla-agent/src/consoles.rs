@@ -184,12 +184,24 @@ impl Drop for SerialHub {
     }
 }
 
-fn valid_uid(uid: &str) -> bool {
-    !uid.is_empty() && uid.len() <= 64 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
-}
-
 fn refuse(code: StatusCode, why: &str) -> Response {
     (code, why.to_string()).into_response()
+}
+
+/// A session for VM `uid`, unless the uid is malformed or the node serves enough already.
+fn admit(
+    consoles: &Consoles,
+    uid: &str,
+) -> Result<tokio::sync::OwnedSemaphorePermit, (StatusCode, &'static str)> {
+    if !crate::logserver::is_uid(uid) {
+        return Err((StatusCode::BAD_REQUEST, "not a VM uid"));
+    }
+    consoles.sessions.clone().try_acquire_owned().map_err(|_| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many open consoles on this node",
+        )
+    })
 }
 
 /// `GET /v1/vms/{uid}/serial` (WebSocket): the VM's interactive serial console, shared.
@@ -198,14 +210,9 @@ pub async fn serial(
     UrlPath(uid): UrlPath<String>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if !valid_uid(&uid) {
-        return refuse(StatusCode::BAD_REQUEST, "not a VM uid");
-    }
-    let Ok(permit) = consoles.sessions.clone().try_acquire_owned() else {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many open consoles on this node",
-        );
+    let permit = match admit(&consoles, &uid) {
+        Ok(permit) => permit,
+        Err((code, why)) => return refuse(code, why),
     };
     let hub = match consoles.hub(&uid).await {
         Ok(hub) => hub,
@@ -272,14 +279,9 @@ pub async fn vnc(
     UrlPath(uid): UrlPath<String>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if !valid_uid(&uid) {
-        return refuse(StatusCode::BAD_REQUEST, "not a VM uid");
-    }
-    let Ok(permit) = consoles.sessions.clone().try_acquire_owned() else {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many open consoles on this node",
-        );
+    let permit = match admit(&consoles, &uid) {
+        Ok(permit) => permit,
+        Err((code, why)) => return refuse(code, why),
     };
     let Some(ctx) = consoles.late.get() else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "the agent is starting");

@@ -94,7 +94,7 @@ async fn fetch_verified_ca(servers: &[String], want: &str) -> Result<String, Age
         .timeout(std::time::Duration::from_secs(10))
         .build()
         .expect("an HTTP client");
-    let mut last = String::from("no server given");
+    let mut last = None;
     for s in servers {
         match insecure
             .get(format!("{}/cacerts", s.trim_end_matches('/')))
@@ -110,10 +110,20 @@ async fn fetch_verified_ca(servers: &[String], want: &str) -> Result<String, Age
                     "the CA served by {s} does not match the join token: wrong server, or someone in between"
                 )));
             }
-            Err(e) => last = format!("{s}: {e}"),
+            Err(e) => {
+                last = Some(flotilla_client::ClientError::Transport {
+                    url: s.clone(),
+                    message: format!("cannot fetch the CA: {e}"),
+                })
+            }
         }
     }
-    Err(AgentError::Config(format!("cannot fetch the CA: {last}")))
+    // Unreachable servers are a transport error: the agent waits for them (a server
+    // restarting while a node joins), as it does for every other call.
+    Err(match last {
+        Some(e) => AgentError::Api(e),
+        None => AgentError::Config("no server given: pass --server".into()),
+    })
 }
 
 /// A DNS-1123 label from a host name (its first component).

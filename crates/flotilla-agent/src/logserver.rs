@@ -34,7 +34,7 @@ struct LogQuery {
     follow: bool,
 }
 
-fn is_uid(s: &str) -> bool {
+pub(crate) fn is_uid(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 

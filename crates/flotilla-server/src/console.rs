@@ -121,6 +121,20 @@ async fn open(
     let caller = req.extensions().get::<crate::audit::Caller>().cloned();
     let credentials = crate::http::credentials(&req);
     let (mut parts, _) = req.into_parts();
+    // A GET must be a WebSocket before anything else: a plain GET does not use up a ticket.
+    let upgrade = match method {
+        Method::GET => Some(
+            WebSocketUpgrade::from_request_parts(&mut parts, &state)
+                .await
+                .map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "{} is a WebSocket: open it with a WebSocket client (Upgrade: websocket), or use `flotilla vm console`",
+                        parts.uri.path()
+                    ))
+                })?,
+        ),
+        _ => None,
+    };
     let principal = match (&ticket, &method) {
         (Some(ticket), &Method::GET) => redeem(&state, ticket, console, (&project, &name)).await?,
         (Some(_), _) => {
@@ -147,17 +161,9 @@ async fn open(
         .get(vms, Some(&project), &name)
         .await?
         .to_value();
-    match method {
-        Method::POST => issue(&state, &principal, console, &vm).await,
-        Method::GET => {
-            let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &state)
-                .await
-                .map_err(|_| {
-                    ApiError::bad_request(format!(
-                        "{} is a WebSocket: open it with a WebSocket client (Upgrade: websocket), or use `flotilla vm console`",
-                        parts.uri.path()
-                    ))
-                })?;
+    match (method, upgrade) {
+        (Method::POST, _) => issue(&state, &principal, console, &vm).await,
+        (Method::GET, Some(upgrade)) => {
             let Ok(permit) = sessions().clone().try_acquire_owned() else {
                 return Err(ApiError::new(
                     503,

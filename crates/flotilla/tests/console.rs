@@ -194,6 +194,15 @@ async fn consoles_are_interactive_shared_and_only_for_those_allowed() {
     assert_eq!(code, 201, "{t}");
     let with_ticket = t["path"].as_str().unwrap().to_string();
     assert!(with_ticket.starts_with(&console_path), "{with_ticket}");
+    // A plain GET is told to use a WebSocket, and does not use the ticket up.
+    let plain = server
+        .http()
+        .get(format!("{}{with_ticket}", server.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 400);
+    assert!(plain.text().await.unwrap().contains("WebSocket"));
     let mut by_ticket = raw_socket(&server, &with_ticket, None)
         .await
         .expect("the ticket opens the console");

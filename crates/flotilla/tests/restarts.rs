@@ -184,3 +184,40 @@ async fn kill_9_of_the_server_during_a_burst_misses_no_binding() {
         "no domain is left"
     );
 }
+
+/// An agent started while its server is down (restarting, or not up yet) waits for it and
+/// joins once it answers, instead of exiting: nodes come up in any order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_joins_once_its_server_comes_back() {
+    let dir = traversable_tempdir();
+    let mut server = Server::start(dir.path());
+    let admin = server.admin().await;
+    let token = join_token(&admin).await;
+    server.process.kill9();
+    let node = format!("late-{:04x}", rand::random::<u16>());
+    let mut agent = agent(&server.url(), &token, &node, dir.path());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(agent.running(), "the agent waits:\n{}", agent.tail(20));
+    server.process.start();
+    let admin = server.admin().await;
+    let nodes = lookup("node").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = admin.get(nodes, None, &node).await.ok().is_some_and(|n| {
+            n["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+        });
+        if ready {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node never became Ready; the agent's log ends:\n{}",
+            agent.tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    agent.kill9();
+}
