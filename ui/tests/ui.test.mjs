@@ -214,3 +214,23 @@ test("a node is cordoned and uncordoned from the node view", async () => {
 async function assertEventually(check) {
   await eventually("the list shows it", 10, check);
 }
+
+test("images are listed with their source and their state on each node", async () => {
+  const name = vmName("img");
+  await call(flotilla, "POST", "/apis/flotilla.dev/v1alpha1/namespaces/default/images", {
+    metadata: { name },
+    spec: { source: { path: `${guest}/initramfs.gz` }, format: "raw" },
+  });
+  // (The project switcher chose another project earlier: the UI remembers it.)
+  await page.goto(`${flotilla.url}/ui/p/default/images`);
+  const row = page.locator(`tr[data-name="${name}"]`);
+  await row.waitFor();
+  assert.equal(await row.locator('td[data-column="source"]').textContent(), `${guest}/initramfs.gz`);
+  // Per node: the node's phase and name once its agent reports, until then a note saying so.
+  const states = row.locator('td[data-column="nodes"]');
+  await eventually("the image's node state shows", 30, async () => {
+    const text = await states.textContent();
+    return text.includes(flotilla.node) || text.includes("not on any node yet");
+  });
+  await screenshot(page, "images");
+});
