@@ -135,8 +135,14 @@ async fn open(
         ),
         _ => None,
     };
+    // The uid of the VM a redeemed ticket was for: the VM read below must be that one.
+    let mut ticket_uid = None;
     let principal = match (&ticket, &method) {
-        (Some(ticket), &Method::GET) => redeem(&state, ticket, console, (&project, &name)).await?,
+        (Some(ticket), &Method::GET) => {
+            let (principal, uid) = redeem(&state, ticket, console, (&project, &name)).await?;
+            ticket_uid = Some(uid);
+            principal
+        }
         (Some(_), _) => {
             return Err(ApiError::bad_request(
                 "a console ticket opens the console (GET); ask for a ticket with a token",
@@ -161,6 +167,10 @@ async fn open(
         .get(vms, Some(&project), &name)
         .await?
         .to_value();
+    // A VM deleted and made again under the same name is another VM.
+    if ticket_uid.is_some_and(|uid| vm["metadata"]["uid"].as_str() != Some(uid.as_str())) {
+        return Err(ticket_refused());
+    }
     match (method, upgrade) {
         (Method::POST, _) => issue(&state, &principal, console, &vm).await,
         (Method::GET, Some(upgrade)) => {
@@ -244,18 +254,15 @@ fn key(secret: &str) -> String {
     )
 }
 
-/// Uses up a ticket: it names whom it was given to, if it is for this console and still valid.
+/// Uses up a ticket: whom it was given to and the uid of the VM it was for, if it is for this
+/// console and still valid.
 async fn redeem(
     state: &AppState,
     secret: &str,
     console: Console,
     (project, name): (&str, &str),
-) -> Result<Principal, ApiError> {
-    let refused = || {
-        ApiError::unauthorized(
-            "the console ticket is unknown, used, expired or for another console: ask for a new one (POST to this path with a token)",
-        )
-    };
+) -> Result<(Principal, String), ApiError> {
+    let refused = ticket_refused;
     if secret.len() != 64 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(refused());
     }
@@ -271,20 +278,17 @@ async fn redeem(
     {
         return Err(refused());
     }
-    let vms = registry::by_kind("VirtualMachine").expect("registered");
-    let vm = state
-        .objects
-        .get(vms, Some(project), name)
-        .await?
-        .to_value();
-    // A VM deleted and made again under the same name is another VM.
-    if vm["metadata"]["uid"].as_str() != Some(ticket.uid.as_str()) {
-        return Err(refused());
-    }
-    Ok(Principal {
+    let principal = Principal {
         user: ticket.user,
         groups: ticket.groups,
-    })
+    };
+    Ok((principal, ticket.uid))
+}
+
+fn ticket_refused() -> ApiError {
+    ApiError::unauthorized(
+        "the console ticket is unknown, used, expired or for another console: ask for a new one (POST to this path with a token)",
+    )
 }
 
 type AgentSocket =

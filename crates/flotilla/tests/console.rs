@@ -222,6 +222,22 @@ async fn consoles_are_interactive_shared_and_only_for_those_allowed() {
         refused_with(raw_socket(&server, &format!("{console_path}?ticket={forged}"), None).await);
     assert_eq!(code, 401, "a forged ticket");
     drop(by_ticket);
+    // Opening a console is in the audit log, under the caller the ticket was for; the ticket
+    // itself is not.
+    let audit = std::fs::read_to_string(server.data_dir.join("audit.log")).unwrap();
+    let opened: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("\"code\":101") && l.contains("virtualmachines/console"))
+        .collect();
+    assert!(
+        opened
+            .iter()
+            .any(|l| l.contains("serviceaccount:default:operator")),
+        "the member's console sessions are audited:\n{}",
+        opened.join("\n")
+    );
+    let secret_used = with_ticket.rsplit('=').next().unwrap();
+    assert!(!audit.contains(secret_used), "no ticket in the audit log");
 
     // VNC: the RFB handshake of QEMU's VNC server, through the server and the agent.
     let mut vnc = admin
