@@ -9,7 +9,7 @@
 # route either gives), then prints
 #   FLOTILLA-IP <address/prefix> MTU <mtu> VIA static|dhcp
 # and pings the address of user-data's "flotilla_test_ping:" line every half second for as long
-# as it runs, printing each change (the first answer, a loss after 2 misses, an answer again):
+# as it runs (in the background, beside the shell), printing each change (the first answer, a loss after 2 misses, an answer again):
 #   FLOTILLA-PING <address> ok|lost
 # (busybox 1.35's wget crashes on -T: timeout(1) bounds it.) With a "flotilla_test_metadata" line in user-data it first prints what the metadata service
 # at 169.254.169.254 answers (OpenStack's meta_data.json on one line, EC2's instance-id):
@@ -131,6 +131,7 @@ SCRIPT
   fi
   peer="$(sed -n 's/^.*flotilla_test_ping: *//p' /mnt/user-data 2>/dev/null | head -n1)"
   if [ -n "$peer" ]; then
+    # In the background: the interactive shell below comes up beside it.
     state=none; misses=0
     while true; do
       if ping -c 1 -W 1 "$peer" >/dev/null 2>&1; then
@@ -141,7 +142,7 @@ SCRIPT
         [ "$state" = ok ] && [ "$misses" -ge 2 ] && { state=lost; echo "FLOTILLA-PING $peer lost"; }
       fi
       sleep 0.5
-    done
+    done &
   fi
 fi
 # An interactive shell on the serial console (the console tests type into it).

@@ -57,6 +57,12 @@ pub struct AgentConfig {
     /// This node's end of the overlay networks' tunnels; None: the address of the default
     /// route's interface (found only on real hypervisors, not the test driver).
     pub tunnel_address: Option<std::net::Ipv4Addr>,
+    /// Where other nodes' libvirt daemons send VMs migrating here: QEMU's migration stream
+    /// connects to this address, and libvirt to `migration_uri`. None: the tunnel address.
+    pub migration_address: Option<std::net::IpAddr>,
+    /// The libvirt URI other nodes' libvirt daemons migrate to; None:
+    /// `qemu+tls://<migration address>/system` (libvirt's TLS, with its certificates).
+    pub migration_uri: Option<String>,
     /// Whether the agent owns the node's security group rules (Flotilla's nftables tables in
     /// its network namespace). Only one agent per namespace may: tests that run several agents
     /// on one host's network turn it off for all but one.
@@ -84,6 +90,8 @@ impl AgentConfig {
             cpu_overcommit: 4.0,
             memory_overcommit: 1.0,
             tunnel_address: None,
+            migration_address: None,
+            migration_uri: None,
             firewall: true,
         }
     }
@@ -243,10 +251,12 @@ pub async fn run_with(
         data_dir: config.data_dir.clone(),
         shutdown_timeout: config.shutdown_timeout,
         defined: Default::default(),
+        migrations: Default::default(),
+        migrating: Default::default(),
         vm_snapshots: Arc::new(crate::vmsnapshots::NodeSnapshots::new(
             volume_changed.clone(),
         )),
-        volumes: Arc::new(crate::attach::NodeVolumes::new(volume_changed)),
+        volumes: Arc::new(crate::attach::NodeVolumes::new(volume_changed.clone())),
     });
     let _ = late.set(ctx.clone());
     if !config.labels.is_empty() {
@@ -320,6 +330,8 @@ pub async fn run_with(
     // The volumes placed on this node.
     let volumes = tokio::spawn(crate::volumes::run(ctx.clone(), config.resync));
     let vm_snapshots = tokio::spawn(crate::vmsnapshots::follow(ctx.clone()));
+    // Migrations from and to this node.
+    let migrations = tokio::spawn(crate::migrate::follow(ctx.clone(), volume_changed));
     // The routers placed on this node (with overlays: a router joins overlay networks).
     let routers = ctx.overlays.is_some().then(|| {
         tokio::spawn(crate::routers::run(
@@ -378,6 +390,7 @@ pub async fn run_with(
             Some(pools),
             Some(volumes),
             Some(vm_snapshots),
+            Some(migrations),
         ]
         .into_iter()
         .flatten()
@@ -417,11 +430,13 @@ pub async fn run_with(
             }
         }
         if let Some(firewall) = &ctx.firewall {
+            // VMs coming here in a migration keep the rules their preparation set.
             let uids = list["items"]
                 .as_array()
                 .into_iter()
                 .flatten()
                 .filter_map(|vm| vm["metadata"]["uid"].as_str().map(str::to_string))
+                .chain(ctx.migrations.incoming_vms())
                 .collect();
             firewall.retain_vms(&uids);
             firewall.listed(crate::firewall::Listed::Vms);
@@ -809,6 +824,10 @@ fn is_ours(ctx: &Context, owner: &Owner) -> bool {
 /// Domains this agent created whose VM no longer exists here are removed with their files.
 /// Domains of other clusters or nodes are never touched (they are reported as unmanaged).
 async fn cleanup_orphans(ctx: &Context, actors: &HashMap<String, Actor>) {
+    // Until the migrations to this node are known, a prepared VM looks like an orphan.
+    if !ctx.migrations.listed() {
+        return;
+    }
     let known: HashSet<String> = actors
         .values()
         .filter_map(|a| {
@@ -817,6 +836,7 @@ async fn cleanup_orphans(ctx: &Context, actors: &HashMap<String, Actor>) {
                 .as_ref()
                 .and_then(|vm| vm.metadata.uid.clone())
         })
+        .chain(ctx.migrations.incoming_vms())
         .collect();
     let Ok(domains) = ctx.libvirt.list().await else {
         return;
@@ -917,11 +937,27 @@ async fn report_node(
     if let Some(tunnel) = tunnel {
         addresses.insert("tunnel".into(), json!(tunnel.to_string()));
     }
+    let migration = config
+        .migration_address
+        .or(tunnel.map(std::net::IpAddr::V4))
+        .filter(|_| ctx.virt_type != VirtType::Test);
+    let migration_uri = migration.map(|address| {
+        addresses.insert("migration".into(), json!(address.to_string()));
+        config
+            .migration_uri
+            .clone()
+            .unwrap_or_else(|| match address {
+                std::net::IpAddr::V6(a) => format!("qemu+tls://[{a}]/system"),
+                std::net::IpAddr::V4(a) => format!("qemu+tls://{a}/system"),
+            })
+    });
+    let host_uuid = ctx.libvirt.host_uuid().await.unwrap_or(None);
     let status = json!({"status": {
         "capacity": resources, "allocatable": allocatable, "addresses": addresses,
         "nodeInfo": {"hostname": host.hostname, "agentVersion": env!("CARGO_PKG_VERSION"), "libvirtVersion": host.libvirt_version,
                      "qemuVersion": host.hypervisor_version, "virtType": if ctx.virt_type == VirtType::Kvm { "kvm" } else { "qemu" },
-                     "agentEndpoint": endpoint.0, "agentCertSha256": endpoint.1},
+                     "agentEndpoint": endpoint.0, "agentCertSha256": endpoint.1,
+                     "migrationUri": migration_uri, "hostUuid": host_uuid},
         "unmanagedDomains": unmanaged,
         "dhcpServerRestarts": ctx.dhcp.as_ref().map(|d| d.restarts()),
     }});

@@ -22,6 +22,7 @@ pub mod iso9660;
 pub mod libvirt;
 pub mod logserver;
 pub mod metadata;
+pub mod migrate;
 mod networks;
 pub mod overlays;
 pub mod pools;

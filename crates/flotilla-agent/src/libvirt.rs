@@ -136,7 +136,7 @@ impl Libvirt {
         crate::events::subscribe(&self.conn)
     }
 
-    async fn run<T: Send + 'static>(
+    pub(crate) async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connect) -> Result<T, AgentError> + Send + 'static,
     ) -> Result<T, AgentError> {
@@ -169,7 +169,7 @@ impl Libvirt {
         .await
     }
 
-    fn lookup(c: &Connect, uuid: &str) -> Option<Domain> {
+    pub(crate) fn lookup(c: &Connect, uuid: &str) -> Option<Domain> {
         Domain::lookup_by_uuid_string(c, uuid).ok()
     }
 

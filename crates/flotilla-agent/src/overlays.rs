@@ -28,6 +28,8 @@ pub struct Overlays {
     ensured: std::sync::Mutex<std::collections::HashMap<u32, std::time::Instant>>,
     /// The overlays this node's routers use: kept although no domain uses them.
     for_routers: std::sync::Mutex<BTreeSet<u32>>,
+    /// Bridges of VMs prepared for incoming migrations, by VM uid.
+    for_migrations: std::sync::Mutex<std::collections::BTreeMap<String, BTreeSet<String>>>,
 }
 
 /// How long an overlay ensured for a VM without a domain is kept although no domain uses it
@@ -69,10 +71,28 @@ impl Overlays {
             lock: Default::default(),
             ensured: Default::default(),
             for_routers: Default::default(),
+            for_migrations: Default::default(),
         })
     }
 
     /// The overlays this node's routers use now (the collector keeps them).
+    /// Keeps the bridges a VM prepared for an incoming migration needs until
+    /// [`Self::release_migrations`] lets go of them (the VM has no domain here yet).
+    pub fn keep_for_migration(&self, vm_uid: &str, bridges: BTreeSet<String>) {
+        self.for_migrations
+            .lock()
+            .expect("migrations lock")
+            .insert(vm_uid.to_string(), bridges);
+    }
+
+    /// Lets go of the bridges kept for incoming migrations of VMs other than `incoming`.
+    pub fn release_migrations(&self, incoming: &std::collections::HashSet<String>) {
+        self.for_migrations
+            .lock()
+            .expect("migrations lock")
+            .retain(|uid, _| incoming.contains(uid));
+    }
+
     pub fn keep_for_routers(&self, vnis: BTreeSet<u32>) {
         *self.for_routers.lock().expect("routers lock") = vnis;
     }
@@ -179,7 +199,13 @@ impl Overlays {
                 .lock()
                 .expect("routers lock")
                 .contains(&vni);
-            if in_use.contains(&bridge_name(vni)) || recent || routed {
+            let migrating = self
+                .for_migrations
+                .lock()
+                .expect("migrations lock")
+                .values()
+                .any(|bridges| bridges.contains(&bridge_name(vni)));
+            if in_use.contains(&bridge_name(vni)) || recent || routed || migrating {
                 continue;
             }
             self.ensured.lock().expect("ensured lock").remove(&vni);

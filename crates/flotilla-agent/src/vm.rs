@@ -49,6 +49,10 @@ pub struct Context {
     /// The XML this agent last defined for each domain (by UUID): an unchanged definition of a
     /// domain that exists is not parsed by libvirt again on every reconcile.
     pub defined: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// The migrations from and to this node.
+    pub migrations: Arc<crate::migrate::NodeMigrations>,
+    /// VMs (by uid) this process is copying to another node right now.
+    pub migrating: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Context {
@@ -84,7 +88,31 @@ pub async fn remove_everything(ctx: &Context, uid: &str) -> Result<(), AgentErro
     }
 }
 
+/// What a converge is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Run the VM here: everything, up to its power state and status.
+    Run,
+    /// Get ready to take the VM in a migration: its disks (an empty overlay on the cached
+    /// image), seed, networks and security group rules, but no domain and no status.
+    Prepare,
+}
+
 pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, AgentError> {
+    converge(ctx, vm, Mode::Run).await
+}
+
+/// Prepares this node to take `vm` in a migration (see [`crate::migrate`]).
+pub async fn prepare_incoming(ctx: &Context, vm: &VirtualMachine) -> Result<(), AgentError> {
+    converge(ctx, vm, Mode::Prepare).await.map(|_| ())
+}
+
+/// Shuts the guest down (powered off after the shutdown timeout).
+pub async fn stop_domain(ctx: &Context, vm: &VirtualMachine, uid: &str) -> Result<(), AgentError> {
+    stop(ctx, vm, uid, ctx.shutdown_timeout).await
+}
+
+async fn converge(ctx: &Context, vm: &VirtualMachine, mode: Mode) -> Result<Outcome, AgentError> {
     let started = std::time::Instant::now();
     let step = |what: &str| tracing::debug!(vm = %vm.metadata.name, ms = started.elapsed().as_millis() as u64, "{what}");
     let meta = &vm.metadata;
@@ -98,6 +126,11 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
     // An adopted domain keeps its own UUID and definition; Flotilla only drives its power.
     let adopted = vm.spec.adopted_domain.clone();
     let domain = adopted.clone().unwrap_or_else(|| uid.clone());
+    if mode == Mode::Prepare && (meta.deletion_timestamp.is_some() || adopted.is_some()) {
+        return Err(AgentError::Config(
+            "the VM is being deleted, or is an adopted domain: it does not move".into(),
+        ));
+    }
     if let Some(deleted_at) = meta.deletion_timestamp {
         if adopted.is_none() {
             // The disks die with the VM: no clean shutdown unless the deletion asked for a grace
@@ -125,7 +158,16 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
         }
         return Ok(Outcome::Gone);
     }
-    if !meta.finalizers.iter().any(|f| f == FINALIZER) {
+    if mode == Mode::Run {
+        // A migration under way decides what happens to the domain (see crate::migrate).
+        let migration = vm.status.as_ref().and_then(|s| s.migration.as_ref());
+        if let Some(m) = migration.and_then(|m| ctx.migrations.outgoing(vm, &m.name)) {
+            if let Some(outcome) = crate::migrate::drive(ctx, vm, &m).await? {
+                return Ok(outcome);
+            }
+        }
+    }
+    if mode == Mode::Run && !meta.finalizers.iter().any(|f| f == FINALIZER) {
         // Before creating anything, so that a deletion cannot leave it behind.
         edit_finalizers(ctx, &project, &name, |f| {
             if !f.iter().any(|x| x == FINALIZER) {
@@ -151,7 +193,7 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
     // Provisioning is worth a status write when disks must be prepared (a download, a copy);
     // without them the domain is defined and started within the same reconcile.
     let prepares_disks = vm.spec.image.is_some() || vm.spec.root_disk.is_some();
-    if prepares_disks && ctx.libvirt.state(&uid).await?.is_none() {
+    if mode == Mode::Run && prepares_disks && ctx.libvirt.state(&uid).await?.is_none() {
         let disks = vm.status.iter().flat_map(|s| s.disks.clone()).collect();
         write_status(ctx, vm, "Provisioning", None, disks).await?;
     }
@@ -225,7 +267,7 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
         has_root,
         volumes: &disks,
     };
-    if crate::vmsnapshots::reconcile(ctx, &subject).await? {
+    if mode == Mode::Run && crate::vmsnapshots::reconcile(ctx, &subject).await? {
         disks = crate::attach::resolve(ctx, vm).await?;
         let root_name = crate::vmsnapshots::active_root(&dir).await;
         root_disk = dir.join(format!("{root_name}.qcow2"));
@@ -264,6 +306,12 @@ pub async fn reconcile(ctx: &Context, vm: &VirtualMachine) -> Result<Outcome, Ag
         crate::datadir::write_file(&stamp, fingerprint.into_bytes(), 0o644).await?;
     }
     step("seed ready");
+    if mode == Mode::Prepare {
+        if let Some(overlays) = &ctx.overlays {
+            overlays.keep_for_migration(&uid, nics.iter().map(|n| n.bridge.clone()).collect());
+        }
+        return Ok(Outcome::Done);
+    }
     let spec = DomainSpec {
         virt_type: ctx.virt_type,
         name: domain_name(&project, &name),
@@ -575,6 +623,13 @@ async fn apply_power(ctx: &Context, vm: &VirtualMachine, uid: &str) -> Result<Ou
                 .await;
                 stop(ctx, vm, uid, ctx.shutdown_timeout).await?;
                 tracing::info!(vm = %name, "restarting on request");
+            }
+            if ctx.libvirt.state(uid).await? == Some(DomainState::Paused)
+                && !ctx.migrating.lock().expect("migrating lock").contains(uid)
+            {
+                // Paused by a move that ended (or by hand): the guest goes on.
+                ctx.libvirt.resume(uid).await?;
+                tracing::info!(vm = %name, "resumed a paused guest");
             }
             if ctx.libvirt.state(uid).await? != Some(DomainState::Running) {
                 ctx.libvirt.start(uid).await?;

@@ -7,6 +7,7 @@ pub mod events;
 pub mod garbage_collector;
 pub mod ipam_sweeper;
 pub mod leader;
+pub mod migrations;
 pub mod network_status;
 pub mod node_lifecycle;
 pub mod placement;
@@ -107,6 +108,7 @@ pub fn spawn_all(objects: Objects, config: ControllerConfig) -> Vec<tokio::task:
         tokio::spawn(routers::run(objects.clone(), Duration::from_secs(2))),
         tokio::spawn(volumes::run(objects.clone(), Duration::from_secs(5))),
         tokio::spawn(node_lifecycle::run(objects.clone(), config.node_grace)),
+        tokio::spawn(migrations::run(objects.clone(), Duration::from_secs(2))),
         tokio::spawn(scheduler::run(
             objects.clone(),
             Duration::from_secs(2),

@@ -226,6 +226,15 @@ fn node_scope(p: &Principal, node: &str, r: &Request<'_>) -> Result<Scope, ApiEr
         ("VirtualMachine", Verb::Get | Verb::Update | Verb::Patch) => {
             Ok(Scope::BoundTo(node.to_string()))
         }
+        // The two ends of a migration follow it and report on it.
+        ("Migration", Verb::List | Verb::Watch)
+            if selects("status.sourceNode") || selects("status.targetNode") =>
+        {
+            Ok(Scope::Unrestricted)
+        }
+        ("Migration", Verb::Get | Verb::Update | Verb::Patch) => {
+            Ok(Scope::BoundTo(node.to_string()))
+        }
         ("Volume" | "VolumeSnapshot" | "VMSnapshot", Verb::List | Verb::Watch)
             if selects("status.node") =>
         {
@@ -331,11 +340,19 @@ pub fn guard(scope: &Scope, current: &Value, next: Option<&Value>) -> Result<(),
             }
         },
         Scope::BoundTo(node) => {
+            let is = |v: &Value| v.as_str() == Some(node.as_str());
             let bound = match current["kind"].as_str() {
-                Some("Volume" | "VolumeSnapshot" | "VMSnapshot") => &current["status"]["node"],
-                _ => &current["spec"]["nodeName"],
+                Some("Volume" | "VolumeSnapshot" | "VMSnapshot") => is(&current["status"]["node"]),
+                Some("Migration") => {
+                    is(&current["status"]["sourceNode"]) || is(&current["status"]["targetNode"])
+                }
+                // The target of a migration under way reads the VM to prepare it.
+                _ => {
+                    is(&current["spec"]["nodeName"])
+                        || (next.is_none() && is(&current["status"]["migration"]["targetNode"]))
+                }
             };
-            if bound.as_str() != Some(node.as_str()) {
+            if !bound {
                 return Err(ApiError::forbidden(format!(
                     "{} is not bound to node {node:?}",
                     current["metadata"]["name"].as_str().unwrap_or_default()
@@ -344,11 +361,14 @@ pub fn guard(scope: &Scope, current: &Value, next: Option<&Value>) -> Result<(),
             if let Some(next) = next {
                 let mut a = current.clone();
                 let mut b = next.clone();
+                let migration = current["kind"] == "Migration";
                 for v in [&mut a, &mut b] {
                     v.as_object_mut().map(|o| o.remove("status"));
-                    v["metadata"]
-                        .as_object_mut()
-                        .map(|m| m.remove("finalizers"));
+                    if !migration {
+                        v["metadata"]
+                            .as_object_mut()
+                            .map(|m| m.remove("finalizers"));
+                    }
                 }
                 if a != b {
                     return Err(ApiError::forbidden(

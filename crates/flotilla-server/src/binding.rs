@@ -103,3 +103,59 @@ impl Objects {
         })
     }
 }
+
+impl Objects {
+    /// Moves the VM `name` (with `uid`) from node `from` to node `to`: the one write that ends
+    /// a migration, made by the migration controller once the VM runs on `to`. It also clears
+    /// `status.migration` and bumps both nodes' claim keys (the scheduler counts the VM on `to`
+    /// from then on). True when written or already done; false when the VM is gone or bound
+    /// elsewhere.
+    pub async fn rebind(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        name: &str,
+        uid: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<bool, ApiError> {
+        loop {
+            let kv = match self.get_kv(kind, namespace, name).await {
+                Ok(kv) => kv,
+                Err(e) if e.code() == 404 => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            let current = parse_stored(&kv)?;
+            if current["metadata"]["uid"].as_str() != Some(uid) {
+                return Ok(false);
+            }
+            match current["spec"]["nodeName"].as_str() {
+                Some(node) if node == to => return Ok(true),
+                Some(node) if node == from => {}
+                _ => return Ok(false),
+            }
+            let mut next = current.clone();
+            next["spec"]["nodeName"] = json!(to);
+            if let Some(status) = next.get_mut("status").and_then(Value::as_object_mut) {
+                status.remove("migration");
+            }
+            let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+            next["metadata"]["generation"] = json!(generation + 1);
+            let next = validate(kind, &next)?;
+            let record = json!({"vm": kv.key, "movedFrom": from, "movedTo": to});
+            let resp = self
+                .store()
+                .txn(
+                    Txn::new()
+                        .when(Compare::mod_revision(&kv.key, kv.mod_revision))
+                        .and_then(Op::put(&kv.key, encode(&next)))
+                        .and_then(Op::put(claim_key(from), encode(&record)))
+                        .and_then(Op::put(claim_key(to), encode(&record))),
+                )
+                .await?;
+            if resp.succeeded {
+                return Ok(true);
+            }
+        }
+    }
+}

@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use crate::kinds::{
-    ClusterRole, ClusterRoleBinding, Event, FloatingIP, Image, Lease, Network, Node,
+    ClusterRole, ClusterRoleBinding, Event, FloatingIP, Image, Lease, Migration, Network, Node,
     PlacementPolicy, Project, Role, RoleBinding, Router, SecurityGroup, ServiceAccount,
     StoragePool, VMClass, VMSnapshot, VirtualMachine, Volume, VolumeSnapshot,
 };
@@ -76,6 +76,7 @@ pub static KINDS: &[KindInfo] = &[
     kind_info!(Volume),
     kind_info!(VolumeSnapshot),
     kind_info!(VMSnapshot),
+    kind_info!(Migration),
     kind_info!(Event),
     kind_info!(ServiceAccount),
     kind_info!(Role),

@@ -55,6 +55,14 @@ pub struct NodeArgs {
     /// default route's interface).
     #[arg(long)]
     pub tunnel_address: Option<std::net::Ipv4Addr>,
+    /// Where VMs migrating to this node arrive: QEMU's migration stream connects to this
+    /// address (default: the tunnel address).
+    #[arg(long)]
+    pub migration_address: Option<std::net::IpAddr>,
+    /// The libvirt URI other nodes' libvirt daemons migrate VMs to (default:
+    /// qemu+tls://<migration address>/system, libvirt's own TLS and certificates).
+    #[arg(long)]
+    pub migration_uri: Option<String>,
     /// Where the agent serves its VMs' serial logs to the API server (HTTPS, only the server's
     /// client certificate is let in). Loopback by default: on a host other than the server's,
     /// give an address the server reaches, e.g. 10.0.0.5:0.
@@ -163,6 +171,8 @@ fn agent_config(servers: Vec<String>, data_dir: PathBuf, node: &NodeArgs) -> Age
     config.memory_overcommit = node.memory_overcommit;
     config.shutdown_timeout = node.shutdown_timeout;
     config.tunnel_address = node.tunnel_address;
+    config.migration_address = node.migration_address;
+    config.migration_uri = node.migration_uri.clone();
     config.listen = node.log_listen;
     config.advertise = node.log_advertise.clone();
     config

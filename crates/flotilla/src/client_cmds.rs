@@ -511,6 +511,23 @@ pub enum VmCommand {
         target: VmTarget,
         snapshot: String,
     },
+    /// Move the VM to another node (a Migration): live by default, the guest keeps running.
+    Migrate {
+        #[command(flatten)]
+        target: VmTarget,
+        /// The node to move it to (default: the scheduler picks one).
+        #[arg(long = "to")]
+        to: Option<String>,
+        /// Stop the VM, copy its disks, and start it on the target (for when live is impossible).
+        #[arg(long)]
+        cold: bool,
+        /// Suspend the guest for the whole copy (always converges; the blackout is the copy).
+        #[arg(long, conflicts_with = "cold")]
+        suspend: bool,
+        /// Return once the Migration is made, without waiting for its end.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Attach to the VM's serial console (interactive; Ctrl-] leaves).
     Console(VmTarget),
     /// Print the VM's serial console log.
@@ -615,6 +632,17 @@ pub async fn vm(conn: &ConnectionArgs, cmd: VmCommand) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    if let VmCommand::Migrate {
+        target,
+        to,
+        cold,
+        suspend,
+        no_wait,
+    } = cmd
+    {
+        let proj = project(&target.project, &ctx).to_string();
+        return migrate(&client, &proj, &target.name, to, cold, suspend, !no_wait).await;
+    }
     if let VmCommand::Console(target) = cmd {
         let proj = project(&target.project, &ctx).to_string();
         return crate::console_cmd::run(&client, &proj, &target.name).await;
@@ -687,7 +715,10 @@ pub async fn vm(conn: &ConnectionArgs, cmd: VmCommand) -> anyhow::Result<()> {
             println!("virtualmachine/{} {done}", target.name);
             return Ok(());
         }
-        VmCommand::Log { .. } | VmCommand::Adopt { .. } | VmCommand::Console(_) => {
+        VmCommand::Log { .. }
+        | VmCommand::Adopt { .. }
+        | VmCommand::Console(_)
+        | VmCommand::Migrate { .. } => {
             unreachable!("handled above")
         }
     };
@@ -698,4 +729,76 @@ pub async fn vm(conn: &ConnectionArgs, cmd: VmCommand) -> anyhow::Result<()> {
         .map_err(|e| not_found_hint(e, vms, &proj))?;
     println!("virtualmachine/{} {done}", target.name);
     Ok(())
+}
+
+/// Makes a Migration of `vm` and, with `wait`, follows it to its end (an error if it fails).
+async fn migrate(
+    client: &Client,
+    project: &str,
+    vm: &str,
+    to: Option<String>,
+    cold: bool,
+    suspend: bool,
+    wait: bool,
+) -> anyhow::Result<()> {
+    let kind = registry::by_kind("Migration").expect("registered");
+    let mut spec = json!({ "vm": vm });
+    if let Some(to) = to {
+        spec["targetNode"] = json!(to);
+    }
+    if cold {
+        spec["mode"] = json!("Cold");
+    }
+    if suspend {
+        spec["suspend"] = json!(true);
+    }
+    let made = client
+        .create(
+            kind,
+            Some(project),
+            &json!({"metadata": {"generateName": format!("{vm}-")}, "spec": spec}),
+        )
+        .await?;
+    let name = output::field(&made, "metadata.name");
+    println!("migration/{name} created");
+    if !wait {
+        return Ok(());
+    }
+    let mut said = String::new();
+    loop {
+        let m = client.get(kind, Some(project), &name).await?;
+        let phase = output::field(&m, "status.phase");
+        let line = match phase.as_str() {
+            "Preparing" => format!(
+                "preparing {} -> {}",
+                output::field(&m, "status.sourceNode"),
+                output::field(&m, "status.targetNode")
+            ),
+            "Migrating" => format!("copying ({} disks)", output::field(&m, "status.storage")),
+            _ => String::new(),
+        };
+        if !line.is_empty() && line != said {
+            println!("{line}");
+            said = line;
+        }
+        match phase.as_str() {
+            "Succeeded" => {
+                println!(
+                    "{vm} runs on {} (downtime {} ms, {} ms in all)",
+                    output::field(&m, "status.targetNode"),
+                    output::field(&m, "status.downtimeMs"),
+                    output::field(&m, "status.durationMs")
+                );
+                return Ok(());
+            }
+            "Failed" | "Aborted" => {
+                anyhow::bail!(
+                    "migration/{name} {}: {}",
+                    phase.to_lowercase(),
+                    output::field(&m, "status.message")
+                )
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+        }
+    }
 }

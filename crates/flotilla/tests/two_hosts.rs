@@ -12,141 +12,30 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::{Child, Command};
-
 use flotilla_controllers::testkit::{eventually, TestCluster};
 use flotilla_types::registry::lookup;
 use serde_json::json;
 
-const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
-
-/// Runs inside a host's namespaces as its PID namespace's init: private libvirt directories,
-/// virtlogd, libvirtd, then the command (the agent) beside a loop that reaps every orphan (QEMU
-/// processes libvirtd starts to probe capabilities end up here; unreaped, libvirtd waits for
-/// them forever). It ends with the agent.
-const HOST_INIT: &str = r#"#!/bin/sh
-set -e
-R="$1"; shift
-mount --make-rprivate /
-mkdir -p "$R/etc" "$R/run" "$R/lib" "$R/log/qemu" "$R/cache"
-mount --bind "$R/etc" /etc/libvirt
-mount --bind "$R/run" /run
-mount --bind "$R/lib" /var/lib/libvirt
-mount --bind "$R/log" /var/log/libvirt
-mount --bind "$R/cache" /var/cache/libvirt
-mkdir -p /run/libvirt /run/netns
-virtlogd -d
-libvirtd -d
-i=0
-until [ -S /run/libvirt/libvirt-sock ] || [ $i -ge 100 ]; do sleep 0.1; i=$((i+1)); done
-"$@" &
-agent=$!
-while kill -0 "$agent" 2>/dev/null; do sleep 0.2; done
-"#;
-
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The underlay and the hosts' namespaces, removed however the test ends.
-struct Fabric {
-    bridge: String,
-    /// The external LAN (routers' way out) and its upstream host.
-    external: String,
-    namespaces: Vec<String>,
-    hosts: Vec<Child>,
-    /// Each host's output (its agent's log), shown when the test fails.
-    logs: Vec<std::path::PathBuf>,
-}
-
-impl Drop for Fabric {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for log in &self.logs {
-                let text = std::fs::read_to_string(log).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(40).collect();
-                eprintln!("--- {} (last lines)", log.display());
-                for line in tail.into_iter().rev() {
-                    eprintln!("{line}");
-                }
-            }
-        }
-        // Killing a host's unshare kills its PID namespace: agent, libvirtd, QEMU, dnsmasq.
-        for host in &mut self.hosts {
-            let _ = host.kill();
-            let _ = host.wait();
-        }
-        for ns in &self.namespaces {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        for bridge in [&self.bridge, &self.external] {
-            let _ = Command::new("ip").args(["link", "del", bridge]).status();
-        }
-    }
-}
-
-/// Writes host `name`'s libvirt configuration under `root`.
-fn configure_libvirt(root: &Path, uuid: &str) {
-    let etc = root.join("etc");
-    std::fs::create_dir_all(&etc).unwrap();
-    std::fs::write(
-        etc.join("libvirtd.conf"),
-        format!("unix_sock_rw_perms = \"0700\"\nhost_uuid = \"{uuid}\"\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        etc.join("qemu.conf"),
-        "user = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\nremember_owner = 0\n\
-         security_driver = \"none\"\ncgroup_controllers = [ ]\nstdio_handler = \"logd\"\n",
-    )
-    .unwrap();
-}
-
-/// The serial console of the VM `uid` on the host whose agent keeps its files in `agent_dir`.
-fn console(agent_dir: &Path, uid: &str) -> String {
-    std::fs::read_to_string(agent_dir.join("vms").join(uid).join("console.log")).unwrap_or_default()
-}
+use support::hosts::{console, run, Fabric};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guests_on_two_hosts_reach_each_other_over_the_overlay() {
     let guest = support::tiny_guest();
-    let tag = std::process::id() % 100_000;
-    let mut fabric = Fabric {
-        bridge: format!("f2hsw{tag}"),
-        external: format!("f2hex{tag}"),
-        namespaces: Vec::new(),
-        hosts: Vec::new(),
-        logs: Vec::new(),
-    };
-    run(&["ip", "link", "add", &fabric.bridge, "type", "bridge"]);
-    run(&["ip", "addr", "add", "10.77.0.254/24", "dev", &fabric.bridge]);
-    run(&["ip", "link", "set", &fabric.bridge, "up"]);
+    let mut fabric = Fabric::new("f2h", 77);
+    let tag = fabric.tag.clone();
     // The external LAN, with an upstream host that has no route to any overlay network.
-    run(&["ip", "link", "add", &fabric.external, "type", "bridge"]);
-    run(&["ip", "link", "set", &fabric.external, "up"]);
-    let upstream = format!("f2h{tag}-up");
+    let external = format!("{tag}ex");
+    run(&["ip", "link", "add", &external, "type", "bridge"]);
+    fabric.links.push(external.clone());
+    run(&["ip", "link", "set", &external, "up"]);
+    let upstream = format!("{tag}-up");
     run(&["ip", "netns", "add", &upstream]);
     fabric.namespaces.push(upstream.clone());
-    let up_port = format!("f2h{tag}up");
+    let up_port = format!("{tag}up");
     run(&[
         "ip", "link", "add", &up_port, "type", "veth", "peer", "name", "eth0", "netns", &upstream,
     ]);
-    run(&[
-        "ip",
-        "link",
-        "set",
-        &up_port,
-        "master",
-        &fabric.external,
-        "up",
-    ]);
+    run(&["ip", "link", "set", &up_port, "master", &external, "up"]);
     run(&[
         "ip",
         "-n",
@@ -158,98 +47,28 @@ async fn guests_on_two_hosts_reach_each_other_over_the_overlay() {
         "eth0",
     ]);
     run(&["ip", "-n", &upstream, "link", "set", "eth0", "up"]);
-    let cluster = TestCluster::start_on("10.77.0.254:0".parse().unwrap()).await;
+    let cluster =
+        TestCluster::start_on(format!("{}:0", fabric.server_address()).parse().unwrap()).await;
     let admin = &cluster.admin;
-    let root = cluster.dir.path().join("hosts");
 
     let mut agent_dirs = Vec::new();
-    for (i, host) in ["a", "b"].into_iter().enumerate() {
-        let ns = format!("f2h{tag}-{host}");
-        run(&["ip", "netns", "add", &ns]);
-        fabric.namespaces.push(ns.clone());
-        let port = format!("f2h{tag}{host}");
-        run(&[
-            "ip", "link", "add", &port, "type", "veth", "peer", "name", "ul", "netns", &ns,
-        ]);
-        run(&["ip", "link", "set", &port, "master", &fabric.bridge, "up"]);
-        let address = format!("10.77.0.{}", i + 1);
-        run(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{address}/24"),
-            "dev",
-            "ul",
-        ]);
-        run(&["ip", "-n", &ns, "link", "set", "ul", "up"]);
-        run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+    for host in ["a", "b"] {
+        let i = fabric
+            .add_host(&cluster, &format!("host-{host}"), &[])
+            .await;
+        agent_dirs.push(fabric.agent_dir(i));
         // The host's bridge on the external LAN.
-        let ex_port = format!("f2x{tag}{host}");
+        let ns = fabric.namespace(i);
+        let ex_port = format!("{tag}x{host}");
         run(&[
             "ip", "link", "add", &ex_port, "type", "veth", "peer", "name", "exv", "netns", &ns,
         ]);
-        run(&[
-            "ip",
-            "link",
-            "set",
-            &ex_port,
-            "master",
-            &fabric.external,
-            "up",
-        ]);
+        run(&["ip", "link", "set", &ex_port, "master", &external, "up"]);
         run(&["ip", "-n", &ns, "link", "add", "br-ex", "type", "bridge"]);
         run(&[
             "ip", "-n", &ns, "link", "set", "exv", "master", "br-ex", "up",
         ]);
         run(&["ip", "-n", &ns, "link", "set", "br-ex", "up"]);
-
-        let dir = root.join(host);
-        std::fs::create_dir_all(&dir).unwrap();
-        configure_libvirt(
-            &dir,
-            &format!("00000000-0000-4000-8000-00000000000{}", i + 1),
-        );
-        let init = dir.join("host-init.sh");
-        std::fs::write(&init, HOST_INIT).unwrap();
-        std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let agent_dir = dir.join("agent");
-        let log = dir.join("host.log");
-        let output = std::fs::File::create(&log).unwrap();
-        fabric.logs.push(log);
-        let child = Command::new("ip")
-            .args([
-                "netns", "exec", &ns, "unshare", "--mount", "--uts", "--pid", "--fork",
-            ])
-            .args([
-                "--mount-proc",
-                "--propagation",
-                "private",
-                "--kill-child=SIGKILL",
-            ])
-            .arg(&init)
-            .arg(&dir)
-            .args([BIN, "agent", "--server", &cluster.server.url])
-            .args(["--join-token", &cluster.join_token().await])
-            .args([
-                "--node-name",
-                &format!("host-{host}"),
-                "--virt-type",
-                "qemu",
-            ])
-            .args(["--tunnel-address", &address, "--shutdown-timeout", "1s"])
-            .args(["--log-listen", &format!("{address}:0")])
-            .arg("--data-dir")
-            .arg(&agent_dir)
-            .env("FLOTILLA_LOG", "info,flotilla_agent=debug")
-            .stdout(output.try_clone().unwrap())
-            .stderr(output)
-            .spawn()
-            .unwrap();
-        fabric.hosts.push(child);
-        agent_dirs.push(agent_dir);
     }
     let nodes = lookup("node").unwrap();
     eventually("both hosts are Ready", 60, async || {
@@ -412,20 +231,16 @@ async fn guests_on_two_hosts_reach_each_other_over_the_overlay() {
     // Host A dies: everything in its PID namespace (agent, libvirtd, QEMU, the router's
     // namespace with it), and its links.
     let died = std::time::Instant::now();
-    let mut host_a = fabric.hosts.remove(0);
-    let _ = host_a.kill();
-    let _ = host_a.wait();
-    for link in ["ul", "exv"] {
-        run(&[
-            "ip",
-            "-n",
-            &fabric.namespaces[1],
-            "link",
-            "set",
-            link,
-            "down",
-        ]);
-    }
+    fabric.kill_host(0);
+    run(&[
+        "ip",
+        "-n",
+        &fabric.namespace(0),
+        "link",
+        "set",
+        "exv",
+        "down",
+    ]);
     eventually("the guest loses upstream", 30, async || {
         (count(lost) == 1).then_some(())
     })

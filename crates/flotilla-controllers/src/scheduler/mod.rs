@@ -262,6 +262,59 @@ impl Scheduler {
         }
     }
 
+    /// A node to move the placed VM `key` to: any but its own (with the same rules as a first
+    /// placement), or `only`, if it fits there. The choice is counted at once (for the next
+    /// call in the same pass); Err says why there is none.
+    pub fn target_for(&mut self, key: &str, only: Option<&str>) -> Result<String, String> {
+        let record = self.cache.vms.get(key).ok_or("the VM is not known")?;
+        let source = record
+            .node
+            .clone()
+            .ok_or("the VM is not placed on a node")?;
+        let cache = &self.cache;
+        let mut req = request(
+            &record.object,
+            &cache.classes,
+            &cache.policies,
+            &cache.volumes,
+        )?;
+        if let Some(pinned) = req.node.take() {
+            return Err(format!(
+                "its volumes live in a pool of node {pinned} only; detach them or move them to a shared pool"
+            ));
+        }
+        if only == Some(source.as_str()) {
+            return Err(format!("the VM is on {source} already"));
+        }
+        req.node = only.map(str::to_string);
+        req.strategy = self.strategy;
+        let mut fleet = self.cache.fleet.clone();
+        if let Some(mut node) = fleet.get(&source).cloned() {
+            node.schedulable = false;
+            fleet.upsert(node);
+        }
+        let node = placement::place(&req, &fleet, &self.cache.placed).map_err(|why| {
+            let why = why.to_string();
+            match only {
+                Some(target) => format!("it does not fit on {target}: {why}"),
+                None => why,
+            }
+        })?;
+        // Counted on the target too while it moves (the source keeps it until then).
+        self.cache.fleet.charge(&node, req.cpus, req.memory, 1);
+        Ok(node)
+    }
+
+    /// Counts an in-flight migration's VM on its target as well (it needs room there).
+    pub fn charge_incoming(&mut self, key: &str, target: &str) {
+        let Some(record) = self.cache.vms.get(key) else {
+            return;
+        };
+        if let Ok((cpus, memory)) = cache::resources(&record.object["spec"], &self.cache.classes) {
+            self.cache.fleet.charge(target, cpus, memory, 1);
+        }
+    }
+
     /// Whether the queue can be worked on now.
     pub fn ready_to_place(&self) -> bool {
         !self.cache.queue.is_empty() && self.cache.revision >= self.catch_up_to

@@ -5,6 +5,7 @@ pub mod event;
 pub mod floating_ip;
 pub mod image;
 pub mod lease;
+pub mod migration;
 pub mod network;
 pub mod node;
 pub mod placement;
@@ -26,6 +27,10 @@ pub use image::{
     UploadStatus,
 };
 pub use lease::{Lease, LeaseSpec, LeaseStatus};
+pub use migration::{
+    Migration, MigrationMode, MigrationProgress, MigrationSpec, MigrationStatus,
+    MIGRATION_FINALIZER,
+};
 pub use network::{
     Network, NetworkAddress, NetworkAddressList, NetworkDns, NetworkSpec, NetworkStatus,
     NetworkType,
@@ -52,7 +57,7 @@ pub use storage_pool::{
 pub use vm::{
     disk_serial, CloudInit, DiskAttachment, DiskBus, DiskStatus, InterfaceStatus, KernelBoot,
     NetworkAttachment, Phase, PowerState, Resources, RootDisk, RootDiskSource, VirtualMachine,
-    VirtualMachineSpec, VirtualMachineStatus,
+    VirtualMachineSpec, VirtualMachineStatus, VmMigration,
 };
 pub use vm_snapshot::{VMSnapshot, VMSnapshotDisk, VMSnapshotSpec, VMSnapshotStatus};
 pub use vmclass::{VMClass, VMClassSpec, VMClassStatus};

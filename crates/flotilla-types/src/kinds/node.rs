@@ -57,6 +57,13 @@ pub struct NodeInfo {
     /// SHA-256 of the agent's serving certificate, pinned by the API server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_cert_sha256: Option<String>,
+    /// The libvirt URI other nodes' libvirt daemons migrate VMs to (e.g.
+    /// `qemu+tls://host-b.example/system`); absent: the node takes no migrations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_uri: Option<String>,
+    /// libvirt's host UUID (two hosts with the same one cannot migrate to each other).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_uuid: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

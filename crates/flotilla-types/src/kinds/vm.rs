@@ -304,6 +304,20 @@ pub struct VirtualMachineStatus {
     /// The last revert to a VMSnapshot (annotation `flotilla.dev/revert-to`) carried out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_revert: Option<String>,
+    /// The migration under way, set by the migration controller while one is (the target's
+    /// agent may read the VM then, to prepare it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<VmMigration>,
+}
+
+/// A VM's migration under way.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmMigration {
+    /// The Migration (in the VM's project).
+    pub name: String,
+    /// The node it moves to.
+    pub target_node: String,
 }
 
 /// One NIC of a VM, as its status reports it.
@@ -623,7 +637,7 @@ crate::define_kind! {
         singular: "virtualmachine",
         short_names: ["vm", "vms"],
         namespaced: true,
-        field_selectors: ["spec.nodeName", "status.phase", "status.nodeName"],
+        field_selectors: ["spec.nodeName", "status.phase", "status.nodeName", "status.migration.targetNode"],
         columns: [
             "PHASE" => "status.phase",
             "NODE" => "status.nodeName",

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod guests;
+pub mod hosts;
 pub mod nfs;
 pub mod oidc;
 
