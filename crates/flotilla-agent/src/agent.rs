@@ -63,6 +63,9 @@ pub struct AgentConfig {
     /// The libvirt URI other nodes' libvirt daemons migrate to; None:
     /// `qemu+tls://<migration address>/system` (libvirt's TLS, with its certificates).
     pub migration_uri: Option<String>,
+    /// The `flotilla` binary to run the fencing watchdog from (`agent-watchdog`); None: no
+    /// watchdog (the agent still fences itself while it runs).
+    pub watchdog: Option<PathBuf>,
     /// Whether the agent owns the node's security group rules (Flotilla's nftables tables in
     /// its network namespace). Only one agent per namespace may: tests that run several agents
     /// on one host's network turn it off for all but one.
@@ -92,6 +95,7 @@ impl AgentConfig {
             tunnel_address: None,
             migration_address: None,
             migration_uri: None,
+            watchdog: None,
             firewall: true,
         }
     }
@@ -152,6 +156,33 @@ pub async fn run_with(
         crate::identity::cluster_id(&client, &config.data_dir)
     })
     .await?;
+    let lease = lease_duration(config.heartbeat);
+    let fence = Arc::new(crate::fence::Fence::new(&config.data_dir, lease)?);
+    if let Some(exe) = &config.watchdog {
+        // Beside the agent, not under it: it fences the node when the agent hangs or dies.
+        use std::os::unix::process::CommandExt;
+        let spawned = std::process::Command::new(exe)
+            .arg("agent-watchdog")
+            .arg("--data-dir")
+            .arg(&config.data_dir)
+            .args(["--limit-ms", &fence.limit().as_millis().to_string()])
+            .stdin(std::process::Stdio::null())
+            .process_group(0)
+            .spawn();
+        match spawned {
+            Ok(child) => tracing::info!(
+                pid = child.id(),
+                limit_ms = fence.limit().as_millis() as u64,
+                "fencing watchdog started"
+            ),
+            Err(e) => {
+                return Err(AgentError::Config(format!(
+                    "cannot start the fencing watchdog {}: {e}",
+                    exe.display()
+                )))
+            }
+        }
+    }
     let late = crate::export::Late::default();
     let logs = crate::logserver::start(
         config.listen,
@@ -253,6 +284,7 @@ pub async fn run_with(
         defined: Default::default(),
         migrations: Default::default(),
         migrating: Default::default(),
+        fence: fence.clone(),
         vm_snapshots: Arc::new(crate::vmsnapshots::NodeSnapshots::new(
             volume_changed.clone(),
         )),
@@ -280,7 +312,21 @@ pub async fn run_with(
         client.clone(),
         config.node_name.clone(),
         config.heartbeat,
+        fence.clone(),
     ));
+    // Fences the node when no renewal has been acknowledged for most of the lease.
+    let fencer = {
+        let (fence, libvirt) = (fence.clone(), libvirt.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                if fence.due() {
+                    fence.fence(&libvirt).await;
+                }
+            }
+        })
+    };
     // Overlays no domain uses any more go (also those a crash left behind), every resync and
     // whenever a VM's domain was removed, and with them their DHCP servers.
     let collector = overlays.zip(dhcp.clone()).map(|(overlays, dhcp)| {
@@ -381,6 +427,7 @@ pub async fn run_with(
     let _tasks = AbortOnDrop(
         [
             Some(heartbeat),
+            Some(fencer),
             collector,
             lease_reader,
             follower,
@@ -429,6 +476,7 @@ pub async fn run_with(
                 a.desired.send_replace(None);
             }
         }
+        ctx.fence.set_fenceable(fenceable(&actors));
         if let Some(firewall) = &ctx.firewall {
             // VMs coming here in a migration keep the rules their preparation set.
             let uids = list["items"]
@@ -474,6 +522,11 @@ pub async fn run_with(
                     continue 'relist;
                 }
                 Some(exit) = exits.recv() => finished(&ctx, &mut actors, &exits_tx, exit),
+                _ = ctx.fence.lifted.notified() => {
+                    for a in actors.values() {
+                        a.kick.notify_one();
+                    }
+                }
                 Some(uid) = attached_vms.recv() => {
                     for a in actors.values() {
                         if a.desired.borrow().as_ref().and_then(|vm| vm.metadata.uid.as_deref()) == Some(uid.as_str()) {
@@ -512,6 +565,7 @@ pub async fn run_with(
                         "ADDED" | "MODIFIED" => {
                             rv = ev.object["metadata"]["resourceVersion"].as_str().unwrap_or(&rv).to_string();
                             deliver(&ctx, &mut actors, &exits_tx, ev.object);
+                            ctx.fence.set_fenceable(fenceable(&actors));
                         }
                         "DELETED" => {
                             if let Some(a) = actors.get(&key(&ev.object)) {
@@ -877,6 +931,21 @@ fn disk_bytes(path: &std::path::Path) -> Option<u64> {
     Some(s.f_blocks as u64 * s.f_frsize as u64)
 }
 
+/// The domains fencing destroys: those of VMs that restart elsewhere when this node fails.
+fn fenceable(actors: &HashMap<String, Actor>) -> Vec<String> {
+    actors
+        .values()
+        .filter_map(|a| {
+            let vm = a.desired.borrow();
+            let vm = vm.as_ref()?;
+            (vm.spec.evacuation == flotilla_types::Evacuation::Restart
+                && vm.spec.adopted_domain.is_none())
+            .then(|| vm.metadata.uid.clone())
+            .flatten()
+        })
+        .collect()
+}
+
 /// Domains that VMs adopted: no longer "unmanaged".
 fn adopted_domains(actors: &HashMap<String, Actor>) -> HashSet<String> {
     actors
@@ -973,12 +1042,23 @@ async fn report_node(
     Ok(())
 }
 
-async fn heartbeat(client: Arc<Client>, node: String, every: Duration) {
+/// The node lease's duration (T) for a heartbeat every `every`: three renewals, at least 10 s.
+pub fn lease_duration(every: Duration) -> Duration {
+    (every * 3).max(Duration::from_secs(10))
+}
+
+async fn heartbeat(
+    client: Arc<Client>,
+    node: String,
+    every: Duration,
+    fence: Arc<crate::fence::Fence>,
+) {
     let leases = lookup("lease").expect("registered");
-    let duration = (every.as_secs() * 3).max(10);
+    let duration = lease_duration(every).as_secs();
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
+        let (sent, sent_nanos) = (std::time::Instant::now(), crate::fence::monotonic_nanos());
         let renew = json!({"spec": {"holderIdentity": node, "leaseDurationSeconds": duration, "renewTime": chrono::Utc::now()}});
         let result = match client.patch(leases, None, &node, &renew, false).await {
             Err(e) if e.code() == Some(404) => {
@@ -988,8 +1068,9 @@ async fn heartbeat(client: Arc<Client>, node: String, every: Duration) {
             }
             other => other.map(|_| ()),
         };
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "heartbeat failed");
+        match result {
+            Ok(()) => fence.renewed(sent, sent_nanos),
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
     }
 }

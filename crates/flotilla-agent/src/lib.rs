@@ -14,6 +14,7 @@ pub mod domain;
 pub mod error;
 mod events;
 pub mod export;
+pub mod fence;
 pub mod firewall;
 mod follow;
 pub mod identity;

@@ -53,6 +53,8 @@ pub struct Context {
     pub migrations: Arc<crate::migrate::NodeMigrations>,
     /// VMs (by uid) this process is copying to another node right now.
     pub migrating: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Self-fencing (see [`crate::fence`]).
+    pub fence: Arc<crate::fence::Fence>,
 }
 
 impl Context {
@@ -632,6 +634,14 @@ async fn apply_power(ctx: &Context, vm: &VirtualMachine, uid: &str) -> Result<Ou
                 tracing::info!(vm = %name, "resumed a paused guest");
             }
             if ctx.libvirt.state(uid).await? != Some(DomainState::Running) {
+                if vm.spec.evacuation == flotilla_types::Evacuation::Restart
+                    && ctx.fence.is_fenced()
+                {
+                    return Err(AgentError::Config(format!(
+                        "node {} is fenced (no lease renewal acknowledged lately): a VM that restarts elsewhere when its node fails starts only once the lease is renewed",
+                        ctx.node
+                    )));
+                }
                 ctx.libvirt.start(uid).await?;
                 tracing::info!(vm = %name, "started");
                 let message = format!("started the domain on {}", ctx.node);

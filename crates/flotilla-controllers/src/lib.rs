@@ -2,6 +2,7 @@
 //! can stop at any point and, when it starts again, converges from what the store holds.
 
 pub mod compactor;
+pub mod evacuation;
 pub mod event_ttl;
 pub mod events;
 pub mod garbage_collector;
@@ -34,6 +35,9 @@ pub struct ControllerConfig {
     pub placement: placement::Strategy,
     /// Events last seen longer ago than this are deleted; 0 = kept forever.
     pub event_ttl: Duration,
+    /// A node has failed once its lease has not changed for its duration plus this; its VMs
+    /// are recovered then (see [`evacuation`]).
+    pub evacuation_margin: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -44,6 +48,7 @@ impl Default for ControllerConfig {
             node_grace: Duration::from_secs(10),
             placement: placement::Strategy::Spread,
             event_ttl: Duration::from_secs(3600),
+            evacuation_margin: Duration::from_secs(5),
         }
     }
 }
@@ -109,6 +114,11 @@ pub fn spawn_all(objects: Objects, config: ControllerConfig) -> Vec<tokio::task:
         tokio::spawn(volumes::run(objects.clone(), Duration::from_secs(5))),
         tokio::spawn(node_lifecycle::run(objects.clone(), config.node_grace)),
         tokio::spawn(migrations::run(objects.clone(), Duration::from_secs(2))),
+        tokio::spawn(evacuation::run(
+            objects.clone(),
+            config.evacuation_margin,
+            Duration::from_millis(500),
+        )),
         tokio::spawn(scheduler::run(
             objects.clone(),
             Duration::from_secs(2),

@@ -159,3 +159,65 @@ impl Objects {
         }
     }
 }
+
+impl Objects {
+    /// Takes the VM `name` (with `uid`) off its failed node `from` so that the scheduler
+    /// places it again: the evacuation's one write. Guarded by the node's lease key still being
+    /// at `lease_revision` (0: absent), so that an agent whose renewal lands first keeps its
+    /// VM. Also drops the agent's finalizer (the failed node cannot remove it; the next binding
+    /// adds it again). True when written.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn unbind_from_failed_node(
+        &self,
+        kind: &KindInfo,
+        namespace: Option<&str>,
+        name: &str,
+        uid: &str,
+        from: &str,
+        lease_key: &str,
+        lease_revision: Revision,
+        status: Value,
+    ) -> Result<bool, ApiError> {
+        let kv = match self.get_kv(kind, namespace, name).await {
+            Ok(kv) => kv,
+            Err(e) if e.code() == 404 => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let current = parse_stored(&kv)?;
+        if current["metadata"]["uid"].as_str() != Some(uid)
+            || current["spec"]["nodeName"].as_str() != Some(from)
+            || current["metadata"].get("deletionTimestamp").is_some()
+        {
+            return Ok(false);
+        }
+        let mut next = current.clone();
+        if let Some(spec) = next.get_mut("spec").and_then(Value::as_object_mut) {
+            spec.remove("nodeName");
+        }
+        let finalizers: Vec<String> =
+            serde_json::from_value(current["metadata"]["finalizers"].clone()).unwrap_or_default();
+        let kept: Vec<String> = finalizers
+            .into_iter()
+            .filter(|f| f != AGENT_FINALIZER)
+            .collect();
+        next["metadata"]["finalizers"] = json!(kept);
+        json_patch::merge(&mut next, &json!({ "status": status }));
+        let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+        next["metadata"]["generation"] = json!(generation + 1);
+        let next = validate(kind, &next)?;
+        let resp = self
+            .store()
+            .txn(
+                Txn::new()
+                    .when(Compare::mod_revision(&kv.key, kv.mod_revision))
+                    .when(Compare::mod_revision(lease_key, lease_revision))
+                    .and_then(Op::put(&kv.key, encode(&next)))
+                    .and_then(Op::put(
+                        claim_key(from),
+                        encode(&json!({"vm": kv.key, "evacuatedFrom": from})),
+                    )),
+            )
+            .await?;
+        Ok(resp.succeeded)
+    }
+}

@@ -103,6 +103,28 @@ pub struct AgentArgs {
     pub node: NodeArgs,
     #[command(flatten)]
     pub simulate: SimulateArgs,
+    /// Run without the fencing watchdog (a process beside the agent that kills the VMs with
+    /// `evacuation: Restart` when the agent hangs or dies and stops renewing its lease). The
+    /// agent still fences itself while it runs.
+    #[arg(long)]
+    pub no_watchdog: bool,
+}
+
+/// `flotilla agent-watchdog` (started by the agent; not for people).
+#[derive(Args)]
+pub struct WatchdogArgs {
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Fence when the last acknowledged lease renewal is older than this (milliseconds).
+    #[arg(long)]
+    pub limit_ms: u64,
+}
+
+pub fn watchdog(args: WatchdogArgs) -> ! {
+    flotilla_agent::fence::watchdog(
+        &args.data_dir,
+        std::time::Duration::from_millis(args.limit_ms),
+    )
 }
 
 /// A simulated fleet (like Kubernetes' hollow nodes): N copies of the real agent in this process,
@@ -196,6 +218,9 @@ pub async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     }
     let mut config = agent_config(args.server, data_dir, &args.node);
     config.join_token = args.join_token;
+    if !args.no_watchdog {
+        config.watchdog = Some(std::env::current_exe()?);
+    }
     let (stop, rx) = tokio::sync::watch::channel(false);
     let run = tokio::spawn(flotilla_agent::run(config, rx));
     tokio::select! {

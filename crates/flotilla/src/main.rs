@@ -38,6 +38,8 @@ enum Command {
     Agent(agent_cmd::AgentArgs),
     /// Run everything in one process: server, controllers and a local agent.
     Up(agent_cmd::UpArgs),
+    #[command(hide = true)]
+    AgentWatchdog(agent_cmd::WatchdogArgs),
     /// Node operations.
     Node {
         #[command(subcommand)]
@@ -140,6 +142,9 @@ fn main() -> ExitCode {
         let limit = flotilla_tls::raise_open_file_limit();
         tracing::debug!(open_files = limit, "open-file limit");
     }
+    if let Command::AgentWatchdog(args) = cli.command {
+        agent_cmd::watchdog(args);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -149,6 +154,7 @@ fn main() -> ExitCode {
             Command::Server(args) => server_cmd::run(args).await,
             Command::Agent(args) => agent_cmd::agent(args).await,
             Command::Up(args) => agent_cmd::up(args).await,
+            Command::AgentWatchdog(args) => agent_cmd::watchdog(args),
             Command::Node { cmd, conn } => client_cmds::node(&conn, cmd).await,
             Command::Vm { cmd, conn } => client_cmds::vm(&conn, cmd).await,
             Command::Volume { cmd, conn } => volume_cmd::run(&conn, cmd).await,

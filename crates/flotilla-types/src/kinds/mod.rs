@@ -55,9 +55,9 @@ pub use storage_pool::{
     StoragePoolSpec, StoragePoolStatus,
 };
 pub use vm::{
-    disk_serial, CloudInit, DiskAttachment, DiskBus, DiskStatus, InterfaceStatus, KernelBoot,
-    NetworkAttachment, Phase, PowerState, Resources, RootDisk, RootDiskSource, VirtualMachine,
-    VirtualMachineSpec, VirtualMachineStatus, VmMigration,
+    disk_serial, CloudInit, DiskAttachment, DiskBus, DiskStatus, Evacuation, InterfaceStatus,
+    KernelBoot, NetworkAttachment, Phase, PowerState, Resources, RootDisk, RootDiskSource,
+    VirtualMachine, VirtualMachineSpec, VirtualMachineStatus, VmMigration,
 };
 pub use vm_snapshot::{VMSnapshot, VMSnapshotDisk, VMSnapshotSpec, VMSnapshotStatus};
 pub use vmclass::{VMClass, VMClassSpec, VMClassStatus};

@@ -82,6 +82,30 @@ pub struct VirtualMachineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
     pub placement_policy: Option<String>,
+    /// What happens when the VM's node fails (its agent stops renewing its lease): `Never`
+    /// (the default: the VM is reported `NodeLost` and keeps running if the node is only cut
+    /// off) or `Restart` (high availability: the node's agent destroys the VM once it has been
+    /// cut off from the control plane for most of its lease, and the VM is started on another
+    /// node once the lease has expired; it needs all its disks on shared storage, else it is
+    /// reported `NodeLost` too).
+    #[serde(default, skip_serializing_if = "Evacuation::is_never")]
+    pub evacuation: Evacuation,
+}
+
+/// What happens to a VM when its node fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Evacuation {
+    /// Reported NodeLost; never fenced, never started elsewhere.
+    #[default]
+    Never,
+    /// Fenced by its node's agent and restarted on another node.
+    Restart,
+}
+
+impl Evacuation {
+    pub fn is_never(&self) -> bool {
+        *self == Evacuation::Never
+    }
 }
 
 /// Where cloud-init finds its instance data.

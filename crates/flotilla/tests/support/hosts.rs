@@ -58,6 +58,9 @@ pub struct Fabric {
     pub logs: Vec<PathBuf>,
     /// Each host's directory (libvirt's private directories, the agent's data directory).
     pub roots: Vec<PathBuf>,
+    /// Where the hosts' directories are (removed after the hosts, and after their logs
+    /// were shown).
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Fabric {
@@ -99,6 +102,7 @@ impl Fabric {
             hosts: Vec::new(),
             logs: Vec::new(),
             roots: Vec::new(),
+            dir: super::traversable_tempdir(),
         };
         run(&["ip", "link", "add", &fabric.bridge, "type", "bridge"]);
         run(&[
@@ -134,7 +138,12 @@ impl Fabric {
 
     /// The PID (in this namespace) of host `i`'s agent.
     pub fn agent_pid(&self, i: usize) -> Option<u32> {
-        let pattern = format!("data-dir {}", self.agent_dir(i).display());
+        // Not the host's init script (its arguments are the agent's), not the watchdog.
+        let pattern = format!(
+            "^{} agent .*data-dir {}",
+            super::BIN,
+            self.agent_dir(i).display()
+        );
         let out = Command::new("pgrep").args(["-f", &pattern]).output().ok()?;
         String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
@@ -169,7 +178,7 @@ impl Fabric {
         run(&["ip", "-n", &ns, "link", "set", "ul", "up"]);
         run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
 
-        let dir = cluster.dir.path().join("hosts").join(name);
+        let dir = self.dir.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         configure_libvirt(
             &dir,
