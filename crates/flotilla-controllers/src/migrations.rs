@@ -30,6 +30,11 @@ use crate::scheduler::Scheduler;
 
 /// A preparation that takes longer than this fails (an image download, a busy disk queue).
 pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(900);
+/// Migrations under way from one node at once (the others wait, Pending): copies share the
+/// node's network and disks.
+pub const PER_NODE: usize = 2;
+/// Migrations under way in the whole cluster at once.
+pub const PER_CLUSTER: usize = 8;
 
 fn kinds() -> (&'static KindInfo, &'static KindInfo) {
     (
@@ -87,8 +92,17 @@ pub async fn sync(objects: &Objects) -> Result<usize, ApiError> {
                 ))
             })
             .collect(),
+        sources: migrations
+            .iter()
+            .filter_map(|m| m.status.clone())
+            .filter(|s| matches!(s.phase.as_str(), "Preparing" | "Migrating"))
+            .filter_map(|s| s.source_node)
+            .collect(),
         recorder: crate::events::Recorder::new(objects.clone()),
     };
+    // Oldest first: a drain's migrations go in the order they were made.
+    let mut migrations = migrations;
+    migrations.sort_by_key(|m| m.metadata.creation_timestamp);
     let mut changed = 0;
     for m in &migrations {
         match pass.step(m).await {
@@ -117,6 +131,8 @@ struct Pass<'a> {
     scheduler: Option<Scheduler>,
     /// (VM key, target) of the migrations under way: counted on their targets.
     in_flight: Vec<(String, String)>,
+    /// The source node of each migration under way (for the concurrency limits).
+    sources: Vec<String>,
     recorder: crate::events::Recorder,
 }
 
@@ -252,6 +268,23 @@ impl Pass<'_> {
             .as_str()
             .unwrap_or_default()
             .to_string();
+        let from_source = self.sources.iter().filter(|s| **s == source).count();
+        if from_source >= PER_NODE || self.sources.len() >= PER_CLUSTER {
+            let message = format!(
+                "queued: {from_source} migrations from {source} and {} in the cluster are under way (at most {PER_NODE} per node, {PER_CLUSTER} in all)",
+                self.sources.len()
+            );
+            let status = m.status.clone().unwrap_or_default();
+            if status.reason.as_deref() != Some("Queued") {
+                self.write_status(
+                    m,
+                    json!({"status": {"phase": "Pending", "reason": "Queued", "message": message}}),
+                )
+                .await?;
+                return Ok(1);
+            }
+            return Ok(0);
+        }
         if !self.node(&source).is_some_and(ready) {
             let message = format!("the VM's node {source} is not Ready, so it cannot send the VM (a failed node's VMs are recovered, not migrated)");
             return self.finish(m, "Failed", "SourceNotReady", &message).await;
@@ -308,6 +341,7 @@ impl Pass<'_> {
             "targetNode": target, "targetUri": uri, "targetAddress": address, "reason": "Preparing", "message": message}});
         self.write_status(m, patch).await?;
         self.in_flight.push((key, target.clone()));
+        self.sources.push(source.clone());
         self.mark_vm(m, uid, &target).await?;
         self.event(m, EventType::Normal, "Preparing", &message)
             .await;

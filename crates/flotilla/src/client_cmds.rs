@@ -463,6 +463,14 @@ pub enum NodeCommand {
     Cordon { name: String },
     /// Make a cordoned node schedulable again.
     Uncordon { name: String },
+    /// Cordon a node and move every VM off it (live when running, cold when stopped); reports
+    /// what could not move and why.
+    Drain {
+        name: String,
+        /// Give up after this long: unfinished migrations are aborted (e.g. 10m).
+        #[arg(long, default_value = "30m", value_parser = crate::server_cmd::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[derive(clap::Subcommand)]
@@ -569,6 +577,9 @@ pub async fn node(conn: &ConnectionArgs, cmd: NodeCommand) -> anyhow::Result<()>
         }
         NodeCommand::Cordon { name } => set_unschedulable(&client, &name, true).await?,
         NodeCommand::Uncordon { name } => set_unschedulable(&client, &name, false).await?,
+        NodeCommand::Drain { name, timeout } => {
+            crate::drain_cmd::drain(&client, &name, timeout).await?
+        }
     }
     Ok(())
 }

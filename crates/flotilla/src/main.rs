@@ -10,6 +10,7 @@ mod agent_cmd;
 mod client_cmds;
 mod config;
 mod console_cmd;
+mod drain_cmd;
 mod image_cmd;
 mod login_cmd;
 mod output;

@@ -291,6 +291,10 @@ async fn vms_move_between_two_hosts_live_suspended_aborted_and_cold() {
         m["status"]["downtimeMs"].is_u64() && m["status"]["durationMs"].is_u64(),
         "{m:#}"
     );
+    let suspended = (
+        m["status"]["downtimeMs"].clone(),
+        m["status"]["durationMs"].clone(),
+    );
     let vm = settled_on(admin, "mover", "host-b").await;
     assert_eq!(vm["status"]["ips"][0], "10.8.0.10");
     read_mark(admin, "mover", "hop-1").await;
@@ -342,8 +346,8 @@ async fn vms_move_between_two_hosts_live_suspended_aborted_and_cold() {
     .await;
     assert_healthy(&console(&a_dir, &uid), "after the second hop");
     eprintln!(
-        "live migration: downtime {} ms, {} ms in all; suspended: {} ms, {} ms",
-        m["status"]["downtimeMs"], m["status"]["durationMs"], 0, 0
+        "live migration: downtime {} ms, {} ms in all; suspended: blackout {} ms, {} ms in all",
+        m["status"]["downtimeMs"], m["status"]["durationMs"], suspended.0, suspended.1
     );
 
     // 3. Aborted: a copy slowed to 1 MiB/s, its Migration deleted while it runs.
@@ -407,11 +411,99 @@ async fn vms_move_between_two_hosts_live_suspended_aborted_and_cold() {
     let m = migrate(admin, "ghost", json!({"vm": "ghost"})).await;
     assert_eq!(m["status"]["reason"], "VMNotFound", "{m:#}");
 
+    // Drain host B: the mover and the peer (live), two more guests (live), a stopped VM (cold);
+    // one VM whose node selector only host B matches cannot move, and the drain says why.
+    admin
+        .patch(
+            nodes,
+            None,
+            "host-b",
+            &json!({"metadata": {"labels": {"test.flotilla.dev/zone": "b"}}}),
+            false,
+        )
+        .await
+        .unwrap();
+    for (name, extra) in [
+        ("d1", json!({})),
+        ("d2", json!({})),
+        ("parked", json!({"powerState": "Stopped"})),
+        (
+            "stuck",
+            json!({"nodeSelector": {"test.flotilla.dev/zone": "b"}}),
+        ),
+    ] {
+        let mut spec =
+            json!({"nodeName": "host-b", "resources": {"cpus": 1, "memory": "96Mi"}, "boot": boot});
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        admin
+            .create(
+                vms,
+                Some("default"),
+                &json!({"metadata": {"name": name}, "spec": spec}),
+            )
+            .await
+            .unwrap();
+    }
+    for name in ["d1", "d2", "stuck", "parked"] {
+        let want = if name == "parked" {
+            "Stopped"
+        } else {
+            "Running"
+        };
+        eventually(&format!("{name} is {want}"), 60, async || {
+            let v = admin.get(vms, Some("default"), name).await.ok()?;
+            (v["status"]["phase"] == want).then_some(())
+        })
+        .await;
+    }
+    let config = cluster.dir.path().join("server/admin.yaml");
+    let drained = Instant::now();
+    let out = support::cli(&config, &["node", "drain", "host-b", "--timeout", "5m"]);
+    let drain_took = drained.elapsed();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "one VM could not move: {said}");
+    for name in ["mover", "peer", "d1", "d2", "parked"] {
+        assert!(
+            said.contains(&format!("moved default/{name} to host-a")),
+            "{said}"
+        );
+        assert_eq!(
+            admin.get(vms, Some("default"), name).await.unwrap()["spec"]["nodeName"],
+            "host-a"
+        );
+    }
+    assert!(
+        said.contains("could not move default/stuck") && said.contains("node selector"),
+        "{said}"
+    );
+    assert!(said.contains("5 of 6 VMs moved"), "{said}");
+    let b = admin.get(nodes, None, "host-b").await.unwrap();
+    assert_eq!(
+        b["spec"]["unschedulable"], true,
+        "a drained node stays cordoned"
+    );
+    eventually("parked stays stopped on host A", 30, async || {
+        let v = admin.get(vms, Some("default"), "parked").await.ok()?;
+        (v["status"]["phase"] == "Stopped" && v["status"]["nodeName"] == "host-a").then_some(())
+    })
+    .await;
+    settled_on(admin, "mover", "host-a").await;
+    read_mark(admin, "mover", "hop-4").await;
+    eprintln!(
+        "drain of host B (5 VMs moved, 1 refused): {:.1} s",
+        drain_took.as_secs_f64()
+    );
+
     stop.store(true, Ordering::Relaxed);
     let (samples, shared) = sampler.join().unwrap();
     assert!(samples > 10, "the sampler ran ({samples} samples)");
     assert_eq!(shared, None, "a disk was open for writing by two QEMUs");
     assert_healthy(&console(&b_dir, &uid), "at the end");
-    let _ = Instant::now();
     drop(fabric);
 }
