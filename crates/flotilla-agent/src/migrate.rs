@@ -339,7 +339,34 @@ impl Libvirt {
             } else {
                 0
             };
-            Ok(d.get_job_stats(flags).ok())
+            // Not `Domain::get_job_stats`: without a job libvirt gives no parameters (a null
+            // pointer), which that wrapper turns into a Vec (undefined behaviour).
+            let (mut kind, mut params, mut count) = (0, std::ptr::null_mut(), 0);
+            // SAFETY: valid out-pointers; `d` holds the domain for the call.
+            let ret = unsafe {
+                virt::sys::virDomainGetJobStats(
+                    d.as_ptr(),
+                    &mut kind,
+                    &mut params,
+                    &mut count,
+                    flags,
+                )
+            };
+            if ret == -1 {
+                return Ok(None);
+            }
+            if params.is_null() || count <= 0 {
+                return Ok(Some((kind, Vec::new()).into()));
+            }
+            // SAFETY: libvirt returned `count` parameters at `params`; they are copied (strings
+            // included) before libvirt frees them.
+            let stats: virt::domain::JobStats = unsafe {
+                let copy = std::slice::from_raw_parts(params, count as usize).to_vec();
+                (kind, copy).into()
+            };
+            // SAFETY: the array libvirt allocated, freed once.
+            unsafe { virt::sys::virTypedParamsFree(params, count) };
+            Ok(Some(stats))
         })
         .await
     }
@@ -413,6 +440,21 @@ pub fn retarget_xml(
             &format!("<flotilla:node>{source}</flotilla:node>"),
             &format!("<flotilla:node>{target}</flotilla:node>"),
         )
+}
+
+/// Why copying a running guest live is unsafe on this node, if it is: QEMU before 9.0 under
+/// TCG corrupts guests that write memory while they migrate (upstream fix 03bfc2188f, "physmem:
+/// Fix migration dirty bitmap coherency with TCG memory access"; KVM is not affected). Such
+/// copies suspend the guest instead.
+async fn live_is_unsafe(ctx: &Context) -> Option<String> {
+    if ctx.virt_type != crate::domain::VirtType::Qemu {
+        return None;
+    }
+    let version = ctx.libvirt.host_info().await.ok()?.hypervisor_version;
+    let major: u32 = version.split('.').next()?.parse().ok()?;
+    (major < 9).then(|| {
+        format!("QEMU {version} under TCG corrupts guests that migrate live (fixed in QEMU 9.0)")
+    })
 }
 
 /// What the disks of a domain need: the local files in the VM's directory that are copied
@@ -610,7 +652,23 @@ async fn copy(ctx: &Context, vm: &VirtualMachine, m: &Migration) -> Result<Outco
         bandwidth: m.spec.bandwidth_mib,
         ..Default::default()
     };
-    let suspended = !cold && m.spec.suspend;
+    let unsafe_live = if cold || m.spec.suspend {
+        None
+    } else {
+        live_is_unsafe(ctx).await
+    };
+    let suspended = !cold && (m.spec.suspend || unsafe_live.is_some());
+    if let Some(why) = &unsafe_live {
+        tracing::warn!(migration = %m.metadata.name, "suspending the guest for the copy: {why}");
+        event(
+            ctx,
+            m,
+            EventType::Warning,
+            "Suspended",
+            &format!("the guest is suspended for the copy: {why}"),
+        )
+        .await;
+    }
     if suspended {
         ctx.libvirt.suspend(&uid).await?;
     }
@@ -620,7 +678,8 @@ async fn copy(ctx: &Context, vm: &VirtualMachine, m: &Migration) -> Result<Outco
         ctx,
         m,
         json!({"phase": "Migrating", "storage": storage_kind, "startTime": flotilla_types::meta::now(),
-               "reason": "Migrating", "message": format!("copying to {target} ({storage} disks)")}),
+               "reason": "Migrating", "message": format!("copying to {target} ({storage} disks{})",
+                   if suspended { ", guest suspended" } else { "" })}),
     )
     .await?;
     event(
@@ -665,9 +724,14 @@ async fn copy(ctx: &Context, vm: &VirtualMachine, m: &Migration) -> Result<Outco
             // so that the completed job's figures could be read).
             ctx.libvirt.remove(&uid).await?;
             let message = format!(
-                "{} runs on {target} now ({} ms)",
+                "{} runs on {target} now ({} ms{})",
                 vm.metadata.name,
-                took.as_millis()
+                took.as_millis(),
+                if suspended {
+                    ", the guest suspended for the copy"
+                } else {
+                    ""
+                }
             );
             finish(
                 ctx,

@@ -13,7 +13,8 @@ use flotilla_controllers::testkit::TestCluster;
 /// Runs inside a host's namespaces as its PID namespace's init: private libvirt directories,
 /// virtlogd, libvirtd, then the command (the agent) beside a loop that reaps every orphan (QEMU
 /// processes libvirtd starts to probe capabilities end up here; unreaped, libvirtd waits for
-/// them forever). It ends with the agent.
+/// them forever). An agent that dies is started again; the host ends when its PID namespace is
+/// killed.
 const HOST_INIT: &str = r#"#!/bin/sh
 set -e
 R="$1"; shift
@@ -29,9 +30,9 @@ virtlogd -d
 libvirtd -d --listen
 i=0
 until [ -S /run/libvirt/libvirt-sock ] || [ $i -ge 100 ]; do sleep 0.1; i=$((i+1)); done
-"$@" &
-agent=$!
-while kill -0 "$agent" 2>/dev/null; do sleep 0.2; done
+# The agent, started again whenever it dies (as systemd's Restart=always would), beside the
+# orphans' reaper this shell is.
+while true; do "$@" || true; sleep 0.5; done
 "#;
 
 pub fn run(args: &[&str]) {
