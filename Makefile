@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 VIRT_TYPE ?= qemu
 export FLOTILLA_VIRT_TYPE := $(VIRT_TYPE)
 
-.PHONY: run test build ui test-ui bench-ui lint chaos bench-api bench-tenancy bench-boot bench-scale bench-scheduler bench-ipam bench-firewall bench-router bench-storage openapi
+.PHONY: run test build ui test-ui bench-ui lint chaos bench-api bench-tenancy bench-boot bench-scale bench-scheduler bench-ipam bench-firewall bench-router bench-storage bench-migration openapi
 
 run:
 	scripts/install-deps.sh run
@@ -57,6 +57,12 @@ chaos:
 bench-api:
 	scripts/install-deps.sh run
 	$(CARGO) bench --locked -p flotilla --bench api
+
+# Two real hosts in namespaces, real guests: 20 suspended and 20 live hops, and a drain of 10 VMs.
+# The dev profile: the figures are QEMU's and libvirt's time.
+bench-migration:
+	scripts/install-deps.sh test
+	$(CARGO) bench --locked --profile dev -p flotilla --bench migration
 
 # What RBAC, quotas and the audit log cost per request; prints a JSON summary line.
 bench-tenancy:

@@ -1069,7 +1069,24 @@ async fn heartbeat(
             other => other.map(|_| ()),
         };
         match result {
-            Ok(()) => fence.renewed(sent, sent_nanos),
+            Ok(()) => {
+                if let Some(fenced) = fence.renewed(sent, sent_nanos) {
+                    let message = format!(
+                        "the node was fenced for {:.1} s: no lease renewal was acknowledged for {} s, so its VMs with evacuation: Restart were destroyed (the control plane restarts them elsewhere)",
+                        fenced.as_secs_f64(),
+                        fence.limit().as_secs()
+                    );
+                    let regarding = ObjectReference {
+                        kind: "Node".into(),
+                        api_version: Some(flotilla_types::API_VERSION.into()),
+                        name: node.clone(),
+                        ..Default::default()
+                    };
+                    crate::recorder::Recorder::new(client.clone(), &node)
+                        .record(&regarding, EventType::Warning, "Fenced", &message)
+                        .await;
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
     }

@@ -50,6 +50,8 @@ pub struct Fence {
     fenceable: Mutex<Vec<String>>,
     /// Wakes every VM actor when fencing ends (their starts were refused meanwhile).
     pub lifted: tokio::sync::Notify,
+    /// When the node was fenced (for the event once it is over).
+    fenced_at: Mutex<Option<Instant>>,
 }
 
 impl Fence {
@@ -65,6 +67,7 @@ impl Fence {
             fenced: AtomicBool::new(true),
             fenceable: Mutex::new(Vec::new()),
             lifted: tokio::sync::Notify::new(),
+            fenced_at: Mutex::new(None),
             dir,
         };
         if last_renewal(&fence.dir).is_none() {
@@ -90,13 +93,24 @@ impl Fence {
     }
 
     /// A renewal sent at `sent` (and `sent_nanos` on the monotonic clock) was acknowledged.
-    pub fn renewed(&self, sent: Instant, sent_nanos: u64) {
-        *self.renewed.lock().expect("fence lock") = Some(sent);
+    /// Returns how long the node was fenced, if it was (not counting the start).
+    pub fn renewed(&self, sent: Instant, sent_nanos: u64) -> Option<Duration> {
+        let first = self
+            .renewed
+            .lock()
+            .expect("fence lock")
+            .replace(sent)
+            .is_none();
         self.write("renewed", stamp(sent_nanos));
         if self.fenced.swap(false, Ordering::SeqCst) {
-            tracing::warn!("the lease is renewed again: VMs may start");
             self.lifted.notify_waiters();
+            let since = self.fenced_at.lock().expect("fence lock").take();
+            if !first {
+                tracing::warn!("the lease is renewed again: VMs may start");
+                return since.map(|at| at.elapsed());
+            }
         }
+        None
     }
 
     /// Whether starting domains is refused right now.
@@ -128,6 +142,9 @@ impl Fence {
     /// Fences: refuses starts from now on, and destroys the fenceable domains.
     pub async fn fence(&self, libvirt: &Libvirt) {
         let first = !self.fenced.swap(true, Ordering::SeqCst);
+        if first {
+            *self.fenced_at.lock().expect("fence lock") = Some(Instant::now());
+        }
         let uuids = self.fenceable.lock().expect("fence lock").clone();
         for uuid in uuids {
             let destroyed =

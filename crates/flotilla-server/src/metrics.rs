@@ -1,5 +1,6 @@
 //! Prometheus metrics: request counts and latency by verb, route and code; and, read from the
-//! store at each scrape, the inventory of networks, NICs and the nodes' DHCP-server restarts.
+//! store at each scrape, the inventory of networks, NICs and the nodes' DHCP-server restarts,
+//! migrations by phase, and failed nodes' VMs (restarted elsewhere or reported lost).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,6 +33,16 @@ pub struct NodeLabels {
     pub node: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub condition: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -39,6 +50,8 @@ pub struct Metrics {
     networks: Gauge,
     nics: Gauge,
     dhcp_restarts: Family<NodeLabels, Gauge>,
+    migrations: Family<PhaseLabels, Gauge>,
+    recovered: Family<ConditionLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -75,6 +88,18 @@ impl Default for Metrics {
             "Times a node's DHCP servers exited and were started again since its agent started",
             dhcp_restarts.clone(),
         );
+        let migrations = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "flotilla_migrations",
+            "Migration objects by phase",
+            migrations.clone(),
+        );
+        let recovered = Family::<ConditionLabels, Gauge>::default();
+        registry.register(
+            "flotilla_failed_node_vms",
+            "VMs of failed nodes: restarted elsewhere (Evacuated) or reported (NodeLost)",
+            recovered.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -82,6 +107,8 @@ impl Default for Metrics {
             networks,
             nics,
             dhcp_restarts,
+            migrations,
+            recovered,
         }
     }
 }
@@ -102,6 +129,72 @@ impl Metrics {
         }
         if let Ok(n) = count(crate::ipam::PORTS_PREFIX.to_string()).await {
             self.nics.set(n);
+        }
+        let kind = flotilla_types::registry::by_kind("Migration").expect("registered");
+        if let Ok(range) = store
+            .range(flotilla_store::RangeRequest::prefix(
+                &crate::objects::list_prefix(kind, None),
+            ))
+            .await
+        {
+            self.migrations.clear();
+            for phase in [
+                "Pending",
+                "Preparing",
+                "Migrating",
+                "Succeeded",
+                "Failed",
+                "Aborted",
+            ] {
+                self.migrations
+                    .get_or_create(&PhaseLabels {
+                        phase: phase.into(),
+                    })
+                    .set(0);
+            }
+            for kv in range.kvs {
+                let m: serde_json::Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+                let phase = m["status"]["phase"]
+                    .as_str()
+                    .filter(|p| !p.is_empty())
+                    .unwrap_or("Pending");
+                self.migrations
+                    .get_or_create(&PhaseLabels {
+                        phase: phase.into(),
+                    })
+                    .inc();
+            }
+        }
+        let kind = flotilla_types::registry::by_kind("VirtualMachine").expect("registered");
+        if let Ok(range) = store
+            .range(flotilla_store::RangeRequest::prefix(
+                &crate::objects::list_prefix(kind, None),
+            ))
+            .await
+        {
+            let (mut evacuated, mut lost) = (0, 0);
+            for kv in range.kvs {
+                // Most VMs have neither: skip the parse.
+                let text = String::from_utf8_lossy(&kv.value);
+                if !text.contains("\"NodeLost\"") && !text.contains("\"Evacuated\"") {
+                    continue;
+                }
+                let vm: serde_json::Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+                for c in vm["status"]["conditions"].as_array().into_iter().flatten() {
+                    match (c["type"].as_str(), c["status"].as_str()) {
+                        (Some("Evacuated"), Some("True")) => evacuated += 1,
+                        (Some("NodeLost"), Some("True")) => lost += 1,
+                        _ => {}
+                    }
+                }
+            }
+            for (condition, n) in [("Evacuated", evacuated), ("NodeLost", lost)] {
+                self.recovered
+                    .get_or_create(&ConditionLabels {
+                        condition: condition.into(),
+                    })
+                    .set(n);
+            }
         }
         let nodes = flotilla_types::registry::by_kind("Node").expect("registered");
         let prefix = crate::objects::list_prefix(nodes, None);

@@ -581,6 +581,38 @@ async fn vms_move_between_two_hosts_live_suspended_aborted_and_cold() {
         drain_took.as_secs_f64()
     );
 
+    // The migrations by phase, in /metrics.
+    let listed = admin
+        .list(kind, Some("default"), &Default::default())
+        .await
+        .unwrap();
+    let count = |phase: &str| {
+        listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["status"]["phase"] == phase)
+            .count()
+    };
+    let (succeeded, failed) = (count("Succeeded"), count("Failed"));
+    let metrics = admin
+        .send(reqwest::Method::GET, "/metrics", &[], None)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = format!("flotilla_migrations{{phase=\"Succeeded\"}} {succeeded}");
+    assert!(
+        succeeded >= 9 && metrics.lines().any(|l| l == line),
+        "{line} in:\n{metrics}"
+    );
+    let line = format!("flotilla_migrations{{phase=\"Failed\"}} {failed}");
+    assert!(
+        failed >= 3 && metrics.lines().any(|l| l == line),
+        "{line} in:\n{metrics}"
+    );
+
     stop.store(true, Ordering::Relaxed);
     let (samples, shared) = sampler.join().unwrap();
     assert!(samples > 10, "the sampler ran ({samples} samples)");

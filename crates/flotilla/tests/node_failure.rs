@@ -224,6 +224,13 @@ async fn a_failed_nodes_vms_are_fenced_there_before_they_restart_elsewhere() {
     .await;
     assert_eq!(domstate(&fabric, 0, "default_pinned"), "running");
     assert_eq!(vm(admin, "pinned").await["spec"]["nodeName"], "host-a");
+    let metrics = metrics(admin).await;
+    for line in [
+        "flotilla_failed_node_vms{condition=\"Evacuated\"} 1",
+        "flotilla_failed_node_vms{condition=\"NodeLost\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
 
     // 2. Host A is back: it removes ha (not restarted) and pinned is no longer NodeLost.
     run(&["ip", "-n", &fabric.namespace(0), "link", "set", "ul", "up"]);
@@ -243,6 +250,22 @@ async fn a_failed_nodes_vms_are_fenced_there_before_they_restart_elsewhere() {
     })
     .await;
     assert_eq!(domstate(&fabric, 1, "default_ha"), "running");
+    eventually("host A reports that it was fenced", 30, async || {
+        let events = admin
+            .list(
+                lookup("event").unwrap(),
+                Some("default"),
+                &Default::default(),
+            )
+            .await
+            .ok()?;
+        events["items"]
+            .as_array()?
+            .iter()
+            .any(|e| e["reason"] == "Fenced" && e["involvedObject"]["name"] == "host-a")
+            .then_some(())
+    })
+    .await;
 
     // 3. Host A's agent hangs: its watchdog fences in its place.
     let ha2 = make(
@@ -305,6 +328,16 @@ async fn a_failed_nodes_vms_are_fenced_there_before_they_restart_elsewhere() {
     )
     .await;
     drop(fabric);
+}
+
+async fn metrics(admin: &flotilla_client::Client) -> String {
+    admin
+        .send(reqwest::Method::GET, "/metrics", &[], None)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 fn json_patch_merge(target: &mut Value, patch: &Value) {
