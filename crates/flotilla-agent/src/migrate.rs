@@ -99,7 +99,7 @@ pub async fn follow(ctx: Arc<Context>, kick: tokio::sync::mpsc::UnboundedSender<
                 let mut known = ctx.migrations.outgoing.lock().expect("migrations lock");
                 *known = out_mirror.items.clone();
                 ctx.migrations.listed.lock().expect("migrations lock").0 = out_mirror.listed;
-                for m in known.values() {
+                for m in known.values().filter(|m| current(m)) {
                     if let Some(uid) = m.status.as_ref().map(|s| s.vm_uid.clone()) {
                         let _ = kick.send(uid);
                     }
@@ -117,7 +117,7 @@ pub async fn follow(ctx: Arc<Context>, kick: tokio::sync::mpsc::UnboundedSender<
             _ = tick.tick() => {}
             else => return,
         }
-        for m in in_mirror.items.values() {
+        for m in in_mirror.items.values().filter(|m| current(m)) {
             let k = key(m.metadata.namespace.as_deref(), &m.metadata.name);
             if !busy.lock().expect("busy lock").insert(k.clone()) {
                 continue;
@@ -131,6 +131,22 @@ pub async fn follow(ctx: Arc<Context>, kick: tokio::sync::mpsc::UnboundedSender<
             });
         }
     }
+}
+
+/// How long after its end a migration still needs looking after (the target resumes a guest
+/// that landed paused, or removes what a failed one prepared; the sweeps do the rest later).
+const AFTERMATH: Duration = Duration::from_secs(120);
+
+/// Whether a migration still concerns its nodes: under way, or ended less than
+/// [`AFTERMATH`] ago (ended ones stay until someone deletes them).
+fn current(m: &Migration) -> bool {
+    let status = m.status.clone().unwrap_or_default();
+    if !status.finished() {
+        return true;
+    }
+    status
+        .completion_time
+        .is_none_or(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default() < AFTERMATH)
 }
 
 /// Patches the Migration's status (as one of its two nodes).
@@ -224,7 +240,7 @@ async fn incoming_step(ctx: &Context, m: &Migration) -> Result<(), AgentError> {
                 }
             }
         }
-        "Failed" | "Aborted" => {
+        "Failed" | "Aborted" if ctx.vm_dir(&uid).exists() => {
             // libvirt keeps the domain on one side only; a failed move leaves it on the source.
             let bound_here = {
                 let vms = lookup("vm").expect("registered");
@@ -234,8 +250,7 @@ async fn incoming_step(ctx: &Context, m: &Migration) -> Result<(), AgentError> {
                     .await;
                 matches!(vm, Ok(vm) if vm["spec"]["nodeName"] == ctx.node.as_str() && vm["metadata"]["uid"] == uid.as_str())
             };
-            if !bound_here && ctx.libvirt.state(&uid).await?.is_none() && ctx.vm_dir(&uid).exists()
-            {
+            if !bound_here && ctx.libvirt.state(&uid).await?.is_none() {
                 crate::vm::remove_everything(ctx, &uid).await?;
                 if let Some(firewall) = &ctx.firewall {
                     firewall.remove_vm(&uid);
@@ -527,7 +542,10 @@ async fn recover(ctx: &Context, vm: &VirtualMachine, m: &Migration) -> Result<Ou
         return Ok(Outcome::Done);
     }
     match ctx.libvirt.state(&uid).await? {
-        Some(DomainState::Running) => {
+        // Active here without a job: the copy did not complete (a completed one leaves the
+        // domain shut off here). A paused one (a suspended or cold copy) is resumed or stopped
+        // by the reconcile that follows, as its powerState says.
+        Some(DomainState::Running | DomainState::Paused | DomainState::ShuttingDown) => {
             let message = format!(
                 "the agent on {} restarted during the copy; the VM stays on {}",
                 ctx.node, ctx.node
@@ -690,10 +708,7 @@ async fn copy(ctx: &Context, vm: &VirtualMachine, m: &Migration) -> Result<Outco
         &format!("copying {} to {target}", vm.metadata.name),
     )
     .await;
-    ctx.migrating
-        .lock()
-        .expect("migrating lock")
-        .insert(uid.clone());
+    let _copying = Copying::start(ctx, &uid);
     let timeout = Duration::from_secs(m.spec.timeout_seconds.unwrap_or(600).into());
     let watcher = watch_copy(ctx, m, &uid, timeout);
     let copy = Copy {
@@ -707,7 +722,6 @@ async fn copy(ctx: &Context, vm: &VirtualMachine, m: &Migration) -> Result<Outco
         r = ctx.libvirt.migrate(copy) => r,
         never = watcher.run() => match never {},
     };
-    ctx.migrating.lock().expect("migrating lock").remove(&uid);
     let stop = watcher.stopped_for();
     match result {
         Ok(()) => {
@@ -784,6 +798,36 @@ async fn copy(ctx: &Context, vm: &VirtualMachine, m: &Migration) -> Result<Outco
             finish(ctx, m, phase, reason, &message, json!({})).await?;
             Ok(Outcome::Done)
         }
+    }
+}
+
+/// Marks a VM as being copied by this process (see `recover`) for as long as it lives, also
+/// when the reconcile is dropped half-way.
+struct Copying<'a> {
+    ctx: &'a Context,
+    uid: String,
+}
+
+impl<'a> Copying<'a> {
+    fn start(ctx: &'a Context, uid: &str) -> Self {
+        ctx.migrating
+            .lock()
+            .expect("migrating lock")
+            .insert(uid.to_string());
+        Copying {
+            ctx,
+            uid: uid.to_string(),
+        }
+    }
+}
+
+impl Drop for Copying<'_> {
+    fn drop(&mut self) {
+        self.ctx
+            .migrating
+            .lock()
+            .expect("migrating lock")
+            .remove(&self.uid);
     }
 }
 

@@ -68,6 +68,8 @@ impl Objects {
             finalizers.push(AGENT_FINALIZER.to_string());
         }
         next["metadata"]["finalizers"] = json!(finalizers);
+        let mut status = status;
+        keep_other_conditions(&current, &mut status);
         json_patch::merge(&mut next, &json!({ "status": status }));
         let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
         next["metadata"]["generation"] = json!(generation + 1);
@@ -102,6 +104,24 @@ impl Objects {
             Binding::Changed
         })
     }
+}
+
+/// The conditions `status` sets, after those of other types `current` has (e.g. a VM's
+/// `Evacuated` stays when it is bound again).
+fn keep_other_conditions(current: &Value, status: &mut Value) {
+    let Some(new) = status.get("conditions").and_then(Value::as_array) else {
+        return;
+    };
+    let types: Vec<&Value> = new.iter().map(|c| &c["type"]).collect();
+    let mut all: Vec<Value> = current["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| !types.contains(&&c["type"]))
+        .cloned()
+        .collect();
+    all.extend(new.iter().cloned());
+    status["conditions"] = Value::Array(all);
 }
 
 impl Objects {

@@ -63,17 +63,7 @@ async fn bench() {
             .add_host(&cluster, host, &["--cpu-overcommit", "16"])
             .await;
     }
-    let nodes = lookup("node").unwrap();
-    eventually("both hosts are Ready", 60, async || {
-        let list = admin.list(nodes, None, &Default::default()).await.ok()?;
-        let ready = list["items"]
-            .as_array()?
-            .iter()
-            .filter(|n| n["status"]["nodeInfo"]["migrationUri"].is_string())
-            .count();
-        (ready == 2).then_some(())
-    })
-    .await;
+    fabric.wait_ready(admin).await;
     let images = support::traversable_tempdir();
     support::guests::seedling_image(admin, images.path()).await;
     admin

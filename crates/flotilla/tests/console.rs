@@ -22,23 +22,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 /// Reads the console until its output (from now on) contains `needle`; all it read.
-async fn read_until(socket: &mut ConsoleSocket, needle: &str, secs: u64) -> String {
-    let mut seen = String::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !seen.contains(needle) {
-        let message = tokio::time::timeout_at(deadline, socket.next())
-            .await
-            .unwrap_or_else(|_| panic!("no {needle:?} within {secs}s; the console said:\n{seen}"));
-        match message {
-            Some(Ok(Message::Binary(b))) => seen.push_str(&String::from_utf8_lossy(&b)),
-            Some(Ok(Message::Text(t))) => seen.push_str(t.as_str()),
-            Some(Ok(_)) => {}
-            other => panic!("the console closed ({other:?}) before {needle:?}:\n{seen}"),
-        }
-    }
-    seen
-}
-
 async fn type_line(socket: &mut ConsoleSocket, line: &str) {
     socket
         .send(Message::Binary(format!("{line}\n").into_bytes().into()))
@@ -160,9 +143,9 @@ async fn consoles_are_interactive_shared_and_only_for_those_allowed() {
         .console("default", &name, ConsoleKind::Serial)
         .await
         .unwrap();
-    read_until(&mut first, "FLOTILLA-BOOTED", 30).await;
+    support::read_until(&mut first, "FLOTILLA-BOOTED", 30).await;
     type_line(&mut first, "echo first-$((6*7))").await;
-    read_until(&mut first, "first-42", 60).await;
+    support::read_until(&mut first, "first-42", 60).await;
 
     // A second viewer (a project member) sees what was typed before it came, and what either
     // types afterwards reaches both.
@@ -170,10 +153,10 @@ async fn consoles_are_interactive_shared_and_only_for_those_allowed() {
     let mut second = raw_socket(&server, &console_path, Some(&member))
         .await
         .expect("a member opens the console");
-    read_until(&mut second, "first-42", 10).await;
+    support::read_until(&mut second, "first-42", 10).await;
     type_line(&mut second, "echo second-$((2+3))").await;
-    read_until(&mut second, "second-5", 30).await;
-    read_until(&mut first, "second-5", 30).await;
+    support::read_until(&mut second, "second-5", 30).await;
+    support::read_until(&mut first, "second-5", 30).await;
     drop(first);
     drop(second);
 
@@ -207,7 +190,7 @@ async fn consoles_are_interactive_shared_and_only_for_those_allowed() {
         .await
         .expect("the ticket opens the console");
     type_line(&mut by_ticket, "echo ticket-$((10+1))").await;
-    read_until(&mut by_ticket, "ticket-11", 30).await;
+    support::read_until(&mut by_ticket, "ticket-11", 30).await;
     let (code, body) = refused_with(raw_socket(&server, &with_ticket, None).await);
     assert_eq!(code, 401, "a used ticket: {body}");
     assert!(body.contains("ticket"), "{body}");

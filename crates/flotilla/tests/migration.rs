@@ -20,30 +20,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_client::Client;
-use flotilla_client::{ConsoleKind, ConsoleSocket};
+use flotilla_client::ConsoleKind;
 use flotilla_controllers::testkit::{eventually, TestCluster};
 use flotilla_types::registry::lookup;
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use serde_json::{json, Value};
 use support::hosts::{console, Fabric};
 use tokio_tungstenite::tungstenite::Message;
-
-async fn read_until(socket: &mut ConsoleSocket, needle: &str, secs: u64) -> String {
-    let mut seen = String::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !seen.contains(needle) {
-        let message = tokio::time::timeout_at(deadline, socket.next())
-            .await
-            .unwrap_or_else(|_| panic!("no {needle:?} within {secs}s; the console said:\n{seen}"));
-        match message {
-            Some(Ok(Message::Binary(b))) => seen.push_str(&String::from_utf8_lossy(&b)),
-            Some(Ok(Message::Text(t))) => seen.push_str(t.as_str()),
-            Some(Ok(_)) => {}
-            other => panic!("the console closed ({other:?}) before {needle:?}:\n{seen}"),
-        }
-    }
-    seen
-}
 
 /// Runs `lines` in the guest's shell on its serial console, one at a time, each short (busybox's
 /// line editing redraws long lines into a mess) and after a Ctrl-U (clears what a previous
@@ -60,7 +43,7 @@ async fn in_guest(admin: &Client, vm: &str, lines: &[&str], expect: &str) {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    read_until(&mut socket, expect, 60).await;
+    support::read_until(&mut socket, expect, 60).await;
 }
 
 /// Writes `value` (5 bytes) at 2 MiB into the guest's disk, synced.
@@ -238,22 +221,7 @@ async fn vms_move_between_two_hosts_live_suspended_aborted_and_cold() {
         fabric.add_host(&cluster, host, &[]).await;
     }
     let nodes = lookup("node").unwrap();
-    eventually("both hosts are Ready and take migrations", 60, async || {
-        let list = admin.list(nodes, None, &Default::default()).await.ok()?;
-        let ready = list["items"]
-            .as_array()?
-            .iter()
-            .filter(|n| {
-                n["status"]["nodeInfo"]["migrationUri"].is_string()
-                    && n["status"]["conditions"].as_array().is_some_and(|c| {
-                        c.iter()
-                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                    })
-            })
-            .count();
-        (ready == 2).then_some(())
-    })
-    .await;
+    fabric.wait_ready(admin).await;
     let images = support::traversable_tempdir();
     support::guests::seedling_image(admin, images.path()).await;
     admin

@@ -92,24 +92,7 @@ async fn a_failed_nodes_vms_are_fenced_there_before_they_restart_elsewhere() {
     for host in ["host-a", "host-b"] {
         fabric.add_host(&cluster, host, &[]).await;
     }
-    eventually("both hosts are Ready", 60, async || {
-        let list = admin
-            .list(lookup("node").unwrap(), None, &Default::default())
-            .await
-            .ok()?;
-        let ready = list["items"]
-            .as_array()?
-            .iter()
-            .filter(|n| {
-                n["status"]["conditions"].as_array().is_some_and(|c| {
-                    c.iter()
-                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                })
-            })
-            .count();
-        (ready == 2).then_some(())
-    })
-    .await;
+    fabric.wait_ready(admin).await;
     admin
         .create(
             lookup("network").unwrap(),

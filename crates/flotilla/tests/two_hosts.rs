@@ -70,22 +70,7 @@ async fn guests_on_two_hosts_reach_each_other_over_the_overlay() {
         ]);
         run(&["ip", "-n", &ns, "link", "set", "br-ex", "up"]);
     }
-    let nodes = lookup("node").unwrap();
-    eventually("both hosts are Ready", 60, async || {
-        let list = admin.list(nodes, None, &Default::default()).await.ok()?;
-        let ready = list["items"]
-            .as_array()?
-            .iter()
-            .filter(|n| {
-                n["status"]["conditions"].as_array().is_some_and(|c| {
-                    c.iter()
-                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                })
-            })
-            .count();
-        (ready == 2).then_some(())
-    })
-    .await;
+    fabric.wait_ready(admin).await;
 
     admin
         .create(

@@ -254,6 +254,30 @@ impl Fabric {
     }
 }
 
+impl Fabric {
+    /// Waits until every host's Node is Ready and publishes where it takes migrations.
+    pub async fn wait_ready(&self, admin: &flotilla_client::Client) {
+        let nodes = flotilla_types::registry::lookup("node").unwrap();
+        let hosts = self.hosts.len();
+        flotilla_controllers::testkit::eventually("every host is Ready", 60, async || {
+            let list = admin.list(nodes, None, &Default::default()).await.ok()?;
+            let ready = list["items"]
+                .as_array()?
+                .iter()
+                .filter(|n| {
+                    n["status"]["nodeInfo"]["migrationUri"].is_string()
+                        && n["status"]["conditions"].as_array().is_some_and(|c| {
+                            c.iter()
+                                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                        })
+                })
+                .count();
+            (ready == hosts).then_some(())
+        })
+        .await;
+    }
+}
+
 /// Writes a host's libvirt configuration under `root`: its own host UUID, TCP on its private
 /// address (for migrations), QEMU as root without cgroups (two daemons on one kernel).
 fn configure_libvirt(root: &Path, uuid: &str, address: &str) {

@@ -379,3 +379,27 @@ pub fn eventually<T>(what: &str, secs: u64, mut check: impl FnMut() -> Option<T>
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Reads a console WebSocket until `needle` shows up (within `secs`); returns what it read.
+pub async fn read_until(
+    socket: &mut flotilla_client::ConsoleSocket,
+    needle: &str,
+    secs: u64,
+) -> String {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !seen.contains(needle) {
+        let message = tokio::time::timeout_at(deadline, socket.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} within {secs}s; the console said:\n{seen}"));
+        match message {
+            Some(Ok(Message::Binary(b))) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Some(Ok(Message::Text(t))) => seen.push_str(t.as_str()),
+            Some(Ok(_)) => {}
+            other => panic!("the console closed ({other:?}) before {needle:?}:\n{seen}"),
+        }
+    }
+    seen
+}
