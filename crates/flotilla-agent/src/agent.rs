@@ -142,12 +142,18 @@ pub async fn run_with(
     for leftover in disks.sweep_leftovers()? {
         tracing::info!(path = %leftover.display(), "removed what an interrupted write left behind");
     }
+    // Simulated hosts (libvirt's test driver) all have the same host UUID.
+    let host_uuid = match config.libvirt_uri.starts_with("test:") {
+        true => None,
+        false => libvirt.host_uuid().await.unwrap_or(None),
+    };
     let (client, ca_pem) = until_answered(&mut stop, "joining the cluster", || {
         crate::identity::load_or_join(
             &config.data_dir,
             &config.servers,
             config.join_token.as_deref(),
             &config.node_name,
+            host_uuid.as_deref(),
         )
     })
     .await?;

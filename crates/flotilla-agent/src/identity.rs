@@ -11,11 +11,14 @@ use crate::error::{io, AgentError};
 
 /// A client with this node's credentials: stored ones if present, else obtained by joining.
 /// Also returns the CA that the agent trusts (from the join), for its own TLS endpoint.
+/// `host_uuid` is libvirt's host UUID, sent with the join (the server refuses a second node
+/// with the same one).
 pub async fn load_or_join(
     data_dir: &Path,
     servers: &[String],
     join_token: Option<&str>,
     node: &str,
+    host_uuid: Option<&str>,
 ) -> Result<(Client, String), AgentError> {
     let path = data_dir.join("agent.yaml");
     if let Ok(text) = std::fs::read_to_string(&path) {
@@ -50,7 +53,8 @@ pub async fn load_or_join(
     })?;
     let ca = fetch_verified_ca(servers, ca_hash).await?;
     let bootstrap = Client::new(servers.to_vec(), Some(&ca), Some(bearer.to_string()))?;
-    let body = serde_json::to_vec(&serde_json::json!({"nodeName": node})).expect("serialises");
+    let body = serde_json::to_vec(&serde_json::json!({"nodeName": node, "hostUuid": host_uuid}))
+        .expect("serialises");
     let resp = bootstrap
         .request_json(
             reqwest::Method::POST,

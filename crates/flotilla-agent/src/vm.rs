@@ -260,7 +260,13 @@ async fn converge(ctx: &Context, vm: &VirtualMachine, mode: Mode) -> Result<Outc
         .volumes
         .lock(&project, vm.spec.disks.iter().map(|d| d.volume.clone()))
         .await;
-    let mut disks = crate::attach::resolve(ctx, vm).await?;
+    // A VM coming in a migration brings its volumes' definitions in its own XML: they are in
+    // shared pools (the controller refuses node-local ones), placed on the source until the VM
+    // is bound here, and so not readable by this node yet.
+    let mut disks = match mode {
+        Mode::Run => crate::attach::resolve(ctx, vm).await?,
+        Mode::Prepare => Vec::new(),
+    };
     // Snapshots taken, merged away or reverted to move the disks to other files.
     let subject = crate::vmsnapshots::Subject {
         vm,

@@ -74,6 +74,9 @@ pub async fn create_join_token(
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct JoinRequest {
     node_name: String,
+    /// libvirt's host UUID on the joining host (absent for simulated hosts).
+    #[serde(default)]
+    host_uuid: Option<String>,
 }
 
 pub async fn join(
@@ -97,6 +100,27 @@ pub async fn join(
         )));
     }
     let nodes = registry::by_kind("Node").expect("registered");
+    if let Some(uuid) = req.host_uuid.as_deref().filter(|u| !u.is_empty()) {
+        // Two hosts with one libvirt host UUID cannot migrate VMs to each other: libvirt
+        // takes them for the same host ("Attempt to migrate guest to the same host").
+        let listed = state
+            .objects
+            .list(nodes, None, &crate::objects::ListOptions::default())
+            .await?;
+        for raw in listed.items {
+            let node: serde_json::Value = serde_json::from_slice(&raw).unwrap_or_default();
+            let other = node["metadata"]["name"].as_str().unwrap_or_default();
+            if other != name && node["status"]["nodeInfo"]["hostUuid"].as_str() == Some(uuid) {
+                return Err(ApiError::new(
+                    409,
+                    "AlreadyExists",
+                    format!(
+                        "hostUuid: libvirt's host UUID {uuid} is already node {other:?}'s; two hosts with one UUID cannot migrate VMs to each other. Give this host its own (host_uuid in /etc/libvirt/libvirtd.conf, e.g. from uuidgen, then restart libvirtd), or delete node {other:?} if this host replaces it"
+                    ),
+                ));
+            }
+        }
+    }
     match state
         .objects
         .create(nodes, None, json!({"metadata": {"name": name}}))

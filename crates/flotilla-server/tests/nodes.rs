@@ -403,6 +403,64 @@ async fn a_joined_node_is_confined_to_its_own_objects() {
 }
 
 #[tokio::test]
+async fn a_second_host_with_the_same_libvirt_host_uuid_is_refused_at_join() {
+    let t = start().await;
+    let a = join(&t, "node-a").await;
+    let uuid = "5d1c0ae3-2a6f-4c39-9d5e-31b8a3e0c111";
+    a.patch(
+        kind("Node"),
+        None,
+        "node-a",
+        &json!({"status": {"nodeInfo": {"hostUuid": uuid}}}),
+        true,
+    )
+    .await
+    .unwrap();
+    let (code, resp) = post(
+        &t,
+        "/flotilla/v1/join-tokens",
+        t.token(),
+        json!({"ttlSeconds": 600}),
+    )
+    .await;
+    assert_eq!(code, 200, "{resp}");
+    let bearer = resp["token"]
+        .as_str()
+        .unwrap()
+        .split_once("::sha256:")
+        .unwrap()
+        .0
+        .to_string();
+    let (code, resp) = post(
+        &t,
+        "/flotilla/v1/join",
+        &bearer,
+        json!({"nodeName": "node-b", "hostUuid": uuid}),
+    )
+    .await;
+    assert_eq!(code, 409, "{resp}");
+    let message = resp["message"].as_str().unwrap();
+    assert!(
+        message.contains("node-a") && message.contains("host_uuid"),
+        "{message}"
+    );
+    // Node-a itself may join again (a re-install of the same host), and another UUID is fine.
+    for (name, host_uuid) in [
+        ("node-a", uuid),
+        ("node-b", "5d1c0ae3-2a6f-4c39-9d5e-31b8a3e0c222"),
+    ] {
+        let (code, resp) = post(
+            &t,
+            "/flotilla/v1/join",
+            &bearer,
+            json!({"nodeName": name, "hostUuid": host_uuid}),
+        )
+        .await;
+        assert_eq!(code, 200, "{name}: {resp}");
+    }
+}
+
+#[tokio::test]
 async fn join_tokens_only_join_and_only_admins_mint_them() {
     let t = start().await;
     let (_, resp) = post(&t, "/flotilla/v1/join-tokens", t.token(), json!({})).await;

@@ -448,6 +448,107 @@ async fn vms_move_between_two_hosts_live_suspended_aborted_and_cold() {
     read_mark(admin, "mover", "hop-4").await;
     assert!(domains(&fabric, 0).is_empty());
 
+    // 5. Shared storage: a VM whose only disk is a volume in an NFS pool (nfs-ganesha, reached
+    // by QEMU's libnfs on both hosts) moves without copying any disk.
+    let nfs_dir = support::traversable_tempdir();
+    let _nfs = support::nfs::NfsServer::start(nfs_dir.path());
+    let nfs_port = format!("{}nf", fabric.tag);
+    support::hosts::run(&[
+        "ip",
+        "link",
+        "add",
+        &nfs_port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "fab",
+        "netns",
+        "fltnfs-test",
+    ]);
+    fabric.links.push(nfs_port.clone());
+    support::hosts::run(&[
+        "ip",
+        "link",
+        "set",
+        &nfs_port,
+        "master",
+        &fabric.bridge,
+        "up",
+    ]);
+    support::hosts::run(&[
+        "ip",
+        "-n",
+        "fltnfs-test",
+        "addr",
+        "add",
+        "10.78.0.200/24",
+        "dev",
+        "fab",
+    ]);
+    support::hosts::run(&["ip", "-n", "fltnfs-test", "link", "set", "fab", "up"]);
+    let (pools, volumes) = (lookup("storagepool").unwrap(), lookup("volume").unwrap());
+    admin
+        .create(
+            pools,
+            None,
+            &json!({"metadata": {"name": "shared"}, "spec": {"type": "nfs",
+                    "nfs": {"server": "10.78.0.200", "export": "/export"}}}),
+        )
+        .await
+        .unwrap();
+    eventually("both hosts serve the nfs pool", 60, async || {
+        let p = admin.get(pools, None, "shared").await.ok()?;
+        let ready = |n: &str| p["status"]["nodes"][n]["phase"] == "Ready";
+        (ready("host-a") && ready("host-b")).then_some(())
+    })
+    .await;
+    admin
+        .create(
+            volumes,
+            Some("default"),
+            &json!({"metadata": {"name": "data"}, "spec": {"pool": "shared", "size": "16Mi"}}),
+        )
+        .await
+        .unwrap();
+    let sharer = json!({"metadata": {"name": "sharer"}, "spec": {
+        "nodeName": "host-a", "resources": {"cpus": 1, "memory": "128Mi"}, "boot": boot,
+        "disks": [{"name": "data", "volume": "data"}]}});
+    let sharer_uid = admin.create(vms, Some("default"), &sharer).await.unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually("sharer sees its volume", 120, async || {
+        console(&a_dir, &sharer_uid)
+            .contains("FLOTILLA-DISK vda")
+            .then_some(())
+    })
+    .await;
+    write_mark(admin, "sharer", "nfs-1").await;
+    let m = migrate(
+        admin,
+        "over-nfs",
+        json!({"vm": "sharer", "targetNode": "host-b"}),
+    )
+    .await;
+    assert_eq!(m["status"]["phase"], "Succeeded", "{m:#}");
+    assert_eq!(m["status"]["storage"], "shared", "no disk is copied: {m:#}");
+    settled_on(admin, "sharer", "host-b").await;
+    read_mark(admin, "sharer", "nfs-1").await;
+    assert_healthy(
+        &console(&b_dir, &sharer_uid),
+        "after the move over shared storage",
+    );
+    admin.delete(vms, Some("default"), "sharer").await.unwrap();
+    eventually("sharer is gone", 60, async || {
+        admin
+            .get(vms, Some("default"), "sharer")
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+
     // What cannot move is refused with a reason.
     let m = migrate(
         admin,
@@ -586,5 +687,84 @@ async fn vms_move_between_two_hosts_live_suspended_aborted_and_cold() {
     assert!(samples > 10, "the sampler ran ({samples} samples)");
     assert_eq!(shared, None, "a disk was open for writing by two QEMUs");
     assert_healthy(&console(&b_dir, &uid), "at the end");
+    drop(fabric);
+}
+
+/// The API server (a real `flotilla server` process, with its controllers) is killed with
+/// SIGKILL while a copy runs and started again: the migration still ends, and the VM is bound
+/// to the one host that runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_survives_kill_9_of_the_server() {
+    let guest = support::tiny_guest();
+    let mut fabric = Fabric::new("fms", 81);
+    let dir = support::traversable_tempdir();
+    let mut server = support::Server::start_on(dir.path(), &fabric.server_address(), None);
+    let admin = server.admin().await;
+    let token = support::join_token(&admin).await;
+    for host in ["host-a", "host-b"] {
+        fabric.add_host_to(&server.url(), &token, host, &[]);
+    }
+    fabric.wait_ready(&admin).await;
+    let vms = lookup("vm").unwrap();
+    let solo = json!({"metadata": {"name": "solo"}, "spec": {
+        "nodeName": "host-a", "resources": {"cpus": 1, "memory": "128Mi"},
+        "boot": {"kernel": guest.join("vmlinuz"), "initrd": guest.join("initramfs.gz"), "cmdline": "console=ttyS0 panic=-1"}}});
+    let uid = admin.create(vms, Some("default"), &solo).await.unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually("solo booted", 120, async || {
+        console(&fabric.agent_dir(0), &uid)
+            .contains("FLOTILLA-BOOTED")
+            .then_some(())
+    })
+    .await;
+    let kind = lookup("migration").unwrap();
+    admin
+        .create(
+            kind,
+            Some("default"),
+            &json!({"metadata": {"name": "through"}, "spec": {"vm": "solo", "suspend": true, "bandwidthMib": 4}}),
+        )
+        .await
+        .unwrap();
+    eventually("the copy runs", 60, async || {
+        let m = admin.get(kind, Some("default"), "through").await.ok()?;
+        (m["status"]["phase"] == "Migrating").then_some(())
+    })
+    .await;
+    server.process.kill9();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    server.process.start();
+    let admin = server.admin().await;
+    let m = eventually("the migration ends", 180, async || {
+        let m = admin.get(kind, Some("default"), "through").await.ok()?;
+        matches!(m["status"]["phase"].as_str(), Some("Succeeded" | "Failed")).then_some(m)
+    })
+    .await;
+    eprintln!(
+        "server killed mid-copy: the migration {} ({})",
+        m["status"]["phase"], m["status"]["message"]
+    );
+    let landed = if m["status"]["phase"] == "Succeeded" {
+        "host-b"
+    } else {
+        "host-a"
+    };
+    settled_on(&admin, "solo", landed).await;
+    let (here, there) = if landed == "host-a" { (0, 1) } else { (1, 0) };
+    let running = |i: usize| {
+        let out = fabric.in_host(i, &["virsh", "-q", "domstate", "default_solo"]);
+        String::from_utf8_lossy(&out.stdout).trim() == "running"
+    };
+    eventually("exactly one host runs the VM", 60, async || {
+        (running(here) && !running(there)).then_some(())
+    })
+    .await;
+    in_guest(&admin, "solo", &["echo ALIVE-$((40+2))"], "ALIVE-42").await;
+    assert_healthy(
+        &console(&fabric.agent_dir(here), &uid),
+        "after the server's kill",
+    );
     drop(fabric);
 }

@@ -210,6 +210,77 @@ export interface paths {
         patch: operations["patchImageStatus"];
         trace?: never;
     };
+    "/apis/flotilla.dev/v1alpha1/namespaces/{namespace}/migrations": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The project */
+                namespace: string;
+            };
+            cookie?: never;
+        };
+        /** @description List migrations. With watch=true (and the parameters of the watch operation) this answers as watchMigration does */
+        get: operations["listMigration"];
+        put?: never;
+        /** @description Create a Migration */
+        post: operations["createMigration"];
+        /** @description Delete every Migration the selectors match */
+        delete: operations["deletecollectionMigration"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/apis/flotilla.dev/v1alpha1/namespaces/{namespace}/migrations/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The project */
+                namespace: string;
+                /** @description The object's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        /** @description Read a Migration */
+        get: operations["readMigration"];
+        /** @description Replace spec and metadata; a stale metadata.resourceVersion is 409 */
+        put: operations["replaceMigration"];
+        post?: never;
+        /** @description Delete; an object with finalizers stays, marked with deletionTimestamp, until they are done */
+        delete: operations["deleteMigration"];
+        options?: never;
+        head?: never;
+        /** @description Merge patch, JSON patch, or server-side apply */
+        patch: operations["patchMigration"];
+        trace?: never;
+    };
+    "/apis/flotilla.dev/v1alpha1/namespaces/{namespace}/migrations/{name}/status": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The project */
+                namespace: string;
+                /** @description The object's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        /** @description Read a Migration (for its status) */
+        get: operations["readMigrationStatus"];
+        /** @description Replace status only */
+        put: operations["replaceMigrationStatus"];
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        /** @description Patch status only */
+        patch: operations["patchMigrationStatus"];
+        trace?: never;
+    };
     "/apis/flotilla.dev/v1alpha1/namespaces/{namespace}/networks": {
         parameters: {
             query?: never;
@@ -1113,6 +1184,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/apis/flotilla.dev/v1alpha1/watch/namespaces/{namespace}/migrations": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The project */
+                namespace: string;
+            };
+            cookie?: never;
+        };
+        /** @description Watch migrations: newline-delimited WatchEvents, one per change, until timeoutSeconds or the client leaves */
+        get: operations["watchMigrationList"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/apis/flotilla.dev/v1alpha1/watch/namespaces/{namespace}/networks": {
         parameters: {
             query?: never;
@@ -1472,6 +1563,8 @@ export interface components {
             /** @description The Volume. */
             volume: string;
         };
+        /** @description What happens to a VM when its node fails. */
+        Evacuation: "Never" | "Restart";
         /** @description Fields, each an object of the fields below it. */
         FieldsV1: {
             [key: string]: components["schemas"]["FieldsV1"];
@@ -1686,6 +1779,136 @@ export interface components {
             /** @description When it last wrote. */
             time?: string;
         };
+        /** @description A move of one VM to another node, live or cold. */
+        Migration: {
+            /**
+             * @description flotilla.dev/v1alpha1
+             * @default flotilla.dev/v1alpha1
+             * @enum {string}
+             */
+            apiVersion: "flotilla.dev/v1alpha1";
+            /**
+             * @description The object's kind (the type's name, e.g. VirtualMachine).
+             * @default Migration
+             * @enum {string}
+             */
+            kind: "Migration";
+            /** @description Name, project, labels, annotations and what the server keeps about the object. */
+            metadata: components["schemas"]["ObjectMeta"];
+            /** @description What the object should be: written by its users. */
+            spec: components["schemas"]["MigrationSpec"];
+            /** @description What the object is: written by controllers and agents (the status subresource). */
+            status?: components["schemas"]["MigrationStatus"];
+        };
+        MigrationMode: "Live" | "Cold";
+        /** @description How far the copy is, as libvirt counts it. */
+        MigrationProgress: {
+            /**
+             * Format: uint64
+             * @description Bytes copied so far (memory and disks).
+             * @default 0
+             */
+            dataProcessed: number;
+            /**
+             * Format: uint64
+             * @description Bytes left to copy (memory pages dirtied again count again).
+             * @default 0
+             */
+            dataRemaining: number;
+            /**
+             * Format: uint64
+             * @description Bytes in all.
+             * @default 0
+             */
+            dataTotal: number;
+            /**
+             * Format: uint64
+             * @description Disk bytes copied so far.
+             */
+            diskProcessed?: number;
+            /**
+             * Format: uint64
+             * @description Pre-copy passes over the guest's memory.
+             */
+            iteration?: number;
+        };
+        MigrationSpec: {
+            /** @description Live only: throttle the guest's CPUs when it dirties memory faster than it is copied. */
+            autoConverge?: boolean;
+            /**
+             * Format: uint64
+             * @description Bandwidth limit of the copy, MiB/s (default: none).
+             */
+            bandwidthMib?: number | null;
+            /**
+             * Format: uint64
+             * @description Live only: the longest pause of the guest when it switches over, in milliseconds (default: libvirt's, 300 ms). Smaller takes more iterations to converge.
+             */
+            maxDowntimeMs?: number | null;
+            /** @description `Live` (default) or `Cold`. */
+            mode?: components["schemas"]["MigrationMode"];
+            /** @description Live only: switch to post-copy when pre-copy does not converge (the guest runs on the target at once and fetches its remaining memory; if the network fails then, it is lost). */
+            postCopy?: boolean;
+            /** @description Live only: suspend the guest for the whole copy and resume it on the target. The blackout is then the copy's length, but a guest that writes memory fast always moves. (Also the safe choice under QEMU's TCG before QEMU 9, which can corrupt busy guests.) */
+            suspend?: boolean;
+            /** @description The node to move it to; absent: the scheduler picks one with its placement rules (fit, node selector, affinity, spread; never a cordoned or unready node). */
+            targetNode?: string | null;
+            /**
+             * Format: uint32
+             * @description Give up (and leave the VM on the source) after this many seconds of copying; default 600.
+             */
+            timeoutSeconds?: number | null;
+            /** @description The VM (of the project) to move. */
+            vm: string;
+        };
+        MigrationStatus: {
+            /**
+             * Format: date-time
+             * @description When the migration ended (succeeded, failed or aborted).
+             */
+            completionTime?: string | null;
+            /**
+             * Format: uint64
+             * @description How long the guest was paused at the switch-over, as QEMU measured it (live), or how long the VM was down (cold, suspended).
+             */
+            downtimeMs?: number | null;
+            /**
+             * Format: uint64
+             * @description How long the copy took, from its start to the guest running on the target.
+             */
+            durationMs?: number | null;
+            /** @description What happened, for a person. */
+            message?: string | null;
+            /** @description Pending, Preparing, Migrating, Succeeded, Failed or Aborted. */
+            phase?: string;
+            /** @description How far the copy is. */
+            progress?: components["schemas"]["MigrationProgress"];
+            /** @description A word for why it is where it is (e.g. `NoTarget`, `SourceNotReady`, `Aborted`). */
+            reason?: string | null;
+            /** @description Where the VM was when the migration began. */
+            sourceNode?: string | null;
+            /**
+             * Format: date-time
+             * @description When the copy began.
+             */
+            startTime?: string | null;
+            /** @description What the disks needed: `shared` (nothing copied), `incremental` (only the VM's own overlay; its image was cached on the target), `full`, or `cold`. */
+            storage?: string | null;
+            /** @description The address QEMU's migration stream goes to (the target Node's `addresses.migration`). */
+            targetAddress?: string | null;
+            /** @description Where it goes. */
+            targetNode?: string | null;
+            /** @description Set by the target's agent once the VM's disks, seed and networks are ready there. */
+            targetReady?: boolean;
+            /** @description Set by the target's agent when the VM's domain runs there. */
+            targetRunning?: boolean;
+            /** @description The target's libvirt, as the source's libvirt connects to it (the target Node's `nodeInfo.migrationUri`). */
+            targetUri?: string | null;
+            /** @description The target's directory for the VM's files (the source rewrites its paths to it). */
+            targetVmDir?: string | null;
+            /** @description The uid of the VM moved (a VM made again under the name is another VM). */
+            vmUid?: string;
+        };
         /** @description A network VMs attach to: an overlay segment across nodes or a host bridge. */
         Network: {
             /**
@@ -1825,10 +2048,14 @@ export interface components {
             agentEndpoint?: string | null;
             /** @description The Flotilla agent's version. */
             agentVersion?: string | null;
+            /** @description libvirt's host UUID (two hosts with the same one cannot migrate to each other). */
+            hostUuid?: string | null;
             /** @description The host's name as libvirt reports it. */
             hostname?: string | null;
             /** @description The libvirt library's version. */
             libvirtVersion?: string | null;
+            /** @description The libvirt URI other nodes' libvirt daemons migrate VMs to (e.g. `qemu+tls://host-b.example/system`); absent: the node takes no migrations. */
+            migrationUri?: string | null;
             /** @description The hypervisor's (QEMU's) version. */
             qemuVersion?: string | null;
             /** @description `kvm` or `qemu` (TCG). */
@@ -2532,6 +2759,8 @@ export interface components {
             cloudInit?: components["schemas"]["CloudInit"];
             /** @description Volumes of the project attached as further disks. May change while the VM runs: a new entry is hot-plugged, a removed one unplugged (the volume stays attached until the guest lets go of it). A volume in a node-local pool pins the VM to its node. */
             disks?: components["schemas"]["DiskAttachment"][];
+            /** @description What happens when the VM's node fails (its agent stops renewing its lease): `Never` (the default: the VM is reported `NodeLost` and keeps running if the node is only cut off) or `Restart` (high availability: the node's agent destroys the VM once it has been cut off from the control plane for most of its lease, and the VM is started on another node once the lease has expired; it needs all its disks on shared storage, else it is reported `NodeLost` too). */
+            evacuation?: components["schemas"]["Evacuation"];
             /** @description An Image in the same project: the root disk is a linked clone of it. */
             image?: string | null;
             /** @description The networks the VM is attached to, one NIC each. */
@@ -2571,6 +2800,8 @@ export interface components {
             lastRestartRequest?: string | null;
             /** @description The last revert to a VMSnapshot (annotation `flotilla.dev/revert-to`) carried out. */
             lastRevert?: string | null;
+            /** @description The migration under way, set by the migration controller while one is (the target's agent may read the VM then, to prepare it). */
+            migration?: components["schemas"]["VmMigration"];
             /** @description The node the VM runs on, as its agent reports it. */
             nodeName?: string | null;
             /**
@@ -2583,6 +2814,13 @@ export interface components {
              * @default Pending
              */
             phase: components["schemas"]["Phase"];
+        };
+        /** @description A VM's migration under way. */
+        VmMigration: {
+            /** @description The Migration (in the VM's project). */
+            name: string;
+            /** @description The node it moves to. */
+            targetNode: string;
         };
         /** @description A disk in a storage pool that outlives VMs. */
         Volume: {
@@ -6568,6 +6806,1321 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["Image"];
+                };
+            };
+            /** @description Malformed request: a bad query parameter, body or selector */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Missing or invalid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The credentials may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description No such object, project or resource */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Already exists, a stale resourceVersion, or a failed precondition */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The body is larger than 3 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description A content type this operation does not take */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description An invalid object; details.causes name each field */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The store did not answer (e.g. etcd lost its leader); see Retry-After. A write's outcome is unknown: read before writing again */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+        };
+    };
+    listMigration: {
+        parameters: {
+            query?: {
+                /** @description Only objects whose labels match, e.g. app=web,tier!=db,zone in (a,b) */
+                labelSelector?: string;
+                /** @description Only objects whose fields match, e.g. metadata.name=web or spec.nodeName=node-1 */
+                fieldSelector?: string;
+                /** @description At most this many items (0: all); pass metadata.continue back for the next page */
+                limit?: number;
+                /** @description The continue token of the previous page (opaque: only the server makes them) */
+                continue?: string;
+                /** @description Read at least this fresh (a version the store has not reached is answered 504 after 3 s) */
+                resourceVersion?: string;
+                /** @description Accepted for Kubernetes clients; a list answers at once */
+                timeoutSeconds?: number;
+                /** @description With a Table answer: what each row carries of its object */
+                includeObject?: "None" | "Metadata" | "Object";
+            };
+            header?: never;
+            path: {
+                /** @description The project */
+                namespace: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The list */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        /** @description flotilla.dev/v1alpha1 */
+                        apiVersion: string;
+                        /** @description The objects */
+                        items: components["schemas"]["Migration"][];
+                        /** @description MigrationList */
+                        kind: string;
+                        /** @description Where the list was read */
+                        metadata: {
+                            /** @description Pass as continue to read the next page */
+                            continue?: string;
+                            /** @description Watch from here to see every later change */
+                            resourceVersion?: string;
+                        };
+                    };
+                };
+            };
+            /** @description Malformed request: a bad query parameter, body or selector */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Missing or invalid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The credentials may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description No such object, project or resource */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The store did not answer (e.g. etcd lost its leader); see Retry-After. A write's outcome is unknown: read before writing again */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description A resourceVersion the store has not reached yet */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+        };
+    };
+    createMigration: {
+        parameters: {
+            query?: {
+                /** @description All: run the write in full (validation, conflicts) and answer what would be stored, storing nothing (empty: a real write) */
+                dryRun?: "All" | "";
+                /** @description Unknown fields in the body: Strict (the default, also when empty) refuses them, Warn drops them with a Warning header, Ignore drops them */
+                fieldValidation?: "Strict" | "Warn" | "Ignore" | "";
+                /** @description Who makes the change (server-side apply: required), at most 128 printable characters */
+                fieldManager?: string;
+            };
+            header?: never;
+            path: {
+                /** @description The project */
+                namespace: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["Migration"];
+            };
+        };
+        responses: {
+            /** @description Created */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Migration"];
+                };
+            };
+            /** @description Malformed request: a bad query parameter, body or selector */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Missing or invalid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The credentials may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description No such object, project or resource */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Not allowed here */
+            405: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Already exists, a stale resourceVersion, or a failed precondition */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The body is larger than 3 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description A content type this operation does not take */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description An invalid object; details.causes name each field */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The store did not answer (e.g. etcd lost its leader); see Retry-After. A write's outcome is unknown: read before writing again */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+        };
+    };
+    deletecollectionMigration: {
+        parameters: {
+            query?: {
+                /** @description Only objects whose labels match, e.g. app=web,tier!=db,zone in (a,b) */
+                labelSelector?: string;
+                /** @description Only objects whose fields match, e.g. metadata.name=web or spec.nodeName=node-1 */
+                fieldSelector?: string;
+                /** @description At most this many items (0: all); pass metadata.continue back for the next page */
+                limit?: number;
+                /** @description The continue token of the previous page (opaque: only the server makes them) */
+                continue?: string;
+                /** @description Read at least this fresh (a version the store has not reached is answered 504 after 3 s) */
+                resourceVersion?: string;
+                /** @description Accepted for Kubernetes clients; a list answers at once */
+                timeoutSeconds?: number;
+                /** @description With a Table answer: what each row carries of its object */
+                includeObject?: "None" | "Metadata" | "Object";
+                /** @description All: run the write in full (validation, conflicts) and answer what would be stored, storing nothing (empty: a real write) */
+                dryRun?: "All" | "";
+                /** @description For a VM: how long its guest may take to shut down */
+                gracePeriodSeconds?: number;
+                /** @description What happens to dependents */
+                propagationPolicy?: "Background" | "Foreground" | "Orphan";
+            };
+            header?: never;
+            path: {
+                /** @description The project */
+                namespace: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["DeleteOptions"];
+            };
+        };
+        responses: {
+            /** @description What was deleted (or marked for deletion) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        /** @description flotilla.dev/v1alpha1 */
+                        apiVersion: string;
+                        /** @description The objects */
+                        items: components["schemas"]["Migration"][];
+                        /** @description MigrationList */
+                        kind: string;
+                        /** @description Where the list was read */
+                        metadata: {
+                            /** @description Pass as continue to read the next page */
+                            continue?: string;
+                            /** @description Watch from here to see every later change */
+                            resourceVersion?: string;
+                        };
+                    };
+                };
+            };
+            /** @description Malformed request: a bad query parameter, body or selector */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Missing or invalid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The credentials may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description No such object, project or resource */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Already exists, a stale resourceVersion, or a failed precondition */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The body is larger than 3 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description A content type this operation does not take */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description An invalid object; details.causes name each field */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The store did not answer (e.g. etcd lost its leader); see Retry-After. A write's outcome is unknown: read before writing again */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description A resourceVersion the store has not reached yet */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+        };
+    };
+    readMigration: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The project */
+                namespace: string;
+                /** @description The object's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The object */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Migration"];
+                };
+            };
+            /** @description Malformed request: a bad query parameter, body or selector */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Missing or invalid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The credentials may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description No such object, project or resource */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The store did not answer (e.g. etcd lost its leader); see Retry-After. A write's outcome is unknown: read before writing again */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description A resourceVersion the store has not reached yet */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+        };
+    };
+    replaceMigration: {
+        parameters: {
+            query?: {
+                /** @description All: run the write in full (validation, conflicts) and answer what would be stored, storing nothing (empty: a real write) */
+                dryRun?: "All" | "";
+                /** @description Unknown fields in the body: Strict (the default, also when empty) refuses them, Warn drops them with a Warning header, Ignore drops them */
+                fieldValidation?: "Strict" | "Warn" | "Ignore" | "";
+                /** @description Who makes the change (server-side apply: required), at most 128 printable characters */
+                fieldManager?: string;
+            };
+            header?: never;
+            path: {
+                /** @description The project */
+                namespace: string;
+                /** @description The object's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["Migration"];
+            };
+        };
+        responses: {
+            /** @description Replaced */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Migration"];
+                };
+            };
+            /** @description Malformed request: a bad query parameter, body or selector */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Missing or invalid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The credentials may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description No such object, project or resource */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Already exists, a stale resourceVersion, or a failed precondition */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The body is larger than 3 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description A content type this operation does not take */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description An invalid object; details.causes name each field */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The store did not answer (e.g. etcd lost its leader); see Retry-After. A write's outcome is unknown: read before writing again */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+        };
+    };
+    deleteMigration: {
+        parameters: {
+            query?: {
+                /** @description All: run the write in full (validation, conflicts) and answer what would be stored, storing nothing (empty: a real write) */
+                dryRun?: "All" | "";
+                /** @description For a VM: how long its guest may take to shut down */
+                gracePeriodSeconds?: number;
+                /** @description What happens to dependents */
+                propagationPolicy?: "Background" | "Foreground" | "Orphan";
+                /** @description Deprecated: true means propagationPolicy Orphan */
+                orphanDependents?: boolean;
+            };
+            header?: never;
+            path: {
+                /** @description The project */
+                namespace: string;
+                /** @description The object's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["DeleteOptions"];
+            };
+        };
+        responses: {
+            /** @description Deleted */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Migration"];
+                };
+            };
+            /** @description Deletion pending finalizers */
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Migration"];
+                };
+            };
+            /** @description Malformed request: a bad query parameter, body or selector */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Missing or invalid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The credentials may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description No such object, project or resource */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Already exists, a stale resourceVersion, or a failed precondition */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The body is larger than 3 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description A content type this operation does not take */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description An invalid object; details.causes name each field */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The store did not answer (e.g. etcd lost its leader); see Retry-After. A write's outcome is unknown: read before writing again */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+        };
+    };
+    patchMigration: {
+        parameters: {
+            query?: {
+                /** @description All: run the write in full (validation, conflicts) and answer what would be stored, storing nothing (empty: a real write) */
+                dryRun?: "All" | "";
+                /** @description Unknown fields in the body: Strict (the default, also when empty) refuses them, Warn drops them with a Warning header, Ignore drops them */
+                fieldValidation?: "Strict" | "Warn" | "Ignore" | "";
+                /** @description Who makes the change (server-side apply: required), at most 128 printable characters */
+                fieldManager?: string;
+                /** @description Server-side apply: take over fields other managers own */
+                force?: boolean;
+            };
+            header?: never;
+            path: {
+                /** @description The project */
+                namespace: string;
+                /** @description The object's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/apply-patch+yaml": WithRequired<components["schemas"]["Migration"], "apiVersion" | "kind" | "metadata">;
+                "application/json-patch+json": ({
+                    /** @description For move and copy: the pointer to take the value from */
+                    from?: string;
+                    /**
+                     * @description What to do
+                     * @enum {string}
+                     */
+                    op: "add" | "replace" | "test";
+                    /** @description A JSON pointer, e.g. /spec/powerState */
+                    path: string;
+                    /** @description For add, replace and test: the value */
+                    value: unknown;
+                } | {
+                    /** @description For move and copy: the pointer to take the value from */
+                    from?: string;
+                    /**
+                     * @description What to do
+                     * @enum {string}
+                     */
+                    op: "remove";
+                    /** @description A JSON pointer, e.g. /spec/powerState */
+                    path: string;
+                    /** @description For add, replace and test: the value */
+                    value?: unknown;
+                } | {
+                    /** @description For move and copy: the pointer to take the value from */
+                    from: string;
+                    /**
+                     * @description What to do
+                     * @enum {string}
+                     */
+                    op: "move" | "copy";
+                    /** @description A JSON pointer, e.g. /spec/powerState */
+                    path: string;
+                    /** @description For add, replace and test: the value */
+                    value?: unknown;
+                })[];
+                "application/merge-patch+json": Record<string, never>;
+            };
+        };
+        responses: {
+            /** @description Patched */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Migration"];
+                };
+            };
+            /** @description Created by server-side apply */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Migration"];
+                };
+            };
+            /** @description Malformed request: a bad query parameter, body or selector */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Missing or invalid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The credentials may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description No such object, project or resource */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Already exists, a stale resourceVersion, or a failed precondition */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The body is larger than 3 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description A content type this operation does not take */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description An invalid object; details.causes name each field */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The store did not answer (e.g. etcd lost its leader); see Retry-After. A write's outcome is unknown: read before writing again */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+        };
+    };
+    readMigrationStatus: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The project */
+                namespace: string;
+                /** @description The object's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The object */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Migration"];
+                };
+            };
+            /** @description Malformed request: a bad query parameter, body or selector */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Missing or invalid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The credentials may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description No such object, project or resource */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The store did not answer (e.g. etcd lost its leader); see Retry-After. A write's outcome is unknown: read before writing again */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description A resourceVersion the store has not reached yet */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+        };
+    };
+    replaceMigrationStatus: {
+        parameters: {
+            query?: {
+                /** @description All: run the write in full (validation, conflicts) and answer what would be stored, storing nothing (empty: a real write) */
+                dryRun?: "All" | "";
+                /** @description Unknown fields in the body: Strict (the default, also when empty) refuses them, Warn drops them with a Warning header, Ignore drops them */
+                fieldValidation?: "Strict" | "Warn" | "Ignore" | "";
+                /** @description Who makes the change (server-side apply: required), at most 128 printable characters */
+                fieldManager?: string;
+            };
+            header?: never;
+            path: {
+                /** @description The project */
+                namespace: string;
+                /** @description The object's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["Migration"];
+            };
+        };
+        responses: {
+            /** @description Replaced */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Migration"];
+                };
+            };
+            /** @description Malformed request: a bad query parameter, body or selector */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Missing or invalid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The credentials may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description No such object, project or resource */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Already exists, a stale resourceVersion, or a failed precondition */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The body is larger than 3 MiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description A content type this operation does not take */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description An invalid object; details.causes name each field */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The store did not answer (e.g. etcd lost its leader); see Retry-After. A write's outcome is unknown: read before writing again */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+        };
+    };
+    patchMigrationStatus: {
+        parameters: {
+            query?: {
+                /** @description All: run the write in full (validation, conflicts) and answer what would be stored, storing nothing (empty: a real write) */
+                dryRun?: "All" | "";
+                /** @description Unknown fields in the body: Strict (the default, also when empty) refuses them, Warn drops them with a Warning header, Ignore drops them */
+                fieldValidation?: "Strict" | "Warn" | "Ignore" | "";
+                /** @description Who makes the change (server-side apply: required), at most 128 printable characters */
+                fieldManager?: string;
+                /** @description Server-side apply: take over fields other managers own */
+                force?: boolean;
+            };
+            header?: never;
+            path: {
+                /** @description The project */
+                namespace: string;
+                /** @description The object's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/apply-patch+yaml": WithRequired<components["schemas"]["Migration"], "apiVersion" | "kind" | "metadata">;
+                "application/json-patch+json": ({
+                    /** @description For move and copy: the pointer to take the value from */
+                    from?: string;
+                    /**
+                     * @description What to do
+                     * @enum {string}
+                     */
+                    op: "add" | "replace" | "test";
+                    /** @description A JSON pointer, e.g. /spec/powerState */
+                    path: string;
+                    /** @description For add, replace and test: the value */
+                    value: unknown;
+                } | {
+                    /** @description For move and copy: the pointer to take the value from */
+                    from?: string;
+                    /**
+                     * @description What to do
+                     * @enum {string}
+                     */
+                    op: "remove";
+                    /** @description A JSON pointer, e.g. /spec/powerState */
+                    path: string;
+                    /** @description For add, replace and test: the value */
+                    value?: unknown;
+                } | {
+                    /** @description For move and copy: the pointer to take the value from */
+                    from: string;
+                    /**
+                     * @description What to do
+                     * @enum {string}
+                     */
+                    op: "move" | "copy";
+                    /** @description A JSON pointer, e.g. /spec/powerState */
+                    path: string;
+                    /** @description For add, replace and test: the value */
+                    value?: unknown;
+                })[];
+                "application/merge-patch+json": Record<string, never>;
+            };
+        };
+        responses: {
+            /** @description Patched */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Migration"];
                 };
             };
             /** @description Malformed request: a bad query parameter, body or selector */
@@ -22652,6 +24205,105 @@ export interface operations {
         };
     };
     watchImageList: {
+        parameters: {
+            query?: {
+                /** @description Only objects whose labels match, e.g. app=web,tier!=db,zone in (a,b) */
+                labelSelector?: string;
+                /** @description Only objects whose fields match, e.g. metadata.name=web or spec.nodeName=node-1 */
+                fieldSelector?: string;
+                /** @description Stream the changes after this version; absent: every object as ADDED first (a version the store has not reached is answered 504 after 3 s; one compacted away, an ERROR event with 410) */
+                resourceVersion?: string;
+                /** @description Send BOOKMARK events now and then, so a client can resume from a recent version */
+                allowWatchBookmarks?: boolean;
+                /** @description End the stream after this long */
+                timeoutSeconds?: number;
+                /** @description With Table events: what each row carries of its object */
+                includeObject?: "None" | "Metadata" | "Object";
+            };
+            header?: never;
+            path: {
+                /** @description The project */
+                namespace: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description A stream of WatchEvents, one JSON object per line */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json;stream=watch": components["schemas"]["WatchEvent"];
+                };
+            };
+            /** @description Malformed request: a bad query parameter, body or selector */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Missing or invalid bearer token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The credentials may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description No such object, project or resource */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description Too many failed authentications from this address; see Retry-After */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description The store did not answer (e.g. etcd lost its leader); see Retry-After. A write's outcome is unknown: read before writing again */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+            /** @description A resourceVersion the store has not reached yet */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Status"];
+                };
+            };
+        };
+    };
+    watchMigrationList: {
         parameters: {
             query?: {
                 /** @description Only objects whose labels match, e.g. app=web,tier!=db,zone in (a,b) */

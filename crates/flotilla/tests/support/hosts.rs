@@ -156,6 +156,12 @@ impl Fabric {
     /// Starts host `name` (its index is the number of hosts so far) and its agent, joined to
     /// `cluster`, with `extra` arguments for the agent. Returns the host's index.
     pub async fn add_host(&mut self, cluster: &TestCluster, name: &str, extra: &[&str]) -> usize {
+        let token = cluster.join_token().await;
+        self.add_host_to(&cluster.server.url, &token, name, extra)
+    }
+
+    /// Like [`Fabric::add_host`], joined to the server at `url` with `token`.
+    pub fn add_host_to(&mut self, url: &str, token: &str, name: &str, extra: &[&str]) -> usize {
         let i = self.hosts.len();
         let ns = self.namespace(i);
         run(&["ip", "netns", "add", &ns]);
@@ -205,8 +211,8 @@ impl Fabric {
             ])
             .arg(&init)
             .arg(&dir)
-            .args([super::BIN, "agent", "--server", &cluster.server.url])
-            .args(["--join-token", &cluster.join_token().await])
+            .args([super::BIN, "agent", "--server", url])
+            .args(["--join-token", token])
             .args(["--node-name", name, "--virt-type", "qemu"])
             .args(["--tunnel-address", &address, "--shutdown-timeout", "1s"])
             .args(["--log-listen", &format!("{address}:0")])

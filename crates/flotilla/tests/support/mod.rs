@@ -144,6 +144,7 @@ impl Drop for Process {
 pub struct Server {
     pub process: Process,
     pub port: u16,
+    pub address: String,
     pub data_dir: PathBuf,
 }
 
@@ -154,6 +155,11 @@ impl Server {
 
     /// A server whose process may hold at most `open_files` descriptors (hard limit).
     pub fn start_with_open_files(dir: &Path, open_files: Option<u64>) -> Self {
+        Self::start_on(dir, "127.0.0.1", open_files)
+    }
+
+    /// A server listening on `address` (e.g. one hosts in other namespaces reach).
+    pub fn start_on(dir: &Path, address: &str, open_files: Option<u64>) -> Self {
         let port = flotilla_store::etcd_cluster::free_port();
         let data_dir = dir.join("server");
         let args = vec![
@@ -161,17 +167,18 @@ impl Server {
             "--data-dir".into(),
             data_dir.display().to_string(),
             "--listen".into(),
-            format!("127.0.0.1:{port}"),
+            format!("{address}:{port}"),
         ];
         Server {
             process: Process::with_open_files(args, dir.join("server.log"), open_files),
             port,
+            address: address.to_string(),
             data_dir,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}:{}", self.address, self.port)
     }
 
     /// An admin client, once the server has written its credentials and answers.
