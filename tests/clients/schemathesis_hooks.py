@@ -36,6 +36,8 @@ as "valid data rejected". This hook makes generated requests keep them, and noth
 - a JSON patch's paths lead into its target (cross-object: a drawn patch becomes a test of
   the name), and a merge patch has no unknown top-level fields (fieldValidation=Strict, a rule of the
   parameter);
+- a cold migration has none of the live-only fields (suspend, maxDowntimeMs, autoConverge,
+  postCopy), and a suspended one no postCopy (cross-field);
 - label and field selectors follow their grammar (not a regular language for labels' sets);
 - continue tokens are the server's own (opaque; a made-up one is rightly 400);
 - numbers fit a 64-bit float (JSON has no limit; the server reads JSON numbers as 64-bit integers
@@ -310,6 +312,14 @@ def keep_spec_rules(kind_path, spec):
     elif kind_path == "vmsnapshots" and isinstance(spec, dict):
         # Its VM must exist on a node (cross-object): the run makes st-vm, pinned to one.
         spec["vm"] = "st-vm"
+    elif kind_path == "migrations" and isinstance(spec, dict):
+        # A cold migration takes no live-only tuning; a suspended guest is copied in one pass,
+        # so post-copy does not apply (cross-field).
+        if spec.get("mode") == "Cold":
+            for field in ("suspend", "maxDowntimeMs", "autoConverge", "postCopy"):
+                spec.pop(field, None)
+        if spec.get("suspend") is True:
+            spec.pop("postCopy", None)
     elif kind_path == "placementpolicies" and isinstance(spec, dict):
         if isinstance(spec.get("affinity"), dict):
             keep_affinity_rules(spec["affinity"])

@@ -660,9 +660,6 @@ async fn copy(ctx: &Context, vm: &VirtualMachine, m: &Migration) -> Result<Outco
     if m.spec.auto_converge {
         flags |= virt::sys::VIR_MIGRATE_AUTO_CONVERGE;
     }
-    if m.spec.post_copy {
-        flags |= virt::sys::VIR_MIGRATE_POSTCOPY;
-    }
     let params = virt::domain::MigrateParameters {
         dest_xml: Some(dest_xml),
         uri: Some(format!("tcp://{address}")),
@@ -676,6 +673,10 @@ async fn copy(ctx: &Context, vm: &VirtualMachine, m: &Migration) -> Result<Outco
         live_is_unsafe(ctx).await
     };
     let suspended = !cold && (m.spec.suspend || unsafe_live.is_some());
+    // libvirt refuses post-copy for a paused guest: a suspended copy converges in one pass.
+    if m.spec.post_copy && !suspended {
+        flags |= virt::sys::VIR_MIGRATE_POSTCOPY;
+    }
     if let Some(why) = &unsafe_live {
         tracing::warn!(migration = %m.metadata.name, "suspending the guest for the copy: {why}");
         event(

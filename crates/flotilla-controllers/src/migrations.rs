@@ -78,20 +78,6 @@ pub async fn sync(objects: &Objects) -> Result<usize, ApiError> {
         objects,
         nodes,
         scheduler: None,
-        in_flight: migrations
-            .iter()
-            .filter(|m| {
-                let s = m.status.clone().unwrap_or_default();
-                matches!(s.phase.as_str(), "Preparing" | "Migrating")
-            })
-            .filter_map(|m| {
-                let s = m.status.clone()?;
-                Some((
-                    object_key(kinds().1, m.metadata.namespace.as_deref(), &m.spec.vm),
-                    s.target_node?,
-                ))
-            })
-            .collect(),
         sources: migrations
             .iter()
             .filter_map(|m| m.status.clone())
@@ -129,8 +115,6 @@ struct Pass<'a> {
     nodes: Vec<Node>,
     /// Loaded when a target must be chosen (once per pass).
     scheduler: Option<Scheduler>,
-    /// (VM key, target) of the migrations under way: counted on their targets.
-    in_flight: Vec<(String, String)>,
     /// The source node of each migration under way (for the concurrency limits).
     sources: Vec<String>,
     recorder: crate::events::Recorder,
@@ -297,12 +281,11 @@ impl Pass<'_> {
         }
         let key = object_key(kinds().1, Some(&ns), &m.spec.vm);
         if self.scheduler.is_none() {
-            let (mut scheduler, _) = Scheduler::load(self.objects.clone(), Default::default())
+            // Its cache counts VMs marked as migrating on their targets too; those this pass
+            // chose are counted by `target_for`.
+            let (scheduler, _) = Scheduler::load(self.objects.clone(), Default::default())
                 .await
                 .map_err(ApiError::from)?;
-            for (vm, target) in &self.in_flight {
-                scheduler.charge_incoming(vm, target);
-            }
             self.scheduler = Some(scheduler);
         }
         let scheduler = self.scheduler.as_mut().expect("loaded above");
@@ -340,7 +323,6 @@ impl Pass<'_> {
         let patch = json!({"status": {"phase": "Preparing", "vmUid": uid, "sourceNode": source,
             "targetNode": target, "targetUri": uri, "targetAddress": address, "reason": "Preparing", "message": message}});
         self.write_status(m, patch).await?;
-        self.in_flight.push((key, target.clone()));
         self.sources.push(source.clone());
         self.mark_vm(m, uid, &target).await?;
         self.event(m, EventType::Normal, "Preparing", &message)

@@ -150,6 +150,10 @@ async fn a_failed_nodes_vms_are_fenced_there_before_they_restart_elsewhere() {
     })
     .await;
 
+    // No disk file is ever open for writing by two QEMUs, through every step below.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = support::sample_writers(stop.clone());
+
     // 1. Host A is cut off from everything (its agent, libvirtd and guests go on).
     let cut = Instant::now();
     run(&[
@@ -290,6 +294,11 @@ async fn a_failed_nodes_vms_are_fenced_there_before_they_restart_elsewhere() {
         async || domstate(&fabric, 0, "default_ha2").is_empty().then_some(()),
     )
     .await;
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (samples, shared) = sampler.join().unwrap();
+    assert!(samples > 10, "the sampler ran ({samples} samples)");
+    assert_eq!(shared, None, "a disk was open for writing by two QEMUs");
 
     // 4. A Node deleted for good: its VMs being deleted are not held by its finalizer.
     fabric.kill_host(0);

@@ -68,6 +68,11 @@ pub struct VmRecord {
     pub scheduled_message: Option<String>,
     /// What it is counted as on its node.
     charged: Option<(String, u64, u128)>,
+    /// The node it is migrating to (`status.migration.targetNode`): it needs room there too
+    /// until it is bound there.
+    pub incoming: Option<String>,
+    /// What it is counted as on that node.
+    charged_incoming: Option<(String, u64, u128)>,
 }
 
 impl VmRecord {
@@ -235,6 +240,10 @@ impl Cache {
             deleting: meta.get("deletionTimestamp").is_some(),
             scheduled_message,
             charged: None,
+            incoming: vm["status"]["migration"]["targetNode"]
+                .as_str()
+                .map(str::to_string),
+            charged_incoming: None,
         };
         self.vms.insert(key.to_string(), record);
         self.settle(key);
@@ -251,6 +260,10 @@ impl Cache {
                     resources(&record.object["spec"], &self.classes).unwrap_or((0, 0));
                 self.fleet.charge(&node, cpus, memory, 1);
                 record.charged = Some((node.clone(), cpus, memory));
+                if let Some(target) = record.incoming.clone().filter(|t| *t != node) {
+                    self.fleet.charge(&target, cpus, memory, 1);
+                    record.charged_incoming = Some((target, cpus, memory));
+                }
                 let labels: BTreeMap<String, String> =
                     serde_json::from_value(record.object["metadata"]["labels"].clone())
                         .unwrap_or_default();
@@ -278,6 +291,9 @@ impl Cache {
             return;
         };
         if let Some((node, cpus, memory)) = record.charged.take() {
+            self.fleet.charge(&node, cpus, memory, -1);
+        }
+        if let Some((node, cpus, memory)) = record.charged_incoming.take() {
             self.fleet.charge(&node, cpus, memory, -1);
         }
         let id = (record.created, key.to_string());
@@ -351,5 +367,61 @@ impl Cache {
         let parked = std::mem::take(&mut self.parked);
         self.queue.extend(parked);
         self.changed = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, value: Value, revision: Revision) -> KeyValue {
+        KeyValue {
+            key: key.to_string(),
+            value: serde_json::to_vec(&value).unwrap(),
+            create_revision: revision,
+            mod_revision: revision,
+            version: 1,
+            lease: 0,
+        }
+    }
+
+    #[test]
+    fn a_migrating_vm_counts_on_its_target_until_it_is_bound_there() {
+        let mut cache = Cache::default();
+        for (i, node) in ["a", "b"].into_iter().enumerate() {
+            let n = json!({"metadata": {"name": node}, "status": {
+                "allocatable": {"cpus": 8, "memory": "8Gi"},
+                "conditions": [{"type": "Ready", "status": "True"}]}});
+            cache.apply(&kv(&format!("{NODES}{node}"), n, i as i64 + 1), false);
+        }
+        let vm = |node: &str, target: Option<&str>| {
+            let mut v = json!({"metadata": {"namespace": "p", "name": "web"},
+                "spec": {"nodeName": node, "resources": {"cpus": 2, "memory": "1Gi"}}});
+            if let Some(t) = target {
+                v["status"] = json!({"migration": {"name": "m", "targetNode": t}});
+            }
+            v
+        };
+        let key = format!("{VMS}p/web");
+        cache.apply(&kv(&key, vm("a", None), 3), false);
+        assert_eq!(
+            (cache.fleet.used("a").cpus, cache.fleet.used("b").cpus),
+            (2, 0)
+        );
+        cache.apply(&kv(&key, vm("a", Some("b")), 4), false);
+        assert_eq!(
+            (cache.fleet.used("a").cpus, cache.fleet.used("b").cpus),
+            (2, 2)
+        );
+        cache.apply(&kv(&key, vm("b", None), 5), false);
+        assert_eq!(
+            (cache.fleet.used("a").cpus, cache.fleet.used("b").cpus),
+            (0, 2)
+        );
+        cache.apply(&kv(&key, Value::Null, 6), true);
+        assert_eq!(
+            (cache.fleet.used("a").cpus, cache.fleet.used("b").cpus),
+            (0, 0)
+        );
     }
 }

@@ -305,16 +305,6 @@ impl Scheduler {
         Ok(node)
     }
 
-    /// Counts an in-flight migration's VM on its target as well (it needs room there).
-    pub fn charge_incoming(&mut self, key: &str, target: &str) {
-        let Some(record) = self.cache.vms.get(key) else {
-            return;
-        };
-        if let Ok((cpus, memory)) = cache::resources(&record.object["spec"], &self.cache.classes) {
-            self.cache.fleet.charge(target, cpus, memory, 1);
-        }
-    }
-
     /// Whether the queue can be worked on now.
     pub fn ready_to_place(&self) -> bool {
         !self.cache.queue.is_empty() && self.cache.revision >= self.catch_up_to

@@ -410,3 +410,59 @@ pub async fn read_until(
     }
     seen
 }
+
+/// Disk files each QEMU process has open for writing, sampled until `stop`; returns the
+/// number of samples and the first path ever seen open for writing by two processes.
+pub fn sample_writers(
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, Option<String>)> {
+    std::thread::spawn(move || {
+        let mut samples = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut writers: std::collections::HashMap<String, Vec<u32>> = Default::default();
+            for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+                let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if !String::from_utf8_lossy(&cmdline).starts_with("/usr/bin/qemu-system") {
+                    continue;
+                }
+                let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+                    continue;
+                };
+                for fd in fds.flatten() {
+                    let Ok(target) = std::fs::read_link(fd.path()) else {
+                        continue;
+                    };
+                    let target = target.to_string_lossy().into_owned();
+                    if !target.ends_with(".qcow2") && !target.ends_with(".raw") {
+                        continue;
+                    }
+                    let info = std::fs::read_to_string(format!(
+                        "/proc/{pid}/fdinfo/{}",
+                        fd.file_name().to_string_lossy()
+                    ))
+                    .unwrap_or_default();
+                    let flags = info
+                        .lines()
+                        .find_map(|l| l.strip_prefix("flags:"))
+                        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                        .unwrap_or(0);
+                    if flags & 0o3 != 0 {
+                        let pids = writers.entry(target).or_default();
+                        if !pids.contains(&pid) {
+                            pids.push(pid);
+                        }
+                    }
+                }
+            }
+            samples += 1;
+            if let Some((path, pids)) = writers.into_iter().find(|(_, p)| p.len() > 1) {
+                return (samples, Some(format!("{path} by {pids:?}")));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (samples, None)
+    })
+}
