@@ -137,7 +137,9 @@ impl Recovery {
                 continue;
             };
             let gone = !nodes.contains(&node);
-            let lost = gone || failed.contains(&node);
+            // A deleted Node whose agent still renews its lease is not failed yet: it is when
+            // the lease expires (or is gone too).
+            let lost = failed.contains(&node) || (gone && !self.seen.contains_key(&node));
             let marked = vm
                 .status
                 .as_ref()
@@ -203,16 +205,17 @@ impl Recovery {
     }
 
     async fn evacuate(&self, vm: &VirtualMachine, node: &str) -> Result<usize, ApiError> {
-        let Some(seen) = self.seen.get(node) else {
-            return Ok(0);
-        };
         let lease_key = object_key(kind("Lease"), None, node);
-        let message = format!(
-            "node {node} failed: its lease was not renewed for {} s (lease {} s + margin {} s); the VM was fenced there and is placed again",
-            seen.at.elapsed().as_secs(),
-            seen.duration.as_secs(),
-            self.margin.as_secs()
-        );
+        // A node without a lease was deleted with it: the guard is then that none appears.
+        let (revision, message) = match self.seen.get(node) {
+            Some(seen) => (seen.revision, format!(
+                "node {node} failed: its lease was not renewed for {} s (lease {} s + margin {} s); the VM was fenced there and is placed again",
+                seen.at.elapsed().as_secs(),
+                seen.duration.as_secs(),
+                self.margin.as_secs()
+            )),
+            None => (0, format!("node {node} was deleted with its lease; the VM is placed again")),
+        };
         let status = json!({"phase": "Pending", "nodeName": null, "conditions": [
             {"type": "Evacuated", "status": "True", "reason": "NodeFailed", "message": message, "lastTransitionTime": now()}]});
         let moved = self
@@ -224,7 +227,7 @@ impl Recovery {
                 vm.metadata.uid.as_deref().unwrap_or_default(),
                 node,
                 &lease_key,
-                seen.revision,
+                revision,
                 status,
             )
             .await?;
