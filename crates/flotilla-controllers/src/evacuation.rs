@@ -239,14 +239,18 @@ impl Recovery {
         Ok(moved as usize)
     }
 
-    async fn mark(&self, vm: &VirtualMachine, message: &str) -> Result<usize, ApiError> {
-        let mut conditions: Vec<Value> = vm
-            .status
+    /// The VM's conditions but NodeLost.
+    fn without_node_lost(vm: &VirtualMachine) -> Vec<Value> {
+        vm.status
             .iter()
             .flat_map(|s| s.conditions.iter())
             .filter(|c| c.type_ != "NodeLost")
             .map(|c| serde_json::to_value(c).expect("serialises"))
-            .collect();
+            .collect()
+    }
+
+    async fn mark(&self, vm: &VirtualMachine, message: &str) -> Result<usize, ApiError> {
+        let mut conditions = Self::without_node_lost(vm);
         conditions.push(json!({"type": "NodeLost", "status": "True", "reason": "NodeFailed", "message": message, "lastTransitionTime": now()}));
         self.patch_status(vm, json!({"conditions": conditions}))
             .await?;
@@ -256,14 +260,7 @@ impl Recovery {
     }
 
     async fn unmark(&self, vm: &VirtualMachine) -> Result<usize, ApiError> {
-        let conditions: Vec<Value> = vm
-            .status
-            .iter()
-            .flat_map(|s| s.conditions.iter())
-            .filter(|c| c.type_ != "NodeLost")
-            .map(|c| serde_json::to_value(c).expect("serialises"))
-            .collect();
-        self.patch_status(vm, json!({"conditions": conditions}))
+        self.patch_status(vm, json!({"conditions": Self::without_node_lost(vm)}))
             .await?;
         Ok(1)
     }

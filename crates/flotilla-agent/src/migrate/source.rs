@@ -214,7 +214,7 @@ async fn copy(ctx: &Context, vm: &VirtualMachine, m: &Migration) -> Result<Outco
         }
         // Its CPUs never run here: QEMU only holds the memory and disks for the copy.
         ctx.libvirt.start_paused(&uid).await?;
-    } else if ctx.libvirt.state(&uid).await? != Some(DomainState::Running) {
+    } else if !was_running {
         return fail(
             "NotRunning",
             "the VM is not running: nothing to move live (use a cold migration)".into(),
