@@ -310,7 +310,7 @@ impl Store for EtcdStore {
             return Err(self.compacted_error(start_revision).await);
         }
         let end = crate::prefix_end(prefix);
-        let mut opts = etcd::WatchOptions::new()
+        let opts = etcd::WatchOptions::new()
             .with_range(end.as_bytes())
             .with_prev_key();
         // "From now" must mean after every write already acknowledged: a follower would start
@@ -320,34 +320,68 @@ impl Store for EtcdStore {
         } else {
             self.current_revision().await? + 1
         };
-        opts = opts.with_start_revision(start);
-        let start = || {
-            let (mut c, opts) = (self.client.clone(), opts.clone());
-            let key = prefix.to_string();
-            async move { c.watch(key, Some(opts)).await }
+        let open = {
+            let (client, key) = (self.client.clone(), prefix.to_string());
+            move |from: Revision| {
+                let (client, key) = (client.clone(), key.clone());
+                let opts = opts.clone().with_start_revision(from);
+                async move {
+                    let start = || {
+                        let (mut c, key, opts) = (client.clone(), key.clone(), opts.clone());
+                        async move { c.watch(key, Some(opts)).await }
+                    };
+                    again(not_applied, start).await
+                }
+            }
         };
-        let (watcher, mut stream) = again(not_applied, start).await.map_err(backend)?;
+        let (watcher, stream) = open(start).await.map_err(backend)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<WatchEvent, StoreError>>(256);
         tokio::spawn(async move {
             // Dropping the watcher cancels the watch; keep it as long as the stream is read.
-            let _watcher = watcher;
+            let (mut _watcher, mut stream) = (watcher, stream);
+            // The next revision the reader has not seen: where a lost watch resumes.
+            let mut next = start;
+            // Resumptions since the last message the stream brought.
+            let mut resumed = 0u32;
             loop {
                 let message = tokio::select! {
                     _ = tx.closed() => return,
                     m = stream.message() => m,
                 };
                 let resp = match message {
-                    Ok(Some(resp)) => resp,
-                    Ok(None) => return,
-                    Err(e) => {
+                    Ok(Some(resp)) => {
+                        resumed = 0;
+                        resp
+                    }
+                    // A connection lost (a member died: "h2 protocol error"; a keepalive
+                    // missed under load) ends the stream, not the watch: as etcd's own client
+                    // does, it resumes from the next revision on another connection, and the
+                    // reader sees nothing. A stream that keeps failing at once is an error.
+                    Err(e) if resumed >= 5 => {
                         let _ = tx.send(Err(backend(e))).await;
                         return;
+                    }
+                    lost => {
+                        let why = lost
+                            .err()
+                            .map_or("the stream ended".into(), |e| e.to_string());
+                        tracing::debug!(error = %why, next, "an etcd watch was lost; resuming it");
+                        resumed += 1;
+                        tokio::time::sleep(Duration::from_millis(100) * resumed).await;
+                        match open(next).await {
+                            Ok(again) => (_watcher, stream) = again,
+                            Err(e) => {
+                                let _ = tx.send(Err(backend(e))).await;
+                                return;
+                            }
+                        }
+                        continue;
                     }
                 };
                 if resp.compact_revision() > 0 {
                     let _ = tx
                         .send(Err(StoreError::Compacted {
-                            requested: start_revision,
+                            requested: next,
                             compacted: resp.compact_revision(),
                         }))
                         .await;
@@ -368,6 +402,7 @@ impl Store for EtcdStore {
                         kv: kv(k),
                         prev_kv: ev.prev_kv().map(kv),
                     };
+                    next = event.kv.mod_revision + 1;
                     if tx.send(Ok(event)).await.is_err() {
                         return;
                     }

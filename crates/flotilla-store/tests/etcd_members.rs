@@ -1,0 +1,46 @@
+//! The etcd backend while members of a real three-member cluster die and come back: a watch
+//! is on one member's connection, and losing that member must not end it (as it does not with
+//! etcd's own client), nor lose or repeat an event.
+
+use std::time::Duration;
+
+use flotilla_store::etcd_cluster::EtcdCluster;
+use flotilla_store::{EtcdOptions, EtcdStore, Store};
+use futures::StreamExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_outlives_the_member_it_was_reading_from() {
+    let mut cluster = EtcdCluster::start(3).await;
+    let store = EtcdStore::connect(EtcdOptions {
+        endpoints: cluster.endpoints.clone(),
+        tls: None,
+    })
+    .await
+    .expect("connect to etcd");
+    let from = store.current_revision().await.unwrap() + 1;
+    let mut watch = store.watch("/w/", from).await.unwrap();
+    // Each member in turn dies and comes back, so whichever one the watch reads from is lost
+    // once; two of three stay up, so writes go on throughout.
+    let mut written = Vec::new();
+    for member in 0..3 {
+        let key = format!("/w/{member}/before");
+        written.push((key.clone(), store.put(&key, vec![1]).await.unwrap()));
+        cluster.kill(member);
+        let key = format!("/w/{member}/without");
+        written.push((key.clone(), store.put(&key, vec![2]).await.unwrap()));
+        cluster.restart(member);
+        cluster.wait_healthy().await;
+    }
+    for (key, revision) in &written {
+        let event = tokio::time::timeout(Duration::from_secs(20), watch.next())
+            .await
+            .unwrap_or_else(|_| panic!("the event of {key} within 20 s"))
+            .expect("the watch stays open")
+            .unwrap_or_else(|e| panic!("the event of {key}, not an error: {e}"));
+        assert_eq!(
+            (&event.kv.key, event.kv.mod_revision),
+            (key, *revision),
+            "every event once, in order"
+        );
+    }
+}
