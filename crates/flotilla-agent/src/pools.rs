@@ -383,6 +383,52 @@ fn serves(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// How soon a network pool this node could not use is asked again the first time (a target
+/// still starting, a portal briefly refusing): seconds, not the next resync. Each further
+/// failure doubles it, up to the resync.
+const RETRY_FAILED: Duration = Duration::from_secs(2);
+
+/// How long one pool's inspection may take: a cluster or portal that does not answer is
+/// reported as such instead of holding up the pools that follow.
+const INSPECT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// [`inspect`], or a Failed entry saying the pool did not answer in time.
+async fn inspect_in_time(ctx: &Context, pool: &StoragePool) -> PoolNodeStatus {
+    match tokio::time::timeout(INSPECT_TIMEOUT, inspect(ctx, pool)).await {
+        Ok(entry) => entry,
+        Err(_) => PoolNodeStatus {
+            phase: "Failed".into(),
+            message: format!(
+                "the pool did not answer within {} s",
+                INSPECT_TIMEOUT.as_secs()
+            ),
+            ..Default::default()
+        },
+    }
+}
+
+/// What this node last found of a network pool (asked at most every resync: other pools'
+/// events do not wait on its cluster).
+struct Asked {
+    at: std::time::Instant,
+    entry: PoolNodeStatus,
+    /// Failed answers in a row.
+    failures: u32,
+}
+
+impl Asked {
+    /// When to ask again: a Ready pool at the next resync (a tenth early, so the resync's own
+    /// tick asks), a failed one after [`RETRY_FAILED`], doubled per failure.
+    fn due(&self, every: Duration) -> std::time::Instant {
+        let wait = if self.failures == 0 {
+            every - every / 10
+        } else {
+            (RETRY_FAILED * 2u32.pow(self.failures.min(8) - 1)).min(every)
+        };
+        self.at + wait
+    }
+}
+
 /// Follows the StoragePools and this node's labels until the task is aborted.
 pub async fn run(ctx: Arc<Context>, every: Duration) {
     let kind = lookup("storagepool").expect("registered");
@@ -391,15 +437,23 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
     let mut pools = Mirror::<StoragePool>::new(|p: &StoragePool| Some(p.metadata.name.clone()));
     let mut tick = tokio::time::interval(every);
     let mut secrets_kept: Option<Vec<String>> = None;
-    let mut asked: std::collections::HashMap<_, (std::time::Instant, PoolNodeStatus)> =
-        Default::default();
+    let mut asked: std::collections::HashMap<_, Asked> = Default::default();
+    // When a network pool this node could not use is to be asked again.
+    let mut retry: Option<tokio::time::Instant> = None;
     loop {
+        let retry_due = async {
+            match retry {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             got = seen.recv() => {
                 let Some(got) = got else { return };
                 pools.apply(got);
             }
             _ = tick.tick() => {}
+            _ = retry_due => retry = None,
         }
         if !pools.listed {
             continue;
@@ -445,15 +499,14 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
             if !served(pool) {
                 return None;
             }
-            // A network pool is asked again only when its spec changed or every `every`:
-            // other pools' events do not wait on its cluster.
+            // A network pool is asked again only when its spec changed or it is due.
             let key = (pool.metadata.uid.clone(), pool.metadata.generation);
-            if let Some((at, entry)) = asked.get(&key) {
-                if pool.spec.shared() && at.elapsed() < every {
-                    return Some((entry.clone(), false));
+            if let Some(last) = asked.get(&key) {
+                if pool.spec.shared() && std::time::Instant::now() < last.due(every) {
+                    return Some((last.entry.clone(), false));
                 }
             }
-            Some((inspect(&ctx, pool).await, true))
+            Some((inspect_in_time(&ctx, pool).await, true))
         }))
         .await;
         asked.retain(|(uid, generation), _| {
@@ -465,9 +518,30 @@ pub async fn run(ctx: Arc<Context>, every: Duration) {
         for (pool, entry) in pools.items.values().zip(&entries) {
             if let Some((entry, true)) = entry.as_ref().filter(|_| pool.spec.shared()) {
                 let key = (pool.metadata.uid.clone(), pool.metadata.generation);
-                asked.insert(key, (std::time::Instant::now(), entry.clone()));
+                let failures = match (&*entry.phase, asked.get(&key)) {
+                    ("Ready", _) => 0,
+                    (_, Some(last)) => last.failures + 1,
+                    (_, None) => 1,
+                };
+                let at = std::time::Instant::now();
+                let entry = entry.clone();
+                asked.insert(
+                    key,
+                    Asked {
+                        at,
+                        entry,
+                        failures,
+                    },
+                );
             }
         }
+        // (A due entry is of a pool this node no longer serves: it was asked otherwise.)
+        let now = std::time::Instant::now();
+        retry = asked
+            .values()
+            .filter(|a| a.failures > 0 && a.due(every) > now)
+            .map(|a| tokio::time::Instant::from_std(a.due(every)))
+            .min();
         let entries = entries.into_iter().map(|e| e.map(|(entry, _)| entry));
         for (pool, entry) in pools.items.values().zip(entries) {
             let current = pool.status.as_ref().and_then(|s| s.nodes.get(&ctx.node));

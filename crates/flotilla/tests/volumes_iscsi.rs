@@ -1,6 +1,7 @@
 //! Volumes in an iSCSI pool, on a real target (tgtd, userspace, on 127.0.0.1:3261:
 //! scripts/iscsi-target-up.sh) and a real guest (libvirtd, QEMU TCG with libiscsi, the tiny
-//! guest), on a VM of the other of two nodes: each volume is one LUN of the target. The guest
+//! guest), on a VM of the other of two nodes. A pool made before its target answers is Failed
+//! with the reason, and Ready within seconds once it answers. Each volume is one LUN. The guest
 //! sees it plugged with its serial and the bytes the target's file held, its writes land in the
 //! file, the initiator name is the pool's, growing is refused (a LUN is sized on the target), a
 //! LUN is one volume, a volume from an image is written into its LUN, and deleting a volume
@@ -83,7 +84,10 @@ impl Drop for Target {
 async fn iscsi_luns_are_volumes_a_guest_reads_and_writes() {
     let cluster = TestCluster::start().await;
     std::fs::set_permissions(cluster.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let target = Target::start(&cluster.dir.path().join("iscsi"), &["64M", "32M", "16M"]);
+    // No target answers yet (not even one an earlier, killed run left).
+    let _ = Command::new("pkill")
+        .args(["-9", "-f", "^tgtd -f -C 7 "])
+        .status();
     let admin = &cluster.admin;
     let token = cluster.join_token().await;
     let mut agent_a = support::agent(&cluster.server.url, &token, "iscsi-a", cluster.dir.path());
@@ -103,7 +107,20 @@ async fn iscsi_luns_are_volumes_a_guest_reads_and_writes() {
         )
         .await
         .unwrap();
-    let pool = eventually("both nodes serve the iscsi pool", 60, async || {
+    // A pool made before its target answers is Failed on each node, with the reason, and
+    // asked again within seconds (not at the next resync) once the target is up.
+    let pool = eventually("both nodes report the missing target", 60, async || {
+        let p = admin.get(pools, None, "san").await.ok()?;
+        let failed = |n: &str| p["status"]["nodes"][n]["phase"] == "Failed";
+        (failed("iscsi-a") && failed("iscsi-b")).then_some(p)
+    })
+    .await;
+    let message = pool["status"]["nodes"]["iscsi-a"]["message"]
+        .as_str()
+        .unwrap();
+    assert!(message.contains("iscsi-ls"), "{pool}");
+    let target = Target::start(&cluster.dir.path().join("iscsi"), &["64M", "32M", "16M"]);
+    let pool = eventually("both nodes serve the iscsi pool", 15, async || {
         let p = admin.get(pools, None, "san").await.ok()?;
         let ready = |n: &str| p["status"]["nodes"][n]["phase"] == "Ready";
         (ready("iscsi-a") && ready("iscsi-b")).then_some(p)

@@ -137,6 +137,15 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         self.kill9();
+        // A failing test's processes say what they saw: their logs go with the temporary
+        // directory, and CI keeps only the test's own output.
+        if std::thread::panicking() {
+            eprintln!(
+                "--- the last lines of {} ---\n{}",
+                self.log.display(),
+                self.tail(40)
+            );
+        }
     }
 }
 
