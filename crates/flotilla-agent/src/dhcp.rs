@@ -196,7 +196,7 @@ impl DhcpServers {
         match servers.remove(&vni) {
             Some(old) => stop(old).await,
             // One a crashed agent left behind holds the port: it goes first.
-            None => kill_left_behind(&namespace).await,
+            None => kill_left_behind(&namespace, &self.server_dir(vni).join("pid")).await,
         }
         let pid = Arc::new(AtomicU32::new(0));
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -231,7 +231,7 @@ impl DhcpServers {
         self.ensured.lock().expect("ensured lock").remove(&vni);
         match servers.remove(&vni) {
             Some(server) => stop(server).await,
-            None => kill_left_behind(&namespace_path(&name)).await,
+            None => kill_left_behind(&namespace_path(&name), &dir.join("pid")).await,
         }
         self.netlink
             .remove_service_port(vni)
@@ -262,6 +262,7 @@ impl DhcpServers {
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             vnis.extend(entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()));
         }
+        vnis.extend(running_servers(&self.dir));
         let mut removed = Vec::new();
         for vni in vnis.difference(keep) {
             match self.remove(*vni).await {
@@ -581,22 +582,47 @@ async fn stop(mut server: Server) {
     let _ = (&mut server.task).await;
 }
 
-/// Stops any dnsmasq left running in this network's namespace: by a crashed agent (its pid file
-/// names it) or by one whose data directory is gone (only the namespace tells): every process
-/// whose network namespace is this one and whose name is dnsmasq.
-async fn kill_left_behind(namespace: &Path) {
-    let Some(wanted) = namespace_inode(namespace) else {
-        return;
+/// The networks of every dnsmasq running with a pid file in `dir` (`<dir>/<vni>/pid`): also
+/// those whose namespace and directory an earlier life removed while it started them.
+fn running_servers(dir: &Path) -> Vec<u32> {
+    let prefix = format!("--pid-file={}/", dir.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
     };
+    entries
+        .filter_map(|e| {
+            let cmdline = std::fs::read(e.ok()?.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            let rest = cmdline
+                .split('\0')
+                .find_map(|arg| arg.strip_prefix(&prefix))?;
+            rest.strip_suffix("/pid")?.parse().ok()
+        })
+        .collect()
+}
+
+/// Stops any dnsmasq left running for this network: by a crashed agent, or by one whose data
+/// directory is gone (only the namespace tells). Every dnsmasq whose network namespace is this
+/// one, and every dnsmasq of this server's command line (`--pid-file=<pid_file>`) wherever it
+/// is: one a killed agent was starting while another life removed the namespace runs on in
+/// a namespace no path names any more.
+async fn kill_left_behind(namespace: &Path, pid_file: &Path) {
+    let wanted = namespace_inode(namespace);
+    let ours = format!("--pid-file={}\0", pid_file.display());
     let pids: Vec<i32> = std::fs::read_dir("/proc")
         .map(|entries| {
             entries
                 .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
                 .filter(|pid| {
                     let proc = PathBuf::from(format!("/proc/{pid}"));
-                    namespace_inode(&proc.join("ns/net")) == Some(wanted)
-                        && std::fs::read_to_string(proc.join("comm"))
-                            .is_ok_and(|c| c.trim() == "dnsmasq")
+                    let dnsmasq = std::fs::read_to_string(proc.join("comm"))
+                        .is_ok_and(|c| c.trim() == "dnsmasq");
+                    let here = wanted.is_some() && namespace_inode(&proc.join("ns/net")) == wanted;
+                    let named = || {
+                        std::fs::read(proc.join("cmdline"))
+                            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&ours))
+                    };
+                    dnsmasq && (here || named())
                 })
                 .collect()
         })
