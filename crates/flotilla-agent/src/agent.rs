@@ -63,6 +63,10 @@ pub struct AgentConfig {
     /// The libvirt URI other nodes' libvirt daemons migrate to; None:
     /// `qemu+tls://<migration address>/system` (libvirt's TLS, with its certificates).
     pub migration_uri: Option<String>,
+    /// Whether VMs may migrate to this node. A node that takes none publishes no migration
+    /// address and no libvirt host UUID, so it may share its libvirtd (and host UUID) with
+    /// another node (e.g. two nodes on one development host).
+    pub migrations: bool,
     /// The `flotilla` binary to run the fencing watchdog from (`agent-watchdog`); None: no
     /// watchdog (the agent still fences itself while it runs).
     pub watchdog: Option<PathBuf>,
@@ -95,6 +99,7 @@ impl AgentConfig {
             tunnel_address: None,
             migration_address: None,
             migration_uri: None,
+            migrations: true,
             watchdog: None,
             firewall: true,
         }
@@ -142,8 +147,9 @@ pub async fn run_with(
     for leftover in disks.sweep_leftovers()? {
         tracing::info!(path = %leftover.display(), "removed what an interrupted write left behind");
     }
-    // Simulated hosts (libvirt's test driver) all have the same host UUID.
-    let host_uuid = match config.libvirt_uri.starts_with("test:") {
+    // Simulated hosts (libvirt's test driver) all have the same host UUID; a node that takes
+    // no migrations needs none.
+    let host_uuid = match config.libvirt_uri.starts_with("test:") || !config.migrations {
         true => None,
         false => libvirt.host_uuid().await.unwrap_or(None),
     };
@@ -1015,7 +1021,7 @@ async fn report_node(
     let migration = config
         .migration_address
         .or(tunnel.map(std::net::IpAddr::V4))
-        .filter(|_| ctx.virt_type != VirtType::Test);
+        .filter(|_| ctx.virt_type != VirtType::Test && config.migrations);
     let migration_uri = migration.map(|address| {
         addresses.insert("migration".into(), json!(address.to_string()));
         config
@@ -1026,7 +1032,10 @@ async fn report_node(
                 std::net::IpAddr::V4(a) => format!("qemu+tls://{a}/system"),
             })
     });
-    let host_uuid = ctx.libvirt.host_uuid().await.unwrap_or(None);
+    let host_uuid = match config.migrations {
+        true => ctx.libvirt.host_uuid().await.unwrap_or(None),
+        false => None,
+    };
     let status = json!({"status": {
         "capacity": resources, "allocatable": allocatable, "addresses": addresses,
         "nodeInfo": {"hostname": host.hostname, "agentVersion": env!("CARGO_PKG_VERSION"), "libvirtVersion": host.libvirt_version,

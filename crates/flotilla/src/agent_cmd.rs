@@ -63,6 +63,11 @@ pub struct NodeArgs {
     /// qemu+tls://<migration address>/system, libvirt's own TLS and certificates).
     #[arg(long)]
     pub migration_uri: Option<String>,
+    /// Take no migrations: the node publishes no migration address and no libvirt host UUID,
+    /// so no VM migrates to it (drains and moves pick other nodes), and it may share its
+    /// libvirtd with another node (join otherwise refuses a host UUID a node has already).
+    #[arg(long)]
+    pub no_migrations: bool,
     /// Where the agent serves its VMs' serial logs to the API server (HTTPS, only the server's
     /// client certificate is let in). Loopback by default: on a host other than the server's,
     /// give an address the server reaches, e.g. 10.0.0.5:0.
@@ -195,6 +200,7 @@ fn agent_config(servers: Vec<String>, data_dir: PathBuf, node: &NodeArgs) -> Age
     config.tunnel_address = node.tunnel_address;
     config.migration_address = node.migration_address;
     config.migration_uri = node.migration_uri.clone();
+    config.migrations = !node.no_migrations;
     config.listen = node.log_listen;
     config.advertise = node.log_advertise.clone();
     config

@@ -91,7 +91,15 @@ async fn iscsi_luns_are_volumes_a_guest_reads_and_writes() {
     let admin = &cluster.admin;
     let token = cluster.join_token().await;
     let mut agent_a = support::agent(&cluster.server.url, &token, "iscsi-a", cluster.dir.path());
-    let mut agent_b = support::agent(&cluster.server.url, &token, "iscsi-b", cluster.dir.path());
+    let mut agent_b = support::agent_with(
+        &cluster.server.url,
+        &token,
+        "iscsi-b",
+        cluster.dir.path(),
+        // Two nodes on one libvirtd: the second takes no migrations (join refuses one
+        // host UUID twice).
+        &["--no-migrations"],
+    );
     let (pools, vms, volumes) = (
         lookup("storagepool").unwrap(),
         lookup("vm").unwrap(),
@@ -124,6 +132,18 @@ async fn iscsi_luns_are_volumes_a_guest_reads_and_writes() {
         let p = admin.get(pools, None, "san").await.ok()?;
         let ready = |n: &str| p["status"]["nodes"][n]["phase"] == "Ready";
         (ready("iscsi-a") && ready("iscsi-b")).then_some(p)
+    })
+    .await;
+    // Both nodes joined one libvirtd: the one that takes no migrations publishes no host UUID.
+    let nodes = lookup("node").unwrap();
+    eventually("the nodes publish what migrations need", 30, async || {
+        let a = admin.get(nodes, None, "iscsi-a").await.ok()?;
+        let b = admin.get(nodes, None, "iscsi-b").await.ok()?;
+        let (a, b) = (&a["status"]["nodeInfo"], &b["status"]["nodeInfo"]);
+        a["hostUuid"]
+            .is_string()
+            .then_some(())
+            .filter(|_| b["hostUuid"].is_null() && b["migrationUri"].is_null())
     })
     .await;
     let entry = &pool["status"]["nodes"]["iscsi-a"];

@@ -115,7 +115,15 @@ async fn rbd_volumes_are_shared_plugged_grown_cloned_and_removed() {
     let admin = &cluster.admin;
     let token = cluster.join_token().await;
     let mut agent_a = support::agent(&cluster.server.url, &token, "rbd-a", cluster.dir.path());
-    let mut agent_b = support::agent(&cluster.server.url, &token, "rbd-b", cluster.dir.path());
+    let mut agent_b = support::agent_with(
+        &cluster.server.url,
+        &token,
+        "rbd-b",
+        cluster.dir.path(),
+        // Two nodes on one libvirtd: the second takes no migrations (join refuses one
+        // host UUID twice).
+        &["--no-migrations"],
+    );
     let (pools, vms, volumes) = (
         lookup("storagepool").unwrap(),
         lookup("vm").unwrap(),
