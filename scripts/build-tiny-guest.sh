@@ -4,6 +4,10 @@
 # end-to-end tests look for on the serial console:
 #   FLOTILLA-HOSTNAME <local-hostname from meta-data>
 #   FLOTILLA-MARKER <value of the "flotilla_test_marker:" line of user-data>
+# or, when the disk is an OpenStack config drive holding BOSH agent settings (JSON) in
+# ec2/latest/user-data, the files it holds and what a BOSH agent would read from the settings:
+#   FLOTILLA-CONFIG-DRIVE <files of ec2/latest and openstack/latest>
+#   FLOTILLA-BOSH agent_id=<agent_id> ip=<ip> netmask=<netmask> mac=<mac> eth0=<eth0's MAC>
 # and, with a NIC: configures it from the seed's network-config (its first address and MTU), or
 # over DHCP (busybox udhcpc) when the kernel command line has flotilla.dhcp (with the default
 # route either gives), then prints
@@ -61,7 +65,13 @@ for i in $(seq 1 100); do
   [ -b /dev/sr0 ] && break
   sleep 0.1
 done
-if mount -t iso9660 -o ro /dev/sr0 /mnt; then
+if mount -t iso9660 -o ro /dev/sr0 /mnt && [ -f /mnt/ec2/latest/user-data ]; then
+  # An OpenStack config drive with BOSH agent settings (one JSON document) in EC2's user-data.
+  settings="$(tr -d '\n' < /mnt/ec2/latest/user-data)"
+  field() { echo "$settings" | sed -n "s/.*\"$1\": *\"\([^\"]*\)\".*/\1/p"; }
+  echo "FLOTILLA-CONFIG-DRIVE $(ls /mnt/ec2/latest/* /mnt/openstack/latest/* | sed 's|^/mnt/||' | tr '\n' ' ')"
+  echo "FLOTILLA-BOSH agent_id=$(field agent_id) ip=$(field ip) netmask=$(field netmask) mac=$(field mac) eth0=$(cat /sys/class/net/eth0/address 2>/dev/null)"
+elif mount | grep -q ' /mnt '; then
   echo "FLOTILLA-HOSTNAME $(sed -n 's/^local-hostname: *//p' /mnt/meta-data)"
   echo "FLOTILLA-MARKER $(sed -n 's/^.*flotilla_test_marker: *//p' /mnt/user-data | head -n1)"
   ls /mnt | tr '\n' ' ' | sed 's/^/FLOTILLA-SEED-FILES /'
@@ -108,7 +118,7 @@ SCRIPT
     ip link set eth0 up
     udhcpc -i eth0 -n -q -t 20 -T 2 -O mtu -s /bin/dhcp-bound >/dev/null 2>&1
     [ -f /tmp/lease ] && set -- $(cat /tmp/lease) && echo "FLOTILLA-IP $1 MTU $2 VIA dhcp"
-  else
+  elif [ -f /mnt/network-config ]; then
     address="$(sed -n 's/^ *- \([0-9.]*\/[0-9]*\)$/\1/p' /mnt/network-config | head -n1)"
     mtu="$(sed -n 's/^ *mtu: *//p' /mnt/network-config | head -n1)"
     ip link set eth0 mtu "$mtu" up

@@ -167,7 +167,10 @@ pub async fn resolve(ctx: &Context, vm: &VirtualMachine) -> Result<Vec<VolumeDis
             },
             virtio: is_virtio,
             target,
-            serial: disk_serial(volume.metadata.uid.as_deref().unwrap_or_default()),
+            serial: disk
+                .serial
+                .clone()
+                .unwrap_or_else(|| disk_serial(volume.metadata.uid.as_deref().unwrap_or_default())),
             read_only: disk.read_only,
             shareable: volume.spec.shareable,
             network,

@@ -135,6 +135,112 @@ pub fn user_data(input: &SeedInput<'_>) -> Result<String, AgentError> {
     ))
 }
 
+/// The files of an OpenStack config drive (label `config-2`), as Nova writes them: OpenStack's
+/// `meta_data.json`, `network_data.json` and `user_data`, and EC2's `meta-data.json` and
+/// `user-data`, under `latest/`. The user data goes as given (BOSH's agent reads its settings
+/// JSON from `ec2/latest/user-data`; cloud-init's ConfigDrive source reads both); the SSH keys
+/// are in the meta data, where both look for them.
+pub fn config_drive(input: &SeedInput<'_>) -> Vec<(&'static str, Vec<u8>)> {
+    use serde_json::json;
+    let keys: Vec<(String, &String)> = input
+        .ssh_authorized_keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (format!("key-{i}"), k))
+        .collect();
+    let openstack_meta = json!({
+        "uuid": input.instance_id,
+        "name": input.hostname,
+        "hostname": input.hostname,
+        "launch_index": 0,
+        "availability_zone": "flotilla",
+        "public_keys": keys.iter().map(|(n, k)| (n.clone(), json!(k))).collect::<serde_json::Map<String, serde_json::Value>>(),
+        "keys": keys.iter().map(|(n, k)| json!({"name": n, "type": "ssh", "data": k})).collect::<Vec<_>>(),
+        "meta": {},
+    });
+    let first_ip = input
+        .nics
+        .iter()
+        .find_map(|n| n.addresses.first())
+        .and_then(|a| a.split('/').next());
+    let mut ec2_meta = json!({
+        "instance-id": input.instance_id,
+        "hostname": input.hostname,
+        "local-hostname": input.hostname,
+        "public-keys": keys.iter().enumerate()
+            .map(|(i, (_, k))| (i.to_string(), json!({"openssh-key": k})))
+            .collect::<serde_json::Map<String, serde_json::Value>>(),
+        "placement": {"availability-zone": "flotilla"},
+    });
+    if let Some(ip) = first_ip {
+        ec2_meta["local-ipv4"] = ip.into();
+    }
+    let mut files = vec![
+        (
+            "ec2/latest/meta-data.json",
+            ec2_meta.to_string().into_bytes(),
+        ),
+        (
+            "openstack/latest/meta_data.json",
+            openstack_meta.to_string().into_bytes(),
+        ),
+        (
+            "openstack/latest/network_data.json",
+            network_data(input.nics).to_string().into_bytes(),
+        ),
+    ];
+    if let Some(data) = input.user_data {
+        files.push(("ec2/latest/user-data", data.as_bytes().to_vec()));
+        files.push(("openstack/latest/user_data", data.as_bytes().to_vec()));
+    }
+    files
+}
+
+/// OpenStack's `network_data.json`: each NIC by MAC with its MTU, its static address (with the
+/// gateway as the default route on the first NIC that has one) or DHCP, and the DNS servers.
+pub fn network_data(nics: &[SeedNic]) -> serde_json::Value {
+    use serde_json::json;
+    let (mut links, mut networks, mut services) = (Vec::new(), Vec::new(), Vec::new());
+    let mut routed = false;
+    for nic in nics {
+        links.push(
+            json!({"id": nic.name, "type": "phy", "ethernet_mac_address": nic.mac, "mtu": nic.mtu}),
+        );
+        let Some((ip, prefix)) = nic.addresses.first().and_then(|a| a.split_once('/')) else {
+            networks.push(
+                json!({"id": format!("{}-ipv4", nic.name), "link": nic.name, "type": "ipv4_dhcp"}),
+            );
+            continue;
+        };
+        let bits = prefix.parse::<u32>().unwrap_or(32).min(32);
+        let mask = std::net::Ipv4Addr::from(u32::MAX.checked_shl(32 - bits).unwrap_or(0));
+        let mut network = json!({
+            "id": format!("{}-ipv4", nic.name), "link": nic.name, "type": "ipv4",
+            "ip_address": ip, "netmask": mask.to_string(), "routes": [],
+        });
+        if let Some(gateway) = nic.gateway.as_ref().filter(|_| !routed) {
+            network["routes"] =
+                json!([{"network": "0.0.0.0", "netmask": "0.0.0.0", "gateway": gateway}]);
+            routed = true;
+        }
+        networks.push(network);
+        for dns in &nic.nameservers {
+            if !services.contains(&json!({"type": "dns", "address": dns})) {
+                services.push(json!({"type": "dns", "address": dns}));
+            }
+        }
+    }
+    json!({"links": links, "networks": networks, "services": services})
+}
+
+/// Writes a config drive (see [`config_drive`]) to `iso` (atomically and durably).
+pub async fn write_config_drive(input: &SeedInput<'_>, iso: &Path) -> Result<(), AgentError> {
+    let files = config_drive(input);
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+    let image = crate::iso9660::image("config-2", &files, chrono::Utc::now());
+    crate::datadir::write_file(iso, image, 0o644).await
+}
+
 /// Writes the seed ISO to `iso` (atomically and durably).
 pub async fn write_seed(input: &SeedInput<'_>, iso: &Path) -> Result<(), AgentError> {
     let (meta, user, network) = (
@@ -182,6 +288,61 @@ mod tests {
         assert_eq!(doc["runcmd"][0], "echo hi");
         let none = user_data(&input(&keys, None)).unwrap();
         assert!(none.contains("ssh-ed25519 AAAA k@h"));
+    }
+
+    #[test]
+    fn a_config_drive_keeps_the_user_data_as_given_and_describes_each_nic() {
+        let keys = vec!["ssh-ed25519 AAAA k@h".to_string()];
+        let nics = [
+            SeedNic {
+                name: "nic0".into(),
+                mac: "52:54:00:00:00:01".into(),
+                addresses: vec!["10.0.0.5/24".into()],
+                gateway: Some("10.0.0.1".into()),
+                nameservers: vec!["10.0.0.2".into()],
+                mtu: 1450,
+                ..Default::default()
+            },
+            SeedNic {
+                name: "nic1".into(),
+                mac: "52:54:00:00:00:02".into(),
+                mtu: 1450,
+                ..Default::default()
+            },
+        ];
+        let settings = r#"{"agent_id":"a","vm":{"name":"vm-1"}}"#;
+        let mut seed = input(&keys, Some(settings));
+        seed.nics = &nics;
+        let files: std::collections::BTreeMap<_, _> = config_drive(&seed).into_iter().collect();
+        let text = |name: &str| String::from_utf8(files[name].clone()).unwrap();
+        let json = |name: &str| serde_json::from_str::<serde_json::Value>(&text(name)).unwrap();
+        // The settings go as they are: no cloud-config merged into them.
+        assert_eq!(text("ec2/latest/user-data"), settings);
+        assert_eq!(text("openstack/latest/user_data"), settings);
+        let ec2 = json("ec2/latest/meta-data.json");
+        assert_eq!(ec2["instance-id"], "uid-1");
+        assert_eq!(
+            ec2["public-keys"]["0"]["openssh-key"],
+            "ssh-ed25519 AAAA k@h"
+        );
+        assert_eq!(ec2["local-ipv4"], "10.0.0.5");
+        assert_eq!(
+            json("openstack/latest/meta_data.json")["public_keys"]["key-0"],
+            "ssh-ed25519 AAAA k@h"
+        );
+        let net = json("openstack/latest/network_data.json");
+        assert_eq!(net["links"][1]["ethernet_mac_address"], "52:54:00:00:00:02");
+        assert_eq!(net["networks"][0]["netmask"], "255.255.255.0");
+        assert_eq!(net["networks"][0]["routes"][0]["gateway"], "10.0.0.1");
+        assert_eq!(net["networks"][1]["type"], "ipv4_dhcp");
+        assert_eq!(
+            net["services"],
+            serde_json::json!([{"type": "dns", "address": "10.0.0.2"}])
+        );
+        // Without user data there is no user-data file (as Nova writes it).
+        assert!(!config_drive(&input(&keys, None))
+            .iter()
+            .any(|(n, _)| n.ends_with("user-data")));
     }
 
     #[test]

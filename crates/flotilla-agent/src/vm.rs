@@ -289,7 +289,9 @@ async fn converge(ctx: &Context, vm: &VirtualMachine, mode: Mode) -> Result<Outc
             step("security group rules applied");
         }
     }
-    let seeded = vm.spec.cloud_init == flotilla_types::CloudInit::Seed;
+    // A NoCloud seed or a config drive: one read-only disk, `seed.iso`, either way.
+    let seeded = vm.spec.cloud_init != flotilla_types::CloudInit::Metadata;
+    let drive = vm.spec.cloud_init == flotilla_types::CloudInit::ConfigDrive;
     let seed = dir.join("seed.iso");
     let input = SeedInput {
         instance_id: &uid,
@@ -298,18 +300,32 @@ async fn converge(ctx: &Context, vm: &VirtualMachine, mode: Mode) -> Result<Outc
         ssh_authorized_keys: &vm.spec.ssh_authorized_keys,
         user_data: vm.spec.user_data.as_deref(),
     };
-    let fingerprint = format!(
-        "{}\n{}\n{}",
-        cloudinit::meta_data(&input),
-        cloudinit::user_data(&input)?,
-        cloudinit::network_config(&seed_nics)
-    );
+    let fingerprint = match drive {
+        true => {
+            use sha2::Digest;
+            let mut hash = sha2::Sha256::new();
+            for (name, data) in cloudinit::config_drive(&input) {
+                hash.update(format!("{name} {}\n", data.len()));
+                hash.update(data);
+            }
+            format!("config-2 {}", hex::encode(hash.finalize()))
+        }
+        false => format!(
+            "{}\n{}\n{}",
+            cloudinit::meta_data(&input),
+            cloudinit::user_data(&input)?,
+            cloudinit::network_config(&seed_nics)
+        ),
+    };
     let stamp = dir.join("seed.fingerprint");
     if seeded
         && (tokio::fs::read_to_string(&stamp).await.ok().as_deref() != Some(fingerprint.as_str())
             || !seed.exists())
     {
-        cloudinit::write_seed(&input, &seed).await?;
+        match drive {
+            true => cloudinit::write_config_drive(&input, &seed).await?,
+            false => cloudinit::write_seed(&input, &seed).await?,
+        }
         // After the seed: a crash in between leaves an old stamp, and the seed is written again.
         crate::datadir::write_file(&stamp, fingerprint.into_bytes(), 0o644).await?;
     }
@@ -338,7 +354,7 @@ async fn converge(ctx: &Context, vm: &VirtualMachine, mode: Mode) -> Result<Outc
         root_disk: has_root.then_some(root_disk),
         disks: disks.clone(),
         seed_iso: seeded.then_some(seed),
-        openstack_sysinfo: !seeded,
+        openstack_sysinfo: !seeded || drive,
         nics,
         console_log: dir.join("console.log"),
         serial_socket: crate::consoles::serial_socket(&dir),

@@ -87,6 +87,37 @@ pub fn place(
         })
 }
 
+/// [`place`], or the volume's own `spec.nodeName` (in a node-local pool) when that node serves
+/// the pool with room for it.
+fn place_on(
+    pool: Option<&StoragePool>,
+    volume: &Volume,
+    size: u64,
+    provisioned: &Provisioned,
+) -> Result<String, String> {
+    let pool_name = &volume.spec.pool;
+    let Some(node) = volume
+        .spec
+        .node_name
+        .as_ref()
+        .filter(|_| pool.is_some_and(|p| !p.spec.shared()))
+    else {
+        return place(pool, pool_name, size, provisioned);
+    };
+    let mut only = pool.expect("filtered above").clone();
+    let serves = only.status.as_ref().and_then(|s| s.nodes.get(node));
+    if serves.is_none_or(|entry| entry.phase != "Ready") {
+        return Err(format!(
+            "its spec.nodeName {node:?} does not serve StoragePool {pool_name:?} (yet)"
+        ));
+    }
+    // The pool restricted to that node: the same room checks, and their reasons.
+    if let Some(status) = only.status.as_mut() {
+        status.nodes.retain(|name, _| name == node);
+    }
+    place(Some(&only), pool_name, size, provisioned)
+}
+
 /// The sizes of the volumes on each node, by pool.
 fn provisioned(volumes: &[Volume]) -> BTreeMap<String, Provisioned> {
     let mut out: BTreeMap<String, Provisioned> = BTreeMap::new();
@@ -167,15 +198,15 @@ pub async fn sweep(objects: &Objects) -> Result<usize, ApiError> {
         let size = u64::try_from(volume.spec.size.value()).unwrap_or(u64::MAX);
         let placed = match &volume.spec.source {
             // A copy of an image goes wherever a blank volume would: every node can fetch it.
-            Some(source) if source.image.is_some() => place(
+            Some(source) if source.image.is_some() => place_on(
                 pool,
-                &volume.spec.pool,
+                volume,
                 size,
                 given.entry(volume.spec.pool.clone()).or_default(),
             ),
-            None => place(
+            None => place_on(
                 pool,
-                &volume.spec.pool,
+                volume,
                 size,
                 given.entry(volume.spec.pool.clone()).or_default(),
             ),
@@ -445,6 +476,43 @@ mod tests {
         assert!(place(None, "gone", 1, &none)
             .unwrap_err()
             .contains("no StoragePool \"gone\""));
+    }
+
+    #[test]
+    fn a_volume_naming_its_node_goes_there_or_waits_saying_why() {
+        let p = pool(json!({
+            "a": {"phase": "Ready", "capacity": 1000, "available": 100},
+            "b": {"phase": "Ready", "capacity": 1000, "available": 900},
+            "c": {"phase": "Failed", "capacity": 1000, "available": 900, "message": "closed"},
+        }));
+        let volume = |node: Option<&str>| -> Volume {
+            serde_json::from_value(json!({"metadata": {"name": "v"},
+                "spec": {"pool": "p", "size": "1Mi", "nodeName": node}}))
+            .unwrap()
+        };
+        let none = Provisioned::new();
+        // Not the roomiest node: the one it names.
+        assert_eq!(
+            place_on(Some(&p), &volume(Some("a")), 50, &none),
+            Ok("a".into())
+        );
+        assert_eq!(place_on(Some(&p), &volume(None), 50, &none), Ok("b".into()));
+        let full = place_on(Some(&p), &volume(Some("a")), 101, &none).unwrap_err();
+        assert!(full.contains("101 bytes free (the most: 100"), "{full}");
+        for node in ["c", "nowhere"] {
+            let why = place_on(Some(&p), &volume(Some(node)), 1, &none).unwrap_err();
+            assert!(
+                why.contains(&format!("spec.nodeName \"{node}\" does not serve")),
+                "{why}"
+            );
+        }
+        // A shared pool has no node of its own to choose.
+        let mut shared = p.clone();
+        shared.spec.pool_type = flotilla_types::kinds::PoolType::Rbd;
+        assert_eq!(
+            place_on(Some(&shared), &volume(Some("a")), 50, &none),
+            Ok("b".into())
+        );
     }
 
     #[test]

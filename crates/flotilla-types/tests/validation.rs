@@ -157,3 +157,46 @@ fn hostile_strings_survive_a_roundtrip_unchanged() {
     let out = (lookup("vm").unwrap().validate)(&v).unwrap();
     assert_eq!(out["spec"]["userData"], evil);
 }
+
+#[test]
+fn disk_serials_are_short_plain_and_unique_and_a_config_drive_is_a_cloud_init_mode() {
+    let spec = |serials: serde_json::Value| {
+        let disks: Vec<_> = serials
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| json!({"name": format!("d{i}"), "volume": format!("v{i}"), "serial": s}))
+            .collect();
+        vm(
+            json!({"resources": {"cpus": 1, "memory": "1Gi"}, "image": "x", "disks": disks, "cloudInit": "configDrive"}),
+        )
+    };
+    assert_eq!(
+        errors("vm", spec(json!(["disk0123456789abcdef", "ephemeral"]))),
+        Vec::<String>::new()
+    );
+    let e = errors("vm", spec(json!(["a b"])));
+    assert!(
+        e.iter().any(|e| e.starts_with("spec.disks[0].serial")),
+        "{e:?}"
+    );
+    let e = errors("vm", spec(json!(["x".repeat(21)])));
+    assert!(
+        e.iter().any(|e| e.starts_with("spec.disks[0].serial")),
+        "{e:?}"
+    );
+    let e = errors("vm", spec(json!(["same", "same"])));
+    assert!(
+        e.iter()
+            .any(|e| e.starts_with("spec.disks[1].serial") && e.contains("two disks")),
+        "{e:?}"
+    );
+    let e = errors(
+        "vm",
+        vm(
+            json!({"resources": {"cpus": 1, "memory": "1Gi"}, "image": "x", "cloudInit": "configdrive"}),
+        ),
+    );
+    assert!(e.iter().any(|e| e.starts_with("spec.cloudInit")), "{e:?}");
+}

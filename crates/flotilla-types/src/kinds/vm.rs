@@ -47,10 +47,13 @@ pub struct VirtualMachineSpec {
     #[schemars(length(max = 16))]
     pub disks: Vec<DiskAttachment>,
     /// Where the guest's cloud-init finds its instance data: `seed` (the default: a NoCloud
-    /// seed disk with meta-data, user-data and network-config) or `metadata` (no disk: the
+    /// seed disk with meta-data, user-data and network-config), `metadata` (no disk: the
     /// metadata service at 169.254.169.254 on the VM's overlay network, in OpenStack's and EC2's
     /// layouts; the VM presents itself as OpenStack Nova, as cloud-init's OpenStack datasource
-    /// looks for).
+    /// looks for) or `configDrive` (an OpenStack config drive: a read-only ISO 9660 disk
+    /// labelled `config-2` with `openstack/latest/` (meta_data.json, user_data,
+    /// network_data.json) and `ec2/latest/` (meta-data.json, user-data); `userData` is written
+    /// as given, as BOSH's agent and cloud-init's ConfigDrive source read it).
     #[serde(default, skip_serializing_if = "CloudInit::is_seed")]
     pub cloud_init: CloudInit,
     /// SSH public keys cloud-init installs for the default user.
@@ -117,6 +120,9 @@ pub enum CloudInit {
     Seed,
     /// The metadata service (169.254.169.254).
     Metadata,
+    /// An OpenStack config drive (label `config-2`).
+    #[serde(rename = "configDrive")]
+    ConfigDrive,
 }
 
 impl CloudInit {
@@ -247,7 +253,16 @@ pub struct DiskAttachment {
     /// Whether the guest may only read it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_only: bool,
+    /// The serial the guest sees (at most 20 letters, digits, `-`, `_` or `.`; virtio-blk
+    /// serials hold 20 bytes): the guest finds the disk as `/dev/disk/by-id/virtio-<serial>`.
+    /// Absent: the first 20 characters of the volume's uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "SERIAL_PATTERN", length(max = 20))]
+    pub serial: Option<String>,
 }
+
+/// What a disk serial may hold.
+pub const SERIAL_PATTERN: &str = "^[A-Za-z0-9._-]{1,20}$";
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -590,6 +605,23 @@ impl Validate for VirtualMachineSpec {
                     format!("{path}.disks[{i}].name"),
                     format!("{:?} names two disks", d.name),
                 );
+            }
+            if let Some(serial) = &d.serial {
+                let fine = (1..=20).contains(&serial.len())
+                    && serial
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+                if !fine {
+                    errs.push(
+                        format!("{path}.disks[{i}].serial"),
+                        "must be 1 to 20 letters, digits, '.', '_' or '-'",
+                    );
+                } else if self.disks[..i].iter().any(|e| e.serial == d.serial) {
+                    errs.push(
+                        format!("{path}.disks[{i}].serial"),
+                        format!("{serial:?} is the serial of two disks"),
+                    );
+                }
             }
             if self.disks[..i].iter().any(|e| e.volume == d.volume) {
                 errs.push(

@@ -37,6 +37,12 @@ pub struct VolumeSpec {
     /// project in the same pool (made on its node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<VolumeSource>,
+    /// For a node-local pool: the node to make it on, e.g. beside the VM that will use it
+    /// (absent: the Ready node with the most free space). It waits Pending, saying why, while
+    /// that node does not serve the pool or lacks room. Set once; ignored by shared pools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex = "crate::validation::DNS_LABEL_PATTERN", length(max = 63))]
+    pub node_name: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -122,6 +128,15 @@ impl Validate for VolumeSpec {
     fn validate(&self, path: &str, errs: &mut FieldErrors) {
         validation::dns_label(errs, &format!("{path}.pool"), &self.pool);
         validation::disk_size(errs, &format!("{path}.size"), &self.size);
+        if let Some(node) = &self.node_name {
+            validation::dns_label(errs, &format!("{path}.nodeName"), node);
+            if self.source.as_ref().is_some_and(|s| s.image.is_none()) {
+                errs.push(
+                    format!("{path}.nodeName"),
+                    "a clone is made on its source's node: leave nodeName out",
+                );
+            }
+        }
         if self.lun.is_some_and(|l| l > 16383) {
             errs.push(format!("{path}.lun"), "is a LUN number, 0 to 16383");
         }
@@ -177,6 +192,6 @@ crate::define_kind! {
             "PHASE" => "status.phase",
             "NODE" => "status.node"
         ],
-        set_once: ["spec.pool", "spec.format", "spec.shareable", "spec.source", "spec.lun"],
+        set_once: ["spec.pool", "spec.format", "spec.shareable", "spec.source", "spec.lun", "spec.nodeName"],
     }
 }
