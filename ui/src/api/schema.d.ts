@@ -1486,7 +1486,7 @@ export interface components {
         /** @enum {string} */
         CloneMode: "full" | "linked";
         /** @description Where cloud-init finds its instance data. */
-        CloudInit: "seed" | "metadata";
+        CloudInit: "seed" | "metadata" | "configDrive";
         Condition: {
             /**
              * Format: date-time
@@ -1545,6 +1545,8 @@ export interface components {
             name: string;
             /** @description Whether the guest may only read it. */
             readOnly?: boolean;
+            /** @description The serial the guest sees (at most 20 letters, digits, `-`, `_` or `.`; virtio-blk serials hold 20 bytes): the guest finds the disk as `/dev/disk/by-id/virtio-<serial>`. Absent: the first 20 characters of the volume's uid. */
+            serial?: string | null;
             /** @description The Volume (in the VM's project). The guest finds it as `/dev/disk/by-id/virtio-<the first 20 characters of the volume's uid>` (virtio), as OpenStack's guests find Cinder volumes. */
             volume: string;
         };
@@ -2755,7 +2757,7 @@ export interface components {
             boot?: components["schemas"]["KernelBoot"];
             /** @description A VMClass name; set this or `resources`. */
             class?: string | null;
-            /** @description Where the guest's cloud-init finds its instance data: `seed` (the default: a NoCloud seed disk with meta-data, user-data and network-config) or `metadata` (no disk: the metadata service at 169.254.169.254 on the VM's overlay network, in OpenStack's and EC2's layouts; the VM presents itself as OpenStack Nova, as cloud-init's OpenStack datasource looks for). */
+            /** @description Where the guest's cloud-init finds its instance data: `seed` (the default: a NoCloud seed disk with meta-data, user-data and network-config), `metadata` (no disk: the metadata service at 169.254.169.254 on the VM's overlay network, in OpenStack's and EC2's layouts; the VM presents itself as OpenStack Nova, as cloud-init's OpenStack datasource looks for) or `configDrive` (an OpenStack config drive: a read-only ISO 9660 disk labelled `config-2` with `openstack/latest/` (meta_data.json, user_data, network_data.json) and `ec2/latest/` (meta-data.json, user-data); `userData` is written as given, as BOSH's agent and cloud-init's ConfigDrive source read it). */
             cloudInit?: components["schemas"]["CloudInit"];
             /** @description Volumes of the project attached as further disks. May change while the VM runs: a new entry is hot-plugged, a removed one unplugged (the volume stays attached until the guest lets go of it). A volume in a node-local pool pins the VM to its node. */
             disks?: components["schemas"]["DiskAttachment"][];
@@ -2908,6 +2910,8 @@ export interface components {
              * @description For an iscsi pool: the target's LUN this volume is (made by the target's administrator; its size is the volume's, at least `size`). Zeroed when the volume is deleted.
              */
             lun?: number | null;
+            /** @description For a node-local pool: the node to make it on, e.g. beside the VM that will use it (absent: the Ready node with the most free space). It waits Pending, saying why, while that node does not serve the pool or lacks room. Set once; ignored by shared pools. */
+            nodeName?: string | null;
             /**
              * @description The StoragePool it lives in (default: `default`, each node's data directory).
              * @default default
