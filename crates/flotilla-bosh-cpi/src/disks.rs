@@ -140,6 +140,13 @@ impl Cloud {
         let Some(current) = self.find("vm", vm).await? else {
             return Err(vm_not_found(vm));
         };
+        if volume["status"]["phase"] != "Available" {
+            return Err(CpiError::cloud(format!(
+                "disk {cid} is not available yet ({}: {})",
+                volume["status"]["phase"].as_str().unwrap_or("Pending"),
+                volume["status"]["message"].as_str().unwrap_or_default()
+            )));
+        }
         let (disk_node, vm_node) = (
             volume["status"]["node"].as_str(),
             current["status"]["nodeName"].as_str(),

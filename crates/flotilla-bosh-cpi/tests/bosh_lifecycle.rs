@@ -393,9 +393,18 @@ async fn a_director_lifecycle_through_the_binary() {
     assert!(xml.contains(&format!("<serial>{disk}</serial>")), "{xml}");
     // The guest sees it by that serial: /dev/disk/by-id/virtio-<disk CID>.
     let serial = format!("serial={disk} ");
-    let log = log_until(admin, &vm_cid, "the guest sees the disk", 60, |t| t.contains(&serial)).await;
+    let log = log_until(admin, &vm_cid, "the guest sees the disk", 60, |t| {
+        t.contains(&serial)
+    })
+    .await;
     let seen = log.lines().find(|l| l.contains(&serial)).unwrap();
-    assert!(seen.starts_with(&format!("FLOTILLA-DISK {}", &hint["path"].as_str().unwrap()[5..])), "{seen}");
+    assert!(
+        seen.starts_with(&format!(
+            "FLOTILLA-DISK {}",
+            &hint["path"].as_str().unwrap()[5..]
+        )),
+        "{seen}"
+    );
     assert_eq!(
         cpi.ok("attach_disk", json!([vm_cid, disk])),
         hint,
@@ -623,6 +632,77 @@ async fn a_director_lifecycle_through_the_binary() {
         json!([]),
         "the ephemeral disks went with their VMs"
     );
+
+    // Two nodes (the second simulated, libvirt's test driver, which cannot hot-plug): a
+    // node-local disk on one is refused to a VM on the other, saying why; create_vm's
+    // disk_cids place a VM beside its disk, and create_disk's VM places a disk beside its VM.
+    let mut sim = AgentConfig::new(vec![server.url.clone()], "bosh-sim", tmp.path().join("sim"));
+    sim.join_token = Some(cluster.join_token().await);
+    sim.libvirt_uri = "test:///default".into();
+    sim.firewall = false;
+    let (_stop_sim, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move { flotilla_agent::run(sim, rx).await.expect("the agent runs") });
+    eventually(
+        "the simulated node serves the default pool",
+        60,
+        async || {
+            let p = admin
+                .get(lookup("storagepool").unwrap(), None, "default")
+                .await
+                .ok()?;
+            (p["status"]["nodes"]["bosh-sim"]["phase"] == "Ready").then_some(())
+        },
+    )
+    .await;
+    let elsewhere = json!({"metadata": {"name": "elsewhere"}, "spec": {"size": "16Mi", "nodeName": "bosh-sim"}});
+    admin
+        .create(volumes, Some("default"), &elsewhere)
+        .await
+        .unwrap();
+    eventually("the disk is made on the simulated node", 60, async || {
+        let v = admin
+            .get(volumes, Some("default"), "elsewhere")
+            .await
+            .ok()?;
+        (v["status"]["phase"] == "Available" && v["status"]["node"] == "bosh-sim").then_some(())
+    })
+    .await;
+    let here = cpi.ok(
+        "create_vm",
+        json!(["agent-here", stemcell, {"cpus": 1, "memory": 128}, manual_network("10.77.0.20"), [], {}]),
+    );
+    let here = here[0].as_str().unwrap().to_string();
+    let (kind, error) = cpi.fails("attach_disk", json!([here, "elsewhere"]));
+    assert_eq!(kind, "Bosh::Clouds::CloudError", "{error}");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("bosh-sim") && message.contains(NODE) && message.contains("shared pool"),
+        "{message}"
+    );
+    assert_eq!(
+        cpi.ok("get_disks", json!([here])),
+        json!([]),
+        "nothing was attached"
+    );
+    let beside = cpi.ok(
+        "create_vm",
+        json!(["agent-beside", stemcell, {"cpus": 1, "memory": 128}, {}, ["elsewhere"], {}]),
+    );
+    let beside = beside[0].as_str().unwrap().to_string();
+    let vm = admin.get(vms, Some("default"), &beside).await.unwrap();
+    assert_eq!(vm["status"]["nodeName"], "bosh-sim", "{vm}");
+    let near = cpi.ok("create_disk", json!([16, {}, beside]));
+    let near = admin
+        .get(volumes, Some("default"), near.as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(near["status"]["node"], "bosh-sim", "{near}");
+    for vm in [&here, &beside] {
+        cpi.ok("delete_vm", json!([vm]));
+    }
+    for disk in ["elsewhere", near["metadata"]["name"].as_str().unwrap()] {
+        cpi.ok("delete_disk", json!([disk]));
+    }
 
     cpi.ok("delete_stemcell", json!([stemcell]));
     cpi.ok("delete_stemcell", json!([stemcell]));
