@@ -154,6 +154,19 @@ impl Cloud {
         }
     }
 
+    /// Deletes object `name` of `kind` and waits until it is gone (its finalizers done: its
+    /// node has freed what it held). One not there is deleted.
+    pub(crate) async fn remove_and_wait(
+        &self,
+        kind_name: &str,
+        name: &str,
+    ) -> Result<(), CpiError> {
+        self.remove(kind_name, name).await?;
+        let what = format!("{kind_name} {name} is deleted");
+        self.wait(kind_name, name, &what, |o| o.is_none().then_some(Ok(())))
+            .await
+    }
+
     /// Reads `name` until `done` says how it ended (it sees None once the object is gone), or
     /// the configured timeout passes (a retryable CloudError saying what was awaited).
     pub(crate) async fn wait<T>(

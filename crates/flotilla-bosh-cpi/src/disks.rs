@@ -117,11 +117,7 @@ impl Cloud {
 
     /// Deletes a disk (one not there is deleted) and waits until its space is freed.
     pub async fn delete_disk(&self, cid: &str) -> Result<(), CpiError> {
-        self.remove("volume", cid).await?;
-        self.wait("volume", cid, "the disk is deleted", |v| {
-            v.is_none().then_some(Ok(()))
-        })
-        .await
+        self.remove_and_wait("volume", cid).await
     }
 
     pub async fn has_disk(&self, cid: &str) -> Result<bool, CpiError> {
@@ -345,10 +341,6 @@ impl Cloud {
     }
 
     pub async fn delete_snapshot(&self, cid: &str) -> Result<(), CpiError> {
-        self.remove("volumesnapshot", cid).await?;
-        self.wait("volumesnapshot", cid, "the snapshot is deleted", |s| {
-            s.is_none().then_some(Ok(()))
-        })
-        .await
+        self.remove_and_wait("volumesnapshot", cid).await
     }
 }

@@ -162,8 +162,10 @@ impl Cloud {
             .client
             .upload_image(self.project(), name, body, len)
             .await;
-        let (sent, sha256) = reader.await.expect("reading does not panic")?;
+        // The server's refusal says more than the reader's "the upload stopped" it causes.
+        let read = reader.await.expect("reading does not panic");
         let image = uploaded.map_err(|e| api("uploading the stemcell", e))?;
+        let (sent, sha256) = read?;
         let upload = &image["status"]["upload"];
         if upload["sha256"] != sha256.as_str() || upload["bytes"] != sent {
             return Err(CpiError::Cloud {

@@ -352,11 +352,7 @@ impl Cloud {
                 .to_string();
             self.remove("floatingip", &fip).await?;
         }
-        self.remove("vm", name).await?;
-        self.wait("vm", name, "the VM is deleted", |vm| {
-            vm.is_none().then_some(Ok(()))
-        })
-        .await?;
+        self.remove_and_wait("vm", name).await?;
         self.delete_disk(&ephemeral_name(name)).await?;
         self.note(format!("VM {name} deleted"));
         Ok(())

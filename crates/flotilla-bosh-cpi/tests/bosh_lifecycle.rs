@@ -636,6 +636,12 @@ async fn a_director_lifecycle_through_the_binary() {
     // Two nodes (the second simulated, libvirt's test driver, which cannot hot-plug): a
     // node-local disk on one is refused to a VM on the other, saying why; create_vm's
     // disk_cids place a VM beside its disk, and create_disk's VM places a disk beside its VM.
+    // A VM on the real node, made while it is the only one.
+    let here = cpi.ok(
+        "create_vm",
+        json!(["agent-here", stemcell, {"cpus": 1, "memory": 128}, manual_network("10.77.0.20"), [], {}]),
+    );
+    let here = here[0].as_str().unwrap().to_string();
     let mut sim = AgentConfig::new(vec![server.url.clone()], "bosh-sim", tmp.path().join("sim"));
     sim.join_token = Some(cluster.join_token().await);
     sim.libvirt_uri = "test:///default".into();
@@ -667,11 +673,6 @@ async fn a_director_lifecycle_through_the_binary() {
         (v["status"]["phase"] == "Available" && v["status"]["node"] == "bosh-sim").then_some(())
     })
     .await;
-    let here = cpi.ok(
-        "create_vm",
-        json!(["agent-here", stemcell, {"cpus": 1, "memory": 128}, manual_network("10.77.0.20"), [], {}]),
-    );
-    let here = here[0].as_str().unwrap().to_string();
     let (kind, error) = cpi.fails("attach_disk", json!([here, "elsewhere"]));
     assert_eq!(kind, "Bosh::Clouds::CloudError", "{error}");
     let message = error["message"].as_str().unwrap();
